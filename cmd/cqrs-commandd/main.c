@@ -1,0 +1,232 @@
+/* cqrs-commandd — the command API and the outbox relay.
+ *
+ * Start-up: config → log → store → topics (best effort) → relay → HTTP → wait for SIGTERM.
+ * Shutdown: readiness fails, HTTP drains in-flight requests (bounded by the grace period),
+ * the relay finishes its batch and flushes its producer, exit 0.
+ */
+#include <cqrs/config.h>
+#include <cqrs/daemon.h>
+#include <cqrs/log.h>
+#include <cqrs/outbox.h>
+#include <cqrs/store.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "command.h"
+
+typedef struct settings {
+    cqrs_daemon_settings_t d;
+    char *pg_dsn;
+    int64_t pg_pool_size;
+    int64_t pg_acquire_timeout_ms;
+    int64_t pg_statement_timeout_ms;
+    int64_t pg_lock_timeout_ms;
+    int64_t tx_max_attempts;
+    char *kafka_brokers;
+    char *topic_prefix;
+    int64_t kafka_partitions;
+    int64_t kafka_replication;
+    bool relay_enabled;
+    int64_t relay_batch_size;
+    int64_t relay_poll_ms;
+    int64_t kafka_message_timeout_ms;
+} settings_t;
+
+static settings_t S;
+
+#define N_OWN 14
+static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
+
+static void settings_table(void)
+{
+    cqrs_daemon_settings_entries(&S.d, "8081", entries);
+    const cqrs_config_entry_t own[N_OWN] = {
+        {"CQRS_PG_DSN", CQRS_CONFIG_SECRET, NULL, 0, 0,
+         "PostgreSQL connection string or URI (may hold a password)", &S.pg_dsn, NULL},
+        {"CQRS_PG_POOL_SIZE", CQRS_CONFIG_INT, "8", 1, 1000, "PostgreSQL connections",
+         &S.pg_pool_size, NULL},
+        {"CQRS_PG_ACQUIRE_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 1, 60000,
+         "wait for a free connection before answering 503", &S.pg_acquire_timeout_ms, NULL},
+        {"CQRS_PG_STATEMENT_TIMEOUT_MS", CQRS_CONFIG_INT, "5000", 1, 600000,
+         "statement_timeout of every connection", &S.pg_statement_timeout_ms, NULL},
+        {"CQRS_PG_LOCK_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 1, 600000,
+         "lock_timeout of every connection (retried inside)", &S.pg_lock_timeout_ms, NULL},
+        {"CQRS_TX_MAX_ATTEMPTS", CQRS_CONFIG_INT, "10", 1, 100,
+         "attempts of a transaction that hits contention", &S.tx_max_attempts, NULL},
+        {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, NULL, 0, 0, "Kafka bootstrap servers",
+         &S.kafka_brokers, NULL},
+        {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
+         "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
+        {"CQRS_KAFKA_PARTITIONS", CQRS_CONFIG_INT, "6", 1, 10000,
+         "partitions of topics created at start-up", &S.kafka_partitions, NULL},
+        {"CQRS_KAFKA_REPLICATION", CQRS_CONFIG_INT, "-1", -1, 100,
+         "replication factor of created topics (-1 = broker default)", &S.kafka_replication, NULL},
+        {"CQRS_RELAY_ENABLED", CQRS_CONFIG_BOOL, "true", 0, 0,
+         "run the outbox relay (one instance leads; the others stand by)", &S.relay_enabled, NULL},
+        {"CQRS_RELAY_BATCH_SIZE", CQRS_CONFIG_INT, "500", 1, 100000,
+         "outbox rows published per round", &S.relay_batch_size, NULL},
+        {"CQRS_RELAY_POLL_MS", CQRS_CONFIG_INT, "1000", 10, 60000,
+         "fallback poll of the outbox when no NOTIFY arrives", &S.relay_poll_ms, NULL},
+        {"CQRS_KAFKA_MESSAGE_TIMEOUT_MS", CQRS_CONFIG_INT, "30000", 1000, 900000,
+         "delivery timeout of one event (then retried from the outbox)",
+         &S.kafka_message_timeout_ms, NULL},
+    };
+    memcpy(entries + CQRS_DAEMON_SETTINGS_N, own, sizeof own);
+}
+
+typedef struct app {
+    command_ctx_t ctx;
+    cqrs_relay_t *relay;
+    atomic_bool draining;
+} app_t;
+
+static void healthz(cqrs_http_request_t *req, void *ud)
+{
+    (void)ud;
+    cqrs_http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+static void readyz(cqrs_http_request_t *req, void *ud)
+{
+    app_t *app = ud;
+    cqrs_error_t err;
+    if (atomic_load(&app->draining)) {
+        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable", "draining", NULL,
+                                NULL);
+        return;
+    }
+    /* Kafka is not a readiness dependency: commands are accepted while it is down and the
+     * outbox holds their events until it is back. */
+    if (cqrs_store_ping(app->ctx.store, &err) != CQRS_ERR_OK) {
+        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable", err.message, NULL,
+                                NULL);
+        return;
+    }
+    cqrs_http_reply_json(
+        req, 200, json_pack("{s:s, s:{s:s}}", "status", "ready", "checks", "postgres", "up"));
+}
+
+static void metrics(cqrs_http_request_t *req, void *ud)
+{
+    app_t *app = ud;
+    cqrs_relay_stats_t st = {0};
+    if (app->relay)
+        cqrs_relay_stats(app->relay, &st);
+    char text[1024];
+    snprintf(text, sizeof text,
+             "# HELP cqrs_relay_leader 1 when this instance's relay publishes the outbox.\n"
+             "# TYPE cqrs_relay_leader gauge\n"
+             "cqrs_relay_leader %d\n"
+             "# HELP cqrs_relay_published_total Events acknowledged by Kafka.\n"
+             "# TYPE cqrs_relay_published_total counter\n"
+             "cqrs_relay_published_total %llu\n"
+             "# HELP cqrs_relay_delivery_failures_total Events Kafka did not acknowledge "
+             "(retried).\n"
+             "# TYPE cqrs_relay_delivery_failures_total counter\n"
+             "cqrs_relay_delivery_failures_total %llu\n",
+             st.leader ? 1 : 0, (unsigned long long)st.published, (unsigned long long)st.failed);
+    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
+}
+
+int main(int argc, char **argv)
+{
+    settings_table();
+    size_t n_entries = sizeof entries / sizeof entries[0];
+    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        printf("cqrs-commandd — the command API and outbox relay of cqrs.\n\n");
+        cqrs_config_print_help(entries, n_entries, stdout);
+        return 0;
+    }
+    if (cqrs_config_load(entries, n_entries, NULL, NULL, stderr) != 0) {
+        fprintf(stderr, "cqrs-commandd: bad configuration (see --help)\n");
+        return 2;
+    }
+    cqrs_log_level_t level = CQRS_LOG_INFO;
+    cqrs_log_level_parse(S.d.log_level, &level);
+    cqrs_log_init("cqrs-commandd", level);
+
+    sigset_t sigs;
+    cqrs_daemon_block_signals(&sigs);
+
+    int rc = 1;
+    static app_t app;
+    char product_topic[256], order_topic[256];
+    snprintf(product_topic, sizeof product_topic, "%s.product.events", S.topic_prefix);
+    snprintf(order_topic, sizeof order_topic, "%s.order.events", S.topic_prefix);
+    cqrs_store_config_t sc = {
+        .dsn = S.pg_dsn,
+        .pool_size = (unsigned)S.pg_pool_size,
+        .acquire_timeout_ms = (unsigned)S.pg_acquire_timeout_ms,
+        .statement_timeout_ms = (unsigned)S.pg_statement_timeout_ms,
+        .lock_timeout_ms = (unsigned)S.pg_lock_timeout_ms,
+        .connect_timeout_s = 3,
+        .max_tx_attempts = (unsigned)S.tx_max_attempts,
+        .application_name = "cqrs-commandd",
+    };
+    app.ctx.store = cqrs_store_new(&sc);
+    app.ctx.product_topic = product_topic;
+    app.ctx.order_topic = order_topic;
+    app.ctx.max_json_depth = (int)S.d.max_json_depth;
+    product_limits_default(&app.ctx.limits);
+    cqrs_http_server_t *http = NULL;
+    cqrs_error_t err;
+    if (!app.ctx.store) {
+        CQRS_LOG_ERROR("out of memory");
+        goto out;
+    }
+
+    /* The relay ensures the topics when it becomes leader (cqrsctl migrate creates them
+     * too); until they exist the events wait in the outbox. */
+    const char *topics[] = {product_topic, order_topic};
+    if (S.relay_enabled) {
+        cqrs_relay_config_t rc_cfg = {
+            .dsn = S.pg_dsn,
+            .brokers = S.kafka_brokers,
+            .source = "/cqrs-commandd",
+            .client_id = "cqrs-commandd-relay",
+            .batch_size = (int)S.relay_batch_size,
+            .poll_interval_ms = (int)S.relay_poll_ms,
+            .message_timeout_ms = (int)S.kafka_message_timeout_ms,
+            .lock_key = 4242002,
+            .topics = topics,
+            .n_topics = 2,
+            .topic_partitions = (int)S.kafka_partitions,
+            .topic_replication = (int)S.kafka_replication,
+        };
+        app.relay = cqrs_relay_new(&rc_cfg, &err);
+        if (!app.relay || cqrs_relay_start(app.relay, &err) != CQRS_ERR_OK) {
+            CQRS_LOG_ERROR("cannot start the outbox relay", "error", err.message);
+            goto out;
+        }
+    }
+
+    static cqrs_http_route_t routes[32];
+    size_t n = command_routes(&app.ctx, routes, 28);
+    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, &app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, &app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/metrics", metrics, &app};
+    cqrs_http_config_t hc;
+    cqrs_daemon_http_config(&S.d, &hc);
+    http = cqrs_http_server_new(&hc, routes, n, &err);
+    if (!http || cqrs_http_server_start(http, &err) != CQRS_ERR_OK) {
+        CQRS_LOG_ERROR("cannot start the HTTP server", "error", err.message);
+        goto out;
+    }
+    char port[8];
+    snprintf(port, sizeof port, "%u", (unsigned)cqrs_http_server_port(http));
+    CQRS_LOG_INFO("listening", "host", S.d.http_host, "port", port);
+
+    int sig = cqrs_daemon_wait(&sigs);
+    CQRS_LOG_INFO("shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    atomic_store(&app.draining, true);
+    rc = 0;
+out:
+    cqrs_http_server_destroy(http);
+    cqrs_relay_destroy(app.relay);
+    cqrs_store_destroy(app.ctx.store);
+    CQRS_LOG_INFO("stopped");
+    cqrs_config_free(entries, n_entries);
+    return rc;
+}

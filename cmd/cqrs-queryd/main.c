@@ -1,0 +1,194 @@
+/* cqrs-queryd — projects Kafka events into Redis and serves the query API from Redis.
+ *
+ * Roles (CQRS_QUERY_ROLE): serve (HTTP reads only), project (consumer only, still serves the
+ * probes and /metrics), both.
+ * Shutdown: readiness fails, HTTP drains, the projector finishes the event in hand and
+ * commits its offsets, exit 0.
+ */
+#include <cqrs/config.h>
+#include <cqrs/daemon.h>
+#include <cqrs/docstore.h>
+#include <cqrs/log.h>
+#include <cqrs/projector.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "query.h"
+
+typedef struct settings {
+    cqrs_daemon_settings_t d;
+    char *role;
+    char *redis_url;
+    int64_t redis_timeout_ms;
+    int64_t redis_pool_size;
+    char *kafka_brokers;
+    char *topic_prefix;
+    char *consumer_group;
+} settings_t;
+
+static settings_t S;
+
+#define N_OWN 7
+static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
+
+static void settings_table(void)
+{
+    cqrs_daemon_settings_entries(&S.d, "8082", entries);
+    const cqrs_config_entry_t own[N_OWN] = {
+        {"CQRS_QUERY_ROLE", CQRS_CONFIG_ENUM, "both", 0, 0,
+         "serve = HTTP reads, project = Kafka → Redis, both", &S.role, "serve|project|both"},
+        {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0,
+         "Redis URL redis://[:password@]host:port/db", &S.redis_url, NULL},
+        {"CQRS_REDIS_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 10, 60000,
+         "connect and command timeout of Redis calls", &S.redis_timeout_ms, NULL},
+        {"CQRS_REDIS_POOL_SIZE", CQRS_CONFIG_INT, "8", 1, 1000,
+         "Redis connections of the HTTP workers", &S.redis_pool_size, NULL},
+        {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0,
+         "Kafka bootstrap servers (role project/both)", &S.kafka_brokers, NULL},
+        {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
+         "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
+        {"CQRS_CONSUMER_GROUP", CQRS_CONFIG_STRING, "cqrs-queryd", 0, 0,
+         "Kafka consumer group of the projectors", &S.consumer_group, NULL},
+    };
+    memcpy(entries + CQRS_DAEMON_SETTINGS_N, own, sizeof own);
+}
+
+typedef struct app {
+    query_ctx_t ctx;
+    cqrs_projector_t *projector;
+    atomic_bool draining;
+} app_t;
+
+static void healthz(cqrs_http_request_t *req, void *ud)
+{
+    (void)ud;
+    cqrs_http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+static void readyz(cqrs_http_request_t *req, void *ud)
+{
+    app_t *app = ud;
+    if (atomic_load(&app->draining)) {
+        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable", "draining", NULL,
+                                NULL);
+        return;
+    }
+    cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(app->ctx.pool, app->ctx.acquire_timeout_ms);
+    cqrs_error_t err;
+    cqrs_err_t rc = ds ? cqrs_docstore_ping(ds, &err)
+                       : cqrs_error_set(&err, CQRS_ERR_UNAVAILABLE, "no free Redis connection");
+    if (ds)
+        cqrs_docstore_pool_release(app->ctx.pool, ds);
+    if (rc != CQRS_ERR_OK) {
+        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable", err.message, NULL,
+                                NULL);
+        return;
+    }
+    cqrs_http_reply_json(req, 200,
+                         json_pack("{s:s, s:{s:s}}", "status", "ready", "checks", "redis", "up"));
+}
+
+static void metrics(cqrs_http_request_t *req, void *ud)
+{
+    app_t *app = ud;
+    cqrs_projector_stats_t st = {0};
+    if (app->projector)
+        cqrs_projector_stats(app->projector, &st);
+    char text[1024];
+    snprintf(text, sizeof text,
+             "# HELP cqrs_projector_events_applied_total Events applied or skipped as "
+             "duplicates.\n"
+             "# TYPE cqrs_projector_events_applied_total counter\n"
+             "cqrs_projector_events_applied_total %llu\n"
+             "# HELP cqrs_projector_events_invalid_total Events that could not be applied.\n"
+             "# TYPE cqrs_projector_events_invalid_total counter\n"
+             "cqrs_projector_events_invalid_total %llu\n",
+             (unsigned long long)st.applied, (unsigned long long)st.skipped_invalid);
+    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
+}
+
+int main(int argc, char **argv)
+{
+    settings_table();
+    size_t n_entries = sizeof entries / sizeof entries[0];
+    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        printf("cqrs-queryd — the projector and query API of cqrs.\n\n");
+        cqrs_config_print_help(entries, n_entries, stdout);
+        return 0;
+    }
+    if (cqrs_config_load(entries, n_entries, NULL, NULL, stderr) != 0) {
+        fprintf(stderr, "cqrs-queryd: bad configuration (see --help)\n");
+        return 2;
+    }
+    cqrs_log_level_t level = CQRS_LOG_INFO;
+    cqrs_log_level_parse(S.d.log_level, &level);
+    cqrs_log_init("cqrs-queryd", level);
+
+    sigset_t sigs;
+    cqrs_daemon_block_signals(&sigs);
+
+    int rc = 1;
+    static app_t app;
+    cqrs_http_server_t *http = NULL;
+    cqrs_error_t err;
+    bool project = strcmp(S.role, "serve") != 0;
+    char product_topic[256];
+    snprintf(product_topic, sizeof product_topic, "%s.product.events", S.topic_prefix);
+
+    app.ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
+    app.ctx.pool = cqrs_docstore_pool_new(S.redis_url, (int)S.redis_timeout_ms,
+                                          (unsigned)S.redis_pool_size, &err);
+    if (!app.ctx.pool) {
+        CQRS_LOG_ERROR("bad Redis settings", "error", err.message);
+        goto out;
+    }
+    if (project) {
+        const char *topics[] = {product_topic};
+        cqrs_projector_config_t pc = {
+            .brokers = S.kafka_brokers,
+            .group_id = S.consumer_group,
+            .client_id = "cqrs-queryd-projector",
+            .topics = topics,
+            .n_topics = 1,
+            .redis_url = S.redis_url,
+            .redis_timeout_ms = (int)S.redis_timeout_ms,
+            .apply = query_project_event,
+            .ud = &app.ctx,
+        };
+        app.projector = cqrs_projector_new(&pc, &err);
+        if (!app.projector || cqrs_projector_start(app.projector, &err) != CQRS_ERR_OK) {
+            CQRS_LOG_ERROR("cannot start the projector", "error", err.message);
+            goto out;
+        }
+    }
+
+    static cqrs_http_route_t routes[32];
+    size_t n = strcmp(S.role, "project") != 0 ? query_routes(&app.ctx, routes, 28) : 0;
+    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, &app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, &app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/metrics", metrics, &app};
+    cqrs_http_config_t hc;
+    cqrs_daemon_http_config(&S.d, &hc);
+    http = cqrs_http_server_new(&hc, routes, n, &err);
+    if (!http || cqrs_http_server_start(http, &err) != CQRS_ERR_OK) {
+        CQRS_LOG_ERROR("cannot start the HTTP server", "error", err.message);
+        goto out;
+    }
+    char port[8];
+    snprintf(port, sizeof port, "%u", (unsigned)cqrs_http_server_port(http));
+    CQRS_LOG_INFO("listening", "host", S.d.http_host, "port", port, "role", S.role);
+
+    int sig = cqrs_daemon_wait(&sigs);
+    CQRS_LOG_INFO("shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    atomic_store(&app.draining, true);
+    rc = 0;
+out:
+    cqrs_http_server_destroy(http);
+    cqrs_projector_destroy(app.projector);
+    cqrs_docstore_pool_destroy(app.ctx.pool);
+    CQRS_LOG_INFO("stopped");
+    cqrs_config_free(entries, n_entries);
+    return rc;
+}

@@ -1,0 +1,699 @@
+#!/usr/bin/env bash
+# deploy/local/stack.sh — the native local stack (no Docker) for development
+# and tests: PostgreSQL 15, Redis 7 and a single-node Apache Kafka (KRaft,
+# combined broker+controller), all bound to 127.0.0.1 on non-default ports.
+#
+#   stack.sh up              install missing Debian packages (as root), start
+#                            whatever is not running, wait until each answers
+#   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
+#                            Kafka, Redis, PostgreSQL; --purge deletes $STATE
+#   stack.sh purge           same as down --purge
+#   stack.sh status          one line per server; exit 0 if all up, 3 if not
+#   stack.sh env             exports for: eval "$(deploy/local/stack.sh env)"
+#
+# Everything a stack owns (data, logs, pid files) lives in its state folder,
+# ${CQRS_STACK_DIR:-<repo>/.local/stack}.  A second stack with another
+# CQRS_STACK_DIR and other ports (CQRS_PG_PORT, CQRS_REDIS_PORT,
+# CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT) runs beside the first one.
+#
+# Kafka comes as jars from Maven Central (deploy/local/kafka/pom.xml), fetched
+# once with Maven into a cache outside the repo,
+# ${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}/kafka-<version>/libs.
+#
+# PostgreSQL refuses to run as root, so under root its data folder belongs to
+# the `postgres` system user and initdb/pg_ctl run through `runuser`.
+set -euo pipefail
+
+KAFKA_VERSION=4.4.0
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SCRIPT_DIR/../.." && pwd)
+
+STATE=${CQRS_STACK_DIR:-$REPO_DIR/.local/stack}
+[[ $STATE == /* ]] || STATE=$PWD/$STATE
+STATE=${STATE%/}
+
+PG_PORT=${CQRS_PG_PORT:-55432}
+REDIS_PORT=${CQRS_REDIS_PORT:-56379}
+KAFKA_PORT=${CQRS_KAFKA_PORT:-59092}
+KAFKA_CONTROLLER_PORT=${CQRS_KAFKA_CONTROLLER_PORT:-59093}
+
+PG_BIN=${CQRS_PG_BIN:-/usr/lib/postgresql/15/bin}
+PG_DIR=$STATE/pg
+PG_DATA=$PG_DIR/data
+PG_SOCK=$PG_DIR/sock
+PG_LOG=$PG_DIR/postgres.log
+PG_USER=cqrs
+PG_DB=cqrs
+
+REDIS_DIR=$STATE/redis
+REDIS_PID=$REDIS_DIR/redis.pid
+REDIS_LOG=$REDIS_DIR/redis.log
+
+CACHE_DIR=${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}
+KAFKA_HOME=$CACHE_DIR/kafka-$KAFKA_VERSION
+KAFKA_LIBS=$KAFKA_HOME/libs
+KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
+KAFKA_LOG4J=$SCRIPT_DIR/kafka/log4j2.xml
+KAFKA_DIR=$STATE/kafka
+KAFKA_DATA=$KAFKA_DIR/data
+KAFKA_LOGS=$KAFKA_DIR/logs
+KAFKA_CONF=$KAFKA_DIR/server.properties
+KAFKA_PID=$KAFKA_DIR/kafka.pid
+KAFKA_OUT=$KAFKA_LOGS/kafka.out
+KAFKA_HEAP=${CQRS_KAFKA_HEAP:-512m}
+KAFKA_WAIT=${CQRS_KAFKA_WAIT:-60}
+
+RUN_DIR=$STATE/run          # pid files of the app daemons (deploy/local/run.sh)
+DAEMON_WAIT=${CQRS_DAEMON_STOP_WAIT:-15}
+
+JAVA=java
+KAFKA_JVM=()
+
+# ---------------------------------------------------------------- helpers ---
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+
+die() {
+    printf '[stack] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# die_log MESSAGE LOGFILE: fail with the last 40 lines of a server's log.
+die_log() {
+    printf '[stack] ERROR: %s\n' "$1" >&2
+    if [[ -s $2 ]]; then
+        printf '[stack] ---- last 40 lines of %s ----\n' "$2" >&2
+        tail -n 40 "$2" >&2
+        printf '[stack] ---- end of %s ----\n' "$2" >&2
+    else
+        printf '[stack] (log %s is empty or missing)\n' "$2" >&2
+    fi
+    exit 1
+}
+
+is_root() { [[ $EUID -eq 0 ]]; }
+
+# Single-quote a value for the shell.
+sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
+
+# pid_alive PID [PATTERN]: the process exists (and its command line contains
+# PATTERN, which guards against a recycled pid).
+pid_alive() {
+    local pid=$1 pattern=${2:-}
+    [[ $pid =~ ^[0-9]+$ ]] && ((pid > 1)) || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    [[ -z $pattern ]] && return 0
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pattern"
+}
+
+read_pid() {
+    if [[ -r $1 ]]; then head -n 1 "$1" | tr -dc '0-9'; fi
+}
+
+# port_busy PORT: something accepts TCP connections on 127.0.0.1:PORT.
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# check_port NAME ACTUAL WANTED VAR: a server of this stack already runs, but
+# on another port than the environment asks for (a mixed-up CQRS_* setting).
+check_port() {
+    [[ -z $2 || $2 == "$3" ]] && return 0
+    die "$1 of $STATE already runs on port $2, not $3 ($4): fix the environment, or run 'down' first"
+}
+
+# stop_pid NAME PID SECONDS: SIGTERM, wait up to SECONDS, then SIGKILL.
+stop_pid() {
+    local name=$1 pid=$2 wait_s=$3 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < wait_s * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    log "$name (pid $pid) still running after ${wait_s}s, sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+}
+
+# Take the per-stack lock so two concurrent up/down runs don't race.  Every
+# server is started with 9>&- so no daemon inherits (and holds) the lock.
+lock_stack() {
+    mkdir -p "$STATE"
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another stack.sh is busy with $STATE (lock $STATE/.lock)"
+}
+
+# ------------------------------------------------------------- packages ---
+
+java_major() {
+    "$1" -XshowSettings:properties -version 2>&1 |
+        sed -n 's/^ *java\.specification\.version = \([0-9]*\).*/\1/p' | head -n 1
+}
+
+# Pick a Java >= 17: $JAVA_HOME, the one on PATH, else Debian's openjdk-17.
+find_java() {
+    local candidate major
+    for candidate in ${JAVA_HOME:+"$JAVA_HOME/bin/java"} "$(command -v java || true)" \
+        /usr/lib/jvm/java-17-openjdk-*/bin/java; do
+        [[ -n $candidate && -x $candidate ]] || continue
+        major=$(java_major "$candidate")
+        if [[ -n $major ]] && ((major >= 17)); then
+            JAVA=$candidate
+            return 0
+        fi
+    done
+    return 1
+}
+
+ensure_packages() {
+    local -a missing=()
+    [[ -x $PG_BIN/initdb ]] || missing+=(postgresql-15)
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
+    command -v kcat >/dev/null || missing+=(kcat)
+    find_java || missing+=(openjdk-17-jre-headless)
+    if ! kafka_libs_ok; then
+        command -v mvn >/dev/null || missing+=(maven)
+    fi
+    ((${#missing[@]} == 0)) && return 0
+
+    if ! is_root; then
+        die "missing packages: ${missing[*]} — run as root, or: sudo apt-get install -y ${missing[*]}"
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2 || die "apt-get update failed"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+        die "apt-get install ${missing[*]} failed"
+    find_java || die "no Java >= 17 found even after installing openjdk-17-jre-headless"
+}
+
+# ----------------------------------------------------------- PostgreSQL ---
+
+# Run a PostgreSQL server tool as the data folder's owner.
+pg_as_owner() {
+    if is_root; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+pg_pid() { read_pid "$PG_DATA/postmaster.pid"; }
+
+pg_running() {
+    local pid
+    pid=$(pg_pid)
+    [[ -n $pid ]] && pid_alive "$pid" postgres
+}
+
+# The port the running postmaster listens on (line 4 of postmaster.pid).
+pg_actual_port() { sed -n 4p "$PG_DATA/postmaster.pid" 2>/dev/null | tr -dc '0-9'; }
+
+pg_answers() {
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -t 2 &&
+        [[ $("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres \
+            -XtAq -c 'select 1' 2>/dev/null) == 1 ]]
+}
+
+# Under root the postgres user must be able to reach $PG_DIR: make each
+# ancestor it cannot traverse world-searchable (o+x, not readable).
+pg_fix_traversal() {
+    local dir=$PG_DIR
+    local -a blocked=()
+    while [[ $dir != / && -n $dir ]]; do
+        dir=$(dirname "$dir")
+        runuser -u postgres -- test -x "$dir" || blocked+=("$dir")
+    done
+    if ((${#blocked[@]})); then
+        log "making ${blocked[*]} traversable (o+x) for the postgres user"
+        chmod o+x "${blocked[@]}"
+    fi
+}
+
+pg_write_conf() {
+    # Settings that follow the environment (port, paths) are rewritten on
+    # every up; postgresql.conf includes this file.
+    cat >"$PG_DATA/cqrs_stack.conf" <<EOF
+# Written by deploy/local/stack.sh on every 'up' — edits are overwritten.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_SOCK'
+max_connections = 200
+shared_buffers = 128MB
+fsync = on
+synchronous_commit = on
+timezone = 'UTC'
+log_timezone = 'UTC'
+logging_collector = off
+log_line_prefix = '%m [%p] %q%u@%d '
+EOF
+    is_root && chown postgres:postgres "$PG_DATA/cqrs_stack.conf"
+    return 0
+}
+
+pg_init() {
+    [[ -f $PG_DATA/PG_VERSION ]] && return 0
+    log "postgres: initdb $PG_DATA"
+    rm -rf "$PG_DATA"
+    mkdir -p "$PG_DATA"
+    is_root && chown postgres:postgres "$PG_DATA"
+    chmod 700 "$PG_DATA"
+    pg_as_owner "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" -A trust \
+        --encoding=UTF8 --locale=C.UTF-8 >"$PG_DIR/initdb.log" 2>&1 9>&- ||
+        die_log "postgres: initdb failed" "$PG_DIR/initdb.log"
+    printf "\ninclude_if_exists = 'cqrs_stack.conf'\n" >>"$PG_DATA/postgresql.conf"
+}
+
+pg_up() {
+    (($(printf '%s' "$PG_SOCK/.s.PGSQL.$PG_PORT" | wc -c) < 100)) ||
+        die "postgres: socket path $PG_SOCK/.s.PGSQL.$PG_PORT is too long for a unix socket; use a shorter CQRS_STACK_DIR"
+    mkdir -p "$PG_DIR" "$PG_SOCK"
+    touch "$PG_LOG"
+    if is_root; then
+        id postgres >/dev/null 2>&1 || die "postgres: system user 'postgres' missing (reinstall postgresql-common)"
+        chown postgres:postgres "$PG_DIR" "$PG_SOCK" "$PG_LOG"
+        pg_fix_traversal
+    fi
+    pg_init
+    pg_write_conf
+
+    if pg_running; then
+        check_port postgres "$(pg_actual_port)" "$PG_PORT" CQRS_PG_PORT
+        log "postgres: already running (pid $(pg_pid), port $PG_PORT)"
+    else
+        port_busy "$PG_PORT" && die "postgres: port 127.0.0.1:$PG_PORT is already taken by another process"
+        log "postgres: starting on 127.0.0.1:$PG_PORT"
+        pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 9>&- ||
+            die_log "postgres: pg_ctl start failed" "$PG_LOG"
+    fi
+
+    local deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        pg_answers && break
+        pg_running || die_log "postgres: server exited during startup" "$PG_LOG"
+        sleep 0.5
+    done
+    pg_answers || die_log "postgres: not answering 'select 1' on 127.0.0.1:$PG_PORT after 30s" "$PG_LOG"
+
+    if [[ -z $("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -XtAq \
+        -c "select 1 from pg_database where datname = '$PG_DB'") ]]; then
+        log "postgres: creating database $PG_DB owned by $PG_USER"
+        "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -XqAt -v ON_ERROR_STOP=1 \
+            -c "create database $PG_DB owner $PG_USER encoding 'UTF8'" ||
+            die "postgres: create database $PG_DB failed"
+    fi
+    log "postgres: ready on 127.0.0.1:$PG_PORT (pid $(pg_pid))"
+}
+
+pg_down() {
+    if pg_running; then
+        log "postgres: stopping (pid $(pg_pid))"
+        pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null 9>&- ||
+            die_log "postgres: pg_ctl stop failed" "$PG_LOG"
+    fi
+}
+
+# ---------------------------------------------------------------- Redis ---
+
+redis_pid() { read_pid "$REDIS_PID"; }
+
+redis_running() {
+    local pid
+    pid=$(redis_pid)
+    [[ -n $pid ]] && pid_alive "$pid" redis-server
+}
+
+# The port of the running redis-server (it retitles itself "redis-server IP:PORT").
+redis_actual_port() {
+    local pid
+    pid=$(redis_pid)
+    [[ -n $pid ]] || return 0
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/.*:\([0-9][0-9]*\).*/\1/p'
+}
+
+redis_answers() {
+    [[ $(timeout 5 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+redis_up() {
+    mkdir -p "$REDIS_DIR"
+    if redis_running; then
+        check_port redis "$(redis_actual_port)" "$REDIS_PORT" CQRS_REDIS_PORT
+        log "redis: already running (pid $(redis_pid), port $REDIS_PORT)"
+    else
+        rm -f "$REDIS_PID"
+        port_busy "$REDIS_PORT" && die "redis: port 127.0.0.1:$REDIS_PORT is already taken by another process"
+        log "redis: starting on 127.0.0.1:$REDIS_PORT"
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode yes \
+            --dir "$REDIS_DIR" --appendonly yes \
+            --daemonize yes --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" 9>&- ||
+            die_log "redis: redis-server failed to start" "$REDIS_LOG"
+    fi
+
+    local deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        redis_answers && break
+        # (the daemonized child writes its pid file a moment after forking)
+        if [[ -s $REDIS_PID ]] && ! redis_running; then
+            die_log "redis: server exited during startup" "$REDIS_LOG"
+        fi
+        sleep 0.5
+    done
+    redis_answers || die_log "redis: no PONG from 127.0.0.1:$REDIS_PORT after 30s" "$REDIS_LOG"
+    log "redis: ready on 127.0.0.1:$REDIS_PORT (pid $(redis_pid))"
+}
+
+redis_down() {
+    local pid
+    redis_running || { rm -f "$REDIS_PID"; return 0; }
+    pid=$(redis_pid)
+    log "redis: stopping (pid $pid)"
+    # SIGTERM is a clean SHUTDOWN (final AOF fsync).  Signalling the pid, not
+    # `redis-cli -p PORT shutdown`, can never hit another stack's server.
+    stop_pid redis "$pid" 20
+    rm -f "$REDIS_PID"
+}
+
+# ---------------------------------------------------------------- Kafka ---
+
+kafka_libs_ok() { [[ -f $KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar ]]; }
+
+# Fetch the broker's jars once.  Maven writes into a temp folder next to the
+# cache, which is renamed into place only when complete, so an interrupted
+# fetch never leaves a half-filled cache.
+kafka_fetch() {
+    kafka_libs_ok && return 0
+    command -v mvn >/dev/null || die "kafka: mvn not found (apt-get install maven)"
+    mkdir -p "$CACHE_DIR"
+    # leftovers of fetches that were killed outright (no EXIT trap ran)
+    find "$CACHE_DIR" -maxdepth 1 -name '.kafka-*.tmp.*' -mmin +60 -exec rm -rf {} + 2>/dev/null || true
+    local tmp
+    tmp=$(mktemp -d "$CACHE_DIR/.kafka-$KAFKA_VERSION.tmp.XXXXXX")
+    # shellcheck disable=SC2064 # expand $tmp now: it is local
+    trap "rm -rf '$tmp'" EXIT
+    trap 'exit 130' INT # so that an interrupted fetch still runs the EXIT trap
+    trap 'exit 143' TERM
+    log "kafka: fetching Kafka $KAFKA_VERSION jars with Maven into $KAFKA_LIBS (once)"
+    if ! mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies \
+        -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime \
+        -DoutputDirectory="$tmp/libs" >"$tmp/mvn.log" 2>&1 9>&-; then
+        die_log "kafka: Maven could not fetch the Kafka $KAFKA_VERSION jars" "$tmp/mvn.log"
+    fi
+    [[ -f $tmp/libs/kafka_2.13-$KAFKA_VERSION.jar ]] ||
+        die_log "kafka: Maven ran but kafka_2.13-$KAFKA_VERSION.jar is missing" "$tmp/mvn.log"
+    cp "$KAFKA_POM" "$tmp/pom.xml"
+    chmod 755 "$tmp"
+    if kafka_libs_ok; then
+        rm -rf "$tmp" # another stack.sh finished the same fetch meanwhile
+    else
+        if [[ -e $KAFKA_HOME ]]; then # a damaged cache: move it aside first
+            mv -T "$KAFKA_HOME" "$KAFKA_HOME.old.$$" && rm -rf "$KAFKA_HOME.old.$$"
+        fi
+        if ! mv -T "$tmp" "$KAFKA_HOME" 2>/dev/null; then
+            kafka_libs_ok || die "kafka: could not move $tmp to $KAFKA_HOME"
+            rm -rf "$tmp" # lost the race to another stack.sh: its copy is complete
+        fi
+    fi
+    trap - EXIT INT TERM
+    log "kafka: cached $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS"
+}
+
+kafka_pid() { read_pid "$KAFKA_PID"; }
+
+kafka_running() {
+    local pid
+    pid=$(kafka_pid)
+    [[ -n $pid ]] && pid_alive "$pid" "kafka.Kafka $KAFKA_CONF"
+}
+
+# The broker port the running Kafka was started with (its server.properties
+# is only rewritten when Kafka is (re)started).
+kafka_actual_port() {
+    sed -n 's/^listeners=PLAINTEXT:\/\/127\.0\.0\.1:\([0-9]*\),.*/\1/p' "$KAFKA_CONF" 2>/dev/null
+}
+
+kafka_answers() {
+    timeout 10 kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3 2>/dev/null |
+        grep -q "broker 1 at 127.0.0.1:$KAFKA_PORT"
+}
+
+# The JVM command line shared by the broker and the storage tool.
+kafka_jvm() {
+    KAFKA_JVM=("$JAVA" -Xmx"$KAFKA_HEAP" -Xms"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+        -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true
+        -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_LOGS"
+        -cp "$KAFKA_LIBS/*")
+}
+
+kafka_write_conf() {
+    cat >"$KAFKA_CONF" <<EOF
+# Written by deploy/local/stack.sh on every 'up' — edits are overwritten.
+# Kafka $KAFKA_VERSION, KRaft, one combined broker+controller on 127.0.0.1.
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DATA
+
+num.partitions=6
+default.replication.factor=1
+min.insync.replicas=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.recovery.threads.per.data.dir=1
+log.retention.hours=168
+EOF
+}
+
+# Format the storage once: a fresh random cluster id, a standalone
+# (single-voter, dynamic) controller quorum.
+kafka_format() {
+    [[ -f $KAFKA_DATA/meta.properties ]] && return 0
+    local cluster_id
+    cluster_id=$("${KAFKA_JVM[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_DIR/format.log" 9>&- |
+        tail -n 1) || true
+    [[ $cluster_id =~ ^[A-Za-z0-9_-]{22}$ ]] ||
+        die_log "kafka: StorageTool random-uuid gave '$cluster_id'" "$KAFKA_DIR/format.log"
+    log "kafka: formatting $KAFKA_DATA (cluster id $cluster_id)"
+    "${KAFKA_JVM[@]}" kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$KAFKA_CONF" \
+        >>"$KAFKA_DIR/format.log" 2>&1 9>&- ||
+        die_log "kafka: storage format failed" "$KAFKA_DIR/format.log"
+}
+
+kafka_up() {
+    kafka_fetch
+    kafka_jvm
+    mkdir -p "$KAFKA_DIR" "$KAFKA_DATA" "$KAFKA_LOGS"
+
+    if kafka_running; then
+        check_port kafka "$(kafka_actual_port)" "$KAFKA_PORT" CQRS_KAFKA_PORT
+        log "kafka: already running (pid $(kafka_pid), port $KAFKA_PORT)"
+    else
+        rm -f "$KAFKA_PID"
+        kafka_write_conf
+        local port
+        for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+            port_busy "$port" && die "kafka: port 127.0.0.1:$port is already taken by another process"
+        done
+        kafka_format
+        log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT)"
+        # setsid: own session, so the broker survives this shell and its
+        # terminal; stdout/stderr only catch JVM-level output (logs go to
+        # server.log through log4j2).
+        setsid nohup "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONF" </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+        echo $! >"$KAFKA_PID"
+    fi
+
+    local pid deadline=$((SECONDS + KAFKA_WAIT))
+    pid=$(kafka_pid)
+    while ((SECONDS < deadline)); do
+        kafka_answers && break
+        if ! pid_alive "$pid"; then
+            [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
+            die_log "kafka: broker exited during startup" "$KAFKA_LOGS/server.log"
+        fi
+        sleep 1
+    done
+    kafka_answers || {
+        [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
+        die_log "kafka: no broker in 'kcat -L' on 127.0.0.1:$KAFKA_PORT after ${KAFKA_WAIT}s" "$KAFKA_LOGS/server.log"
+    }
+    log "kafka: ready on 127.0.0.1:$KAFKA_PORT (pid $pid)"
+}
+
+kafka_down() {
+    local pid
+    kafka_running || { rm -f "$KAFKA_PID"; return 0; }
+    pid=$(kafka_pid)
+    log "kafka: stopping (pid $pid)"
+    stop_pid kafka "$pid" 30
+    rm -f "$KAFKA_PID"
+}
+
+# ---------------------------------------------------------- app daemons ---
+
+# Stop the daemons that deploy/local/run.sh started ($STATE/run/*.pid): all
+# get SIGTERM at once, then a bounded wait, then SIGKILL.
+daemons_down() {
+    local f pid name i
+    local -a pids=() names=()
+    [[ -d $RUN_DIR ]] || return 0
+    for f in "$RUN_DIR"/*.pid; do
+        [[ -e $f ]] || continue
+        pid=$(read_pid "$f")
+        name=$(basename "$f" .pid)
+        if [[ -n $pid && $pid != "$$" ]] && pid_alive "$pid"; then
+            log "$name: stopping (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+            names+=("$name")
+        fi
+        rm -f "$f"
+    done
+    ((${#pids[@]})) || return 0
+    for ((i = 0; i < DAEMON_WAIT * 10; i++)); do
+        local alive=0
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        ((alive)) || return 0
+        sleep 0.1
+    done
+    for i in "${!pids[@]}"; do
+        if kill -0 "${pids[$i]}" 2>/dev/null; then
+            log "${names[$i]} (pid ${pids[$i]}) still running after ${DAEMON_WAIT}s, sending SIGKILL"
+            kill -KILL "${pids[$i]}" 2>/dev/null || true
+        fi
+    done
+    sleep 0.2
+}
+
+# ------------------------------------------------------------- commands ---
+
+cmd_up() {
+    local t0=$SECONDS
+    ensure_packages
+    find_java || die "no Java >= 17"
+    lock_stack
+    log "state folder $STATE"
+    pg_up
+    redis_up
+    kafka_up
+    log "stack is up in $((SECONDS - t0))s — eval \"\$($0 env)\" to use it"
+}
+
+cmd_down() {
+    local purge=${1:-}
+    [[ -d $STATE ]] || { log "nothing at $STATE"; return 0; }
+    lock_stack
+    daemons_down
+    kafka_down
+    redis_down
+    pg_down
+    if [[ $purge == --purge ]]; then
+        case $STATE in
+        / | "$HOME" | "$REPO_DIR" | "$SCRIPT_DIR"*) die "refusing to delete $STATE" ;;
+        esac
+        log "purging $STATE"
+        rm -rf "$STATE"
+    fi
+    log "stack is down"
+}
+
+# status_line NAME ADDRESS PID RUNNING ANSWERS [ACTUAL_PORT WANTED_PORT]:
+# one row; fails unless the server runs, answers, and on the wanted port.
+status_line() {
+    local state=stopped address=$2
+    if (($4)); then
+        state=running
+        (($5)) || state=no-answer
+        if [[ -n ${6:-} && $6 != "${7:-}" ]]; then
+            state=wrong-port
+            address="127.0.0.1:$6 (not ${7:-})"
+        fi
+    fi
+    printf '%-14s %-10s %-22s %s\n' "$1" "$state" "$address" "${3:--}"
+    [[ $state == running ]]
+}
+
+cmd_status() {
+    local ok=0 r a pid f
+    printf '%-14s %-10s %-22s %s\n' SERVER STATE ADDRESS PID
+    r=0 a=0
+    pg_running && r=1 && pg_answers && a=1
+    status_line postgres "127.0.0.1:$PG_PORT" "$(pg_pid)" "$r" "$a" \
+        "$(pg_actual_port)" "$PG_PORT" || ok=3
+    r=0 a=0
+    redis_running && r=1 && redis_answers && a=1
+    status_line redis "127.0.0.1:$REDIS_PORT" "$(redis_pid)" "$r" "$a" \
+        "$(redis_actual_port)" "$REDIS_PORT" || ok=3
+    r=0 a=0
+    kafka_running && r=1 && kafka_answers && a=1
+    status_line kafka "127.0.0.1:$KAFKA_PORT" "$(kafka_pid)" "$r" "$a" \
+        "$(kafka_actual_port)" "$KAFKA_PORT" || ok=3
+    # App daemons from run.sh: informational, they don't change the exit status.
+    for f in "$RUN_DIR"/*.pid; do
+        [[ -e $f ]] || continue
+        pid=$(read_pid "$f")
+        r=0
+        [[ -n $pid ]] && pid_alive "$pid" && r=1
+        status_line "$(basename "$f" .pid)" - "$pid" "$r" "$r" || true
+    done
+    printf 'state: %s\n' "$STATE"
+    return "$ok"
+}
+
+cmd_env() {
+    printf 'export CQRS_STACK_DIR=%s\n' "$(sq "$STATE")"
+    printf 'export CQRS_PG_PORT=%s\n' "$(sq "$PG_PORT")"
+    printf 'export CQRS_REDIS_PORT=%s\n' "$(sq "$REDIS_PORT")"
+    printf 'export CQRS_KAFKA_PORT=%s\n' "$(sq "$KAFKA_PORT")"
+    printf 'export CQRS_KAFKA_CONTROLLER_PORT=%s\n' "$(sq "$KAFKA_CONTROLLER_PORT")"
+    printf 'export CQRS_PG_DSN=%s\n' "$(sq "host=127.0.0.1 port=$PG_PORT dbname=$PG_DB user=$PG_USER")"
+    printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
+    printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
+}
+
+# usage [STATUS]: the header comment; to stderr (exit 2) for a bad command.
+usage() {
+    local status=${1:-2}
+    if ((status == 0)); then
+        sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+    else
+        sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2
+    fi
+    exit "$status"
+}
+
+main() {
+    local cmd=${1:-}
+    shift || true
+    case $cmd in
+    up) cmd_up ;;
+    down)
+        case ${1:-} in
+        "" | --purge) cmd_down "${1:-}" ;;
+        *) die "unknown option for down: $1 (only --purge)" ;;
+        esac
+        ;;
+    purge) cmd_down --purge ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    -h | --help | help) usage 0 ;;
+    *) usage ;;
+    esac
+}
+
+main "$@"

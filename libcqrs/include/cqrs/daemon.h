@@ -1,0 +1,42 @@
+/* daemon.h — process plumbing shared by both daemons: signals and the common settings. */
+#ifndef CQRS_DAEMON_H
+#define CQRS_DAEMON_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cqrs/config.h"
+#include "cqrs/http.h"
+
+/* Blocks SIGTERM and SIGINT in the calling thread (call before starting threads, which
+ * inherit the mask) and ignores SIGPIPE. */
+void cqrs_daemon_block_signals(sigset_t *set);
+
+/* Waits for SIGTERM or SIGINT; returns the signal number. */
+int cqrs_daemon_wait(const sigset_t *set);
+
+/* Settings both daemons share (HTTP server, logging, shutdown). */
+typedef struct cqrs_daemon_settings {
+    char *http_host;
+    int64_t http_port;
+    int64_t http_threads;
+    int64_t http_max_connections;
+    int64_t http_max_connections_per_ip;
+    int64_t http_timeout_s;
+    int64_t max_body_bytes;
+    int64_t max_json_depth;
+    int64_t shutdown_grace_ms;
+    char *log_level;
+} cqrs_daemon_settings_t;
+
+#define CQRS_DAEMON_SETTINGS_N 10
+
+/* Writes the shared entries (pointing into s) into out[0..CQRS_DAEMON_SETTINGS_N). */
+void cqrs_daemon_settings_entries(cqrs_daemon_settings_t *s, const char *default_port,
+                                  cqrs_config_entry_t *out);
+
+/* HTTP server config from the shared settings. */
+void cqrs_daemon_http_config(const cqrs_daemon_settings_t *s, cqrs_http_config_t *out);
+
+#endif

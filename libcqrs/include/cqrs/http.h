@@ -1,0 +1,109 @@
+/* http.h — the HTTP server both daemons use: libmicrohttpd underneath, a route table on top,
+ * JSON and RFC 9457 problem replies.
+ *
+ * Threads: handlers run on the server's worker threads (a pool); a handler must reply exactly
+ * once, before it returns. The request object is owned by the server and valid only during the
+ * handler call.
+ *
+ * Answered by this layer before any handler runs: 404 (no route), 405 (+Allow), 413 (body over
+ * the limit; from Content-Length before reading when possible), 415 (non-empty body whose
+ * media type is not application/json).
+ */
+#ifndef CQRS_HTTP_H
+#define CQRS_HTTP_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cqrs/err.h"
+
+#define CQRS_HTTP_MAX_PARAMS 4
+#define CQRS_PROBLEM_BASE "urn:cqrs:problem:"
+
+typedef struct cqrs_http_request cqrs_http_request_t;
+typedef struct cqrs_http_server cqrs_http_server_t;
+
+typedef void (*cqrs_http_handler_fn)(cqrs_http_request_t *req, void *ud);
+
+/* pattern: literal segments and `{name}` segments, e.g. "/v1/products/{id}/price". */
+typedef struct cqrs_http_route {
+    const char *method;
+    const char *pattern;
+    cqrs_http_handler_fn fn;
+    void *ud;
+} cqrs_http_route_t;
+
+typedef struct cqrs_http_config {
+    const char *host; /* IPv4 literal to bind, e.g. "127.0.0.1" or "0.0.0.0" */
+    uint16_t port;    /* 0 = pick a free port; see cqrs_http_server_port */
+    unsigned threads;
+    unsigned connection_limit;
+    unsigned per_ip_connection_limit; /* 0 = unlimited */
+    unsigned connection_timeout_s;
+    size_t max_body_bytes;
+    unsigned drain_timeout_ms; /* how long stop waits for open connections */
+} cqrs_http_config_t;
+
+/* Matching (pure, exported for tests). On a match returns the route and fills names/values
+ * (values point into `scratch`, which must hold strlen(path)+1 bytes). When the path matches
+ * but the method does not, returns NULL and writes the allowed methods ("GET, POST") to allow.
+ * allow is "" when nothing matched the path. */
+typedef struct cqrs_http_params {
+    size_t n;
+    const char *name[CQRS_HTTP_MAX_PARAMS];
+    const char *value[CQRS_HTTP_MAX_PARAMS];
+} cqrs_http_params_t;
+
+const cqrs_http_route_t *cqrs_http_route_match(const cqrs_http_route_t *routes, size_t n,
+                                               const char *method, const char *path, char *scratch,
+                                               cqrs_http_params_t *params, char *allow,
+                                               size_t allow_len);
+
+/* routes is borrowed and must outlive the server. Returns NULL with err on failure. */
+cqrs_http_server_t *cqrs_http_server_new(const cqrs_http_config_t *cfg,
+                                         const cqrs_http_route_t *routes, size_t n_routes,
+                                         cqrs_error_t *err);
+cqrs_err_t cqrs_http_server_start(cqrs_http_server_t *srv, cqrs_error_t *err);
+uint16_t cqrs_http_server_port(const cqrs_http_server_t *srv);
+/* Stops accepting, lets in-flight requests finish, stops the threads. */
+void cqrs_http_server_stop(cqrs_http_server_t *srv);
+void cqrs_http_server_destroy(cqrs_http_server_t *srv);
+
+/* Request accessors; returned strings are borrowed for the duration of the handler. */
+const char *cqrs_http_method(const cqrs_http_request_t *req);
+const char *cqrs_http_path(const cqrs_http_request_t *req);
+const char *cqrs_http_param(const cqrs_http_request_t *req, const char *name);
+const char *cqrs_http_header(const cqrs_http_request_t *req, const char *name);
+const char *cqrs_http_query(const cqrs_http_request_t *req, const char *name);
+/* Calls fn for each query argument; used to reject unknown parameters. */
+void cqrs_http_query_each(const cqrs_http_request_t *req,
+                          void (*fn)(const char *key, const char *value, void *ud), void *ud);
+const char *cqrs_http_body(const cqrs_http_request_t *req, size_t *len);
+const char *cqrs_http_request_id(const cqrs_http_request_t *req);
+/* The request's W3C traceparent, or a fresh one when it sent none or an invalid one. */
+const char *cqrs_http_traceparent(const cqrs_http_request_t *req);
+
+/* Adds a response header to the reply that follows (copied). */
+void cqrs_http_add_header(cqrs_http_request_t *req, const char *name, const char *value);
+
+/* Replies with body serialised compactly as application/json; body is stolen (may be NULL for
+ * no body). */
+void cqrs_http_reply_json(cqrs_http_request_t *req, unsigned status, json_t *body);
+
+/* Replies with application/problem+json {type: CQRS_PROBLEM_BASE slug, title, status, detail,
+ * errors?}; errors is stolen and may be NULL. Extra members may be merged from `extra`
+ * (stolen, may be NULL). */
+void cqrs_http_reply_problem(cqrs_http_request_t *req, unsigned status, const char *slug,
+                             const char *title, const char *detail, json_t *errors, json_t *extra);
+
+/* Replies with a plain text body (copied), for /metrics and probes. */
+void cqrs_http_reply_text(cqrs_http_request_t *req, unsigned status, const char *content_type,
+                          const char *text);
+
+/* Maps an error to the usual problem reply (CONFLICT 409, NOT_FOUND 404, INVALID 422,
+ * UNAVAILABLE/TIMEOUT/RETRY 503 with Retry-After, others 500). */
+void cqrs_http_reply_error(cqrs_http_request_t *req, const cqrs_error_t *err);
+
+#endif

@@ -1,0 +1,36 @@
+/* log.h — one JSON object per line on stdout: {"time","level","service","msg", k: v…}.
+ *
+ * Thread-safe: each line is formatted in a local buffer and written with one write(2).
+ * The level is checked before anything is formatted.
+ */
+#ifndef CQRS_LOG_H
+#define CQRS_LOG_H
+
+#include <stdbool.h>
+
+typedef enum cqrs_log_level {
+    CQRS_LOG_DEBUG = 0,
+    CQRS_LOG_INFO = 1,
+    CQRS_LOG_WARN = 2,
+    CQRS_LOG_ERROR = 3,
+} cqrs_log_level_t;
+
+/* `service` is copied. Call once at start-up, before threads start. */
+void cqrs_log_init(const char *service, cqrs_log_level_t min_level);
+
+/* Parses "debug|info|warn|error"; returns false when unknown. */
+bool cqrs_log_level_parse(const char *s, cqrs_log_level_t *out);
+
+bool cqrs_log_enabled(cqrs_log_level_t level);
+
+/* Logs msg with string fields given as key, value pairs ending with NULL:
+ *   cqrs_log(CQRS_LOG_INFO, "event applied", "aggregate_id", id, "event_id", eid, NULL);
+ * A NULL value is written as JSON null. */
+void cqrs_log(cqrs_log_level_t level, const char *msg, ...) __attribute__((sentinel));
+
+#define CQRS_LOG_DEBUG(...) cqrs_log(CQRS_LOG_DEBUG, __VA_ARGS__, (char *)NULL)
+#define CQRS_LOG_INFO(...) cqrs_log(CQRS_LOG_INFO, __VA_ARGS__, (char *)NULL)
+#define CQRS_LOG_WARN(...) cqrs_log(CQRS_LOG_WARN, __VA_ARGS__, (char *)NULL)
+#define CQRS_LOG_ERROR(...) cqrs_log(CQRS_LOG_ERROR, __VA_ARGS__, (char *)NULL)
+
+#endif

@@ -1,0 +1,36 @@
+/* util.h — small pure helpers shared by both daemons: ids, time, text. */
+#ifndef CQRS_UTIL_H
+#define CQRS_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CQRS_UUID_LEN 36
+#define CQRS_TIME_LEN 24 /* "2026-11-26T09:50:52.123Z" */
+
+/* Writes a random (v4) lower-case UUID and a NUL into out[37]. */
+void cqrs_uuid_v4(char out[CQRS_UUID_LEN + 1]);
+
+/* True when s is a canonical 8-4-4-4-12 hex UUID (either case). */
+bool cqrs_uuid_valid(const char *s);
+
+/* Current UTC time as RFC 3339 with milliseconds into out[25]. */
+void cqrs_time_now_rfc3339(char out[CQRS_TIME_LEN + 1]);
+
+/* Milliseconds of CLOCK_MONOTONIC. */
+int64_t cqrs_monotonic_ms(void);
+
+/* Number of Unicode code points in valid UTF-8 text of len bytes. */
+size_t cqrs_utf8_length(const char *s, size_t len);
+
+/* Parses a whole decimal int64 (no sign-less overflow, no trailing junk). */
+bool cqrs_parse_int64(const char *s, int64_t *out);
+
+/* W3C traceparent "00-<32 hex>-<16 hex>-<2 hex>", not all-zero ids. */
+bool cqrs_traceparent_valid(const char *s);
+
+/* A fresh traceparent with random ids, sampled flag set, into out[56]. */
+void cqrs_traceparent_new(char out[56]);
+
+#endif

@@ -1,0 +1,115 @@
+/* event.c — event envelope and its CloudEvents Kafka headers (pure). */
+#include "cqrs/event.h"
+
+#include <stdio.h>
+#include <string.h>
+
+void cqrs_event_init(cqrs_event_t *ev, const char *type, const char *aggregate_type,
+                     const char *aggregate_id, int64_t version, json_t *data,
+                     const char *traceparent)
+{
+    memset(ev, 0, sizeof *ev);
+    cqrs_uuid_v4(ev->id);
+    cqrs_time_now_rfc3339(ev->time);
+    snprintf(ev->type, sizeof ev->type, "%s", type);
+    snprintf(ev->aggregate_type, sizeof ev->aggregate_type, "%s", aggregate_type);
+    snprintf(ev->aggregate_id, sizeof ev->aggregate_id, "%s", aggregate_id);
+    snprintf(ev->traceparent, sizeof ev->traceparent, "%s", traceparent ? traceparent : "");
+    ev->version = version;
+    ev->data = data;
+}
+
+void cqrs_event_close(cqrs_event_t *ev)
+{
+    if (!ev)
+        return;
+    json_decref(ev->data);
+    ev->data = NULL;
+}
+
+static void add(cqrs_event_headers_t *h, const char *name, const char *value)
+{
+    h->name[h->n] = name;
+    h->value[h->n] = value;
+    h->n++;
+}
+
+void cqrs_event_headers(const cqrs_event_t *ev, cqrs_event_headers_t *h)
+{
+    h->n = 0;
+    snprintf(h->version_buf, sizeof h->version_buf, "%lld", (long long)ev->version);
+    snprintf(h->sequence_buf, sizeof h->sequence_buf, "%lld", (long long)ev->sequence);
+    add(h, "ce_specversion", "1.0");
+    add(h, "ce_id", ev->id);
+    add(h, "ce_type", ev->type);
+    add(h, "ce_source", ev->source);
+    add(h, "ce_subject", ev->aggregate_id);
+    add(h, "ce_time", ev->time);
+    add(h, "content-type", "application/json");
+    add(h, "ce_aggregatetype", ev->aggregate_type);
+    add(h, "ce_aggregateversion", h->version_buf);
+    add(h, "ce_sequence", h->sequence_buf);
+    if (ev->traceparent[0])
+        add(h, "ce_traceparent", ev->traceparent);
+}
+
+static cqrs_err_t copy_header(cqrs_header_lookup_fn lookup, void *ud, const char *name, char *dst,
+                              size_t cap, bool required, cqrs_error_t *err)
+{
+    const char *v = lookup(name, ud);
+    if (!v) {
+        if (!required) {
+            dst[0] = '\0';
+            return CQRS_ERR_OK;
+        }
+        return cqrs_error_set_where(err, CQRS_ERR_INVALID, name, "header %s is missing", name);
+    }
+    if (strlen(v) >= cap || (required && !*v))
+        return cqrs_error_set_where(err, CQRS_ERR_INVALID, name, "header %s is empty or too long",
+                                    name);
+    memcpy(dst, v, strlen(v) + 1);
+    return CQRS_ERR_OK;
+}
+
+static bool parse_positive(const char *s, int64_t *out)
+{
+    return s && cqrs_parse_int64(s, out) && *out >= 1;
+}
+
+cqrs_err_t cqrs_event_decode(cqrs_header_lookup_fn lookup, void *ud, const char *value, size_t len,
+                             cqrs_event_t *ev, cqrs_error_t *err)
+{
+    memset(ev, 0, sizeof *ev);
+    const char *spec = lookup("ce_specversion", ud);
+    if (!spec || strcmp(spec, "1.0") != 0)
+        return cqrs_error_set_where(err, CQRS_ERR_INVALID, "ce_specversion",
+                                    "not a CloudEvents 1.0 message");
+    cqrs_err_t rc;
+    if ((rc = copy_header(lookup, ud, "ce_id", ev->id, sizeof ev->id, true, err)) ||
+        (rc = copy_header(lookup, ud, "ce_type", ev->type, sizeof ev->type, true, err)) ||
+        (rc = copy_header(lookup, ud, "ce_source", ev->source, sizeof ev->source, true, err)) ||
+        (rc = copy_header(lookup, ud, "ce_subject", ev->aggregate_id, sizeof ev->aggregate_id, true,
+                          err)) ||
+        (rc = copy_header(lookup, ud, "ce_time", ev->time, sizeof ev->time, true, err)) ||
+        (rc = copy_header(lookup, ud, "ce_aggregatetype", ev->aggregate_type,
+                          sizeof ev->aggregate_type, true, err)) ||
+        (rc = copy_header(lookup, ud, "ce_traceparent", ev->traceparent, sizeof ev->traceparent,
+                          false, err)))
+        return rc;
+    if (!cqrs_uuid_valid(ev->id) || !cqrs_uuid_valid(ev->aggregate_id))
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "ce_id and ce_subject must be UUIDs");
+    if (!parse_positive(lookup("ce_aggregateversion", ud), &ev->version))
+        return cqrs_error_set_where(err, CQRS_ERR_INVALID, "ce_aggregateversion",
+                                    "ce_aggregateversion must be a positive integer");
+    if (!parse_positive(lookup("ce_sequence", ud), &ev->sequence))
+        return cqrs_error_set_where(err, CQRS_ERR_INVALID, "ce_sequence",
+                                    "ce_sequence must be a positive integer");
+    json_error_t jerr;
+    ev->data = value ? json_loadb(value, len, JSON_REJECT_DUPLICATES, &jerr) : NULL;
+    if (!json_is_object(ev->data)) {
+        json_decref(ev->data);
+        ev->data = NULL;
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "event data is not a JSON object");
+    }
+    return CQRS_ERR_OK;
+}

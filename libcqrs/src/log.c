@@ -1,0 +1,80 @@
+/* log.c — JSON lines on stdout.
+ *
+ * Invariant: one line per call, written with a single write(2) so lines of concurrent threads
+ * never interleave (stdout is a pipe or file; writes up to PIPE_BUF are atomic on pipes, and
+ * lines are capped at 8 KiB).
+ */
+#include "cqrs/log.h"
+
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "cqrs/util.h"
+
+static char g_service[64] = "cqrs";
+static cqrs_log_level_t g_min = CQRS_LOG_INFO;
+
+static const char *const level_names[] = {"debug", "info", "warn", "error"};
+
+void cqrs_log_init(const char *service, cqrs_log_level_t min_level)
+{
+    snprintf(g_service, sizeof g_service, "%s", service ? service : "cqrs");
+    g_min = min_level;
+}
+
+bool cqrs_log_level_parse(const char *s, cqrs_log_level_t *out)
+{
+    for (int i = 0; i < 4; i++) {
+        if (s && strcasecmp(s, level_names[i]) == 0) {
+            *out = (cqrs_log_level_t)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+bool cqrs_log_enabled(cqrs_log_level_t level)
+{
+    return level >= g_min;
+}
+
+void cqrs_log(cqrs_log_level_t level, const char *msg, ...)
+{
+    if (!cqrs_log_enabled(level))
+        return;
+    char now[CQRS_TIME_LEN + 1];
+    cqrs_time_now_rfc3339(now);
+    json_t *line = json_object();
+    if (!line)
+        return;
+    json_object_set_new(line, "time", json_string(now));
+    json_object_set_new(line, "level", json_string(level_names[level]));
+    json_object_set_new(line, "service", json_string(g_service));
+    json_object_set_new(line, "msg", json_string(msg ? msg : ""));
+    va_list ap;
+    va_start(ap, msg);
+    for (;;) {
+        const char *key = va_arg(ap, const char *);
+        if (!key)
+            break;
+        const char *val = va_arg(ap, const char *);
+        /* json_string rejects invalid UTF-8; fall back so a hostile value cannot drop a line. */
+        json_t *v = val ? json_string(val) : json_null();
+        if (!v)
+            v = json_string("<invalid utf-8>");
+        json_object_set_new(line, key, v);
+    }
+    va_end(ap);
+    char buf[8192];
+    size_t n = json_dumpb(line, buf, sizeof buf - 1, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(line);
+    if (n == 0 || n > sizeof buf - 1)
+        return;
+    buf[n++] = '\n';
+    ssize_t w = write(STDOUT_FILENO, buf, n);
+    (void)w;
+}

@@ -1,0 +1,375 @@
+/* store.c — PostgreSQL pool, transactions with contention retry, and migrations.
+ *
+ * Pool: a fixed array of slots, each lazily connected; acquire waits on a condition variable
+ * with a deadline (UNAVAILABLE when it passes) so a burst never queues without bound. A
+ * connection that failed is dropped and reopened on its next use, so the daemon recovers from
+ * a PostgreSQL restart without being restarted itself.
+ *
+ * Connections carry statement_timeout, lock_timeout and TCP keepalives so that no call can
+ * hang on a dead server.
+ */
+#include "cqrs/store.h"
+
+#include <errno.h>
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cqrs/log.h"
+#include "cqrs/util.h"
+#include "store_int.h"
+
+struct cqrs_store {
+    cqrs_store_config_t cfg;
+    char *dsn;
+    char *app_name;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    PGconn **conns;
+    bool *busy;
+};
+
+struct cqrs_tx {
+    PGconn *conn;
+};
+
+struct cqrs_rows {
+    PGresult *res;
+};
+
+PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect_timeout_s,
+                         cqrs_error_t *err)
+{
+    char timeout[16];
+    snprintf(timeout, sizeof timeout, "%u", connect_timeout_s ? connect_timeout_s : 5);
+    /* expand_dbname=1: `dsn` may itself be a conninfo string or URI; the keywords after it
+     * fill in what it leaves unset. */
+    const char *keys[] = {"dbname",           "application_name", "connect_timeout",
+                          "keepalives",       "keepalives_idle",  "keepalives_interval",
+                          "keepalives_count", "tcp_user_timeout", NULL};
+    const char *vals[] = {dsn, app_name ? app_name : "cqrs", timeout, "1", "5", "2", "3", "10000",
+                          NULL};
+    PGconn *c = PQconnectdbParams(keys, vals, 1);
+    if (!c || PQstatus(c) != CONNECTION_OK) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "%s", c ? PQerrorMessage(c) : "out of memory");
+        msg[strcspn(msg, "\n")] = '\0';
+        cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "cannot connect to PostgreSQL: %s", msg);
+        PQfinish(c);
+        return NULL;
+    }
+    return c;
+}
+
+cqrs_err_t cqrs__pg_error(PGconn *conn, const PGresult *res, cqrs_error_t *err)
+{
+    if (PQstatus(conn) != CONNECTION_OK) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "%s", PQerrorMessage(conn));
+        msg[strcspn(msg, "\n")] = '\0';
+        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "PostgreSQL connection lost: %s", msg);
+    }
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    const char *constraint = res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
+    if (!msg)
+        msg = PQerrorMessage(conn);
+    if (!state)
+        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "PostgreSQL: %s", msg);
+    if (strcmp(state, "23505") == 0)
+        return cqrs_error_set_where(err, CQRS_ERR_CONFLICT, constraint, "%s", msg);
+    /* serialization_failure, deadlock_detected, lock_not_available */
+    if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 || strcmp(state, "55P03") == 0)
+        return cqrs_error_set(err, CQRS_ERR_RETRY, "%s", msg);
+    /* class 08 connection exception, 57P01 admin shutdown, 57P03 cannot connect now,
+     * 57014 query canceled (statement timeout) */
+    if (strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 ||
+        strcmp(state, "57P03") == 0 || strcmp(state, "57014") == 0)
+        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "%s", msg);
+    return cqrs_error_set_where(err, CQRS_ERR_INTERNAL, state, "SQL error %s: %s", state, msg);
+}
+
+cqrs_store_t *cqrs_store_new(const cqrs_store_config_t *cfg)
+{
+    cqrs_store_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->cfg = *cfg;
+    if (s->cfg.pool_size == 0)
+        s->cfg.pool_size = 1;
+    if (s->cfg.max_tx_attempts == 0)
+        s->cfg.max_tx_attempts = 1;
+    s->dsn = strdup(cfg->dsn ? cfg->dsn : "");
+    s->app_name = strdup(cfg->application_name ? cfg->application_name : "cqrs");
+    s->conns = calloc(s->cfg.pool_size, sizeof *s->conns);
+    s->busy = calloc(s->cfg.pool_size, sizeof *s->busy);
+    if (!s->dsn || !s->app_name || !s->conns || !s->busy) {
+        cqrs_store_destroy(s);
+        return NULL;
+    }
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    return s;
+}
+
+void cqrs_store_destroy(cqrs_store_t *s)
+{
+    if (!s)
+        return;
+    if (s->conns) {
+        for (unsigned i = 0; i < s->cfg.pool_size; i++)
+            PQfinish(s->conns[i]);
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->cv);
+    }
+    free(s->conns);
+    free(s->busy);
+    free(s->dsn);
+    free(s->app_name);
+    free(s);
+}
+
+static int acquire_slot(cqrs_store_t *s)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += s->cfg.acquire_timeout_ms / 1000;
+    deadline.tv_nsec += (long)(s->cfg.acquire_timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&s->mu);
+    int slot = -1;
+    for (;;) {
+        for (unsigned i = 0; i < s->cfg.pool_size; i++) {
+            if (!s->busy[i]) {
+                slot = (int)i;
+                break;
+            }
+        }
+        if (slot >= 0) {
+            s->busy[slot] = true;
+            break;
+        }
+        if (pthread_cond_timedwait(&s->cv, &s->mu, &deadline) == ETIMEDOUT)
+            break;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return slot;
+}
+
+static void release_slot(cqrs_store_t *s, int slot)
+{
+    pthread_mutex_lock(&s->mu);
+    s->busy[slot] = false;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Makes sure slot's connection is usable (the slot is owned by the caller). */
+static cqrs_err_t slot_conn(cqrs_store_t *s, int slot, PGconn **out, cqrs_error_t *err)
+{
+    PGconn *c = s->conns[slot];
+    if (c && PQstatus(c) != CONNECTION_OK) {
+        PQfinish(c);
+        c = s->conns[slot] = NULL;
+    }
+    if (!c) {
+        c = cqrs__pg_connect(s->dsn, s->app_name, s->cfg.connect_timeout_s, err);
+        if (!c)
+            return CQRS_ERR_UNAVAILABLE;
+        char sql[160];
+        snprintf(sql, sizeof sql, "SET statement_timeout = %u; SET lock_timeout = %u",
+                 s->cfg.statement_timeout_ms, s->cfg.lock_timeout_ms);
+        PGresult *r = PQexec(c, sql);
+        cqrs_err_t rc = CQRS_ERR_OK;
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            rc = cqrs__pg_error(c, r, err);
+        PQclear(r);
+        if (rc != CQRS_ERR_OK) {
+            PQfinish(c);
+            return rc;
+        }
+        s->conns[slot] = c;
+    }
+    *out = c;
+    return CQRS_ERR_OK;
+}
+
+static cqrs_err_t exec_simple(PGconn *c, const char *sql, cqrs_error_t *err)
+{
+    PGresult *r = PQexec(c, sql);
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)
+        rc = cqrs__pg_error(c, r, err);
+    PQclear(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_store_ping(cqrs_store_t *s, cqrs_error_t *err)
+{
+    int slot = acquire_slot(s);
+    if (slot < 0)
+        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "no free PostgreSQL connection");
+    PGconn *c = NULL;
+    cqrs_err_t rc = slot_conn(s, slot, &c, err);
+    if (rc == CQRS_ERR_OK)
+        rc = exec_simple(c, "SELECT 1", err);
+    release_slot(s, slot);
+    return rc;
+}
+
+static void backoff(unsigned attempt)
+{
+    /* 5 ms, 10 ms, 20 ms … capped at 200 ms, with jitter so that retrying transactions that
+     * collided once do not collide again in lock-step. */
+    unsigned base = 5u << (attempt < 6 ? attempt : 6);
+    if (base > 200)
+        base = 200;
+    unsigned jitter = (unsigned)(rand() % (int)(base / 2 + 1));
+    usleep((base / 2 + jitter) * 1000u);
+}
+
+cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_error_t *err)
+{
+    int slot = acquire_slot(s);
+    if (slot < 0)
+        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "no free PostgreSQL connection");
+    cqrs_err_t rc = CQRS_ERR_OK;
+    for (unsigned attempt = 0; attempt < s->cfg.max_tx_attempts; attempt++) {
+        PGconn *c = NULL;
+        rc = slot_conn(s, slot, &c, err);
+        if (rc != CQRS_ERR_OK)
+            break;
+        rc = exec_simple(c, "BEGIN", err);
+        if (rc == CQRS_ERR_OK) {
+            cqrs_tx_t tx = {c};
+            rc = fn(&tx, ud, err);
+            if (rc == CQRS_ERR_OK)
+                rc = exec_simple(c, "COMMIT", err);
+        }
+        if (rc != CQRS_ERR_OK && PQstatus(c) == CONNECTION_OK &&
+            PQtransactionStatus(c) != PQTRANS_IDLE) {
+            cqrs_error_t ignored;
+            exec_simple(c, "ROLLBACK", &ignored);
+        }
+        if (rc != CQRS_ERR_RETRY)
+            break;
+        backoff(attempt);
+    }
+    release_slot(s, slot);
+    return rc;
+}
+
+cqrs_err_t cqrs_tx_exec(cqrs_tx_t *tx, const char *sql, int nparams, const char *const *params,
+                        cqrs_rows_t **rows, cqrs_error_t *err)
+{
+    if (rows)
+        *rows = NULL;
+    PGresult *r = PQexecParams(tx->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        cqrs_err_t rc = cqrs__pg_error(tx->conn, r, err);
+        PQclear(r);
+        return rc;
+    }
+    if (rows) {
+        *rows = malloc(sizeof **rows);
+        if (!*rows) {
+            PQclear(r);
+            return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        }
+        (*rows)->res = r;
+    } else {
+        PQclear(r);
+    }
+    return CQRS_ERR_OK;
+}
+
+int cqrs_rows_count(const cqrs_rows_t *rows)
+{
+    return rows ? PQntuples(rows->res) : 0;
+}
+
+const char *cqrs_rows_get(const cqrs_rows_t *rows, int row, int col)
+{
+    if (!rows || row >= PQntuples(rows->res) || col >= PQnfields(rows->res) ||
+        PQgetisnull(rows->res, row, col))
+        return NULL;
+    return PQgetvalue(rows->res, row, col);
+}
+
+void cqrs_rows_free(cqrs_rows_t *rows)
+{
+    if (!rows)
+        return;
+    PQclear(rows->res);
+    free(rows);
+}
+
+/* ---- migrations -------------------------------------------------------------------------- */
+
+#define MIGRATION_LOCK_KEY "4242001"
+
+cqrs_err_t cqrs_store_migrate(const char *dsn, const cqrs_embedded_file_t *files, int *applied,
+                              cqrs_error_t *err)
+{
+    *applied = 0;
+    PGconn *c = cqrs__pg_connect(dsn, "cqrsctl-migrate", 5, err);
+    if (!c)
+        return CQRS_ERR_UNAVAILABLE;
+    cqrs_err_t rc = exec_simple(c, "SELECT pg_advisory_lock(" MIGRATION_LOCK_KEY ")", err);
+    if (rc != CQRS_ERR_OK)
+        goto out;
+    rc = exec_simple(c,
+                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+                     err);
+    if (rc != CQRS_ERR_OK)
+        goto out;
+    for (const cqrs_embedded_file_t *f = files; f->name; f++) {
+        const char *p[] = {f->name};
+        PGresult *r = PQexecParams(c, "SELECT 1 FROM schema_migrations WHERE name = $1", 1, NULL, p,
+                                   NULL, NULL, 0);
+        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+            rc = cqrs__pg_error(c, r, err);
+            PQclear(r);
+            goto out;
+        }
+        bool done = PQntuples(r) > 0;
+        PQclear(r);
+        if (done)
+            continue;
+        rc = exec_simple(c, "BEGIN", err);
+        if (rc == CQRS_ERR_OK)
+            rc = exec_simple(c, f->text, err);
+        if (rc == CQRS_ERR_OK) {
+            r = PQexecParams(c, "INSERT INTO schema_migrations(name) VALUES ($1)", 1, NULL, p, NULL,
+                             NULL, 0);
+            if (PQresultStatus(r) != PGRES_COMMAND_OK)
+                rc = cqrs__pg_error(c, r, err);
+            PQclear(r);
+        }
+        if (rc == CQRS_ERR_OK)
+            rc = exec_simple(c, "COMMIT", err);
+        if (rc != CQRS_ERR_OK) {
+            char where[64];
+            snprintf(where, sizeof where, "%s", f->name);
+            if (err)
+                snprintf(err->where, sizeof err->where, "%s", where);
+            cqrs_error_t ignored;
+            exec_simple(c, "ROLLBACK", &ignored);
+            goto out;
+        }
+        CQRS_LOG_INFO("migration applied", "name", f->name);
+        (*applied)++;
+    }
+out:
+    PQfinish(c);
+    return rc;
+}

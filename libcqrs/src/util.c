@@ -1,0 +1,115 @@
+/* util.c — ids, time and text helpers (pure apart from the clock and the random source). */
+#include "cqrs/util.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <uuid/uuid.h>
+
+void cqrs_uuid_v4(char out[CQRS_UUID_LEN + 1])
+{
+    uuid_t u;
+    uuid_generate_random(u);
+    uuid_unparse_lower(u, out);
+}
+
+bool cqrs_uuid_valid(const char *s)
+{
+    if (!s || strlen(s) != CQRS_UUID_LEN)
+        return false;
+    for (int i = 0; i < CQRS_UUID_LEN; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-')
+                return false;
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void cqrs_time_now_rfc3339(char out[CQRS_TIME_LEN + 1])
+{
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    char buf[64];
+    snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000L);
+    memcpy(out, buf, CQRS_TIME_LEN);
+    out[CQRS_TIME_LEN] = '\0';
+}
+
+int64_t cqrs_monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+size_t cqrs_utf8_length(const char *s, size_t len)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++)
+        if (((unsigned char)s[i] & 0xC0) != 0x80)
+            n++;
+    return n;
+}
+
+bool cqrs_parse_int64(const char *s, int64_t *out)
+{
+    if (!s || !*s || isspace((unsigned char)*s))
+        return false;
+    errno = 0;
+    char *end = NULL;
+    long long v = strtoll(s, &end, 10);
+    if (errno != 0 || *end != '\0')
+        return false;
+    *out = v;
+    return true;
+}
+
+static bool hex_run(const char *s, size_t n, bool *all_zero)
+{
+    *all_zero = true;
+    for (size_t i = 0; i < n; i++) {
+        if (!isxdigit((unsigned char)s[i]) || isupper((unsigned char)s[i]))
+            return false;
+        if (s[i] != '0')
+            *all_zero = false;
+    }
+    return true;
+}
+
+bool cqrs_traceparent_valid(const char *s)
+{
+    bool zero;
+    if (!s || strlen(s) != 55 || s[2] != '-' || s[35] != '-' || s[52] != '-')
+        return false;
+    if (!hex_run(s, 2, &zero) || strncmp(s, "ff", 2) == 0)
+        return false;
+    if (!hex_run(s + 3, 32, &zero) || zero)
+        return false;
+    if (!hex_run(s + 36, 16, &zero) || zero)
+        return false;
+    return hex_run(s + 53, 2, &zero);
+}
+
+void cqrs_traceparent_new(char out[56])
+{
+    uuid_t a, b;
+    uuid_generate_random(a);
+    uuid_generate_random(b);
+    char *p = out;
+    p += sprintf(p, "00-");
+    for (int i = 0; i < 16; i++)
+        p += sprintf(p, "%02x", a[i]);
+    p += sprintf(p, "-");
+    for (int i = 0; i < 8; i++)
+        p += sprintf(p, "%02x", b[i]);
+    sprintf(p, "-01");
+}

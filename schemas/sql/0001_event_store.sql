@@ -1,0 +1,24 @@
+-- Event log (kept forever: the source for replay and rebuild) and transactional outbox.
+-- Written by libcqrs (outbox.c) in the same transaction as the domain rows.
+
+CREATE TABLE events (
+    sequence       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id       uuid        NOT NULL UNIQUE,
+    aggregate_type text        NOT NULL,
+    aggregate_id   uuid        NOT NULL,
+    version        bigint      NOT NULL CHECK (version >= 1),
+    event_type     text        NOT NULL,
+    occurred_at    timestamptz NOT NULL,
+    traceparent    text,
+    data           jsonb       NOT NULL,
+    -- optimistic concurrency: one event per aggregate version, ever
+    CONSTRAINT events_aggregate_version_key UNIQUE (aggregate_id, version)
+);
+
+-- One row per event not yet acknowledged by Kafka; deleted by the relay after the delivery
+-- report. The relay reads it in sequence order.
+CREATE TABLE outbox (
+    sequence   bigint      PRIMARY KEY REFERENCES events (sequence),
+    topic      text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,35 @@
+/* query.h — the query side's domain: projections from events to documents (pure) and the
+ * read routes. Reads come from Redis only.
+ */
+#ifndef CQRS_SERVICES_QUERY_H
+#define CQRS_SERVICES_QUERY_H
+
+#include <cqrs/docstore.h>
+#include <cqrs/event.h>
+#include <cqrs/http.h>
+#include <cqrs/projector.h>
+
+typedef struct query_ctx {
+    cqrs_docstore_pool_t *pool;
+    int acquire_timeout_ms;
+} query_ctx_t;
+
+/* Key of a product document in Redis: "cqrs:product:{<id>}" (hash tag = the id). */
+void product_doc_key(const char *id, char *out, size_t cap);
+
+/* Applies one product event to the current document (NULL when none) and returns the new
+ * document (new reference) in *out. INVALID when the event type is unknown, its data does not
+ * have the expected shape, or it does not fit the document (e.g. created twice). Pure. */
+cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
+                              cqrs_error_t *err);
+
+/* The projector callback (cqrs_projector_apply_fn) for product events. */
+cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t *ev,
+                               const cqrs_delivery_t *at, cqrs_error_t *err);
+
+/* GET /v1/products/{id}; ud is a query_ctx_t. */
+void product_get_handler(cqrs_http_request_t *req, void *ud);
+
+size_t query_routes(query_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap);
+
+#endif

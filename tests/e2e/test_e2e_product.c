@@ -1,0 +1,333 @@
+/* End-to-end: the real daemons against the real stack. cqrsctl migrates; cqrs-commandd takes
+ * a CreateProduct; its event travels PostgreSQL → outbox → Kafka → cqrs-queryd → Redis; the
+ * query API serves the same product at version 1. Bad input writes nothing. SIGTERM stops
+ * both daemons with exit status 0.
+ *
+ * Each run uses its own topic prefix and consumer group, so runs never see each other. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <jansson.h>
+#include <libpq-fe.h>
+
+#include <cqrs/util.h>
+
+#include "httpc.h"
+#include "testenv.h"
+
+static const char *dsn;
+static int cport, qport;
+static pid_t commandd = -1, queryd = -1;
+static char prefix[32];
+static char logdir[] = "/tmp/cqrs-e2e-XXXXXX";
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    socklen_t len = sizeof a;
+    bind(fd, (struct sockaddr *)&a, sizeof a);
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static pid_t spawn(const char *path, int port, const char *log)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        char p[16];
+        snprintf(p, sizeof p, "%d", port);
+        setenv("CQRS_HTTP_PORT", p, 1);
+        setenv("CQRS_TOPIC_PREFIX", prefix, 1);
+        setenv("CQRS_CONSUMER_GROUP", prefix, 1);
+        setenv("CQRS_RELAY_POLL_MS", "200", 1);
+        FILE *f = freopen(log, "w", stdout);
+        (void)f;
+        dup2(STDOUT_FILENO, STDERR_FILENO);
+        execl(path, path, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static bool wait_ready(int port, int seconds)
+{
+    for (int i = 0; i < seconds * 10; i++) {
+        httpc_response_t r;
+        if (httpc_request(port, "GET", "/readyz", NULL, NULL, 0, &r) == 0 && r.status == 200) {
+            httpc_response_free(&r);
+            return true;
+        }
+        httpc_response_free(&r);
+        usleep(100 * 1000);
+    }
+    return false;
+}
+
+static int stop_daemon(pid_t pid)
+{
+    if (pid <= 0)
+        return -1;
+    kill(pid, SIGTERM);
+    for (int i = 0; i < 300; i++) {
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        usleep(100 * 1000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    return -2;
+}
+
+static void dump_logs(void)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "tail -n 30 %s/*.log >&2", logdir);
+    int rc = system(cmd);
+    (void)rc;
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    dsn = testenv_require("CQRS_PG_DSN");
+    testenv_require("CQRS_KAFKA_BROKERS");
+    testenv_require("CQRS_REDIS_URL");
+    char id[37];
+    cqrs_uuid_v4(id);
+    snprintf(prefix, sizeof prefix, "e2e%.8s", id);
+    if (!mkdtemp(logdir))
+        return -1;
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate.log 2>&1", prefix,
+             CQRS_CTL, logdir);
+    if (system(cmd) != 0) {
+        dump_logs();
+        return -1;
+    }
+    cport = free_port();
+    qport = free_port();
+    char log[256];
+    snprintf(log, sizeof log, "%s/commandd.log", logdir);
+    commandd = spawn(CQRS_COMMANDD, cport, log);
+    snprintf(log, sizeof log, "%s/queryd.log", logdir);
+    queryd = spawn(CQRS_QUERYD, qport, log);
+    if (!wait_ready(cport, 60) || !wait_ready(qport, 60)) {
+        dump_logs();
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    stop_daemon(commandd);
+    stop_daemon(queryd);
+    return 0;
+}
+
+static long long pg_count(const char *sql, const char *param)
+{
+    PGconn *c = PQconnectdb(dsn);
+    const char *p[] = {param};
+    PGresult *r = PQexecParams(c, sql, param ? 1 : 0, NULL, p, NULL, NULL, 0);
+    long long n = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : -1;
+    PQclear(r);
+    PQfinish(c);
+    return n;
+}
+
+static const char *TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+static void test_created_product_is_served_by_the_query_side(void **state)
+{
+    (void)state;
+    char sku[40], body[512];
+    snprintf(sku, sizeof sku, "E2E-%s", prefix);
+    snprintf(body, sizeof body,
+             "{\"sku\":\"%s\",\"name\":\"Crème brûlée torch\",\"description\":\"Hot.\","
+             "\"category\":\"kitchen\",\"price_cents\":2499,\"currency\":\"EUR\","
+             "\"initial_stock\":25}",
+             sku);
+    char headers[160];
+    snprintf(headers, sizeof headers, "Content-Type: application/json\r\ntraceparent: %s\r\n",
+             TRACEPARENT);
+    httpc_response_t r;
+    assert_int_equal(httpc_request(cport, "POST", "/v1/products", headers, body, strlen(body), &r),
+                     0);
+    if (r.status != 201)
+        fail_msg("POST /v1/products: %d %s", r.status, r.body);
+    json_t *created = json_loads(r.body, 0, NULL);
+    const char *id = json_string_value(json_object_get(created, "id"));
+    assert_true(cqrs_uuid_valid(id));
+    assert_int_equal(json_integer_value(json_object_get(created, "version")), 1);
+    char loc[96], etag[16], want_loc[96];
+    assert_int_equal(httpc_header(&r, "Location", loc, sizeof loc), 0);
+    snprintf(want_loc, sizeof want_loc, "/v1/products/%s", id);
+    assert_string_equal(loc, want_loc);
+    assert_int_equal(httpc_header(&r, "ETag", etag, sizeof etag), 0);
+    assert_string_equal(etag, "\"1\"");
+    httpc_response_free(&r);
+
+    /* The event carries the caller's trace context. */
+    assert_int_equal(pg_count("SELECT count(*) FROM events WHERE aggregate_id = $1::uuid"
+                              " AND version = 1 AND traceparent = '"
+                              "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'",
+                              id),
+                     1);
+
+    /* Eventually consistent: poll the query side (bounded wait, not a timing assertion). */
+    json_t *doc = NULL;
+    for (int i = 0; i < 600 && !doc; i++) {
+        httpc_response_t g;
+        httpc_request(qport, "GET", loc, NULL, NULL, 0, &g);
+        if (g.status == 200) {
+            doc = json_loads(g.body, 0, NULL);
+            assert_int_equal(httpc_header(&g, "ETag", etag, sizeof etag), 0);
+            assert_string_equal(etag, "\"1\"");
+        } else {
+            assert_int_equal(g.status, 404);
+            usleep(100 * 1000);
+        }
+        httpc_response_free(&g);
+    }
+    if (!doc) {
+        dump_logs();
+        fail_msg("the product never appeared on the query side");
+    }
+    assert_string_equal(json_string_value(json_object_get(doc, "id")), id);
+    assert_string_equal(json_string_value(json_object_get(doc, "sku")), sku);
+    assert_string_equal(json_string_value(json_object_get(doc, "name")), "Crème brûlée torch");
+    assert_string_equal(json_string_value(json_object_get(doc, "description")), "Hot.");
+    assert_string_equal(json_string_value(json_object_get(doc, "category")), "kitchen");
+    assert_int_equal(json_integer_value(json_object_get(doc, "price_cents")), 2499);
+    assert_string_equal(json_string_value(json_object_get(doc, "currency")), "EUR");
+    assert_int_equal(json_integer_value(json_object_get(doc, "stock")), 25);
+    assert_string_equal(json_string_value(json_object_get(doc, "status")), "active");
+    assert_int_equal(json_integer_value(json_object_get(doc, "units_sold")), 0);
+    assert_int_equal(json_integer_value(json_object_get(doc, "version")), 1);
+    /* Timestamps are the event's, identical on both sides. */
+    assert_string_equal(json_string_value(json_object_get(doc, "created_at")),
+                        json_string_value(json_object_get(created, "created_at")));
+    assert_string_equal(json_string_value(json_object_get(doc, "updated_at")),
+                        json_string_value(json_object_get(created, "created_at")));
+    json_decref(doc);
+
+    /* Conditional read */
+    httpc_response_t c;
+    httpc_request(qport, "GET", loc, "If-None-Match: \"1\"\r\n", NULL, 0, &c);
+    assert_int_equal(c.status, 304);
+    httpc_response_free(&c);
+
+    /* The outbox row is gone once Kafka acknowledged it. */
+    assert_int_equal(pg_count("SELECT count(*) FROM outbox o JOIN events e USING (sequence)"
+                              " WHERE e.aggregate_id = $1::uuid",
+                              id),
+                     0);
+
+    /* The same sku again is a business conflict. */
+    httpc_request(cport, "POST", "/v1/products", "Content-Type: application/json\r\n", body,
+                  strlen(body), &c);
+    assert_int_equal(c.status, 409);
+    json_t *p = json_loads(c.body, 0, NULL);
+    assert_string_equal(json_string_value(json_object_get(p, "type")),
+                        "urn:cqrs:problem:duplicate-sku");
+    json_decref(p);
+    httpc_response_free(&c);
+    json_decref(created);
+}
+
+static void test_bad_input_writes_nothing(void **state)
+{
+    (void)state;
+    long long events_before = pg_count("SELECT count(*) FROM events", NULL);
+    long long products_before = pg_count("SELECT count(*) FROM products", NULL);
+    struct {
+        const char *headers, *body;
+        int status;
+    } cases[] = {
+        {"Content-Type: application/json\r\n",
+         "{\"sku\":\"BAD-1\",\"name\":\"\",\"category\":\"c\",\"price_cents\":1,"
+         "\"currency\":\"EUR\",\"initial_stock\":1}",
+         422},
+        {"Content-Type: application/json\r\n",
+         "{\"sku\":\"BAD-2\",\"name\":\"n\",\"category\":\"c\",\"price_cents\":1,"
+         "\"currency\":\"EUR\",\"initial_stock\":1,\"version\":5}",
+         422},
+        {"Content-Type: application/json\r\n", "{\"sku\":\"BAD-3\",", 400},
+        {"Content-Type: application/json\r\n", "", 400},
+        {"Content-Type: text/plain\r\n", "{}", 415},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        httpc_response_t r;
+        httpc_request(cport, "POST", "/v1/products", cases[i].headers, cases[i].body,
+                      strlen(cases[i].body), &r);
+        if (r.status != cases[i].status)
+            fail_msg("case %zu: expected %d, got %d %s", i, cases[i].status, r.status, r.body);
+        char ct[64];
+        assert_int_equal(httpc_header(&r, "Content-Type", ct, sizeof ct), 0);
+        assert_string_equal(ct, "application/problem+json");
+        httpc_response_free(&r);
+    }
+    assert_int_equal(pg_count("SELECT count(*) FROM events", NULL), events_before);
+    assert_int_equal(pg_count("SELECT count(*) FROM products", NULL), products_before);
+}
+
+static void test_query_side_errors(void **state)
+{
+    (void)state;
+    httpc_response_t r;
+    httpc_request(qport, "GET", "/v1/products/6f9619ff-8b86-4011-b42d-00c04fc964ff", NULL, NULL, 0,
+                  &r);
+    assert_int_equal(r.status, 404);
+    httpc_response_free(&r);
+    httpc_request(qport, "GET", "/v1/products/not-a-uuid", NULL, NULL, 0, &r);
+    assert_int_equal(r.status, 400);
+    httpc_response_free(&r);
+    httpc_request(qport, "GET", "/v1/products/6f9619ff-8b86-4011-b42d-00c04fc964ff?x=1", NULL, NULL,
+                  0, &r);
+    assert_int_equal(r.status, 400);
+    httpc_response_free(&r);
+    httpc_request(qport, "DELETE", "/v1/products/6f9619ff-8b86-4011-b42d-00c04fc964ff", NULL, NULL,
+                  0, &r);
+    assert_int_equal(r.status, 405);
+    httpc_response_free(&r);
+}
+
+static void test_sigterm_exits_cleanly(void **state)
+{
+    (void)state;
+    int c = stop_daemon(commandd), q = stop_daemon(queryd);
+    commandd = queryd = -1;
+    if (c != 0 || q != 0)
+        dump_logs();
+    assert_int_equal(c, 0);
+    assert_int_equal(q, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_created_product_is_served_by_the_query_side),
+        cmocka_unit_test(test_bad_input_writes_nothing),
+        cmocka_unit_test(test_query_side_errors),
+        cmocka_unit_test(test_sigterm_exits_cleanly),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

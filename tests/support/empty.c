@@ -1,0 +1,1 @@
+/* no code: holds the embedded migrations for the tests */

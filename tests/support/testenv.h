@@ -1,0 +1,33 @@
+/* testenv.h — settings of the servers the integration and e2e tests use.
+ *
+ * testenv_require() returns the variable's value. When it is unset the test cannot run: under
+ * CI=true that is a failure (a test must never pass by skipping); elsewhere the test is
+ * skipped with a message saying how to start the stack.
+ */
+#ifndef CQRS_TEST_TESTENV_H
+#define CQRS_TEST_TESTENV_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+static inline const char *testenv_require(const char *name)
+{
+    const char *v = getenv(name);
+    if (v && *v)
+        return v;
+    const char *ci = getenv("CI");
+    if (ci && strcmp(ci, "true") == 0)
+        fail_msg("%s is not set: the test servers are missing (run tests/run.sh)", name);
+    fprintf(stderr, "SKIP: %s is not set; start the stack: eval \"$(deploy/local/stack.sh env)\"\n",
+            name);
+    skip();
+    return NULL;
+}
+
+#endif
