@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# deploy/local/deps.sh — installs what building and testing cqrs needs on Debian 12, when it
+# is missing: compilers, CMake/Ninja, the libraries (libpq, hiredis, librdkafka,
+# libmicrohttpd, jansson, cmocka, libuuid) and the tools the tests use. The servers themselves
+# (PostgreSQL, Redis, Kafka) are installed by stack.sh.
+#
+# Run as root to install; as another user it only reports what is missing.
+set -euo pipefail
+
+PACKAGES=(
+    build-essential cmake ninja-build pkg-config clang clang-format curl
+    libpq-dev libhiredis-dev librdkafka-dev libmicrohttpd-dev libjansson-dev
+    libcmocka-dev uuid-dev
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "[deps] missing Debian packages: ${missing[*]}" >&2
+    echo "[deps] install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+echo "[deps] installing: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

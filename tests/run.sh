@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# tests/run.sh — the one test command (README, CI).
+#
+# Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
+# stack (its own folder and free ports, so a running dev stack is left alone), runs every
+# ctest label (unit, integration, e2e) and always tears the stack down, also on failure or
+# Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
+# server is missing: CI=true is set for them.
+#
+#   tests/run.sh                 everything
+#   tests/run.sh -L unit         extra arguments go to ctest
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+BUILD=${CQRS_TEST_BUILD_DIR:-$REPO/build-asan}
+started=$(date +%s)
+
+say() { printf '\n==> %s\n' "$*"; }
+
+say "dependencies"
+deploy/local/deps.sh
+
+say "formatting (clang-format --dry-run)"
+mapfile -t sources < <(git ls-files '*.c' '*.h' 2>/dev/null || find libcqrs services cmd tests -name '*.[ch]')
+clang-format --dry-run -Werror "${sources[@]}"
+
+say "build (ASan + UBSan) in $BUILD"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=ON \
+    -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON >/dev/null
+ninja -C "$BUILD"
+
+# A free port: nothing answers on it now.
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 20000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+}
+
+STACK_DIR=$(mktemp -d /tmp/cqrs-test-stack.XXXXXX)
+export CQRS_STACK_DIR=$STACK_DIR
+CQRS_PG_PORT=$(free_port)
+CQRS_REDIS_PORT=$(free_port)
+CQRS_KAFKA_PORT=$(free_port)
+CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
+export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
+
+teardown() {
+    local rc=$?
+    trap - EXIT INT TERM
+    echo "==> tearing the test stack down ($STACK_DIR)"
+    deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
+        echo "stack teardown failed, see $BUILD/stack-down.log"
+    if [ -f "$BUILD/ctest-summary.txt" ]; then
+        echo
+        cat "$BUILD/ctest-summary.txt"
+    fi
+    echo "tests/run.sh: $(($(date +%s) - started)) s, exit $rc"
+    exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+say "test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
+deploy/local/stack.sh up
+eval "$(deploy/local/stack.sh env)"
+
+export CI=true
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+say "ctest $*"
+rm -f "$BUILD/ctest-summary.txt"
+set +e
+(cd "$BUILD" && ctest --output-on-failure --timeout 300 "$@") | tee "$BUILD/ctest.log"
+rc=${PIPESTATUS[0]}
+set -e
+grep -E -A100 '^(100% tests passed|[0-9]+% tests passed)' "$BUILD/ctest.log" >"$BUILD/ctest-summary.txt" || true
+exit "$rc"
