@@ -41,6 +41,15 @@ struct cqrs_rows {
     PGresult *res;
 };
 
+static void quiet_notices(void *arg, const char *message)
+{
+    (void)arg;
+    char line[256];
+    snprintf(line, sizeof line, "%s", message);
+    line[strcspn(line, "\n")] = '\0';
+    CQRS_LOG_DEBUG("postgres notice", "detail", line);
+}
+
 PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect_timeout_s,
                          cqrs_error_t *err)
 {
@@ -62,6 +71,7 @@ PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect
         PQfinish(c);
         return NULL;
     }
+    PQsetNoticeProcessor(c, quiet_notices, NULL);
     return c;
 }
 
