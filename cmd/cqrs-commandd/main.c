@@ -32,11 +32,13 @@ typedef struct settings {
     int64_t relay_batch_size;
     int64_t relay_poll_ms;
     int64_t kafka_message_timeout_ms;
+    int64_t idempotency_ttl_s;
+    domain_limits_t limits;
 } settings_t;
 
 static settings_t S;
 
-#define N_OWN 14
+#define N_OWN 24
 static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
 
 static void settings_table(void)
@@ -72,6 +74,26 @@ static void settings_table(void)
         {"CQRS_KAFKA_MESSAGE_TIMEOUT_MS", CQRS_CONFIG_INT, "30000", 1000, 900000,
          "delivery timeout of one event (then retried from the outbox)",
          &S.kafka_message_timeout_ms, NULL},
+        {"CQRS_IDEMPOTENCY_TTL_S", CQRS_CONFIG_INT, "86400", 60, 2592000,
+         "how long a stored Idempotency-Key response is replayed", &S.idempotency_ttl_s, NULL},
+        {"CQRS_LIMIT_SKU_CHARS", CQRS_CONFIG_INT, "64", 1, 255, "longest sku", &S.limits.sku_max,
+         NULL},
+        {"CQRS_LIMIT_NAME_CHARS", CQRS_CONFIG_INT, "200", 1, 10000, "longest product name",
+         &S.limits.name_max, NULL},
+        {"CQRS_LIMIT_DESCRIPTION_CHARS", CQRS_CONFIG_INT, "4000", 0, 100000,
+         "longest product description", &S.limits.description_max, NULL},
+        {"CQRS_LIMIT_CATEGORY_CHARS", CQRS_CONFIG_INT, "64", 1, 1000, "longest category",
+         &S.limits.category_max, NULL},
+        {"CQRS_LIMIT_REASON_CHARS", CQRS_CONFIG_INT, "200", 0, 10000,
+         "longest stock adjustment reason", &S.limits.reason_max, NULL},
+        {"CQRS_LIMIT_PRICE_CENTS", CQRS_CONFIG_INT, "1000000000", 0, 1000000000000,
+         "highest price_cents", &S.limits.price_max, NULL},
+        {"CQRS_LIMIT_STOCK", CQRS_CONFIG_INT, "1000000000", 0, 1000000000000,
+         "highest stock (and |delta|)", &S.limits.stock_max, NULL},
+        {"CQRS_LIMIT_QUANTITY", CQRS_CONFIG_INT, "1000", 1, 1000000, "highest quantity of a line",
+         &S.limits.quantity_max, NULL},
+        {"CQRS_LIMIT_ORDER_LINES", CQRS_CONFIG_INT, "50", 1, 1000, "most lines in one order",
+         &S.limits.order_lines_max, NULL},
     };
     memcpy(entries + CQRS_DAEMON_SETTINGS_N, own, sizeof own);
 }
@@ -168,8 +190,9 @@ int main(int argc, char **argv)
     app.ctx.store = cqrs_store_new(&sc);
     app.ctx.product_topic = product_topic;
     app.ctx.order_topic = order_topic;
-    app.ctx.max_json_depth = (int)S.d.max_json_depth;
-    product_limits_default(&app.ctx.limits);
+    app.ctx.cmd.max_json_depth = (int)S.d.max_json_depth;
+    app.ctx.cmd.idempotency_ttl_s = S.idempotency_ttl_s;
+    app.ctx.limits = S.limits;
     cqrs_http_server_t *http = NULL;
     cqrs_error_t err;
     if (!app.ctx.store) {

@@ -134,8 +134,9 @@ int main(int argc, char **argv)
     cqrs_http_server_t *http = NULL;
     cqrs_error_t err;
     bool project = strcmp(S.role, "serve") != 0;
-    char product_topic[256];
+    char product_topic[256], order_topic[256];
     snprintf(product_topic, sizeof product_topic, "%s.product.events", S.topic_prefix);
+    snprintf(order_topic, sizeof order_topic, "%s.order.events", S.topic_prefix);
 
     app.ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
     app.ctx.pool = cqrs_docstore_pool_new(S.redis_url, (int)S.redis_timeout_ms,
@@ -145,13 +146,13 @@ int main(int argc, char **argv)
         goto out;
     }
     if (project) {
-        const char *topics[] = {product_topic};
+        const char *topics[] = {product_topic, order_topic};
         cqrs_projector_config_t pc = {
             .brokers = S.kafka_brokers,
             .group_id = S.consumer_group,
             .client_id = "cqrs-queryd-projector",
             .topics = topics,
-            .n_topics = 1,
+            .n_topics = 2,
             .redis_url = S.redis_url,
             .redis_timeout_ms = (int)S.redis_timeout_ms,
             .apply = query_project_event,

@@ -70,6 +70,7 @@ void cqrs_violations_init(cqrs_violations_t *v)
 {
     v->errors = json_array();
     v->status = 0;
+    v->prefix[0] = '\0';
 }
 
 void cqrs_violations_close(cqrs_violations_t *v)
@@ -85,7 +86,9 @@ void cqrs_violation_add(cqrs_violations_t *v, int status, const char *field, con
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    json_array_append_new(v->errors, json_pack("{s:s, s:s}", "field", field, "message", msg));
+    char name[192];
+    snprintf(name, sizeof name, "%s%s", v->prefix, field);
+    json_array_append_new(v->errors, json_pack("{s:s, s:s}", "field", name, "message", msg));
     /* A syntax-level problem (400) outranks a semantic one (422). */
     if (v->status == 0 || status == 400)
         v->status = status;

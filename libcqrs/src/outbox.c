@@ -32,39 +32,64 @@
 
 #define NOTIFY_CHANNEL "cqrs_outbox"
 
-cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic, cqrs_error_t *err)
+cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic,
+                              cqrs_error_t *err)
 {
-    char version[24];
-    snprintf(version, sizeof version, "%lld", (long long)ev->version);
-    char *data = json_dumps(ev->data, JSON_COMPACT);
-    if (!data)
-        return cqrs_error_set(err, CQRS_ERR_NOMEM, "cannot serialise event data");
-    const char *p[] = {ev->id,
-                       ev->aggregate_type,
-                       ev->aggregate_id,
-                       version,
-                       ev->type,
-                       ev->time,
-                       ev->traceparent[0] ? ev->traceparent : NULL,
-                       data,
-                       topic};
-    cqrs_rows_t *rows = NULL;
+    return cqrs_outbox_append_many(tx, ev, 1, &topic, err);
+}
+
+cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
+                                   const char *const *topics, cqrs_error_t *err)
+{
+    json_t *rows = json_array();
+    for (size_t i = 0; i < n; i++) {
+        cqrs_event_t *ev = &evs[i];
+        json_array_append_new(
+            rows, json_pack("{s:s, s:s, s:s, s:I, s:s, s:s, s:s?, s:O, s:s, s:I}", "event_id",
+                            ev->id, "aggregate_type", ev->aggregate_type, "aggregate_id",
+                            ev->aggregate_id, "version", (json_int_t)ev->version, "event_type",
+                            ev->type, "occurred_at", ev->time, "traceparent",
+                            ev->traceparent[0] ? ev->traceparent : NULL, "data", ev->data,
+                            "topic", topics[i], "ord", (json_int_t)i));
+    }
+    char *param = json_dumps(rows, JSON_COMPACT);
+    json_decref(rows);
+    if (!param)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "cannot serialise events");
+    const char *p[] = {param};
+    cqrs_rows_t *res = NULL;
     cqrs_err_t rc = cqrs_tx_exec(
         tx,
-        "WITH e AS ("
+        "WITH x AS ("
+        "  SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(event_id uuid, aggregate_type text,"
+        "    aggregate_id uuid, version bigint, event_type text, occurred_at timestamptz,"
+        "    traceparent text, data jsonb, topic text, ord int))"
+        ", e AS ("
         "  INSERT INTO events(event_id, aggregate_type, aggregate_id, version, event_type,"
         "                     occurred_at, traceparent, data)"
-        "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING sequence)"
-        ", o AS (INSERT INTO outbox(sequence, topic) SELECT sequence, $9 FROM e)"
-        "SELECT sequence, pg_notify('" NOTIFY_CHANNEL "', '') FROM e",
-        9, p, &rows, err);
-    free(data);
+        "  SELECT event_id, aggregate_type, aggregate_id, version, event_type, occurred_at,"
+        "         traceparent, data FROM x ORDER BY ord"
+        "  RETURNING event_id, sequence)"
+        ", o AS (INSERT INTO outbox(sequence, topic)"
+        "        SELECT e.sequence, x.topic FROM e JOIN x USING (event_id))"
+        "SELECT x.ord, e.sequence, pg_notify('" NOTIFY_CHANNEL "', '')"
+        "  FROM e JOIN x USING (event_id)",
+        1, p, &res, err);
+    free(param);
     if (rc == CQRS_ERR_OK) {
-        const char *seq = cqrs_rows_get(rows, 0, 0);
-        if (!seq || !cqrs_parse_int64(seq, &ev->sequence))
-            rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "event insert returned no sequence");
+        if ((size_t)cqrs_rows_count(res) != n)
+            rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "event insert returned %d rows for %zu",
+                                cqrs_rows_count(res), n);
+        for (int r = 0; rc == CQRS_ERR_OK && r < cqrs_rows_count(res); r++) {
+            int64_t ord, seq;
+            if (!cqrs_parse_int64(cqrs_rows_get(res, r, 0), &ord) || ord < 0 ||
+                (size_t)ord >= n || !cqrs_parse_int64(cqrs_rows_get(res, r, 1), &seq))
+                rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "bad event insert result");
+            else
+                evs[ord].sequence = seq;
+        }
     }
-    cqrs_rows_free(rows);
+    cqrs_rows_free(res);
     return rc;
 }
 
@@ -376,9 +401,25 @@ static int relay_round(cqrs_relay_t *r)
     return rc;
 }
 
+/* Expired Idempotency-Key rows, deleted in small batches by the leader so that no long
+ * delete ever competes with commands. */
+static void housekeeping(cqrs_relay_t *r)
+{
+    PGresult *res = PQexec(r->conn, "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
+                                    "SELECT ctid FROM idempotency_keys WHERE expires_at < now()"
+                                    " LIMIT 1000))");
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        cqrs_error_t err;
+        cqrs__pg_error(r->conn, res, &err);
+        CQRS_LOG_WARN("idempotency key cleanup failed", "error", err.message);
+    }
+    PQclear(res);
+}
+
 static void *relay_main(void *arg)
 {
     cqrs_relay_t *r = arg;
+    int64_t next_housekeeping = 0;
     while (!atomic_load(&r->stop)) {
         if (!atomic_load(&r->leader) && !try_lead(r)) {
             wait_for_work(r, r->cfg.poll_interval_ms);
@@ -413,6 +454,12 @@ static void *relay_main(void *arg)
             rd_kafka_destroy(r->rk);
             r->rk = NULL;
             continue;
+        }
+        if (cqrs_monotonic_ms() >= next_housekeeping) {
+            housekeeping(r);
+            next_housekeeping = cqrs_monotonic_ms() + 60000;
+            if (!r->conn)
+                continue;
         }
         int n = relay_round(r);
         if (n < r->cfg.batch_size)

@@ -1,7 +1,9 @@
-/* product.c — Product commands: validation, rules, rows + events in one transaction.
+/* product.c — Product commands: validation, rules, row + event in one transaction.
  *
- * Invariant: a product row's version equals the number of its events; each command bumps
- * both in the same transaction (events_aggregate_version_key backs it up).
+ * Invariant: a product row's version equals the number of its events; every command bumps
+ * both in the same transaction, and events_aggregate_version_key backs it up. The row is
+ * locked (FOR UPDATE) before the rules are checked, so concurrent commands on one product
+ * serialize and each sees the previous one's result.
  */
 #include <cqrs/log.h>
 #include <cqrs/outbox.h>
@@ -12,15 +14,7 @@
 
 #include "command.h"
 
-void product_limits_default(product_limits_t *l)
-{
-    l->sku_max = 64;
-    l->name_max = 200;
-    l->description_max = 4000;
-    l->category_max = 64;
-    l->price_max = 1000000000;
-    l->stock_max = 1000000000;
-}
+/* ---- validation (pure) ------------------------------------------------------------------- */
 
 static bool sku_chars_ok(const char *s)
 {
@@ -36,26 +30,28 @@ static bool currency_ok(const char *s)
            isupper((unsigned char)s[2]);
 }
 
-static const char *const SERVER_OWNED[] = {"id",         "version",    "stock",      "status",
-                                           "units_sold", "created_at", "updated_at", NULL};
+static const char *const SERVER_OWNED[] = {"id",         "version",    "stock",
+                                           "status",     "units_sold", "created_at",
+                                           "updated_at", NULL};
 
-bool product_validate_create(const json_t *body, const product_limits_t *l,
+bool product_validate_create(const json_t *body, const domain_limits_t *l,
                              create_product_input_t *in, cqrs_violations_t *v)
 {
-    static const char *const allowed[] = {"sku",         "name",     "description",   "category",
-                                          "price_cents", "currency", "initial_stock", NULL};
+    static const char *const allowed[] = {"sku",         "name",          "description",
+                                          "category",    "price_cents",   "currency",
+                                          "initial_stock", NULL};
     memset(in, 0, sizeof *in);
     cqrs_v_only(v, body, allowed, SERVER_OWNED);
-    in->sku = cqrs_v_string(v, body, "sku", true, 1, l->sku_max);
+    in->sku = cqrs_v_string(v, body, "sku", true, 1, (size_t)l->sku_max);
     if (in->sku && !sku_chars_ok(in->sku)) {
         cqrs_violation_add(v, 422, "sku", "may contain only letters, digits, '.', '_' and '-'");
         in->sku = NULL;
     }
-    in->name = cqrs_v_string(v, body, "name", true, 1, l->name_max);
-    in->description = cqrs_v_string(v, body, "description", false, 0, l->description_max);
+    in->name = cqrs_v_string(v, body, "name", true, 1, (size_t)l->name_max);
+    in->description = cqrs_v_string(v, body, "description", false, 0, (size_t)l->description_max);
     if (!in->description)
         in->description = "";
-    in->category = cqrs_v_string(v, body, "category", true, 1, l->category_max);
+    in->category = cqrs_v_string(v, body, "category", true, 1, (size_t)l->category_max);
     in->currency = cqrs_v_string(v, body, "currency", true, 3, 3);
     if (in->currency && !currency_ok(in->currency)) {
         cqrs_violation_add(v, 422, "currency", "must be 3 upper-case letters (ISO 4217)");
@@ -66,110 +62,329 @@ bool product_validate_create(const json_t *body, const product_limits_t *l,
     return v->status == 0;
 }
 
+bool product_validate_update_details(const json_t *body, const domain_limits_t *l,
+                                     update_details_input_t *in, cqrs_violations_t *v)
+{
+    static const char *const allowed[] = {"name", "description", "category", NULL};
+    static const char *const owned[] = {"id",          "sku",        "version",    "stock",
+                                        "status",      "units_sold", "created_at", "updated_at",
+                                        "price_cents", "currency",   NULL};
+    memset(in, 0, sizeof *in);
+    cqrs_v_only(v, body, allowed, owned);
+    in->name = cqrs_v_string(v, body, "name", false, 1, (size_t)l->name_max);
+    in->description = cqrs_v_string(v, body, "description", false, 0, (size_t)l->description_max);
+    in->category = cqrs_v_string(v, body, "category", false, 1, (size_t)l->category_max);
+    bool any = json_object_get(body, "name") || json_object_get(body, "description") ||
+               json_object_get(body, "category");
+    if (!any)
+        cqrs_violation_add(v, 422, "", "give at least one of name, description, category");
+    return v->status == 0;
+}
+
+bool product_validate_change_price(const json_t *body, const domain_limits_t *l,
+                                   int64_t *price_cents, cqrs_violations_t *v)
+{
+    static const char *const allowed[] = {"price_cents", NULL};
+    cqrs_v_only(v, body, allowed, SERVER_OWNED);
+    cqrs_v_int(v, body, "price_cents", true, 0, l->price_max, price_cents);
+    return v->status == 0;
+}
+
+bool product_validate_adjust_stock(const json_t *body, const domain_limits_t *l,
+                                   adjust_stock_input_t *in, cqrs_violations_t *v)
+{
+    static const char *const allowed[] = {"delta", "reason", NULL};
+    memset(in, 0, sizeof *in);
+    cqrs_v_only(v, body, allowed, SERVER_OWNED);
+    if (cqrs_v_int(v, body, "delta", true, -l->stock_max, l->stock_max, &in->delta) &&
+        in->delta == 0)
+        cqrs_violation_add(v, 422, "delta", "must not be 0");
+    in->reason = cqrs_v_string(v, body, "reason", true, 0, (size_t)l->reason_max);
+    return v->status == 0;
+}
+
 json_t *product_created_data(const char *id, const create_product_input_t *in)
 {
-    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I}", "product_id", id, "sku", in->sku,
-                     "name", in->name, "description", in->description, "category", in->category,
-                     "price_cents", (json_int_t)in->price_cents, "currency", in->currency,
-                     "initial_stock", (json_int_t)in->initial_stock);
+    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I}", "product_id", id, "sku",
+                     in->sku, "name", in->name, "description", in->description, "category",
+                     in->category, "price_cents", (json_int_t)in->price_cents, "currency",
+                     in->currency, "initial_stock", (json_int_t)in->initial_stock);
 }
 
-void command_reply_bad_json(cqrs_http_request_t *req, const cqrs_error_t *err)
+/* ---- transaction helpers ----------------------------------------------------------------- */
+
+static cqrs_err_t append_event(cqrs_tx_t *tx, cqrs_command_t *cmd, const command_ctx_t *ctx,
+                               const char *type, const char *id, int64_t version, json_t *data,
+                               cqrs_error_t *err)
 {
-    cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request", err->message, NULL, NULL);
+    cqrs_event_t ev;
+    cqrs_event_init(&ev, type, "product", id, version, data, cqrs_http_traceparent(cmd->req));
+    memcpy(ev.time, cmd->time, sizeof ev.time);
+    cqrs_err_t rc = cqrs_outbox_append(tx, &ev, ctx->product_topic, err);
+    cqrs_event_close(&ev);
+    return rc;
 }
 
-void command_reply_violations(cqrs_http_request_t *req, cqrs_violations_t *v)
+/* Locks the product; on 404/412 sets the reply and returns OK with *rows NULL. */
+static cqrs_err_t lock_product(cqrs_tx_t *tx, cqrs_command_t *cmd, const char *id,
+                               cqrs_rows_t **rows, cqrs_error_t *err)
 {
-    json_t *errors = v->errors;
-    v->errors = NULL;
-    if (v->status == 400)
-        cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request",
-                                "the request body does not have the required shape", errors, NULL);
-    else
-        cqrs_http_reply_problem(req, 422, "validation-failed", "Unprocessable Content",
-                                "one or more fields are invalid", errors, NULL);
+    const char *p[] = {id};
+    cqrs_err_t rc =
+        cqrs_tx_exec(tx, "SELECT " PRODUCT_COLS " FROM products WHERE id = $1 FOR UPDATE", 1, p,
+                     rows, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (cqrs_rows_count(*rows) == 0) {
+        cqrs_command_problem(cmd, 404, "not-found", "Not Found", "no product with this id", NULL);
+    } else if (cqrs_command_check_version(cmd, rows_int(*rows, 0, PC_VERSION))) {
+        return CQRS_ERR_OK;
+    }
+    cqrs_rows_free(*rows);
+    *rows = NULL;
+    return CQRS_ERR_OK;
 }
 
-typedef struct create_tx {
+/* After `UPDATE … RETURNING PRODUCT_COLS`: append the event, reply 200 with the product. */
+static cqrs_err_t finish(cqrs_tx_t *tx, cqrs_command_t *cmd, const command_ctx_t *ctx,
+                         cqrs_rows_t *updated, const char *type, json_t *data, cqrs_error_t *err)
+{
+    const char *id = cqrs_rows_get(updated, 0, PC_ID);
+    int64_t version = rows_int(updated, 0, PC_VERSION);
+    cqrs_err_t rc = append_event(tx, cmd, ctx, type, id, version, data, err);
+    if (rc == CQRS_ERR_OK)
+        cqrs_command_reply(cmd, 200, product_row_json(updated, 0), version, NULL);
+    return rc;
+}
+
+static void problem409(cqrs_command_t *cmd, const char *slug, const char *detail)
+{
+    cqrs_command_problem(cmd, 409, slug, "Conflict", detail, NULL);
+}
+
+/* ---- CreateProduct ----------------------------------------------------------------------- */
+
+typedef struct create_ud {
     const command_ctx_t *ctx;
     const create_product_input_t *in;
-    const char *traceparent;
-    char id[CQRS_UUID_LEN + 1];
-    char time[CQRS_TIME_LEN + 1];
-} create_tx_t;
+} create_ud_t;
 
-static cqrs_err_t create_product_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
+static cqrs_err_t create_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
 {
-    create_tx_t *c = ud;
-    char price[24], stock[24];
+    create_ud_t *c = ud;
+    char id[CQRS_UUID_LEN + 1], price[24], stock[24];
+    cqrs_uuid_v4(id);
     snprintf(price, sizeof price, "%lld", (long long)c->in->price_cents);
     snprintf(stock, sizeof stock, "%lld", (long long)c->in->initial_stock);
-    cqrs_event_t ev;
-    cqrs_event_init(&ev, "product.created.v1", "product", c->id, 1,
-                    product_created_data(c->id, c->in), c->traceparent);
-    /* Row and event share one timestamp so a rebuild from events gives the same document. */
-    memcpy(c->time, ev.time, sizeof c->time);
-    const char *p[] = {c->id,           c->in->sku, c->in->name,     c->in->description,
-                       c->in->category, price,      c->in->currency, stock,
-                       ev.time};
+    const char *p[] = {id,    c->in->sku,      c->in->name, c->in->description, c->in->category,
+                       price, c->in->currency, stock,       cmd->time};
+    cqrs_rows_t *rows = NULL;
     cqrs_err_t rc = cqrs_tx_exec(tx,
                                  "INSERT INTO products(id, sku, name, description, category,"
                                  " price_cents, currency, stock, status, units_sold, version,"
-                                 " created_at, updated_at)"
-                                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', 0, 1, $9, $9)",
-                                 9, p, NULL, err);
+                                 " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7,"
+                                 " $8, 'active', 0, 1, $9, $9) RETURNING " PRODUCT_COLS,
+                                 9, p, &rows, err);
+    if (rc == CQRS_ERR_CONFLICT && strcmp(err->where, "products_sku_key") == 0) {
+        char detail[160];
+        snprintf(detail, sizeof detail, "a product with sku '%s' already exists", c->in->sku);
+        problem409(cmd, "duplicate-sku", detail);
+        return CQRS_ERR_OK;
+    }
     if (rc == CQRS_ERR_OK)
-        rc = cqrs_outbox_append(tx, &ev, c->ctx->product_topic, err);
-    cqrs_event_close(&ev);
+        rc = append_event(tx, cmd, c->ctx, "product.created.v1", id, 1,
+                          product_created_data(id, c->in), err);
+    if (rc == CQRS_ERR_OK) {
+        char location[64];
+        snprintf(location, sizeof location, "/v1/products/%s", id);
+        cqrs_command_reply(cmd, 201, product_row_json(rows, 0), 1, location);
+    }
+    cqrs_rows_free(rows);
     return rc;
 }
 
 void product_create_handler(cqrs_http_request_t *req, void *ud)
 {
     command_ctx_t *ctx = ud;
-    size_t len;
-    const char *body = cqrs_http_body(req, &len);
-    cqrs_error_t err;
-    json_t *doc = cqrs_json_parse_object(body, len, ctx->max_json_depth, &err);
-    if (!doc) {
-        command_reply_bad_json(req, &err);
-        return;
-    }
+    cqrs_command_t cmd;
+    if (!cqrs_command_begin(&cmd, req, CQRS_CMD_BODY, &ctx->cmd))
+        goto out;
     cqrs_violations_t v;
     cqrs_violations_init(&v);
     create_product_input_t in;
-    if (!product_validate_create(doc, &ctx->limits, &in, &v)) {
+    if (!product_validate_create(cmd.body, &ctx->limits, &in, &v)) {
         command_reply_violations(req, &v);
-        goto out;
+    } else {
+        create_ud_t c = {ctx, &in};
+        cqrs_command_execute(&cmd, ctx->store, &ctx->cmd, create_tx, &c);
     }
-    create_tx_t c = {.ctx = ctx, .in = &in, .traceparent = cqrs_http_traceparent(req)};
-    cqrs_uuid_v4(c.id);
-    cqrs_err_t rc = cqrs_store_run_tx(ctx->store, create_product_tx, &c, &err);
-    if (rc == CQRS_ERR_CONFLICT && strcmp(err.where, "products_sku_key") == 0) {
-        char detail[160];
-        snprintf(detail, sizeof detail, "a product with sku '%s' already exists", in.sku);
-        cqrs_http_reply_problem(req, 409, "duplicate-sku", "Conflict", detail, NULL, NULL);
-        goto out;
-    }
-    if (rc != CQRS_ERR_OK) {
-        cqrs_http_reply_error(req, &err);
-        goto out;
-    }
-    char location[64];
-    snprintf(location, sizeof location, "/v1/products/%s", c.id);
-    cqrs_http_add_header(req, "Location", location);
-    cqrs_http_add_header(req, "ETag", "\"1\"");
-    CQRS_LOG_INFO("product created", "request_id", cqrs_http_request_id(req), "aggregate_id", c.id,
-                  "traceparent", c.traceparent);
-    cqrs_http_reply_json(req, 201,
-                         json_pack("{s:s, s:i, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:s, s:s}",
-                                   "id", c.id, "version", 1, "sku", in.sku, "name", in.name,
-                                   "description", in.description, "category", in.category,
-                                   "price_cents", (json_int_t)in.price_cents, "currency",
-                                   in.currency, "stock", (json_int_t)in.initial_stock, "status",
-                                   "active", "created_at", c.time, "updated_at", c.time));
-out:
     cqrs_violations_close(&v);
-    json_decref(doc);
+out:
+    cqrs_command_end(&cmd);
+}
+
+/* ---- commands on an existing product ----------------------------------------------------- */
+
+typedef enum product_op { OP_DETAILS, OP_PRICE, OP_STOCK, OP_DISCONTINUE } product_op_t;
+
+typedef struct change_ud {
+    const command_ctx_t *ctx;
+    product_op_t op;
+    char id[CQRS_UUID_LEN + 1];
+    update_details_input_t details;
+    int64_t price;
+    adjust_stock_input_t stock;
+} change_ud_t;
+
+static cqrs_err_t change_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
+{
+    change_ud_t *c = ud;
+    cqrs_rows_t *cur = NULL, *upd = NULL;
+    cqrs_err_t rc = lock_product(tx, cmd, c->id, &cur, err);
+    if (rc != CQRS_ERR_OK || !cur)
+        return rc;
+    char num[24];
+    const char *type = NULL;
+    json_t *data = NULL;
+    switch (c->op) {
+    case OP_DETAILS: {
+        const char *p[] = {c->id, c->details.name, c->details.description, c->details.category,
+                           cmd->time};
+        rc = cqrs_tx_exec(tx,
+                          "UPDATE products SET name = coalesce($2, name),"
+                          " description = coalesce($3, description),"
+                          " category = coalesce($4, category), version = version + 1,"
+                          " updated_at = $5 WHERE id = $1 RETURNING " PRODUCT_COLS,
+                          5, p, &upd, err);
+        if (rc == CQRS_ERR_OK) {
+            type = "product.details-updated.v1";
+            data = json_pack("{s:s, s:s, s:s, s:s}", "product_id", c->id, "name",
+                             cqrs_rows_get(upd, 0, PC_NAME), "description",
+                             cqrs_rows_get(upd, 0, PC_DESCRIPTION), "category",
+                             cqrs_rows_get(upd, 0, PC_CATEGORY));
+        }
+        break;
+    }
+    case OP_PRICE: {
+        snprintf(num, sizeof num, "%lld", (long long)c->price);
+        const char *p[] = {c->id, num, cmd->time};
+        rc = cqrs_tx_exec(tx,
+                          "UPDATE products SET price_cents = $2, version = version + 1,"
+                          " updated_at = $3 WHERE id = $1 RETURNING " PRODUCT_COLS,
+                          3, p, &upd, err);
+        if (rc == CQRS_ERR_OK) {
+            type = "product.price-changed.v1";
+            data = json_pack("{s:s, s:I, s:I}", "product_id", c->id, "price_cents",
+                             (json_int_t)c->price, "previous_price_cents",
+                             (json_int_t)rows_int(cur, 0, PC_PRICE));
+        }
+        break;
+    }
+    case OP_STOCK: {
+        int64_t stock = rows_int(cur, 0, PC_STOCK) + c->stock.delta;
+        char detail[160];
+        if (stock < 0) {
+            snprintf(detail, sizeof detail,
+                     "the stock is %lld; removing %lld would make it negative",
+                     (long long)rows_int(cur, 0, PC_STOCK), (long long)-c->stock.delta);
+            problem409(cmd, "insufficient-stock", detail);
+            goto out;
+        }
+        if (stock > c->ctx->limits.stock_max) {
+            snprintf(detail, sizeof detail, "the stock would exceed its maximum of %lld",
+                     (long long)c->ctx->limits.stock_max);
+            problem409(cmd, "stock-above-maximum", detail);
+            goto out;
+        }
+        snprintf(num, sizeof num, "%lld", (long long)stock);
+        const char *p[] = {c->id, num, cmd->time};
+        rc = cqrs_tx_exec(tx,
+                          "UPDATE products SET stock = $2, version = version + 1,"
+                          " updated_at = $3 WHERE id = $1 RETURNING " PRODUCT_COLS,
+                          3, p, &upd, err);
+        if (rc == CQRS_ERR_OK) {
+            type = "product.stock-adjusted.v1";
+            data = json_pack("{s:s, s:I, s:s, s:I}", "product_id", c->id, "delta",
+                             (json_int_t)c->stock.delta, "reason", c->stock.reason, "stock",
+                             (json_int_t)stock);
+        }
+        break;
+    }
+    case OP_DISCONTINUE: {
+        if (strcmp(cqrs_rows_get(cur, 0, PC_STATUS), "active") != 0) {
+            problem409(cmd, "product-not-active", "only an active product can be discontinued");
+            goto out;
+        }
+        const char *p[] = {c->id, cmd->time};
+        rc = cqrs_tx_exec(tx,
+                          "UPDATE products SET status = 'discontinued', version = version + 1,"
+                          " updated_at = $2 WHERE id = $1 RETURNING " PRODUCT_COLS,
+                          2, p, &upd, err);
+        if (rc == CQRS_ERR_OK) {
+            type = "product.discontinued.v1";
+            data = json_pack("{s:s}", "product_id", c->id);
+        }
+        break;
+    }
+    }
+    if (rc == CQRS_ERR_OK)
+        rc = finish(tx, cmd, c->ctx, upd, type, data, err);
+out:
+    cqrs_rows_free(cur);
+    cqrs_rows_free(upd);
+    return rc;
+}
+
+static void change_handler(cqrs_http_request_t *req, command_ctx_t *ctx, product_op_t op)
+{
+    change_ud_t c = {.ctx = ctx, .op = op};
+    cqrs_command_t cmd;
+    cqrs_violations_t v;
+    cqrs_violations_init(&v);
+    int flags = CQRS_CMD_IF_MATCH | (op == OP_DISCONTINUE ? CQRS_CMD_NO_BODY : CQRS_CMD_BODY);
+    if (!command_path_id(req, c.id) || !cqrs_command_begin(&cmd, req, flags, &ctx->cmd)) {
+        cqrs_violations_close(&v);
+        return;
+    }
+    bool ok = false;
+    switch (op) {
+    case OP_DETAILS:
+        ok = product_validate_update_details(cmd.body, &ctx->limits, &c.details, &v);
+        break;
+    case OP_PRICE:
+        ok = product_validate_change_price(cmd.body, &ctx->limits, &c.price, &v);
+        break;
+    case OP_STOCK:
+        ok = product_validate_adjust_stock(cmd.body, &ctx->limits, &c.stock, &v);
+        break;
+    case OP_DISCONTINUE:
+        ok = validate_empty(cmd.body, &v);
+        break;
+    }
+    if (ok)
+        cqrs_command_execute(&cmd, ctx->store, &ctx->cmd, change_tx, &c);
+    else
+        command_reply_violations(req, &v);
+    cqrs_violations_close(&v);
+    cqrs_command_end(&cmd);
+}
+
+void product_update_details_handler(cqrs_http_request_t *req, void *ud)
+{
+    change_handler(req, ud, OP_DETAILS);
+}
+
+void product_change_price_handler(cqrs_http_request_t *req, void *ud)
+{
+    change_handler(req, ud, OP_PRICE);
+}
+
+void product_adjust_stock_handler(cqrs_http_request_t *req, void *ud)
+{
+    change_handler(req, ud, OP_STOCK);
+}
+
+void product_discontinue_handler(cqrs_http_request_t *req, void *ud)
+{
+    change_handler(req, ud, OP_DISCONTINUE);
 }

@@ -1,9 +1,9 @@
-/* product_view.c — the Product document, built from product events (pure), and its
- * projection into Redis.
+/* product_view.c — documents built from events (pure), and their projection into Redis.
  *
- * Document: {id, sku, name, description, category, price_cents, currency, stock, status,
- * units_sold, version, created_at, updated_at}; timestamps come from the events, so replaying
- * the same events always yields the same document.
+ * Product: {id, sku, name, description, category, price_cents, currency, stock, status,
+ * units_sold, version, created_at, updated_at}. Order: {id, customer_id, status, items,
+ * total_cents, currency, version, placed_at, cancelled_at}. Timestamps come from the events,
+ * so replaying the same events always yields the same documents.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,9 +11,9 @@
 
 #include "query.h"
 
-void product_doc_key(const char *id, char *out, size_t cap)
+void doc_key(const char *aggregate_type, const char *id, char *out, size_t cap)
 {
-    snprintf(out, cap, "cqrs:product:{%s}", id);
+    snprintf(out, cap, "cqrs:%s:{%s}", aggregate_type, id);
 }
 
 static bool data_string(const json_t *data, const char *field, const char **out)
@@ -34,8 +34,13 @@ static bool data_int(const json_t *data, const char *field, json_int_t *out)
     return true;
 }
 
-static cqrs_err_t apply_created(const json_t *doc, const cqrs_event_t *ev, json_t **out,
-                                cqrs_error_t *err)
+static cqrs_err_t incomplete(const cqrs_event_t *ev, cqrs_error_t *err)
+{
+    return cqrs_error_set(err, CQRS_ERR_INVALID, "%s data is incomplete", ev->type);
+}
+
+static cqrs_err_t product_created(const json_t *doc, const cqrs_event_t *ev, json_t **out,
+                                  cqrs_error_t *err)
 {
     const char *sku, *name, *description, *category, *currency;
     json_int_t price, stock;
@@ -45,14 +50,64 @@ static cqrs_err_t apply_created(const json_t *doc, const cqrs_event_t *ev, json_
         !data_string(ev->data, "description", &description) ||
         !data_string(ev->data, "category", &category) ||
         !data_string(ev->data, "currency", &currency) ||
-        !data_int(ev->data, "price_cents", &price) || !data_int(ev->data, "initial_stock", &stock))
-        return cqrs_error_set(err, CQRS_ERR_INVALID, "product.created.v1 data is incomplete");
+        !data_int(ev->data, "price_cents", &price) ||
+        !data_int(ev->data, "initial_stock", &stock))
+        return incomplete(ev, err);
     *out = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:i, s:I, s:s, s:s}", "id",
                      ev->aggregate_id, "sku", sku, "name", name, "description", description,
                      "category", category, "price_cents", price, "currency", currency, "stock",
-                     stock, "status", "active", "units_sold", 0, "version", (json_int_t)ev->version,
-                     "created_at", ev->time, "updated_at", ev->time);
+                     stock, "status", "active", "units_sold", 0, "version",
+                     (json_int_t)ev->version, "created_at", ev->time, "updated_at", ev->time);
     return *out ? CQRS_ERR_OK : cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+}
+
+/* Every later product event: copy, change, bump version and updated_at. */
+static cqrs_err_t product_changed(const json_t *doc, const cqrs_event_t *ev, json_t **out,
+                                  cqrs_error_t *err)
+{
+    if (!doc)
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "%s for a product that does not exist",
+                              ev->type);
+    json_t *d = json_deep_copy(doc);
+    const char *t = ev->type;
+    const char *s1, *s2, *s3;
+    json_int_t i1, i2;
+    if (strcmp(t, "product.details-updated.v1") == 0) {
+        if (!data_string(ev->data, "name", &s1) || !data_string(ev->data, "description", &s2) ||
+            !data_string(ev->data, "category", &s3))
+            goto bad;
+        json_object_set_new(d, "name", json_string(s1));
+        json_object_set_new(d, "description", json_string(s2));
+        json_object_set_new(d, "category", json_string(s3));
+    } else if (strcmp(t, "product.price-changed.v1") == 0) {
+        if (!data_int(ev->data, "price_cents", &i1))
+            goto bad;
+        json_object_set_new(d, "price_cents", json_integer(i1));
+    } else if (strcmp(t, "product.stock-adjusted.v1") == 0) {
+        if (!data_int(ev->data, "stock", &i1))
+            goto bad;
+        json_object_set_new(d, "stock", json_integer(i1));
+    } else if (strcmp(t, "product.discontinued.v1") == 0) {
+        json_object_set_new(d, "status", json_string("discontinued"));
+    } else if (strcmp(t, "product.stock-reserved.v1") == 0 ||
+               strcmp(t, "product.stock-released.v1") == 0) {
+        if (!data_int(ev->data, "stock", &i1) || !data_int(ev->data, "quantity", &i2))
+            goto bad;
+        json_int_t sold = json_integer_value(json_object_get(d, "units_sold"));
+        sold += strcmp(t, "product.stock-reserved.v1") == 0 ? i2 : -i2;
+        json_object_set_new(d, "stock", json_integer(i1));
+        json_object_set_new(d, "units_sold", json_integer(sold));
+    } else {
+        json_decref(d);
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown product event type %s", t);
+    }
+    json_object_set_new(d, "version", json_integer((json_int_t)ev->version));
+    json_object_set_new(d, "updated_at", json_string(ev->time));
+    *out = d;
+    return CQRS_ERR_OK;
+bad:
+    json_decref(d);
+    return incomplete(ev, err);
 }
 
 cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
@@ -60,19 +115,57 @@ cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t 
 {
     *out = NULL;
     if (strcmp(ev->type, "product.created.v1") == 0)
-        return apply_created(doc, ev, out, err);
-    return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown product event type %s", ev->type);
+        return product_created(doc, ev, out, err);
+    return product_changed(doc, ev, out, err);
+}
+
+cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
+                            cqrs_error_t *err)
+{
+    *out = NULL;
+    if (strcmp(ev->type, "order.placed.v1") == 0) {
+        const char *customer, *currency;
+        json_int_t total;
+        const json_t *items = json_object_get(ev->data, "items");
+        if (doc || ev->version != 1)
+            return cqrs_error_set(err, CQRS_ERR_INVALID, "order placed twice or not at version 1");
+        if (!data_string(ev->data, "customer_id", &customer) ||
+            !data_string(ev->data, "currency", &currency) ||
+            !data_int(ev->data, "total_cents", &total) || !json_is_array(items))
+            return incomplete(ev, err);
+        *out = json_pack("{s:s, s:s, s:s, s:O, s:I, s:s, s:I, s:s, s:n}", "id", ev->aggregate_id,
+                         "customer_id", customer, "status", "placed", "items", items,
+                         "total_cents", total, "currency", currency, "version",
+                         (json_int_t)ev->version, "placed_at", ev->time, "cancelled_at");
+        return *out ? CQRS_ERR_OK : cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    }
+    if (strcmp(ev->type, "order.cancelled.v1") == 0) {
+        if (!doc)
+            return cqrs_error_set(err, CQRS_ERR_INVALID, "cancel of an order that does not exist");
+        json_t *d = json_deep_copy(doc);
+        json_object_set_new(d, "status", json_string("cancelled"));
+        json_object_set_new(d, "cancelled_at", json_string(ev->time));
+        json_object_set_new(d, "version", json_integer((json_int_t)ev->version));
+        *out = d;
+        return CQRS_ERR_OK;
+    }
+    return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown order event type %s", ev->type);
 }
 
 cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t *ev,
                                const cqrs_delivery_t *at, cqrs_error_t *err)
 {
     (void)ud;
-    if (strcmp(ev->aggregate_type, "product") != 0)
+    cqrs_err_t (*apply)(const json_t *, const cqrs_event_t *, json_t **, cqrs_error_t *);
+    if (strcmp(ev->aggregate_type, "product") == 0)
+        apply = product_view_apply;
+    else if (strcmp(ev->aggregate_type, "order") == 0)
+        apply = order_view_apply;
+    else
         return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown aggregate type %s",
                               ev->aggregate_type);
     char key[96];
-    product_doc_key(ev->aggregate_id, key, sizeof key);
+    doc_key(ev->aggregate_type, ev->aggregate_id, key, sizeof key);
     char *text = NULL;
     int64_t version = 0;
     cqrs_err_t rc = cqrs_docstore_get(ds, key, &text, &version, err);
@@ -92,8 +185,7 @@ cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t
     }
     if (ev->version > version + 1) {
         rc = cqrs_error_set(err, CQRS_ERR_STATE,
-                            "gap: document %s is at version %lld, event "
-                            "has %lld",
+                            "gap: document %s is at version %lld, event has %lld",
                             ev->aggregate_id, (long long)version, (long long)ev->version);
         goto out;
     }
@@ -105,7 +197,7 @@ cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t
             goto out;
         }
     }
-    rc = product_view_apply(doc, ev, &next, err);
+    rc = apply(doc, ev, &next, err);
     if (rc != CQRS_ERR_OK)
         goto out;
     next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);

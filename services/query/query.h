@@ -14,8 +14,8 @@ typedef struct query_ctx {
     int acquire_timeout_ms;
 } query_ctx_t;
 
-/* Key of a product document in Redis: "cqrs:product:{<id>}" (hash tag = the id). */
-void product_doc_key(const char *id, char *out, size_t cap);
+/* Key of a document in Redis: "cqrs:<type>:{<id>}" (hash tag = the id). */
+void doc_key(const char *aggregate_type, const char *id, char *out, size_t cap);
 
 /* Applies one product event to the current document (NULL when none) and returns the new
  * document (new reference) in *out. INVALID when the event type is unknown, its data does not
@@ -23,12 +23,17 @@ void product_doc_key(const char *id, char *out, size_t cap);
 cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
                               cqrs_error_t *err);
 
-/* The projector callback (cqrs_projector_apply_fn) for product events. */
+/* The same for order events (order.placed.v1, order.cancelled.v1). Pure. */
+cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
+                            cqrs_error_t *err);
+
+/* The projector callback (cqrs_projector_apply_fn) for product and order events. */
 cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t *ev,
                                const cqrs_delivery_t *at, cqrs_error_t *err);
 
-/* GET /v1/products/{id}; ud is a query_ctx_t. */
+/* GET /v1/products/{id} and GET /v1/orders/{id}; ud is a query_ctx_t. */
 void product_get_handler(cqrs_http_request_t *req, void *ud);
+void order_get_handler(cqrs_http_request_t *req, void *ud);
 
 size_t query_routes(query_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap);
 

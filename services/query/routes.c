@@ -36,23 +36,22 @@ static bool only_params(cqrs_http_request_t *req, const char *const *allowed)
     return false;
 }
 
-void product_get_handler(cqrs_http_request_t *req, void *ud)
+static void get_document(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type)
 {
-    query_ctx_t *ctx = ud;
     static const char *const allowed[] = {NULL};
     if (!only_params(req, allowed))
         return;
     const char *raw = cqrs_http_param(req, "id");
     if (!cqrs_uuid_valid(raw)) {
         cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request",
-                                "the product id must be a UUID", NULL, NULL);
+                                "the id in the path must be a UUID", NULL, NULL);
         return;
     }
     char id[CQRS_UUID_LEN + 1];
     for (size_t i = 0; i <= CQRS_UUID_LEN; i++)
         id[i] = (char)tolower((unsigned char)raw[i]);
     char key[96];
-    product_doc_key(id, key, sizeof key);
+    doc_key(type, id, key, sizeof key);
 
     cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(ctx->pool, ctx->acquire_timeout_ms);
     if (!ds) {
@@ -89,10 +88,21 @@ void product_get_handler(cqrs_http_request_t *req, void *ud)
     free(json);
 }
 
+void product_get_handler(cqrs_http_request_t *req, void *ud)
+{
+    get_document(req, ud, "product");
+}
+
+void order_get_handler(cqrs_http_request_t *req, void *ud)
+{
+    get_document(req, ud, "order");
+}
+
 size_t query_routes(query_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap)
 {
     const cqrs_http_route_t table[] = {
         {"GET", "/v1/products/{id}", product_get_handler, ctx},
+        {"GET", "/v1/orders/{id}", order_get_handler, ctx},
     };
     size_t n = sizeof table / sizeof table[0];
     for (size_t i = 0; i < n && i < cap; i++)

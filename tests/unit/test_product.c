@@ -30,8 +30,8 @@ static char *slurp(const char *path, size_t *len)
 /* Returns 0 when valid, else the status of the answer the daemon gives (400/422). */
 static int judge(const char *body, size_t len, json_t **errors)
 {
-    product_limits_t limits;
-    product_limits_default(&limits);
+    domain_limits_t limits;
+    domain_limits_default(&limits);
     cqrs_error_t err;
     *errors = NULL;
     json_t *doc = cqrs_json_parse_object(body, len, 32, &err);

@@ -25,6 +25,7 @@ int cqrs_json_depth(const json_t *v);
 typedef struct cqrs_violations {
     json_t *errors; /* array of {field, message}; owned */
     int status;
+    char prefix[64]; /* prepended to field names, e.g. "items[2]." for nested objects */
 } cqrs_violations_t;
 
 void cqrs_violations_init(cqrs_violations_t *v);

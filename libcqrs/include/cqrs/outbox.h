@@ -22,9 +22,15 @@
 #include "cqrs/store.h"
 
 /* Stores ev in the event log and the outbox for `topic`; sets ev->sequence. A second event
- * with the same (aggregate_id, version) gives CONFLICT with where = "events_pkey". */
+ * with the same (aggregate_id, version) gives CONFLICT with where = "events_aggregate_version_key". */
 cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic,
                               cqrs_error_t *err);
+
+/* Stores n events (each to topics[i]) in one statement, in array order; sets each sequence.
+ * All of a command's events go through one call, so a command costs one round trip for its
+ * events however many products it touches. */
+cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
+                                   const char *const *topics, cqrs_error_t *err);
 
 typedef struct cqrs_relay cqrs_relay_t;
 
