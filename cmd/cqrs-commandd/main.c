@@ -212,7 +212,7 @@ int main(int argc, char **argv)
             .batch_size = (int)S.relay_batch_size,
             .poll_interval_ms = (int)S.relay_poll_ms,
             .message_timeout_ms = (int)S.kafka_message_timeout_ms,
-            .lock_key = 4242002,
+            .lock_key = CQRS_RELAY_LOCK_KEY,
             .topics = topics,
             .n_topics = 2,
             .topic_partitions = (int)S.kafka_partitions,

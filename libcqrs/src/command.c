@@ -138,8 +138,8 @@ void cqrs_command_reply(cqrs_command_t *cmd, unsigned status, json_t *body, int6
     snprintf(cmd->location, sizeof cmd->location, "%s", location ? location : "");
 }
 
-void cqrs_command_problem(cqrs_command_t *cmd, unsigned status, const char *slug,
-                          const char *title, const char *detail, json_t *extra)
+void cqrs_command_problem(cqrs_command_t *cmd, unsigned status, const char *slug, const char *title,
+                          const char *detail, json_t *extra)
 {
     char type[128];
     snprintf(type, sizeof type, "%s%s", CQRS_PROBLEM_BASE, slug);
@@ -207,8 +207,8 @@ static cqrs_err_t claim_key(cqrs_tx_t *tx, run_ctx_t *rc, cqrs_error_t *err)
         const char *status = cqrs_rows_get(rows, 0, 1);
         if (expired) {
             cqrs_rows_free(rows);
-            e = cqrs_tx_exec(tx, "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2", 2,
-                             p, NULL, err);
+            e = cqrs_tx_exec(tx, "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2", 2, p,
+                             NULL, err);
             if (e != CQRS_ERR_OK)
                 return e;
             continue;

@@ -32,8 +32,7 @@
 
 #define NOTIFY_CHANNEL "cqrs_outbox"
 
-cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic,
-                              cqrs_error_t *err)
+cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic, cqrs_error_t *err)
 {
     return cqrs_outbox_append_many(tx, ev, 1, &topic, err);
 }
@@ -44,13 +43,13 @@ cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
     json_t *rows = json_array();
     for (size_t i = 0; i < n; i++) {
         cqrs_event_t *ev = &evs[i];
-        json_array_append_new(
-            rows, json_pack("{s:s, s:s, s:s, s:I, s:s, s:s, s:s?, s:O, s:s, s:I}", "event_id",
-                            ev->id, "aggregate_type", ev->aggregate_type, "aggregate_id",
-                            ev->aggregate_id, "version", (json_int_t)ev->version, "event_type",
-                            ev->type, "occurred_at", ev->time, "traceparent",
-                            ev->traceparent[0] ? ev->traceparent : NULL, "data", ev->data,
-                            "topic", topics[i], "ord", (json_int_t)i));
+        json_array_append_new(rows, json_pack("{s:s, s:s, s:s, s:I, s:s, s:s, s:s?, s:O, s:s, s:I}",
+                                              "event_id", ev->id, "aggregate_type",
+                                              ev->aggregate_type, "aggregate_id", ev->aggregate_id,
+                                              "version", (json_int_t)ev->version, "event_type",
+                                              ev->type, "occurred_at", ev->time, "traceparent",
+                                              ev->traceparent[0] ? ev->traceparent : NULL, "data",
+                                              ev->data, "topic", topics[i], "ord", (json_int_t)i));
     }
     char *param = json_dumps(rows, JSON_COMPACT);
     json_decref(rows);
@@ -82,8 +81,8 @@ cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
                                 cqrs_rows_count(res), n);
         for (int r = 0; rc == CQRS_ERR_OK && r < cqrs_rows_count(res); r++) {
             int64_t ord, seq;
-            if (!cqrs_parse_int64(cqrs_rows_get(res, r, 0), &ord) || ord < 0 ||
-                (size_t)ord >= n || !cqrs_parse_int64(cqrs_rows_get(res, r, 1), &seq))
+            if (!cqrs_parse_int64(cqrs_rows_get(res, r, 0), &ord) || ord < 0 || (size_t)ord >= n ||
+                !cqrs_parse_int64(cqrs_rows_get(res, r, 1), &seq))
                 rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "bad event insert result");
             else
                 evs[ord].sequence = seq;
@@ -188,7 +187,7 @@ static void drop_pg(cqrs_relay_t *r)
         PQfinish(r->conn);
         r->conn = NULL;
     }
-    if (atomic_exchange(&r->leader, false))
+    if (atomic_exchange(&r->leader, false) && !atomic_load(&r->stop))
         CQRS_LOG_WARN("outbox relay lost leadership");
 }
 

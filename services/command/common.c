@@ -24,8 +24,7 @@ void command_reply_violations(cqrs_http_request_t *req, cqrs_violations_t *v)
     v->errors = NULL;
     if (v->status == 400)
         cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request",
-                                "the request body does not have the required shape", errors,
-                                NULL);
+                                "the request body does not have the required shape", errors, NULL);
     else
         cqrs_http_reply_problem(req, 422, "validation-failed", "Unprocessable Content",
                                 "one or more fields are invalid", errors, NULL);
@@ -62,17 +61,15 @@ int64_t rows_int(const cqrs_rows_t *rows, int r, int c)
 
 json_t *product_row_json(const cqrs_rows_t *rows, int r)
 {
-    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:I, s:I, s:s, s:s}", "id",
-                     cqrs_rows_get(rows, r, PC_ID), "sku", cqrs_rows_get(rows, r, PC_SKU), "name",
-                     cqrs_rows_get(rows, r, PC_NAME), "description",
-                     cqrs_rows_get(rows, r, PC_DESCRIPTION), "category",
-                     cqrs_rows_get(rows, r, PC_CATEGORY), "price_cents",
-                     (json_int_t)rows_int(rows, r, PC_PRICE), "currency",
-                     cqrs_rows_get(rows, r, PC_CURRENCY), "stock",
-                     (json_int_t)rows_int(rows, r, PC_STOCK), "status",
-                     cqrs_rows_get(rows, r, PC_STATUS), "units_sold",
-                     (json_int_t)rows_int(rows, r, PC_UNITS_SOLD), "version",
-                     (json_int_t)rows_int(rows, r, PC_VERSION), "created_at",
-                     cqrs_rows_get(rows, r, PC_CREATED_AT), "updated_at",
-                     cqrs_rows_get(rows, r, PC_UPDATED_AT));
+    return json_pack(
+        "{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:I, s:I, s:s, s:s}", "id",
+        cqrs_rows_get(rows, r, PC_ID), "sku", cqrs_rows_get(rows, r, PC_SKU), "name",
+        cqrs_rows_get(rows, r, PC_NAME), "description", cqrs_rows_get(rows, r, PC_DESCRIPTION),
+        "category", cqrs_rows_get(rows, r, PC_CATEGORY), "price_cents",
+        (json_int_t)rows_int(rows, r, PC_PRICE), "currency", cqrs_rows_get(rows, r, PC_CURRENCY),
+        "stock", (json_int_t)rows_int(rows, r, PC_STOCK), "status",
+        cqrs_rows_get(rows, r, PC_STATUS), "units_sold",
+        (json_int_t)rows_int(rows, r, PC_UNITS_SOLD), "version",
+        (json_int_t)rows_int(rows, r, PC_VERSION), "created_at",
+        cqrs_rows_get(rows, r, PC_CREATED_AT), "updated_at", cqrs_rows_get(rows, r, PC_UPDATED_AT));
 }

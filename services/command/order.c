@@ -31,11 +31,11 @@ bool order_validate_place(const json_t *body, const domain_limits_t *l, place_or
                           cqrs_violations_t *v)
 {
     static const char *const allowed[] = {"customer_id", "items", NULL};
-    static const char *const owned[] = {"id",       "status",    "version",     "total_cents",
+    static const char *const owned[] = {"id",       "status",    "version",      "total_cents",
                                         "currency", "placed_at", "cancelled_at", NULL};
     static const char *const line_allowed[] = {"product_id", "quantity", NULL};
-    static const char *const line_owned[] = {"sku", "name", "unit_price_cents",
-                                             "line_total_cents", NULL};
+    static const char *const line_owned[] = {"sku", "name", "unit_price_cents", "line_total_cents",
+                                             NULL};
     memset(in, 0, sizeof *in);
     cqrs_v_only(v, body, allowed, owned);
     const char *customer = cqrs_v_string(v, body, "customer_id", true, 36, 36);
@@ -59,8 +59,8 @@ bool order_validate_place(const json_t *body, const domain_limits_t *l, place_or
         return false;
     }
     size_t n = json_array_size(items);
-    size_t max = (size_t)l->order_lines_max < ORDER_LINES_CAP ? (size_t)l->order_lines_max
-                                                             : ORDER_LINES_CAP;
+    size_t max =
+        (size_t)l->order_lines_max < ORDER_LINES_CAP ? (size_t)l->order_lines_max : ORDER_LINES_CAP;
     if (n < 1 || n > max) {
         cqrs_violation_add(v, 422, "items", "must have 1 to %zu lines", max);
         return false;
@@ -198,11 +198,10 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
             mixed = true;
         int64_t stock = rows_int(rows, r, OL_STOCK);
         if (stock < in->lines[i].quantity)
-            json_array_append_new(problem_items,
-                                  json_pack("{s:s, s:I, s:I}", "product_id",
-                                            in->lines[i].product_id, "requested",
-                                            (json_int_t)in->lines[i].quantity, "available",
-                                            (json_int_t)stock));
+            json_array_append_new(problem_items, json_pack("{s:s, s:I, s:I}", "product_id",
+                                                           in->lines[i].product_id, "requested",
+                                                           (json_int_t)in->lines[i].quantity,
+                                                           "available", (json_int_t)stock));
     }
     if (!row_of) {
         json_decref(unknown);
@@ -252,19 +251,19 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
         int row = row_of[i];
         int64_t price = rows_int(rows, row, OL_PRICE), q = in->lines[i].quantity;
         total += price * q;
-        json_t *item = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id",
-                                 in->lines[i].product_id, "sku", cqrs_rows_get(rows, row, OL_SKU),
-                                 "name", cqrs_rows_get(rows, row, OL_NAME), "unit_price_cents",
-                                 (json_int_t)price, "quantity", (json_int_t)q, "line_total_cents",
-                                 (json_int_t)(price * q));
+        json_t *item =
+            json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id", in->lines[i].product_id,
+                      "sku", cqrs_rows_get(rows, row, OL_SKU), "name",
+                      cqrs_rows_get(rows, row, OL_NAME), "unit_price_cents", (json_int_t)price,
+                      "quantity", (json_int_t)q, "line_total_cents", (json_int_t)(price * q));
         json_array_set(items, in->lines[i].index, item);
         json_t *line = json_deep_copy(item);
         json_object_set_new(line, "line_no", json_integer((json_int_t)in->lines[i].index + 1));
         json_array_append_new(lines, line);
         json_decref(item);
         /* ProductStockReserved, one per product, in product id order */
-        event_at(&evs[1 + i], cmd, "product.stock-reserved.v1", "product",
-                 in->lines[i].product_id, rows_int(rows, row, OL_VERSION) + 1,
+        event_at(&evs[1 + i], cmd, "product.stock-reserved.v1", "product", in->lines[i].product_id,
+                 rows_int(rows, row, OL_VERSION) + 1,
                  json_pack("{s:s, s:s, s:I, s:I}", "product_id", in->lines[i].product_id,
                            "order_id", order_id, "quantity", (json_int_t)q, "stock",
                            (json_int_t)(rows_int(rows, row, OL_STOCK) - q)));
@@ -425,12 +424,12 @@ static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
                            "quantity", (json_int_t)q, "stock",
                            (json_int_t)(rows_int(lines, i, 2) + q)));
         topics[1 + i] = cu->ctx->product_topic;
-        json_array_set_new(
-            items, (size_t)(rows_int(lines, i, 4) - 1),
-            json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id", pid, "sku",
-                      cqrs_rows_get(lines, i, 5), "name", cqrs_rows_get(lines, i, 6),
-                      "unit_price_cents", (json_int_t)rows_int(lines, i, 7), "quantity",
-                      (json_int_t)q, "line_total_cents", (json_int_t)rows_int(lines, i, 8)));
+        json_array_set_new(items, (size_t)(rows_int(lines, i, 4) - 1),
+                           json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id", pid, "sku",
+                                     cqrs_rows_get(lines, i, 5), "name", cqrs_rows_get(lines, i, 6),
+                                     "unit_price_cents", (json_int_t)rows_int(lines, i, 7),
+                                     "quantity", (json_int_t)q, "line_total_cents",
+                                     (json_int_t)rows_int(lines, i, 8)));
     }
     event_at(&evs[0], cmd, "order.cancelled.v1", "order", cu->id, version + 1,
              json_pack("{s:s}", "order_id", cu->id));

@@ -30,16 +30,14 @@ static bool currency_ok(const char *s)
            isupper((unsigned char)s[2]);
 }
 
-static const char *const SERVER_OWNED[] = {"id",         "version",    "stock",
-                                           "status",     "units_sold", "created_at",
-                                           "updated_at", NULL};
+static const char *const SERVER_OWNED[] = {"id",         "version",    "stock",      "status",
+                                           "units_sold", "created_at", "updated_at", NULL};
 
 bool product_validate_create(const json_t *body, const domain_limits_t *l,
                              create_product_input_t *in, cqrs_violations_t *v)
 {
-    static const char *const allowed[] = {"sku",         "name",          "description",
-                                          "category",    "price_cents",   "currency",
-                                          "initial_stock", NULL};
+    static const char *const allowed[] = {"sku",         "name",     "description",   "category",
+                                          "price_cents", "currency", "initial_stock", NULL};
     memset(in, 0, sizeof *in);
     cqrs_v_only(v, body, allowed, SERVER_OWNED);
     in->sku = cqrs_v_string(v, body, "sku", true, 1, (size_t)l->sku_max);
@@ -105,10 +103,10 @@ bool product_validate_adjust_stock(const json_t *body, const domain_limits_t *l,
 
 json_t *product_created_data(const char *id, const create_product_input_t *in)
 {
-    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I}", "product_id", id, "sku",
-                     in->sku, "name", in->name, "description", in->description, "category",
-                     in->category, "price_cents", (json_int_t)in->price_cents, "currency",
-                     in->currency, "initial_stock", (json_int_t)in->initial_stock);
+    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I}", "product_id", id, "sku", in->sku,
+                     "name", in->name, "description", in->description, "category", in->category,
+                     "price_cents", (json_int_t)in->price_cents, "currency", in->currency,
+                     "initial_stock", (json_int_t)in->initial_stock);
 }
 
 /* ---- transaction helpers ----------------------------------------------------------------- */
@@ -130,9 +128,8 @@ static cqrs_err_t lock_product(cqrs_tx_t *tx, cqrs_command_t *cmd, const char *i
                                cqrs_rows_t **rows, cqrs_error_t *err)
 {
     const char *p[] = {id};
-    cqrs_err_t rc =
-        cqrs_tx_exec(tx, "SELECT " PRODUCT_COLS " FROM products WHERE id = $1 FOR UPDATE", 1, p,
-                     rows, err);
+    cqrs_err_t rc = cqrs_tx_exec(
+        tx, "SELECT " PRODUCT_COLS " FROM products WHERE id = $1 FOR UPDATE", 1, p, rows, err);
     if (rc != CQRS_ERR_OK)
         return rc;
     if (cqrs_rows_count(*rows) == 0) {

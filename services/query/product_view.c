@@ -50,14 +50,13 @@ static cqrs_err_t product_created(const json_t *doc, const cqrs_event_t *ev, jso
         !data_string(ev->data, "description", &description) ||
         !data_string(ev->data, "category", &category) ||
         !data_string(ev->data, "currency", &currency) ||
-        !data_int(ev->data, "price_cents", &price) ||
-        !data_int(ev->data, "initial_stock", &stock))
+        !data_int(ev->data, "price_cents", &price) || !data_int(ev->data, "initial_stock", &stock))
         return incomplete(ev, err);
     *out = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:i, s:I, s:s, s:s}", "id",
                      ev->aggregate_id, "sku", sku, "name", name, "description", description,
                      "category", category, "price_cents", price, "currency", currency, "stock",
-                     stock, "status", "active", "units_sold", 0, "version",
-                     (json_int_t)ev->version, "created_at", ev->time, "updated_at", ev->time);
+                     stock, "status", "active", "units_sold", 0, "version", (json_int_t)ev->version,
+                     "created_at", ev->time, "updated_at", ev->time);
     return *out ? CQRS_ERR_OK : cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
 }
 
@@ -134,9 +133,9 @@ cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **
             !data_int(ev->data, "total_cents", &total) || !json_is_array(items))
             return incomplete(ev, err);
         *out = json_pack("{s:s, s:s, s:s, s:O, s:I, s:s, s:I, s:s, s:n}", "id", ev->aggregate_id,
-                         "customer_id", customer, "status", "placed", "items", items,
-                         "total_cents", total, "currency", currency, "version",
-                         (json_int_t)ev->version, "placed_at", ev->time, "cancelled_at");
+                         "customer_id", customer, "status", "placed", "items", items, "total_cents",
+                         total, "currency", currency, "version", (json_int_t)ev->version,
+                         "placed_at", ev->time, "cancelled_at");
         return *out ? CQRS_ERR_OK : cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
     }
     if (strcmp(ev->type, "order.cancelled.v1") == 0) {
@@ -185,8 +184,8 @@ cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t
     }
     if (ev->version > version + 1) {
         rc = cqrs_error_set(err, CQRS_ERR_STATE,
-                            "gap: document %s is at version %lld, event has %lld",
-                            ev->aggregate_id, (long long)version, (long long)ev->version);
+                            "gap: document %s is at version %lld, event has %lld", ev->aggregate_id,
+                            (long long)version, (long long)ev->version);
         goto out;
     }
     if (text) {

@@ -24,133 +24,34 @@
 
 #include <cqrs/util.h>
 
+#include "daemons.h"
 #include "httpc.h"
 #include "testenv.h"
 
-static const char *dsn;
-static int cport, qport;
-static pid_t commandd = -1, queryd = -1;
-static char prefix[32];
-static char logdir[] = "/tmp/cqrs-e2e-XXXXXX";
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    socklen_t len = sizeof a;
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static pid_t spawn(const char *path, int port, const char *log)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        char p[16];
-        snprintf(p, sizeof p, "%d", port);
-        setenv("CQRS_HTTP_PORT", p, 1);
-        setenv("CQRS_TOPIC_PREFIX", prefix, 1);
-        setenv("CQRS_CONSUMER_GROUP", prefix, 1);
-        setenv("CQRS_RELAY_POLL_MS", "200", 1);
-        FILE *f = freopen(log, "w", stdout);
-        (void)f;
-        dup2(STDOUT_FILENO, STDERR_FILENO);
-        execl(path, path, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
-static bool wait_ready(int port, int seconds)
-{
-    for (int i = 0; i < seconds * 10; i++) {
-        httpc_response_t r;
-        if (httpc_request(port, "GET", "/readyz", NULL, NULL, 0, &r) == 0 && r.status == 200) {
-            httpc_response_free(&r);
-            return true;
-        }
-        httpc_response_free(&r);
-        usleep(100 * 1000);
-    }
-    return false;
-}
-
-static int stop_daemon(pid_t pid)
-{
-    if (pid <= 0)
-        return -1;
-    kill(pid, SIGTERM);
-    for (int i = 0; i < 300; i++) {
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid)
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        usleep(100 * 1000);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    return -2;
-}
+static daemons_t D;
+#define cport D.cport
+#define qport D.qport
+#define prefix D.prefix
 
 static void dump_logs(void)
 {
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "tail -n 30 %s/*.log >&2", logdir);
-    int rc = system(cmd);
-    (void)rc;
+    daemons_dump_logs(&D);
 }
 
 static int setup(void **state)
 {
     (void)state;
-    dsn = testenv_require("CQRS_PG_DSN");
+    testenv_require("CQRS_PG_DSN");
     testenv_require("CQRS_KAFKA_BROKERS");
     testenv_require("CQRS_REDIS_URL");
-    char id[37];
-    cqrs_uuid_v4(id);
-    snprintf(prefix, sizeof prefix, "e2e%.8s", id);
-    if (!mkdtemp(logdir))
-        return -1;
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate.log 2>&1", prefix,
-             CQRS_CTL, logdir);
-    if (system(cmd) != 0) {
-        dump_logs();
-        return -1;
-    }
-    cport = free_port();
-    qport = free_port();
-    char log[256];
-    snprintf(log, sizeof log, "%s/commandd.log", logdir);
-    commandd = spawn(CQRS_COMMANDD, cport, log);
-    snprintf(log, sizeof log, "%s/queryd.log", logdir);
-    queryd = spawn(CQRS_QUERYD, qport, log);
-    if (!wait_ready(cport, 60) || !wait_ready(qport, 60)) {
-        dump_logs();
-        return -1;
-    }
-    return 0;
+    return daemons_start(&D);
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    stop_daemon(commandd);
-    stop_daemon(queryd);
+    daemons_stop(&D);
     return 0;
-}
-
-static long long pg_count(const char *sql, const char *param)
-{
-    PGconn *c = PQconnectdb(dsn);
-    const char *p[] = {param};
-    PGresult *r = PQexecParams(c, sql, param ? 1 : 0, NULL, p, NULL, NULL, 0);
-    long long n = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : -1;
-    PQclear(r);
-    PQfinish(c);
-    return n;
 }
 
 static const char *TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -313,8 +214,7 @@ static void test_query_side_errors(void **state)
 static void test_sigterm_exits_cleanly(void **state)
 {
     (void)state;
-    int c = stop_daemon(commandd), q = stop_daemon(queryd);
-    commandd = queryd = -1;
+    int c = daemons_stop_one(&D.commandd), q = daemons_stop_one(&D.queryd);
     if (c != 0 || q != 0)
         dump_logs();
     assert_int_equal(c, 0);

@@ -118,12 +118,24 @@ static cqrs_relay_t *relay_for(const char *broker_list)
                               .batch_size = 100,
                               .poll_interval_ms = 200,
                               .message_timeout_ms = 5000,
-                              .lock_key = 99000001};
+                              .lock_key = CQRS_RELAY_LOCK_KEY};
     cqrs_error_t err;
     cqrs_relay_t *r = cqrs_relay_new(&rc, &err);
     assert_non_null(r);
     assert_int_equal(cqrs_relay_start(r, &err), CQRS_ERR_OK);
     return r;
+}
+
+/* The test relay takes the real relay lock, so it never runs beside a daemon's relay. */
+static void wait_leader(cqrs_relay_t *r)
+{
+    cqrs_relay_stats_t st = {0};
+    for (int i = 0; i < 100 && !st.leader; i++) {
+        usleep(100 * 1000);
+        cqrs_relay_stats(r, &st);
+    }
+    if (!st.leader)
+        fail_msg("the test relay never became leader: is a cqrs-commandd running on this stack?");
 }
 
 static bool outbox_drained(const char *t, int seconds)
@@ -147,10 +159,8 @@ static void test_relay_publishes_in_order_with_headers(void **state)
     assert_int_equal(count("SELECT count(*) FROM outbox WHERE topic = $1", topic), 10);
 
     cqrs_relay_t *relay = relay_for(brokers);
+    wait_leader(relay);
     assert_true(outbox_drained(topic, 60));
-    cqrs_relay_stats_t st;
-    cqrs_relay_stats(relay, &st);
-    assert_true(st.leader);
     cqrs_relay_destroy(relay);
     /* The event log keeps everything. */
     assert_int_equal(count("SELECT count(*) FROM events WHERE aggregate_id = $1", b.agg[0]), 5);
@@ -235,6 +245,7 @@ static void test_relay_keeps_events_while_kafka_is_unreachable(void **state)
     cqrs_error_t err;
     assert_int_equal(cqrs_store_run_tx(store, append_tx, &b, &err), CQRS_ERR_OK);
     cqrs_relay_t *relay = relay_for("127.0.0.1:1");
+    wait_leader(relay);
     sleep(2);
     cqrs_relay_destroy(relay);
     assert_int_equal(count("SELECT count(*) FROM outbox WHERE topic = $1", topic), 2);

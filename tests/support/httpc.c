@@ -70,6 +70,18 @@ int httpc_raw(int port, const char *raw, size_t len, httpc_response_t *resp)
     return 0;
 }
 
+int httpc_send_only(int port, const char *raw, size_t len)
+{
+    int fd = connect_local(port);
+    if (fd < 0)
+        return -1;
+    if (send(fd, raw, len, MSG_NOSIGNAL) != (ssize_t)len) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 int httpc_request(int port, const char *method, const char *path, const char *extra_headers,
                   const char *body, size_t body_len, httpc_response_t *resp)
 {

@@ -18,6 +18,10 @@ int httpc_request(int port, const char *method, const char *path, const char *ex
 /* Sends raw bytes and reads the answer (for malformed requests). */
 int httpc_raw(int port, const char *raw, size_t len, httpc_response_t *resp);
 
+/* Sends raw bytes and returns the open socket without reading (a client that gave up);
+ * the caller closes it. -1 on failure. */
+int httpc_send_only(int port, const char *raw, size_t len);
+
 /* Value of a response header (case-insensitive name) copied into out; 0 when found. */
 int httpc_header(const httpc_response_t *resp, const char *name, char *out, size_t cap);
 

@@ -43,8 +43,8 @@ typedef struct cqrs_command {
     int64_t if_match;
     bool has_key;
     char key[256];
-    char *scope;     /* owned */
-    char *canonical; /* owned: body with sorted keys, compact */
+    char *scope;                  /* owned */
+    char *canonical;              /* owned: body with sorted keys, compact */
     char time[CQRS_TIME_LEN + 1]; /* the command's time: events and rows share it */
     /* reply, set by the transaction body */
     unsigned status;
@@ -71,8 +71,8 @@ void cqrs_command_end(cqrs_command_t *cmd);
 /* Reply helpers for the transaction body. body is stolen. etag_version 0 = no ETag. */
 void cqrs_command_reply(cqrs_command_t *cmd, unsigned status, json_t *body, int64_t etag_version,
                         const char *location);
-void cqrs_command_problem(cqrs_command_t *cmd, unsigned status, const char *slug,
-                          const char *title, const char *detail, json_t *extra);
+void cqrs_command_problem(cqrs_command_t *cmd, unsigned status, const char *slug, const char *title,
+                          const char *detail, json_t *extra);
 
 /* For commands on one existing aggregate, after locking it: true when If-Match allows the
  * current version; otherwise sets the 412 reply (with current_version) and returns false. */

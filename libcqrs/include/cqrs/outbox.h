@@ -22,7 +22,8 @@
 #include "cqrs/store.h"
 
 /* Stores ev in the event log and the outbox for `topic`; sets ev->sequence. A second event
- * with the same (aggregate_id, version) gives CONFLICT with where = "events_aggregate_version_key". */
+ * with the same (aggregate_id, version) gives CONFLICT with where = "events_aggregate_version_key".
+ */
 cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic,
                               cqrs_error_t *err);
 
@@ -31,6 +32,9 @@ cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic
  * events however many products it touches. */
 cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
                                    const char *const *topics, cqrs_error_t *err);
+
+/* The advisory lock that elects the one relay among all cqrs-commandd instances. */
+#define CQRS_RELAY_LOCK_KEY 4242002
 
 typedef struct cqrs_relay cqrs_relay_t;
 

@@ -1,0 +1,155 @@
+/* daemons.c — see daemons.h. */
+#include "daemons.h"
+
+#include <arpa/inet.h>
+#include <libpq-fe.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <uuid/uuid.h>
+
+#include "httpc.h"
+
+int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    socklen_t len = sizeof a;
+    bind(fd, (struct sockaddr *)&a, sizeof a);
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static pid_t spawn(const daemons_t *d, const char *path, int port, const char *log)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        char p[16];
+        snprintf(p, sizeof p, "%d", port);
+        setenv("CQRS_HTTP_PORT", p, 1);
+        setenv("CQRS_TOPIC_PREFIX", d->prefix, 1);
+        setenv("CQRS_CONSUMER_GROUP", d->prefix, 1);
+        setenv("CQRS_RELAY_POLL_MS", "200", 1);
+        setenv("CQRS_HTTP_THREADS", "16", 0);
+        setenv("CQRS_PG_POOL_SIZE", "16", 0);
+        FILE *f = freopen(log, "w", stdout);
+        (void)f;
+        dup2(STDOUT_FILENO, STDERR_FILENO);
+        execl(path, path, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static int wait_ready(int port, int seconds)
+{
+    for (int i = 0; i < seconds * 10; i++) {
+        httpc_response_t r;
+        int ok = httpc_request(port, "GET", "/readyz", NULL, NULL, 0, &r) == 0 && r.status == 200;
+        httpc_response_free(&r);
+        if (ok)
+            return 0;
+        usleep(100 * 1000);
+    }
+    return -1;
+}
+
+void daemons_dump_logs(const daemons_t *d)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "tail -n 40 %s/*.log >&2", d->logdir);
+    int rc = system(cmd);
+    (void)rc;
+}
+
+int daemons_start(daemons_t *d)
+{
+    memset(d, 0, sizeof *d);
+    d->commandd = d->queryd = -1;
+    uuid_t u;
+    char id[37];
+    uuid_generate_random(u);
+    uuid_unparse_lower(u, id);
+    snprintf(d->prefix, sizeof d->prefix, "e2e%.8s", id);
+    snprintf(d->logdir, sizeof d->logdir, "/tmp/cqrs-e2e-XXXXXX");
+    if (!mkdtemp(d->logdir))
+        return -1;
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate.log 2>&1", d->prefix,
+             CQRS_CTL, d->logdir);
+    if (system(cmd) != 0) {
+        daemons_dump_logs(d);
+        return -1;
+    }
+    d->cport = free_port();
+    d->qport = free_port();
+    char log[128];
+    snprintf(log, sizeof log, "%s/commandd.log", d->logdir);
+    d->commandd = spawn(d, CQRS_COMMANDD, d->cport, log);
+    snprintf(log, sizeof log, "%s/queryd.log", d->logdir);
+    d->queryd = spawn(d, CQRS_QUERYD, d->qport, log);
+    if (wait_ready(d->cport, 60) != 0 || wait_ready(d->qport, 60) != 0) {
+        daemons_dump_logs(d);
+        return -1;
+    }
+    return 0;
+}
+
+int daemons_stop_one(pid_t *pid)
+{
+    if (*pid <= 0)
+        return -1;
+    kill(*pid, SIGTERM);
+    int rc = -2;
+    for (int i = 0; i < 300; i++) {
+        int st;
+        if (waitpid(*pid, &st, WNOHANG) == *pid) {
+            rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            break;
+        }
+        usleep(100 * 1000);
+    }
+    if (rc == -2) {
+        kill(*pid, SIGKILL);
+        waitpid(*pid, NULL, 0);
+    }
+    *pid = -1;
+    return rc;
+}
+
+void daemons_stop(daemons_t *d)
+{
+    daemons_stop_one(&d->commandd);
+    daemons_stop_one(&d->queryd);
+}
+
+long long pg_count(const char *sql, const char *param)
+{
+    PGconn *c = PQconnectdb(getenv("CQRS_PG_DSN"));
+    const char *p[] = {param};
+    PGresult *r = PQexecParams(c, sql, param ? 1 : 0, NULL, p, NULL, NULL, 0);
+    long long n =
+        PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0 ? atoll(PQgetvalue(r, 0, 0)) : -1;
+    PQclear(r);
+    PQfinish(c);
+    return n;
+}
+
+char *pg_text(const char *sql, const char *param)
+{
+    PGconn *c = PQconnectdb(getenv("CQRS_PG_DSN"));
+    const char *p[] = {param};
+    PGresult *r = PQexecParams(c, sql, param ? 1 : 0, NULL, p, NULL, NULL, 0);
+    char *s = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0 ? strdup(PQgetvalue(r, 0, 0))
+                                                                       : NULL;
+    PQclear(r);
+    PQfinish(c);
+    return s;
+}

@@ -1,0 +1,37 @@
+/* daemons.h — starting the real daemons for e2e tests.
+ *
+ * daemons_start() migrates (with a fresh topic prefix, so runs never see each other's
+ * events), starts cqrs-commandd and cqrs-queryd on free ports with their logs in a temporary
+ * folder, and waits until both are ready. Needs CQRS_PG_DSN, CQRS_KAFKA_BROKERS and
+ * CQRS_REDIS_URL (testenv_require). */
+#ifndef CQRS_TEST_DAEMONS_H
+#define CQRS_TEST_DAEMONS_H
+
+#include <sys/types.h>
+
+typedef struct daemons {
+    int cport, qport;
+    pid_t commandd, queryd;
+    char prefix[32];
+    char logdir[64];
+} daemons_t;
+
+/* 0 on success; on failure prints the logs and returns -1. */
+int daemons_start(daemons_t *d);
+
+/* SIGTERM, wait up to 30 s; returns the exit status, 128+signal, or -2 when it had to be
+ * killed. */
+int daemons_stop_one(pid_t *pid);
+void daemons_stop(daemons_t *d);
+void daemons_dump_logs(const daemons_t *d);
+
+/* A single number from SQL on CQRS_PG_DSN ($1 = param, may be NULL); -1 on error. */
+long long pg_count(const char *sql, const char *param);
+
+/* The first value of a SQL query as a malloc'ed string (caller frees); NULL on error. */
+char *pg_text(const char *sql, const char *param);
+
+/* A free TCP port on 127.0.0.1. */
+int free_port(void);
+
+#endif
