@@ -25,9 +25,16 @@ say "formatting (clang-format --dry-run)"
 mapfile -t sources < <(git ls-files '*.c' '*.h' 2>/dev/null || find libcqrs services cmd tests -name '*.[ch]')
 clang-format --dry-run -Werror "${sources[@]}"
 
+say "python validators (openapi-spec-validator, jsonschema) in $BUILD/venv"
+mkdir -p "$BUILD"
+if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml' 2>/dev/null; then
+    python3 -m venv "$BUILD/venv"
+    "$BUILD/venv/bin/pip" install -q --disable-pip-version-check -r tests/schemas/requirements.txt
+fi
+
 say "build (ASan + UBSan) in $BUILD"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=ON \
-    -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON >/dev/null
+    -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
 ninja -C "$BUILD"
 
 # A free port: nothing answers on it now.

@@ -152,13 +152,40 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
 }
 
+#define MAX_ROUTES 32
+
+static size_t build_routes(app_t *app, cqrs_http_route_t *routes)
+{
+    size_t n = command_routes(&app->ctx, routes, MAX_ROUTES - 3);
+    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/metrics", metrics, app};
+    return n;
+}
+
+/* --routes: the route table, one "METHOD PATTERN" per line (checked against the OpenAPI
+ * document by the test suite). */
+static void print_routes(void)
+{
+    static app_t app;
+    cqrs_http_route_t routes[MAX_ROUTES];
+    size_t n = build_routes(&app, routes);
+    for (size_t i = 0; i < n; i++)
+        printf("%s %s\n", routes[i].method, routes[i].pattern);
+}
+
 int main(int argc, char **argv)
 {
     settings_table();
     size_t n_entries = sizeof entries / sizeof entries[0];
     if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
-        printf("cqrs-commandd — the command API and outbox relay of cqrs.\n\n");
+        printf("cqrs-commandd — the command API and outbox relay of cqrs.\n\n"
+               "usage: cqrs-commandd [--help | --routes]\n\n");
         cqrs_config_print_help(entries, n_entries, stdout);
+        return 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "--routes") == 0) {
+        print_routes();
         return 0;
     }
     if (cqrs_config_load(entries, n_entries, NULL, NULL, stderr) != 0) {
@@ -225,11 +252,8 @@ int main(int argc, char **argv)
         }
     }
 
-    static cqrs_http_route_t routes[32];
-    size_t n = command_routes(&app.ctx, routes, 28);
-    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, &app};
-    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, &app};
-    routes[n++] = (cqrs_http_route_t){"GET", "/metrics", metrics, &app};
+    static cqrs_http_route_t routes[MAX_ROUTES];
+    size_t n = build_routes(&app, routes);
     cqrs_http_config_t hc;
     cqrs_daemon_http_config(&S.d, &hc);
     http = cqrs_http_server_new(&hc, routes, n, &err);
