@@ -23,18 +23,36 @@
 #include "cqrs/util.h"
 #include "store_int.h"
 
+/* Statements are prepared once per connection and found again by the address of their text
+ * (callers pass string literals); the text is compared too, so a reused address never runs
+ * the wrong statement. */
+#define STMT_CACHE 64
+
+typedef struct stmt {
+    const char *key;
+    char *text;
+    char name[16];
+} stmt_t;
+
+typedef struct conn_slot {
+    PGconn *conn;
+    bool busy;
+    int n_stmts;
+    stmt_t stmts[STMT_CACHE];
+} conn_slot_t;
+
 struct cqrs_store {
     cqrs_store_config_t cfg;
     char *dsn;
     char *app_name;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    PGconn **conns;
-    bool *busy;
+    conn_slot_t *slots;
 };
 
 struct cqrs_tx {
     PGconn *conn;
+    conn_slot_t *slot; /* NULL: no statement cache */
 };
 
 struct cqrs_rows {
@@ -103,6 +121,15 @@ cqrs_err_t cqrs__pg_error(PGconn *conn, const PGresult *res, cqrs_error_t *err)
     return cqrs_error_set_where(err, CQRS_ERR_INTERNAL, state, "SQL error %s: %s", state, msg);
 }
 
+static void slot_reset(conn_slot_t *slot)
+{
+    PQfinish(slot->conn);
+    slot->conn = NULL;
+    for (int i = 0; i < slot->n_stmts; i++)
+        free(slot->stmts[i].text);
+    slot->n_stmts = 0;
+}
+
 cqrs_store_t *cqrs_store_new(const cqrs_store_config_t *cfg)
 {
     cqrs_store_t *s = calloc(1, sizeof *s);
@@ -115,9 +142,8 @@ cqrs_store_t *cqrs_store_new(const cqrs_store_config_t *cfg)
         s->cfg.max_tx_attempts = 1;
     s->dsn = strdup(cfg->dsn ? cfg->dsn : "");
     s->app_name = strdup(cfg->application_name ? cfg->application_name : "cqrs");
-    s->conns = calloc(s->cfg.pool_size, sizeof *s->conns);
-    s->busy = calloc(s->cfg.pool_size, sizeof *s->busy);
-    if (!s->dsn || !s->app_name || !s->conns || !s->busy) {
+    s->slots = calloc(s->cfg.pool_size, sizeof *s->slots);
+    if (!s->dsn || !s->app_name || !s->slots) {
         cqrs_store_destroy(s);
         return NULL;
     }
@@ -130,14 +156,13 @@ void cqrs_store_destroy(cqrs_store_t *s)
 {
     if (!s)
         return;
-    if (s->conns) {
+    if (s->slots) {
         for (unsigned i = 0; i < s->cfg.pool_size; i++)
-            PQfinish(s->conns[i]);
+            slot_reset(&s->slots[i]);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
     }
-    free(s->conns);
-    free(s->busy);
+    free(s->slots);
     free(s->dsn);
     free(s->app_name);
     free(s);
@@ -157,13 +182,13 @@ static int acquire_slot(cqrs_store_t *s)
     int slot = -1;
     for (;;) {
         for (unsigned i = 0; i < s->cfg.pool_size; i++) {
-            if (!s->busy[i]) {
+            if (!s->slots[i].busy) {
                 slot = (int)i;
                 break;
             }
         }
         if (slot >= 0) {
-            s->busy[slot] = true;
+            s->slots[slot].busy = true;
             break;
         }
         if (pthread_cond_timedwait(&s->cv, &s->mu, &deadline) == ETIMEDOUT)
@@ -176,7 +201,7 @@ static int acquire_slot(cqrs_store_t *s)
 static void release_slot(cqrs_store_t *s, int slot)
 {
     pthread_mutex_lock(&s->mu);
-    s->busy[slot] = false;
+    s->slots[slot].busy = false;
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
 }
@@ -184,10 +209,10 @@ static void release_slot(cqrs_store_t *s, int slot)
 /* Makes sure slot's connection is usable (the slot is owned by the caller). */
 static cqrs_err_t slot_conn(cqrs_store_t *s, int slot, PGconn **out, cqrs_error_t *err)
 {
-    PGconn *c = s->conns[slot];
+    PGconn *c = s->slots[slot].conn;
     if (c && PQstatus(c) != CONNECTION_OK) {
-        PQfinish(c);
-        c = s->conns[slot] = NULL;
+        slot_reset(&s->slots[slot]);
+        c = NULL;
     }
     if (!c) {
         c = cqrs__pg_connect(s->dsn, s->app_name, s->cfg.connect_timeout_s, err);
@@ -205,7 +230,7 @@ static cqrs_err_t slot_conn(cqrs_store_t *s, int slot, PGconn **out, cqrs_error_
             PQfinish(c);
             return rc;
         }
-        s->conns[slot] = c;
+        s->slots[slot].conn = c;
     }
     *out = c;
     return CQRS_ERR_OK;
@@ -258,7 +283,7 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
             break;
         rc = exec_simple(c, "BEGIN", err);
         if (rc == CQRS_ERR_OK) {
-            cqrs_tx_t tx = {c};
+            cqrs_tx_t tx = {c, &s->slots[slot]};
             rc = fn(&tx, ud, err);
             if (rc == CQRS_ERR_OK)
                 rc = exec_simple(c, "COMMIT", err);
@@ -276,12 +301,55 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
     return rc;
 }
 
+/* The cached prepared statement for sql, preparing it on first use; NULL with err on failure
+ * (or when the cache is full: then the caller's statement runs unprepared). */
+static const stmt_t *prepared(cqrs_tx_t *tx, const char *sql, int nparams, cqrs_error_t *err)
+{
+    conn_slot_t *slot = tx->slot;
+    for (int i = 0; i < slot->n_stmts; i++)
+        if (slot->stmts[i].key == sql && strcmp(slot->stmts[i].text, sql) == 0)
+            return &slot->stmts[i];
+    if (slot->n_stmts == STMT_CACHE) {
+        static const stmt_t unnamed = {NULL, NULL, ""};
+        PGresult *r = PQprepare(tx->conn, "", sql, nparams, NULL);
+        bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+        if (!ok)
+            cqrs__pg_error(tx->conn, r, err);
+        PQclear(r);
+        return ok ? &unnamed : NULL;
+    }
+    stmt_t *st = &slot->stmts[slot->n_stmts];
+    snprintf(st->name, sizeof st->name, "cqrs_%d", slot->n_stmts);
+    PGresult *r = PQprepare(tx->conn, st->name, sql, nparams, NULL);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (!ok)
+        cqrs__pg_error(tx->conn, r, err);
+    PQclear(r);
+    if (!ok)
+        return NULL;
+    st->key = sql;
+    st->text = strdup(sql);
+    if (!st->text) {
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    slot->n_stmts++;
+    return st;
+}
+
 cqrs_err_t cqrs_tx_exec(cqrs_tx_t *tx, const char *sql, int nparams, const char *const *params,
                         cqrs_rows_t **rows, cqrs_error_t *err)
 {
     if (rows)
         *rows = NULL;
-    PGresult *r = PQexecParams(tx->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    PGresult *r = NULL;
+    const stmt_t *stmt = tx->slot ? prepared(tx, sql, nparams, err) : NULL;
+    if (tx->slot && !stmt)
+        return err ? err->code : CQRS_ERR_INTERNAL;
+    if (stmt)
+        r = PQexecPrepared(tx->conn, stmt->name, nparams, params, NULL, NULL, 0);
+    else
+        r = PQexecParams(tx->conn, sql, nparams, NULL, params, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(r);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         cqrs_err_t rc = cqrs__pg_error(tx->conn, r, err);

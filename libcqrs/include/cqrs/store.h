@@ -48,7 +48,9 @@ typedef cqrs_err_t (*cqrs_tx_fn)(cqrs_tx_t *tx, void *ud, cqrs_error_t *err);
 cqrs_err_t cqrs_store_run_tx(cqrs_store_t *store, cqrs_tx_fn fn, void *ud, cqrs_error_t *err);
 
 /* Runs sql with text parameters (NULL entries are SQL NULL). *rows (when rows is not NULL)
- * receives the result; caller frees with cqrs_rows_free. */
+ * receives the result; caller frees with cqrs_rows_free. sql is prepared once per connection
+ * and cached by its address: pass string literals (other strings work, but each new text
+ * costs a PREPARE). One statement per call. */
 cqrs_err_t cqrs_tx_exec(cqrs_tx_t *tx, const char *sql, int nparams, const char *const *params,
                         cqrs_rows_t **rows, cqrs_error_t *err);
 
