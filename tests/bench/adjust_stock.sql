@@ -3,24 +3,25 @@
 -- (pgbench reads ':name' as a variable, so the timestamp format builds its colons with chr(58).)
 \set n random(1, :products)
 BEGIN;
-SELECT id, sku, name, description, category, price_cents, currency, stock, status, units_sold,
-       version, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"'),
-       to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"')
-  FROM products WHERE id = md5('bench' || :n::int)::uuid FOR UPDATE;
+SELECT id AS pid, sku, name, description, category, price_cents, currency, stock, status,
+       units_sold, version,
+       to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"') AS c,
+       to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"') AS u
+  FROM products WHERE id = md5('bench' || :n::int)::uuid FOR UPDATE \gset
 UPDATE products SET stock = stock + 1, version = version + 1, updated_at = now()
- WHERE id = md5('bench' || :n::int)::uuid
+ WHERE id = :pid::uuid
  RETURNING id, sku, name, description, category, price_cents, currency, stock, status,
-           units_sold, version,
-           to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"'),
-           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"');
+           units_sold, version AS v,
+           to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"') AS c,
+           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24' || chr(58) || 'MI' || chr(58) || 'SS.MS"Z"') AS u \gset
 WITH x AS (
   SELECT * FROM jsonb_to_recordset(jsonb_build_array(jsonb_build_object(
       'event_id', gen_random_uuid(), 'aggregate_type', 'product',
-      'aggregate_id', md5('bench' || :n::int)::uuid,
-      'version', (SELECT version FROM products WHERE id = md5('bench' || :n::int)::uuid),
+      'aggregate_id', :pid::uuid,
+      'version', :v::bigint,
       'event_type', 'product.stock-adjusted.v1', 'occurred_at', now(),
       'traceparent', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01',
-      'data', jsonb_build_object('product_id', md5('bench' || :n::int)::uuid, 'delta', 1,
+      'data', jsonb_build_object('product_id', :pid::uuid, 'delta', 1,
                                  'reason', 'bench', 'stock', 1),
       'topic', 'cqrs.product.events', 'ord', 0)))
     AS x(event_id uuid, aggregate_type text, aggregate_id uuid, version bigint,
