@@ -86,6 +86,17 @@ static void readyz(cqrs_http_request_t *req, void *ud)
                                 NULL);
         return;
     }
+    cqrs_projector_stats_t st = {0};
+    if (app->projector)
+        cqrs_projector_stats(app->projector, &st);
+    if (st.history_missing > 0) {
+        cqrs_http_reply_problem(
+            req, 503, "not-ready", "Service Unavailable",
+            "Kafka no longer holds events the read model needs; run cqrsctl"
+            " rebuild",
+            NULL, json_pack("{s:i}", "partitions_missing_history", (int)st.history_missing));
+        return;
+    }
     cqrs_http_reply_json(req, 200,
                          json_pack("{s:s, s:{s:s}}", "status", "ready", "checks", "redis", "up"));
 }
@@ -96,16 +107,37 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_projector_stats_t st = {0};
     if (app->projector)
         cqrs_projector_stats(app->projector, &st);
-    char text[1024];
+    char text[4096];
     snprintf(text, sizeof text,
-             "# HELP cqrs_projector_events_applied_total Events applied or skipped as "
-             "duplicates.\n"
+             "# HELP cqrs_projector_events_applied_total Events applied to the read model.\n"
              "# TYPE cqrs_projector_events_applied_total counter\n"
              "cqrs_projector_events_applied_total %llu\n"
-             "# HELP cqrs_projector_events_invalid_total Events that could not be applied.\n"
-             "# TYPE cqrs_projector_events_invalid_total counter\n"
-             "cqrs_projector_events_invalid_total %llu\n",
-             (unsigned long long)st.applied, (unsigned long long)st.skipped_invalid);
+             "# HELP cqrs_projector_duplicates_skipped_total Events already applied (redelivery).\n"
+             "# TYPE cqrs_projector_duplicates_skipped_total counter\n"
+             "cqrs_projector_duplicates_skipped_total %llu\n"
+             "# HELP cqrs_projector_dead_letters_total Events stored as dead letters.\n"
+             "# TYPE cqrs_projector_dead_letters_total counter\n"
+             "cqrs_projector_dead_letters_total %llu\n"
+             "# HELP cqrs_projector_gaps_total Events that arrived after a missing version.\n"
+             "# TYPE cqrs_projector_gaps_total counter\n"
+             "cqrs_projector_gaps_total %llu\n"
+             "# HELP cqrs_projector_events_parked_total Events held behind a dead letter.\n"
+             "# TYPE cqrs_projector_events_parked_total counter\n"
+             "cqrs_projector_events_parked_total %llu\n"
+             "# HELP cqrs_projector_undecodable_total Messages that are not CloudEvents.\n"
+             "# TYPE cqrs_projector_undecodable_total counter\n"
+             "cqrs_projector_undecodable_total %llu\n"
+             "# HELP cqrs_projector_store_resets_total Times the store was found empty.\n"
+             "# TYPE cqrs_projector_store_resets_total counter\n"
+             "cqrs_projector_store_resets_total %llu\n"
+             "# HELP cqrs_projector_partitions_missing_history Partitions paused because Kafka "
+             "no longer holds their beginning.\n"
+             "# TYPE cqrs_projector_partitions_missing_history gauge\n"
+             "cqrs_projector_partitions_missing_history %u\n",
+             (unsigned long long)st.applied, (unsigned long long)st.duplicates,
+             (unsigned long long)st.dead_letters, (unsigned long long)st.gaps,
+             (unsigned long long)st.parked, (unsigned long long)st.undecodable,
+             (unsigned long long)st.resets, st.history_missing);
     cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
 }
 
@@ -181,8 +213,7 @@ int main(int argc, char **argv)
             .n_topics = 2,
             .redis_url = S.redis_url,
             .redis_timeout_ms = (int)S.redis_timeout_ms,
-            .apply = query_project_event,
-            .ud = &app.ctx,
+            .projection = &query_projection,
         };
         app.projector = cqrs_projector_new(&pc, &err);
         if (!app.projector || cqrs_projector_start(app.projector, &err) != CQRS_ERR_OK) {

@@ -20,14 +20,42 @@
 
 #include "cqrs/util.h"
 
+/* KEYS: 1 document, 2 offsets, 3 dead letters of the aggregate, 4 dead-letter index,
+ *       5 meta, 6… index keys
+ * ARGV: 1 mode (apply|dead), 2 version, 3 document, 4 partition, 5 next offset, 6 event blob,
+ *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, then per op:
+ *       op (ZADD|ZREM), key number, score, member */
 static const char APPLY_LUA[] =
+    "if redis.call('EXISTS', KEYS[5]) == 0 then return -2 end\n"
     "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
-    "local v = tonumber(ARGV[1])\n"
-    "if v > cur + 1 then return -1 end\n"
-    "local prev = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '-1')\n"
-    "if tonumber(ARGV[4]) > prev then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end\n"
-    "if v <= cur then return 0 end\n"
-    "redis.call('HSET', KEYS[1], 'v', ARGV[1], 'json', ARGV[2])\n"
+    "local v = tonumber(ARGV[2])\n"
+    "local function mark()\n"
+    "  local prev = tonumber(redis.call('HGET', KEYS[2], ARGV[4]) or '-1')\n"
+    "  if tonumber(ARGV[5]) > prev then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end\n"
+    "end\n"
+    "if v <= cur then mark() return 0 end\n"
+    "local held = redis.call('EXISTS', KEYS[3]) == 1\n"
+    "if ARGV[1] == 'dead' or held or v > cur + 1 then\n"
+    "  local code, reason = 3, ARGV[9]\n"
+    "  if ARGV[1] ~= 'dead' then\n"
+    "    if held then code, reason = 2, 'waiting behind an earlier dead letter of its aggregate'\n"
+    "    else code, reason = -1, 'gap: the document is at version ' .. cur end\n"
+    "  end\n"
+    "  redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[6])\n"
+    "  redis.call('HSETNX', KEYS[3], ARGV[2] .. ':reason', reason)\n"
+    "  redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[7])\n"
+    "  mark()\n"
+    "  return code\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
+    "local i = 11\n"
+    "for _ = 1, tonumber(ARGV[10]) do\n"
+    "  local key = KEYS[tonumber(ARGV[i + 1])]\n"
+    "  if ARGV[i] == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
+    "  else redis.call('ZREM', key, ARGV[i + 3]) end\n"
+    "  i = i + 4\n"
+    "end\n"
+    "mark()\n"
     "return 1\n";
 
 struct cqrs_docstore {
@@ -230,14 +258,56 @@ static cqrs_err_t load_script(cqrs_docstore_t *ds, cqrs_error_t *err)
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const char *key, int64_t version,
-                               const char *json, const char *offsets_key, int32_t partition,
-                               int64_t next_offset, cqrs_apply_result_t *result, cqrs_error_t *err)
+static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dead,
+                            cqrs_apply_result_t *result, cqrs_error_t *err)
 {
-    char v[24], part[12], off[24];
-    snprintf(v, sizeof v, "%lld", (long long)version);
-    snprintf(part, sizeof part, "%d", partition);
-    snprintf(off, sizeof off, "%lld", (long long)next_offset);
+    size_t nkeys = 5 + a->n_ops, nargs = 10 + 4 * a->n_ops;
+    size_t argc = 3 + nkeys + nargs;
+    const char **argv = calloc(argc, sizeof *argv);
+    char(*num)[32] = calloc(6 + 2 * a->n_ops, sizeof *num);
+    if (!argv || !num) {
+        free(argv);
+        free(num);
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    snprintf(num[0], 32, "%zu", nkeys);
+    snprintf(num[1], 32, "%lld", (long long)a->version);
+    snprintf(num[2], 32, "%d", a->partition);
+    snprintf(num[3], 32, "%lld", (long long)a->next_offset);
+    snprintf(num[4], 32, "%lld", (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000);
+    snprintf(num[5], 32, "%zu", a->n_ops);
+    size_t k = 0;
+    argv[k++] = "EVALSHA";
+    argv[k++] = NULL; /* the script's sha, set below */
+    argv[k++] = num[0];
+    argv[k++] = a->key;
+    argv[k++] = a->offsets_key;
+    argv[k++] = a->dlq_key;
+    argv[k++] = CQRS_DLQ_INDEX_KEY;
+    argv[k++] = CQRS_META_KEY;
+    for (size_t i = 0; i < a->n_ops; i++)
+        argv[k++] = a->ops[i].key;
+    argv[k++] = dead ? "dead" : "apply";
+    argv[k++] = num[1];
+    argv[k++] = a->json ? a->json : "";
+    argv[k++] = num[2];
+    argv[k++] = num[3];
+    argv[k++] = a->blob ? a->blob : "{}";
+    argv[k++] = a->aggregate_id ? a->aggregate_id : "";
+    argv[k++] = num[4];
+    argv[k++] = a->reason ? a->reason : "";
+    argv[k++] = num[5];
+    for (size_t i = 0; i < a->n_ops; i++) {
+        char *keyno = num[6 + 2 * i], *score = num[7 + 2 * i];
+        snprintf(keyno, 32, "%zu", 6 + i);
+        snprintf(score, 32, "%.17g", a->ops[i].score);
+        argv[k++] = a->ops[i].op == CQRS_INDEX_ZADD ? "ZADD" : "ZREM";
+        argv[k++] = keyno;
+        argv[k++] = score;
+        argv[k++] = a->ops[i].member;
+    }
     cqrs_err_t rc = CQRS_ERR_OK;
     for (int attempt = 0; attempt < 2; attempt++) {
         if (!ds->sha[0] || !ds->c) {
@@ -245,25 +315,59 @@ cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const char *key, int64_t ver
             if (rc == CQRS_ERR_OK)
                 rc = load_script(ds, err);
             if (rc != CQRS_ERR_OK)
-                return rc;
+                break;
         }
-        const char *argv[] = {"EVALSHA", ds->sha, "2", key, offsets_key, v, json, part, off};
+        argv[1] = ds->sha;
         redisReply *r = NULL;
-        rc = command(ds, 9, argv, NULL, &r, err);
+        rc = command(ds, (int)k, argv, NULL, &r, err);
         if (rc == CQRS_ERR_STATE) {
             /* NOSCRIPT: the server restarted or flushed its script cache. */
             ds->sha[0] = '\0';
             continue;
         }
         if (rc != CQRS_ERR_OK)
-            return rc;
-        if (r->type != REDIS_REPLY_INTEGER || r->integer < -1 || r->integer > 1)
+            break;
+        if (r->type != REDIS_REPLY_INTEGER || r->integer < -2 || r->integer > 3)
             rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected apply reply");
         else
             *result = (cqrs_apply_result_t)r->integer;
         freeReplyObject(r);
-        return rc;
+        break;
     }
+    free(argv);
+    free(num);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                               cqrs_apply_result_t *result, cqrs_error_t *err)
+{
+    return run_apply(ds, a, false, result, err);
+}
+
+cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                                     cqrs_apply_result_t *result, cqrs_error_t *err)
+{
+    return run_apply(ds, a, true, result, err);
+}
+
+cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err)
+{
+    char now[32];
+    snprintf(now, sizeof now, "%lld", (long long)time(NULL));
+    const char *argv[] = {"HSETNX", CQRS_META_KEY, "created", now};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 4, argv, NULL, &r, err);
+    freeReplyObject(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err)
+{
+    const char *argv[] = {"RPUSH", "cqrs:dlq:undecodable", blob};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    freeReplyObject(r);
     return rc;
 }
 

@@ -113,3 +113,12 @@ cqrs_err_t cqrs_event_decode(cqrs_header_lookup_fn lookup, void *ud, const char 
     }
     return CQRS_ERR_OK;
 }
+
+json_t *cqrs_event_to_json(const cqrs_event_t *ev)
+{
+    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:s, s:s, s:O}", "id", ev->id, "type",
+                     ev->type, "source", ev->source, "aggregate_type", ev->aggregate_type,
+                     "aggregate_id", ev->aggregate_id, "version", (json_int_t)ev->version,
+                     "sequence", (json_int_t)ev->sequence, "time", ev->time, "traceparent",
+                     ev->traceparent, "data", ev->data ? ev->data : json_null());
+}

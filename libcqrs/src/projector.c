@@ -2,9 +2,10 @@
  *
  * Invariants:
  *  - Messages of a partition are handled one at a time, in offset order, on this thread.
- *  - An offset is stored for commit (offset + 1) only after the projection returned OK (or
- *    declared the event unusable), so a crash re-delivers and never skips.
- *  - isolation.level=read_committed: a transactional producer's aborted writes are never seen.
+ *  - Redis holds the truth about progress: each apply records the partition's next offset
+ *    atomically with the document; assignment seeks there. The Kafka group's committed offsets
+ *    (stored after each event) only serve lag monitoring.
+ *  - isolation.level=read_committed: a fenced relay's aborted writes are never seen.
  */
 #include "cqrs/projector.h"
 
@@ -20,6 +21,14 @@
 #include "cqrs/log.h"
 #include "cqrs/util.h"
 
+#define MAX_MISSING 256
+
+typedef struct missing {
+    char topic[128];
+    int32_t partition;
+    int64_t low;
+} missing_t;
+
 struct cqrs_projector {
     cqrs_projector_config_t cfg;
     char *brokers, *group_id, *client_id, *redis_url;
@@ -29,10 +38,25 @@ struct cqrs_projector {
     cqrs_docstore_t *ds;
     pthread_t thread;
     bool running;
+    bool restart; /* the consumer must be recreated (store reset) */
     atomic_bool stop;
     atomic_bool kafka_up, redis_up;
-    atomic_uint_fast64_t applied, skipped_invalid;
+    atomic_uint history_missing;
+    atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets;
+    missing_t missing[MAX_MISSING];
+    unsigned n_missing;
+    int64_t next_missing_check;
 };
+
+void cqrs_projector_offsets_key(const char *topic, char *out, size_t cap)
+{
+    snprintf(out, cap, "cqrs:offsets:{%s}", topic);
+}
+
+void cqrs_projector_dlq_key(const char *aggregate_id, char *out, size_t cap)
+{
+    snprintf(out, cap, "cqrs:dlq:{%s}", aggregate_id);
+}
 
 static const char *offsets_key_for(cqrs_projector_t *p, const char *topic)
 {
@@ -42,27 +66,108 @@ static const char *offsets_key_for(cqrs_projector_t *p, const char *topic)
     return NULL;
 }
 
+static void sleep_unless_stopped(cqrs_projector_t *p, unsigned ms)
+{
+    for (unsigned waited = 0; waited < ms && !atomic_load(&p->stop); waited += 50)
+        usleep(50 * 1000);
+}
+
+/* The offset Redis recorded for a partition, -1 when none; waits out a Redis outage. */
+static int64_t redis_offset(cqrs_projector_t *p, const char *topic, int32_t partition)
+{
+    const char *key = offsets_key_for(p, topic);
+    unsigned attempt = 0;
+    while (key && !atomic_load(&p->stop)) {
+        int64_t off;
+        cqrs_error_t e;
+        cqrs_err_t rc = cqrs_docstore_offset(p->ds, key, partition, &off, &e);
+        if (rc == CQRS_ERR_OK)
+            return off;
+        if (rc == CQRS_ERR_NOT_FOUND)
+            return -1;
+        atomic_store(&p->redis_up, false);
+        if (attempt++ % 20 == 0)
+            CQRS_LOG_WARN("cannot read applied offsets from Redis; waiting", "error", e.message);
+        sleep_unless_stopped(p, 500);
+    }
+    return -1;
+}
+
+static void report_missing(const missing_t *m, int64_t have)
+{
+    char part[12], low[24], off[24];
+    snprintf(part, sizeof part, "%d", m->partition);
+    snprintf(low, sizeof low, "%lld", (long long)m->low);
+    snprintf(off, sizeof off, "%lld", (long long)(have < 0 ? 0 : have));
+    CQRS_LOG_ERROR("Kafka no longer holds the events this read model needs; partition paused."
+                   " Rebuild the read model from PostgreSQL: cqrsctl rebuild",
+                   "topic", m->topic, "partition", part, "needed_from_offset", off,
+                   "kafka_earliest_offset", low);
+}
+
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                          rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
     cqrs_projector_t *p = opaque;
-    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        /* Resume where Redis says the read model is: documents and offsets were written
-         * together, so this is exactly the first event not yet applied. */
-        for (int i = 0; i < parts->cnt; i++) {
-            rd_kafka_topic_partition_t *tp = &parts->elems[i];
-            const char *key = offsets_key_for(p, tp->topic);
-            int64_t off;
-            cqrs_error_t e;
-            if (key && cqrs_docstore_offset(p->ds, key, tp->partition, &off, &e) == CQRS_ERR_OK)
-                tp->offset = off;
-        }
-        rd_kafka_assign(rk, parts);
-        CQRS_LOG_INFO("partitions assigned");
-    } else {
+    p->n_missing = 0;
+    if (err != RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         rd_kafka_assign(rk, NULL);
+        atomic_store(&p->history_missing, 0);
         CQRS_LOG_INFO("partitions revoked");
+        return;
     }
+    /* Resume where Redis says the read model is; with no record, from the beginning. */
+    rd_kafka_topic_partition_list_t *paused = rd_kafka_topic_partition_list_new(1);
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        int64_t have = redis_offset(p, tp->topic, tp->partition);
+        tp->offset = have >= 0 ? have : RD_KAFKA_OFFSET_BEGINNING;
+        int64_t low = 0, high = 0;
+        if (rd_kafka_query_watermark_offsets(rk, tp->topic, tp->partition, &low, &high, 5000) ==
+                RD_KAFKA_RESP_ERR_NO_ERROR &&
+            (have < 0 ? 0 : have) < low && p->n_missing < MAX_MISSING) {
+            missing_t *m = &p->missing[p->n_missing++];
+            snprintf(m->topic, sizeof m->topic, "%s", tp->topic);
+            m->partition = tp->partition;
+            m->low = low;
+            report_missing(m, have);
+            rd_kafka_topic_partition_list_add(paused, tp->topic, tp->partition);
+        }
+    }
+    rd_kafka_assign(rk, parts);
+    if (paused->cnt > 0)
+        rd_kafka_pause_partitions(rk, paused);
+    rd_kafka_topic_partition_list_destroy(paused);
+    atomic_store(&p->history_missing, p->n_missing);
+    char n[12];
+    snprintf(n, sizeof n, "%d", parts->cnt);
+    CQRS_LOG_INFO("partitions assigned", "count", n);
+}
+
+/* Paused partitions come back once a rebuild recorded an offset Kafka still holds. */
+static void recheck_missing(cqrs_projector_t *p)
+{
+    if (p->n_missing == 0 || cqrs_monotonic_ms() < p->next_missing_check)
+        return;
+    p->next_missing_check = cqrs_monotonic_ms() + 5000;
+    for (unsigned i = 0; i < p->n_missing;) {
+        missing_t *m = &p->missing[i];
+        int64_t have = redis_offset(p, m->topic, m->partition);
+        if (have < m->low) {
+            i++;
+            continue;
+        }
+        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_add(l, m->topic, m->partition)->offset = have;
+        rd_kafka_error_t *e = rd_kafka_seek_partitions(p->rk, l, 5000);
+        if (e)
+            rd_kafka_error_destroy(e);
+        rd_kafka_resume_partitions(p->rk, l);
+        rd_kafka_topic_partition_list_destroy(l);
+        CQRS_LOG_INFO("partition resumed after rebuild", "topic", m->topic);
+        p->missing[i] = p->missing[--p->n_missing];
+    }
+    atomic_store(&p->history_missing, p->n_missing);
 }
 
 cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_error_t *err)
@@ -91,7 +196,7 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
         size_t len = strlen(cfg->topics[i]) + 32;
         p->offsets_keys[i] = malloc(len);
         if (p->offsets_keys[i])
-            snprintf(p->offsets_keys[i], len, "cqrs:offsets:{%s}", cfg->topics[i]);
+            cqrs_projector_offsets_key(cfg->topics[i], p->offsets_keys[i], len);
     }
     p->ds = cqrs_docstore_new(cfg->redis_url, cfg->redis_timeout_ms, err);
     if (!p->ds) {
@@ -111,7 +216,8 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
         cqrs_bus_conf_set(conf, "enable.auto.offset.store", "false", err) ||
         cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", err) ||
         cqrs_bus_conf_set(conf, "isolation.level", "read_committed", err) ||
-        cqrs_bus_conf_set(conf, "enable.partition.eof", "false", err)) {
+        cqrs_bus_conf_set(conf, "enable.partition.eof", "false", err) ||
+        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "100", err)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }
@@ -170,58 +276,193 @@ static void store_offset(cqrs_projector_t *p, const rd_kafka_message_t *m)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
+/* A message that is not even a CloudEvent: kept whole in a list for an operator. */
+static void keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, const char *why)
+{
+    json_t *b = json_pack("{s:s, s:i, s:I, s:s}", "topic", rd_kafka_topic_name(m->rkt), "partition",
+                          (int)m->partition, "offset", (json_int_t)m->offset, "reason", why);
+    json_t *payload = m->payload ? json_stringn(m->payload, m->len) : json_null();
+    json_object_set_new(b, "payload", payload ? payload : json_string("<not UTF-8>"));
+    char *text = json_dumps(b, JSON_COMPACT);
+    json_decref(b);
+    unsigned attempt = 0;
+    cqrs_error_t err;
+    while (text && !atomic_load(&p->stop) &&
+           cqrs_docstore_undecodable(p->ds, text, &err) != CQRS_ERR_OK) {
+        if (attempt++ % 20 == 0)
+            CQRS_LOG_WARN("cannot store an undecodable message yet", "error", err.message);
+        sleep_unless_stopped(p, 500);
+    }
+    free(text);
+}
+
+/* Applies one event; returns false when the message must be handled again (stop, reset). */
+static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const cqrs_event_t *ev)
+{
+    char key[256], dlq[96], part_s[12], offset_s[24];
+    const char *topic = rd_kafka_topic_name(m->rkt);
+    snprintf(part_s, sizeof part_s, "%d", m->partition);
+    snprintf(offset_s, sizeof offset_s, "%lld", (long long)m->offset);
+    cqrs_projector_dlq_key(ev->aggregate_id, dlq, sizeof dlq);
+    bool known = p->cfg.projection->doc_key(ev, key, sizeof key);
+    if (!known)
+        snprintf(key, sizeof key, "cqrs:unknown:{%s}", ev->aggregate_id);
+
+    json_t *blob = cqrs_event_to_json(ev);
+    json_object_set_new(blob, "topic", json_string(topic));
+    json_object_set_new(blob, "partition", json_integer(m->partition));
+    json_object_set_new(blob, "offset", json_integer((json_int_t)m->offset));
+    char *blob_text = json_dumps(blob, JSON_COMPACT);
+    json_decref(blob);
+
+    cqrs_apply_t a = {.key = key,
+                      .version = ev->version,
+                      .dlq_key = dlq,
+                      .aggregate_id = ev->aggregate_id,
+                      .blob = blob_text,
+                      .offsets_key = offsets_key_for(p, topic),
+                      .partition = m->partition,
+                      .next_offset = m->offset + 1};
+    bool done = false;
+    unsigned attempt = 0;
+    while (!done && !atomic_load(&p->stop)) {
+        cqrs_error_t err;
+        cqrs_err_t rc;
+        cqrs_apply_result_t res = CQRS_APPLY_DUPLICATE;
+        char *text = NULL, *next_text = NULL;
+        int64_t version = 0;
+        json_t *doc = NULL, *next = NULL;
+        rc = known ? cqrs_docstore_get(p->ds, key, &text, &version, &err) : CQRS_ERR_NOT_FOUND;
+        if (rc == CQRS_ERR_NOT_FOUND)
+            rc = CQRS_ERR_OK;
+        bool dead = !known;
+        char reason[300] = "unknown aggregate type";
+        if (rc == CQRS_ERR_OK && known && ev->version == version + 1) {
+            doc = text ? json_loads(text, 0, NULL) : NULL;
+            cqrs_error_t perr;
+            if (text && !doc) {
+                dead = true;
+                snprintf(reason, sizeof reason, "the stored document is not JSON");
+            } else if (p->cfg.projection->apply(doc, ev, &next, &perr) != CQRS_ERR_OK) {
+                dead = true;
+                snprintf(reason, sizeof reason, "%s", perr.message);
+            } else {
+                next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);
+            }
+        }
+        if (rc == CQRS_ERR_OK) {
+            a.json = next_text;
+            a.reason = reason;
+            rc = dead ? cqrs_docstore_dead_letter(p->ds, &a, &res, &err)
+                      : cqrs_docstore_apply(p->ds, &a, &res, &err);
+        }
+        free(text);
+        free(next_text);
+        json_decref(doc);
+        json_decref(next);
+        if (rc != CQRS_ERR_OK) {
+            atomic_store(&p->redis_up, false);
+            if (attempt++ % 20 == 0)
+                CQRS_LOG_WARN("event not applied yet; retrying", "event_id", ev->id, "aggregate_id",
+                              ev->aggregate_id, "error", err.message);
+            unsigned ms = 50u << (attempt < 5 ? attempt : 5);
+            sleep_unless_stopped(p, ms > 1000 ? 1000 : ms);
+            continue;
+        }
+        atomic_store(&p->redis_up, true);
+        done = true;
+        switch (res) {
+        case CQRS_APPLY_APPLIED:
+            atomic_fetch_add(&p->applied, 1);
+            CQRS_LOG_DEBUG("event applied", "event_id", ev->id, "aggregate_id", ev->aggregate_id,
+                           "traceparent", ev->traceparent);
+            break;
+        case CQRS_APPLY_DUPLICATE:
+            atomic_fetch_add(&p->duplicates, 1);
+            break;
+        case CQRS_APPLY_HELD:
+            atomic_fetch_add(&p->parked, 1);
+            CQRS_LOG_WARN("event parked behind a dead letter of its aggregate", "event_id", ev->id,
+                          "aggregate_id", ev->aggregate_id, "type", ev->type);
+            break;
+        case CQRS_APPLY_DEAD:
+            atomic_fetch_add(&p->dead_letters, 1);
+            CQRS_LOG_ERROR("event dead-lettered; its aggregate is held (cqrsctl dlq)", "event_id",
+                           ev->id, "aggregate_id", ev->aggregate_id, "type", ev->type, "reason",
+                           reason, "topic", topic, "partition", part_s, "offset", offset_s);
+            break;
+        case CQRS_APPLY_GAP:
+            atomic_fetch_add(&p->gaps, 1);
+            atomic_fetch_add(&p->dead_letters, 1);
+            CQRS_LOG_ERROR("gap: an earlier version of the aggregate is missing; event held as a"
+                           " dead letter (cqrsctl dlq)",
+                           "event_id", ev->id, "aggregate_id", ev->aggregate_id, "type", ev->type);
+            break;
+        case CQRS_APPLY_RESET:
+            atomic_fetch_add(&p->resets, 1);
+            CQRS_LOG_WARN("the read model store is empty (no meta key); restarting the consumer"
+                          " to refill it from the beginning of the topics");
+            cqrs_docstore_ensure_meta(p->ds, &err);
+            p->restart = true;
+            free(blob_text);
+            return false;
+        }
+    }
+    free(blob_text);
+    return done;
+}
+
 static void handle(cqrs_projector_t *p, const rd_kafka_message_t *m)
 {
     header_ctx_t h = {.next = 0};
     rd_kafka_message_headers(m, &h.hdrs);
     cqrs_event_t ev;
     cqrs_error_t err;
-    char offset_s[24], part_s[12];
-    snprintf(offset_s, sizeof offset_s, "%lld", (long long)m->offset);
-    snprintf(part_s, sizeof part_s, "%d", m->partition);
-    const char *topic = rd_kafka_topic_name(m->rkt);
     if (cqrs_event_decode(header_lookup, &h, m->payload, m->len, &ev, &err) != CQRS_ERR_OK) {
-        atomic_fetch_add(&p->skipped_invalid, 1);
-        CQRS_LOG_ERROR("undecodable event skipped", "topic", topic, "partition", part_s, "offset",
-                       offset_s, "error", err.message);
-        store_offset(p, m);
+        atomic_fetch_add(&p->undecodable, 1);
+        char part[12], off[24];
+        snprintf(part, sizeof part, "%d", m->partition);
+        snprintf(off, sizeof off, "%lld", (long long)m->offset);
+        CQRS_LOG_ERROR("undecodable message kept in cqrs:dlq:undecodable", "topic",
+                       rd_kafka_topic_name(m->rkt), "partition", part, "offset", off, "error",
+                       err.message);
+        keep_undecodable(p, m, err.message);
+        if (!atomic_load(&p->stop))
+            store_offset(p, m);
+        cqrs_event_close(&ev);
         return;
     }
-    cqrs_delivery_t at = {topic, m->partition, m->offset, offsets_key_for(p, topic)};
-    unsigned attempt = 0;
-    while (!atomic_load(&p->stop)) {
-        cqrs_err_t rc = p->cfg.apply(p->cfg.ud, p->ds, &ev, &at, &err);
-        if (rc == CQRS_ERR_OK) {
-            atomic_store(&p->redis_up, true);
-            atomic_fetch_add(&p->applied, 1);
-            store_offset(p, m);
-            CQRS_LOG_DEBUG("event applied", "event_id", ev.id, "aggregate_id", ev.aggregate_id,
-                           "traceparent", ev.traceparent);
-            break;
-        }
-        if (rc == CQRS_ERR_INVALID) {
-            atomic_fetch_add(&p->skipped_invalid, 1);
-            CQRS_LOG_ERROR("event cannot be applied; skipped", "event_id", ev.id, "aggregate_id",
-                           ev.aggregate_id, "type", ev.type, "error", err.message);
-            store_offset(p, m);
-            break;
-        }
-        if (rc == CQRS_ERR_UNAVAILABLE)
-            atomic_store(&p->redis_up, false);
-        if (attempt % 20 == 0)
-            CQRS_LOG_WARN("event not applied yet; retrying", "event_id", ev.id, "aggregate_id",
-                          ev.aggregate_id, "error", err.message);
-        unsigned ms = 50u << (attempt < 5 ? attempt : 5);
-        usleep((ms > 1000 ? 1000 : ms) * 1000);
-        attempt++;
-    }
+    if (apply_event(p, m, &ev))
+        store_offset(p, m);
     cqrs_event_close(&ev);
+}
+
+static void consumer_close(cqrs_projector_t *p)
+{
+    if (!p->rk)
+        return;
+    /* Commits the stored offsets and leaves the group. */
+    rd_kafka_consumer_close(p->rk);
+    rd_kafka_destroy(p->rk);
+    p->rk = NULL;
 }
 
 static void *projector_main(void *arg)
 {
     cqrs_projector_t *p = arg;
     while (!atomic_load(&p->stop)) {
+        if (p->restart) {
+            consumer_close(p);
+            cqrs_error_t err;
+            p->rk = consumer_new(p, &err);
+            if (!p->rk) {
+                CQRS_LOG_ERROR("cannot recreate the consumer", "error", err.message);
+                sleep_unless_stopped(p, 1000);
+                continue;
+            }
+            p->restart = false;
+        }
+        recheck_missing(p);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(p->rk, 200);
         if (!m)
             continue;
@@ -241,13 +482,16 @@ static void *projector_main(void *arg)
 
 cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err)
 {
+    /* A fresh store gets its meta key before the first apply (a store without one is taken
+     * for one that lost its data). */
+    if (cqrs_docstore_ensure_meta(p->ds, err) != CQRS_ERR_OK)
+        CQRS_LOG_WARN("Redis is not reachable yet; the projector will wait for it");
     p->rk = consumer_new(p, err);
     if (!p->rk)
         return err ? err->code : CQRS_ERR_CONFIG;
     atomic_store(&p->stop, false);
     if (pthread_create(&p->thread, NULL, projector_main, p) != 0) {
-        rd_kafka_destroy(p->rk);
-        p->rk = NULL;
+        consumer_close(p);
         return cqrs_error_set(err, CQRS_ERR_INTERNAL, "cannot start the projector thread");
     }
     p->running = true;
@@ -261,18 +505,21 @@ void cqrs_projector_stop(cqrs_projector_t *p)
     atomic_store(&p->stop, true);
     pthread_join(p->thread, NULL);
     p->running = false;
-    /* Commits the stored offsets and leaves the group. */
-    rd_kafka_consumer_close(p->rk);
-    rd_kafka_destroy(p->rk);
-    p->rk = NULL;
+    consumer_close(p);
 }
 
 void cqrs_projector_stats(cqrs_projector_t *p, cqrs_projector_stats_t *out)
 {
     out->kafka_up = atomic_load(&p->kafka_up);
     out->redis_up = atomic_load(&p->redis_up);
+    out->history_missing = atomic_load(&p->history_missing);
     out->applied = atomic_load(&p->applied);
-    out->skipped_invalid = atomic_load(&p->skipped_invalid);
+    out->duplicates = atomic_load(&p->duplicates);
+    out->dead_letters = atomic_load(&p->dead_letters);
+    out->gaps = atomic_load(&p->gaps);
+    out->parked = atomic_load(&p->parked);
+    out->undecodable = atomic_load(&p->undecodable);
+    out->resets = atomic_load(&p->resets);
 }
 
 void cqrs_projector_destroy(cqrs_projector_t *p)

@@ -151,67 +151,20 @@ cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **
     return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown order event type %s", ev->type);
 }
 
-cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t *ev,
-                               const cqrs_delivery_t *at, cqrs_error_t *err)
+static bool query_doc_key(const cqrs_event_t *ev, char *out, size_t cap)
 {
-    (void)ud;
-    cqrs_err_t (*apply)(const json_t *, const cqrs_event_t *, json_t **, cqrs_error_t *);
-    if (strcmp(ev->aggregate_type, "product") == 0)
-        apply = product_view_apply;
-    else if (strcmp(ev->aggregate_type, "order") == 0)
-        apply = order_view_apply;
-    else
-        return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown aggregate type %s",
-                              ev->aggregate_type);
-    char key[96];
-    doc_key(ev->aggregate_type, ev->aggregate_id, key, sizeof key);
-    char *text = NULL;
-    int64_t version = 0;
-    cqrs_err_t rc = cqrs_docstore_get(ds, key, &text, &version, err);
-    if (rc == CQRS_ERR_NOT_FOUND)
-        version = 0;
-    else if (rc != CQRS_ERR_OK)
-        return rc;
-
-    json_t *doc = NULL, *next = NULL;
-    char *next_text = NULL;
-    cqrs_apply_result_t result;
-    if (ev->version <= version) {
-        /* Already applied: only record the offset. */
-        rc = cqrs_docstore_apply(ds, key, ev->version, "", at->offsets_key, at->partition,
-                                 at->offset + 1, &result, err);
-        goto out;
-    }
-    if (ev->version > version + 1) {
-        rc = cqrs_error_set(err, CQRS_ERR_STATE,
-                            "gap: document %s is at version %lld, event has %lld", ev->aggregate_id,
-                            (long long)version, (long long)ev->version);
-        goto out;
-    }
-    if (text) {
-        json_error_t jerr;
-        doc = json_loads(text, 0, &jerr);
-        if (!doc) {
-            rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "stored document %s is not JSON", key);
-            goto out;
-        }
-    }
-    rc = apply(doc, ev, &next, err);
-    if (rc != CQRS_ERR_OK)
-        goto out;
-    next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    if (!next_text) {
-        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    rc = cqrs_docstore_apply(ds, key, ev->version, next_text, at->offsets_key, at->partition,
-                             at->offset + 1, &result, err);
-    if (rc == CQRS_ERR_OK && result == CQRS_APPLY_GAP)
-        rc = cqrs_error_set(err, CQRS_ERR_STATE, "gap at %s", key);
-out:
-    free(next_text);
-    json_decref(next);
-    json_decref(doc);
-    free(text);
-    return rc;
+    if (strcmp(ev->aggregate_type, "product") != 0 && strcmp(ev->aggregate_type, "order") != 0)
+        return false;
+    doc_key(ev->aggregate_type, ev->aggregate_id, out, cap);
+    return true;
 }
+
+static cqrs_err_t query_apply(const json_t *doc, const cqrs_event_t *ev, json_t **next,
+                              cqrs_error_t *err)
+{
+    if (strcmp(ev->aggregate_type, "product") == 0)
+        return product_view_apply(doc, ev, next, err);
+    return order_view_apply(doc, ev, next, err);
+}
+
+const cqrs_projection_t query_projection = {query_doc_key, query_apply};

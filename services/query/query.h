@@ -27,9 +27,8 @@ cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t 
 cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
                             cqrs_error_t *err);
 
-/* The projector callback (cqrs_projector_apply_fn) for product and order events. */
-cqrs_err_t query_project_event(void *ud, cqrs_docstore_t *ds, const cqrs_event_t *ev,
-                               const cqrs_delivery_t *at, cqrs_error_t *err);
+/* The projection of product and order events for the projector. */
+extern const cqrs_projection_t query_projection;
 
 /* GET /v1/products/{id} and GET /v1/orders/{id}; ud is a query_ctx_t. */
 void product_get_handler(cqrs_http_request_t *req, void *ud);

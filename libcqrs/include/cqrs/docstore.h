@@ -40,17 +40,61 @@ cqrs_err_t cqrs_docstore_get(cqrs_docstore_t *ds, const char *key, char **json, 
                              cqrs_error_t *err);
 
 typedef enum cqrs_apply_result {
-    CQRS_APPLY_APPLIED = 1,
+    CQRS_APPLY_APPLIED = 1,   /* written, with its index changes and the offset */
     CQRS_APPLY_DUPLICATE = 0, /* version ≤ stored: skipped, offset still recorded */
-    CQRS_APPLY_GAP = -1,      /* version > stored + 1: nothing written */
+    CQRS_APPLY_HELD = 2,      /* the aggregate has dead letters: parked behind them */
+    CQRS_APPLY_DEAD = 3,      /* stored as a dead letter (mode DEAD) */
+    CQRS_APPLY_GAP = -1,      /* version > stored + 1: parked as a dead letter, aggregate held */
+    CQRS_APPLY_RESET = -2,    /* the store lost its data (no meta key): nothing written */
 } cqrs_apply_result_t;
 
-/* Atomically: if version == stored + 1, HSET key v <version> json <json>; unless it is a gap,
- * also record next_offset (the offset after the event's message) for `partition` in the hash
- * offsets_key, which only ever grows. See cqrs_apply_result_t. */
-cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const char *key, int64_t version,
-                               const char *json, const char *offsets_key, int32_t partition,
-                               int64_t next_offset, cqrs_apply_result_t *result, cqrs_error_t *err);
+typedef enum cqrs_index_op_kind { CQRS_INDEX_ZADD, CQRS_INDEX_ZREM } cqrs_index_op_kind_t;
+
+/* One change of a sorted-set index, made in the same script call as the document. */
+typedef struct cqrs_index_op {
+    cqrs_index_op_kind_t op;
+    const char *key;
+    double score; /* ZADD only */
+    const char *member;
+} cqrs_index_op_t;
+
+#define CQRS_META_KEY "cqrs:meta"
+#define CQRS_DLQ_INDEX_KEY "cqrs:dlq:index"
+
+/* Everything one apply writes. Strings are borrowed for the call. */
+typedef struct cqrs_apply {
+    const char *key;     /* the document */
+    int64_t version;     /* the event's aggregate version */
+    const char *json;    /* the new document (ignored unless applied) */
+    const char *dlq_key; /* this aggregate's dead letters: hash version → event blob */
+    const char *aggregate_id;
+    const char *blob;   /* the event as JSON, stored when parked or dead-lettered */
+    const char *reason; /* why, for a dead letter (mode DEAD) */
+    const cqrs_index_op_t *ops;
+    size_t n_ops;
+    const char *offsets_key; /* hash partition → next offset */
+    int32_t partition;
+    int64_t next_offset; /* the offset after the event's message */
+} cqrs_apply_t;
+
+/* One Lua script call, atomic. Unless the store lost its meta key (RESET): a version at or
+ * below the stored one is a duplicate; an aggregate with dead letters parks the event behind
+ * them; a version past stored + 1 is parked as a gap (and holds the aggregate); otherwise the
+ * document and its index changes are written. Every outcome but RESET records next_offset for
+ * the partition (offsets only grow). */
+cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                               cqrs_apply_result_t *result, cqrs_error_t *err);
+
+/* Stores the event as a dead letter with a reason (holding its aggregate), recording the
+ * offset; result DEAD, DUPLICATE (already applied) or RESET. */
+cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                                     cqrs_apply_result_t *result, cqrs_error_t *err);
+
+/* Creates the meta key when missing (a fresh or flushed store). */
+cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err);
+
+/* Appends a message that could not even be decoded to the list "cqrs:dlq:undecodable". */
+cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err);
 
 /* Applied offset (next offset to read) of a partition; NOT_FOUND when none is stored. */
 cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, int32_t partition,

@@ -55,4 +55,8 @@ typedef const char *(*cqrs_header_lookup_fn)(const char *name, void *ud);
 cqrs_err_t cqrs_event_decode(cqrs_header_lookup_fn lookup, void *ud, const char *value, size_t len,
                              cqrs_event_t *ev, cqrs_error_t *err);
 
+/* The event as one JSON object (all attributes and data), e.g. for a dead-letter store. New
+ * reference. */
+json_t *cqrs_event_to_json(const cqrs_event_t *ev);
+
 #endif

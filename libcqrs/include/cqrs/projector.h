@@ -1,16 +1,22 @@
 /* projector.h — the Kafka consumer that feeds events to a projection, one at a time, in
- * partition order.
+ * partition order, and keeps the read model exactly in step.
  *
- * At-least-once delivery made effectively-once by the docstore's version check: the consumer
- * stores a partition's offset (offset + 1) only after the projection applied (or skipped as
- * duplicate) the message; Redis records the same offset atomically with the document. A
- * projection that reports UNAVAILABLE is retried with backoff, forever, until it succeeds or
- * the projector stops, so a Redis outage delays events but never drops one.
+ * Exactly once: every event goes through one atomic docstore apply (document + index changes +
+ * the partition's applied offset, only at version = stored + 1). On assignment each partition
+ * resumes from the offset recorded in Redis; with none, from the beginning of the topic — so a
+ * Redis that lost its data is refilled from Kafka. When Kafka no longer holds that beginning
+ * (retention), the partition is paused and reported (history_missing) until a rebuild records
+ * an offset Kafka still has; the daemon's readiness fails meanwhile.
  *
- * On assignment, each partition resumes from the offset recorded in Redis (the offset after
- * the last applied event), falling back to the group's committed offset when Redis has none.
+ * Dead letters: an event the projection rejects, or that arrives after a gap, is stored with
+ * its reason in Redis and holds back its own aggregate only (later events of that aggregate
+ * are parked behind it); all other aggregates go on.
  *
- * One thread per projector; the callback runs on it and owns `ds` for the call.
+ * Outages: Redis down → the event in hand is retried with backoff until it succeeds or the
+ * projector stops; Kafka down → librdkafka reconnects. A store found empty mid-run (no meta
+ * key) restarts the consumer so every partition resumes from the beginning.
+ *
+ * One thread per projector; the projection's functions run on it.
  */
 #ifndef CQRS_PROJECTOR_H
 #define CQRS_PROJECTOR_H
@@ -25,17 +31,14 @@
 
 typedef struct cqrs_projector cqrs_projector_t;
 
-typedef struct cqrs_delivery {
-    const char *topic;
-    int32_t partition;
-    int64_t offset;
-    const char *offsets_key; /* Redis hash of this topic's applied offsets */
-} cqrs_delivery_t;
-
-/* Applies one event. OK: applied or a duplicate; UNAVAILABLE: retry later; INVALID: the event
- * cannot be applied (logged and skipped); STATE: a gap, retried with backoff. */
-typedef cqrs_err_t (*cqrs_projector_apply_fn)(void *ud, cqrs_docstore_t *ds, const cqrs_event_t *ev,
-                                              const cqrs_delivery_t *at, cqrs_error_t *err);
+/* The domain part of a projection: pure functions. */
+typedef struct cqrs_projection {
+    /* Writes the key of the document ev changes; false when the aggregate type is unknown. */
+    bool (*doc_key)(const cqrs_event_t *ev, char *out, size_t cap);
+    /* The new document from the current one (NULL when none); INVALID → dead letter. */
+    cqrs_err_t (*apply)(const json_t *doc, const cqrs_event_t *ev, json_t **next,
+                        cqrs_error_t *err);
+} cqrs_projection_t;
 
 typedef struct cqrs_projector_config {
     const char *brokers;
@@ -45,20 +48,31 @@ typedef struct cqrs_projector_config {
     size_t n_topics;
     const char *redis_url;
     int redis_timeout_ms;
-    cqrs_projector_apply_fn apply;
-    void *ud;
+    const cqrs_projection_t *projection;
 } cqrs_projector_config_t;
 
 typedef struct cqrs_projector_stats {
     bool kafka_up;
     bool redis_up;
+    unsigned history_missing; /* partitions paused because Kafka lost their beginning */
     uint64_t applied;
-    uint64_t skipped_invalid;
+    uint64_t duplicates;
+    uint64_t dead_letters; /* rejected by the projection or after a gap */
+    uint64_t gaps;
+    uint64_t parked; /* held behind an earlier dead letter of their aggregate */
+    uint64_t undecodable;
+    uint64_t resets; /* times the store was found empty mid-run */
 } cqrs_projector_stats_t;
+
+/* Key of the Redis hash holding a topic's applied offsets: "cqrs:offsets:{<topic>}". */
+void cqrs_projector_offsets_key(const char *topic, char *out, size_t cap);
+
+/* Key of an aggregate's dead letters: "cqrs:dlq:{<aggregate id>}". */
+void cqrs_projector_dlq_key(const char *aggregate_id, char *out, size_t cap);
 
 cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_error_t *err);
 cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err);
-/* Stops the thread after the event in hand; commits stored offsets; closes the consumer. */
+/* Stops the thread after the event in hand; commits; leaves the group. */
 void cqrs_projector_stop(cqrs_projector_t *p);
 void cqrs_projector_stats(cqrs_projector_t *p, cqrs_projector_stats_t *out);
 void cqrs_projector_destroy(cqrs_projector_t *p);
