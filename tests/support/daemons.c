@@ -27,19 +27,22 @@ int free_port(void)
     return ntohs(a.sin_port);
 }
 
-static pid_t spawn(const daemons_t *d, const char *path, int port, const char *log)
+static pid_t spawn(const daemons_t *d, const char *path, int port, const char *log,
+                   const char *role)
 {
     pid_t pid = fork();
     if (pid == 0) {
         char p[16];
         snprintf(p, sizeof p, "%d", port);
         setenv("CQRS_HTTP_PORT", p, 1);
+        if (role)
+            setenv("CQRS_QUERY_ROLE", role, 1);
         setenv("CQRS_TOPIC_PREFIX", d->prefix, 1);
         setenv("CQRS_CONSUMER_GROUP", d->prefix, 1);
         setenv("CQRS_RELAY_POLL_MS", "200", 1);
         setenv("CQRS_HTTP_THREADS", "16", 0);
         setenv("CQRS_PG_POOL_SIZE", "16", 0);
-        FILE *f = freopen(log, "w", stdout);
+        FILE *f = freopen(log, "a", stdout);
         (void)f;
         dup2(STDOUT_FILENO, STDERR_FILENO);
         execl(path, path, (char *)NULL);
@@ -92,9 +95,9 @@ int daemons_start(daemons_t *d)
     d->qport = free_port();
     char log[128];
     snprintf(log, sizeof log, "%s/commandd.log", d->logdir);
-    d->commandd = spawn(d, CQRS_COMMANDD, d->cport, log);
+    d->commandd = spawn(d, CQRS_COMMANDD, d->cport, log, NULL);
     snprintf(log, sizeof log, "%s/queryd.log", d->logdir);
-    d->queryd = spawn(d, CQRS_QUERYD, d->qport, log);
+    d->queryd = spawn(d, CQRS_QUERYD, d->qport, log, NULL);
     if (wait_ready(d->cport, 60) != 0 || wait_ready(d->qport, 60) != 0) {
         daemons_dump_logs(d);
         return -1;
@@ -152,4 +155,16 @@ char *pg_text(const char *sql, const char *param)
     PQclear(r);
     PQfinish(c);
     return s;
+}
+
+pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const char *name)
+{
+    char log[128];
+    snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
+    pid_t pid = spawn(d, CQRS_QUERYD, port, log, role);
+    if (wait_ready(port, 60) != 0) {
+        daemons_dump_logs(d);
+        return -1;
+    }
+    return pid;
 }

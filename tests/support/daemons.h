@@ -25,6 +25,11 @@ int daemons_stop_one(pid_t *pid);
 void daemons_stop(daemons_t *d);
 void daemons_dump_logs(const daemons_t *d);
 
+/* Starts another cqrs-queryd of the same run (same topics and consumer group) on port, with
+ * CQRS_QUERY_ROLE=role (NULL: default), logging to <logdir>/<name>.log; waits until ready.
+ * Returns its pid, -1 on failure. */
+pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const char *name);
+
 /* A single number from SQL on CQRS_PG_DSN ($1 = param, may be NULL); -1 on error. */
 long long pg_count(const char *sql, const char *param);
 

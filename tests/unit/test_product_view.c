@@ -89,9 +89,158 @@ static void test_rejects_what_does_not_fit(void **state)
     json_decref(doc);
 }
 
+static json_t *base_doc(void)
+{
+    cqrs_event_t ev;
+    created(&ev, 1);
+    json_t *doc = NULL;
+    cqrs_error_t err;
+    assert_int_equal(product_view_apply(NULL, &ev, &doc, &err), CQRS_ERR_OK);
+    cqrs_event_close(&ev);
+    return doc;
+}
+
+/* Applies one event to doc (stolen) and returns the new document. */
+static json_t *step(json_t *doc, const char *type, int64_t version, json_t *data)
+{
+    cqrs_event_t ev;
+    cqrs_event_init(&ev, type, "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff", version, data,
+                    NULL);
+    json_t *next = NULL;
+    cqrs_error_t err;
+    if (product_view_apply(doc, &ev, &next, &err) != CQRS_ERR_OK)
+        fail_msg("%s: %s", type, err.message);
+    assert_int_equal(json_integer_value(json_object_get(next, "version")), version);
+    assert_string_equal(json_string_value(json_object_get(next, "updated_at")), ev.time);
+    /* created_at never moves */
+    assert_string_equal(json_string_value(json_object_get(next, "created_at")),
+                        json_string_value(json_object_get(doc, "created_at")));
+    assert_int_equal(json_object_size(next), 13);
+    cqrs_event_close(&ev);
+    json_decref(doc);
+    return next;
+}
+
+#define I(doc, f) json_integer_value(json_object_get(doc, f))
+#define S(doc, f) json_string_value(json_object_get(doc, f))
+
+static void test_every_product_event(void **state)
+{
+    (void)state;
+    json_t *d = base_doc();
+    d = step(
+        d, "product.details-updated.v1", 2,
+        json_pack("{s:s,s:s,s:s}", "name", "Gadget", "description", "New", "category", "toys"));
+    assert_string_equal(S(d, "name"), "Gadget");
+    assert_string_equal(S(d, "description"), "New");
+    assert_string_equal(S(d, "category"), "toys");
+    assert_string_equal(S(d, "sku"), "ABC-1");
+    d = step(d, "product.price-changed.v1", 3,
+             json_pack("{s:i,s:i}", "price_cents", 999, "previous_price_cents", 1299));
+    assert_int_equal(I(d, "price_cents"), 999);
+    d = step(d, "product.stock-adjusted.v1", 4,
+             json_pack("{s:i,s:s,s:i}", "delta", 5, "reason", "restock", "stock", 15));
+    assert_int_equal(I(d, "stock"), 15);
+    d = step(d, "product.stock-reserved.v1", 5,
+             json_pack("{s:s,s:i,s:i}", "order_id", "o", "quantity", 4, "stock", 11));
+    assert_int_equal(I(d, "stock"), 11);
+    assert_int_equal(I(d, "units_sold"), 4);
+    d = step(d, "product.stock-reserved.v1", 6,
+             json_pack("{s:s,s:i,s:i}", "order_id", "p", "quantity", 1, "stock", 10));
+    d = step(d, "product.stock-released.v1", 7,
+             json_pack("{s:s,s:i,s:i}", "order_id", "o", "quantity", 4, "stock", 14));
+    assert_int_equal(I(d, "stock"), 14);
+    assert_int_equal(I(d, "units_sold"), 1);
+    d = step(d, "product.discontinued.v1", 8, json_object());
+    assert_string_equal(S(d, "status"), "discontinued");
+    assert_int_equal(I(d, "price_cents"), 999);
+    json_decref(d);
+}
+
+static void test_product_events_need_their_document_and_data(void **state)
+{
+    (void)state;
+    const char *types[] = {"product.details-updated.v1", "product.price-changed.v1",
+                           "product.stock-adjusted.v1", "product.stock-reserved.v1",
+                           "product.stock-released.v1"};
+    json_t *doc = base_doc();
+    for (size_t i = 0; i < 5; i++) {
+        cqrs_event_t ev;
+        cqrs_event_init(&ev, types[i], "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff", 2,
+                        json_object(), NULL);
+        json_t *out = NULL;
+        cqrs_error_t err;
+        /* incomplete data */
+        assert_int_equal(product_view_apply(doc, &ev, &out, &err), CQRS_ERR_INVALID);
+        assert_null(out);
+        /* no document to change */
+        assert_int_equal(product_view_apply(NULL, &ev, &out, &err), CQRS_ERR_INVALID);
+        cqrs_event_close(&ev);
+    }
+    json_decref(doc);
+}
+
+static json_t *placed(cqrs_event_t *ev)
+{
+    cqrs_event_init(ev, "order.placed.v1", "order", "aaaaaaaa-8b86-4011-b42d-00c04fc964ff", 1,
+                    json_pack("{s:s,s:s,s:[{s:s,s:s,s:s,s:i,s:i,s:i}],s:i,s:s}", "order_id",
+                              "aaaaaaaa-8b86-4011-b42d-00c04fc964ff", "customer_id",
+                              "bbbbbbbb-8b86-4011-b42d-00c04fc964ff", "items", "product_id",
+                              "6f9619ff-8b86-4011-b42d-00c04fc964ff", "sku", "ABC-1", "name",
+                              "Widget", "unit_price_cents", 1299, "quantity", 2, "line_total_cents",
+                              2598, "total_cents", 2598, "currency", "EUR"),
+                    NULL);
+    json_t *doc = NULL;
+    cqrs_error_t err;
+    assert_int_equal(order_view_apply(NULL, ev, &doc, &err), CQRS_ERR_OK);
+    return doc;
+}
+
+static void test_order_events(void **state)
+{
+    (void)state;
+    cqrs_event_t ev;
+    json_t *doc = placed(&ev);
+    assert_int_equal(json_object_size(doc), 9);
+    assert_string_equal(S(doc, "id"), "aaaaaaaa-8b86-4011-b42d-00c04fc964ff");
+    assert_string_equal(S(doc, "customer_id"), "bbbbbbbb-8b86-4011-b42d-00c04fc964ff");
+    assert_string_equal(S(doc, "status"), "placed");
+    assert_int_equal(I(doc, "total_cents"), 2598);
+    assert_string_equal(S(doc, "currency"), "EUR");
+    assert_string_equal(S(doc, "placed_at"), ev.time);
+    assert_true(json_is_null(json_object_get(doc, "cancelled_at")));
+    json_t *line = json_array_get(json_object_get(doc, "items"), 0);
+    assert_string_equal(S(line, "sku"), "ABC-1");
+    assert_int_equal(I(line, "line_total_cents"), 2598);
+    json_t *again = NULL;
+    cqrs_error_t err;
+    assert_int_equal(order_view_apply(doc, &ev, &again, &err), CQRS_ERR_INVALID);
+    cqrs_event_close(&ev);
+
+    cqrs_event_init(&ev, "order.cancelled.v1", "order", "aaaaaaaa-8b86-4011-b42d-00c04fc964ff", 2,
+                    json_pack("{s:s}", "order_id", "aaaaaaaa-8b86-4011-b42d-00c04fc964ff"), NULL);
+    json_t *cancelled = NULL;
+    assert_int_equal(order_view_apply(doc, &ev, &cancelled, &err), CQRS_ERR_OK);
+    assert_string_equal(S(cancelled, "status"), "cancelled");
+    assert_string_equal(S(cancelled, "cancelled_at"), ev.time);
+    assert_int_equal(I(cancelled, "version"), 2);
+    assert_string_equal(S(cancelled, "placed_at"), S(doc, "placed_at"));
+    assert_int_equal(order_view_apply(NULL, &ev, &again, &err), CQRS_ERR_INVALID);
+    cqrs_event_close(&ev);
+    cqrs_event_init(&ev, "order.shipped.v1", "order", "aaaaaaaa-8b86-4011-b42d-00c04fc964ff", 3,
+                    json_object(), NULL);
+    assert_int_equal(order_view_apply(cancelled, &ev, &again, &err), CQRS_ERR_INVALID);
+    cqrs_event_close(&ev);
+    json_decref(cancelled);
+    json_decref(doc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_every_product_event),
+        cmocka_unit_test(test_product_events_need_their_document_and_data),
+        cmocka_unit_test(test_order_events),
         cmocka_unit_test(test_created_builds_the_whole_document),
         cmocka_unit_test(test_created_is_deterministic),
         cmocka_unit_test(test_rejects_what_does_not_fit),
