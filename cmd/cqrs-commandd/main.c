@@ -7,6 +7,7 @@
 #include <cqrs/config.h>
 #include <cqrs/daemon.h>
 #include <cqrs/log.h>
+#include <cqrs/metrics.h>
 #include <cqrs/outbox.h>
 #include <cqrs/store.h>
 #include <stdatomic.h>
@@ -33,12 +34,14 @@ typedef struct settings {
     int64_t relay_poll_ms;
     int64_t kafka_message_timeout_ms;
     int64_t idempotency_ttl_s;
+    int64_t relay_lease_ms;
+    char *relay_txn_id;
     domain_limits_t limits;
 } settings_t;
 
 static settings_t S;
 
-#define N_OWN 24
+#define N_OWN 26
 static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
 
 static void settings_table(void)
@@ -74,6 +77,13 @@ static void settings_table(void)
         {"CQRS_KAFKA_MESSAGE_TIMEOUT_MS", CQRS_CONFIG_INT, "30000", 1000, 900000,
          "delivery timeout of one event (then retried from the outbox)",
          &S.kafka_message_timeout_ms, NULL},
+        {"CQRS_RELAY_LEASE_MS", CQRS_CONFIG_INT, "5000", 1000, 600000,
+         "relay leadership lease: a silent leader is replaced after this long", &S.relay_lease_ms,
+         NULL},
+        {"CQRS_RELAY_TRANSACTIONAL_ID", CQRS_CONFIG_STRING, "", 0, 0,
+         "Kafka transactional.id shared by the relays of one deployment (default "
+         "<prefix>-relay)",
+         &S.relay_txn_id, NULL},
         {"CQRS_IDEMPOTENCY_TTL_S", CQRS_CONFIG_INT, "86400", 60, 2592000,
          "how long a stored Idempotency-Key response is replayed", &S.idempotency_ttl_s, NULL},
         {"CQRS_LIMIT_SKU_CHARS", CQRS_CONFIG_INT, "64", 1, 255, "longest sku", &S.limits.sku_max,
@@ -133,23 +143,35 @@ static void readyz(cqrs_http_request_t *req, void *ud)
 static void metrics(cqrs_http_request_t *req, void *ud)
 {
     app_t *app = ud;
-    cqrs_relay_stats_t st = {0};
+    cqrs_relay_stats_t st = {.backlog = -1};
     if (app->relay)
         cqrs_relay_stats(app->relay, &st);
-    char text[1024];
-    snprintf(text, sizeof text,
-             "# HELP cqrs_relay_leader 1 when this instance's relay publishes the outbox.\n"
-             "# TYPE cqrs_relay_leader gauge\n"
-             "cqrs_relay_leader %d\n"
-             "# HELP cqrs_relay_published_total Events acknowledged by Kafka.\n"
-             "# TYPE cqrs_relay_published_total counter\n"
-             "cqrs_relay_published_total %llu\n"
-             "# HELP cqrs_relay_delivery_failures_total Events Kafka did not acknowledge "
-             "(retried).\n"
-             "# TYPE cqrs_relay_delivery_failures_total counter\n"
-             "cqrs_relay_delivery_failures_total %llu\n",
-             st.leader ? 1 : 0, (unsigned long long)st.published, (unsigned long long)st.failed);
-    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
+    cqrs_text_t t = {0};
+    cqrs_metric_gauge(&t, "cqrs_relay_leader", "1 while this instance's relay holds the lease.",
+                      st.leader ? 1 : 0);
+    cqrs_metric_counter(&t, "cqrs_relay_leadership_changes_total",
+                        "Times this instance's relay became the leader.", st.leadership_changes);
+    cqrs_metric_counter(&t, "cqrs_relay_events_published_total",
+                        "Events committed to Kafka by this instance's relay.", st.published);
+    cqrs_metric_counter(&t, "cqrs_relay_delivery_failures_total",
+                        "Events Kafka did not acknowledge (their batch is retried).", st.failed);
+    cqrs_metric_counter(&t, "cqrs_relay_transactions_aborted_total",
+                        "Kafka transactions the relay aborted.", st.aborted);
+    cqrs_metric_counter(&t, "cqrs_relay_events_recovered_total",
+                        "Outbox rows found already in Kafka when taking over.", st.recovered);
+    if (st.backlog >= 0) {
+        cqrs_metric_gauge(&t, "cqrs_relay_backlog_events",
+                          "Outbox rows not yet acknowledged by Kafka (leader's view).",
+                          (double)st.backlog);
+        cqrs_metric_gauge(&t, "cqrs_relay_oldest_unpublished_age_seconds",
+                          "Age of the oldest outbox row (leader's view).", st.oldest_age_s);
+    }
+    if (app->relay)
+        cqrs_metric_histogram(&t, "cqrs_relay_publish_latency_seconds",
+                              "From an event's commit to Kafka's acknowledgement.",
+                              cqrs_relay_latency(app->relay));
+    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf ? t.buf : "");
+    cqrs_text_free(&t);
 }
 
 #define MAX_ROUTES 32
@@ -230,6 +252,10 @@ int main(int argc, char **argv)
     /* The relay ensures the topics when it becomes leader (cqrsctl migrate creates them
      * too); until they exist the events wait in the outbox. */
     const char *topics[] = {product_topic, order_topic};
+    char txn_id[300];
+    snprintf(txn_id, sizeof txn_id, "%s", S.relay_txn_id);
+    if (!txn_id[0])
+        snprintf(txn_id, sizeof txn_id, "%s-relay", S.topic_prefix);
     if (S.relay_enabled) {
         cqrs_relay_config_t rc_cfg = {
             .dsn = S.pg_dsn,
@@ -239,7 +265,8 @@ int main(int argc, char **argv)
             .batch_size = (int)S.relay_batch_size,
             .poll_interval_ms = (int)S.relay_poll_ms,
             .message_timeout_ms = (int)S.kafka_message_timeout_ms,
-            .lock_key = CQRS_RELAY_LOCK_KEY,
+            .transactional_id = txn_id,
+            .lease_ms = (int)S.relay_lease_ms,
             .topics = topics,
             .n_topics = 2,
             .topic_partitions = (int)S.kafka_partitions,

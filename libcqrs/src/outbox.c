@@ -1,17 +1,20 @@
 /* outbox.c — event log + outbox writes, and the relay thread.
  *
- * DESIGN
- *  - Election: the relay holds pg_try_advisory_lock(lock_key) on its own session; the lock
- *    dies with the session, so a crashed leader is replaced as soon as PostgreSQL notices
- *    (TCP keepalives / tcp_user_timeout bound that to seconds).
- *  - Completeness: each round reads every row still in the outbox, in sequence order. Rows are
- *    deleted only after their delivery report succeeded, so a transaction that committed late
- *    (a lower sequence appearing after higher ones were published) is published in a later
- *    round, never skipped.
- *  - Per-aggregate order: an aggregate's events get increasing sequences (its row lock orders
- *    its transactions) and the idempotent producer keeps partition order, key = aggregate id.
- *  - Wake-up: LISTEN cqrs_outbox, NOTIFYed by the writing transaction at commit, plus a fallback
- *    poll every poll_interval_ms.
+ * DESIGN (see outbox.h for the guarantees)
+ *  - Leadership: a lease row in PostgreSQL (relay_leader), taken when expired, renewed every
+ *    lease/5 — also while waiting on Kafka — and given up when a renewal fails. Taking it bumps
+ *    the epoch; every relay write checks owner + epoch in the same statement.
+ *  - Fencing in Kafka: one transactional.id for all relays of a deployment; init_transactions
+ *    by a new leader aborts and fences the old one's open transaction.
+ *  - One batch = one Kafka transaction: produce, wait for every delivery report, record the
+ *    batch in relay_inflight (with one check message's partition and offset), commit, then
+ *    delete the rows and the record in one statement. After a takeover the new leader looks
+ *    the check message up with a read_committed consumer: visible → the batch is in Kafka,
+ *    delete its rows; not visible → it was aborted, publish again.
+ *  - Completeness and order: every row still in the outbox, in sequence order; an aggregate's
+ *    events have increasing sequences (its row lock orders its transactions), and the
+ *    producer keeps partition order (idempotent, key = aggregate id).
+ *  - Wake-up: LISTEN cqrs_outbox (NOTIFYed at commit), plus a fallback poll.
  *  - Runs on its own thread with its own PostgreSQL connection and producer.
  */
 #include "cqrs/outbox.h"
@@ -23,10 +26,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cqrs/bus.h"
+#include "cqrs/failpoint.h"
 #include "cqrs/log.h"
+#include "cqrs/metrics.h"
 #include "cqrs/util.h"
 #include "store_int.h"
 
@@ -96,22 +102,34 @@ cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
 
 typedef struct slot {
     int64_t sequence;
+    double occurred_at; /* epoch seconds */
     rd_kafka_resp_err_t result;
+    int32_t partition;
+    int64_t offset;
     bool done;
 } slot_t;
 
 struct cqrs_relay {
     cqrs_relay_config_t cfg;
-    char *dsn, *brokers, *source, *client_id;
+    char *dsn, *brokers, *source, *client_id, *txn_id;
+    char **topics;
+    bool topics_ready;
+    char owner[128];
     pthread_t thread;
     bool running;
     atomic_bool stop;
     atomic_bool leader, kafka_up, pg_up;
-    atomic_uint_fast64_t published, failed;
-    char **topics;
-    bool topics_ready;
+    atomic_int_fast64_t epoch, backlog;
+    atomic_uint_fast64_t published, failed, aborted, changes, recovered;
+    _Atomic double oldest_age_s;
+    cqrs_histogram_t latency;
     PGconn *conn;
     rd_kafka_t *rk;
+    bool txn_ready;      /* init_transactions done on rk */
+    bool need_recovery;  /* after taking over: resolve relay_inflight first */
+    int64_t next_renew;  /* monotonic ms */
+    int64_t lease_until; /* monotonic ms: after this, assume the lease is gone */
+    int64_t next_housekeeping, next_stats;
 };
 
 cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
@@ -126,21 +144,29 @@ cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
     r->brokers = strdup(cfg->brokers);
     r->source = strdup(cfg->source ? cfg->source : "/cqrs");
     r->client_id = strdup(cfg->client_id ? cfg->client_id : "cqrs-relay");
-    if (!r->dsn || !r->brokers || !r->source || !r->client_id) {
-        cqrs_relay_destroy(r);
-        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-        return NULL;
-    }
+    r->txn_id = strdup(cfg->transactional_id ? cfg->transactional_id : "cqrs-relay");
     r->topics = calloc(cfg->n_topics + 1, sizeof *r->topics);
     for (size_t i = 0; r->topics && i < cfg->n_topics; i++)
         r->topics[i] = strdup(cfg->topics[i]);
     r->cfg.topics = (const char *const *)r->topics;
+    if (!r->dsn || !r->brokers || !r->source || !r->client_id || !r->txn_id || !r->topics) {
+        cqrs_relay_destroy(r);
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
     if (r->cfg.batch_size <= 0)
         r->cfg.batch_size = 500;
     if (r->cfg.poll_interval_ms <= 0)
         r->cfg.poll_interval_ms = 1000;
     if (r->cfg.message_timeout_ms <= 0)
         r->cfg.message_timeout_ms = 30000;
+    if (r->cfg.lease_ms <= 0)
+        r->cfg.lease_ms = 5000;
+    char host[64] = "host", id[CQRS_UUID_LEN + 1];
+    gethostname(host, sizeof host - 1);
+    cqrs_uuid_v4(id);
+    snprintf(r->owner, sizeof r->owner, "%s/%d/%.8s", host, (int)getpid(), id);
+    atomic_store(&r->backlog, -1);
     return r;
 }
 
@@ -151,6 +177,8 @@ static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
     slot_t *s = m->_private;
     if (s) {
         s->result = m->err;
+        s->partition = m->partition;
+        s->offset = m->offset;
         s->done = true;
     }
 }
@@ -160,11 +188,14 @@ static rd_kafka_t *producer_new(cqrs_relay_t *r, cqrs_error_t *err)
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, r->client_id, err);
     if (!conf)
         return NULL;
-    char timeout[16];
+    char timeout[16], txn_timeout[16];
     snprintf(timeout, sizeof timeout, "%d", r->cfg.message_timeout_ms);
-    /* Idempotence: acks=all, no reordering or duplicates from internal retries. murmur2 so
-     * that Java clients sharing the topics pick the same partition for a key. */
-    if (cqrs_bus_conf_set(conf, "enable.idempotence", "true", err) ||
+    snprintf(txn_timeout, sizeof txn_timeout, "%d",
+             r->cfg.message_timeout_ms > 60000 ? r->cfg.message_timeout_ms : 60000);
+    /* Transactions imply idempotence (acks=all, no reordering or duplicates from retries).
+     * murmur2 so that Java clients sharing the topics pick the same partition for a key. */
+    if (cqrs_bus_conf_set(conf, "transactional.id", r->txn_id, err) ||
+        cqrs_bus_conf_set(conf, "transaction.timeout.ms", txn_timeout, err) ||
         cqrs_bus_conf_set(conf, "message.timeout.ms", timeout, err) ||
         cqrs_bus_conf_set(conf, "linger.ms", "5", err) ||
         cqrs_bus_conf_set(conf, "partitioner", "murmur2_random", err)) {
@@ -181,17 +212,95 @@ static rd_kafka_t *producer_new(cqrs_relay_t *r, cqrs_error_t *err)
     return rk;
 }
 
+static void drop_producer(cqrs_relay_t *r)
+{
+    if (r->rk) {
+        /* Anything unacknowledged stays in the outbox; the transaction is aborted by Kafka
+         * (or by the next init_transactions). */
+        rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        rd_kafka_poll(r->rk, 0);
+        rd_kafka_destroy(r->rk);
+        r->rk = NULL;
+    }
+    r->txn_ready = false;
+}
+
+static void step_down(cqrs_relay_t *r, const char *why)
+{
+    if (atomic_exchange(&r->leader, false) && !atomic_load(&r->stop))
+        CQRS_LOG_WARN("outbox relay lost leadership", "reason", why);
+    drop_producer(r);
+}
+
 static void drop_pg(cqrs_relay_t *r)
 {
     if (r->conn) {
         PQfinish(r->conn);
         r->conn = NULL;
     }
-    if (atomic_exchange(&r->leader, false) && !atomic_load(&r->stop))
-        CQRS_LOG_WARN("outbox relay lost leadership");
+    atomic_store(&r->pg_up, false);
+    step_down(r, "PostgreSQL connection lost");
 }
 
-/* Sleeps up to ms, waking early on NOTIFY (when listening) or stop. */
+/* Runs a statement; NULL when it failed (the connection is dropped when broken). */
+static PGresult *exec_params(cqrs_relay_t *r, const char *sql, int n, const char *const *p)
+{
+    PGresult *res = PQexecParams(r->conn, sql, n, NULL, p, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        cqrs_error_t err;
+        cqrs__pg_error(r->conn, res, &err);
+        CQRS_LOG_WARN("relay statement failed", "error", err.message);
+        PQclear(res);
+        if (PQstatus(r->conn) != CONNECTION_OK)
+            drop_pg(r);
+        return NULL;
+    }
+    return res;
+}
+
+/* A relay write: owner and epoch are $1 and $2 (every write checks them), then up to 4 more
+ * parameters. */
+static PGresult *exec_relay(cqrs_relay_t *r, const char *sql, int n, const char *const *extra)
+{
+    char epoch[24];
+    snprintf(epoch, sizeof epoch, "%lld", (long long)atomic_load(&r->epoch));
+    const char *p[6] = {r->owner, epoch};
+    for (int i = 0; i < n && i < 4; i++)
+        p[2 + i] = extra[i];
+    return exec_params(r, sql, 2 + n, p);
+}
+
+/* Renews the lease when due. false when leadership is gone. */
+static bool renew(cqrs_relay_t *r, bool force)
+{
+    if (!atomic_load(&r->leader) || !r->conn)
+        return false;
+    int64_t now = cqrs_monotonic_ms();
+    if (!force && now < r->next_renew)
+        return true;
+    char lease[24];
+    snprintf(lease, sizeof lease, "%d milliseconds", r->cfg.lease_ms);
+    const char *x[] = {lease};
+    PGresult *res = exec_relay(r,
+                               "UPDATE relay_leader SET expires_at = now() + $3::interval"
+                               " WHERE id = 1 AND owner = $1 AND epoch = $2 RETURNING 1",
+                               1, x);
+    bool ok = res && PQntuples(res) == 1;
+    PQclear(res);
+    if (!ok) {
+        if (cqrs_monotonic_ms() < r->lease_until && r->conn)
+            return true; /* a hiccup; the lease still runs */
+        step_down(r, "lease not renewed");
+        return false;
+    }
+    r->next_renew = now + r->cfg.lease_ms / 5;
+    /* Our clock's view of the lease, with a margin for the round trip. */
+    r->lease_until = now + r->cfg.lease_ms * 4 / 5;
+    return true;
+}
+
+/* Sleeps up to ms, waking early on NOTIFY or stop; renews the lease meanwhile. */
 static void wait_for_work(cqrs_relay_t *r, int ms)
 {
     int64_t until = cqrs_monotonic_ms() + ms;
@@ -200,7 +309,9 @@ static void wait_for_work(cqrs_relay_t *r, int ms)
         if (left <= 0)
             return;
         int slice = left > 100 ? 100 : (int)left;
-        if (r->conn && atomic_load(&r->leader)) {
+        if (atomic_load(&r->leader) && !renew(r, false))
+            return;
+        if (r->conn) {
             struct pollfd pfd = {.fd = PQsocket(r->conn), .events = POLLIN};
             if (poll(&pfd, 1, slice) > 0) {
                 if (!PQconsumeInput(r->conn)) {
@@ -213,7 +324,7 @@ static void wait_for_work(cqrs_relay_t *r, int ms)
                     woke = true;
                     PQfreemem(n);
                 }
-                if (woke)
+                if (woke && atomic_load(&r->leader))
                     return;
             }
         } else {
@@ -222,50 +333,224 @@ static void wait_for_work(cqrs_relay_t *r, int ms)
     }
 }
 
+static bool connect_pg(cqrs_relay_t *r)
+{
+    if (r->conn)
+        return true;
+    cqrs_error_t err;
+    r->conn = cqrs__pg_connect(r->dsn, "cqrs-relay", 5, &err);
+    atomic_store(&r->pg_up, r->conn != NULL);
+    if (!r->conn) {
+        CQRS_LOG_WARN("outbox relay cannot reach PostgreSQL", "error", err.message);
+        return false;
+    }
+    PGresult *res = PQexec(r->conn, "LISTEN " NOTIFY_CHANNEL);
+    bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+    PQclear(res);
+    if (!ok)
+        drop_pg(r);
+    return ok;
+}
+
 static bool try_lead(cqrs_relay_t *r)
 {
-    cqrs_error_t err;
-    if (!r->conn) {
-        r->conn = cqrs__pg_connect(r->dsn, "cqrs-relay", 5, &err);
-        atomic_store(&r->pg_up, r->conn != NULL);
-        if (!r->conn) {
-            CQRS_LOG_WARN("outbox relay cannot reach PostgreSQL", "error", err.message);
-            return false;
-        }
+    char lease[24];
+    snprintf(lease, sizeof lease, "%d milliseconds", r->cfg.lease_ms);
+    const char *p[] = {r->owner, lease};
+    PGresult *res = PQexecParams(r->conn,
+                                 "UPDATE relay_leader SET owner = $1, epoch = epoch + 1,"
+                                 " since = now(), expires_at = now() + $2::interval"
+                                 " WHERE id = 1 AND expires_at < now() RETURNING epoch",
+                                 2, NULL, p, NULL, NULL, 0);
+    bool got = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        cqrs_error_t err;
+        cqrs__pg_error(r->conn, res, &err);
+        CQRS_LOG_WARN("relay election failed", "error", err.message);
     }
-    char sql[96];
-    snprintf(sql, sizeof sql, "SELECT pg_try_advisory_lock(%lld)", (long long)r->cfg.lock_key);
-    PGresult *res = PQexec(r->conn, sql);
-    bool got = PQresultStatus(res) == PGRES_TUPLES_OK && PQgetvalue(res, 0, 0)[0] == 't';
-    bool broken = PQresultStatus(res) != PGRES_TUPLES_OK;
+    int64_t epoch = 0;
+    if (got)
+        cqrs_parse_int64(PQgetvalue(res, 0, 0), &epoch);
     PQclear(res);
-    if (broken) {
+    if (PQstatus(r->conn) != CONNECTION_OK) {
         drop_pg(r);
         return false;
     }
     if (!got)
         return false;
-    res = PQexec(r->conn, "LISTEN " NOTIFY_CHANNEL);
-    broken = PQresultStatus(res) != PGRES_COMMAND_OK;
-    PQclear(res);
-    if (broken) {
-        drop_pg(r);
+    atomic_store(&r->epoch, epoch);
+    atomic_store(&r->leader, true);
+    atomic_fetch_add(&r->changes, 1);
+    int64_t now = cqrs_monotonic_ms();
+    r->next_renew = now + r->cfg.lease_ms / 5;
+    r->lease_until = now + r->cfg.lease_ms * 4 / 5;
+    r->need_recovery = true;
+    char e[24];
+    snprintf(e, sizeof e, "%lld", (long long)epoch);
+    CQRS_LOG_INFO("outbox relay is the leader", "owner", r->owner, "epoch", e);
+    return true;
+}
+
+/* Creates the producer and fences earlier leaders (init_transactions). */
+static bool ready_producer(cqrs_relay_t *r)
+{
+    cqrs_error_t err;
+    if (!r->rk) {
+        r->rk = producer_new(r, &err);
+        if (!r->rk) {
+            CQRS_LOG_ERROR("outbox relay cannot create a producer", "error", err.message);
+            return false;
+        }
+    }
+    if (r->txn_ready)
+        return true;
+    /* Short, resumable waits so that the lease keeps being renewed. */
+    rd_kafka_error_t *e = rd_kafka_init_transactions(r->rk, r->cfg.lease_ms / 3);
+    if (e) {
+        CQRS_LOG_WARN("Kafka transactions not ready yet", "error", rd_kafka_error_string(e));
+        bool fatal = rd_kafka_error_is_fatal(e);
+        rd_kafka_error_destroy(e);
+        atomic_store(&r->kafka_up, false);
+        if (fatal)
+            drop_producer(r);
         return false;
     }
-    atomic_store(&r->leader, true);
-    CQRS_LOG_INFO("outbox relay is the leader");
+    r->txn_ready = true;
     return true;
+}
+
+/* Header values are not NUL-terminated. */
+static bool header_int(rd_kafka_headers_t *h, const char *name, int64_t *out)
+{
+    const void *v;
+    size_t n;
+    char buf[32];
+    if (!h || rd_kafka_header_get_last(h, name, &v, &n) != 0 || n >= sizeof buf)
+        return false;
+    memcpy(buf, v, n);
+    buf[n] = '\0';
+    return cqrs_parse_int64(buf, out);
+}
+
+/* 1: the message at topic/partition/offset with ce_sequence seq is committed (visible to
+ * read_committed); 0: it is not (aborted); -1: cannot tell now. */
+static int committed_in_kafka(cqrs_relay_t *r, const char *topic, int32_t partition, int64_t offset,
+                              int64_t seq)
+{
+    cqrs_error_t err;
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, "cqrs-relay-check", &err);
+    if (!conf)
+        return -1;
+    char group[160];
+    snprintf(group, sizeof group, "%s-check", r->txn_id);
+    if (cqrs_bus_conf_set(conf, "group.id", group, &err) ||
+        cqrs_bus_conf_set(conf, "isolation.level", "read_committed", &err) ||
+        cqrs_bus_conf_set(conf, "enable.partition.eof", "true", &err) ||
+        cqrs_bus_conf_set(conf, "enable.auto.commit", "false", &err)) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    char errstr[256];
+    rd_kafka_t *c = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+    if (!c) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, topic, partition)->offset = offset;
+    rd_kafka_assign(c, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    int verdict = -1;
+    int64_t until = cqrs_monotonic_ms() + 15000;
+    while (verdict < 0 && cqrs_monotonic_ms() < until && !atomic_load(&r->stop)) {
+        renew(r, false);
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(c, 200);
+        if (!m)
+            continue;
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            /* Reached the end without seeing it: the transaction was aborted. */
+            verdict = 0;
+        } else if (!m->err) {
+            rd_kafka_headers_t *h = NULL;
+            int64_t got = -1;
+            rd_kafka_message_headers(m, &h);
+            header_int(h, "ce_sequence", &got);
+            verdict = (m->offset == offset && got == seq) ? 1 : 0;
+        }
+        rd_kafka_message_destroy(m);
+    }
+    rd_kafka_consumer_close(c);
+    rd_kafka_destroy(c);
+    return verdict;
+}
+
+/* After taking over: settle the batch the previous leader was committing, if any. */
+static bool recover(cqrs_relay_t *r)
+{
+    PGresult *res = exec_params(r,
+                                "SELECT sequences::text, check_topic, check_partition,"
+                                " check_offset, check_sequence FROM relay_inflight WHERE id = 1",
+                                0, NULL);
+    if (!res)
+        return false;
+    if (PQntuples(res) == 0) {
+        PQclear(res);
+        return true;
+    }
+    int64_t part = 0, off = 0, seq = 0;
+    cqrs_parse_int64(PQgetvalue(res, 0, 2), &part);
+    cqrs_parse_int64(PQgetvalue(res, 0, 3), &off);
+    cqrs_parse_int64(PQgetvalue(res, 0, 4), &seq);
+    char *seqs = strdup(PQgetvalue(res, 0, 0));
+    char *topic = strdup(PQgetvalue(res, 0, 1));
+    PQclear(res);
+    int verdict = committed_in_kafka(r, topic, (int32_t)part, off, seq);
+    bool ok = verdict >= 0;
+    if (verdict >= 0) {
+        const char *x[] = {seqs, verdict == 1 ? "t" : "f"};
+        res = exec_relay(r,
+                         "WITH ok AS (SELECT 1 FROM relay_leader"
+                         "            WHERE id = 1 AND owner = $1 AND epoch = $2)"
+                         ", i AS (DELETE FROM relay_inflight WHERE id = 1"
+                         "        AND EXISTS (SELECT 1 FROM ok))"
+                         "DELETE FROM outbox WHERE $4::boolean AND sequence = ANY($3::bigint[])"
+                         " AND EXISTS (SELECT 1 FROM ok)",
+                         2, x);
+        ok = res != NULL;
+        if (res && verdict == 1)
+            atomic_fetch_add(&r->recovered, (uint64_t)atoll(PQcmdTuples(res)));
+        PQclear(res);
+        CQRS_LOG_INFO(verdict == 1 ? "previous leader's last batch is in Kafka; its rows deleted"
+                                   : "previous leader's last batch was aborted; publishing it "
+                                     "again",
+                      "topic", topic);
+    }
+    free(seqs);
+    free(topic);
+    return ok;
 }
 
 static const char *const SELECT_BATCH =
     "SELECT o.sequence, o.topic, e.event_id, e.event_type, e.aggregate_type, e.aggregate_id,"
     "       e.version,"
     "       to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
-    "       coalesce(e.traceparent, ''), e.data::text"
+    "       coalesce(e.traceparent, ''), e.data::text, extract(epoch FROM e.occurred_at)"
     "  FROM outbox o JOIN events e ON e.sequence = o.sequence"
     " ORDER BY o.sequence LIMIT $1";
 
-/* Produces one batch; returns the number of rows read, or -1 when PostgreSQL failed. */
+static void abort_txn(cqrs_relay_t *r)
+{
+    atomic_fetch_add(&r->aborted, 1);
+    rd_kafka_error_t *e = rd_kafka_abort_transaction(r->rk, 10000);
+    if (e) {
+        CQRS_LOG_WARN("abort_transaction failed; recreating the producer", "error",
+                      rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+        drop_producer(r);
+    }
+}
+
+/* Publishes one batch as one Kafka transaction; returns the rows read, -1 on failure. */
 static int relay_round(cqrs_relay_t *r)
 {
     char limit[16];
@@ -277,7 +562,8 @@ static int relay_round(cqrs_relay_t *r)
         cqrs__pg_error(r->conn, res, &err);
         CQRS_LOG_WARN("outbox read failed", "error", err.message);
         PQclear(res);
-        drop_pg(r);
+        if (PQstatus(r->conn) != CONNECTION_OK)
+            drop_pg(r);
         return -1;
     }
     int n = PQntuples(res);
@@ -285,9 +571,19 @@ static int relay_round(cqrs_relay_t *r)
         PQclear(res);
         return 0;
     }
+    rd_kafka_error_t *e = rd_kafka_begin_transaction(r->rk);
+    if (e) {
+        CQRS_LOG_WARN("begin_transaction failed", "error", rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+        drop_producer(r);
+        PQclear(res);
+        return -1;
+    }
     slot_t *slots = calloc((size_t)n, sizeof *slots);
+    const char *check_topic = NULL;
     int produced = 0;
-    for (int i = 0; slots && i < n && !atomic_load(&r->stop); i++) {
+    bool failed = slots == NULL;
+    for (int i = 0; !failed && i < n && !atomic_load(&r->stop); i++) {
         cqrs_event_t ev;
         memset(&ev, 0, sizeof ev);
         cqrs_parse_int64(PQgetvalue(res, i, 0), &ev.sequence);
@@ -302,13 +598,15 @@ static int relay_round(cqrs_relay_t *r)
         snprintf(ev.source, sizeof ev.source, "%s", r->source);
         const char *data = PQgetvalue(res, i, 9);
         size_t data_len = (size_t)PQgetlength(res, i, 9);
+        slots[i].sequence = ev.sequence;
+        slots[i].occurred_at = atof(PQgetvalue(res, i, 10));
+        check_topic = topic;
 
         cqrs_event_headers_t h;
         cqrs_event_headers(&ev, &h);
         rd_kafka_headers_t *hdrs = rd_kafka_headers_new(h.n);
         for (size_t k = 0; k < h.n; k++)
             rd_kafka_header_add(hdrs, h.name[k], -1, h.value[k], -1);
-        slots[i].sequence = ev.sequence;
         rd_kafka_resp_err_t kerr;
         for (;;) {
             kerr = rd_kafka_producev(
@@ -321,20 +619,18 @@ static int relay_round(cqrs_relay_t *r)
             rd_kafka_poll(r->rk, 100);
         }
         if (kerr != RD_KAFKA_RESP_ERR_NO_ERROR) {
-            /* On failure the headers were not taken over. */
-            rd_kafka_headers_destroy(hdrs);
-            slots[i].done = true;
-            slots[i].result = kerr;
+            rd_kafka_headers_destroy(hdrs); /* not taken over on failure */
             CQRS_LOG_WARN("produce failed", "event_id", ev.id, "error", rd_kafka_err2str(kerr));
+            failed = true;
             break;
         }
         produced++;
     }
+    int rc = n;
+    char *check_topic_copy = check_topic ? strdup(check_topic) : NULL;
     PQclear(res);
-    if (!slots)
-        return -1;
 
-    /* Wait for every delivery report; librdkafka bounds each by message.timeout.ms. */
+    /* Every delivery report, renewing the lease meanwhile (Kafka may be slow or down). */
     int64_t deadline = cqrs_monotonic_ms() + r->cfg.message_timeout_ms + 5000;
     for (;;) {
         int pending = 0;
@@ -343,59 +639,121 @@ static int relay_round(cqrs_relay_t *r)
         if (pending == 0 || cqrs_monotonic_ms() > deadline)
             break;
         rd_kafka_poll(r->rk, 50);
+        if (!renew(r, false))
+            break;
+    }
+    for (int i = 0; i < produced; i++)
+        if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            if (!failed)
+                CQRS_LOG_WARN("event not delivered; the batch is aborted and retried", "error",
+                              rd_kafka_err2str(slots[i].done ? slots[i].result
+                                                             : RD_KAFKA_RESP_ERR__TIMED_OUT));
+            failed = true;
+        }
+    if (failed || produced == 0 || !atomic_load(&r->leader)) {
+        atomic_fetch_add(&r->failed, (uint64_t)(failed ? produced : 0));
+        atomic_store(&r->kafka_up, !failed);
+        if (r->rk)
+            abort_txn(r);
+        rc = failed ? 0 : rc;
+        goto out;
     }
 
-    /* Delete exactly the acknowledged rows. */
-    size_t cap = (size_t)produced * 21 + 3;
+    /* Record the batch before committing, with its last message as the check. */
+    size_t cap = (size_t)produced * 21 + 3, used = 0;
     char *arr = malloc(cap);
-    size_t used = 0;
-    int acked = 0, failed = 0;
-    if (arr) {
-        arr[used++] = '{';
-        for (int i = 0; i < produced; i++) {
-            if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
-                failed++;
-                continue;
-            }
-            used += (size_t)snprintf(arr + used, cap - used, "%s%lld", acked ? "," : "",
-                                     (long long)slots[i].sequence);
-            acked++;
-        }
-        arr[used++] = '}';
-        arr[used] = '\0';
+    if (!arr) {
+        abort_txn(r);
+        rc = -1;
+        goto out;
     }
-    int rc = produced;
-    if (arr && acked > 0) {
-        const char *dp[] = {arr};
-        res = PQexecParams(r->conn, "DELETE FROM outbox WHERE sequence = ANY($1::bigint[])", 1,
-                           NULL, dp, NULL, NULL, 0);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            cqrs_error_t err;
-            cqrs__pg_error(r->conn, res, &err);
-            CQRS_LOG_WARN("outbox delete failed; rows will be published again", "error",
-                          err.message);
-            drop_pg(r);
-            rc = -1;
-        }
-        PQclear(res);
+    arr[used++] = '{';
+    for (int i = 0; i < produced; i++)
+        used += (size_t)snprintf(arr + used, cap - used, "%s%lld", i ? "," : "",
+                                 (long long)slots[i].sequence);
+    arr[used++] = '}';
+    arr[used] = '\0';
+    slot_t *check = &slots[produced - 1];
+    char part[12], off[24], seq[24];
+    snprintf(part, sizeof part, "%d", check->partition);
+    snprintf(off, sizeof off, "%lld", (long long)check->offset);
+    snprintf(seq, sizeof seq, "%lld", (long long)check->sequence);
+    /* The check message's topic is the last row's. */
+    const char *x[] = {arr, check_topic_copy ? check_topic_copy : "", part, off};
+    char sql[640];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO relay_inflight(id, epoch, sequences, check_topic, check_partition,"
+             " check_offset, check_sequence)"
+             " SELECT 1, $2, $3::bigint[], $4, $5, $6, %s FROM relay_leader"
+             " WHERE id = 1 AND owner = $1 AND epoch = $2"
+             " ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch,"
+             " sequences = EXCLUDED.sequences, check_topic = EXCLUDED.check_topic,"
+             " check_partition = EXCLUDED.check_partition,"
+             " check_offset = EXCLUDED.check_offset, check_sequence = EXCLUDED.check_sequence",
+             seq);
+    PGresult *ins = exec_relay(r, sql, 4, x);
+    bool recorded = ins && atoi(PQcmdTuples(ins)) == 1;
+    PQclear(ins);
+    if (!recorded) {
+        if (r->rk)
+            abort_txn(r);
+        step_down(r, "could not record the batch (lease lost?)");
+        free(arr);
+        rc = -1;
+        goto out;
     }
-    atomic_fetch_add(&r->published, (uint64_t)acked);
-    atomic_fetch_add(&r->failed, (uint64_t)failed);
-    if (failed > 0 || produced < n) {
-        for (int i = 0; i < produced; i++) {
-            if (slots[i].done && slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
-                CQRS_LOG_WARN("event not delivered; will retry", "error",
-                              rd_kafka_err2str(slots[i].result));
-                break;
-            }
-        }
-        atomic_store(&r->kafka_up, false);
-        if (rc >= 0)
-            rc = 0; /* back off before the next round */
-    } else {
-        atomic_store(&r->kafka_up, true);
+
+    CQRS_FAILPOINT("relay-before-commit");
+    /* Resumable: a timed-out commit is called again after renewing the lease. */
+    int64_t commit_deadline = cqrs_monotonic_ms() + r->cfg.message_timeout_ms;
+    e = rd_kafka_commit_transaction(r->rk, r->cfg.lease_ms / 3);
+    while (e && rd_kafka_error_is_retriable(e) && cqrs_monotonic_ms() < commit_deadline &&
+           renew(r, false)) {
+        rd_kafka_error_destroy(e);
+        e = rd_kafka_commit_transaction(r->rk, r->cfg.lease_ms / 3);
     }
+    if (e) {
+        CQRS_LOG_WARN("commit_transaction failed", "error", rd_kafka_error_string(e));
+        bool abortable = rd_kafka_error_txn_requires_abort(e);
+        rd_kafka_error_destroy(e);
+        if (abortable)
+            abort_txn(r);
+        else
+            step_down(r, "fenced or fatal producer error");
+        /* The record stays; whoever leads next settles it. */
+        free(arr);
+        rc = 0;
+        goto out;
+    }
+    CQRS_FAILPOINT("relay-after-commit");
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    double now_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    for (int i = 0; i < produced; i++)
+        cqrs_histogram_observe(&r->latency, now_s - slots[i].occurred_at);
+    atomic_fetch_add(&r->published, (uint64_t)produced);
+    atomic_store(&r->kafka_up, true);
+
+    const char *d[] = {arr};
+    PGresult *del = exec_relay(r,
+                               "WITH ok AS (SELECT 1 FROM relay_leader"
+                               "            WHERE id = 1 AND owner = $1 AND epoch = $2)"
+                               ", i AS (DELETE FROM relay_inflight WHERE id = 1"
+                               "        AND EXISTS (SELECT 1 FROM ok))"
+                               "DELETE FROM outbox WHERE sequence = ANY($3::bigint[])"
+                               " AND EXISTS (SELECT 1 FROM ok)",
+                               1, d);
+    if (!del) {
+        /* Published but not deleted: the record lets the next leader (or us, after
+         * reconnecting) delete them without publishing again. */
+        CQRS_LOG_WARN("published rows not deleted yet; settled after reconnecting");
+        step_down(r, "delete failed");
+        r->need_recovery = true;
+    }
+    PQclear(del);
     free(arr);
+out:
+    free(check_topic_copy);
     free(slots);
     return rc;
 }
@@ -415,24 +773,32 @@ static void housekeeping(cqrs_relay_t *r)
     PQclear(res);
 }
 
+static void refresh_stats(cqrs_relay_t *r)
+{
+    PGresult *res = PQexec(r->conn, "SELECT count(*), coalesce(extract(epoch FROM now() -"
+                                    " min(created_at)), 0) FROM outbox");
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+        atomic_store(&r->backlog, atoll(PQgetvalue(res, 0, 0)));
+        atomic_store(&r->oldest_age_s, atof(PQgetvalue(res, 0, 1)));
+    }
+    PQclear(res);
+}
+
 static void *relay_main(void *arg)
 {
     cqrs_relay_t *r = arg;
-    int64_t next_housekeeping = 0;
     while (!atomic_load(&r->stop)) {
-        if (!atomic_load(&r->leader) && !try_lead(r)) {
+        if (!connect_pg(r)) {
             wait_for_work(r, r->cfg.poll_interval_ms);
             continue;
         }
-        if (!r->rk) {
-            cqrs_error_t err;
-            r->rk = producer_new(r, &err);
-            if (!r->rk) {
-                CQRS_LOG_ERROR("outbox relay cannot create a producer", "error", err.message);
-                wait_for_work(r, r->cfg.poll_interval_ms);
-                continue;
-            }
+        if (!atomic_load(&r->leader) && !try_lead(r)) {
+            /* Stand by; the leader's lease is checked again at the next poll. */
+            wait_for_work(r, r->cfg.poll_interval_ms);
+            continue;
         }
+        if (!renew(r, false))
+            continue;
         if (!r->topics_ready && r->cfg.n_topics > 0) {
             cqrs_error_t err;
             if (cqrs_bus_create_topics(r->brokers, r->cfg.topics, r->cfg.n_topics,
@@ -445,31 +811,48 @@ static void *relay_main(void *arg)
             }
             r->topics_ready = true;
         }
-        char fatal[256];
-        if (rd_kafka_fatal_error(r->rk, fatal, sizeof fatal) != RD_KAFKA_RESP_ERR_NO_ERROR) {
-            /* Idempotence state is lost: start over with a new producer; the outbox still has
-             * every undelivered row. */
-            CQRS_LOG_ERROR("producer fatal error; recreating", "error", fatal);
-            rd_kafka_destroy(r->rk);
-            r->rk = NULL;
+        if (!ready_producer(r)) {
+            wait_for_work(r, r->cfg.poll_interval_ms);
             continue;
         }
-        if (cqrs_monotonic_ms() >= next_housekeeping) {
-            housekeeping(r);
-            next_housekeeping = cqrs_monotonic_ms() + 60000;
-            if (!r->conn)
+        if (r->need_recovery) {
+            if (!recover(r)) {
+                wait_for_work(r, r->cfg.poll_interval_ms);
                 continue;
+            }
+            r->need_recovery = false;
         }
+        int64_t now = cqrs_monotonic_ms();
+        if (now >= r->next_housekeeping) {
+            housekeeping(r);
+            r->next_housekeeping = now + 60000;
+        }
+        if (now >= r->next_stats && r->conn) {
+            refresh_stats(r);
+            r->next_stats = now + 2000;
+        }
+        if (!r->conn)
+            continue;
         int n = relay_round(r);
         if (n < r->cfg.batch_size)
             wait_for_work(r, r->cfg.poll_interval_ms);
     }
-    if (r->rk) {
-        rd_kafka_flush(r->rk, 5000);
-        rd_kafka_destroy(r->rk);
-        r->rk = NULL;
+    if (r->rk && r->txn_ready)
+        rd_kafka_flush(r->rk, 2000);
+    drop_producer(r);
+    if (r->conn && atomic_load(&r->leader)) {
+        /* Hand over at once instead of making the others wait out the lease. */
+        PGresult *res = exec_relay(r,
+                                   "UPDATE relay_leader SET expires_at = '-infinity'"
+                                   " WHERE id = 1 AND owner = $1 AND epoch = $2",
+                                   0, NULL);
+        PQclear(res);
     }
-    drop_pg(r);
+    atomic_store(&r->leader, false);
+    if (r->conn) {
+        PQfinish(r->conn);
+        r->conn = NULL;
+    }
     return NULL;
 }
 
@@ -496,8 +879,19 @@ void cqrs_relay_stats(cqrs_relay_t *r, cqrs_relay_stats_t *out)
     out->leader = atomic_load(&r->leader);
     out->kafka_up = atomic_load(&r->kafka_up);
     out->pg_up = atomic_load(&r->pg_up);
+    out->epoch = atomic_load(&r->epoch);
     out->published = atomic_load(&r->published);
     out->failed = atomic_load(&r->failed);
+    out->aborted = atomic_load(&r->aborted);
+    out->leadership_changes = atomic_load(&r->changes);
+    out->recovered = atomic_load(&r->recovered);
+    out->backlog = atomic_load(&r->backlog);
+    out->oldest_age_s = atomic_load(&r->oldest_age_s);
+}
+
+const struct cqrs_histogram *cqrs_relay_latency(cqrs_relay_t *r)
+{
+    return &r->latency;
 }
 
 void cqrs_relay_destroy(cqrs_relay_t *r)
@@ -509,6 +903,7 @@ void cqrs_relay_destroy(cqrs_relay_t *r)
     free(r->brokers);
     free(r->source);
     free(r->client_id);
+    free(r->txn_id);
     for (size_t i = 0; r->topics && i < r->cfg.n_topics; i++)
         free(r->topics[i]);
     free(r->topics);

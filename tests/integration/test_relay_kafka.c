@@ -118,7 +118,8 @@ static cqrs_relay_t *relay_for(const char *broker_list)
                               .batch_size = 100,
                               .poll_interval_ms = 200,
                               .message_timeout_ms = 5000,
-                              .lock_key = CQRS_RELAY_LOCK_KEY};
+                              .transactional_id = "cqrs-relay",
+                              .lease_ms = 3000};
     cqrs_error_t err;
     cqrs_relay_t *r = cqrs_relay_new(&rc, &err);
     assert_non_null(r);
@@ -126,7 +127,7 @@ static cqrs_relay_t *relay_for(const char *broker_list)
     return r;
 }
 
-/* The test relay takes the real relay lock, so it never runs beside a daemon's relay. */
+/* The test relay takes the real relay lease, so it never runs beside a daemon's relay. */
 static void wait_leader(cqrs_relay_t *r)
 {
     cqrs_relay_stats_t st = {0};

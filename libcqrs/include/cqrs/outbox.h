@@ -5,11 +5,16 @@
  * event log (kept forever; unique (aggregate_id, version)) and its sequence into the outbox,
  * and NOTIFYs the relay (delivered at commit).
  *
- * Relaying: one relay thread per daemon; among all daemons only the holder of a PostgreSQL
- * advisory lock publishes. It reads the outbox in sequence order — every row still present,
- * so a transaction that commits late is published late, never skipped — produces each event
- * with the idempotent producer (key = aggregate id, CloudEvents headers), and deletes an
- * outbox row only after its delivery report succeeded. Undelivered rows stay and are retried.
+ * Relaying: exactly one leader among all relays, elected by a lease in PostgreSQL
+ * (relay_leader; renewed every second, lost after CQRS_RELAY_LEASE_MS without renewal, so a
+ * crashed or paused leader is replaced within seconds). The leader publishes with a Kafka
+ * transactional producer whose fixed transactional.id fences any earlier leader: a relay that
+ * lost its lease can neither commit in Kafka nor write in PostgreSQL (every write checks its
+ * epoch). Each batch — every outbox row still present, in sequence order, so a transaction
+ * that commits late is published late and never skipped — is one Kafka transaction; its rows
+ * are deleted only after the commit. The batch is recorded (relay_inflight) before the
+ * commit, so a new leader knows whether the last commit happened (its check message is
+ * visible to read_committed) and publishes nothing twice.
  */
 #ifndef CQRS_OUTBOX_H
 #define CQRS_OUTBOX_H
@@ -33,9 +38,6 @@ cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic
 cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
                                    const char *const *topics, cqrs_error_t *err);
 
-/* The advisory lock that elects the one relay among all cqrs-commandd instances. */
-#define CQRS_RELAY_LOCK_KEY 4242002
-
 typedef struct cqrs_relay cqrs_relay_t;
 
 typedef struct cqrs_relay_config {
@@ -43,10 +45,11 @@ typedef struct cqrs_relay_config {
     const char *brokers;
     const char *source; /* ce_source, e.g. "/cqrs-commandd" */
     const char *client_id;
+    const char *transactional_id; /* one per deployment, e.g. "cqrs-relay" */
     int batch_size;
     int poll_interval_ms;      /* fallback poll when no NOTIFY arrives */
     int message_timeout_ms;    /* librdkafka message.timeout.ms */
-    int64_t lock_key;          /* advisory lock id that elects the relay */
+    int lease_ms;              /* leadership lease; renewed every lease_ms / 5 */
     const char *const *topics; /* created (if missing) when the relay becomes leader */
     size_t n_topics;
     int topic_partitions;
@@ -57,8 +60,14 @@ typedef struct cqrs_relay_stats {
     bool leader;
     bool kafka_up;
     bool pg_up;
-    uint64_t published;
-    uint64_t failed;
+    int64_t epoch;               /* of this relay's current or last leadership */
+    uint64_t published;          /* events committed to Kafka by this relay */
+    uint64_t failed;             /* deliveries that failed (the rows stay and are retried) */
+    uint64_t aborted;            /* Kafka transactions aborted */
+    uint64_t leadership_changes; /* times this relay became leader */
+    uint64_t recovered;          /* rows found already in Kafka when taking over */
+    int64_t backlog;             /* outbox rows, as of the leader's last look (-1: unknown) */
+    double oldest_age_s;         /* age of the oldest outbox row then */
 } cqrs_relay_stats_t;
 
 /* Copies cfg. Starts nothing. */
@@ -67,6 +76,8 @@ cqrs_err_t cqrs_relay_start(cqrs_relay_t *relay, cqrs_error_t *err);
 /* Asks the thread to stop, waits for it; it finishes its batch and flushes the producer. */
 void cqrs_relay_stop(cqrs_relay_t *relay);
 void cqrs_relay_stats(cqrs_relay_t *relay, cqrs_relay_stats_t *out);
+/* Seconds from an event's commit to Kafka's acknowledgement of its transaction. Borrowed. */
+const struct cqrs_histogram *cqrs_relay_latency(cqrs_relay_t *relay);
 void cqrs_relay_destroy(cqrs_relay_t *relay);
 
 #endif

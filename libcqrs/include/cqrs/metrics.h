@@ -1,0 +1,39 @@
+/* metrics.h — Prometheus text exposition: a growable text buffer and a fixed-bucket histogram
+ * (thread-safe: atomics), enough for the daemons' /metrics. */
+#ifndef CQRS_METRICS_H
+#define CQRS_METRICS_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Bucket upper bounds in seconds, 1 ms … 10 s. */
+#define CQRS_HISTOGRAM_BUCKETS 14
+extern const double cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS];
+
+typedef struct cqrs_histogram {
+    atomic_uint_fast64_t bucket[CQRS_HISTOGRAM_BUCKETS]; /* non-cumulative */
+    atomic_uint_fast64_t count;
+    atomic_uint_fast64_t sum_us;
+} cqrs_histogram_t;
+
+void cqrs_histogram_observe(cqrs_histogram_t *h, double seconds);
+
+/* The value at quantile q (0..1) as the upper bound of its bucket; 0 when empty. */
+double cqrs_histogram_quantile(const cqrs_histogram_t *h, double q);
+
+typedef struct cqrs_text {
+    char *buf;
+    size_t len, cap;
+} cqrs_text_t;
+
+void cqrs_text_printf(cqrs_text_t *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void cqrs_text_free(cqrs_text_t *t);
+
+/* HELP and TYPE lines, then one sample. labels may be NULL or "k=\"v\"". */
+void cqrs_metric_counter(cqrs_text_t *t, const char *name, const char *help, uint64_t value);
+void cqrs_metric_gauge(cqrs_text_t *t, const char *name, const char *help, double value);
+void cqrs_metric_histogram(cqrs_text_t *t, const char *name, const char *help,
+                           const cqrs_histogram_t *h);
+
+#endif

@@ -1,0 +1,91 @@
+/* metrics.c — see metrics.h. */
+#include "cqrs/metrics.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const double cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS] = {
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10};
+
+void cqrs_histogram_observe(cqrs_histogram_t *h, double seconds)
+{
+    if (seconds < 0)
+        seconds = 0;
+    size_t i = 0;
+    while (i < CQRS_HISTOGRAM_BUCKETS && seconds > cqrs_histogram_bounds[i])
+        i++;
+    if (i < CQRS_HISTOGRAM_BUCKETS)
+        atomic_fetch_add(&h->bucket[i], 1);
+    atomic_fetch_add(&h->count, 1);
+    atomic_fetch_add(&h->sum_us, (uint64_t)(seconds * 1e6));
+}
+
+double cqrs_histogram_quantile(const cqrs_histogram_t *h, double q)
+{
+    uint64_t total = atomic_load(&h->count), seen = 0;
+    if (total == 0)
+        return 0;
+    for (size_t i = 0; i < CQRS_HISTOGRAM_BUCKETS; i++) {
+        seen += atomic_load(&h->bucket[i]);
+        if ((double)seen >= q * (double)total)
+            return cqrs_histogram_bounds[i];
+    }
+    return cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS - 1] * 2; /* above the last bound */
+}
+
+void cqrs_text_printf(cqrs_text_t *t, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = t->buf ? vsnprintf(t->buf + t->len, t->cap - t->len, fmt, ap) : -1;
+        va_end(ap);
+        if (n >= 0 && (size_t)n < t->cap - t->len) {
+            t->len += (size_t)n;
+            return;
+        }
+        size_t cap = t->cap ? t->cap * 2 : 4096;
+        while (n >= 0 && cap < t->len + (size_t)n + 1)
+            cap *= 2;
+        char *nb = realloc(t->buf, cap);
+        if (!nb)
+            return;
+        t->buf = nb;
+        t->cap = cap;
+    }
+}
+
+void cqrs_text_free(cqrs_text_t *t)
+{
+    free(t->buf);
+    memset(t, 0, sizeof *t);
+}
+
+void cqrs_metric_counter(cqrs_text_t *t, const char *name, const char *help, uint64_t value)
+{
+    cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
+                     (unsigned long long)value);
+}
+
+void cqrs_metric_gauge(cqrs_text_t *t, const char *name, const char *help, double value)
+{
+    cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, value);
+}
+
+void cqrs_metric_histogram(cqrs_text_t *t, const char *name, const char *help,
+                           const cqrs_histogram_t *h)
+{
+    cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (size_t i = 0; i < CQRS_HISTOGRAM_BUCKETS; i++) {
+        cum += atomic_load(&h->bucket[i]);
+        cqrs_text_printf(t, "%s_bucket{le=\"%g\"} %llu\n", name, cqrs_histogram_bounds[i],
+                         (unsigned long long)cum);
+    }
+    uint64_t count = atomic_load(&h->count);
+    cqrs_text_printf(t, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
+                     (unsigned long long)count, name, (double)atomic_load(&h->sum_us) / 1e6, name,
+                     (unsigned long long)count);
+}
