@@ -34,7 +34,7 @@ fi
 
 say "build (ASan + UBSan) in $BUILD"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=ON \
-    -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
+    -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_ENABLE_FAILPOINTS=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
 ninja -C "$BUILD"
 
 # A free port: nothing answers on it now.

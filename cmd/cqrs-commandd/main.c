@@ -157,6 +157,8 @@ static void metrics(cqrs_http_request_t *req, void *ud)
                         "Events Kafka did not acknowledge (their batch is retried).", st.failed);
     cqrs_metric_counter(&t, "cqrs_relay_transactions_aborted_total",
                         "Kafka transactions the relay aborted.", st.aborted);
+    cqrs_metric_counter(&t, "cqrs_relay_restarts_total",
+                        "Relay threads replaced after 60 s without progress.", st.restarts);
     cqrs_metric_counter(&t, "cqrs_relay_events_recovered_total",
                         "Outbox rows found already in Kafka when taking over.", st.recovered);
     if (st.backlog >= 0) {

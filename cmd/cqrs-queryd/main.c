@@ -130,6 +130,9 @@ static void metrics(cqrs_http_request_t *req, void *ud)
              "# HELP cqrs_projector_store_resets_total Times the store was found empty.\n"
              "# TYPE cqrs_projector_store_resets_total counter\n"
              "cqrs_projector_store_resets_total %llu\n"
+             "# HELP cqrs_projector_partitions_assigned Partitions this instance consumes.\n"
+             "# TYPE cqrs_projector_partitions_assigned gauge\n"
+             "cqrs_projector_partitions_assigned %u\n"
              "# HELP cqrs_projector_partitions_missing_history Partitions paused because Kafka "
              "no longer holds their beginning.\n"
              "# TYPE cqrs_projector_partitions_missing_history gauge\n"
@@ -137,7 +140,7 @@ static void metrics(cqrs_http_request_t *req, void *ud)
              (unsigned long long)st.applied, (unsigned long long)st.duplicates,
              (unsigned long long)st.dead_letters, (unsigned long long)st.gaps,
              (unsigned long long)st.parked, (unsigned long long)st.undecodable,
-             (unsigned long long)st.resets, st.history_missing);
+             (unsigned long long)st.resets, st.assigned, st.history_missing);
     cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
 }
 

@@ -8,6 +8,8 @@
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
 #                            Kafka, Redis, PostgreSQL; --purge deletes $STATE
 #   stack.sh purge           same as down --purge
+#   stack.sh stop SERVER     stop one of postgres, redis, kafka (outage tests);
+#                            `up` starts it again
 #   stack.sh status          one line per server; exit 0 if all up, 3 if not
 #   stack.sh env             exports for: eval "$(deploy/local/stack.sh env)"
 #
@@ -689,6 +691,16 @@ main() {
         esac
         ;;
     purge) cmd_down --purge ;;
+    stop)
+        # One server, e.g. for outage tests; `up` starts it again.
+        lock_stack
+        case ${1:-} in
+        postgres) pg_down ;;
+        redis) redis_down ;;
+        kafka) kafka_down ;;
+        *) die "stop what? postgres, redis or kafka" ;;
+        esac
+        ;;
     status) cmd_status ;;
     env) cmd_env ;;
     -h | --help | help) usage 0 ;;

@@ -17,6 +17,7 @@
  *  - Wake-up: LISTEN cqrs_outbox (NOTIFYed at commit), plus a fallback poll.
  *  - Runs on its own thread with its own PostgreSQL connection and producer.
  */
+#define _GNU_SOURCE /* pthread_timedjoin_np */
 #include "cqrs/outbox.h"
 
 #include <librdkafka/rdkafka.h>
@@ -109,20 +110,38 @@ typedef struct slot {
     bool done;
 } slot_t;
 
-struct cqrs_relay {
+/* What outlives a worker: counters, leadership view, latency (shared by the supervisor and
+ * every worker it ever started; freed with the last reference). */
+typedef struct relay_shared {
+    atomic_int refs;
+    atomic_bool leader, kafka_up, pg_up;
+    atomic_int_fast64_t epoch, backlog;
+    atomic_uint_fast64_t published, failed, aborted, changes, recovered, restarts;
+    _Atomic double oldest_age_s;
+    cqrs_histogram_t latency;
+} relay_shared_t;
+
+static void shared_unref(relay_shared_t *sh)
+{
+    if (sh && atomic_fetch_sub(&sh->refs, 1) == 1)
+        free(sh);
+}
+
+/* One relay thread. The supervisor replaces a worker that stopped making progress (a call
+ * into a library that does not return): the stuck one is abandoned — it can no longer lead,
+ * since its lease lapses, Kafka fences its producer and PostgreSQL refuses its epoch — and
+ * frees itself if it ever returns. */
+typedef struct relay_worker {
     cqrs_relay_config_t cfg;
     char *dsn, *brokers, *source, *client_id, *txn_id;
     char **topics;
     bool topics_ready;
     char owner[128];
     pthread_t thread;
-    bool running;
     atomic_bool stop;
-    atomic_bool leader, kafka_up, pg_up;
-    atomic_int_fast64_t epoch, backlog;
-    atomic_uint_fast64_t published, failed, aborted, changes, recovered;
-    _Atomic double oldest_age_s;
-    cqrs_histogram_t latency;
+    atomic_bool abandoned;
+    atomic_int_fast64_t heartbeat; /* monotonic ms of the last sign of progress */
+    relay_shared_t *sh;
     PGconn *conn;
     rd_kafka_t *rk;
     bool txn_ready;      /* init_transactions done on rk */
@@ -130,15 +149,45 @@ struct cqrs_relay {
     int64_t next_renew;  /* monotonic ms */
     int64_t lease_until; /* monotonic ms: after this, assume the lease is gone */
     int64_t next_housekeeping, next_stats;
+} relay_worker_t;
+
+struct cqrs_relay {
+    cqrs_relay_config_t cfg; /* strings borrowed from the worker template below */
+    relay_worker_t *tmpl;    /* holds the copied configuration */
+    relay_shared_t *sh;
+    relay_worker_t *current;
+    pthread_t supervisor;
+    bool running;
+    atomic_bool stop;
 };
 
-cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
+static void worker_free(relay_worker_t *r)
 {
-    cqrs_relay_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return;
+    free(r->dsn);
+    free(r->brokers);
+    free(r->source);
+    free(r->client_id);
+    free(r->txn_id);
+    for (size_t i = 0; r->topics && i < r->cfg.n_topics; i++)
+        free(r->topics[i]);
+    free(r->topics);
+    shared_unref(r->sh);
+    free(r);
+}
+
+/* A worker with its own copy of cfg and a reference to sh. */
+static relay_worker_t *worker_new(const cqrs_relay_config_t *cfg, relay_shared_t *sh,
+                                  cqrs_error_t *err)
+{
+    relay_worker_t *r = calloc(1, sizeof *r);
     if (!r) {
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         return NULL;
     }
+    atomic_fetch_add(&sh->refs, 1);
+    r->sh = sh;
     r->cfg = *cfg;
     r->dsn = strdup(cfg->dsn);
     r->brokers = strdup(cfg->brokers);
@@ -150,7 +199,7 @@ cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
         r->topics[i] = strdup(cfg->topics[i]);
     r->cfg.topics = (const char *const *)r->topics;
     if (!r->dsn || !r->brokers || !r->source || !r->client_id || !r->txn_id || !r->topics) {
-        cqrs_relay_destroy(r);
+        worker_free(r);
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         return NULL;
     }
@@ -166,8 +215,13 @@ cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
     gethostname(host, sizeof host - 1);
     cqrs_uuid_v4(id);
     snprintf(r->owner, sizeof r->owner, "%s/%d/%.8s", host, (int)getpid(), id);
-    atomic_store(&r->backlog, -1);
+    atomic_store(&r->heartbeat, cqrs_monotonic_ms());
     return r;
+}
+
+static void beat(relay_worker_t *r)
+{
+    atomic_store(&r->heartbeat, cqrs_monotonic_ms());
 }
 
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
@@ -183,7 +237,7 @@ static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
     }
 }
 
-static rd_kafka_t *producer_new(cqrs_relay_t *r, cqrs_error_t *err)
+static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
 {
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, r->client_id, err);
     if (!conf)
@@ -212,7 +266,7 @@ static rd_kafka_t *producer_new(cqrs_relay_t *r, cqrs_error_t *err)
     return rk;
 }
 
-static void drop_producer(cqrs_relay_t *r)
+static void drop_producer(relay_worker_t *r)
 {
     if (r->rk) {
         /* Anything unacknowledged stays in the outbox; the transaction is aborted by Kafka
@@ -225,25 +279,25 @@ static void drop_producer(cqrs_relay_t *r)
     r->txn_ready = false;
 }
 
-static void step_down(cqrs_relay_t *r, const char *why)
+static void step_down(relay_worker_t *r, const char *why)
 {
-    if (atomic_exchange(&r->leader, false) && !atomic_load(&r->stop))
+    if (atomic_exchange(&r->sh->leader, false) && !atomic_load(&r->stop))
         CQRS_LOG_WARN("outbox relay lost leadership", "reason", why);
     drop_producer(r);
 }
 
-static void drop_pg(cqrs_relay_t *r)
+static void drop_pg(relay_worker_t *r)
 {
     if (r->conn) {
         PQfinish(r->conn);
         r->conn = NULL;
     }
-    atomic_store(&r->pg_up, false);
+    atomic_store(&r->sh->pg_up, false);
     step_down(r, "PostgreSQL connection lost");
 }
 
 /* Runs a statement; NULL when it failed (the connection is dropped when broken). */
-static PGresult *exec_params(cqrs_relay_t *r, const char *sql, int n, const char *const *p)
+static PGresult *exec_params(relay_worker_t *r, const char *sql, int n, const char *const *p)
 {
     PGresult *res = PQexecParams(r->conn, sql, n, NULL, p, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(res);
@@ -261,10 +315,10 @@ static PGresult *exec_params(cqrs_relay_t *r, const char *sql, int n, const char
 
 /* A relay write: owner and epoch are $1 and $2 (every write checks them), then up to 4 more
  * parameters. */
-static PGresult *exec_relay(cqrs_relay_t *r, const char *sql, int n, const char *const *extra)
+static PGresult *exec_relay(relay_worker_t *r, const char *sql, int n, const char *const *extra)
 {
     char epoch[24];
-    snprintf(epoch, sizeof epoch, "%lld", (long long)atomic_load(&r->epoch));
+    snprintf(epoch, sizeof epoch, "%lld", (long long)atomic_load(&r->sh->epoch));
     const char *p[6] = {r->owner, epoch};
     for (int i = 0; i < n && i < 4; i++)
         p[2 + i] = extra[i];
@@ -272,9 +326,9 @@ static PGresult *exec_relay(cqrs_relay_t *r, const char *sql, int n, const char 
 }
 
 /* Renews the lease when due. false when leadership is gone. */
-static bool renew(cqrs_relay_t *r, bool force)
+static bool renew(relay_worker_t *r, bool force)
 {
-    if (!atomic_load(&r->leader) || !r->conn)
+    if (!atomic_load(&r->sh->leader) || !r->conn)
         return false;
     int64_t now = cqrs_monotonic_ms();
     if (!force && now < r->next_renew)
@@ -301,15 +355,16 @@ static bool renew(cqrs_relay_t *r, bool force)
 }
 
 /* Sleeps up to ms, waking early on NOTIFY or stop; renews the lease meanwhile. */
-static void wait_for_work(cqrs_relay_t *r, int ms)
+static void wait_for_work(relay_worker_t *r, int ms)
 {
     int64_t until = cqrs_monotonic_ms() + ms;
     while (!atomic_load(&r->stop)) {
+        beat(r);
         int64_t left = until - cqrs_monotonic_ms();
         if (left <= 0)
             return;
         int slice = left > 100 ? 100 : (int)left;
-        if (atomic_load(&r->leader) && !renew(r, false))
+        if (atomic_load(&r->sh->leader) && !renew(r, false))
             return;
         if (r->conn) {
             struct pollfd pfd = {.fd = PQsocket(r->conn), .events = POLLIN};
@@ -324,7 +379,7 @@ static void wait_for_work(cqrs_relay_t *r, int ms)
                     woke = true;
                     PQfreemem(n);
                 }
-                if (woke && atomic_load(&r->leader))
+                if (woke && atomic_load(&r->sh->leader))
                     return;
             }
         } else {
@@ -333,13 +388,13 @@ static void wait_for_work(cqrs_relay_t *r, int ms)
     }
 }
 
-static bool connect_pg(cqrs_relay_t *r)
+static bool connect_pg(relay_worker_t *r)
 {
     if (r->conn)
         return true;
     cqrs_error_t err;
     r->conn = cqrs__pg_connect(r->dsn, "cqrs-relay", 5, &err);
-    atomic_store(&r->pg_up, r->conn != NULL);
+    atomic_store(&r->sh->pg_up, r->conn != NULL);
     if (!r->conn) {
         CQRS_LOG_WARN("outbox relay cannot reach PostgreSQL", "error", err.message);
         return false;
@@ -352,7 +407,7 @@ static bool connect_pg(cqrs_relay_t *r)
     return ok;
 }
 
-static bool try_lead(cqrs_relay_t *r)
+static bool try_lead(relay_worker_t *r)
 {
     char lease[24];
     snprintf(lease, sizeof lease, "%d milliseconds", r->cfg.lease_ms);
@@ -378,9 +433,9 @@ static bool try_lead(cqrs_relay_t *r)
     }
     if (!got)
         return false;
-    atomic_store(&r->epoch, epoch);
-    atomic_store(&r->leader, true);
-    atomic_fetch_add(&r->changes, 1);
+    atomic_store(&r->sh->epoch, epoch);
+    atomic_store(&r->sh->leader, true);
+    atomic_fetch_add(&r->sh->changes, 1);
     int64_t now = cqrs_monotonic_ms();
     r->next_renew = now + r->cfg.lease_ms / 5;
     r->lease_until = now + r->cfg.lease_ms * 4 / 5;
@@ -392,7 +447,7 @@ static bool try_lead(cqrs_relay_t *r)
 }
 
 /* Creates the producer and fences earlier leaders (init_transactions). */
-static bool ready_producer(cqrs_relay_t *r)
+static bool ready_producer(relay_worker_t *r)
 {
     cqrs_error_t err;
     if (!r->rk) {
@@ -410,7 +465,7 @@ static bool ready_producer(cqrs_relay_t *r)
         CQRS_LOG_WARN("Kafka transactions not ready yet", "error", rd_kafka_error_string(e));
         bool fatal = rd_kafka_error_is_fatal(e);
         rd_kafka_error_destroy(e);
-        atomic_store(&r->kafka_up, false);
+        atomic_store(&r->sh->kafka_up, false);
         if (fatal)
             drop_producer(r);
         return false;
@@ -434,8 +489,8 @@ static bool header_int(rd_kafka_headers_t *h, const char *name, int64_t *out)
 
 /* 1: the message at topic/partition/offset with ce_sequence seq is committed (visible to
  * read_committed); 0: it is not (aborted); -1: cannot tell now. */
-static int committed_in_kafka(cqrs_relay_t *r, const char *topic, int32_t partition, int64_t offset,
-                              int64_t seq)
+static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t partition,
+                              int64_t offset, int64_t seq)
 {
     cqrs_error_t err;
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, "cqrs-relay-check", &err);
@@ -463,6 +518,7 @@ static int committed_in_kafka(cqrs_relay_t *r, const char *topic, int32_t partit
     int verdict = -1;
     int64_t until = cqrs_monotonic_ms() + 15000;
     while (verdict < 0 && cqrs_monotonic_ms() < until && !atomic_load(&r->stop)) {
+        beat(r);
         renew(r, false);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(c, 200);
         if (!m)
@@ -485,7 +541,7 @@ static int committed_in_kafka(cqrs_relay_t *r, const char *topic, int32_t partit
 }
 
 /* After taking over: settle the batch the previous leader was committing, if any. */
-static bool recover(cqrs_relay_t *r)
+static bool recover(relay_worker_t *r)
 {
     PGresult *res = exec_params(r,
                                 "SELECT sequences::text, check_topic, check_partition,"
@@ -518,7 +574,7 @@ static bool recover(cqrs_relay_t *r)
                          2, x);
         ok = res != NULL;
         if (res && verdict == 1)
-            atomic_fetch_add(&r->recovered, (uint64_t)atoll(PQcmdTuples(res)));
+            atomic_fetch_add(&r->sh->recovered, (uint64_t)atoll(PQcmdTuples(res)));
         PQclear(res);
         CQRS_LOG_INFO(verdict == 1 ? "previous leader's last batch is in Kafka; its rows deleted"
                                    : "previous leader's last batch was aborted; publishing it "
@@ -538,9 +594,9 @@ static const char *const SELECT_BATCH =
     "  FROM outbox o JOIN events e ON e.sequence = o.sequence"
     " ORDER BY o.sequence LIMIT $1";
 
-static void abort_txn(cqrs_relay_t *r)
+static void abort_txn(relay_worker_t *r)
 {
-    atomic_fetch_add(&r->aborted, 1);
+    atomic_fetch_add(&r->sh->aborted, 1);
     rd_kafka_error_t *e = rd_kafka_abort_transaction(r->rk, 10000);
     if (e) {
         CQRS_LOG_WARN("abort_transaction failed; recreating the producer", "error",
@@ -551,7 +607,7 @@ static void abort_txn(cqrs_relay_t *r)
 }
 
 /* Publishes one batch as one Kafka transaction; returns the rows read, -1 on failure. */
-static int relay_round(cqrs_relay_t *r)
+static int relay_round(relay_worker_t *r)
 {
     char limit[16];
     snprintf(limit, sizeof limit, "%d", r->cfg.batch_size);
@@ -639,6 +695,7 @@ static int relay_round(cqrs_relay_t *r)
         if (pending == 0 || cqrs_monotonic_ms() > deadline)
             break;
         rd_kafka_poll(r->rk, 50);
+        beat(r);
         if (!renew(r, false))
             break;
     }
@@ -650,9 +707,9 @@ static int relay_round(cqrs_relay_t *r)
                                                              : RD_KAFKA_RESP_ERR__TIMED_OUT));
             failed = true;
         }
-    if (failed || produced == 0 || !atomic_load(&r->leader)) {
-        atomic_fetch_add(&r->failed, (uint64_t)(failed ? produced : 0));
-        atomic_store(&r->kafka_up, !failed);
+    if (failed || produced == 0 || !atomic_load(&r->sh->leader)) {
+        atomic_fetch_add(&r->sh->failed, (uint64_t)(failed ? produced : 0));
+        atomic_store(&r->sh->kafka_up, !failed);
         if (r->rk)
             abort_txn(r);
         rc = failed ? 0 : rc;
@@ -730,9 +787,9 @@ static int relay_round(cqrs_relay_t *r)
     clock_gettime(CLOCK_REALTIME, &ts);
     double now_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
     for (int i = 0; i < produced; i++)
-        cqrs_histogram_observe(&r->latency, now_s - slots[i].occurred_at);
-    atomic_fetch_add(&r->published, (uint64_t)produced);
-    atomic_store(&r->kafka_up, true);
+        cqrs_histogram_observe(&r->sh->latency, now_s - slots[i].occurred_at);
+    atomic_fetch_add(&r->sh->published, (uint64_t)produced);
+    atomic_store(&r->sh->kafka_up, true);
 
     const char *d[] = {arr};
     PGresult *del = exec_relay(r,
@@ -760,7 +817,7 @@ out:
 
 /* Expired Idempotency-Key rows, deleted in small batches by the leader so that no long
  * delete ever competes with commands. */
-static void housekeeping(cqrs_relay_t *r)
+static void housekeeping(relay_worker_t *r)
 {
     PGresult *res = PQexec(r->conn, "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
                                     "SELECT ctid FROM idempotency_keys WHERE expires_at < now()"
@@ -773,26 +830,27 @@ static void housekeeping(cqrs_relay_t *r)
     PQclear(res);
 }
 
-static void refresh_stats(cqrs_relay_t *r)
+static void refresh_stats(relay_worker_t *r)
 {
     PGresult *res = PQexec(r->conn, "SELECT count(*), coalesce(extract(epoch FROM now() -"
                                     " min(created_at)), 0) FROM outbox");
     if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
-        atomic_store(&r->backlog, atoll(PQgetvalue(res, 0, 0)));
-        atomic_store(&r->oldest_age_s, atof(PQgetvalue(res, 0, 1)));
+        atomic_store(&r->sh->backlog, atoll(PQgetvalue(res, 0, 0)));
+        atomic_store(&r->sh->oldest_age_s, atof(PQgetvalue(res, 0, 1)));
     }
     PQclear(res);
 }
 
 static void *relay_main(void *arg)
 {
-    cqrs_relay_t *r = arg;
+    relay_worker_t *r = arg;
     while (!atomic_load(&r->stop)) {
+        beat(r);
         if (!connect_pg(r)) {
             wait_for_work(r, r->cfg.poll_interval_ms);
             continue;
         }
-        if (!atomic_load(&r->leader) && !try_lead(r)) {
+        if (!atomic_load(&r->sh->leader) && !try_lead(r)) {
             /* Stand by; the leader's lease is checked again at the next poll. */
             wait_for_work(r, r->cfg.poll_interval_ms);
             continue;
@@ -804,7 +862,7 @@ static void *relay_main(void *arg)
             if (cqrs_bus_create_topics(r->brokers, r->cfg.topics, r->cfg.n_topics,
                                        r->cfg.topic_partitions, r->cfg.topic_replication, 5000,
                                        &err) != CQRS_ERR_OK) {
-                atomic_store(&r->kafka_up, false);
+                atomic_store(&r->sh->kafka_up, false);
                 CQRS_LOG_WARN("cannot ensure the topics yet", "error", err.message);
                 wait_for_work(r, r->cfg.poll_interval_ms);
                 continue;
@@ -840,7 +898,7 @@ static void *relay_main(void *arg)
     if (r->rk && r->txn_ready)
         rd_kafka_flush(r->rk, 2000);
     drop_producer(r);
-    if (r->conn && atomic_load(&r->leader)) {
+    if (r->conn && atomic_load(&r->sh->leader)) {
         /* Hand over at once instead of making the others wait out the lease. */
         PGresult *res = exec_relay(r,
                                    "UPDATE relay_leader SET expires_at = '-infinity'"
@@ -848,64 +906,160 @@ static void *relay_main(void *arg)
                                    0, NULL);
         PQclear(res);
     }
-    atomic_store(&r->leader, false);
+    if (!atomic_load(&r->abandoned))
+        atomic_store(&r->sh->leader, false);
     if (r->conn) {
         PQfinish(r->conn);
         r->conn = NULL;
     }
+    if (atomic_load(&r->abandoned)) {
+        CQRS_LOG_WARN("an abandoned relay worker returned and exits");
+        worker_free(r); /* detached: nobody joins it */
+    }
     return NULL;
 }
 
-cqrs_err_t cqrs_relay_start(cqrs_relay_t *r, cqrs_error_t *err)
+/* ---- supervisor ---------------------------------------------------------------------- */
+
+/* No sign of progress for this long means a library call that does not return: every wait
+ * of the worker is bounded far below it. */
+#define STUCK_MS 60000
+
+static bool worker_start(cqrs_relay_t *relay, cqrs_error_t *err)
 {
-    atomic_store(&r->stop, false);
-    if (pthread_create(&r->thread, NULL, relay_main, r) != 0)
-        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "cannot start the relay thread");
-    r->running = true;
+    relay_worker_t *w = worker_new(&relay->cfg, relay->sh, err);
+    if (!w)
+        return false;
+    if (pthread_create(&w->thread, NULL, relay_main, w) != 0) {
+        worker_free(w);
+        cqrs_error_set(err, CQRS_ERR_INTERNAL, "cannot start the relay thread");
+        return false;
+    }
+    relay->current = w;
+    return true;
+}
+
+static void *supervisor_main(void *arg)
+{
+    cqrs_relay_t *relay = arg;
+    while (!atomic_load(&relay->stop)) {
+        usleep(200 * 1000);
+        relay_worker_t *w = relay->current;
+        if (!w || cqrs_monotonic_ms() - atomic_load(&w->heartbeat) < STUCK_MS)
+            continue;
+        CQRS_LOG_ERROR("the outbox relay made no progress for 60 s (a Kafka or PostgreSQL call"
+                       " does not return); abandoning it and starting a new one");
+        atomic_store(&w->abandoned, true);
+        atomic_store(&w->stop, true);
+        pthread_detach(w->thread);
+        relay->current = NULL;
+        atomic_store(&relay->sh->leader, false);
+        atomic_fetch_add(&relay->sh->restarts, 1);
+        cqrs_error_t err;
+        if (!worker_start(relay, &err))
+            CQRS_LOG_ERROR("cannot start a new relay worker", "error", err.message);
+    }
+    relay_worker_t *w = relay->current;
+    if (w) {
+        atomic_store(&w->stop, true);
+        /* Bounded: a worker that does not finish in time is abandoned like a stuck one. */
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += 20;
+        if (pthread_timedjoin_np(w->thread, NULL, &deadline) == 0) {
+            worker_free(w);
+        } else {
+            atomic_store(&w->abandoned, true);
+            pthread_detach(w->thread);
+        }
+        relay->current = NULL;
+    }
+    return NULL;
+}
+
+cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
+{
+    cqrs_relay_t *relay = calloc(1, sizeof *relay);
+    relay_shared_t *sh = calloc(1, sizeof *sh);
+    if (!relay || !sh) {
+        free(relay);
+        free(sh);
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    atomic_store(&sh->refs, 1);
+    atomic_store(&sh->backlog, -1);
+    relay->sh = sh;
+    /* The template worker owns the copied configuration that every worker copies again. */
+    relay->tmpl = worker_new(cfg, sh, err);
+    if (!relay->tmpl) {
+        shared_unref(sh);
+        free(relay);
+        return NULL;
+    }
+    relay->cfg = relay->tmpl->cfg;
+    relay->cfg.dsn = relay->tmpl->dsn;
+    relay->cfg.brokers = relay->tmpl->brokers;
+    relay->cfg.source = relay->tmpl->source;
+    relay->cfg.client_id = relay->tmpl->client_id;
+    relay->cfg.transactional_id = relay->tmpl->txn_id;
+    return relay;
+}
+
+cqrs_err_t cqrs_relay_start(cqrs_relay_t *relay, cqrs_error_t *err)
+{
+    atomic_store(&relay->stop, false);
+    if (!worker_start(relay, err))
+        return err ? err->code : CQRS_ERR_INTERNAL;
+    if (pthread_create(&relay->supervisor, NULL, supervisor_main, relay) != 0) {
+        relay_worker_t *w = relay->current;
+        atomic_store(&w->stop, true);
+        pthread_join(w->thread, NULL);
+        worker_free(w);
+        relay->current = NULL;
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "cannot start the relay supervisor");
+    }
+    relay->running = true;
     return CQRS_ERR_OK;
 }
 
-void cqrs_relay_stop(cqrs_relay_t *r)
+void cqrs_relay_stop(cqrs_relay_t *relay)
 {
-    if (!r || !r->running)
+    if (!relay || !relay->running)
         return;
-    atomic_store(&r->stop, true);
-    pthread_join(r->thread, NULL);
-    r->running = false;
+    atomic_store(&relay->stop, true);
+    pthread_join(relay->supervisor, NULL);
+    relay->running = false;
 }
 
-void cqrs_relay_stats(cqrs_relay_t *r, cqrs_relay_stats_t *out)
+void cqrs_relay_stats(cqrs_relay_t *relay, cqrs_relay_stats_t *out)
 {
-    out->leader = atomic_load(&r->leader);
-    out->kafka_up = atomic_load(&r->kafka_up);
-    out->pg_up = atomic_load(&r->pg_up);
-    out->epoch = atomic_load(&r->epoch);
-    out->published = atomic_load(&r->published);
-    out->failed = atomic_load(&r->failed);
-    out->aborted = atomic_load(&r->aborted);
-    out->leadership_changes = atomic_load(&r->changes);
-    out->recovered = atomic_load(&r->recovered);
-    out->backlog = atomic_load(&r->backlog);
-    out->oldest_age_s = atomic_load(&r->oldest_age_s);
+    relay_shared_t *sh = relay->sh;
+    out->leader = atomic_load(&sh->leader);
+    out->kafka_up = atomic_load(&sh->kafka_up);
+    out->pg_up = atomic_load(&sh->pg_up);
+    out->epoch = atomic_load(&sh->epoch);
+    out->published = atomic_load(&sh->published);
+    out->failed = atomic_load(&sh->failed);
+    out->aborted = atomic_load(&sh->aborted);
+    out->leadership_changes = atomic_load(&sh->changes);
+    out->recovered = atomic_load(&sh->recovered);
+    out->restarts = atomic_load(&sh->restarts);
+    out->backlog = atomic_load(&sh->backlog);
+    out->oldest_age_s = atomic_load(&sh->oldest_age_s);
 }
 
-const struct cqrs_histogram *cqrs_relay_latency(cqrs_relay_t *r)
+const struct cqrs_histogram *cqrs_relay_latency(cqrs_relay_t *relay)
 {
-    return &r->latency;
+    return &relay->sh->latency;
 }
 
-void cqrs_relay_destroy(cqrs_relay_t *r)
+void cqrs_relay_destroy(cqrs_relay_t *relay)
 {
-    if (!r)
+    if (!relay)
         return;
-    cqrs_relay_stop(r);
-    free(r->dsn);
-    free(r->brokers);
-    free(r->source);
-    free(r->client_id);
-    free(r->txn_id);
-    for (size_t i = 0; r->topics && i < r->cfg.n_topics; i++)
-        free(r->topics[i]);
-    free(r->topics);
-    free(r);
+    cqrs_relay_stop(relay);
+    worker_free(relay->tmpl);
+    shared_unref(relay->sh);
+    free(relay);
 }

@@ -41,7 +41,7 @@ struct cqrs_projector {
     bool restart; /* the consumer must be recreated (store reset) */
     atomic_bool stop;
     atomic_bool kafka_up, redis_up;
-    atomic_uint history_missing;
+    atomic_uint history_missing, assigned;
     atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets;
     missing_t missing[MAX_MISSING];
     unsigned n_missing;
@@ -113,6 +113,7 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     if (err != RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         rd_kafka_assign(rk, NULL);
         atomic_store(&p->history_missing, 0);
+        atomic_store(&p->assigned, 0);
         CQRS_LOG_INFO("partitions revoked");
         return;
     }
@@ -139,6 +140,7 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         rd_kafka_pause_partitions(rk, paused);
     rd_kafka_topic_partition_list_destroy(paused);
     atomic_store(&p->history_missing, p->n_missing);
+    atomic_store(&p->assigned, (unsigned)parts->cnt);
     char n[12];
     snprintf(n, sizeof n, "%d", parts->cnt);
     CQRS_LOG_INFO("partitions assigned", "count", n);
@@ -513,6 +515,7 @@ void cqrs_projector_stats(cqrs_projector_t *p, cqrs_projector_stats_t *out)
     out->kafka_up = atomic_load(&p->kafka_up);
     out->redis_up = atomic_load(&p->redis_up);
     out->history_missing = atomic_load(&p->history_missing);
+    out->assigned = atomic_load(&p->assigned);
     out->applied = atomic_load(&p->applied);
     out->duplicates = atomic_load(&p->duplicates);
     out->dead_letters = atomic_load(&p->dead_letters);

@@ -209,7 +209,15 @@ static void test_two_projectors_share_the_work(void **state)
     int port2 = free_port();
     pid_t second = daemons_spawn_queryd(&D, port2, "project", "queryd2");
     assert_true(second > 0);
-    sleep(2); /* the group rebalances */
+    /* the group rebalances: both instances end up with partitions */
+    for (int t = 0; t < 300; t++) {
+        if (metric(port2, "cqrs_projector_partitions_assigned") > 0 &&
+            metric(D.qport, "cqrs_projector_partitions_assigned") > 0)
+            break;
+        usleep(100 * 1000);
+    }
+    assert_true(metric(port2, "cqrs_projector_partitions_assigned") > 0);
+    assert_true(metric(D.qport, "cqrs_projector_partitions_assigned") > 0);
     char path[160], body[96];
     for (int round = 0; round < 3; round++) {
         for (int i = 0; i < N_PRODUCTS; i++) {

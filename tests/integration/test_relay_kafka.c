@@ -19,6 +19,7 @@
 #include <cqrs/store.h>
 #include <cqrs/util.h>
 
+#include "kafka_check.h"
 #include "testenv.h"
 
 extern const cqrs_embedded_file_t cqrs_migrations[];
@@ -256,11 +257,65 @@ static void test_relay_keeps_events_while_kafka_is_unreachable(void **state)
     cqrs_relay_destroy(relay);
 }
 
+/* Inserts one event + outbox row on c (inside whatever transaction c has open). */
+static void raw_append(PGconn *c, const char *agg)
+{
+    char id[37];
+    cqrs_uuid_v4(id);
+    const char *p[] = {id, agg, topic};
+    PGresult *r = PQexecParams(c,
+                               "WITH e AS (INSERT INTO events(event_id, aggregate_type,"
+                               " aggregate_id, version, event_type, occurred_at, data)"
+                               " VALUES ($1, 'thing', $2, 1, 'thing.happened.v1', now(),"
+                               " '{\"late\":true}') RETURNING sequence)"
+                               "INSERT INTO outbox(sequence, topic) SELECT sequence, $3 FROM e",
+                               3, NULL, p, NULL, NULL, 0);
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+}
+
+static void test_late_commit_is_not_skipped(void **state)
+{
+    (void)state;
+    /* A takes the lower sequence but commits after B, whose higher sequence is published
+     * first: A's event must still be published. */
+    PGconn *a = PQconnectdb(dsn), *b = PQconnectdb(dsn);
+    char agg_a[37], agg_b[37];
+    cqrs_uuid_v4(agg_a);
+    cqrs_uuid_v4(agg_b);
+    PQclear(PQexec(a, "BEGIN"));
+    raw_append(a, agg_a);
+    raw_append(b, agg_b); /* autocommit */
+    cqrs_relay_t *relay = relay_for(brokers);
+    wait_leader(relay);
+    for (int i = 0; i < 100 && count("SELECT count(*) FROM outbox o JOIN events e USING"
+                                     " (sequence) WHERE e.aggregate_id = $1",
+                                     agg_b) != 0;
+         i++)
+        usleep(100 * 1000);
+    assert_int_equal(count("SELECT count(*) FROM outbox o JOIN events e USING (sequence)"
+                           " WHERE e.aggregate_id = $1",
+                           agg_b),
+                     0);
+    PQclear(PQexec(a, "COMMIT"));
+    assert_true(outbox_drained(topic, 60));
+    cqrs_relay_destroy(relay);
+    PQfinish(a);
+    PQfinish(b);
+    const char *topics[] = {topic};
+    kafka_check_t k;
+    /* 10 + 2 from the earlier tests, 2 now */
+    assert_int_equal(kafka_check_topics(brokers, topics, 1, 14, 60, &k), 0);
+    assert_int_equal(k.messages, 14);
+    assert_int_equal(k.duplicates, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_relay_publishes_in_order_with_headers),
         cmocka_unit_test(test_relay_keeps_events_while_kafka_is_unreachable),
+        cmocka_unit_test(test_late_commit_is_not_skipped),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -28,7 +28,7 @@ int free_port(void)
 }
 
 static pid_t spawn(const daemons_t *d, const char *path, int port, const char *log,
-                   const char *role)
+                   const char *role, const char *extra_env)
 {
     pid_t pid = fork();
     if (pid == 0) {
@@ -37,6 +37,17 @@ static pid_t spawn(const daemons_t *d, const char *path, int port, const char *l
         setenv("CQRS_HTTP_PORT", p, 1);
         if (role)
             setenv("CQRS_QUERY_ROLE", role, 1);
+        setenv("CQRS_RELAY_LEASE_MS", "2000", 0);
+        /* extra_env: "NAME=value;NAME=value" */
+        char *env = extra_env ? strdup(extra_env) : NULL, *save = NULL;
+        for (char *kv = env ? strtok_r(env, ";", &save) : NULL; kv;
+             kv = strtok_r(NULL, ";", &save)) {
+            char *eq = strchr(kv, '=');
+            if (eq) {
+                *eq = '\0';
+                setenv(kv, eq + 1, 1);
+            }
+        }
         setenv("CQRS_TOPIC_PREFIX", d->prefix, 1);
         setenv("CQRS_CONSUMER_GROUP", d->prefix, 1);
         setenv("CQRS_RELAY_POLL_MS", "200", 1);
@@ -95,9 +106,9 @@ int daemons_start(daemons_t *d)
     d->qport = free_port();
     char log[128];
     snprintf(log, sizeof log, "%s/commandd.log", d->logdir);
-    d->commandd = spawn(d, CQRS_COMMANDD, d->cport, log, NULL);
+    d->commandd = spawn(d, CQRS_COMMANDD, d->cport, log, NULL, NULL);
     snprintf(log, sizeof log, "%s/queryd.log", d->logdir);
-    d->queryd = spawn(d, CQRS_QUERYD, d->qport, log, NULL);
+    d->queryd = spawn(d, CQRS_QUERYD, d->qport, log, NULL, NULL);
     if (wait_ready(d->cport, 60) != 0 || wait_ready(d->qport, 60) != 0) {
         daemons_dump_logs(d);
         return -1;
@@ -161,10 +172,43 @@ pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const
 {
     char log[128];
     snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
-    pid_t pid = spawn(d, CQRS_QUERYD, port, log, role);
+    pid_t pid = spawn(d, CQRS_QUERYD, port, log, role, NULL);
     if (wait_ready(port, 60) != 0) {
         daemons_dump_logs(d);
         return -1;
     }
     return pid;
+}
+
+pid_t daemons_spawn_commandd(const daemons_t *d, int port, const char *extra_env, const char *name)
+{
+    char log[128];
+    snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
+    pid_t pid = spawn(d, CQRS_COMMANDD, port, log, NULL, extra_env);
+    if (wait_ready(port, 60) != 0) {
+        daemons_dump_logs(d);
+        return -1;
+    }
+    return pid;
+}
+
+long long daemons_metric(int port, const char *name)
+{
+    httpc_response_t r;
+    if (httpc_request(port, "GET", "/metrics", NULL, NULL, 0, &r) != 0 || r.status != 200) {
+        httpc_response_free(&r);
+        return -1;
+    }
+    long long v = -1;
+    size_t len = strlen(name);
+    for (char *line = r.body; line && *line;) {
+        if (strncmp(line, name, len) == 0 && line[len] == ' ') {
+            v = atoll(line + len + 1);
+            break;
+        }
+        char *nl = strchr(line, '\n');
+        line = nl ? nl + 1 : NULL;
+    }
+    httpc_response_free(&r);
+    return v;
 }

@@ -30,6 +30,13 @@ void daemons_dump_logs(const daemons_t *d);
  * Returns its pid, -1 on failure. */
 pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const char *name);
 
+/* Starts another cqrs-commandd of the same run on port with extra environment
+ * ("NAME=value;NAME=value", may be NULL); waits until ready. */
+pid_t daemons_spawn_commandd(const daemons_t *d, int port, const char *extra_env, const char *name);
+
+/* A sample of /metrics on port (integer part), -1 when absent or unreachable. */
+long long daemons_metric(int port, const char *name);
+
 /* A single number from SQL on CQRS_PG_DSN ($1 = param, may be NULL); -1 on error. */
 long long pg_count(const char *sql, const char *param);
 

@@ -66,6 +66,7 @@ typedef struct cqrs_relay_stats {
     uint64_t aborted;            /* Kafka transactions aborted */
     uint64_t leadership_changes; /* times this relay became leader */
     uint64_t recovered;          /* rows found already in Kafka when taking over */
+    uint64_t restarts;           /* relay threads replaced after 60 s without progress */
     int64_t backlog;             /* outbox rows, as of the leader's last look (-1: unknown) */
     double oldest_age_s;         /* age of the oldest outbox row then */
 } cqrs_relay_stats_t;

@@ -54,6 +54,7 @@ typedef struct cqrs_projector_config {
 typedef struct cqrs_projector_stats {
     bool kafka_up;
     bool redis_up;
+    unsigned assigned;        /* partitions this instance consumes */
     unsigned history_missing; /* partitions paused because Kafka lost their beginning */
     uint64_t applied;
     uint64_t duplicates;

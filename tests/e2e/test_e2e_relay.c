@@ -1,0 +1,320 @@
+/* End-to-end tests of the outbox relay against the real stack and real daemons:
+ *  - Kafka stopped: commands keep succeeding, the backlog grows and drains in order when Kafka
+ *    is back, every event exactly once;
+ *  - two cqrs-commandd: exactly one relays; SIGKILL it under load, the other takes over;
+ *  - a leader paused (SIGSTOP, by a failpoint just before its Kafka commit) until another took
+ *    over, then resumed: nothing it published becomes visible, nothing is lost;
+ *  - PostgreSQL restarted under load: fast 503s during the outage, then success without
+ *    restarting the daemon.
+ * After each, the topic read back with read_committed holds every (aggregate, version) once,
+ * in version order. */
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <jansson.h>
+
+#include <cqrs/util.h>
+
+#include "daemons.h"
+#include "httpc.h"
+#include "kafka_check.h"
+#include "testenv.h"
+
+#define N_PRODUCTS 10
+
+static daemons_t D;
+static char products[N_PRODUCTS][40];
+static long long events_expected;
+static int port; /* the cqrs-commandd the commands go to */
+static pid_t extra[4] = {-1, -1, -1, -1};
+
+static int setup(void **state)
+{
+    (void)state;
+    testenv_require("CQRS_PG_DSN");
+    testenv_require("CQRS_KAFKA_BROKERS");
+    testenv_require("CQRS_REDIS_URL");
+    testenv_require("CQRS_STACK_DIR");
+    if (daemons_start(&D) != 0)
+        return -1;
+    port = D.cport;
+    for (int i = 0; i < N_PRODUCTS; i++) {
+        char body[256], id[37];
+        cqrs_uuid_v4(id);
+        snprintf(body, sizeof body,
+                 "{\"sku\":\"R-%.8s\",\"name\":\"Relay %d\",\"category\":\"r\","
+                 "\"price_cents\":1,\"currency\":\"EUR\",\"initial_stock\":0}",
+                 id, i);
+        httpc_response_t r;
+        httpc_request(port, "POST", "/v1/products", "Content-Type: application/json\r\n", body,
+                      strlen(body), &r);
+        json_t *j = json_loads(r.body, 0, NULL);
+        if (r.status != 201 || !j)
+            return -1;
+        snprintf(products[i], sizeof products[i], "%s",
+                 json_string_value(json_object_get(j, "id")));
+        json_decref(j);
+        httpc_response_free(&r);
+        events_expected++;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 4; i++)
+        if (extra[i] > 0) {
+            kill(extra[i], SIGCONT);
+            daemons_stop_one(&extra[i]);
+        }
+    daemons_stop(&D);
+    /* whatever a test stopped comes back for the next suite */
+    int rc = system(CQRS_STACK_SH " up >/dev/null 2>&1");
+    (void)rc;
+    return 0;
+}
+
+static int adjust(int to_port, int i)
+{
+    char path[128];
+    snprintf(path, sizeof path, "/v1/products/%.40s/stock-adjustments", products[i % N_PRODUCTS]);
+    const char *body = "{\"delta\":1,\"reason\":\"relay test\"}";
+    httpc_response_t r;
+    httpc_request(to_port, "POST", path, "Content-Type: application/json\r\n", body, strlen(body),
+                  &r);
+    int st = r.status;
+    httpc_response_free(&r);
+    return st;
+}
+
+/* Outbox rows of this test's products. */
+static long long outbox_rows(void)
+{
+    char list[N_PRODUCTS * 40 + 8] = "{";
+    for (int i = 0; i < N_PRODUCTS; i++) {
+        strcat(list, products[i]);
+        strcat(list, i + 1 < N_PRODUCTS ? "," : "}");
+    }
+    return pg_count("SELECT count(*) FROM outbox o JOIN events e USING (sequence)"
+                    " WHERE e.aggregate_id = ANY($1::uuid[])",
+                    list);
+}
+
+static bool outbox_drained(int seconds)
+{
+    for (int t = 0; t < seconds * 10; t++) {
+        if (outbox_rows() == 0)
+            return true;
+        usleep(100 * 1000);
+    }
+    return false;
+}
+
+static void expect_exactly_once(void)
+{
+    char topic[96];
+    snprintf(topic, sizeof topic, "%s.product.events", D.prefix);
+    const char *topics[] = {topic};
+    kafka_check_t k;
+    assert_int_equal(kafka_check_topics(getenv("CQRS_KAFKA_BROKERS"), topics, 1,
+                                        (size_t)events_expected, 90, &k),
+                     0);
+    if (k.duplicates || k.out_of_order || k.messages != (size_t)events_expected)
+        fail_msg("Kafka holds %zu events (expected %lld), %zu duplicates, %zu out of order: %s",
+                 k.messages, events_expected, k.duplicates, k.out_of_order, k.first_problem);
+}
+
+static int leader_port(const int *ports, int n, int seconds)
+{
+    for (int t = 0; t < seconds * 10; t++) {
+        int found = -1, count = 0;
+        for (int i = 0; i < n; i++)
+            if (daemons_metric(ports[i], "cqrs_relay_leader") == 1) {
+                found = ports[i];
+                count++;
+            }
+        if (count == 1)
+            return found;
+        usleep(100 * 1000);
+    }
+    return -1;
+}
+
+static void test_kafka_outage(void **state)
+{
+    (void)state;
+    assert_int_equal(system(CQRS_STACK_SH " stop kafka >/dev/null 2>&1"), 0);
+    for (int i = 0; i < 200; i++) {
+        int st = adjust(port, i);
+        if (st != 200)
+            fail_msg("command %d during the Kafka outage: %d", i, st);
+        events_expected++;
+    }
+    /* nothing could be published meanwhile: the backlog holds all 200 */
+    assert_true(outbox_rows() >= 200);
+    assert_int_equal(system(CQRS_STACK_SH " up >/dev/null 2>&1"), 0);
+    assert_true(outbox_drained(120));
+    expect_exactly_once();
+}
+
+typedef struct load {
+    int port;
+    int n;
+    int ok;
+    int bad;
+} load_t;
+
+static void *run_load(void *arg)
+{
+    load_t *l = arg;
+    for (int i = 0; i < l->n; i++) {
+        if (adjust(l->port, i) == 200)
+            l->ok++;
+        else
+            l->bad++;
+        usleep(5 * 1000);
+    }
+    return NULL;
+}
+
+static void test_takeover_after_sigkill(void **state)
+{
+    (void)state;
+    int port2 = free_port();
+    extra[0] = daemons_spawn_commandd(&D, port2, NULL, "commandd2");
+    assert_true(extra[0] > 0);
+    int ports[] = {D.cport, port2};
+    int leader = leader_port(ports, 2, 20);
+    assert_true(leader > 0);
+    int survivor = leader == D.cport ? port2 : D.cport;
+    load_t l = {.port = survivor, .n = 300};
+    pthread_t t;
+    pthread_create(&t, NULL, run_load, &l);
+    usleep(400 * 1000);
+    pid_t *victim = leader == D.cport ? &D.commandd : &extra[0];
+    kill(*victim, SIGKILL);
+    waitpid(*victim, NULL, 0);
+    *victim = -1;
+    pthread_join(t, NULL);
+    assert_int_equal(l.bad, 0);
+    events_expected += l.ok;
+    /* the other one leads now, within seconds */
+    int ports2[] = {survivor};
+    assert_int_equal(leader_port(ports2, 1, 15), survivor);
+    port = survivor;
+    assert_true(outbox_drained(60));
+    expect_exactly_once();
+    if (victim == &D.commandd) {
+        D.commandd = extra[0];
+        D.cport = port2;
+        extra[0] = -1;
+    }
+}
+
+static char proc_state(pid_t pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return '?';
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *rp = strrchr(buf, ')');
+    return rp && rp[1] == ' ' ? rp[2] : '?';
+}
+
+static void test_paused_leader_is_fenced(void **state)
+{
+    (void)state;
+    /* The current leader hands over on SIGTERM; the paused one takes the lease next. */
+    int paused_port = free_port();
+    extra[1] = daemons_spawn_commandd(&D, paused_port, "CQRS_FAILPOINTS=relay-before-commit=stop*1",
+                                      "commandd-paused");
+    assert_true(extra[1] > 0);
+    assert_int_equal(daemons_stop_one(&D.commandd), 0);
+    int ports[] = {paused_port};
+    assert_int_equal(leader_port(ports, 1, 20), paused_port);
+    /* A command: the paused leader produces it, records the batch and stops before its Kafka
+     * commit. */
+    assert_int_equal(adjust(paused_port, 0), 200);
+    events_expected++;
+    bool stopped = false;
+    for (int t = 0; t < 100 && !stopped; t++) {
+        stopped = proc_state(extra[1]) == 'T';
+        usleep(100 * 1000);
+    }
+    assert_true(stopped);
+    /* Another instance takes over once the lease runs out, fences it, settles the batch. */
+    int port3 = free_port();
+    extra[2] = daemons_spawn_commandd(&D, port3, NULL, "commandd3");
+    assert_true(extra[2] > 0);
+    int ports3[] = {port3};
+    assert_int_equal(leader_port(ports3, 1, 20), port3);
+    for (int i = 0; i < 20; i++) {
+        assert_int_equal(adjust(port3, i), 200);
+        events_expected++;
+    }
+    port = port3;
+    assert_true(outbox_drained(60));
+    /* Resumed: its commit is refused (fenced), it writes nothing, it is not the leader. */
+    kill(extra[1], SIGCONT);
+    sleep(3);
+    assert_int_equal(daemons_metric(paused_port, "cqrs_relay_leader"), 0);
+    assert_int_equal(daemons_metric(port3, "cqrs_relay_leader"), 1);
+    expect_exactly_once();
+}
+
+static void test_postgres_restart(void **state)
+{
+    (void)state;
+    assert_int_equal(system(CQRS_STACK_SH " stop postgres >/dev/null 2>&1"), 0);
+    int unavailable = 0;
+    for (int i = 0; i < 5; i++) {
+        int64_t t0 = cqrs_monotonic_ms();
+        int st = adjust(port, i);
+        /* a hang detector, not a benchmark */
+        assert_true(cqrs_monotonic_ms() - t0 < 15000);
+        if (st == 503)
+            unavailable++;
+        else
+            fail_msg("command during the PostgreSQL outage: %d", st);
+    }
+    assert_int_equal(unavailable, 5);
+    assert_int_equal(system(CQRS_STACK_SH " up >/dev/null 2>&1"), 0);
+    int ok = 0;
+    for (int t = 0; t < 300 && ok < 10; t++) {
+        if (adjust(port, t) == 200) {
+            ok++;
+            events_expected++;
+        } else {
+            usleep(100 * 1000);
+        }
+    }
+    assert_int_equal(ok, 10);
+    assert_true(outbox_drained(60));
+    expect_exactly_once();
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kafka_outage),
+        cmocka_unit_test(test_takeover_after_sigkill),
+        cmocka_unit_test(test_paused_leader_is_fenced),
+        cmocka_unit_test(test_postgres_restart),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
