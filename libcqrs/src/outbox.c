@@ -252,6 +252,9 @@ static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
         cqrs_bus_conf_set(conf, "transaction.timeout.ms", txn_timeout, err) ||
         cqrs_bus_conf_set(conf, "message.timeout.ms", timeout, err) ||
         cqrs_bus_conf_set(conf, "linger.ms", "5", err) ||
+        /* Back-to-back transactions: AddPartitionsToTxn answers CONCURRENT_TRANSACTIONS until
+         * the previous commit's markers are written; retry soon, not after 100 ms+. */
+        cqrs_bus_conf_set(conf, "retry.backoff.ms", "10", err) ||
         cqrs_bus_conf_set(conf, "partitioner", "murmur2_random", err)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
@@ -357,6 +360,18 @@ static bool renew(relay_worker_t *r, bool force)
 /* Sleeps up to ms, waking early on NOTIFY or stop; renews the lease meanwhile. */
 static void wait_for_work(relay_worker_t *r, int ms)
 {
+    /* Notifications that arrived while the last round ran were read by libpq along with
+     * query results and wait in its queue: the socket will not signal them again. */
+    if (r->conn && atomic_load(&r->sh->leader)) {
+        bool queued = false;
+        PGnotify *n;
+        while ((n = PQnotifies(r->conn)) != NULL) {
+            queued = true;
+            PQfreemem(n);
+        }
+        if (queued)
+            return;
+    }
     int64_t until = cqrs_monotonic_ms() + ms;
     while (!atomic_load(&r->stop)) {
         beat(r);
@@ -610,9 +625,11 @@ static void abort_txn(relay_worker_t *r)
 static int relay_round(relay_worker_t *r)
 {
     char limit[16];
+    int64_t t_start = cqrs_monotonic_ms(), t_read, t_acked = 0, t_recorded = 0, t_committed = 0;
     snprintf(limit, sizeof limit, "%d", r->cfg.batch_size);
     const char *p[] = {limit};
     PGresult *res = PQexecParams(r->conn, SELECT_BATCH, 1, NULL, p, NULL, NULL, 0);
+    t_read = cqrs_monotonic_ms();
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         cqrs_error_t err;
         cqrs__pg_error(r->conn, res, &err);
@@ -699,6 +716,7 @@ static int relay_round(relay_worker_t *r)
         if (!renew(r, false))
             break;
     }
+    t_acked = cqrs_monotonic_ms();
     for (int i = 0; i < produced; i++)
         if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
             if (!failed)
@@ -760,6 +778,7 @@ static int relay_round(relay_worker_t *r)
         goto out;
     }
 
+    t_recorded = cqrs_monotonic_ms();
     CQRS_FAILPOINT("relay-before-commit");
     /* Resumable: a timed-out commit is called again after renewing the lease. */
     int64_t commit_deadline = cqrs_monotonic_ms() + r->cfg.message_timeout_ms;
@@ -782,6 +801,7 @@ static int relay_round(relay_worker_t *r)
         rc = 0;
         goto out;
     }
+    t_committed = cqrs_monotonic_ms();
     CQRS_FAILPOINT("relay-after-commit");
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -809,6 +829,17 @@ static int relay_round(relay_worker_t *r)
     }
     PQclear(del);
     free(arr);
+    int64_t t_end = cqrs_monotonic_ms();
+    if (t_end - t_start > 250) {
+        char phases[160];
+        snprintf(phases, sizeof phases,
+                 "read %lld ms, produce+ack %lld ms, record %lld ms, commit %lld ms, delete %lld "
+                 "ms",
+                 (long long)(t_read - t_start), (long long)(t_acked - t_read),
+                 (long long)(t_recorded - t_acked), (long long)(t_committed - t_recorded),
+                 (long long)(t_end - t_committed));
+        CQRS_LOG_WARN("slow relay round", "phases", phases);
+    }
 out:
     free(check_topic_copy);
     free(slots);
