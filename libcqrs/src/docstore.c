@@ -24,7 +24,7 @@
  *       5 meta, 6… index keys
  * ARGV: 1 mode (apply|dead), 2 version, 3 document, 4 partition, 5 next offset, 6 event blob,
  *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, then per op:
- *       op (ZADD|ZREM), key number, score, member */
+ *       op (ZADD|ZREM|SADD|SREM|HSET), key number, score, member, value */
 static const char APPLY_LUA[] =
     "if redis.call('EXISTS', KEYS[5]) == 0 then return -2 end\n"
     "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
@@ -50,10 +50,11 @@ static const char APPLY_LUA[] =
     "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
     "local i = 11\n"
     "for _ = 1, tonumber(ARGV[10]) do\n"
-    "  local key = KEYS[tonumber(ARGV[i + 1])]\n"
-    "  if ARGV[i] == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
-    "  else redis.call('ZREM', key, ARGV[i + 3]) end\n"
-    "  i = i + 4\n"
+    "  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]\n"
+    "  if op == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
+    "  elseif op == 'HSET' then redis.call('HSET', key, ARGV[i + 3], ARGV[i + 4])\n"
+    "  else redis.call(op, key, ARGV[i + 3]) end\n"
+    "  i = i + 5\n"
     "end\n"
     "mark()\n"
     "return 1\n";
@@ -261,7 +262,7 @@ static cqrs_err_t load_script(cqrs_docstore_t *ds, cqrs_error_t *err)
 static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dead,
                             cqrs_apply_result_t *result, cqrs_error_t *err)
 {
-    size_t nkeys = 5 + a->n_ops, nargs = 10 + 4 * a->n_ops;
+    size_t nkeys = 5 + a->n_ops, nargs = 10 + 5 * a->n_ops;
     size_t argc = 3 + nkeys + nargs;
     const char **argv = calloc(argc, sizeof *argv);
     char(*num)[32] = calloc(6 + 2 * a->n_ops, sizeof *num);
@@ -303,10 +304,12 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
         char *keyno = num[6 + 2 * i], *score = num[7 + 2 * i];
         snprintf(keyno, 32, "%zu", 6 + i);
         snprintf(score, 32, "%.17g", a->ops[i].score);
-        argv[k++] = a->ops[i].op == CQRS_INDEX_ZADD ? "ZADD" : "ZREM";
+        static const char *const names[] = {"ZADD", "ZREM", "SADD", "SREM", "HSET"};
+        argv[k++] = names[a->ops[i].op];
         argv[k++] = keyno;
         argv[k++] = score;
         argv[k++] = a->ops[i].member;
+        argv[k++] = a->ops[i].value ? a->ops[i].value : "";
     }
     cqrs_err_t rc = CQRS_ERR_OK;
     for (int attempt = 0; attempt < 2; attempt++) {
@@ -387,6 +390,208 @@ cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, in
         rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "bad offset for partition %d", partition);
     freeReplyObject(r);
     return rc;
+}
+
+void cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const char *key,
+                        double score, const char *member, const char *value)
+{
+    if (ops->n == ops->cap) {
+        size_t cap = ops->cap ? ops->cap * 2 : 16;
+        cqrs_index_op_t *v = realloc(ops->v, cap * sizeof *v);
+        if (!v)
+            return;
+        ops->v = v;
+        ops->cap = cap;
+    }
+    cqrs_index_op_t *o = &ops->v[ops->n++];
+    o->op = op;
+    o->key = strdup(key);
+    o->score = score;
+    o->member = strdup(member ? member : "");
+    o->value = value ? strdup(value) : NULL;
+}
+
+void cqrs_index_ops_free(cqrs_index_ops_t *ops)
+{
+    for (size_t i = 0; i < ops->n; i++) {
+        free((char *)ops->v[i].key);
+        free((char *)ops->v[i].member);
+        free((char *)ops->v[i].value);
+    }
+    free(ops->v);
+    memset(ops, 0, sizeof *ops);
+}
+
+void cqrs_docstore_strings_free(char **v, size_t n)
+{
+    for (size_t i = 0; v && i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
+static char **reply_strings(const redisReply *r, size_t from, size_t *n)
+{
+    *n = 0;
+    if (r->type != REDIS_REPLY_ARRAY)
+        return NULL;
+    char **v = calloc(r->elements + 1, sizeof *v);
+    for (size_t i = from; v && i < r->elements; i++)
+        if (r->element[i]->type == REDIS_REPLY_STRING)
+            v[(*n)++] = strndup(r->element[i]->str, r->element[i]->len);
+    return v;
+}
+
+cqrs_err_t cqrs_docstore_range(cqrs_docstore_t *ds, const char *key, const char *after,
+                               size_t limit, char ***members, size_t *n, cqrs_error_t *err)
+{
+    char *from = NULL;
+    if (after) {
+        from = malloc(strlen(after) + 2);
+        if (!from)
+            return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        sprintf(from, "(%s", after);
+    }
+    char count[24];
+    snprintf(count, sizeof count, "%zu", limit);
+    const char *argv[] = {"ZRANGEBYLEX", key, from ? from : "-", "+", "LIMIT", "0", count};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 7, argv, NULL, &r, err);
+    free(from);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    *members = reply_strings(r, 0, n);
+    freeReplyObject(r);
+    return CQRS_ERR_OK;
+}
+
+cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
+                                  char **jsons, cqrs_error_t *err)
+{
+    for (size_t i = 0; i < n; i++)
+        jsons[i] = NULL;
+    if (n == 0)
+        return CQRS_ERR_OK;
+    cqrs_err_t rc = connect_ds(ds, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    /* pipelined: n commands, then n replies */
+    for (size_t i = 0; i < n; i++) {
+        const char *argv[] = {"HGET", keys[i], "json"};
+        if (redisAppendCommandArgv(ds->c, 3, argv, NULL) != REDIS_OK) {
+            disconnect(ds);
+            return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: pipeline failed");
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        void *reply = NULL;
+        if (redisGetReply(ds->c, &reply) != REDIS_OK || !reply) {
+            cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
+            disconnect(ds);
+            for (size_t k = 0; k < i; k++) {
+                free(jsons[k]);
+                jsons[k] = NULL;
+            }
+            return CQRS_ERR_UNAVAILABLE;
+        }
+        redisReply *r = reply;
+        if (r->type == REDIS_REPLY_STRING)
+            jsons[i] = strndup(r->str, r->len);
+        freeReplyObject(r);
+    }
+    return CQRS_ERR_OK;
+}
+
+/* KEYS: 1 index, 2… sets. ARGV: 1 after ('' = start), 2 limit, 3 budget, 4 small_max,
+ * 5 doc prefix, 6 doc suffix, 7 sort field. Returns {next or '', member…}. */
+static const char SEARCH_LUA[] =
+    "local limit, budget, small = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+    "local after = ARGV[1]\n"
+    "local smallest, size = nil, nil\n"
+    "for i = 2, #KEYS do\n"
+    "  local c = redis.call('SCARD', KEYS[i])\n"
+    "  if c == 0 then return {''} end\n"
+    "  if not size or c < size then smallest, size = i, c end\n"
+    "end\n"
+    "local function in_all(id, skip)\n"
+    "  for i = 2, #KEYS do\n"
+    "    if i ~= skip and redis.call('SISMEMBER', KEYS[i], id) == 0 then return false end\n"
+    "  end\n"
+    "  return true\n"
+    "end\n"
+    "if smallest and size <= small then\n"
+    "  local found = {}\n"
+    "  for _, id in ipairs(redis.call('SMEMBERS', KEYS[smallest])) do\n"
+    "    local m = redis.call('HGET', ARGV[5] .. id .. ARGV[6], ARGV[7])\n"
+    "    if m and (after == '' or m > after) and redis.call('ZSCORE', KEYS[1], m)\n"
+    "       and in_all(id, smallest) then found[#found + 1] = m end\n"
+    "  end\n"
+    "  table.sort(found)\n"
+    "  local out = {''}\n"
+    "  for i = 1, math.min(limit, #found) do out[#out + 1] = found[i] end\n"
+    "  if #found > limit then out[1] = found[limit] end\n"
+    "  return out\n"
+    "end\n"
+    "local out, from, scanned = {''}, (after == '' and '-' or '(' .. after), 0\n"
+    "while scanned < budget do\n"
+    "  local batch = redis.call('ZRANGEBYLEX', KEYS[1], from, '+', 'LIMIT', 0, 100)\n"
+    "  if #batch == 0 then return out end\n"
+    "  for _, m in ipairs(batch) do\n"
+    "    scanned = scanned + 1\n"
+    "    if in_all(string.sub(m, -36), nil) then\n"
+    "      if #out - 1 == limit then out[1] = out[#out] return out end\n"
+    "      out[#out + 1] = m\n"
+    "    end\n"
+    "    from = '(' .. m\n"
+    "    if scanned >= budget then break end\n"
+    "  end\n"
+    "end\n"
+    "out[1] = string.sub(from, 2)\n"
+    "return out\n";
+
+cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, char ***members,
+                                size_t *n, char **next, cqrs_error_t *err)
+{
+    *members = NULL;
+    *n = 0;
+    *next = NULL;
+    size_t argc = 3 + 1 + q->n_sets + 7;
+    const char **argv = calloc(argc, sizeof *argv);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    char nkeys[16], limit[24], budget[24], small[24];
+    snprintf(nkeys, sizeof nkeys, "%zu", 1 + q->n_sets);
+    snprintf(limit, sizeof limit, "%zu", q->limit);
+    snprintf(budget, sizeof budget, "%zu", q->budget);
+    snprintf(small, sizeof small, "%zu", q->small_max);
+    size_t k = 0;
+    argv[k++] = "EVAL";
+    argv[k++] = SEARCH_LUA;
+    argv[k++] = nkeys;
+    argv[k++] = q->index;
+    for (size_t i = 0; i < q->n_sets; i++)
+        argv[k++] = q->sets[i];
+    argv[k++] = q->after ? q->after : "";
+    argv[k++] = limit;
+    argv[k++] = budget;
+    argv[k++] = small;
+    argv[k++] = q->doc_prefix;
+    argv[k++] = q->doc_suffix;
+    argv[k++] = q->sort_field;
+    redisReply *r = NULL;
+    /* EVAL (not EVALSHA): Redis caches the script by its text after the first call. */
+    cqrs_err_t rc = command(ds, (int)k, argv, NULL, &r, err);
+    free(argv);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1) {
+        freeReplyObject(r);
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected search reply");
+    }
+    if (r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len > 0)
+        *next = strndup(r->element[0]->str, r->element[0]->len);
+    *members = reply_strings(r, 1, n);
+    freeReplyObject(r);
+    return CQRS_ERR_OK;
 }
 
 /* ---- pool -------------------------------------------------------------------------------- */

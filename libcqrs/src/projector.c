@@ -334,6 +334,7 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
         char *text = NULL, *next_text = NULL;
         int64_t version = 0;
         json_t *doc = NULL, *next = NULL;
+        cqrs_index_ops_t ops = {0};
         rc = known ? cqrs_docstore_get(p->ds, key, &text, &version, &err) : CQRS_ERR_NOT_FOUND;
         if (rc == CQRS_ERR_NOT_FOUND)
             rc = CQRS_ERR_OK;
@@ -350,11 +351,15 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
                 snprintf(reason, sizeof reason, "%s", perr.message);
             } else {
                 next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);
+                if (p->cfg.projection->index)
+                    p->cfg.projection->index(key, doc, next, &ops);
             }
         }
         if (rc == CQRS_ERR_OK) {
             a.json = next_text;
             a.reason = reason;
+            a.ops = ops.v;
+            a.n_ops = ops.n;
             rc = dead ? cqrs_docstore_dead_letter(p->ds, &a, &res, &err)
                       : cqrs_docstore_apply(p->ds, &a, &res, &err);
         }
@@ -362,6 +367,9 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
         free(next_text);
         json_decref(doc);
         json_decref(next);
+        cqrs_index_ops_free(&ops);
+        a.ops = NULL;
+        a.n_ops = 0;
         if (rc != CQRS_ERR_OK) {
             atomic_store(&p->redis_up, false);
             if (attempt++ % 20 == 0)

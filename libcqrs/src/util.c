@@ -113,3 +113,59 @@ void cqrs_traceparent_new(char out[56])
         p += sprintf(p, "%02x", b[i]);
     sprintf(p, "-01");
 }
+
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+char *cqrs_base64url_encode(const void *data, size_t len)
+{
+    const unsigned char *in = data;
+    char *out = malloc(len / 3 * 4 + 5);
+    if (!out)
+        return NULL;
+    size_t o = 0, i = 0;
+    for (; i + 2 < len; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        out[o++] = B64[v >> 18 & 63];
+        out[o++] = B64[v >> 12 & 63];
+        out[o++] = B64[v >> 6 & 63];
+        out[o++] = B64[v & 63];
+    }
+    if (i < len) {
+        uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < len ? (uint32_t)in[i + 1] << 8 : 0);
+        out[o++] = B64[v >> 18 & 63];
+        out[o++] = B64[v >> 12 & 63];
+        if (i + 1 < len)
+            out[o++] = B64[v >> 6 & 63];
+    }
+    out[o] = '\0';
+    return out;
+}
+
+char *cqrs_base64url_decode(const char *text, size_t *out_len)
+{
+    size_t len = strlen(text);
+    if (len % 4 == 1)
+        return NULL;
+    unsigned char *out = malloc(len / 4 * 3 + 4);
+    if (!out)
+        return NULL;
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < len; i++) {
+        const char *p = strchr(B64, text[i]);
+        if (!p || !text[i]) {
+            free(out);
+            return NULL;
+        }
+        acc = acc << 6 | (uint32_t)(p - B64);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (unsigned char)(acc >> bits & 0xff);
+        }
+    }
+    out[o] = '\0';
+    *out_len = o;
+    return (char *)out;
+}

@@ -167,4 +167,4 @@ static cqrs_err_t query_apply(const json_t *doc, const cqrs_event_t *ev, json_t 
     return order_view_apply(doc, ev, next, err);
 }
 
-const cqrs_projection_t query_projection = {query_doc_key, query_apply};
+const cqrs_projection_t query_projection = {query_doc_key, query_apply, query_index};

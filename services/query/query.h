@@ -30,9 +30,38 @@ cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **
 /* The projection of product and order events for the projector. */
 extern const cqrs_projection_t query_projection;
 
+/* ---- indexes (index.c, pure) ---- */
+
+enum { SORT_NAME, SORT_PRICE, SORT_PRICE_DESC, SORT_UPDATED_DESC, PRODUCT_SORTS };
+extern const char *const product_sort_names[PRODUCT_SORTS];
+#define MAX_WORD 64
+#define MAX_DOC_WORDS 256
+#define TOP_PRODUCTS_KEY "cqrs:idx:top-products"
+
+/* -1 when not one of name, price, -price, -updated. */
+int product_sort_parse(const char *s);
+/* Milliseconds since the epoch of "YYYY-MM-DDTHH:MM:SS.mmmZ"; 0 when malformed. */
+int64_t rfc3339_ms(const char *s);
+void product_sort_member(const json_t *doc, int sort, char *out, size_t cap);
+/* category / status NULL: not filtered by it. */
+void product_list_key(int sort, const char *category, const char *status, char *out, size_t cap);
+void word_key(const char *word, char *out, size_t cap);
+/* Distinct lower-cased words (ASCII letters and digits, and any non-ASCII byte, are word
+ * characters; at most MAX_WORD bytes kept of each); returns how many, at most max. */
+size_t split_words(const char *text, char words[][MAX_WORD + 1], size_t max);
+void top_member(const json_t *doc, char *out, size_t cap);
+void customer_orders_key(const char *customer_id, char *out, size_t cap);
+void customer_order_member(const json_t *doc, char *out, size_t cap);
+/* The index changes from old to next for the document at key (cqrs_projection_t.index). */
+void query_index(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops);
+
 /* GET /v1/products/{id} and GET /v1/orders/{id}; ud is a query_ctx_t. */
 void product_get_handler(cqrs_http_request_t *req, void *ud);
 void order_get_handler(cqrs_http_request_t *req, void *ud);
+/* GET /v1/products, GET /v1/customers/{id}/orders, GET /v1/reports/top-products (lists.c). */
+void product_list_handler(cqrs_http_request_t *req, void *ud);
+void customer_orders_handler(cqrs_http_request_t *req, void *ud);
+void top_products_handler(cqrs_http_request_t *req, void *ud);
 
 size_t query_routes(query_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap);
 

@@ -122,8 +122,8 @@ static void test_absent_document(void **state)
 static void test_document_index_and_offset_change_together(void **state)
 {
     (void)state;
-    cqrs_index_op_t add[] = {{CQRS_INDEX_ZADD, "itest:idx:a", 5, agg},
-                             {CQRS_INDEX_ZADD, "itest:idx:b", 7, agg}};
+    cqrs_index_op_t add[] = {{CQRS_INDEX_ZADD, "itest:idx:a", 5, agg, NULL},
+                             {CQRS_INDEX_ZADD, "itest:idx:b", 7, agg, NULL}};
     assert_int_equal(apply_ops(key, dlq, 1, "{\"v\":1}", 11, add, 2, false), CQRS_APPLY_APPLIED);
     expect_doc(key, 1, "{\"v\":1}");
     assert_int_equal(offset(), 11);
@@ -131,8 +131,8 @@ static void test_document_index_and_offset_change_together(void **state)
     snprintf(cmd, sizeof cmd, "ZSCORE itest:idx:a %s", agg);
     assert_int_equal(integer(cmd, NULL), 5);
     /* A duplicate changes no index. */
-    cqrs_index_op_t move[] = {{CQRS_INDEX_ZREM, "itest:idx:a", 0, agg},
-                              {CQRS_INDEX_ZADD, "itest:idx:c", 9, agg}};
+    cqrs_index_op_t move[] = {{CQRS_INDEX_ZREM, "itest:idx:a", 0, agg, NULL},
+                              {CQRS_INDEX_ZADD, "itest:idx:c", 9, agg, NULL}};
     assert_int_equal(apply_ops(key, dlq, 1, "{\"v\":9}", 11, move, 2, false), CQRS_APPLY_DUPLICATE);
     assert_int_equal(integer(cmd, NULL), 5);
     assert_int_equal(apply_ops(key, dlq, 2, "{\"v\":2}", 12, move, 2, false), CQRS_APPLY_APPLIED);

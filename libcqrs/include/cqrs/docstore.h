@@ -48,15 +48,33 @@ typedef enum cqrs_apply_result {
     CQRS_APPLY_RESET = -2,    /* the store lost its data (no meta key): nothing written */
 } cqrs_apply_result_t;
 
-typedef enum cqrs_index_op_kind { CQRS_INDEX_ZADD, CQRS_INDEX_ZREM } cqrs_index_op_kind_t;
+typedef enum cqrs_index_op_kind {
+    CQRS_INDEX_ZADD, /* key score member */
+    CQRS_INDEX_ZREM, /* key member */
+    CQRS_INDEX_SADD, /* key member */
+    CQRS_INDEX_SREM, /* key member */
+    CQRS_INDEX_HSET, /* key member(field) value */
+} cqrs_index_op_kind_t;
 
-/* One change of a sorted-set index, made in the same script call as the document. */
+/* One change of an index, made in the same script call as the document. */
 typedef struct cqrs_index_op {
     cqrs_index_op_kind_t op;
     const char *key;
-    double score; /* ZADD only */
-    const char *member;
+    double score;       /* ZADD only */
+    const char *member; /* the field for HSET */
+    const char *value;  /* HSET only */
 } cqrs_index_op_t;
+
+/* A growable list of index changes owning its strings. */
+typedef struct cqrs_index_ops {
+    cqrs_index_op_t *v;
+    size_t n, cap;
+} cqrs_index_ops_t;
+
+/* Appends a change (strings copied; value may be NULL except for HSET). */
+void cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const char *key,
+                        double score, const char *member, const char *value);
+void cqrs_index_ops_free(cqrs_index_ops_t *ops);
 
 #define CQRS_META_KEY "cqrs:meta"
 #define CQRS_DLQ_INDEX_KEY "cqrs:dlq:index"
@@ -95,6 +113,38 @@ cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err);
 
 /* Appends a message that could not even be decoded to the list "cqrs:dlq:undecodable". */
 cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err);
+
+/* Up to limit members of a sorted set whose members all have score 0, in lexicographic order,
+ * after the member `after` (NULL: from the start). *members is an array of malloc'ed strings
+ * (free each and the array with cqrs_docstore_strings_free). Cost O(log N + limit). */
+cqrs_err_t cqrs_docstore_range(cqrs_docstore_t *ds, const char *key, const char *after,
+                               size_t limit, char ***members, size_t *n, cqrs_error_t *err);
+
+/* The "json" field of each of n document keys, in one round trip; missing → NULL. */
+cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
+                                  char **jsons, cqrs_error_t *err);
+
+/* Members of a lexicographic index (as cqrs_docstore_range) that also belong to every set in
+ * sets. Strategy, in one Lua call: when the smallest set has at most small_max members, its
+ * members are checked (document field sort_field of doc_prefix<id>doc_suffix gives each one's
+ * index member) and sorted — cost O(S log S); otherwise the index is walked from `after`
+ * checking membership, at most `budget` entries — then *n may be below limit although more
+ * matches follow, and *next (malloc'ed, NULL at the end) says where to continue. */
+typedef struct cqrs_search {
+    const char *index;
+    const char *const *sets;
+    size_t n_sets;
+    const char *after;
+    size_t limit;
+    size_t budget;
+    size_t small_max;
+    const char *doc_prefix, *doc_suffix, *sort_field;
+} cqrs_search_t;
+
+cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, char ***members,
+                                size_t *n, char **next, cqrs_error_t *err);
+
+void cqrs_docstore_strings_free(char **v, size_t n);
 
 /* Applied offset (next offset to read) of a partition; NOT_FOUND when none is stored. */
 cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, int32_t partition,

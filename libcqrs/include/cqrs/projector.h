@@ -38,6 +38,9 @@ typedef struct cqrs_projection {
     /* The new document from the current one (NULL when none); INVALID → dead letter. */
     cqrs_err_t (*apply)(const json_t *doc, const cqrs_event_t *ev, json_t **next,
                         cqrs_error_t *err);
+    /* Optional: the index changes from old (NULL when none) to next, written atomically with
+     * the document. key is the document's key. */
+    void (*index)(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops);
 } cqrs_projection_t;
 
 typedef struct cqrs_projector_config {

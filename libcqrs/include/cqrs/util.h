@@ -33,4 +33,9 @@ bool cqrs_traceparent_valid(const char *s);
 /* A fresh traceparent with random ids, sampled flag set, into out[56]. */
 void cqrs_traceparent_new(char out[56]);
 
+/* base64url without padding (RFC 4648 §5): encode len bytes into a malloc'ed string; decode
+ * into a malloc'ed buffer (NUL-terminated, *out_len bytes), NULL on invalid input. */
+char *cqrs_base64url_encode(const void *data, size_t len);
+char *cqrs_base64url_decode(const char *text, size_t *out_len);
+
 #endif

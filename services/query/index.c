@@ -1,0 +1,236 @@
+/* index.c — the read model's indexes (pure: documents in, index changes out).
+ *
+ * Every list is a sorted set whose members all have score 0 and sort lexicographically; the
+ * member encodes the sort key and ends with the document id, so ties break by ascending id and
+ * a page is one ZRANGEBYLEX from the previous page's last member (keyset paging):
+ *   name      lower-cased name, 0x01, id
+ *   price     13-digit price, id          -price    13-digit (10^13-1 - price), id
+ *   -updated  13-digit (10^13-1 - updated_at in ms), id
+ * Product lists exist per filter: all, status, category, category + status (4 × 4 sorted
+ * sets); a product's members for each sort order are also kept in its document hash (k:<sort>)
+ * for search. Words of name and description: one set of product ids per word. Top products:
+ * one sorted set by units sold (descending), products with units sold only. Customer orders:
+ * one sorted set per customer by placed_at (descending).
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "query.h"
+
+#define MAXV 9999999999999LL
+
+const char *const product_sort_names[PRODUCT_SORTS] = {"name", "price", "-price", "-updated"};
+
+int product_sort_parse(const char *s)
+{
+    for (int i = 0; i < PRODUCT_SORTS; i++)
+        if (strcmp(s, product_sort_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+int64_t rfc3339_ms(const char *s)
+{
+    struct tm tm;
+    memset(&tm, 0, sizeof tm);
+    int ms = 0;
+    if (!s || sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d.%3dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+                     &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) != 7)
+        return 0;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    return (int64_t)timegm(&tm) * 1000 + ms;
+}
+
+static const char *str(const json_t *doc, const char *f)
+{
+    const char *v = json_string_value(json_object_get(doc, f));
+    return v ? v : "";
+}
+
+static long long num(const json_t *doc, const char *f)
+{
+    return (long long)json_integer_value(json_object_get(doc, f));
+}
+
+void product_sort_member(const json_t *doc, int sort, char *out, size_t cap)
+{
+    const char *id = str(doc, "id");
+    switch (sort) {
+    case SORT_NAME: {
+        size_t n = 0;
+        for (const char *p = str(doc, "name"); *p && n + 40 < cap; p++)
+            out[n++] = (char)tolower((unsigned char)*p);
+        snprintf(out + n, cap - n, "\x01%s", id);
+        return;
+    }
+    case SORT_PRICE:
+        snprintf(out, cap, "%013lld%s", num(doc, "price_cents"), id);
+        return;
+    case SORT_PRICE_DESC:
+        snprintf(out, cap, "%013lld%s", MAXV - num(doc, "price_cents"), id);
+        return;
+    default:
+        snprintf(out, cap, "%013lld%s", MAXV - (long long)rfc3339_ms(str(doc, "updated_at")), id);
+        return;
+    }
+}
+
+void product_list_key(int sort, const char *category, const char *status, char *out, size_t cap)
+{
+    if (category && status)
+        snprintf(out, cap, "cqrs:idx:products:%s:c=%s|s=%s", product_sort_names[sort], category,
+                 status);
+    else if (category)
+        snprintf(out, cap, "cqrs:idx:products:%s:c=%s", product_sort_names[sort], category);
+    else if (status)
+        snprintf(out, cap, "cqrs:idx:products:%s:s=%s", product_sort_names[sort], status);
+    else
+        snprintf(out, cap, "cqrs:idx:products:%s:all", product_sort_names[sort]);
+}
+
+void word_key(const char *word, char *out, size_t cap)
+{
+    snprintf(out, cap, "cqrs:idx:word:%.64s", word);
+}
+
+size_t split_words(const char *text, char words[][MAX_WORD + 1], size_t max)
+{
+    size_t n = 0;
+    const unsigned char *p = (const unsigned char *)text;
+    while (*p && n < max) {
+        while (*p && !(isalnum(*p) || *p >= 0x80))
+            p++;
+        size_t len = 0;
+        char w[MAX_WORD + 1];
+        while (*p && (isalnum(*p) || *p >= 0x80)) {
+            if (len < MAX_WORD)
+                w[len++] = (char)tolower(*p);
+            p++;
+        }
+        if (len == 0)
+            continue;
+        w[len] = '\0';
+        bool dup = false;
+        for (size_t i = 0; i < n && !dup; i++)
+            dup = strcmp(words[i], w) == 0;
+        if (!dup)
+            memcpy(words[n++], w, len + 1);
+    }
+    return n;
+}
+
+static size_t doc_words(const json_t *doc, char words[][MAX_WORD + 1], size_t max)
+{
+    size_t len = strlen(str(doc, "name")) + strlen(str(doc, "description")) + 2;
+    char *text = malloc(len);
+    if (!text)
+        return 0;
+    snprintf(text, len, "%s %s", str(doc, "name"), str(doc, "description"));
+    size_t n = split_words(text, words, max);
+    free(text);
+    return n;
+}
+
+void top_member(const json_t *doc, char *out, size_t cap)
+{
+    snprintf(out, cap, "%013lld%s", MAXV - num(doc, "units_sold"), str(doc, "id"));
+}
+
+void customer_orders_key(const char *customer_id, char *out, size_t cap)
+{
+    snprintf(out, cap, "cqrs:idx:customer-orders:{%s}", customer_id);
+}
+
+void customer_order_member(const json_t *doc, char *out, size_t cap)
+{
+    snprintf(out, cap, "%013lld%s", MAXV - (long long)rfc3339_ms(str(doc, "placed_at")),
+             str(doc, "id"));
+}
+
+/* ZREM the old member / ZADD the new one wherever they differ. */
+static void move(cqrs_index_ops_t *ops, const char *old_key, const char *old_member,
+                 const char *new_key, const char *new_member)
+{
+    if (old_key && new_key && strcmp(old_key, new_key) == 0 && strcmp(old_member, new_member) == 0)
+        return;
+    if (old_key)
+        cqrs_index_ops_add(ops, CQRS_INDEX_ZREM, old_key, 0, old_member, NULL);
+    if (new_key)
+        cqrs_index_ops_add(ops, CQRS_INDEX_ZADD, new_key, 0, new_member, NULL);
+}
+
+static void product_index(const char *key, const json_t *old, const json_t *next,
+                          cqrs_index_ops_t *ops)
+{
+    char ok[4608], nk[4608], om[4608], nm[4608];
+    for (int s = 0; s < PRODUCT_SORTS; s++) {
+        if (old)
+            product_sort_member(old, s, om, sizeof om);
+        product_sort_member(next, s, nm, sizeof nm);
+        for (int f = 0; f < 4; f++) {
+            bool by_cat = f & 1, by_status = f & 2;
+            if (old)
+                product_list_key(s, by_cat ? str(old, "category") : NULL,
+                                 by_status ? str(old, "status") : NULL, ok, sizeof ok);
+            product_list_key(s, by_cat ? str(next, "category") : NULL,
+                             by_status ? str(next, "status") : NULL, nk, sizeof nk);
+            move(ops, old ? ok : NULL, om, nk, nm);
+        }
+        char field[16];
+        snprintf(field, sizeof field, "k:%s", product_sort_names[s]);
+        if (!old || strcmp(om, nm) != 0)
+            cqrs_index_ops_add(ops, CQRS_INDEX_HSET, key, 0, field, nm);
+    }
+    /* words */
+    static __thread char ow[MAX_DOC_WORDS][MAX_WORD + 1], nw[MAX_DOC_WORDS][MAX_WORD + 1];
+    size_t no = old ? doc_words(old, ow, MAX_DOC_WORDS) : 0;
+    size_t nn = doc_words(next, nw, MAX_DOC_WORDS);
+    const char *id = str(next, "id");
+    for (size_t i = 0; i < no; i++) {
+        bool kept = false;
+        for (size_t k = 0; k < nn && !kept; k++)
+            kept = strcmp(ow[i], nw[k]) == 0;
+        if (!kept) {
+            word_key(ow[i], ok, sizeof ok);
+            cqrs_index_ops_add(ops, CQRS_INDEX_SREM, ok, 0, id, NULL);
+        }
+    }
+    for (size_t k = 0; k < nn; k++) {
+        bool had = false;
+        for (size_t i = 0; i < no && !had; i++)
+            had = strcmp(ow[i], nw[k]) == 0;
+        if (!had) {
+            word_key(nw[k], nk, sizeof nk);
+            cqrs_index_ops_add(ops, CQRS_INDEX_SADD, nk, 0, id, NULL);
+        }
+    }
+    /* top products: only those with units sold */
+    bool was = old && num(old, "units_sold") > 0, is = num(next, "units_sold") > 0;
+    if (was)
+        top_member(old, om, sizeof om);
+    if (is)
+        top_member(next, nm, sizeof nm);
+    move(ops, was ? TOP_PRODUCTS_KEY : NULL, om, is ? TOP_PRODUCTS_KEY : NULL, nm);
+}
+
+static void order_index(const json_t *old, const json_t *next, cqrs_index_ops_t *ops)
+{
+    if (old)
+        return; /* customer and placed_at never change */
+    char k[128], m[128];
+    customer_orders_key(str(next, "customer_id"), k, sizeof k);
+    customer_order_member(next, m, sizeof m);
+    cqrs_index_ops_add(ops, CQRS_INDEX_ZADD, k, 0, m, NULL);
+}
+
+void query_index(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops)
+{
+    if (strncmp(key, "cqrs:product:", 13) == 0)
+        product_index(key, old, next, ops);
+    else if (strncmp(key, "cqrs:order:", 11) == 0)
+        order_index(old, next, ops);
+}

@@ -1,0 +1,337 @@
+/* lists.c — GET /v1/products (filters, search, sort, keyset paging),
+ * GET /v1/customers/{id}/orders and GET /v1/reports/top-products. Redis only.
+ *
+ * Cost: without q, one ZRANGEBYLEX of limit + 1 members and one pipelined read of the page's
+ * documents — proportional to the page. With q, see cqrs_docstore_search: proportional to the
+ * rarest word's products when it is rare (≤ SEARCH_SMALL), else a walk of at most
+ * SEARCH_BUDGET index entries per request (a shorter page, with a cursor to continue).
+ *
+ * Cursors are opaque: base64url("v1|<sort>|<last member>").
+ */
+#include <cqrs/util.h>
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "query.h"
+
+#define SEARCH_SMALL 2000
+#define SEARCH_BUDGET 5000
+#define MAX_Q_CHARS 200
+#define MAX_Q_WORDS 10
+
+static void bad(cqrs_http_request_t *req, const char *detail)
+{
+    cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request", detail, NULL, NULL);
+}
+
+struct allowed {
+    const char *const *names;
+    char unknown[64];
+};
+
+static void check_name(const char *key, const char *value, void *ud)
+{
+    (void)value;
+    struct allowed *a = ud;
+    for (const char *const *n = a->names; *n; n++)
+        if (strcmp(*n, key) == 0)
+            return;
+    if (!a->unknown[0])
+        snprintf(a->unknown, sizeof a->unknown, "%s", key);
+}
+
+static bool only(cqrs_http_request_t *req, const char *const *names)
+{
+    struct allowed a = {names, ""};
+    cqrs_http_query_each(req, check_name, &a);
+    if (!a.unknown[0])
+        return true;
+    char detail[128];
+    snprintf(detail, sizeof detail, "unknown query parameter '%.60s'", a.unknown);
+    bad(req, detail);
+    return false;
+}
+
+/* limit: absent → def; not an integer in 1..100 → 400 (false). */
+static bool parse_limit(cqrs_http_request_t *req, int def, size_t *out)
+{
+    const char *s = cqrs_http_query(req, "limit");
+    int64_t v = def;
+    if (s && (!cqrs_parse_int64(s, &v) || v < 1 || v > 100)) {
+        bad(req, "limit must be an integer from 1 to 100");
+        return false;
+    }
+    *out = (size_t)v;
+    return true;
+}
+
+static char *encode_cursor(const char *tag, const char *member)
+{
+    size_t len = strlen(tag) + strlen(member) + 8;
+    char *raw = malloc(len);
+    if (!raw)
+        return NULL;
+    int n = snprintf(raw, len, "v1|%s|%s", tag, member);
+    char *c = cqrs_base64url_encode(raw, (size_t)n);
+    free(raw);
+    return c;
+}
+
+/* The member a cursor points after; NULL (and 400 replied) when it is malformed or belongs to
+ * another kind of list. *member stays NULL when there is no cursor. */
+static bool decode_cursor(cqrs_http_request_t *req, const char *tag, char **member)
+{
+    *member = NULL;
+    const char *c = cqrs_http_query(req, "cursor");
+    if (!c)
+        return true;
+    size_t len = 0;
+    char *raw = strlen(c) <= 16384 ? cqrs_base64url_decode(c, &len) : NULL;
+    size_t tlen = strlen(tag);
+    if (!raw || len < tlen + 5 || strncmp(raw, "v1|", 3) != 0 || strncmp(raw + 3, tag, tlen) != 0 ||
+        raw[3 + tlen] != '|' || memchr(raw, '\0', len)) {
+        free(raw);
+        bad(req, "the cursor is malformed or belongs to another list or sort order");
+        return false;
+    }
+    *member = strdup(raw + 4 + tlen);
+    free(raw);
+    return *member != NULL;
+}
+
+static cqrs_docstore_t *acquire(cqrs_http_request_t *req, query_ctx_t *ctx)
+{
+    cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(ctx->pool, ctx->acquire_timeout_ms);
+    if (!ds) {
+        cqrs_error_t e;
+        cqrs_error_set(&e, CQRS_ERR_UNAVAILABLE, "no free Redis connection");
+        cqrs_http_reply_error(req, &e);
+    }
+    return ds;
+}
+
+/* The documents of members (id = their last 36 characters), in order; missing ones skipped. */
+static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **members, size_t n,
+                                 json_t *items, cqrs_error_t *err)
+{
+    char(*keys)[96] = calloc(n ? n : 1, sizeof *keys);
+    const char **kp = calloc(n ? n : 1, sizeof *kp);
+    char **jsons = calloc(n ? n : 1, sizeof *jsons);
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (!keys || !kp || !jsons) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(members[i]);
+        doc_key(type, len >= 36 ? members[i] + len - 36 : "", keys[i], sizeof keys[i]);
+        kp[i] = keys[i];
+    }
+    rc = cqrs_docstore_get_many(ds, kp, n, jsons, err);
+    for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
+        json_t *d = jsons[i] ? json_loads(jsons[i], 0, NULL) : NULL;
+        if (d)
+            json_array_append_new(items, d);
+    }
+out:
+    for (size_t i = 0; jsons && i < n; i++)
+        free(jsons[i]);
+    free(jsons);
+    free(kp);
+    free(keys);
+    return rc;
+}
+
+/* A page of a plain (lexicographic) index: limit + 1 members tell whether more follow. */
+static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type,
+                       const char *index, const char *tag, size_t limit, const char *after)
+{
+    cqrs_docstore_t *ds = acquire(req, ctx);
+    if (!ds)
+        return;
+    char **members = NULL;
+    size_t n = 0;
+    cqrs_error_t err;
+    json_t *items = json_array();
+    cqrs_err_t rc = cqrs_docstore_range(ds, index, after, limit + 1, &members, &n, &err);
+    char *next = NULL;
+    if (rc == CQRS_ERR_OK) {
+        size_t page = n > limit ? limit : n;
+        if (n > limit)
+            next = encode_cursor(tag, members[limit - 1]);
+        rc = load_documents(ds, type, members, page, items, &err);
+    }
+    cqrs_docstore_pool_release(ctx->pool, ds);
+    cqrs_docstore_strings_free(members, n);
+    if (rc != CQRS_ERR_OK) {
+        json_decref(items);
+        free(next);
+        cqrs_http_reply_error(req, &err);
+        return;
+    }
+    cqrs_http_reply_json(req, 200, json_pack("{s:o, s:s?}", "items", items, "next_cursor", next));
+    free(next);
+}
+
+void product_list_handler(cqrs_http_request_t *req, void *ud)
+{
+    query_ctx_t *ctx = ud;
+    static const char *const names[] = {"category", "status", "q", "sort", "limit", "cursor", NULL};
+    if (!only(req, names))
+        return;
+    const char *sort_s = cqrs_http_query(req, "sort");
+    int sort = sort_s ? product_sort_parse(sort_s) : SORT_NAME;
+    if (sort < 0) {
+        bad(req, "sort must be one of name, price, -price, -updated");
+        return;
+    }
+    size_t limit;
+    if (!parse_limit(req, 20, &limit))
+        return;
+    const char *status = cqrs_http_query(req, "status");
+    if (status && strcmp(status, "active") != 0 && strcmp(status, "discontinued") != 0) {
+        bad(req, "status must be active or discontinued");
+        return;
+    }
+    const char *category = cqrs_http_query(req, "category");
+    if (category && (!*category || cqrs_utf8_length(category, strlen(category)) > 64)) {
+        bad(req, "category must be 1 to 64 characters");
+        return;
+    }
+    const char *q = cqrs_http_query(req, "q");
+    static __thread char words[MAX_Q_WORDS + 1][MAX_WORD + 1];
+    size_t n_words = 0;
+    if (q) {
+        if (cqrs_utf8_length(q, strlen(q)) > MAX_Q_CHARS) {
+            bad(req, "q must be at most 200 characters");
+            return;
+        }
+        n_words = split_words(q, words, MAX_Q_WORDS + 1);
+        if (n_words == 0 || n_words > MAX_Q_WORDS) {
+            bad(req, "q must contain 1 to 10 words");
+            return;
+        }
+    }
+    char *after = NULL;
+    if (!decode_cursor(req, product_sort_names[sort], &after))
+        return;
+    char index[4608];
+    product_list_key(sort, category, status, index, sizeof index);
+    if (!q) {
+        reply_page(req, ctx, "product", index, product_sort_names[sort], limit, after);
+        free(after);
+        return;
+    }
+    char set_keys[MAX_Q_WORDS][96];
+    const char *sets[MAX_Q_WORDS];
+    for (size_t i = 0; i < n_words; i++) {
+        word_key(words[i], set_keys[i], sizeof set_keys[i]);
+        sets[i] = set_keys[i];
+    }
+    char field[16];
+    snprintf(field, sizeof field, "k:%s", product_sort_names[sort]);
+    cqrs_search_t s = {.index = index,
+                       .sets = sets,
+                       .n_sets = n_words,
+                       .after = after,
+                       .limit = limit,
+                       .budget = SEARCH_BUDGET,
+                       .small_max = SEARCH_SMALL,
+                       .doc_prefix = "cqrs:product:{",
+                       .doc_suffix = "}",
+                       .sort_field = field};
+    cqrs_docstore_t *ds = acquire(req, ctx);
+    if (!ds) {
+        free(after);
+        return;
+    }
+    char **members = NULL, *next_member = NULL, *next = NULL;
+    size_t n = 0;
+    cqrs_error_t err;
+    json_t *items = json_array();
+    cqrs_err_t rc = cqrs_docstore_search(ds, &s, &members, &n, &next_member, &err);
+    if (rc == CQRS_ERR_OK)
+        rc = load_documents(ds, "product", members, n, items, &err);
+    cqrs_docstore_pool_release(ctx->pool, ds);
+    if (next_member)
+        next = encode_cursor(product_sort_names[sort], next_member);
+    cqrs_docstore_strings_free(members, n);
+    free(next_member);
+    free(after);
+    if (rc != CQRS_ERR_OK) {
+        json_decref(items);
+        free(next);
+        cqrs_http_reply_error(req, &err);
+        return;
+    }
+    cqrs_http_reply_json(req, 200, json_pack("{s:o, s:s?}", "items", items, "next_cursor", next));
+    free(next);
+}
+
+void customer_orders_handler(cqrs_http_request_t *req, void *ud)
+{
+    query_ctx_t *ctx = ud;
+    static const char *const names[] = {"limit", "cursor", NULL};
+    if (!only(req, names))
+        return;
+    const char *raw = cqrs_http_param(req, "id");
+    if (!cqrs_uuid_valid(raw)) {
+        bad(req, "the customer id must be a UUID");
+        return;
+    }
+    char id[CQRS_UUID_LEN + 1];
+    for (size_t i = 0; i <= CQRS_UUID_LEN; i++)
+        id[i] = (char)tolower((unsigned char)raw[i]);
+    size_t limit;
+    if (!parse_limit(req, 20, &limit))
+        return;
+    char *after = NULL;
+    if (!decode_cursor(req, "orders", &after))
+        return;
+    char index[128];
+    customer_orders_key(id, index, sizeof index);
+    reply_page(req, ctx, "order", index, "orders", limit, after);
+    free(after);
+}
+
+void top_products_handler(cqrs_http_request_t *req, void *ud)
+{
+    query_ctx_t *ctx = ud;
+    static const char *const names[] = {"limit", NULL};
+    if (!only(req, names))
+        return;
+    size_t limit;
+    if (!parse_limit(req, 10, &limit))
+        return;
+    cqrs_docstore_t *ds = acquire(req, ctx);
+    if (!ds)
+        return;
+    char **members = NULL;
+    size_t n = 0;
+    cqrs_error_t err;
+    json_t *docs = json_array();
+    cqrs_err_t rc = cqrs_docstore_range(ds, TOP_PRODUCTS_KEY, NULL, limit, &members, &n, &err);
+    if (rc == CQRS_ERR_OK)
+        rc = load_documents(ds, "product", members, n, docs, &err);
+    cqrs_docstore_pool_release(ctx->pool, ds);
+    cqrs_docstore_strings_free(members, n);
+    if (rc != CQRS_ERR_OK) {
+        json_decref(docs);
+        cqrs_http_reply_error(req, &err);
+        return;
+    }
+    json_t *items = json_array();
+    size_t i;
+    json_t *d;
+    json_array_foreach(docs, i, d)
+    {
+        json_array_append_new(
+            items, json_pack("{s:O, s:O, s:O, s:O}", "product_id", json_object_get(d, "id"), "sku",
+                             json_object_get(d, "sku"), "name", json_object_get(d, "name"),
+                             "units_sold", json_object_get(d, "units_sold")));
+    }
+    json_decref(docs);
+    cqrs_http_reply_json(req, 200, json_pack("{s:o}", "items", items));
+}
