@@ -8,6 +8,7 @@
  *
  * Cursors are opaque: base64url("v1|<sort>|<last member>").
  */
+#include <cqrs/metrics.h>
 #include <cqrs/util.h>
 #include <ctype.h>
 #include <stdio.h>
@@ -112,9 +113,11 @@ static cqrs_docstore_t *acquire(cqrs_http_request_t *req, query_ctx_t *ctx)
     return ds;
 }
 
-/* The documents of members (id = their last 36 characters), in order; missing ones skipped. */
+/* The documents of members (id = their last 36 characters), in order; missing ones skipped.
+ * With raw set, the stored JSON texts are appended to it comma-separated as they are (no
+ * parsing: a page costs what its bytes cost); otherwise parsed into items. */
 static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **members, size_t n,
-                                 json_t *items, cqrs_error_t *err)
+                                 json_t *items, cqrs_text_t *raw, cqrs_error_t *err)
 {
     char(*keys)[96] = calloc(n ? n : 1, sizeof *keys);
     const char **kp = calloc(n ? n : 1, sizeof *kp);
@@ -131,7 +134,13 @@ static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **m
     }
     rc = cqrs_docstore_get_many(ds, kp, n, jsons, err);
     for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
-        json_t *d = jsons[i] ? json_loads(jsons[i], 0, NULL) : NULL;
+        if (!jsons[i])
+            continue;
+        if (raw) {
+            cqrs_text_printf(raw, "%s%s", raw->len > 10 ? "," : "", jsons[i]);
+            continue;
+        }
+        json_t *d = json_loads(jsons[i], 0, NULL);
         if (d)
             json_array_append_new(items, d);
     }
@@ -144,6 +153,23 @@ out:
     return rc;
 }
 
+/* Finishes {"items":[…],"next_cursor":…} (cursors are base64url: no escaping needed). */
+static void reply_items(cqrs_http_request_t *req, cqrs_err_t rc, const cqrs_error_t *err,
+                        cqrs_text_t *body, const char *next)
+{
+    if (rc != CQRS_ERR_OK) {
+        cqrs_text_free(body);
+        cqrs_http_reply_error(req, err);
+        return;
+    }
+    if (next)
+        cqrs_text_printf(body, "],\"next_cursor\":\"%s\"}", next);
+    else
+        cqrs_text_printf(body, "],\"next_cursor\":null}");
+    cqrs_http_reply_text(req, 200, "application/json", body->buf ? body->buf : "");
+    cqrs_text_free(body);
+}
+
 /* A page of a plain (lexicographic) index: limit + 1 members tell whether more follow. */
 static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type,
                        const char *index, const char *tag, size_t limit, const char *after)
@@ -154,24 +180,19 @@ static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *t
     char **members = NULL;
     size_t n = 0;
     cqrs_error_t err;
-    json_t *items = json_array();
+    cqrs_text_t body = {0};
+    cqrs_text_printf(&body, "{\"items\":[");
     cqrs_err_t rc = cqrs_docstore_range(ds, index, after, limit + 1, &members, &n, &err);
     char *next = NULL;
     if (rc == CQRS_ERR_OK) {
         size_t page = n > limit ? limit : n;
         if (n > limit)
             next = encode_cursor(tag, members[limit - 1]);
-        rc = load_documents(ds, type, members, page, items, &err);
+        rc = load_documents(ds, type, members, page, NULL, &body, &err);
     }
     cqrs_docstore_pool_release(ctx->pool, ds);
     cqrs_docstore_strings_free(members, n);
-    if (rc != CQRS_ERR_OK) {
-        json_decref(items);
-        free(next);
-        cqrs_http_reply_error(req, &err);
-        return;
-    }
-    cqrs_http_reply_json(req, 200, json_pack("{s:o, s:s?}", "items", items, "next_cursor", next));
+    reply_items(req, rc, &err, &body, next);
     free(next);
 }
 
@@ -250,23 +271,18 @@ void product_list_handler(cqrs_http_request_t *req, void *ud)
     char **members = NULL, *next_member = NULL, *next = NULL;
     size_t n = 0;
     cqrs_error_t err;
-    json_t *items = json_array();
+    cqrs_text_t body = {0};
+    cqrs_text_printf(&body, "{\"items\":[");
     cqrs_err_t rc = cqrs_docstore_search(ds, &s, &members, &n, &next_member, &err);
     if (rc == CQRS_ERR_OK)
-        rc = load_documents(ds, "product", members, n, items, &err);
+        rc = load_documents(ds, "product", members, n, NULL, &body, &err);
     cqrs_docstore_pool_release(ctx->pool, ds);
     if (next_member)
         next = encode_cursor(product_sort_names[sort], next_member);
     cqrs_docstore_strings_free(members, n);
     free(next_member);
     free(after);
-    if (rc != CQRS_ERR_OK) {
-        json_decref(items);
-        free(next);
-        cqrs_http_reply_error(req, &err);
-        return;
-    }
-    cqrs_http_reply_json(req, 200, json_pack("{s:o, s:s?}", "items", items, "next_cursor", next));
+    reply_items(req, rc, &err, &body, next);
     free(next);
 }
 
@@ -314,7 +330,7 @@ void top_products_handler(cqrs_http_request_t *req, void *ud)
     json_t *docs = json_array();
     cqrs_err_t rc = cqrs_docstore_range(ds, TOP_PRODUCTS_KEY, NULL, limit, &members, &n, &err);
     if (rc == CQRS_ERR_OK)
-        rc = load_documents(ds, "product", members, n, docs, &err);
+        rc = load_documents(ds, "product", members, n, docs, NULL, &err);
     cqrs_docstore_pool_release(ctx->pool, ds);
     cqrs_docstore_strings_free(members, n);
     if (rc != CQRS_ERR_OK) {

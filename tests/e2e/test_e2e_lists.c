@@ -74,6 +74,7 @@ static int setup(void **state)
     testenv_require("CQRS_PG_DSN");
     testenv_require("CQRS_KAFKA_BROKERS");
     testenv_require("CQRS_REDIS_URL");
+    D.redis_db = 13; /* the lists must hold this run's products only */
     if (daemons_start(&D) != 0)
         return -1;
     char run[37];

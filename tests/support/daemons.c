@@ -14,6 +14,7 @@
 #include <uuid/uuid.h>
 
 #include "httpc.h"
+#include "redisdb.h"
 
 int free_port(void)
 {
@@ -38,6 +39,11 @@ static pid_t spawn(const daemons_t *d, const char *path, int port, const char *l
         if (role)
             setenv("CQRS_QUERY_ROLE", role, 1);
         setenv("CQRS_RELAY_LEASE_MS", "2000", 0);
+        if (d->redis_db) {
+            char url[1024];
+            if (redisdb_url(getenv("CQRS_REDIS_URL"), d->redis_db, url, sizeof url) == 0)
+                setenv("CQRS_REDIS_URL", url, 1);
+        }
         /* extra_env: "NAME=value;NAME=value" */
         char *env = extra_env ? strdup(extra_env) : NULL, *save = NULL;
         for (char *kv = env ? strtok_r(env, ";", &save) : NULL; kv;
@@ -85,7 +91,9 @@ void daemons_dump_logs(const daemons_t *d)
 
 int daemons_start(daemons_t *d)
 {
+    int db = d->redis_db;
     memset(d, 0, sizeof *d);
+    d->redis_db = db;
     d->commandd = d->queryd = -1;
     uuid_t u;
     char id[37];
@@ -101,6 +109,12 @@ int daemons_start(daemons_t *d)
     if (system(cmd) != 0) {
         daemons_dump_logs(d);
         return -1;
+    }
+    if (d->redis_db) {
+        char url[1024];
+        if (redisdb_url(getenv("CQRS_REDIS_URL"), d->redis_db, url, sizeof url) != 0)
+            return -1;
+        freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
     }
     d->cport = free_port();
     d->qport = free_port();

@@ -10,13 +10,15 @@
 #include <sys/types.h>
 
 typedef struct daemons {
+    int redis_db; /* set before daemons_start: the Redis database of this run (0 default) */
     int cport, qport;
     pid_t commandd, queryd;
     char prefix[32];
     char logdir[64];
 } daemons_t;
 
-/* 0 on success; on failure prints the logs and returns -1. */
+/* 0 on success; on failure prints the logs and returns -1. A run with redis_db ≠ 0 starts
+ * from an empty Redis database (FLUSHDB) of its own. */
 int daemons_start(daemons_t *d);
 
 /* SIGTERM, wait up to 30 s; returns the exit status, 128+signal, or -2 when it had to be
