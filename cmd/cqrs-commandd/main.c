@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "command.h"
 
@@ -112,6 +113,7 @@ typedef struct app {
     command_ctx_t ctx;
     cqrs_relay_t *relay;
     atomic_bool draining;
+    cqrs_http_server_t *http;
 } app_t;
 
 static void healthz(cqrs_http_request_t *req, void *ud)
@@ -147,6 +149,14 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     if (app->relay)
         cqrs_relay_stats(app->relay, &st);
     cqrs_text_t t = {0};
+    if (app->http)
+        cqrs_http_server_metrics(app->http, &t);
+    cqrs_text_printf(&t,
+                     "# HELP cqrs_dependency_up 1 when the dependency answered at the last "
+                     "attempt.\n# TYPE cqrs_dependency_up gauge\n"
+                     "cqrs_dependency_up{dependency=\"postgres\"} %d\n"
+                     "cqrs_dependency_up{dependency=\"kafka\"} %d\n",
+                     st.pg_up ? 1 : 0, st.kafka_up ? 1 : 0);
     cqrs_metric_gauge(&t, "cqrs_relay_leader", "1 while this instance's relay holds the lease.",
                       st.leader ? 1 : 0);
     cqrs_metric_counter(&t, "cqrs_relay_leadership_changes_total",
@@ -181,9 +191,10 @@ static void metrics(cqrs_http_request_t *req, void *ud)
 static size_t build_routes(app_t *app, cqrs_http_route_t *routes)
 {
     size_t n = command_routes(&app->ctx, routes, MAX_ROUTES - 3);
-    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, app};
-    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app};
-    routes[n++] = (cqrs_http_route_t){"GET", "/metrics", metrics, app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, app, "Healthz", CQRS_SCOPE_NONE};
+    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app, "Readyz", CQRS_SCOPE_NONE};
+    routes[n++] =
+        (cqrs_http_route_t){"GET", "/metrics", metrics, app, "Metrics", CQRS_SCOPE_METRICS};
     return n;
 }
 
@@ -219,6 +230,18 @@ int main(int argc, char **argv)
     cqrs_log_level_t level = CQRS_LOG_INFO;
     cqrs_log_level_parse(S.d.log_level, &level);
     cqrs_log_init("cqrs-commandd", level);
+
+    /* Bad tokens are a configuration error: exit 2 before anything starts. */
+    cqrs_http_auth_t *auth = NULL;
+    if (S.d.auth_tokens_file[0]) {
+        cqrs_error_t aerr;
+        auth = cqrs_http_auth_load(S.d.auth_tokens_file, &aerr);
+        if (!auth) {
+            fprintf(stderr, "%s: CQRS_AUTH_TOKENS_FILE: %s\n", argv[0], aerr.message);
+            cqrs_config_free(entries, n_entries);
+            return 2;
+        }
+    }
 
     sigset_t sigs;
     cqrs_daemon_block_signals(&sigs);
@@ -285,6 +308,7 @@ int main(int argc, char **argv)
     size_t n = build_routes(&app, routes);
     cqrs_http_config_t hc;
     cqrs_daemon_http_config(&S.d, &hc);
+    hc.auth = auth;
     http = cqrs_http_server_new(&hc, routes, n, &err);
     if (!http || cqrs_http_server_start(http, &err) != CQRS_ERR_OK) {
         CQRS_LOG_ERROR("cannot start the HTTP server", "error", err.message);
@@ -294,14 +318,19 @@ int main(int argc, char **argv)
     snprintf(port, sizeof port, "%u", (unsigned)cqrs_http_server_port(http));
     CQRS_LOG_INFO("listening", "host", S.d.http_host, "port", port);
 
-    int sig = cqrs_daemon_wait(&sigs);
+    app.http = http;
+    int sig = cqrs_daemon_wait(&sigs, auth);
     CQRS_LOG_INFO("shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    /* Readiness fails first, so load balancers stop sending before the listener closes. */
     atomic_store(&app.draining, true);
+    if (S.d.shutdown_delay_ms > 0)
+        usleep((useconds_t)S.d.shutdown_delay_ms * 1000);
     rc = 0;
 out:
     cqrs_http_server_destroy(http);
     cqrs_relay_destroy(app.relay);
     cqrs_store_destroy(app.ctx.store);
+    cqrs_http_auth_destroy(auth);
     CQRS_LOG_INFO("stopped");
     cqrs_config_free(entries, n_entries);
     return rc;

@@ -9,11 +9,13 @@
 #include <cqrs/daemon.h>
 #include <cqrs/docstore.h>
 #include <cqrs/log.h>
+#include <cqrs/metrics.h>
 #include <cqrs/projector.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "query.h"
 
@@ -59,6 +61,7 @@ typedef struct app {
     query_ctx_t ctx;
     cqrs_projector_t *projector;
     atomic_bool draining;
+    cqrs_http_server_t *http;
 } app_t;
 
 static void healthz(cqrs_http_request_t *req, void *ud)
@@ -107,41 +110,39 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_projector_stats_t st = {0};
     if (app->projector)
         cqrs_projector_stats(app->projector, &st);
-    char text[4096];
-    snprintf(text, sizeof text,
-             "# HELP cqrs_projector_events_applied_total Events applied to the read model.\n"
-             "# TYPE cqrs_projector_events_applied_total counter\n"
-             "cqrs_projector_events_applied_total %llu\n"
-             "# HELP cqrs_projector_duplicates_skipped_total Events already applied (redelivery).\n"
-             "# TYPE cqrs_projector_duplicates_skipped_total counter\n"
-             "cqrs_projector_duplicates_skipped_total %llu\n"
-             "# HELP cqrs_projector_dead_letters_total Events stored as dead letters.\n"
-             "# TYPE cqrs_projector_dead_letters_total counter\n"
-             "cqrs_projector_dead_letters_total %llu\n"
-             "# HELP cqrs_projector_gaps_total Events that arrived after a missing version.\n"
-             "# TYPE cqrs_projector_gaps_total counter\n"
-             "cqrs_projector_gaps_total %llu\n"
-             "# HELP cqrs_projector_events_parked_total Events held behind a dead letter.\n"
-             "# TYPE cqrs_projector_events_parked_total counter\n"
-             "cqrs_projector_events_parked_total %llu\n"
-             "# HELP cqrs_projector_undecodable_total Messages that are not CloudEvents.\n"
-             "# TYPE cqrs_projector_undecodable_total counter\n"
-             "cqrs_projector_undecodable_total %llu\n"
-             "# HELP cqrs_projector_store_resets_total Times the store was found empty.\n"
-             "# TYPE cqrs_projector_store_resets_total counter\n"
-             "cqrs_projector_store_resets_total %llu\n"
-             "# HELP cqrs_projector_partitions_assigned Partitions this instance consumes.\n"
-             "# TYPE cqrs_projector_partitions_assigned gauge\n"
-             "cqrs_projector_partitions_assigned %u\n"
-             "# HELP cqrs_projector_partitions_missing_history Partitions paused because Kafka "
-             "no longer holds their beginning.\n"
-             "# TYPE cqrs_projector_partitions_missing_history gauge\n"
-             "cqrs_projector_partitions_missing_history %u\n",
-             (unsigned long long)st.applied, (unsigned long long)st.duplicates,
-             (unsigned long long)st.dead_letters, (unsigned long long)st.gaps,
-             (unsigned long long)st.parked, (unsigned long long)st.undecodable,
-             (unsigned long long)st.resets, st.assigned, st.history_missing);
-    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", text);
+    cqrs_text_t t = {0};
+    if (app->http)
+        cqrs_http_server_metrics(app->http, &t);
+    if (app->projector) {
+        cqrs_text_printf(&t,
+                         "# HELP cqrs_dependency_up 1 when the dependency answered at the "
+                         "last attempt.\n# TYPE cqrs_dependency_up gauge\n"
+                         "cqrs_dependency_up{dependency=\"redis\"} %d\n"
+                         "cqrs_dependency_up{dependency=\"kafka\"} %d\n",
+                         st.redis_up ? 1 : 0, st.kafka_up ? 1 : 0);
+        cqrs_metric_counter(&t, "cqrs_projector_events_applied_total",
+                            "Events applied to the read model.", st.applied);
+        cqrs_metric_counter(&t, "cqrs_projector_duplicates_skipped_total",
+                            "Events already applied (redelivery).", st.duplicates);
+        cqrs_metric_counter(&t, "cqrs_projector_dead_letters_total",
+                            "Events stored as dead letters.", st.dead_letters);
+        cqrs_metric_counter(&t, "cqrs_projector_gaps_total",
+                            "Events that arrived after a missing version.", st.gaps);
+        cqrs_metric_counter(&t, "cqrs_projector_events_parked_total",
+                            "Events held behind a dead letter.", st.parked);
+        cqrs_metric_counter(&t, "cqrs_projector_undecodable_total",
+                            "Messages that are not CloudEvents.", st.undecodable);
+        cqrs_metric_counter(&t, "cqrs_projector_store_resets_total",
+                            "Times the store was found empty.", st.resets);
+        cqrs_metric_gauge(&t, "cqrs_projector_partitions_assigned",
+                          "Partitions this instance consumes.", st.assigned);
+        cqrs_metric_gauge(&t, "cqrs_projector_partitions_missing_history",
+                          "Partitions paused because Kafka no longer holds their beginning.",
+                          st.history_missing);
+        cqrs_projector_metrics(app->projector, &t);
+    }
+    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf ? t.buf : "");
+    cqrs_text_free(&t);
 }
 
 #define MAX_ROUTES 32
@@ -149,9 +150,10 @@ static void metrics(cqrs_http_request_t *req, void *ud)
 static size_t build_routes(app_t *app, cqrs_http_route_t *routes, bool serve)
 {
     size_t n = serve ? query_routes(&app->ctx, routes, MAX_ROUTES - 3) : 0;
-    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, app};
-    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app};
-    routes[n++] = (cqrs_http_route_t){"GET", "/metrics", metrics, app};
+    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, app, "Healthz", CQRS_SCOPE_NONE};
+    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app, "Readyz", CQRS_SCOPE_NONE};
+    routes[n++] =
+        (cqrs_http_route_t){"GET", "/metrics", metrics, app, "Metrics", CQRS_SCOPE_METRICS};
     return n;
 }
 
@@ -186,6 +188,18 @@ int main(int argc, char **argv)
     cqrs_log_level_t level = CQRS_LOG_INFO;
     cqrs_log_level_parse(S.d.log_level, &level);
     cqrs_log_init("cqrs-queryd", level);
+
+    /* Bad tokens are a configuration error: exit 2 before anything starts. */
+    cqrs_http_auth_t *auth = NULL;
+    if (S.d.auth_tokens_file[0]) {
+        cqrs_error_t aerr;
+        auth = cqrs_http_auth_load(S.d.auth_tokens_file, &aerr);
+        if (!auth) {
+            fprintf(stderr, "%s: CQRS_AUTH_TOKENS_FILE: %s\n", argv[0], aerr.message);
+            cqrs_config_free(entries, n_entries);
+            return 2;
+        }
+    }
 
     sigset_t sigs;
     cqrs_daemon_block_signals(&sigs);
@@ -229,6 +243,7 @@ int main(int argc, char **argv)
     size_t n = build_routes(&app, routes, strcmp(S.role, "project") != 0);
     cqrs_http_config_t hc;
     cqrs_daemon_http_config(&S.d, &hc);
+    hc.auth = auth;
     http = cqrs_http_server_new(&hc, routes, n, &err);
     if (!http || cqrs_http_server_start(http, &err) != CQRS_ERR_OK) {
         CQRS_LOG_ERROR("cannot start the HTTP server", "error", err.message);
@@ -238,14 +253,19 @@ int main(int argc, char **argv)
     snprintf(port, sizeof port, "%u", (unsigned)cqrs_http_server_port(http));
     CQRS_LOG_INFO("listening", "host", S.d.http_host, "port", port, "role", S.role);
 
-    int sig = cqrs_daemon_wait(&sigs);
+    app.http = http;
+    int sig = cqrs_daemon_wait(&sigs, auth);
     CQRS_LOG_INFO("shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    /* Readiness fails first, so load balancers stop sending before the listener closes. */
     atomic_store(&app.draining, true);
+    if (S.d.shutdown_delay_ms > 0)
+        usleep((useconds_t)S.d.shutdown_delay_ms * 1000);
     rc = 0;
 out:
     cqrs_http_server_destroy(http);
     cqrs_projector_destroy(app.projector);
     cqrs_docstore_pool_destroy(app.ctx.pool);
+    cqrs_http_auth_destroy(auth);
     CQRS_LOG_INFO("stopped");
     cqrs_config_free(entries, n_entries);
     return rc;

@@ -104,8 +104,8 @@ bool cqrs_command_begin(cqrs_command_t *cmd, cqrs_http_request_t *req, int flags
         }
     }
     cmd->canonical = json_dumps(cmd->body, JSON_COMPACT | JSON_SORT_KEYS);
-    /* scope: caller + method + path. Until tokens exist every caller is anonymous. */
-    const char *caller = "-";
+    /* scope: caller (the token's name; "-" without tokens) + method + path */
+    const char *caller = cqrs_http_caller(req);
     size_t slen = strlen(caller) + strlen(cqrs_http_method(req)) + strlen(cqrs_http_path(req)) + 3;
     cmd->scope = malloc(slen);
     if (!cmd->canonical || !cmd->scope) {

@@ -1,6 +1,8 @@
 /* daemon.c — signals and the settings both daemons share. */
 #include "cqrs/daemon.h"
 
+#include "cqrs/log.h"
+
 #include <pthread.h>
 
 #include <stdio.h>
@@ -12,15 +14,29 @@ void cqrs_daemon_block_signals(sigset_t *set)
     sigemptyset(set);
     sigaddset(set, SIGTERM);
     sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, set, NULL);
 }
 
-int cqrs_daemon_wait(const sigset_t *set)
+int cqrs_daemon_wait(const sigset_t *set, cqrs_http_auth_t *auth)
 {
-    int sig = 0;
-    while (sigwait(set, &sig) != 0)
-        ;
-    return sig;
+    for (;;) {
+        int sig = 0;
+        if (sigwait(set, &sig) != 0)
+            continue;
+        if (sig != SIGHUP)
+            return sig;
+        if (!auth)
+            continue;
+        cqrs_error_t err;
+        if (cqrs_http_auth_reload(auth, &err) == CQRS_ERR_OK) {
+            char n[16];
+            snprintf(n, sizeof n, "%zu", cqrs_http_auth_count(auth));
+            CQRS_LOG_INFO("tokens reloaded", "tokens", n);
+        } else {
+            CQRS_LOG_ERROR("tokens not reloaded; the old ones stay", "error", err.message);
+        }
+    }
 }
 
 void cqrs_daemon_settings_entries(cqrs_daemon_settings_t *s, const char *default_port,
@@ -48,6 +64,13 @@ void cqrs_daemon_settings_entries(cqrs_daemon_settings_t *s, const char *default
          "how long SIGTERM waits for in-flight requests", &s->shutdown_grace_ms, NULL},
         {"CQRS_LOG_LEVEL", CQRS_CONFIG_ENUM, "info", 0, 0, "log level", &s->log_level,
          "debug|info|warn|error"},
+        {"CQRS_AUTH_TOKENS_FILE", CQRS_CONFIG_STRING, "", 0, 0,
+         "file of bearer tokens ('<name> <token> <scopes>' per line; reloaded on SIGHUP); empty:"
+         " no tokens required",
+         &s->auth_tokens_file, NULL},
+        {"CQRS_SHUTDOWN_DELAY_MS", CQRS_CONFIG_INT, "0", 0, 60000,
+         "on SIGTERM, how long /readyz fails before the listener closes (endpoint propagation)",
+         &s->shutdown_delay_ms, NULL},
     };
     memcpy(out, e, sizeof e);
 }

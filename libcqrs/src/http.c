@@ -14,7 +14,11 @@
 #include "cqrs/http.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -24,9 +28,16 @@
 #include <unistd.h>
 
 #include "cqrs/log.h"
+#include "cqrs/metrics.h"
 #include "cqrs/util.h"
 
 #define MAX_RESPONSE_HEADERS 16
+
+/* Counters of one route (the last slot counts requests no route matched). */
+typedef struct route_stats {
+    atomic_uint_fast64_t by_status[600];
+    cqrs_histogram_t latency;
+} route_stats_t;
 
 struct cqrs_http_server {
     cqrs_http_config_t cfg;
@@ -34,6 +45,21 @@ struct cqrs_http_server {
     size_t n_routes;
     struct MHD_Daemon *daemon;
     uint16_t port;
+    route_stats_t *stats; /* n_routes + 1 */
+};
+
+typedef struct token {
+    char name[64];
+    char *secret;
+    size_t len;
+    unsigned scopes;
+} token_t;
+
+struct cqrs_http_auth {
+    char *path;
+    pthread_rwlock_t lock;
+    token_t *tokens;
+    size_t n;
 };
 
 struct cqrs_http_request {
@@ -52,6 +78,10 @@ struct cqrs_http_request {
     bool replied;
     char request_id[72];
     char traceparent[56];
+    char caller[64];
+    int64_t started_us;
+    size_t route;
+    unsigned status;
     size_t n_headers;
     char *hname[MAX_RESPONSE_HEADERS];
     char *hvalue[MAX_RESPONSE_HEADERS];
@@ -199,6 +229,18 @@ const char *cqrs_http_traceparent(const cqrs_http_request_t *req)
     return req->traceparent;
 }
 
+const char *cqrs_http_caller(const cqrs_http_request_t *req)
+{
+    return req->caller[0] ? req->caller : "-";
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 /* ---- replies ----------------------------------------------------------------------------- */
 
 void cqrs_http_add_header(cqrs_http_request_t *req, const char *name, const char *value)
@@ -218,6 +260,7 @@ static void queue(cqrs_http_request_t *req, unsigned status, const char *content
         return;
     }
     req->replied = true;
+    req->status = status;
     struct MHD_Response *resp = MHD_create_response_from_buffer(
         len, body ? body : (char *)"", body ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
     if (!resp) {
@@ -315,6 +358,8 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
         return NULL;
     req->srv = cls;
     req->raw_uri = strdup(uri ? uri : "/");
+    req->started_us = now_us();
+    req->route = req->srv->n_routes; /* unmatched until dispatch says otherwise */
     return req;
 }
 
@@ -327,6 +372,23 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     cqrs_http_request_t *req = *con_cls;
     if (!req)
         return;
+    cqrs_http_server_t *srv = req->srv;
+    if (req->status >= 100 && req->status < 600 && srv->stats) {
+        route_stats_t *rs = &srv->stats[req->route];
+        atomic_fetch_add(&rs->by_status[req->status], 1);
+        double seconds = (double)(now_us() - req->started_us) / 1e6;
+        cqrs_histogram_observe(&rs->latency, seconds);
+        const cqrs_http_route_t *rt = req->route < srv->n_routes ? &srv->routes[req->route] : NULL;
+        if (!rt || rt->scope != CQRS_SCOPE_NONE) {
+            char status[8], ms[24];
+            snprintf(status, sizeof status, "%u", req->status);
+            snprintf(ms, sizeof ms, "%.3f", seconds * 1000);
+            cqrs_log(CQRS_LOG_INFO, "request", "request_id", req->request_id, "method", req->method,
+                     "path", req->path, "operation", rt ? rt->operation : NULL, "status", status,
+                     "duration_ms", ms, "caller", cqrs_http_caller(req), "traceparent",
+                     req->traceparent, (char *)NULL);
+        }
+    }
     for (size_t i = 0; i < req->n_headers; i++) {
         free(req->hname[i]);
         free(req->hvalue[i]);
@@ -403,6 +465,234 @@ static enum MHD_Result first_call(cqrs_http_request_t *req)
     return MHD_YES;
 }
 
+/* ---- access control ----------------------------------------------------------------------- */
+
+static unsigned parse_scopes(const char *s)
+{
+    unsigned v = 0;
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", s);
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        if (strcmp(t, "read") == 0)
+            v |= CQRS_SCOPE_READ;
+        else if (strcmp(t, "write") == 0)
+            v |= CQRS_SCOPE_WRITE;
+        else if (strcmp(t, "admin") == 0)
+            v |= CQRS_SCOPE_ADMIN;
+        else if (strcmp(t, "metrics") == 0)
+            v |= CQRS_SCOPE_METRICS;
+        else
+            return 0;
+    }
+    return v;
+}
+
+static void free_tokens(token_t *t, size_t n)
+{
+    for (size_t i = 0; t && i < n; i++) {
+        if (t[i].secret)
+            memset(t[i].secret, 0, t[i].len);
+        free(t[i].secret);
+    }
+    free(t);
+}
+
+static cqrs_err_t read_tokens(const char *path, token_t **out, size_t *n, cqrs_error_t *err)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return cqrs_error_set(err, CQRS_ERR_CONFIG, "cannot read the tokens file %s", path);
+    token_t *v = NULL;
+    size_t cnt = 0, cap = 0;
+    char line[1024];
+    int lineno = 0;
+    cqrs_err_t rc = CQRS_ERR_OK;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        char *hash = strchr(line, '#');
+        if (hash)
+            *hash = '\0';
+        char name[64], secret[512], scopes[128];
+        int k = sscanf(line, "%63s %511s %127s", name, secret, scopes);
+        if (k <= 0)
+            continue;
+        unsigned sc = k == 3 ? parse_scopes(scopes) : 0;
+        if (k != 3 || sc == 0 || strlen(secret) < 16) {
+            rc = cqrs_error_set(err, CQRS_ERR_CONFIG,
+                                "%s line %d: expected '<name> <token of 16+ characters> "
+                                "<read|write|admin|metrics>[,…]'",
+                                path, lineno);
+            break;
+        }
+        if (cnt == cap) {
+            cap = cap ? cap * 2 : 8;
+            token_t *nv = realloc(v, cap * sizeof *nv);
+            if (!nv) {
+                rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+                break;
+            }
+            v = nv;
+        }
+        token_t *t = &v[cnt++];
+        memset(t, 0, sizeof *t);
+        snprintf(t->name, sizeof t->name, "%s", name);
+        t->secret = strdup(secret);
+        t->len = strlen(secret);
+        t->scopes = sc;
+        memset(secret, 0, sizeof secret);
+    }
+    fclose(f);
+    if (rc != CQRS_ERR_OK) {
+        free_tokens(v, cnt);
+        return rc;
+    }
+    *out = v;
+    *n = cnt;
+    return CQRS_ERR_OK;
+}
+
+cqrs_http_auth_t *cqrs_http_auth_load(const char *path, cqrs_error_t *err)
+{
+    cqrs_http_auth_t *a = calloc(1, sizeof *a);
+    if (!a) {
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    a->path = strdup(path);
+    pthread_rwlock_init(&a->lock, NULL);
+    if (!a->path || read_tokens(path, &a->tokens, &a->n, err) != CQRS_ERR_OK) {
+        cqrs_http_auth_destroy(a);
+        return NULL;
+    }
+    return a;
+}
+
+cqrs_err_t cqrs_http_auth_reload(cqrs_http_auth_t *a, cqrs_error_t *err)
+{
+    token_t *t = NULL;
+    size_t n = 0;
+    cqrs_err_t rc = read_tokens(a->path, &t, &n, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    pthread_rwlock_wrlock(&a->lock);
+    token_t *old = a->tokens;
+    size_t old_n = a->n;
+    a->tokens = t;
+    a->n = n;
+    pthread_rwlock_unlock(&a->lock);
+    free_tokens(old, old_n);
+    return CQRS_ERR_OK;
+}
+
+size_t cqrs_http_auth_count(cqrs_http_auth_t *a)
+{
+    pthread_rwlock_rdlock(&a->lock);
+    size_t n = a->n;
+    pthread_rwlock_unlock(&a->lock);
+    return n;
+}
+
+void cqrs_http_auth_destroy(cqrs_http_auth_t *a)
+{
+    if (!a)
+        return;
+    free_tokens(a->tokens, a->n);
+    pthread_rwlock_destroy(&a->lock);
+    free(a->path);
+    free(a);
+}
+
+/* Equal in time that depends only on the configured token's length. */
+static bool ct_equal(const char *given, size_t glen, const char *secret, size_t slen)
+{
+    unsigned char diff = (unsigned char)(glen != slen);
+    for (size_t i = 0; i < slen; i++)
+        diff |= (unsigned char)(secret[i] ^ (i < glen ? given[i] : 0));
+    return diff == 0;
+}
+
+static bool authorize(cqrs_http_request_t *req, const cqrs_http_route_t *route)
+{
+    cqrs_http_auth_t *a = req->srv->cfg.auth;
+    const char *h = cqrs_http_header(req, MHD_HTTP_HEADER_AUTHORIZATION);
+    const char *given = NULL;
+    if (h && strncasecmp(h, "Bearer ", 7) == 0) {
+        given = h + 7;
+        while (*given == ' ')
+            given++;
+    }
+    unsigned scopes = 0;
+    bool known = false;
+    if (given && *given) {
+        size_t glen = strlen(given);
+        pthread_rwlock_rdlock(&a->lock);
+        for (size_t i = 0; i < a->n; i++) {
+            /* every token is compared: the time does not tell which one matched */
+            if (ct_equal(given, glen, a->tokens[i].secret, a->tokens[i].len) && !known) {
+                known = true;
+                scopes = a->tokens[i].scopes;
+                snprintf(req->caller, sizeof req->caller, "%s", a->tokens[i].name);
+            }
+        }
+        pthread_rwlock_unlock(&a->lock);
+    }
+    if (!known) {
+        cqrs_http_add_header(req, "WWW-Authenticate", "Bearer realm=\"cqrs\"");
+        cqrs_http_reply_problem(req, 401, "unauthorized", "Unauthorized",
+                                given ? "the bearer token is not valid"
+                                      : "a bearer token is required (Authorization: Bearer …)",
+                                NULL, NULL);
+        return false;
+    }
+    unsigned need = (unsigned)route->scope;
+    if (!(scopes & (need | CQRS_SCOPE_ADMIN))) {
+        const char *name = need == CQRS_SCOPE_READ    ? "read"
+                           : need == CQRS_SCOPE_WRITE ? "write"
+                                                      : "metrics";
+        char www[128], detail[96];
+        snprintf(www, sizeof www,
+                 "Bearer realm=\"cqrs\", error=\"insufficient_scope\", scope=\"%s\"", name);
+        snprintf(detail, sizeof detail, "this token lacks the '%s' scope", name);
+        cqrs_http_add_header(req, "WWW-Authenticate", www);
+        cqrs_http_reply_problem(req, 403, "forbidden", "Forbidden", detail, NULL, NULL);
+        return false;
+    }
+    return true;
+}
+
+/* ---- metrics --------------------------------------------------------------------------- */
+
+void cqrs_http_server_metrics(cqrs_http_server_t *srv, struct cqrs_text *t)
+{
+    cqrs_text_printf(t, "# HELP cqrs_http_requests_total HTTP requests answered, by operation, "
+                        "method, route and status.\n# TYPE cqrs_http_requests_total counter\n");
+    for (size_t r = 0; r <= srv->n_routes; r++) {
+        const cqrs_http_route_t *rt = r < srv->n_routes ? &srv->routes[r] : NULL;
+        for (int code = 100; code < 600; code++) {
+            uint64_t v = atomic_load(&srv->stats[r].by_status[code]);
+            if (v)
+                cqrs_text_printf(t,
+                                 "cqrs_http_requests_total{operation=\"%s\",method=\"%s\","
+                                 "route=\"%s\",status=\"%d\"} %llu\n",
+                                 rt ? rt->operation : "unmatched", rt ? rt->method : "",
+                                 rt ? rt->pattern : "", code, (unsigned long long)v);
+        }
+    }
+    cqrs_text_printf(t, "# HELP cqrs_http_request_duration_seconds Time from the request line "
+                        "to the end of the response.\n"
+                        "# TYPE cqrs_http_request_duration_seconds histogram\n");
+    for (size_t r = 0; r <= srv->n_routes; r++) {
+        const cqrs_http_route_t *rt = r < srv->n_routes ? &srv->routes[r] : NULL;
+        const cqrs_histogram_t *h = &srv->stats[r].latency;
+        if (!atomic_load(&h->count))
+            continue;
+        char labels[256];
+        snprintf(labels, sizeof labels, "operation=\"%s\",method=\"%s\",route=\"%s\"",
+                 rt ? rt->operation : "unmatched", rt ? rt->method : "", rt ? rt->pattern : "");
+        cqrs_metric_histogram_samples(t, "cqrs_http_request_duration_seconds", labels, h);
+    }
+}
+
 static void dispatch(cqrs_http_request_t *req)
 {
     cqrs_http_server_t *srv = req->srv;
@@ -435,6 +725,9 @@ static void dispatch(cqrs_http_request_t *req)
         cqrs_http_reply_problem(req, 404, "not-found", "Not Found", "no such resource", NULL, NULL);
         return;
     }
+    req->route = (size_t)(route - srv->routes);
+    if (srv->cfg.auth && route->scope != CQRS_SCOPE_NONE && !authorize(req, route))
+        return;
     route->fn(req, route->ud);
     if (!req->replied) {
         CQRS_LOG_ERROR("handler returned without a reply", "request_id", req->request_id, "path",
@@ -512,6 +805,12 @@ cqrs_http_server_t *cqrs_http_server_new(const cqrs_http_config_t *cfg,
     srv->cfg = *cfg;
     srv->routes = routes;
     srv->n_routes = n_routes;
+    srv->stats = calloc(n_routes + 1, sizeof *srv->stats);
+    if (!srv->stats) {
+        free(srv);
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
     return srv;
 }
 
@@ -572,5 +871,6 @@ void cqrs_http_server_destroy(cqrs_http_server_t *srv)
     if (!srv)
         return;
     cqrs_http_server_stop(srv);
+    free(srv->stats);
     free(srv);
 }

@@ -74,18 +74,29 @@ void cqrs_metric_gauge(cqrs_text_t *t, const char *name, const char *help, doubl
     cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, value);
 }
 
+void cqrs_metric_histogram_samples(cqrs_text_t *t, const char *name, const char *labels,
+                                   const cqrs_histogram_t *h)
+{
+    const char *sep = labels && *labels ? "," : "";
+    const char *l = labels ? labels : "";
+    uint64_t cum = 0;
+    for (size_t i = 0; i < CQRS_HISTOGRAM_BUCKETS; i++) {
+        cum += atomic_load(&h->bucket[i]);
+        cqrs_text_printf(t, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, l, sep,
+                         cqrs_histogram_bounds[i], (unsigned long long)cum);
+    }
+    uint64_t count = atomic_load(&h->count);
+    const char *open = *l ? "{" : "", *close = *l ? "}" : "";
+    cqrs_text_printf(t, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, l, sep,
+                     (unsigned long long)count);
+    cqrs_text_printf(t, "%s_sum%s%s%s %.6f\n%s_count%s%s%s %llu\n", name, open, l, close,
+                     (double)atomic_load(&h->sum_us) / 1e6, name, open, l, close,
+                     (unsigned long long)count);
+}
+
 void cqrs_metric_histogram(cqrs_text_t *t, const char *name, const char *help,
                            const cqrs_histogram_t *h)
 {
     cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    uint64_t cum = 0;
-    for (size_t i = 0; i < CQRS_HISTOGRAM_BUCKETS; i++) {
-        cum += atomic_load(&h->bucket[i]);
-        cqrs_text_printf(t, "%s_bucket{le=\"%g\"} %llu\n", name, cqrs_histogram_bounds[i],
-                         (unsigned long long)cum);
-    }
-    uint64_t count = atomic_load(&h->count);
-    cqrs_text_printf(t, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
-                     (unsigned long long)count, name, (double)atomic_load(&h->sum_us) / 1e6, name,
-                     (unsigned long long)count);
+    cqrs_metric_histogram_samples(t, name, NULL, h);
 }

@@ -19,6 +19,7 @@
 
 #include "cqrs/bus.h"
 #include "cqrs/log.h"
+#include "cqrs/metrics.h"
 #include "cqrs/util.h"
 
 #define MAX_MISSING 256
@@ -43,6 +44,8 @@ struct cqrs_projector {
     atomic_bool kafka_up, redis_up;
     atomic_uint history_missing, assigned;
     atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets;
+    pthread_mutex_t rk_lock; /* guards rk against the metrics reader while it is replaced */
+    cqrs_histogram_t latency;
     missing_t missing[MAX_MISSING];
     unsigned n_missing;
     int64_t next_missing_check;
@@ -180,6 +183,7 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
         return NULL;
     }
     p->cfg = *cfg;
+    pthread_mutex_init(&p->rk_lock, NULL);
     p->brokers = strdup(cfg->brokers);
     p->group_id = strdup(cfg->group_id);
     p->client_id = strdup(cfg->client_id ? cfg->client_id : "cqrs-projector");
@@ -384,6 +388,8 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
         switch (res) {
         case CQRS_APPLY_APPLIED:
             atomic_fetch_add(&p->applied, 1);
+            cqrs_histogram_observe(
+                &p->latency, (double)(cqrs_realtime_ms() - cqrs_time_parse_ms(ev->time)) / 1000.0);
             CQRS_LOG_DEBUG("event applied", "event_id", ev->id, "aggregate_id", ev->aggregate_id,
                            "traceparent", ev->traceparent);
             break;
@@ -453,8 +459,40 @@ static void consumer_close(cqrs_projector_t *p)
         return;
     /* Commits the stored offsets and leaves the group. */
     rd_kafka_consumer_close(p->rk);
+    pthread_mutex_lock(&p->rk_lock);
     rd_kafka_destroy(p->rk);
     p->rk = NULL;
+    pthread_mutex_unlock(&p->rk_lock);
+}
+
+void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
+{
+    cqrs_text_printf(t, "# HELP cqrs_projector_consumer_lag_messages Messages of a partition "
+                        "not yet applied by this instance.\n"
+                        "# TYPE cqrs_projector_consumer_lag_messages gauge\n");
+    pthread_mutex_lock(&p->rk_lock);
+    rd_kafka_topic_partition_list_t *parts = NULL;
+    if (p->rk && rd_kafka_assignment(p->rk, &parts) == RD_KAFKA_RESP_ERR_NO_ERROR && parts) {
+        rd_kafka_position(p->rk, parts);
+        for (int i = 0; i < parts->cnt; i++) {
+            rd_kafka_topic_partition_t *tp = &parts->elems[i];
+            int64_t low = 0, high = 0;
+            if (rd_kafka_get_watermark_offsets(p->rk, tp->topic, tp->partition, &low, &high) !=
+                    RD_KAFKA_RESP_ERR_NO_ERROR ||
+                high < 0)
+                continue;
+            int64_t pos = tp->offset >= 0 ? tp->offset : low;
+            cqrs_text_printf(t,
+                             "cqrs_projector_consumer_lag_messages{topic=\"%s\",partition=\"%d\"}"
+                             " %lld\n",
+                             tp->topic, tp->partition, (long long)(high > pos ? high - pos : 0));
+        }
+    }
+    if (parts)
+        rd_kafka_topic_partition_list_destroy(parts);
+    pthread_mutex_unlock(&p->rk_lock);
+    cqrs_metric_histogram(t, "cqrs_projector_apply_latency_seconds",
+                          "From an event's time (its command) to its apply in Redis.", &p->latency);
 }
 
 static void *projector_main(void *arg)
@@ -464,7 +502,10 @@ static void *projector_main(void *arg)
         if (p->restart) {
             consumer_close(p);
             cqrs_error_t err;
-            p->rk = consumer_new(p, &err);
+            rd_kafka_t *rk = consumer_new(p, &err);
+            pthread_mutex_lock(&p->rk_lock);
+            p->rk = rk;
+            pthread_mutex_unlock(&p->rk_lock);
             if (!p->rk) {
                 CQRS_LOG_ERROR("cannot recreate the consumer", "error", err.message);
                 sleep_unless_stopped(p, 1000);
@@ -546,6 +587,7 @@ void cqrs_projector_destroy(cqrs_projector_t *p)
     free(p->topics);
     free(p->offsets_keys);
     cqrs_docstore_destroy(p->ds);
+    pthread_mutex_destroy(&p->rk_lock);
     free(p->brokers);
     free(p->group_id);
     free(p->client_id);

@@ -18,6 +18,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <cqrs/util.h>
+
 #include "query.h"
 
 #define MAXV 9999999999999LL
@@ -34,15 +36,7 @@ int product_sort_parse(const char *s)
 
 int64_t rfc3339_ms(const char *s)
 {
-    struct tm tm;
-    memset(&tm, 0, sizeof tm);
-    int ms = 0;
-    if (!s || sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d.%3dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-                     &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) != 7)
-        return 0;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    return (int64_t)timegm(&tm) * 1000 + ms;
+    return cqrs_time_parse_ms(s);
 }
 
 static const char *str(const json_t *doc, const char *f)

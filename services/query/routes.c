@@ -101,11 +101,13 @@ void order_get_handler(cqrs_http_request_t *req, void *ud)
 size_t query_routes(query_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap)
 {
     const cqrs_http_route_t table[] = {
-        {"GET", "/v1/products/{id}", product_get_handler, ctx},
-        {"GET", "/v1/orders/{id}", order_get_handler, ctx},
-        {"GET", "/v1/products", product_list_handler, ctx},
-        {"GET", "/v1/customers/{id}/orders", customer_orders_handler, ctx},
-        {"GET", "/v1/reports/top-products", top_products_handler, ctx},
+        {"GET", "/v1/products/{id}", product_get_handler, ctx, "GetProduct", CQRS_SCOPE_READ},
+        {"GET", "/v1/orders/{id}", order_get_handler, ctx, "GetOrder", CQRS_SCOPE_READ},
+        {"GET", "/v1/products", product_list_handler, ctx, "ListProducts", CQRS_SCOPE_READ},
+        {"GET", "/v1/customers/{id}/orders", customer_orders_handler, ctx, "CustomerOrders",
+         CQRS_SCOPE_READ},
+        {"GET", "/v1/reports/top-products", top_products_handler, ctx, "TopProducts",
+         CQRS_SCOPE_READ},
     };
     size_t n = sizeof table / sizeof table[0];
     for (size_t i = 0; i < n && i < cap; i++)

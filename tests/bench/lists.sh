@@ -49,12 +49,16 @@ request = function()
     return wrk.format("POST", "/v1/products", {["Content-Type"] = "application/json"}, body)
 end
 LUA
-wrk -t2 -c16 -d600s -s "$OUT/create.lua" "http://127.0.0.1:$CPORT" >"$OUT/create.txt" 2>&1 || true
-echo "   waiting for the projection"
-for _ in $(seq 1200); do
+# each thread stops itself after its half (wrk.thread:stop() in response); the timeout is a
+# safety net
+timeout 300 wrk -t2 -c16 -d300s -s "$OUT/create.lua" "http://127.0.0.1:$CPORT" >"$OUT/create.txt" 2>&1 || true
+echo "   waiting for the projection (until the applied count stops growing)"
+last=-1
+for _ in $(seq 600); do
     applied=$(curl -fs "http://127.0.0.1:$QPORT/metrics" | awk '/^cqrs_projector_events_applied_total/ {print $2}')
-    [ "${applied:-0}" -ge "$PRODUCTS" ] && break
-    sleep 0.5
+    [ "${applied:-0}" -gt 0 ] && [ "$applied" = "$last" ] && break
+    last=${applied:-0}
+    sleep 2
 done
 echo "   projected: ${applied:-0}"
 ID=$(curl -fs "http://127.0.0.1:$QPORT/v1/products?limit=1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["items"][0]["id"])')

@@ -9,12 +9,12 @@
 #include "cqrs/config.h"
 #include "cqrs/http.h"
 
-/* Blocks SIGTERM and SIGINT in the calling thread (call before starting threads, which
- * inherit the mask) and ignores SIGPIPE. */
+/* Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (call before starting threads,
+ * which inherit the mask) and ignores SIGPIPE. */
 void cqrs_daemon_block_signals(sigset_t *set);
 
-/* Waits for SIGTERM or SIGINT; returns the signal number. */
-int cqrs_daemon_wait(const sigset_t *set);
+/* Waits for SIGTERM or SIGINT and returns it; on each SIGHUP reloads auth (when not NULL). */
+int cqrs_daemon_wait(const sigset_t *set, cqrs_http_auth_t *auth);
 
 /* Settings both daemons share (HTTP server, logging, shutdown). */
 typedef struct cqrs_daemon_settings {
@@ -28,9 +28,11 @@ typedef struct cqrs_daemon_settings {
     int64_t max_json_depth;
     int64_t shutdown_grace_ms;
     char *log_level;
+    char *auth_tokens_file;
+    int64_t shutdown_delay_ms;
 } cqrs_daemon_settings_t;
 
-#define CQRS_DAEMON_SETTINGS_N 10
+#define CQRS_DAEMON_SETTINGS_N 12
 
 /* Writes the shared entries (pointing into s) into out[0..CQRS_DAEMON_SETTINGS_N). */
 void cqrs_daemon_settings_entries(cqrs_daemon_settings_t *s, const char *default_port,

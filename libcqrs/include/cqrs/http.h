@@ -27,13 +27,36 @@ typedef struct cqrs_http_server cqrs_http_server_t;
 
 typedef void (*cqrs_http_handler_fn)(cqrs_http_request_t *req, void *ud);
 
-/* pattern: literal segments and `{name}` segments, e.g. "/v1/products/{id}/price". */
+/* What a bearer token may do. admin implies every other scope; metrics is for scrapers. */
+typedef enum cqrs_scope {
+    CQRS_SCOPE_NONE = 0, /* no token needed (probes) */
+    CQRS_SCOPE_READ = 1,
+    CQRS_SCOPE_WRITE = 2,
+    CQRS_SCOPE_ADMIN = 4,
+    CQRS_SCOPE_METRICS = 8,
+} cqrs_scope_t;
+
+/* pattern: literal segments and `{name}` segments, e.g. "/v1/products/{id}/price".
+ * operation names the route in metrics and logs (e.g. "CreateProduct"). */
 typedef struct cqrs_http_route {
     const char *method;
     const char *pattern;
     cqrs_http_handler_fn fn;
     void *ud;
+    const char *operation;
+    cqrs_scope_t scope;
 } cqrs_http_route_t;
+
+/* Bearer tokens, loaded from a file of lines "<name> <token> <scope>[,<scope>…]" (scopes read,
+ * write, admin, metrics; '#' starts a comment). Thread-safe; reloadable. */
+typedef struct cqrs_http_auth cqrs_http_auth_t;
+
+/* NULL with err when the file cannot be read or a line is malformed. */
+cqrs_http_auth_t *cqrs_http_auth_load(const char *path, cqrs_error_t *err);
+/* Replaces the tokens with the file's current content; on error keeps the old ones. */
+cqrs_err_t cqrs_http_auth_reload(cqrs_http_auth_t *auth, cqrs_error_t *err);
+size_t cqrs_http_auth_count(cqrs_http_auth_t *auth);
+void cqrs_http_auth_destroy(cqrs_http_auth_t *auth);
 
 typedef struct cqrs_http_config {
     const char *host; /* IPv4 literal to bind, e.g. "127.0.0.1" or "0.0.0.0" */
@@ -44,6 +67,7 @@ typedef struct cqrs_http_config {
     unsigned connection_timeout_s;
     size_t max_body_bytes;
     unsigned drain_timeout_ms; /* how long stop waits for open connections */
+    cqrs_http_auth_t *auth;    /* NULL: no tokens required; borrowed */
 } cqrs_http_config_t;
 
 /* Matching (pure, exported for tests). On a match returns the route and fills names/values
@@ -84,6 +108,13 @@ const char *cqrs_http_body(const cqrs_http_request_t *req, size_t *len);
 const char *cqrs_http_request_id(const cqrs_http_request_t *req);
 /* The request's W3C traceparent, or a fresh one when it sent none or an invalid one. */
 const char *cqrs_http_traceparent(const cqrs_http_request_t *req);
+
+/* Who is calling: the token's name, or "-" when no tokens are configured. */
+const char *cqrs_http_caller(const cqrs_http_request_t *req);
+
+/* Appends the server's request counters and latency histograms (Prometheus text). */
+struct cqrs_text;
+void cqrs_http_server_metrics(cqrs_http_server_t *srv, struct cqrs_text *out);
 
 /* Adds a response header to the reply that follows (copied). */
 void cqrs_http_add_header(cqrs_http_request_t *req, const char *name, const char *value);

@@ -23,6 +23,7 @@ void cqrs_histogram_observe(cqrs_histogram_t *h, double seconds);
 double cqrs_histogram_quantile(const cqrs_histogram_t *h, double q);
 
 typedef struct cqrs_text {
+    /* a growing NUL-terminated buffer */
     char *buf;
     size_t len, cap;
 } cqrs_text_t;
@@ -35,5 +36,8 @@ void cqrs_metric_counter(cqrs_text_t *t, const char *name, const char *help, uin
 void cqrs_metric_gauge(cqrs_text_t *t, const char *name, const char *help, double value);
 void cqrs_metric_histogram(cqrs_text_t *t, const char *name, const char *help,
                            const cqrs_histogram_t *h);
+/* The samples only (no HELP/TYPE), with labels ("k=\"v\",…") on every line. */
+void cqrs_metric_histogram_samples(cqrs_text_t *t, const char *name, const char *labels,
+                                   const cqrs_histogram_t *h);
 
 #endif

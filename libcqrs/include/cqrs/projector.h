@@ -79,6 +79,11 @@ cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err);
 /* Stops the thread after the event in hand; commits; leaves the group. */
 void cqrs_projector_stop(cqrs_projector_t *p);
 void cqrs_projector_stats(cqrs_projector_t *p, cqrs_projector_stats_t *out);
+
+/* Appends the projector's metrics: lag per assigned partition (from the consumer's position
+ * and the last known high watermark) and event time → applied latency. */
+struct cqrs_text;
+void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *out);
 void cqrs_projector_destroy(cqrs_projector_t *p);
 
 #endif

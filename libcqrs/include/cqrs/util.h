@@ -18,6 +18,12 @@ bool cqrs_uuid_valid(const char *s);
 /* Current UTC time as RFC 3339 with milliseconds into out[25]. */
 void cqrs_time_now_rfc3339(char out[CQRS_TIME_LEN + 1]);
 
+/* Milliseconds since the epoch of "YYYY-MM-DDTHH:MM:SS.mmmZ"; 0 when malformed. */
+int64_t cqrs_time_parse_ms(const char *rfc3339);
+
+/* Milliseconds of CLOCK_REALTIME. */
+int64_t cqrs_realtime_ms(void);
+
 /* Milliseconds of CLOCK_MONOTONIC. */
 int64_t cqrs_monotonic_ms(void);
 
