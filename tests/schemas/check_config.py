@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Configuration checks, from each daemon's own --help table:
+
+  check_config.py <cqrs-commandd> <cqrs-queryd> <README.md>
+    - every setting the daemons print is in the README's configuration tables, and the README
+      names no setting the daemons do not have;
+    - every bad value of every setting is rejected at start-up: exit status 2, before
+      anything starts (integers past their range and not numbers, booleans and enums out of
+      their words, required settings unset, an unreadable tokens file).
+"""
+import os
+import re
+import subprocess
+import sys
+
+failures = []
+
+
+def table(binary):
+    out = subprocess.run([binary, "--help"], check=True, capture_output=True, text=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+(CQRS_[A-Z0-9_]+)\s+(\w+)\s+default: (\S+)(?:\s+range: (-?\d+)\.\.(-?\d+))?"
+                     r"(?:\s+one of: (\S+))?", line)
+        if m:
+            name, typ, default, lo, hi, choices = m.groups()
+            rows[name] = dict(type=typ, default=default, lo=lo, hi=hi, choices=choices)
+    return rows
+
+
+def base_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRS_")}
+    env.update(CQRS_PG_DSN="host=127.0.0.1 port=1 dbname=x user=x",
+               CQRS_KAFKA_BROKERS="127.0.0.1:1", CQRS_REDIS_URL="redis://127.0.0.1:1/0",
+               CQRS_HTTP_PORT="0", CQRS_QUERY_ROLE="serve")
+    return env
+
+
+def bad_values(row):
+    if row["type"] == "int":
+        vals = ["not-a-number", "12abc"]
+        if row["hi"] is not None:
+            vals.append(str(int(row["hi"]) + 1))
+            vals.append(str(int(row["lo"]) - 1))
+        return vals
+    if row["type"] == "bool":
+        return ["maybe"]
+    if row["type"] == "enum":
+        return ["no-such-choice"]
+    return []
+
+
+def check_rejections(binary, rows):
+    name = os.path.basename(binary)
+    checked = 0
+    for var, row in rows.items():
+        cases = [(v, None) for v in bad_values(row)]
+        if row["default"] == "(required)":
+            cases.append((None, "unset"))
+        if var == "CQRS_AUTH_TOKENS_FILE":
+            cases.append(("/nonexistent/tokens", None))
+        for value, _ in cases:
+            env = base_env()
+            if value is None:
+                env.pop(var, None)
+            else:
+                env[var] = value
+            try:
+                p = subprocess.run([binary], env=env, capture_output=True, text=True, timeout=20)
+            except subprocess.TimeoutExpired:
+                failures.append(f"{name}: {var}={value!r} was accepted (the daemon kept running)")
+                continue
+            if p.returncode != 2:
+                failures.append(f"{name}: {var}={value!r} exited {p.returncode}, expected 2")
+            elif var not in p.stderr:
+                failures.append(f"{name}: {var}={value!r}: the error does not name the setting")
+            checked += 1
+    print(f"ok: {name}: {checked} bad values rejected with exit 2")
+
+
+def main():
+    commandd, queryd, readme = sys.argv[1:4]
+    text = open(readme, encoding="utf-8").read()
+    section = text[text.index("## Configuration"):text.index("\n## ", text.index("## Configuration") + 5)]
+    documented = set(re.findall(r"^\| `(CQRS_[A-Z0-9_]+)`", section, re.M))
+    documented |= set(re.findall(r"`(CQRS_[A-Z0-9_]+)`", section))
+    served = set()
+    for binary in (commandd, queryd):
+        rows = table(binary)
+        if not rows:
+            failures.append(f"{binary} --help printed no settings")
+        served |= set(rows)
+        for var in rows:
+            if var not in documented:
+                failures.append(f"{var} ({os.path.basename(binary)}) is not in the README's configuration section")
+        check_rejections(binary, rows)
+    # a README table row for a setting no daemon has
+    for var in sorted(set(re.findall(r"^\| `(CQRS_[A-Z0-9_]+)`", section, re.M)) - served):
+        if var not in ("CQRS_KAFKA_DEBUG",):  # read by libcqrs directly, not a table entry
+            failures.append(f"README documents {var}, which neither daemon has")
+    print(f"ok: {len(served)} settings checked against the README" if not failures else "")
+    for f in failures:
+        print("FAIL:", f)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
