@@ -10,7 +10,7 @@ set -euo pipefail
 PACKAGES=(
     build-essential cmake ninja-build pkg-config clang clang-format curl
     libpq-dev libhiredis-dev librdkafka-dev libmicrohttpd-dev libjansson-dev
-    libcmocka-dev uuid-dev python3 python3-venv
+    libcmocka-dev uuid-dev python3 python3-venv prometheus
 )
 
 missing=()

@@ -72,6 +72,7 @@ static int wait_ready(int port, int seconds)
 {
     for (int i = 0; i < seconds * 10; i++) {
         httpc_response_t r;
+        /* /readyz needs no token */
         int ok = httpc_request(port, "GET", "/readyz", NULL, NULL, 0, &r) == 0 && r.status == 200;
         httpc_response_free(&r);
         if (ok)
@@ -206,10 +207,20 @@ pid_t daemons_spawn_commandd(const daemons_t *d, int port, const char *extra_env
     return pid;
 }
 
+static char metrics_auth[256];
+
+int daemons_start_auth(daemons_t *d, const char *auth_header)
+{
+    snprintf(metrics_auth, sizeof metrics_auth, "%s", auth_header ? auth_header : "");
+    return daemons_start(d);
+}
+
 long long daemons_metric(int port, const char *name)
 {
     httpc_response_t r;
-    if (httpc_request(port, "GET", "/metrics", NULL, NULL, 0, &r) != 0 || r.status != 200) {
+    if (httpc_request(port, "GET", "/metrics", metrics_auth[0] ? metrics_auth : NULL, NULL, 0,
+                      &r) != 0 ||
+        r.status != 200) {
         httpc_response_free(&r);
         return -1;
     }

@@ -21,6 +21,10 @@ typedef struct daemons {
  * from an empty Redis database (FLUSHDB) of its own. */
 int daemons_start(daemons_t *d);
 
+/* daemons_start, remembering an Authorization header line ("Authorization: Bearer …\r\n")
+ * for daemons_metric when tokens are configured (CQRS_AUTH_TOKENS_FILE in the environment). */
+int daemons_start_auth(daemons_t *d, const char *auth_header);
+
 /* SIGTERM, wait up to 30 s; returns the exit status, 128+signal, or -2 when it had to be
  * killed. */
 int daemons_stop_one(pid_t *pid);

@@ -34,6 +34,7 @@ int httpc_raw(int port, const char *raw, size_t len, httpc_response_t *resp)
     int fd = connect_local(port);
     if (fd < 0)
         return -1;
+    resp->connected = 1;
     size_t off = 0;
     while (off < len) {
         ssize_t w = send(fd, raw + off, len - off, MSG_NOSIGNAL);
@@ -60,7 +61,7 @@ int httpc_raw(int port, const char *raw, size_t len, httpc_response_t *resp)
     if (!end || sscanf(buf, "HTTP/1.%*d %d", &resp->status) != 1) {
         free(buf);
         resp->status = 0;
-        return -1;
+        return -1; /* connected, but no complete answer */
     }
     size_t head_len = (size_t)(end - buf) + 2;
     resp->head = strndup(buf, head_len);

@@ -5,9 +5,10 @@
 #include <stddef.h>
 
 typedef struct httpc_response {
-    int status; /* 0 when the exchange failed */
-    char *head; /* raw header block, NUL-terminated */
-    char *body; /* NUL-terminated */
+    int connected; /* 1 once the connection was made (0: refused) */
+    int status;    /* 0 when the exchange failed */
+    char *head;    /* raw header block, NUL-terminated */
+    char *body;    /* NUL-terminated */
     size_t body_len;
 } httpc_response_t;
 
