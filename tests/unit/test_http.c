@@ -33,8 +33,10 @@ static void silent(cqrs_http_request_t *req, void *ud)
 }
 
 static const cqrs_http_route_t ROUTES[] = {
-    {"GET", "/v1/things/{id}", echo, NULL, "Echo", CQRS_SCOPE_NONE}, {"PUT", "/v1/things/{id}", echo, NULL, "Echo", CQRS_SCOPE_NONE},
-    {"POST", "/v1/things", echo, NULL, "Echo", CQRS_SCOPE_NONE},     {"POST", "/v1/things/{id}/cancel", echo, NULL, "Echo", CQRS_SCOPE_NONE},
+    {"GET", "/v1/things/{id}", echo, NULL, "Echo", CQRS_SCOPE_NONE},
+    {"PUT", "/v1/things/{id}", echo, NULL, "Echo", CQRS_SCOPE_NONE},
+    {"POST", "/v1/things", echo, NULL, "Echo", CQRS_SCOPE_NONE},
+    {"POST", "/v1/things/{id}/cancel", echo, NULL, "Echo", CQRS_SCOPE_NONE},
     {"GET", "/v1/silent", silent, NULL, "Silent", CQRS_SCOPE_NONE},
 };
 #define N_ROUTES (sizeof ROUTES / sizeof ROUTES[0])
