@@ -27,7 +27,7 @@ clang-format --dry-run -Werror "${sources[@]}"
 
 say "python validators (openapi-spec-validator, jsonschema) in $BUILD/venv"
 mkdir -p "$BUILD"
-if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml' 2>/dev/null; then
+if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml, kubernetes_validate' 2>/dev/null; then
     python3 -m venv "$BUILD/venv"
     "$BUILD/venv/bin/pip" install -q --disable-pip-version-check -r tests/schemas/requirements.txt
 fi

@@ -10,13 +10,15 @@ set -euo pipefail
 PACKAGES=(
     build-essential cmake ninja-build pkg-config clang clang-format curl
     libpq-dev libhiredis-dev librdkafka-dev libmicrohttpd-dev libjansson-dev
-    libcmocka-dev uuid-dev python3 python3-venv prometheus
+    libcmocka-dev uuid-dev python3 python3-venv prometheus docker-compose
 )
 
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# kubectl (renders the Kubernetes manifests in the tests): any package that provides it
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

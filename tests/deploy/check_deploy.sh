@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Checks the deployment files where no Docker engine runs:
+#   docker-compose.yml        `docker-compose config` (Debian's docker-compose)
+#   deploy/k8s                `kubectl kustomize` of the base and the example overlay, every
+#                             rendered object validated against the Kubernetes 1.31 schemas
+#                             (kubernetes-validate --strict)
+#   both                      every CQRS_* variable they set exists in a daemon's or
+#                             cqrsctl's configuration table (--help)
+# usage: check_deploy.sh <python with kubernetes-validate> <cqrs-commandd> <cqrs-queryd> <cqrsctl>
+set -euo pipefail
+PY=$1 COMMANDD=$2 QUERYD=$3 CTL=$4
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$REPO"
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+fail=0
+
+docker-compose -f docker-compose.yml config -q
+echo "ok: docker-compose.yml is valid"
+
+for k in deploy/k8s/base deploy/k8s/overlays/example; do
+    kubectl kustomize "$k" >"$OUT/rendered.yaml"
+    n=$(grep -c '^kind:' "$OUT/rendered.yaml")
+    "$(dirname "$PY")/kubernetes-validate" -k 1.31.0 --strict --quiet "$OUT/rendered.yaml"
+    echo "ok: $k renders $n objects, all valid for Kubernetes 1.31"
+    cat "$OUT/rendered.yaml" >>"$OUT/all.yaml"
+done
+
+{ "$COMMANDD" --help; "$QUERYD" --help; "$CTL" --help; } 2>&1 |
+    grep -oE '^ +CQRS_[A-Z0-9_]+' | tr -d ' ' | sort -u >"$OUT/known"
+grep -ohE '\bCQRS_[A-Z0-9_]+' docker-compose.yml "$OUT/all.yaml" | sort -u >"$OUT/used"
+while read -r v; do
+    if ! grep -qx "$v" "$OUT/known"; then
+        echo "FAIL: $v is set by the deployment files but no daemon has it"
+        fail=1
+    fi
+done <"$OUT/used"
+[ $fail -eq 0 ] && echo "ok: the $(wc -l <"$OUT/used") CQRS_* variables used all exist"
+exit $fail
