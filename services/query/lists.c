@@ -114,7 +114,7 @@ static cqrs_docstore_t *acquire(cqrs_http_request_t *req, query_ctx_t *ctx)
 }
 
 /* The documents of members (id = their last 36 characters), in order; missing ones skipped.
- * With raw set, the stored JSON texts are appended to it comma-separated as they are (no
+ * With raw set, the stored JSON texts are appended to it as array elements, as they are (no
  * parsing: a page costs what its bytes cost); otherwise parsed into items. */
 static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **members, size_t n,
                                  json_t *items, cqrs_text_t *raw, cqrs_error_t *err)
@@ -133,11 +133,12 @@ static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **m
         kp[i] = keys[i];
     }
     rc = cqrs_docstore_get_many(ds, kp, n, jsons, err);
+    size_t appended = 0;
     for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
         if (!jsons[i])
             continue;
         if (raw) {
-            cqrs_text_printf(raw, "%s%s", raw->len > 10 ? "," : "", jsons[i]);
+            cqrs_text_printf(raw, "%s%s", appended++ ? "," : "", jsons[i]);
             continue;
         }
         json_t *d = json_loads(jsons[i], 0, NULL);
