@@ -5,7 +5,9 @@
 #include <cqrs/embed.h>
 #include <cqrs/log.h>
 #include <cqrs/store.h>
+#include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 extern const cqrs_embedded_file_t cqrs_migrations[];
@@ -38,7 +40,9 @@ static void usage(FILE *out)
                  "commands:\n"
                  "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
                  "                          schema_migrations) and create the Kafka topics\n"
-                 "  migrations              list the migrations this binary carries\n\n");
+                 "  migrations              list the migrations this binary carries\n"
+                 "  outbox [--json]         the outbox backlog, its oldest row's age, the\n"
+                 "                          active relay and since when\n\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
 }
 
@@ -81,6 +85,88 @@ static int cmd_migrate(int argc, char **argv)
     return 0;
 }
 
+typedef struct outbox_view {
+    json_t *out;
+} outbox_view_t;
+
+static cqrs_err_t outbox_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
+{
+    outbox_view_t *v = ud;
+    cqrs_rows_t *a = NULL, *b = NULL, *c = NULL;
+    cqrs_err_t rc = cqrs_tx_exec(tx,
+                                 "SELECT count(*), coalesce(extract(epoch FROM now() -"
+                                 " min(created_at)), 0) FROM outbox",
+                                 0, NULL, &a, err);
+    if (rc == CQRS_ERR_OK)
+        rc = cqrs_tx_exec(tx,
+                          "SELECT owner, epoch, to_char(since AT TIME ZONE 'UTC',"
+                          " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), expires_at > now()"
+                          " FROM relay_leader WHERE id = 1",
+                          0, NULL, &b, err);
+    if (rc == CQRS_ERR_OK)
+        rc =
+            cqrs_tx_exec(tx, "SELECT cardinality(sequences) FROM relay_inflight", 0, NULL, &c, err);
+    if (rc == CQRS_ERR_OK) {
+        bool active = cqrs_rows_count(b) == 1 && strcmp(cqrs_rows_get(b, 0, 3), "t") == 0;
+        v->out = json_pack("{s:I, s:f, s:{s:b, s:s?, s:I, s:s?}, s:I}", "backlog",
+                           (json_int_t)atoll(cqrs_rows_get(a, 0, 0)), "oldest_age_seconds",
+                           atof(cqrs_rows_get(a, 0, 1)), "relay", "active", active, "owner",
+                           active ? cqrs_rows_get(b, 0, 0) : NULL, "epoch",
+                           (json_int_t)(cqrs_rows_count(b) ? atoll(cqrs_rows_get(b, 0, 1)) : 0),
+                           "since", active ? cqrs_rows_get(b, 0, 2) : NULL, "batch_in_flight",
+                           (json_int_t)(cqrs_rows_count(c) ? atoll(cqrs_rows_get(c, 0, 0)) : 0));
+    }
+    cqrs_rows_free(a);
+    cqrs_rows_free(b);
+    cqrs_rows_free(c);
+    return rc;
+}
+
+static int cmd_outbox(int argc, char **argv)
+{
+    bool as_json = argc > 2 && strcmp(argv[2], "--json") == 0;
+    cqrs_store_config_t sc = {.dsn = S.pg_dsn,
+                              .pool_size = 1,
+                              .acquire_timeout_ms = 1000,
+                              .statement_timeout_ms = 10000,
+                              .lock_timeout_ms = 1000,
+                              .connect_timeout_s = 5,
+                              .max_tx_attempts = 1,
+                              .application_name = "cqrsctl"};
+    cqrs_store_t *store = cqrs_store_new(&sc);
+    outbox_view_t v = {NULL};
+    cqrs_error_t err;
+    cqrs_err_t rc = store ? cqrs_store_run_tx(store, outbox_tx, &v, &err)
+                          : cqrs_error_set(&err, CQRS_ERR_NOMEM, "out of memory");
+    cqrs_store_destroy(store);
+    if (rc != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl outbox: %s\n", err.message);
+        return rc == CQRS_ERR_UNAVAILABLE ? 3 : 1;
+    }
+    if (as_json) {
+        char *text = json_dumps(v.out, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        printf("%s\n", text);
+        free(text);
+    } else {
+        json_t *relay = json_object_get(v.out, "relay");
+        printf("backlog:          %lld events\n",
+               (long long)json_integer_value(json_object_get(v.out, "backlog")));
+        printf("oldest:           %.1f s\n",
+               json_real_value(json_object_get(v.out, "oldest_age_seconds")));
+        if (json_is_true(json_object_get(relay, "active")))
+            printf("relay:            %s (epoch %lld) since %s\n",
+                   json_string_value(json_object_get(relay, "owner")),
+                   (long long)json_integer_value(json_object_get(relay, "epoch")),
+                   json_string_value(json_object_get(relay, "since")));
+        else
+            printf("relay:            none active\n");
+        printf("batch in flight:  %lld events\n",
+               (long long)json_integer_value(json_object_get(v.out, "batch_in_flight")));
+    }
+    json_decref(v.out);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
@@ -98,6 +184,8 @@ int main(int argc, char **argv)
     int rc;
     if (strcmp(argv[1], "migrate") == 0) {
         rc = cmd_migrate(argc, argv);
+    } else if (strcmp(argv[1], "outbox") == 0) {
+        rc = cmd_outbox(argc, argv);
     } else {
         fprintf(stderr, "cqrsctl: unknown command '%s'\n\n", argv[1]);
         usage(stderr);

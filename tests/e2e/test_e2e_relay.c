@@ -163,6 +163,17 @@ static void test_kafka_outage(void **state)
     }
     /* nothing could be published meanwhile: the backlog holds all 200 */
     assert_true(outbox_rows() >= 200);
+    /* and the operator sees it, with the relay that will drain it */
+    FILE *p = popen(CQRS_CTL " outbox --json", "r");
+    char buf[2048];
+    size_t n = fread(buf, 1, sizeof buf - 1, p);
+    buf[n] = '\0';
+    assert_int_equal(pclose(p), 0);
+    json_t *o = json_loads(buf, 0, NULL);
+    assert_true(json_integer_value(json_object_get(o, "backlog")) >= 200);
+    assert_true(json_real_value(json_object_get(o, "oldest_age_seconds")) > 0);
+    assert_true(json_is_true(json_object_get(json_object_get(o, "relay"), "active")));
+    json_decref(o);
     assert_int_equal(system(CQRS_STACK_SH " up >/dev/null 2>&1"), 0);
     assert_true(outbox_drained(120));
     expect_exactly_once();
