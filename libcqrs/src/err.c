@@ -17,8 +17,8 @@ const char *cqrs_err_str(cqrs_err_t code)
     return "unknown error";
 }
 
-static void error_vset(cqrs_error_t *err, cqrs_err_t code, const char *where, const char *fmt,
-                       va_list ap)
+__attribute__((format(printf, 4, 0))) static void
+error_vset(cqrs_error_t *err, cqrs_err_t code, const char *where, const char *fmt, va_list ap)
 {
     err->code = code;
     vsnprintf(err->message, sizeof err->message, fmt, ap);
