@@ -108,7 +108,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     cqrs_http_config_t cfg = {.host = "127.0.0.1",
                               .port = 0,
                               .threads = 2,
-                              .connection_limit = 64,
+                              .connection_limit = 4096,
                               .connection_timeout_s = 2,
                               .max_body_bytes = 65536,
                               .drain_timeout_ms = 100};
@@ -129,7 +129,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static const char ok[] = "GET /v1/products/6f9619ff-8b86-4011-b42d-00c04fc964ff HTTP/1.1\r\n"
                              "Host: x\r\nConnection: close\r\n\r\n";
     if (exchange(ok, sizeof ok - 1, reply, sizeof reply, 5000) <= 0 ||
-        strncmp(reply, "HTTP/1.1 200", 12))
+        strncmp(reply, "HTTP/1.1 200", 12)) {
+        fprintf(stderr, "the server stopped answering: %.200s\n", reply);
         abort();
+    }
     return 0;
 }
