@@ -82,3 +82,23 @@ export CI=true
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
+
+extra=0
+if [ $# -eq 0 ]; then
+    # The whole suite also fuzzes briefly (tests/fuzz/run.sh SECONDS for long runs) and runs both
+    # daemons under valgrind; both are skipped when ctest arguments pick a subset.
+    say "fuzz (10 s per harness)"
+    tests/fuzz/run.sh 10 || extra=1
+    say "valgrind smoke run of both daemons"
+    tests/valgrind/smoke.sh || extra=1
+fi
+
+say "ctest $*"
+rm -f "$BUILD/ctest-summary.txt"
+set +e
+(cd "$BUILD" && ctest --output-on-failure --timeout 300 "$@") | tee "$BUILD/ctest.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] && rc=$extra
+set -e
+grep -E -A100 '^(100% tests passed|[0-9]+% tests passed)' "$BUILD/ctest.log" >"$BUILD/ctest-summary.txt" || true
+exit "$rc"
