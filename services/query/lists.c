@@ -34,8 +34,12 @@ struct allowed {
 
 static void check_name(const char *key, const char *value, void *ud)
 {
-    (void)value;
     struct allowed *a = ud;
+    if ((value && !cqrs_utf8_valid(value)) || !cqrs_utf8_valid(key)) {
+        if (!a->unknown[0])
+            snprintf(a->unknown, sizeof a->unknown, "(invalid UTF-8)");
+        return;
+    }
     for (const char *const *n = a->names; *n; n++)
         if (strcmp(*n, key) == 0)
             return;

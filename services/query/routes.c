@@ -14,8 +14,12 @@ struct unknown_params {
 
 static void check_param(const char *key, const char *value, void *ud)
 {
-    (void)value;
     struct unknown_params *u = ud;
+    if ((value && !cqrs_utf8_valid(value)) || !cqrs_utf8_valid(key)) {
+        if (!u->first_unknown[0])
+            snprintf(u->first_unknown, sizeof u->first_unknown, "(invalid UTF-8)");
+        return;
+    }
     for (const char *const *a = u->allowed; *a; a++)
         if (strcmp(*a, key) == 0)
             return;

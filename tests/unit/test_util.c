@@ -73,12 +73,25 @@ static void test_traceparent(void **state)
     assert_false(cqrs_traceparent_valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"));
 }
 
+static void test_utf8_valid(void **state)
+{
+    (void)state;
+    assert_true(cqrs_utf8_valid("plain"));
+    assert_true(cqrs_utf8_valid("\xc3\xa9t\xc3\xa9 \xe2\x98\x95 \xf0\x9f\x98\x80"));
+    assert_false(cqrs_utf8_valid("\xff"));
+    assert_false(cqrs_utf8_valid("\xc0\xaf"));         /* overlong '/' */
+    assert_false(cqrs_utf8_valid("\xe0\x80\xaf"));     /* overlong */
+    assert_false(cqrs_utf8_valid("\xed\xa0\x80"));     /* surrogate */
+    assert_false(cqrs_utf8_valid("\xf4\x90\x80\x80")); /* past U+10FFFF */
+    assert_false(cqrs_utf8_valid("\xc3"));             /* truncated */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_uuid),        cmocka_unit_test(test_time),
         cmocka_unit_test(test_utf8_length), cmocka_unit_test(test_parse_int64),
-        cmocka_unit_test(test_traceparent),
+        cmocka_unit_test(test_traceparent), cmocka_unit_test(test_utf8_valid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

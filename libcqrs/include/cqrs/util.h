@@ -30,6 +30,9 @@ int64_t cqrs_monotonic_ms(void);
 /* Number of Unicode code points in valid UTF-8 text of len bytes. */
 size_t cqrs_utf8_length(const char *s, size_t len);
 
+/* True when s is valid UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF). */
+bool cqrs_utf8_valid(const char *s);
+
 /* Parses a whole decimal int64 (no sign-less overflow, no trailing junk). */
 bool cqrs_parse_int64(const char *s, int64_t *out);
 
