@@ -85,12 +85,16 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 extra=0
 if [ $# -eq 0 ]; then
-    # The whole suite also fuzzes briefly (tests/fuzz/run.sh SECONDS for long runs) and runs both
-    # daemons under valgrind; both are skipped when ctest arguments pick a subset.
+    # The whole suite also fuzzes briefly (tests/fuzz/run.sh SECONDS for long runs), runs both
+    # daemons under valgrind and soaks them for a minute; all skipped when ctest arguments pick
+    # a subset.
     say "fuzz (10 s per harness)"
     tests/fuzz/run.sh 10 || extra=1
     say "valgrind smoke run of both daemons"
     tests/valgrind/smoke.sh || extra=1
+    say "soak (60 s; tests/soak/soak.sh SECONDS for long runs)"
+    SOAK_OUT="$BUILD/soak" && rm -rf "$SOAK_OUT" && mkdir -p "$SOAK_OUT" && export SOAK_OUT
+    tests/soak/soak.sh 60 || extra=1
 fi
 
 say "ctest $*"

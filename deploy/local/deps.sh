@@ -11,7 +11,7 @@ PACKAGES=(
     build-essential cmake ninja-build pkg-config clang clang-format curl
     libpq-dev libhiredis-dev librdkafka-dev libmicrohttpd-dev libjansson-dev
     libcmocka-dev uuid-dev python3 python3-venv prometheus docker-compose
-    libclang-rt-14-dev valgrind
+    libclang-rt-14-dev valgrind wrk gnuplot-nox
 )
 
 missing=()
