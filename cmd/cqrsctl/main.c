@@ -5,6 +5,7 @@
 #include <cqrs/embed.h>
 #include <cqrs/log.h>
 #include <cqrs/store.h>
+#include "verify.h"
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,7 @@ extern const cqrs_embedded_file_t cqrs_migrations[];
 
 static struct {
     char *pg_dsn;
+    char *redis_url;
     char *kafka_brokers;
     char *topic_prefix;
     int64_t partitions;
@@ -23,6 +25,8 @@ static struct {
 static const cqrs_config_entry_t entries[] = {
     {"CQRS_PG_DSN", CQRS_CONFIG_SECRET, NULL, 0, 0, "PostgreSQL connection string or URI",
      &S.pg_dsn, NULL},
+    {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0,
+     "Redis of the read model (verify)", &S.redis_url, NULL},
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
     {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
@@ -36,13 +40,17 @@ static const cqrs_config_entry_t entries[] = {
 
 static void usage(FILE *out)
 {
-    fprintf(out, "usage: cqrsctl <command> [options]\n\n"
-                 "commands:\n"
-                 "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
-                 "                          schema_migrations) and create the Kafka topics\n"
-                 "  migrations              list the migrations this binary carries\n"
-                 "  outbox [--json]         the outbox backlog, its oldest row's age, the\n"
-                 "                          active relay and since when\n\n");
+    fprintf(
+        out,
+        "usage: cqrsctl <command> [options]\n\n"
+        "commands:\n"
+        "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
+        "                          schema_migrations) and create the Kafka topics\n"
+        "  migrations              list the migrations this binary carries\n"
+        "  outbox [--json]         the outbox backlog, its oldest row's age, the\n"
+        "                          active relay and since when\n"
+        "  verify [--json]         compare the read model (Redis) with the write model\n"
+        "                          (PostgreSQL): documents, fields, lists; exit 1 on drift\n\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
 }
 
@@ -186,6 +194,8 @@ int main(int argc, char **argv)
         rc = cmd_migrate(argc, argv);
     } else if (strcmp(argv[1], "outbox") == 0) {
         rc = cmd_outbox(argc, argv);
+    } else if (strcmp(argv[1], "verify") == 0) {
+        rc = cqrsctl_verify(S.pg_dsn, S.redis_url, argc > 2 && strcmp(argv[2], "--json") == 0);
     } else {
         fprintf(stderr, "cqrsctl: unknown command '%s'\n\n", argv[1]);
         usage(stderr);

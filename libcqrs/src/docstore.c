@@ -594,6 +594,75 @@ cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, cha
     return CQRS_ERR_OK;
 }
 
+/* n pipelined commands of argc arguments each (argv row-major); fn reads each reply. */
+static cqrs_err_t pipeline(cqrs_docstore_t *ds, size_t n, int argc, const char *const *argv,
+                           void (*fn)(const redisReply *r, size_t i, void *ud), void *ud,
+                           cqrs_error_t *err)
+{
+    cqrs_err_t rc = connect_ds(ds, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    for (size_t i = 0; i < n; i++)
+        if (redisAppendCommandArgv(ds->c, argc, (const char **)(argv + i * (size_t)argc), NULL) !=
+            REDIS_OK) {
+            disconnect(ds);
+            return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: pipeline failed");
+        }
+    for (size_t i = 0; i < n; i++) {
+        void *reply = NULL;
+        if (redisGetReply(ds->c, &reply) != REDIS_OK || !reply) {
+            cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
+            disconnect(ds);
+            return CQRS_ERR_UNAVAILABLE;
+        }
+        fn(reply, i, ud);
+        freeReplyObject(reply);
+    }
+    return CQRS_ERR_OK;
+}
+
+static void read_present(const redisReply *r, size_t i, void *ud)
+{
+    ((bool *)ud)[i] = r->type == REDIS_REPLY_STRING;
+}
+
+static void read_count(const redisReply *r, size_t i, void *ud)
+{
+    ((long long *)ud)[i] = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+}
+
+cqrs_err_t cqrs_docstore_zcontains_many(cqrs_docstore_t *ds, const char *const *keys,
+                                        const char *const *members, size_t n, bool *present,
+                                        cqrs_error_t *err)
+{
+    const char **argv = calloc(n * 3 + 1, sizeof *argv);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        argv[3 * i] = "ZSCORE";
+        argv[3 * i + 1] = keys[i];
+        argv[3 * i + 2] = members[i];
+    }
+    cqrs_err_t rc = n ? pipeline(ds, n, 3, argv, read_present, present, err) : CQRS_ERR_OK;
+    free(argv);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_zcard_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
+                                    long long *counts, cqrs_error_t *err)
+{
+    const char **argv = calloc(n * 2 + 1, sizeof *argv);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        argv[2 * i] = "ZCARD";
+        argv[2 * i + 1] = keys[i];
+    }
+    cqrs_err_t rc = n ? pipeline(ds, n, 2, argv, read_count, counts, err) : CQRS_ERR_OK;
+    free(argv);
+    return rc;
+}
+
 /* ---- pool -------------------------------------------------------------------------------- */
 
 struct cqrs_docstore_pool {

@@ -11,6 +11,8 @@
 #ifndef CQRS_DOCSTORE_H
 #define CQRS_DOCSTORE_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "cqrs/err.h"
@@ -145,6 +147,15 @@ cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, cha
                                 size_t *n, char **next, cqrs_error_t *err);
 
 void cqrs_docstore_strings_free(char **v, size_t n);
+
+/* In one round trip: whether members[i] is in the sorted set keys[i], for each i. */
+cqrs_err_t cqrs_docstore_zcontains_many(cqrs_docstore_t *ds, const char *const *keys,
+                                        const char *const *members, size_t n, bool *present,
+                                        cqrs_error_t *err);
+
+/* In one round trip: the number of members of each sorted set. */
+cqrs_err_t cqrs_docstore_zcard_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
+                                    long long *counts, cqrs_error_t *err);
 
 /* Applied offset (next offset to read) of a partition; NOT_FOUND when none is stored. */
 cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, int32_t partition,
