@@ -4,6 +4,7 @@
  * abuse — slowloris clients, idle connections past the inactivity timeout, more connections
  * than the per-address limit, clients that never read. After each case both daemons still
  * answer, and nothing was written. */
+#define _GNU_SOURCE /* strcasestr */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <setjmp.h>
@@ -80,8 +81,15 @@ static int exchange(int port, const char *raw, size_t len, char *body, size_t ca
     char buf[65536];
     size_t used = 0;
     ssize_t r;
-    while (used + 1 < sizeof buf && (r = recv(fd, buf + used, sizeof buf - used - 1, 0)) > 0)
+    while (used + 1 < sizeof buf && (r = recv(fd, buf + used, sizeof buf - used - 1, 0)) > 0) {
         used += (size_t)r;
+        buf[used] = '\0';
+        /* a complete answer: don't wait for a keep-alive connection to time out */
+        const char *end = strstr(buf, "\r\n\r\n");
+        const char *cl = strcasestr(buf, "\r\nContent-Length:");
+        if (end && cl && cl < end && used >= (size_t)(end + 4 - buf) + (size_t)atol(cl + 17))
+            break;
+    }
     buf[used] = '\0';
     close(fd);
     int status = 0;
