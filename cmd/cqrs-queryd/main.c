@@ -64,12 +64,6 @@ typedef struct app {
     cqrs_http_server_t *http;
 } app_t;
 
-static void healthz(cqrs_http_request_t *req, void *ud)
-{
-    (void)ud;
-    cqrs_http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
-}
-
 static void readyz(cqrs_http_request_t *req, void *ud)
 {
     app_t *app = ud;
@@ -150,7 +144,8 @@ static void metrics(cqrs_http_request_t *req, void *ud)
 static size_t build_routes(app_t *app, cqrs_http_route_t *routes, bool serve)
 {
     size_t n = serve ? query_routes(&app->ctx, routes, MAX_ROUTES - 3) : 0;
-    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", healthz, app, "Healthz", CQRS_SCOPE_NONE};
+    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", cqrs_daemon_healthz,
+                                      app,   "Healthz",  CQRS_SCOPE_NONE};
     routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app, "Readyz", CQRS_SCOPE_NONE};
     routes[n++] =
         (cqrs_http_route_t){"GET", "/metrics", metrics, app, "Metrics", CQRS_SCOPE_METRICS};
@@ -163,8 +158,7 @@ static void print_routes(void)
     static app_t app;
     cqrs_http_route_t routes[MAX_ROUTES];
     size_t n = build_routes(&app, routes, true);
-    for (size_t i = 0; i < n; i++)
-        printf("%s %s\n", routes[i].method, routes[i].pattern);
+    cqrs_daemon_print_routes(routes, n);
 }
 
 int main(int argc, char **argv)

@@ -45,19 +45,6 @@ rd_kafka_conf_t *cqrs_bus_conf_new(const char *brokers, const char *client_id, c
     return conf;
 }
 
-cqrs_err_t cqrs_bus_ping(rd_kafka_t *rk, int timeout_ms, cqrs_error_t *err)
-{
-    const struct rd_kafka_metadata *md = NULL;
-    rd_kafka_resp_err_t e = rd_kafka_metadata(rk, 0, NULL, &md, timeout_ms);
-    if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
-        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "kafka metadata: %s", rd_kafka_err2str(e));
-    int brokers = md->broker_cnt;
-    rd_kafka_metadata_destroy(md);
-    if (brokers == 0)
-        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "kafka lists no brokers");
-    return CQRS_ERR_OK;
-}
-
 cqrs_err_t cqrs_bus_create_topics(const char *brokers, const char *const *topics, size_t n,
                                   int partitions, int replication, int timeout_ms,
                                   cqrs_error_t *err)

@@ -87,3 +87,15 @@ void cqrs_daemon_http_config(const cqrs_daemon_settings_t *s, cqrs_http_config_t
     out->max_body_bytes = (size_t)s->max_body_bytes;
     out->drain_timeout_ms = (unsigned)s->shutdown_grace_ms;
 }
+
+void cqrs_daemon_healthz(cqrs_http_request_t *req, void *ud)
+{
+    (void)ud;
+    cqrs_http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+void cqrs_daemon_print_routes(const cqrs_http_route_t *routes, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        printf("%s %s\n", routes[i].method, routes[i].pattern);
+}

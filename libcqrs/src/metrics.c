@@ -22,19 +22,6 @@ void cqrs_histogram_observe(cqrs_histogram_t *h, double seconds)
     atomic_fetch_add(&h->sum_us, (uint64_t)(seconds * 1e6));
 }
 
-double cqrs_histogram_quantile(const cqrs_histogram_t *h, double q)
-{
-    uint64_t total = atomic_load(&h->count), seen = 0;
-    if (total == 0)
-        return 0;
-    for (size_t i = 0; i < CQRS_HISTOGRAM_BUCKETS; i++) {
-        seen += atomic_load(&h->bucket[i]);
-        if ((double)seen >= q * (double)total)
-            return cqrs_histogram_bounds[i];
-    }
-    return cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS - 1] * 2; /* above the last bound */
-}
-
 void cqrs_text_printf(cqrs_text_t *t, const char *fmt, ...)
 {
     for (;;) {

@@ -34,11 +34,6 @@ int product_sort_parse(const char *s)
     return -1;
 }
 
-int64_t rfc3339_ms(const char *s)
-{
-    return cqrs_time_parse_ms(s);
-}
-
 static const char *str(const json_t *doc, const char *f)
 {
     const char *v = json_string_value(json_object_get(doc, f));
@@ -68,7 +63,8 @@ void product_sort_member(const json_t *doc, int sort, char *out, size_t cap)
         snprintf(out, cap, "%013lld%s", MAXV - num(doc, "price_cents"), id);
         return;
     default:
-        snprintf(out, cap, "%013lld%s", MAXV - (long long)rfc3339_ms(str(doc, "updated_at")), id);
+        snprintf(out, cap, "%013lld%s",
+                 MAXV - (long long)cqrs_time_parse_ms(str(doc, "updated_at")), id);
         return;
     }
 }
@@ -141,7 +137,7 @@ void customer_orders_key(const char *customer_id, char *out, size_t cap)
 
 void customer_order_member(const json_t *doc, char *out, size_t cap)
 {
-    snprintf(out, cap, "%013lld%s", MAXV - (long long)rfc3339_ms(str(doc, "placed_at")),
+    snprintf(out, cap, "%013lld%s", MAXV - (long long)cqrs_time_parse_ms(str(doc, "placed_at")),
              str(doc, "id"));
 }
 

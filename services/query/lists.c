@@ -27,38 +27,6 @@ static void bad(cqrs_http_request_t *req, const char *detail)
     cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request", detail, NULL, NULL);
 }
 
-struct allowed {
-    const char *const *names;
-    char unknown[64];
-};
-
-static void check_name(const char *key, const char *value, void *ud)
-{
-    struct allowed *a = ud;
-    if ((value && !cqrs_utf8_valid(value)) || !cqrs_utf8_valid(key)) {
-        if (!a->unknown[0])
-            snprintf(a->unknown, sizeof a->unknown, "(invalid UTF-8)");
-        return;
-    }
-    for (const char *const *n = a->names; *n; n++)
-        if (strcmp(*n, key) == 0)
-            return;
-    if (!a->unknown[0])
-        snprintf(a->unknown, sizeof a->unknown, "%s", key);
-}
-
-static bool only(cqrs_http_request_t *req, const char *const *names)
-{
-    struct allowed a = {names, ""};
-    cqrs_http_query_each(req, check_name, &a);
-    if (!a.unknown[0])
-        return true;
-    char detail[128];
-    snprintf(detail, sizeof detail, "unknown query parameter '%.60s'", a.unknown);
-    bad(req, detail);
-    return false;
-}
-
 /* limit: absent → def; not an integer in 1..100 → 400 (false). */
 static bool parse_limit(cqrs_http_request_t *req, int def, size_t *out)
 {
@@ -205,7 +173,7 @@ void product_list_handler(cqrs_http_request_t *req, void *ud)
 {
     query_ctx_t *ctx = ud;
     static const char *const names[] = {"category", "status", "q", "sort", "limit", "cursor", NULL};
-    if (!only(req, names))
+    if (!query_only_params(req, names))
         return;
     const char *sort_s = cqrs_http_query(req, "sort");
     int sort = sort_s ? product_sort_parse(sort_s) : SORT_NAME;
@@ -295,16 +263,11 @@ void customer_orders_handler(cqrs_http_request_t *req, void *ud)
 {
     query_ctx_t *ctx = ud;
     static const char *const names[] = {"limit", "cursor", NULL};
-    if (!only(req, names))
+    if (!query_only_params(req, names))
         return;
-    const char *raw = cqrs_http_param(req, "id");
-    if (!cqrs_uuid_valid(raw)) {
-        bad(req, "the customer id must be a UUID");
-        return;
-    }
     char id[CQRS_UUID_LEN + 1];
-    for (size_t i = 0; i <= CQRS_UUID_LEN; i++)
-        id[i] = (char)tolower((unsigned char)raw[i]);
+    if (!query_path_id(req, id))
+        return;
     size_t limit;
     if (!parse_limit(req, 20, &limit))
         return;
@@ -321,7 +284,7 @@ void top_products_handler(cqrs_http_request_t *req, void *ud)
 {
     query_ctx_t *ctx = ud;
     static const char *const names[] = {"limit", NULL};
-    if (!only(req, names))
+    if (!query_only_params(req, names))
         return;
     size_t limit;
     if (!parse_limit(req, 10, &limit))

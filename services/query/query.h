@@ -40,8 +40,6 @@ extern const char *const product_sort_names[PRODUCT_SORTS];
 
 /* -1 when not one of name, price, -price, -updated. */
 int product_sort_parse(const char *s);
-/* Milliseconds since the epoch of "YYYY-MM-DDTHH:MM:SS.mmmZ"; 0 when malformed. */
-int64_t rfc3339_ms(const char *s);
 void product_sort_member(const json_t *doc, int sort, char *out, size_t cap);
 /* category / status NULL: not filtered by it. */
 void product_list_key(int sort, const char *category, const char *status, char *out, size_t cap);
@@ -54,6 +52,14 @@ void customer_orders_key(const char *customer_id, char *out, size_t cap);
 void customer_order_member(const json_t *doc, char *out, size_t cap);
 /* The index changes from old to next for the document at key (cqrs_projection_t.index). */
 void query_index(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops);
+
+/* Answers 400 and returns false when the request has a query parameter not in allowed
+ * (NULL-terminated), or one that is not valid UTF-8. */
+bool query_only_params(cqrs_http_request_t *req, const char *const *allowed);
+
+/* Copies the {id} path parameter, lower-cased, into out; answers 400 and returns false when it
+ * is not a UUID. */
+bool query_path_id(cqrs_http_request_t *req, char out[CQRS_UUID_LEN + 1]);
 
 /* GET /v1/products/{id} and GET /v1/orders/{id}; ud is a query_ctx_t. */
 void product_get_handler(cqrs_http_request_t *req, void *ud);

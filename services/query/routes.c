@@ -27,33 +27,37 @@ static void check_param(const char *key, const char *value, void *ud)
         snprintf(u->first_unknown, sizeof u->first_unknown, "%s", key);
 }
 
-/* Answers 400 and returns false when the request has a query parameter not in allowed. */
-static bool only_params(cqrs_http_request_t *req, const char *const *allowed)
+bool query_only_params(cqrs_http_request_t *req, const char *const *allowed)
 {
     struct unknown_params u = {allowed, ""};
     cqrs_http_query_each(req, check_param, &u);
     if (!u.first_unknown[0])
         return true;
     char detail[128];
-    snprintf(detail, sizeof detail, "unknown query parameter '%s'", u.first_unknown);
+    snprintf(detail, sizeof detail, "unknown query parameter '%.60s'", u.first_unknown);
     cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request", detail, NULL, NULL);
     return false;
+}
+
+bool query_path_id(cqrs_http_request_t *req, char out[CQRS_UUID_LEN + 1])
+{
+    const char *raw = cqrs_http_param(req, "id");
+    if (!cqrs_uuid_valid(raw)) {
+        cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request",
+                                "the id in the path must be a UUID", NULL, NULL);
+        return false;
+    }
+    for (size_t i = 0; i <= CQRS_UUID_LEN; i++)
+        out[i] = (char)tolower((unsigned char)raw[i]);
+    return true;
 }
 
 static void get_document(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type)
 {
     static const char *const allowed[] = {NULL};
-    if (!only_params(req, allowed))
-        return;
-    const char *raw = cqrs_http_param(req, "id");
-    if (!cqrs_uuid_valid(raw)) {
-        cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request",
-                                "the id in the path must be a UUID", NULL, NULL);
-        return;
-    }
     char id[CQRS_UUID_LEN + 1];
-    for (size_t i = 0; i <= CQRS_UUID_LEN; i++)
-        id[i] = (char)tolower((unsigned char)raw[i]);
+    if (!query_only_params(req, allowed) || !query_path_id(req, id))
+        return;
     char key[96];
     doc_key(type, id, key, sizeof key);
 

@@ -29,9 +29,7 @@ static daemons_t D;
 static int setup(void **state)
 {
     (void)state;
-    testenv_require("CQRS_PG_DSN");
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
+    testenv_require_stack();
     return daemons_start(&D);
 }
 

@@ -31,9 +31,7 @@ static daemons_t D;
 static int setup(void **state)
 {
     (void)state;
-    testenv_require("CQRS_PG_DSN");
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
+    testenv_require_stack();
     /* tight limits so the abuse tests run in seconds */
     setenv("CQRS_HTTP_TIMEOUT_S", "2", 1);
     setenv("CQRS_HTTP_MAX_CONNECTIONS_PER_IP", "64", 1);

@@ -71,9 +71,7 @@ static void wait_projected(int i)
 static int setup(void **state)
 {
     (void)state;
-    testenv_require("CQRS_PG_DSN");
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
+    testenv_require_stack();
     D.redis_db = 13; /* the lists must hold this run's products only */
     if (daemons_start(&D) != 0)
         return -1;

@@ -46,9 +46,7 @@ static void write_tokens(bool with_late)
 static int setup(void **state)
 {
     (void)state;
-    testenv_require("CQRS_PG_DSN");
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
+    testenv_require_stack();
     int fd = mkstemp(tokens_path);
     if (fd < 0)
         return -1;

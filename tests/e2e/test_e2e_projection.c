@@ -39,9 +39,7 @@ static size_t n_orders;
 static int setup(void **state)
 {
     (void)state;
-    testenv_require("CQRS_PG_DSN");
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
+    testenv_require_stack();
     return daemons_start(&D);
 }
 

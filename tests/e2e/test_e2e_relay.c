@@ -41,9 +41,7 @@ static pid_t extra[4] = {-1, -1, -1, -1};
 static int setup(void **state)
 {
     (void)state;
-    testenv_require("CQRS_PG_DSN");
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
+    testenv_require_stack();
     testenv_require("CQRS_STACK_DIR");
     if (daemons_start(&D) != 0)
         return -1;

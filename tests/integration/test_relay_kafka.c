@@ -20,6 +20,7 @@
 #include <cqrs/util.h>
 
 #include "kafka_check.h"
+#include "daemons.h"
 #include "testenv.h"
 
 extern const cqrs_embedded_file_t cqrs_migrations[];
@@ -27,17 +28,6 @@ extern const cqrs_embedded_file_t cqrs_migrations[];
 static const char *dsn, *brokers;
 static cqrs_store_t *store;
 static char topic[96];
-
-static long long count(const char *sql, const char *param)
-{
-    PGconn *c = PQconnectdb(dsn);
-    const char *p[] = {param};
-    PGresult *r = PQexecParams(c, sql, param ? 1 : 0, NULL, p, NULL, NULL, 0);
-    long long n = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : -1;
-    PQclear(r);
-    PQfinish(c);
-    return n;
-}
 
 static int setup(void **state)
 {
@@ -143,7 +133,7 @@ static void wait_leader(cqrs_relay_t *r)
 static bool outbox_drained(const char *t, int seconds)
 {
     for (int i = 0; i < seconds * 10; i++) {
-        if (count("SELECT count(*) FROM outbox WHERE topic = $1", t) == 0)
+        if (pg_count("SELECT count(*) FROM outbox WHERE topic = $1", t) == 0)
             return true;
         usleep(100 * 1000);
     }
@@ -158,14 +148,14 @@ static void test_relay_publishes_in_order_with_headers(void **state)
     cqrs_uuid_v4(b.agg[1]);
     cqrs_error_t err;
     assert_int_equal(cqrs_store_run_tx(store, append_tx, &b, &err), CQRS_ERR_OK);
-    assert_int_equal(count("SELECT count(*) FROM outbox WHERE topic = $1", topic), 10);
+    assert_int_equal(pg_count("SELECT count(*) FROM outbox WHERE topic = $1", topic), 10);
 
     cqrs_relay_t *relay = relay_for(brokers);
     wait_leader(relay);
     assert_true(outbox_drained(topic, 60));
     cqrs_relay_destroy(relay);
     /* The event log keeps everything. */
-    assert_int_equal(count("SELECT count(*) FROM events WHERE aggregate_id = $1", b.agg[0]), 5);
+    assert_int_equal(pg_count("SELECT count(*) FROM events WHERE aggregate_id = $1", b.agg[0]), 5);
 
     /* Read the topic back from the beginning. */
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "itest-reader", &err);
@@ -250,7 +240,7 @@ static void test_relay_keeps_events_while_kafka_is_unreachable(void **state)
     wait_leader(relay);
     sleep(2);
     cqrs_relay_destroy(relay);
-    assert_int_equal(count("SELECT count(*) FROM outbox WHERE topic = $1", topic), 2);
+    assert_int_equal(pg_count("SELECT count(*) FROM outbox WHERE topic = $1", topic), 2);
     /* and a working relay delivers them afterwards */
     relay = relay_for(brokers);
     assert_true(outbox_drained(topic, 60));
@@ -288,14 +278,14 @@ static void test_late_commit_is_not_skipped(void **state)
     raw_append(b, agg_b); /* autocommit */
     cqrs_relay_t *relay = relay_for(brokers);
     wait_leader(relay);
-    for (int i = 0; i < 100 && count("SELECT count(*) FROM outbox o JOIN events e USING"
-                                     " (sequence) WHERE e.aggregate_id = $1",
-                                     agg_b) != 0;
+    for (int i = 0; i < 100 && pg_count("SELECT count(*) FROM outbox o JOIN events e USING"
+                                        " (sequence) WHERE e.aggregate_id = $1",
+                                        agg_b) != 0;
          i++)
         usleep(100 * 1000);
-    assert_int_equal(count("SELECT count(*) FROM outbox o JOIN events e USING (sequence)"
-                           " WHERE e.aggregate_id = $1",
-                           agg_b),
+    assert_int_equal(pg_count("SELECT count(*) FROM outbox o JOIN events e USING (sequence)"
+                              " WHERE e.aggregate_id = $1",
+                              agg_b),
                      0);
     PQclear(PQexec(a, "COMMIT"));
     assert_true(outbox_drained(topic, 60));

@@ -10,29 +10,18 @@
 #include <string.h>
 
 #include <cmocka.h>
-#include <libpq-fe.h>
 
 #include <cqrs/outbox.h>
 #include <cqrs/store.h>
 #include <cqrs/util.h>
 
+#include "daemons.h"
 #include "testenv.h"
 
 extern const cqrs_embedded_file_t cqrs_migrations[];
 
 static const char *dsn;
 static cqrs_store_t *store;
-
-static long long count(const char *sql, const char *param)
-{
-    PGconn *c = PQconnectdb(dsn);
-    const char *p[] = {param};
-    PGresult *r = PQexecParams(c, sql, param ? 1 : 0, NULL, p, NULL, NULL, 0);
-    long long n = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : -1;
-    PQclear(r);
-    PQfinish(c);
-    return n;
-}
 
 static int setup(void **state)
 {
@@ -60,9 +49,9 @@ static int teardown(void **state)
 {
     (void)state;
     /* These events name a topic that does not exist; keep them away from the relay. */
-    count("WITH d AS (DELETE FROM outbox WHERE topic = 'itest.events' RETURNING 1)"
-          " SELECT count(*) FROM d",
-          NULL);
+    pg_count("WITH d AS (DELETE FROM outbox WHERE topic = 'itest.events' RETURNING 1)"
+             " SELECT count(*) FROM d",
+             NULL);
     cqrs_store_destroy(store);
     return 0;
 }
@@ -77,7 +66,7 @@ static void test_migrate_is_idempotent(void **state)
     int files = 0;
     for (const cqrs_embedded_file_t *f = cqrs_migrations; f->name; f++)
         files++;
-    assert_int_equal(count("SELECT count(*) FROM schema_migrations", NULL), files);
+    assert_int_equal(pg_count("SELECT count(*) FROM schema_migrations", NULL), files);
 }
 
 typedef struct append_ctx {
@@ -111,10 +100,10 @@ static void test_event_and_outbox_commit_together(void **state)
     assert_true(a.sequence > 0);
     char seq[24];
     snprintf(seq, sizeof seq, "%lld", (long long)a.sequence);
-    assert_int_equal(count("SELECT count(*) FROM events WHERE sequence = $1 AND version = 1", seq),
-                     1);
     assert_int_equal(
-        count("SELECT count(*) FROM outbox WHERE sequence = $1 AND topic = 'itest.events'", seq),
+        pg_count("SELECT count(*) FROM events WHERE sequence = $1 AND version = 1", seq), 1);
+    assert_int_equal(
+        pg_count("SELECT count(*) FROM outbox WHERE sequence = $1 AND topic = 'itest.events'", seq),
         1);
 }
 
@@ -125,7 +114,7 @@ static void test_failed_command_writes_nothing(void **state)
     cqrs_uuid_v4(a.agg);
     cqrs_error_t err;
     assert_int_equal(cqrs_store_run_tx(store, append_tx, &a, &err), CQRS_ERR_CONFLICT);
-    assert_int_equal(count("SELECT count(*) FROM events WHERE aggregate_id = $1", a.agg), 0);
+    assert_int_equal(pg_count("SELECT count(*) FROM events WHERE aggregate_id = $1", a.agg), 0);
 }
 
 static void test_one_event_per_aggregate_version(void **state)
@@ -139,7 +128,7 @@ static void test_one_event_per_aggregate_version(void **state)
     assert_string_equal(err.where, "events_aggregate_version_key");
     a.version = 2;
     assert_int_equal(cqrs_store_run_tx(store, append_tx, &a, &err), CQRS_ERR_OK);
-    assert_int_equal(count("SELECT count(*) FROM events WHERE aggregate_id = $1", a.agg), 2);
+    assert_int_equal(pg_count("SELECT count(*) FROM events WHERE aggregate_id = $1", a.agg), 2);
 }
 
 static int attempts;

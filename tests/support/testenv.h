@@ -30,4 +30,12 @@ static inline const char *testenv_require(const char *name)
     return NULL;
 }
 
+/* The three servers the e2e tests need. */
+static inline void testenv_require_stack(void)
+{
+    testenv_require("CQRS_PG_DSN");
+    testenv_require("CQRS_KAFKA_BROKERS");
+    testenv_require("CQRS_REDIS_URL");
+}
+
 #endif

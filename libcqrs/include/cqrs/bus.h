@@ -22,7 +22,4 @@ rd_kafka_conf_t *cqrs_bus_conf_new(const char *brokers, const char *client_id, c
 cqrs_err_t cqrs_bus_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
                              cqrs_error_t *err);
 
-/* Number of brokers the cluster metadata lists within timeout, or an error. */
-cqrs_err_t cqrs_bus_ping(rd_kafka_t *rk, int timeout_ms, cqrs_error_t *err);
-
 #endif

@@ -38,6 +38,13 @@ typedef struct cqrs_daemon_settings {
 void cqrs_daemon_settings_entries(cqrs_daemon_settings_t *s, const char *default_port,
                                   cqrs_config_entry_t *out);
 
+/* GET /healthz of every daemon: 200 {"status":"ok"} while the process runs. */
+void cqrs_daemon_healthz(cqrs_http_request_t *req, void *ud);
+
+/* --routes: the route table, one "METHOD PATTERN" per line (the tests compare it with the
+ * OpenAPI documents). */
+void cqrs_daemon_print_routes(const cqrs_http_route_t *routes, size_t n);
+
 /* HTTP server config from the shared settings. */
 void cqrs_daemon_http_config(const cqrs_daemon_settings_t *s, cqrs_http_config_t *out);
 

@@ -19,9 +19,6 @@ typedef struct cqrs_histogram {
 
 void cqrs_histogram_observe(cqrs_histogram_t *h, double seconds);
 
-/* The value at quantile q (0..1) as the upper bound of its bucket; 0 when empty. */
-double cqrs_histogram_quantile(const cqrs_histogram_t *h, double q);
-
 typedef struct cqrs_text {
     /* a growing NUL-terminated buffer */
     char *buf;
