@@ -5,6 +5,7 @@
  * Shutdown: readiness fails, HTTP drains, the projector finishes the event in hand and
  * commits its offsets, exit 0.
  */
+#include <cqrs/changefeed.h>
 #include <cqrs/config.h>
 #include <cqrs/daemon.h>
 #include <cqrs/docstore.h>
@@ -28,11 +29,15 @@ typedef struct settings {
     char *kafka_brokers;
     char *topic_prefix;
     char *consumer_group;
+    int64_t cache_mb;
+    int64_t max_waits;
+    int64_t max_streams;
+    int64_t keepalive_ms;
 } settings_t;
 
 static settings_t S;
 
-#define N_OWN 7
+#define N_OWN 11
 static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
 
 static void settings_table(void)
@@ -53,16 +58,91 @@ static void settings_table(void)
          "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
         {"CQRS_CONSUMER_GROUP", CQRS_CONFIG_STRING, "cqrs-queryd", 0, 0,
          "Kafka consumer group of the projectors", &S.consumer_group, NULL},
+        {"CQRS_QUERY_CACHE_MB", CQRS_CONFIG_INT, "32", 0, 65536,
+         "in-process document cache (role serve/both), MiB; 0 = off", &S.cache_mb, NULL},
+        {"CQRS_QUERY_MAX_WAITS", CQRS_CONFIG_INT, "4096", 1, 1000000,
+         "reads waiting for min_version at once; more get 503", &S.max_waits, NULL},
+        {"CQRS_QUERY_MAX_STREAMS", CQRS_CONFIG_INT, "512", 0, 1000000,
+         "open /stream connections at once (each holds an HTTP connection); more get 503",
+         &S.max_streams, NULL},
+        {"CQRS_SSE_KEEPALIVE_MS", CQRS_CONFIG_INT, "15000", 100, 3600000,
+         "keep-alive comment interval of streams", &S.keepalive_ms, NULL},
     };
     memcpy(entries + CQRS_DAEMON_SETTINGS_N, own, sizeof own);
 }
 
 typedef struct app {
     query_ctx_t ctx;
+    cqrs_changefeed_t *feed;
     cqrs_projector_t *projector;
     atomic_bool draining;
     cqrs_http_server_t *http;
 } app_t;
+
+/* The change feed keeps the cache exact and wakes waiting reads and streams. */
+static void feed_change(void *ud, const char *key, int64_t version)
+{
+    app_t *app = ud;
+    if (app->ctx.cache)
+        cqrs_doccache_announce(app->ctx.cache, key, version);
+    cqrs_waiters_announce(app->ctx.waiters, key, version);
+}
+
+static void feed_reset(void *ud)
+{
+    app_t *app = ud;
+    if (app->ctx.cache)
+        cqrs_doccache_reset(app->ctx.cache, true);
+    cqrs_waiters_feed_up(app->ctx.waiters, true);
+    cqrs_waiters_reset(app->ctx.waiters);
+}
+
+static void feed_down(void *ud)
+{
+    app_t *app = ud;
+    if (app->ctx.cache)
+        cqrs_doccache_reset(app->ctx.cache, false);
+    cqrs_waiters_feed_up(app->ctx.waiters, false);
+}
+
+static void live_metrics(app_t *app, cqrs_text_t *t)
+{
+    cqrs_changefeed_stats_t fs;
+    cqrs_changefeed_stats(app->feed, &fs);
+    cqrs_metric_gauge(t, "cqrs_changefeed_connected",
+                      "1 while subscribed to the read model's change announcements.",
+                      fs.connected ? 1 : 0);
+    cqrs_metric_counter(t, "cqrs_changefeed_messages_total", "Change announcements received.",
+                        fs.messages);
+    cqrs_metric_counter(t, "cqrs_changefeed_reconnects_total",
+                        "Subscriptions re-established (each flushes the cache).", fs.reconnects);
+    cqrs_waiters_stats_t ws;
+    cqrs_waiters_stats(app->ctx.waiters, &ws);
+    cqrs_metric_gauge(t, "cqrs_query_waiting_reads", "Reads waiting for min_version.", ws.waits);
+    cqrs_metric_gauge(t, "cqrs_query_open_streams", "Open /stream connections.", ws.watches);
+    cqrs_metric_counter(t, "cqrs_query_waits_timed_out_total",
+                        "Reads whose min_version was not reached by wait_ms.",
+                        ws.woken_by_deadline);
+    cqrs_metric_counter(t, "cqrs_query_waits_refused_total",
+                        "Waits and streams refused because the limits were reached.", ws.refused);
+    if (!app->ctx.cache)
+        return;
+    cqrs_doccache_stats_t cs;
+    cqrs_doccache_stats(app->ctx.cache, &cs);
+    cqrs_metric_counter(t, "cqrs_cache_hits_total", "Document reads answered from the cache.",
+                        cs.hits);
+    cqrs_metric_counter(t, "cqrs_cache_misses_total", "Document reads that went to Redis.",
+                        cs.misses);
+    cqrs_metric_counter(t, "cqrs_cache_fills_refused_total",
+                        "Fills refused because a change was announced during the read.",
+                        cs.refused);
+    cqrs_metric_counter(t, "cqrs_cache_evictions_total", "Entries evicted to stay in budget.",
+                        cs.evictions);
+    cqrs_metric_counter(t, "cqrs_cache_resets_total",
+                        "Times the whole cache was dropped (feed reconnected or lost).", cs.resets);
+    cqrs_metric_gauge(t, "cqrs_cache_entries", "Documents in the cache.", cs.entries);
+    cqrs_metric_gauge(t, "cqrs_cache_bytes", "Bytes the cache accounts for.", cs.bytes);
+}
 
 static void readyz(cqrs_http_request_t *req, void *ud)
 {
@@ -107,6 +187,8 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_text_t t = {0};
     if (app->http)
         cqrs_http_server_metrics(app->http, &t);
+    if (app->feed)
+        live_metrics(app, &t);
     if (app->projector) {
         cqrs_text_printf(&t,
                          "# HELP cqrs_dependency_up 1 when the dependency answered at the "
@@ -214,6 +296,25 @@ int main(int argc, char **argv)
         CQRS_LOG_ERROR("bad Redis settings", "error", err.message);
         goto out;
     }
+    bool serve = strcmp(S.role, "project") != 0;
+    if (serve) {
+        app.ctx.wait_default_ms = 2000;
+        if (S.cache_mb > 0)
+            app.ctx.cache = cqrs_doccache_new((size_t)S.cache_mb << 20);
+        cqrs_waiters_config_t wc = {(unsigned)S.max_waits, (unsigned)S.max_streams,
+                                    (int)S.keepalive_ms, 100};
+        app.ctx.waiters = cqrs_waiters_new(&wc);
+        if (!app.ctx.waiters || (S.cache_mb > 0 && !app.ctx.cache)) {
+            CQRS_LOG_ERROR("out of memory");
+            goto out;
+        }
+        cqrs_changefeed_handlers_t fh = {feed_change, feed_reset, feed_down, &app};
+        app.feed = cqrs_changefeed_start(S.redis_url, (int)S.redis_timeout_ms, &fh, &err);
+        if (!app.feed) {
+            CQRS_LOG_ERROR("cannot start the change feed", "error", err.message);
+            goto out;
+        }
+    }
     if (project) {
         const char *topics[] = {product_topic, order_topic};
         cqrs_projector_config_t pc = {
@@ -234,7 +335,7 @@ int main(int argc, char **argv)
     }
 
     static cqrs_http_route_t routes[MAX_ROUTES];
-    size_t n = build_routes(&app, routes, strcmp(S.role, "project") != 0);
+    size_t n = build_routes(&app, routes, serve);
     cqrs_http_config_t hc;
     cqrs_daemon_http_config(&S.d, &hc);
     hc.auth = auth;
@@ -256,7 +357,13 @@ int main(int argc, char **argv)
         usleep((useconds_t)S.d.shutdown_delay_ms * 1000);
     rc = 0;
 out:
+    /* Waiting reads answer 503 and streams end before the listener drains. */
+    if (app.ctx.waiters)
+        cqrs_waiters_close(app.ctx.waiters);
     cqrs_http_server_destroy(http);
+    cqrs_changefeed_stop(app.feed);
+    cqrs_waiters_destroy(app.ctx.waiters);
+    cqrs_doccache_destroy(app.ctx.cache);
     cqrs_projector_destroy(app.projector);
     cqrs_docstore_pool_destroy(app.ctx.pool);
     cqrs_http_auth_destroy(auth);

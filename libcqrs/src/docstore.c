@@ -23,10 +23,13 @@
 /* KEYS: 1 document, 2 offsets, 3 dead letters of the aggregate, 4 dead-letter index,
  *       5 meta, 6… index keys
  * ARGV: 1 mode (apply|dead), 2 version, 3 document, 4 partition, 5 next offset, 6 event blob,
- *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, then per op:
- *       op (ZADD|ZREM|SADD|SREM|HSET), key number, score, member, value */
+ *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, 11 change channel,
+ *       then per op: op (ZADD|ZREM|SADD|SREM|HSET), key number, score, member, value
+ * An applied document is announced on the change channel as "<key> <version>"; a store found
+ * empty as "*" (readers must forget what they knew). */
 static const char APPLY_LUA[] =
-    "if redis.call('EXISTS', KEYS[5]) == 0 then return -2 end\n"
+    "if redis.call('EXISTS', KEYS[5]) == 0 then redis.call('PUBLISH', ARGV[11], '*') return -2 "
+    "end\n"
     "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
     "local v = tonumber(ARGV[2])\n"
     "local function mark()\n"
@@ -48,7 +51,7 @@ static const char APPLY_LUA[] =
     "  return code\n"
     "end\n"
     "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
-    "local i = 11\n"
+    "local i = 12\n"
     "for _ = 1, tonumber(ARGV[10]) do\n"
     "  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]\n"
     "  if op == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
@@ -57,6 +60,7 @@ static const char APPLY_LUA[] =
     "  i = i + 5\n"
     "end\n"
     "mark()\n"
+    "redis.call('PUBLISH', ARGV[11], KEYS[1] .. ' ' .. ARGV[2])\n"
     "return 1\n";
 
 struct cqrs_docstore {
@@ -64,6 +68,7 @@ struct cqrs_docstore {
     int timeout_ms;
     redisContext *c;
     char sha[41];
+    char channel[64];
 };
 
 cqrs_err_t cqrs_redis_url_parse(const char *url, cqrs_redis_addr_t *out, cqrs_error_t *err)
@@ -120,7 +125,14 @@ cqrs_docstore_t *cqrs_docstore_new(const char *url, int timeout_ms, cqrs_error_t
         return NULL;
     }
     ds->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
+    cqrs_docstore_channel(&ds->addr, ds->channel, sizeof ds->channel);
     return ds;
+}
+
+void cqrs_docstore_channel(const cqrs_redis_addr_t *addr, char *out, size_t cap)
+{
+    /* Pub/sub is server-wide: the database number keeps deployments on one server apart. */
+    snprintf(out, cap, "%s%d", CQRS_CHANGES_CHANNEL_PREFIX, addr->db);
 }
 
 static void disconnect(cqrs_docstore_t *ds)
@@ -262,7 +274,7 @@ static cqrs_err_t load_script(cqrs_docstore_t *ds, cqrs_error_t *err)
 static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dead,
                             cqrs_apply_result_t *result, cqrs_error_t *err)
 {
-    size_t nkeys = 5 + a->n_ops, nargs = 10 + 5 * a->n_ops;
+    size_t nkeys = 5 + a->n_ops, nargs = 11 + 5 * a->n_ops;
     size_t argc = 3 + nkeys + nargs;
     const char **argv = calloc(argc, sizeof *argv);
     char(*num)[32] = calloc(6 + 2 * a->n_ops, sizeof *num);
@@ -300,6 +312,7 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     argv[k++] = num[4];
     argv[k++] = a->reason ? a->reason : "";
     argv[k++] = num[5];
+    argv[k++] = ds->channel;
     for (size_t i = 0; i < a->n_ops; i++) {
         char *keyno = num[6 + 2 * i], *score = num[7 + 2 * i];
         snprintf(keyno, 32, "%zu", 6 + i);

@@ -46,6 +46,10 @@ struct cqrs_http_server {
     struct MHD_Daemon *daemon;
     uint16_t port;
     route_stats_t *stats; /* n_routes + 1 */
+    /* Suspended requests (so stop can wake them) and the wake/suspend handshake. */
+    pthread_mutex_t susp_mu;
+    cqrs_http_request_t *susp_head;
+    atomic_bool stopping;
 };
 
 typedef struct token {
@@ -85,6 +89,16 @@ struct cqrs_http_request {
     size_t n_headers;
     char *hname[MAX_RESPONSE_HEADERS];
     char *hvalue[MAX_RESPONSE_HEADERS];
+    /* Deferred replies (srv->susp_mu guards suspended, wake_pending and the list links). */
+    cqrs_http_handler_fn resume_fn;
+    void *resume_ud;
+    bool suspended;
+    bool wake_pending;
+    cqrs_http_request_t *susp_prev, *susp_next;
+    cqrs_http_stream_fn stream_fn;
+    void *stream_ud;
+    void (*close_fn)(void *ud);
+    void *close_ud;
 };
 
 /* ---- routing (pure) ---------------------------------------------------------------------- */
@@ -348,6 +362,124 @@ void cqrs_http_reply_error(cqrs_http_request_t *req, const cqrs_error_t *err)
     }
 }
 
+/* ---- deferred replies and streams ------------------------------------------------------ */
+
+/* Called with srv->susp_mu held. */
+static void susp_link(cqrs_http_request_t *req)
+{
+    cqrs_http_server_t *srv = req->srv;
+    req->suspended = true;
+    req->susp_prev = NULL;
+    req->susp_next = srv->susp_head;
+    if (srv->susp_head)
+        srv->susp_head->susp_prev = req;
+    srv->susp_head = req;
+}
+
+static void susp_unlink(cqrs_http_request_t *req)
+{
+    cqrs_http_server_t *srv = req->srv;
+    if (!req->suspended)
+        return;
+    if (req->susp_prev)
+        req->susp_prev->susp_next = req->susp_next;
+    else
+        srv->susp_head = req->susp_next;
+    if (req->susp_next)
+        req->susp_next->susp_prev = req->susp_prev;
+    req->susp_prev = req->susp_next = NULL;
+    req->suspended = false;
+}
+
+void cqrs_http_suspend(cqrs_http_request_t *req, cqrs_http_handler_fn fn, void *ud)
+{
+    req->resume_fn = fn;
+    req->resume_ud = ud;
+}
+
+void cqrs_http_wake(cqrs_http_request_t *req)
+{
+    cqrs_http_server_t *srv = req->srv;
+    pthread_mutex_lock(&srv->susp_mu);
+    if (req->suspended) {
+        susp_unlink(req);
+        MHD_resume_connection(req->conn);
+    } else {
+        req->wake_pending = true;
+    }
+    pthread_mutex_unlock(&srv->susp_mu);
+}
+
+bool cqrs_http_stopping(const cqrs_http_request_t *req)
+{
+    return atomic_load(&req->srv->stopping);
+}
+
+void cqrs_http_on_close(cqrs_http_request_t *req, void (*fn)(void *ud), void *ud)
+{
+    req->close_fn = fn;
+    req->close_ud = ud;
+}
+
+/* Suspends the connection unless a wake already came (or the server stops); returns whether
+ * it did. Runs on the connection's MHD thread, inside an MHD callback. */
+static bool try_suspend(cqrs_http_request_t *req)
+{
+    cqrs_http_server_t *srv = req->srv;
+    pthread_mutex_lock(&srv->susp_mu);
+    bool suspend = !req->wake_pending && !atomic_load(&srv->stopping);
+    req->wake_pending = false;
+    if (suspend) {
+        susp_link(req);
+        MHD_suspend_connection(req->conn);
+    }
+    pthread_mutex_unlock(&srv->susp_mu);
+    return suspend;
+}
+
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    cqrs_http_request_t *req = cls;
+    for (;;) {
+        if (cqrs_http_stopping(req))
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        long n = req->stream_fn(req->stream_ud, buf, max);
+        if (n > 0)
+            return n;
+        if (n < 0)
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        if (try_suspend(req))
+            return 0; /* nothing yet: MHD calls again after cqrs_http_wake */
+    }
+}
+
+void cqrs_http_reply_stream(cqrs_http_request_t *req, unsigned status, const char *content_type,
+                            cqrs_http_stream_fn fn, void *ud)
+{
+    if (req->replied)
+        return;
+    req->stream_fn = fn;
+    req->stream_ud = ud;
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_reader, req, NULL);
+    if (!resp) {
+        cqrs_http_reply_problem(req, 500, "internal", "Internal Server Error",
+                                "cannot create the response", NULL, NULL);
+        return;
+    }
+    req->replied = true;
+    req->status = status;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    MHD_add_response_header(resp, "X-Request-Id", req->request_id);
+    for (size_t i = 0; i < req->n_headers; i++)
+        if (req->hname[i] && req->hvalue[i])
+            MHD_add_response_header(resp, req->hname[i], req->hvalue[i]);
+    MHD_queue_response(req->conn, status, resp);
+    MHD_destroy_response(resp);
+}
+
 /* ---- MHD glue ---------------------------------------------------------------------------- */
 
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
@@ -373,6 +505,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (!req)
         return;
     cqrs_http_server_t *srv = req->srv;
+    if (req->close_fn)
+        req->close_fn(req->close_ud);
+    pthread_mutex_lock(&srv->susp_mu);
+    susp_unlink(req);
+    pthread_mutex_unlock(&srv->susp_mu);
     if (req->status >= 100 && req->status < 600 && srv->stats) {
         route_stats_t *rs = &srv->stats[req->route];
         atomic_fetch_add(&rs->by_status[req->status], 1);
@@ -693,6 +830,36 @@ void cqrs_http_server_metrics(cqrs_http_server_t *srv, struct cqrs_text *t)
     }
 }
 
+/* Calls the handler; when it suspended instead of replying, suspends the connection (or calls
+ * its continuation at once when a wake already came). */
+static void run_handler(cqrs_http_request_t *req, cqrs_http_handler_fn fn, void *ud)
+{
+    for (;;) {
+        req->resume_fn = NULL;
+        fn(req, ud);
+        if (req->replied)
+            return;
+        if (!req->resume_fn) {
+            CQRS_LOG_ERROR("handler returned without a reply", "request_id", req->request_id,
+                           "path", req->path);
+            cqrs_http_reply_problem(req, 500, "internal", "Internal Server Error",
+                                    "the server failed to handle the request", NULL, NULL);
+            return;
+        }
+        if (cqrs_http_stopping(req) && fn == req->resume_fn) {
+            /* A continuation that keeps waiting while the server stops. */
+            cqrs_http_add_header(req, "Retry-After", "1");
+            cqrs_http_reply_problem(req, 503, "shutting-down", "Service Unavailable",
+                                    "the server is shutting down", NULL, NULL);
+            return;
+        }
+        if (try_suspend(req))
+            return;
+        fn = req->resume_fn;
+        ud = req->resume_ud;
+    }
+}
+
 static void dispatch(cqrs_http_request_t *req)
 {
     cqrs_http_server_t *srv = req->srv;
@@ -728,13 +895,7 @@ static void dispatch(cqrs_http_request_t *req)
     req->route = (size_t)(route - srv->routes);
     if (srv->cfg.auth && route->scope != CQRS_SCOPE_NONE && !authorize(req, route))
         return;
-    route->fn(req, route->ud);
-    if (!req->replied) {
-        CQRS_LOG_ERROR("handler returned without a reply", "request_id", req->request_id, "path",
-                       req->path);
-        cqrs_http_reply_problem(req, 500, "internal", "Internal Server Error",
-                                "the server failed to handle the request", NULL, NULL);
-    }
+    run_handler(req, route->fn, route->ud);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -752,6 +913,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         req->conn = conn;
         req->method = method;
         return first_call(req);
+    }
+    if (req->resume_fn && !req->replied && *upload_data_size == 0) {
+        /* Resumed after cqrs_http_suspend. */
+        run_handler(req, req->resume_fn, req->resume_ud);
+        return MHD_YES;
     }
     if (req->replied) {
         /* Replied early (413/415): discard whatever body still arrives. */
@@ -806,6 +972,7 @@ cqrs_http_server_t *cqrs_http_server_new(const cqrs_http_config_t *cfg,
     srv->routes = routes;
     srv->n_routes = n_routes;
     srv->stats = calloc(n_routes + 1, sizeof *srv->stats);
+    pthread_mutex_init(&srv->susp_mu, NULL);
     if (!srv->stats) {
         free(srv);
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
@@ -850,10 +1017,19 @@ void cqrs_http_server_stop(cqrs_http_server_t *srv)
 {
     if (!srv || !srv->daemon)
         return;
-    /* Stop accepting; wait (bounded) for open connections to finish their requests. */
+    /* Stop accepting; wake every suspended request (waits answer 503, streams end); wait
+     * (bounded) for open connections to finish their requests. */
     MHD_socket lsock = MHD_quiesce_daemon(srv->daemon);
     if (lsock != MHD_INVALID_SOCKET)
         close(lsock);
+    pthread_mutex_lock(&srv->susp_mu);
+    atomic_store(&srv->stopping, true);
+    while (srv->susp_head) {
+        cqrs_http_request_t *req = srv->susp_head;
+        susp_unlink(req);
+        MHD_resume_connection(req->conn);
+    }
+    pthread_mutex_unlock(&srv->susp_mu);
     int64_t deadline = cqrs_monotonic_ms() + (int64_t)srv->cfg.drain_timeout_ms;
     while (cqrs_monotonic_ms() < deadline) {
         const union MHD_DaemonInfo *info =
@@ -872,5 +1048,6 @@ void cqrs_http_server_destroy(cqrs_http_server_t *srv)
         return;
     cqrs_http_server_stop(srv);
     free(srv->stats);
+    pthread_mutex_destroy(&srv->susp_mu);
     free(srv);
 }

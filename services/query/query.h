@@ -4,15 +4,27 @@
 #ifndef CQRS_SERVICES_QUERY_H
 #define CQRS_SERVICES_QUERY_H
 
+#include <cqrs/doccache.h>
 #include <cqrs/docstore.h>
 #include <cqrs/event.h>
 #include <cqrs/http.h>
 #include <cqrs/projector.h>
+#include <cqrs/waiters.h>
 
 typedef struct query_ctx {
     cqrs_docstore_pool_t *pool;
     int acquire_timeout_ms;
+    cqrs_doccache_t *cache;  /* NULL: no cache */
+    cqrs_waiters_t *waiters; /* NULL: min_version is not waited for, no streams */
+    int wait_default_ms;     /* wait_ms when absent */
 } query_ctx_t;
+
+#define WAIT_MAX_MS 10000
+
+/* Reads the document at key: from the cache when it holds version ≥ min_version, else from
+ * Redis (filling the cache). NOT_FOUND when absent; *json malloc'ed. */
+cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *key, int64_t min_version, char **json,
+                          int64_t *version, cqrs_error_t *err);
 
 /* Key of a document in Redis: "cqrs:<type>:{<id>}" (hash tag = the id). */
 void doc_key(const char *aggregate_type, const char *id, char *out, size_t cap);
@@ -68,6 +80,9 @@ void order_get_handler(cqrs_http_request_t *req, void *ud);
 void product_list_handler(cqrs_http_request_t *req, void *ud);
 void customer_orders_handler(cqrs_http_request_t *req, void *ud);
 void top_products_handler(cqrs_http_request_t *req, void *ud);
+
+/* GET /v1/products/{id}/stream: Server-Sent Events (stream.c). */
+void product_stream_handler(cqrs_http_request_t *req, void *ud);
 
 size_t query_routes(query_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap);
 

@@ -30,6 +30,12 @@ typedef struct cqrs_redis_addr {
 /* Parses redis://[[user]:password@]host[:port][/db]; INVALID otherwise. */
 cqrs_err_t cqrs_redis_url_parse(const char *url, cqrs_redis_addr_t *out, cqrs_error_t *err);
 
+/* Every applied document is announced with PUBLISH on the change channel of its database,
+ * "cqrs:changes:<db>", as "<document key> <version>"; "*" means the store was found empty (a
+ * listener must forget what it knew). See changefeed.h. */
+#define CQRS_CHANGES_CHANNEL_PREFIX "cqrs:changes:"
+void cqrs_docstore_channel(const cqrs_redis_addr_t *addr, char *out, size_t cap);
+
 /* Does not connect; the first call does. NULL with err on a bad URL. */
 cqrs_docstore_t *cqrs_docstore_new(const char *url, int timeout_ms, cqrs_error_t *err);
 void cqrs_docstore_destroy(cqrs_docstore_t *ds);

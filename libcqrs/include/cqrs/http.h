@@ -133,6 +133,30 @@ void cqrs_http_reply_problem(cqrs_http_request_t *req, unsigned status, const ch
 void cqrs_http_reply_text(cqrs_http_request_t *req, unsigned status, const char *content_type,
                           const char *text);
 
+/* ---- deferred replies and streams ----
+ *
+ * A handler that must wait (for a document version, for the next change) calls
+ * cqrs_http_suspend instead of replying and returns: the connection then waits without a worker
+ * thread. cqrs_http_wake (any thread) makes the server call fn(req, ud) on a worker, which
+ * replies or suspends again. A wake that comes before the suspension took effect is kept, so
+ * none is lost. Suspended requests never time out on their own: whoever suspends keeps a
+ * deadline. When the server stops, every suspended request is woken and
+ * cqrs_http_stopping(req) is true (a continuation that suspends again then gets 503).
+ *
+ * Lifetime: req stays valid until its connection closes; cqrs_http_on_close registers fn(ud),
+ * called once at that moment — after it, nobody may wake req. */
+void cqrs_http_suspend(cqrs_http_request_t *req, cqrs_http_handler_fn fn, void *ud);
+void cqrs_http_wake(cqrs_http_request_t *req);
+bool cqrs_http_stopping(const cqrs_http_request_t *req);
+void cqrs_http_on_close(cqrs_http_request_t *req, void (*fn)(void *ud), void *ud);
+
+/* A streamed reply (chunked): fn(ud, buf, max) writes up to max bytes and returns how many;
+ * 0 = nothing to send now (the stream waits for cqrs_http_wake without a thread), < 0 = end.
+ * fn runs on worker threads, one call at a time. Headers added before are sent. */
+typedef long (*cqrs_http_stream_fn)(void *ud, char *buf, size_t max);
+void cqrs_http_reply_stream(cqrs_http_request_t *req, unsigned status, const char *content_type,
+                            cqrs_http_stream_fn fn, void *ud);
+
 /* Maps an error to the usual problem reply (CONFLICT 409, NOT_FOUND 404, INVALID 422,
  * UNAVAILABLE/TIMEOUT/RETRY 503 with Retry-After, others 500). */
 void cqrs_http_reply_error(cqrs_http_request_t *req, const cqrs_error_t *err);
