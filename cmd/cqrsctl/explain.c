@@ -291,29 +291,33 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
     cqrs_bus_sought_t *sought = calloc((size_t)n + 1, sizeof *sought);
     size_t n_sought = 0;
     int64_t since = INT64_MAX;
-    for (int i = 0; sought && i < n; i++)
-        if (strcmp(cqrs_rows_get(ev.rows, i, 6), "t") != 0) {
-            sought[n_sought++].event_id = cqrs_rows_get(ev.rows, i, 2);
-            int64_t t = cqrs_time_parse_ms(cqrs_rows_get(ev.rows, i, 5));
-            if (t < since)
-                since = t;
-        }
+    /* Events still in the outbox too: the relay deletes a row only after Kafka committed
+     * it, so one may already be in Kafka (and even applied). */
+    for (int i = 0; sought && i < n; i++) {
+        sought[n_sought++].event_id = cqrs_rows_get(ev.rows, i, 2);
+        int64_t t = cqrs_time_parse_ms(cqrs_rows_get(ev.rows, i, 5));
+        if (t < since)
+            since = t;
+    }
     int32_t partition = -1;
     bool complete = false;
     char note[300] = "";
-    if (n_sought > 0 || n_dl > 0 || have_doc) {
-        cqrs_bus_scan_t scan = {.since_ms = since == INT64_MAX ? cqrs_realtime_ms()
-                                                               : since - KAFKA_SLACK_MS,
-                                .budget_ms = (int)budget_ms,
-                                .max_messages = 10000000};
-        cqrs_error_t kerr;
-        if (cqrs_bus_locate(env->kafka_brokers, topic, lid, &scan, sought, n_sought, &partition,
-                            &complete, &kerr) != CQRS_ERR_OK) {
-            snprintf(note, sizeof note, "%s", kerr.message);
-            partition = -1;
-        } else if (!complete) {
-            snprintf(note, sizeof note, "the scan budget (%ld ms) ran out", budget_ms);
-        }
+    cqrs_bus_scan_t scan = {.since_ms =
+                                since == INT64_MAX ? cqrs_realtime_ms() : since - KAFKA_SLACK_MS,
+                            .budget_ms = (int)budget_ms,
+                            .max_messages = 10000000};
+    cqrs_error_t kerr;
+    if (!sought) {
+        fprintf(stderr, "cqrsctl explain: out of memory\n");
+        status = 1;
+        goto out;
+    }
+    if (cqrs_bus_locate(env->kafka_brokers, topic, lid, &scan, sought, n_sought, &partition,
+                        &complete, &kerr) != CQRS_ERR_OK) {
+        snprintf(note, sizeof note, "%s", kerr.message);
+        partition = -1;
+    } else if (!complete) {
+        snprintf(note, sizeof note, "the scan budget (%ld ms) ran out", budget_ms);
     }
     /* A dead letter records where its event was read. */
     for (size_t i = 0; i < n_dl; i++) {
@@ -354,18 +358,16 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
         int64_t version = atoll(cqrs_rows_get(ev.rows, i, 0));
         bool in_outbox = strcmp(cqrs_rows_get(ev.rows, i, 6), "t") == 0;
         json_t *kafka;
-        if (in_outbox) {
+        /* sought[] was filled newest first, so walk it backwards with the rows. */
+        cqrs_bus_sought_t *so = &sought[--s];
+        if (so->offset >= 0)
+            kafka = json_pack("{s:s, s:i, s:I}", "status", "found", "partition", partition,
+                              "offset", (json_int_t)so->offset);
+        else if (in_outbox)
             kafka = json_pack("{s:s}", "status", "not published");
-        } else {
-            /* sought[] was filled newest first, so walk it backwards with the rows. */
-            cqrs_bus_sought_t *so = &sought[--s];
-            if (so->offset >= 0)
-                kafka = json_pack("{s:s, s:i, s:I}", "status", "found", "partition", partition,
-                                  "offset", (json_int_t)so->offset);
-            else
-                kafka = json_pack("{s:s}", "status",
-                                  partition >= 0 && complete ? "not found" : "unknown");
-        }
+        else
+            kafka =
+                json_pack("{s:s}", "status", partition >= 0 && complete ? "not found" : "unknown");
         const char *redis = "pending", *reason = NULL;
         json_t *d = find_dead_letter(dead, version);
         if (version <= doc_version) {
