@@ -5,6 +5,7 @@
 #include <cqrs/embed.h>
 #include <cqrs/log.h>
 #include <cqrs/store.h>
+#include "ops.h"
 #include "verify.h"
 #include <jansson.h>
 #include <stdio.h>
@@ -26,7 +27,7 @@ static const cqrs_config_entry_t entries[] = {
     {"CQRS_PG_DSN", CQRS_CONFIG_SECRET, NULL, 0, 0, "PostgreSQL connection string or URI",
      &S.pg_dsn, NULL},
     {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0,
-     "Redis of the read model (verify)", &S.redis_url, NULL},
+     "Redis of the read model (verify, explain, dlq)", &S.redis_url, NULL},
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
     {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
@@ -40,17 +41,21 @@ static const cqrs_config_entry_t entries[] = {
 
 static void usage(FILE *out)
 {
-    fprintf(
-        out,
-        "usage: cqrsctl <command> [options]\n\n"
-        "commands:\n"
-        "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
-        "                          schema_migrations) and create the Kafka topics\n"
-        "  migrations              list the migrations this binary carries\n"
-        "  outbox [--json]         the outbox backlog, its oldest row's age, the\n"
-        "                          active relay and since when\n"
-        "  verify [--json]         compare the read model (Redis) with the write model\n"
-        "                          (PostgreSQL): documents, fields, lists; exit 1 on drift\n\n");
+    fprintf(out,
+            "usage: cqrsctl <command> [options]\n\n"
+            "commands:\n"
+            "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
+            "                          schema_migrations) and create the Kafka topics\n"
+            "  migrations              list the migrations this binary carries\n"
+            "  outbox [--json]         the outbox backlog, its oldest row's age, the\n"
+            "                          active relay and since when\n"
+            "  verify [--json]         compare the read model (Redis) with the write model\n"
+            "                          (PostgreSQL): documents, fields, lists; exit 1 on drift\n"
+            "  explain <id> [--json]   one aggregate across the system: its events, the outbox,\n"
+            "                          Kafka partition and offset, the document in Redis, dead\n"
+            "                          letters, lag; exit 1 when the aggregate is unknown\n"
+            "  dlq list|show <id>|retry <id>|drop <id> --yes [--json]\n"
+            "                          the read model's dead letters (cqrsctl dlq --help)\n\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
 }
 
@@ -175,6 +180,13 @@ static int cmd_outbox(int argc, char **argv)
     return 0;
 }
 
+void cqrsctl_print_json(json_t *v)
+{
+    char *text = json_dumps(v, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    printf("%s\n", text ? text : "null");
+    free(text);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
@@ -196,6 +208,10 @@ int main(int argc, char **argv)
         rc = cmd_outbox(argc, argv);
     } else if (strcmp(argv[1], "verify") == 0) {
         rc = cqrsctl_verify(S.pg_dsn, S.redis_url, argc > 2 && strcmp(argv[2], "--json") == 0);
+    } else if (strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0) {
+        cqrsctl_env_t env = {S.pg_dsn, S.redis_url, S.kafka_brokers, S.topic_prefix};
+        rc = argv[1][0] == 'e' ? cqrsctl_explain(&env, argc - 1, argv + 1)
+                               : cqrsctl_dlq(&env, argc - 1, argv + 1);
     } else {
         fprintf(stderr, "cqrsctl: unknown command '%s'\n\n", argv[1]);
         usage(stderr);

@@ -767,3 +767,212 @@ void cqrs_docstore_pool_destroy(cqrs_docstore_pool_t *p)
     pthread_cond_destroy(&p->cv);
     free(p);
 }
+
+/* ---- dead letters (cqrsctl dlq) -------------------------------------------------------- */
+
+cqrs_err_t cqrs_docstore_dlq_index(cqrs_docstore_t *ds, char ***ids, int64_t **since_ms, size_t *n,
+                                   cqrs_error_t *err)
+{
+    *ids = NULL;
+    *since_ms = NULL;
+    *n = 0;
+    const char *argv[] = {"ZRANGE", CQRS_DLQ_INDEX_KEY, "0", "-1", "WITHSCORES"};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 5, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    size_t pairs = r->type == REDIS_REPLY_ARRAY ? r->elements / 2 : 0;
+    *ids = calloc(pairs + 1, sizeof **ids);
+    *since_ms = calloc(pairs + 1, sizeof **since_ms);
+    if (!*ids || !*since_ms) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < pairs; i++) {
+        const redisReply *m = r->element[2 * i], *s = r->element[2 * i + 1];
+        if (m->type != REDIS_REPLY_STRING || s->type != REDIS_REPLY_STRING)
+            continue;
+        (*ids)[*n] = strndup(m->str, m->len);
+        (*since_ms)[*n] = (int64_t)strtod(s->str, NULL);
+        (*n)++;
+    }
+out:
+    if (rc != CQRS_ERR_OK) {
+        free(*ids);
+        free(*since_ms);
+        *ids = NULL;
+        *since_ms = NULL;
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+static int cmp_dead_letter(const void *a, const void *b)
+{
+    int64_t x = ((const cqrs_dead_letter_t *)a)->version;
+    int64_t y = ((const cqrs_dead_letter_t *)b)->version;
+    return x < y ? -1 : x > y;
+}
+
+void cqrs_docstore_dlq_free(cqrs_dead_letter_t *v, size_t n)
+{
+    for (size_t i = 0; v && i < n; i++) {
+        free(v[i].blob);
+        free(v[i].reason);
+    }
+    free(v);
+}
+
+cqrs_err_t cqrs_docstore_dlq_get(cqrs_docstore_t *ds, const char *dlq_key, cqrs_dead_letter_t **out,
+                                 size_t *n, cqrs_error_t *err)
+{
+    *out = NULL;
+    *n = 0;
+    const char *argv[] = {"HGETALL", dlq_key};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 2, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    size_t pairs = r->type == REDIS_REPLY_ARRAY ? r->elements / 2 : 0;
+    cqrs_dead_letter_t *v = calloc(pairs + 1, sizeof *v);
+    if (!v) {
+        freeReplyObject(r);
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    }
+    size_t k = 0;
+    /* fields "<version>" first, then attach each "<version>:reason" */
+    for (size_t i = 0; i < pairs; i++) {
+        const redisReply *f = r->element[2 * i], *val = r->element[2 * i + 1];
+        int64_t version;
+        if (f->type == REDIS_REPLY_STRING && val->type == REDIS_REPLY_STRING &&
+            !memchr(f->str, ':', f->len) && cqrs_parse_int64(f->str, &version)) {
+            v[k].version = version;
+            v[k].blob = strndup(val->str, val->len);
+            k++;
+        }
+    }
+    for (size_t i = 0; i < pairs; i++) {
+        const redisReply *f = r->element[2 * i], *val = r->element[2 * i + 1];
+        const char *colon = f->type == REDIS_REPLY_STRING ? memchr(f->str, ':', f->len) : NULL;
+        if (!colon || strcmp(colon, ":reason") != 0 || val->type != REDIS_REPLY_STRING)
+            continue;
+        char num[24];
+        size_t len = (size_t)(colon - f->str);
+        int64_t version;
+        if (len >= sizeof num)
+            continue;
+        memcpy(num, f->str, len);
+        num[len] = '\0';
+        if (!cqrs_parse_int64(num, &version))
+            continue;
+        for (size_t j = 0; j < k; j++)
+            if (v[j].version == version && !v[j].reason)
+                v[j].reason = strndup(val->str, val->len);
+    }
+    freeReplyObject(r);
+    qsort(v, k, sizeof *v, cmp_dead_letter);
+    *out = v;
+    *n = k;
+    return CQRS_ERR_OK;
+}
+
+cqrs_err_t cqrs_docstore_apply_held(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                                    cqrs_apply_result_t *result, cqrs_error_t *err)
+{
+    /* The script parks an event while its dlq key exists; a key of the same hash slot that
+     * does not exist lets it apply. It is only ever written when the document moved on
+     * between the caller's read and this call (then deleted again). */
+    char scratch[512];
+    snprintf(scratch, sizeof scratch, "%s:retry", a->dlq_key);
+    cqrs_apply_t b = *a;
+    b.dlq_key = scratch;
+    cqrs_err_t rc = run_apply(ds, &b, false, result, err);
+    if (rc != CQRS_ERR_OK || *result == CQRS_APPLY_APPLIED || *result == CQRS_APPLY_DUPLICATE ||
+        *result == CQRS_APPLY_RESET)
+        return rc;
+    const char *argv[] = {"DEL", scratch};
+    redisReply *r = NULL;
+    if (command(ds, 2, argv, NULL, &r, err) == CQRS_ERR_OK)
+        freeReplyObject(r);
+    return cqrs_error_set(err, CQRS_ERR_STATE, "the document changed meanwhile; try again");
+}
+
+/* KEYS: 1 dead letters of the aggregate, 2 index. ARGV: 1 version, 2 aggregate id. */
+static const char DLQ_REMOVE_LUA[] = "redis.call('HDEL', KEYS[1], ARGV[1], ARGV[1] .. ':reason')\n"
+                                     "if redis.call('EXISTS', KEYS[1]) == 0 then\n"
+                                     "  redis.call('ZREM', KEYS[2], ARGV[2])\n"
+                                     "  return 1\n"
+                                     "end\n"
+                                     "return 0\n";
+
+/* KEYS: 1 dead letters of the aggregate, 2 index. ARGV: 1 aggregate id. */
+static const char DLQ_DROP_LUA[] = "local n = 0\n"
+                                   "for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do\n"
+                                   "  if not string.find(f, ':', 1, true) then n = n + 1 end\n"
+                                   "end\n"
+                                   "redis.call('DEL', KEYS[1])\n"
+                                   "redis.call('ZREM', KEYS[2], ARGV[1])\n"
+                                   "return n\n";
+
+/* KEYS: 1 dead letters of the aggregate. ARGV: 1 version, 2 reason. Never creates the hash:
+ * that would hold the aggregate again. */
+static const char DLQ_REASON_LUA[] =
+    "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], ARGV[1] .. ':reason', ARGV[2])\n"
+    "return 1\n";
+
+/* One command with an integer reply (scripts go by EVAL: Redis caches a script by its
+ * text after the first call). */
+static cqrs_err_t command_int(cqrs_docstore_t *ds, int argc, const char **argv, long long *out,
+                              cqrs_error_t *err)
+{
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, argc, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_INTEGER)
+        rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected script reply");
+    else if (out)
+        *out = r->integer;
+    freeReplyObject(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_dlq_remove(cqrs_docstore_t *ds, const char *dlq_key,
+                                    const char *aggregate_id, int64_t version, bool *released,
+                                    cqrs_error_t *err)
+{
+    char v[24];
+    snprintf(v, sizeof v, "%lld", (long long)version);
+    const char *argv[] = {"EVAL", DLQ_REMOVE_LUA, "2", dlq_key, CQRS_DLQ_INDEX_KEY,
+                          v,      aggregate_id};
+    long long res = 0;
+    cqrs_err_t rc = command_int(ds, 7, argv, &res, err);
+    *released = rc == CQRS_ERR_OK && res == 1;
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_dlq_set_reason(cqrs_docstore_t *ds, const char *dlq_key, int64_t version,
+                                        const char *reason, cqrs_error_t *err)
+{
+    char v[24];
+    snprintf(v, sizeof v, "%lld", (long long)version);
+    const char *argv[] = {"EVAL", DLQ_REASON_LUA, "1", dlq_key, v, reason};
+    return command_int(ds, 6, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
+                                  const char *aggregate_id, size_t *dropped, cqrs_error_t *err)
+{
+    const char *argv[] = {"EVAL", DLQ_DROP_LUA, "2", dlq_key, CQRS_DLQ_INDEX_KEY, aggregate_id};
+    long long n = 0;
+    cqrs_err_t rc = command_int(ds, 6, argv, &n, err);
+    *dropped = rc == CQRS_ERR_OK && n > 0 ? (size_t)n : 0;
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count, cqrs_error_t *err)
+{
+    const char *argv[] = {"LLEN", "cqrs:dlq:undecodable"};
+    return command_int(ds, 2, argv, count, err);
+}

@@ -122,3 +122,50 @@ json_t *cqrs_event_to_json(const cqrs_event_t *ev)
                      "sequence", (json_int_t)ev->sequence, "time", ev->time, "traceparent",
                      ev->traceparent, "data", ev->data ? ev->data : json_null());
 }
+
+static cqrs_err_t copy_member(const json_t *obj, const char *name, char *dst, size_t cap,
+                              bool required, cqrs_error_t *err)
+{
+    const char *v = json_string_value(json_object_get(obj, name));
+    if (!v && !required) {
+        dst[0] = '\0';
+        return CQRS_ERR_OK;
+    }
+    if (!v || strlen(v) >= cap || (required && !*v))
+        return cqrs_error_set_where(err, CQRS_ERR_INVALID, name, "%s is missing or too long", name);
+    memcpy(dst, v, strlen(v) + 1);
+    return CQRS_ERR_OK;
+}
+
+cqrs_err_t cqrs_event_from_json(const json_t *obj, cqrs_event_t *ev, cqrs_error_t *err)
+{
+    memset(ev, 0, sizeof *ev);
+    if (!json_is_object(obj))
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "the event is not a JSON object");
+    cqrs_err_t rc;
+    if ((rc = copy_member(obj, "id", ev->id, sizeof ev->id, true, err)) ||
+        (rc = copy_member(obj, "type", ev->type, sizeof ev->type, true, err)) ||
+        (rc = copy_member(obj, "source", ev->source, sizeof ev->source, true, err)) ||
+        (rc = copy_member(obj, "aggregate_type", ev->aggregate_type, sizeof ev->aggregate_type,
+                          true, err)) ||
+        (rc = copy_member(obj, "aggregate_id", ev->aggregate_id, sizeof ev->aggregate_id, true,
+                          err)) ||
+        (rc = copy_member(obj, "time", ev->time, sizeof ev->time, true, err)) ||
+        (rc = copy_member(obj, "traceparent", ev->traceparent, sizeof ev->traceparent, false, err)))
+        return rc;
+    if (!cqrs_uuid_valid(ev->id) || !cqrs_uuid_valid(ev->aggregate_id))
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "id and aggregate_id must be UUIDs");
+    const json_t *version = json_object_get(obj, "version");
+    const json_t *sequence = json_object_get(obj, "sequence");
+    if (!json_is_integer(version) || json_integer_value(version) < 1 ||
+        !json_is_integer(sequence) || json_integer_value(sequence) < 1)
+        return cqrs_error_set(err, CQRS_ERR_INVALID,
+                              "version and sequence must be positive integers");
+    ev->version = (int64_t)json_integer_value(version);
+    ev->sequence = (int64_t)json_integer_value(sequence);
+    json_t *data = json_object_get(obj, "data");
+    if (!json_is_object(data))
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "event data is not a JSON object");
+    ev->data = json_incref((json_t *)data);
+    return CQRS_ERR_OK;
+}

@@ -174,4 +174,53 @@ cqrs_docstore_t *cqrs_docstore_pool_acquire(cqrs_docstore_pool_t *pool, int time
 void cqrs_docstore_pool_release(cqrs_docstore_pool_t *pool, cqrs_docstore_t *ds);
 void cqrs_docstore_pool_destroy(cqrs_docstore_pool_t *pool);
 
+/* ---- dead letters (cqrsctl dlq) ----------------------------------------------------------
+ * An aggregate's dead letters live in one hash (version → the event as the projector stored
+ * it, "<version>:reason" → why) indexed in CQRS_DLQ_INDEX_KEY (score: when it was first held,
+ * ms). While the hash exists the apply script parks the aggregate's events in it. */
+
+typedef struct cqrs_dead_letter {
+    int64_t version;
+    char *blob;   /* the stored event (JSON text) */
+    char *reason; /* NULL when none was stored */
+} cqrs_dead_letter_t;
+
+/* The aggregates with dead letters, oldest first: *ids (free with cqrs_docstore_strings_free)
+ * and *since_ms (free) hold *n entries. */
+cqrs_err_t cqrs_docstore_dlq_index(cqrs_docstore_t *ds, char ***ids, int64_t **since_ms, size_t *n,
+                                   cqrs_error_t *err);
+
+/* One aggregate's dead letters in version order (*n = 0 when none); free with
+ * cqrs_docstore_dlq_free. */
+cqrs_err_t cqrs_docstore_dlq_get(cqrs_docstore_t *ds, const char *dlq_key, cqrs_dead_letter_t **out,
+                                 size_t *n, cqrs_error_t *err);
+void cqrs_docstore_dlq_free(cqrs_dead_letter_t *v, size_t n);
+
+/* Runs the apply script for an event held in a->dlq_key as if its aggregate were not held:
+ * APPLIED (document, index changes; the offset only grows, so an old one changes nothing) at
+ * version = stored + 1, DUPLICATE at or below, RESET when the store lost its data. The dead
+ * letter stays until cqrs_docstore_dlq_remove. STATE when the document moved past the version
+ * the caller computed from (call again). */
+cqrs_err_t cqrs_docstore_apply_held(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                                    cqrs_apply_result_t *result, cqrs_error_t *err);
+
+/* Removes one version (and its reason); when none is left the aggregate is released (its
+ * hash is gone and it leaves the index) and *released is true. Atomic. */
+cqrs_err_t cqrs_docstore_dlq_remove(cqrs_docstore_t *ds, const char *dlq_key,
+                                    const char *aggregate_id, int64_t version, bool *released,
+                                    cqrs_error_t *err);
+
+/* Replaces the reason of a version that is still held (nothing when it is gone). */
+cqrs_err_t cqrs_docstore_dlq_set_reason(cqrs_docstore_t *ds, const char *dlq_key, int64_t version,
+                                        const char *reason, cqrs_error_t *err);
+
+/* Deletes all of an aggregate's dead letters and releases it; *dropped = how many versions.
+ * Atomic. */
+cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
+                                  const char *aggregate_id, size_t *dropped, cqrs_error_t *err);
+
+/* Length of the list of undecodable messages ("cqrs:dlq:undecodable"). */
+cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count,
+                                           cqrs_error_t *err);
+
 #endif

@@ -59,4 +59,9 @@ cqrs_err_t cqrs_event_decode(cqrs_header_lookup_fn lookup, void *ud, const char 
  * reference. */
 json_t *cqrs_event_to_json(const cqrs_event_t *ev);
 
+/* The inverse of cqrs_event_to_json (other members, e.g. a dead letter's topic, are ignored),
+ * checked like cqrs_event_decode; ev->data is a new reference (cqrs_event_close). INVALID
+ * with a reason otherwise. */
+cqrs_err_t cqrs_event_from_json(const json_t *obj, cqrs_event_t *ev, cqrs_error_t *err);
+
 #endif

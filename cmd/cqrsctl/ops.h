@@ -1,0 +1,24 @@
+/* ops.h — `cqrsctl explain` and `cqrsctl dlq`. Each returns the exit status: 0 success,
+ * 1 failed or unknown aggregate, 2 usage, 3 a dependency is unavailable. */
+#ifndef CQRSCTL_OPS_H
+#define CQRSCTL_OPS_H
+
+#include <jansson.h>
+
+typedef struct cqrsctl_env {
+    const char *pg_dsn;
+    const char *redis_url;
+    const char *kafka_brokers;
+    const char *topic_prefix;
+} cqrsctl_env_t;
+
+/* argv[0] is "explain"; argv[1…] its arguments. */
+int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv);
+
+/* argv[0] is "dlq"; argv[1] the action (list, show, retry, drop). */
+int cqrsctl_dlq(const cqrsctl_env_t *env, int argc, char **argv);
+
+/* Prints a JSON value (indented) on stdout. */
+void cqrsctl_print_json(json_t *v);
+
+#endif
