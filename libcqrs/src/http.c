@@ -516,7 +516,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         double seconds = (double)(now_us() - req->started_us) / 1e6;
         cqrs_histogram_observe(&rs->latency, seconds);
         const cqrs_http_route_t *rt = req->route < srv->n_routes ? &srv->routes[req->route] : NULL;
-        if (!rt || rt->scope != CQRS_SCOPE_NONE) {
+        if ((!rt || rt->scope != CQRS_SCOPE_NONE) && cqrs_log_enabled(CQRS_LOG_INFO)) {
             char status[8], ms[24];
             snprintf(status, sizeof status, "%u", req->status);
             snprintf(ms, sizeof ms, "%.3f", seconds * 1000);
@@ -569,7 +569,7 @@ static enum MHD_Result first_call(cqrs_http_request_t *req)
     if (request_id_ok(rid))
         snprintf(req->request_id, sizeof req->request_id, "%s", rid);
     else
-        cqrs_uuid_v4(req->request_id);
+        cqrs_request_id(req->request_id);
     const char *tp = cqrs_http_header(req, "traceparent");
     if (cqrs_traceparent_valid(tp))
         snprintf(req->traceparent, sizeof req->traceparent, "%s", tp);
@@ -997,7 +997,7 @@ cqrs_err_t cqrs_http_server_start(cqrs_http_server_t *srv, cqrs_error_t *err)
         srv->cfg.threads ? srv->cfg.threads : 1, MHD_OPTION_CONNECTION_LIMIT,
         srv->cfg.connection_limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
         srv->cfg.per_ip_connection_limit, MHD_OPTION_CONNECTION_TIMEOUT,
-        srv->cfg.connection_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024),
+        srv->cfg.connection_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
         MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv, MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
         MHD_OPTION_END);
     if (!srv->daemon)

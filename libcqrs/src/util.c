@@ -6,14 +6,117 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/random.h>
 #include <time.h>
-#include <uuid/uuid.h>
 
+static const char HEX[] = "0123456789abcdef";
+
+static void hex_bytes(char *out, const unsigned char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = HEX[b[i] >> 4];
+        out[2 * i + 1] = HEX[b[i] & 15];
+    }
+}
+
+static void format_uuid(unsigned char u[16], char out[CQRS_UUID_LEN + 1])
+{
+    u[6] = (unsigned char)((u[6] & 0x0f) | 0x40); /* version 4 */
+    u[8] = (unsigned char)((u[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+    char *p = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *p++ = '-';
+        hex_bytes(p, &u[i], 1);
+        p += 2;
+    }
+    *p = '\0';
+}
+
+/* Identifiers others may see and guess at (aggregate ids): the kernel's CSPRNG. */
 void cqrs_uuid_v4(char out[CQRS_UUID_LEN + 1])
 {
-    uuid_t u;
-    uuid_generate_random(u);
-    uuid_unparse_lower(u, out);
+    unsigned char u[16];
+    size_t got = 0;
+    while (got < sizeof u) {
+        ssize_t n = getrandom(u + got, sizeof u - got, 0);
+        if (n > 0)
+            got += (size_t)n;
+        else if (errno != EINTR)
+            abort(); /* no entropy source at all: nothing sane to do */
+    }
+    format_uuid(u, out);
+}
+
+/* Request ids and trace ids only need to be unique: xoshiro256** per thread, seeded from the
+ * kernel (libuuid's generator reseeds srandom on every call — a fifth of a read's CPU). A fork
+ * makes every thread reseed, so a child never repeats its parent's sequence. */
+static atomic_uint fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static _Thread_local uint64_t rng_s[4];
+static _Thread_local unsigned rng_generation;
+static _Thread_local int rng_seeded;
+
+static void after_fork_child(void)
+{
+    atomic_fetch_add(&fork_generation, 1);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, after_fork_child);
+}
+
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t fast_random(void)
+{
+    unsigned gen = atomic_load(&fork_generation);
+    if (!rng_seeded || rng_generation != gen) {
+        pthread_once(&atfork_once, register_atfork);
+        if (getrandom(rng_s, sizeof rng_s, 0) != (ssize_t)sizeof rng_s) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            rng_s[0] ^= (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ULL;
+            rng_s[1] ^= (uint64_t)(uintptr_t)&rng_s ^ (uint64_t)ts.tv_sec;
+            rng_s[2] ^= 0xbf58476d1ce4e5b9ULL;
+            rng_s[3] ^= 0x94d049bb133111ebULL;
+        }
+        rng_seeded = 1;
+        rng_generation = gen;
+    }
+    uint64_t result = rotl(rng_s[1] * 5, 7) * 9, t = rng_s[1] << 17;
+    rng_s[2] ^= rng_s[0];
+    rng_s[3] ^= rng_s[1];
+    rng_s[1] ^= rng_s[2];
+    rng_s[0] ^= rng_s[3];
+    rng_s[2] ^= t;
+    rng_s[3] = rotl(rng_s[3], 45);
+    return result;
+}
+
+static void fast_random_bytes(unsigned char *out, size_t n)
+{
+    while (n > 0) {
+        uint64_t r = fast_random();
+        size_t k = n < 8 ? n : 8;
+        memcpy(out, &r, k);
+        out += k;
+        n -= k;
+    }
+}
+
+void cqrs_request_id(char out[CQRS_UUID_LEN + 1])
+{
+    unsigned char u[16];
+    fast_random_bytes(u, sizeof u);
+    format_uuid(u, out);
 }
 
 bool cqrs_uuid_valid(const char *s)
@@ -147,19 +250,17 @@ bool cqrs_traceparent_valid(const char *s)
 
 void cqrs_traceparent_new(char out[56])
 {
-    uuid_t a, b;
-    uuid_generate_random(a);
-    uuid_generate_random(b);
-    char *p = out;
-    p += sprintf(p, "00-");
-    for (int i = 0; i < 16; i++)
-        p += sprintf(p, "%02x", a[i]);
-    p += sprintf(p, "-");
-    for (int i = 0; i < 8; i++)
-        p += sprintf(p, "%02x", b[i]);
-    sprintf(p, "-01");
+    unsigned char id[24];
+    static const unsigned char zero[16];
+    do /* all-zero ids are invalid (a 2^-64 chance) */
+        fast_random_bytes(id, sizeof id);
+    while (!memcmp(id, zero, 16) || !memcmp(id + 16, zero, 8));
+    memcpy(out, "00-", 3);
+    hex_bytes(out + 3, id, 16);
+    out[35] = '-';
+    hex_bytes(out + 36, id + 16, 8);
+    memcpy(out + 52, "-01", 4);
 }
-
 static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 char *cqrs_base64url_encode(const void *data, size_t len)

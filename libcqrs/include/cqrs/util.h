@@ -11,6 +11,8 @@
 
 /* Writes a random (v4) lower-case UUID and a NUL into out[37]. */
 void cqrs_uuid_v4(char out[CQRS_UUID_LEN + 1]);
+/* A version-4 UUID from a fast per-thread generator: unique, not unpredictable (request ids). */
+void cqrs_request_id(char out[CQRS_UUID_LEN + 1]);
 
 /* True when s is a canonical 8-4-4-4-12 hex UUID (either case). */
 bool cqrs_uuid_valid(const char *s);
