@@ -55,7 +55,10 @@ static void usage(FILE *out)
             "                          Kafka partition and offset, the document in Redis, dead\n"
             "                          letters, lag; exit 1 when the aggregate is unknown\n"
             "  dlq list|show <id>|retry <id>|drop <id> --yes [--json]\n"
-            "                          the read model's dead letters (cqrsctl dlq --help)\n\n");
+            "                          the read model's dead letters (cqrsctl dlq --help)\n"
+            "  rebuild [--projection products|orders|all] [--scratch-db N]\n"
+            "                          rebuild the read model from the event log into a scratch\n"
+            "                          database and switch to it without downtime\n\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
 }
 
@@ -208,6 +211,9 @@ int main(int argc, char **argv)
         rc = cmd_outbox(argc, argv);
     } else if (strcmp(argv[1], "verify") == 0) {
         rc = cqrsctl_verify(S.pg_dsn, S.redis_url, argc > 2 && strcmp(argv[2], "--json") == 0);
+    } else if (strcmp(argv[1], "rebuild") == 0) {
+        cqrsctl_env_t env = {S.pg_dsn, S.redis_url, S.kafka_brokers, S.topic_prefix};
+        rc = cqrsctl_rebuild(&env, argc - 1, argv + 1);
     } else if (strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0) {
         cqrsctl_env_t env = {S.pg_dsn, S.redis_url, S.kafka_brokers, S.topic_prefix};
         rc = argv[1][0] == 'e' ? cqrsctl_explain(&env, argc - 1, argv + 1)

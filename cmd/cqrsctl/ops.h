@@ -18,6 +18,9 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv);
 /* argv[0] is "dlq"; argv[1] the action (list, show, retry, drop). */
 int cqrsctl_dlq(const cqrsctl_env_t *env, int argc, char **argv);
 
+/* argv[0] is "rebuild". */
+int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv);
+
 /* Prints a JSON value (indented) on stdout. */
 void cqrsctl_print_json(json_t *v);
 

@@ -26,9 +26,17 @@
  *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, 11 change channel,
  *       then per op: op (ZADD|ZREM|SADD|SREM|HSET), key number, score, member, value
  * An applied document is announced on the change channel as "<key> <version>"; a store found
- * empty as "*" (readers must forget what they knew). */
+ * empty as "*" (readers must forget what they knew). While the meta hash's paused_until (ms,
+ * Redis clock) lies ahead, nothing is applied (-3): a rebuild is switching generations. */
 static const char APPLY_LUA[] =
     "if redis.call('EXISTS', KEYS[5]) == 0 then redis.call('PUBLISH', ARGV[11], '*') return -2 "
+    "end\n"
+    "local pause = redis.call('HGET', KEYS[5], 'paused_until')\n"
+    "if pause then\n"
+    "  local t = redis.call('TIME')\n"
+    "  if tonumber(pause) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then\n"
+    "    return -3\n"
+    "  end\n"
     "end\n"
     "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
     "local v = tonumber(ARGV[2])\n"
@@ -343,7 +351,10 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
         }
         if (rc != CQRS_ERR_OK)
             break;
-        if (r->type != REDIS_REPLY_INTEGER || r->integer < -2 || r->integer > 3)
+        if (r->type == REDIS_REPLY_INTEGER && r->integer == -3)
+            rc = cqrs_error_set(err, CQRS_ERR_RETRY,
+                                "the read model is paused while a rebuild switches generations");
+        else if (r->type != REDIS_REPLY_INTEGER || r->integer < -2 || r->integer > 3)
             rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected apply reply");
         else
             *result = (cqrs_apply_result_t)r->integer;
@@ -975,4 +986,376 @@ cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count
 {
     const char *argv[] = {"LLEN", "cqrs:dlq:undecodable"};
     return command_int(ds, 2, argv, count, err);
+}
+
+/* ---- rebuilds ---------------------------------------------------------------------------- */
+
+cqrs_docstore_t *cqrs_docstore_new_db(const char *url, int db, int timeout_ms, cqrs_error_t *err)
+{
+    cqrs_docstore_t *ds = cqrs_docstore_new(url, timeout_ms, err);
+    if (!ds)
+        return NULL;
+    ds->addr.db = db;
+    cqrs_docstore_channel(&ds->addr, ds->channel, sizeof ds->channel);
+    return ds;
+}
+
+int cqrs_docstore_db(const cqrs_docstore_t *ds)
+{
+    return ds->addr.db;
+}
+
+/* A pipeline: commands are appended, and every `window` of them the replies are read. */
+typedef struct pipe {
+    cqrs_docstore_t *ds;
+    size_t pending;
+    cqrs_err_t rc;
+    cqrs_error_t *err;
+} pipe_t;
+
+static void pipe_drain(pipe_t *p)
+{
+    for (; p->pending > 0; p->pending--) {
+        void *reply = NULL;
+        if (redisGetReply(p->ds->c, &reply) != REDIS_OK || !reply) {
+            if (p->rc == CQRS_ERR_OK)
+                p->rc = cqrs_error_set(p->err, CQRS_ERR_UNAVAILABLE, "Redis: %s", p->ds->c->errstr);
+            disconnect(p->ds);
+            p->pending = 0;
+            return;
+        }
+        redisReply *r = reply;
+        if (r->type == REDIS_REPLY_ERROR && p->rc == CQRS_ERR_OK)
+            p->rc = cqrs_error_set(p->err, CQRS_ERR_INTERNAL, "Redis: %s", r->str);
+        freeReplyObject(r);
+    }
+}
+
+static void pipe_add(pipe_t *p, int argc, const char **argv)
+{
+    if (p->rc != CQRS_ERR_OK || !p->ds->c)
+        return;
+    if (redisAppendCommandArgv(p->ds->c, argc, argv, NULL) != REDIS_OK) {
+        p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "Redis: cannot queue a command");
+        return;
+    }
+    if (++p->pending >= 1000)
+        pipe_drain(p);
+}
+
+/* Bulk writes group the changes of many documents by (command, key): the lists every product
+ * belongs to get one ZADD with all of the batch's members instead of one per document. */
+typedef struct group {
+    int op; /* cqrs_index_op_kind_t */
+    const char *key;
+    const char **args; /* score/member pairs for ZADD, field/value pairs for HSET, members else */
+    size_t n, cap;
+} group_t;
+
+typedef struct groups {
+    group_t *v;
+    size_t n, cap;
+    size_t *slots; /* open addressing: index + 1, 0 = empty */
+    size_t n_slots;
+} groups_t;
+
+static uint64_t group_hash(int op, const char *key)
+{
+    uint64_t h = 1469598103934665603ULL ^ (uint64_t)op;
+    for (; *key; key++) {
+        h ^= (unsigned char)*key;
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static group_t *group_for(groups_t *g, int op, const char *key)
+{
+    if ((g->n + 1) * 2 > g->n_slots) {
+        size_t ns = g->n_slots ? g->n_slots * 2 : 1024;
+        size_t *slots = calloc(ns, sizeof *slots);
+        if (!slots)
+            return NULL;
+        for (size_t i = 0; i < g->n; i++) {
+            size_t j = group_hash(g->v[i].op, g->v[i].key) & (ns - 1);
+            while (slots[j])
+                j = (j + 1) & (ns - 1);
+            slots[j] = i + 1;
+        }
+        free(g->slots);
+        g->slots = slots;
+        g->n_slots = ns;
+    }
+    size_t j = group_hash(op, key) & (g->n_slots - 1);
+    while (g->slots[j]) {
+        group_t *x = &g->v[g->slots[j] - 1];
+        if (x->op == op && strcmp(x->key, key) == 0)
+            return x;
+        j = (j + 1) & (g->n_slots - 1);
+    }
+    if (g->n == g->cap) {
+        size_t cap = g->cap ? g->cap * 2 : 256;
+        group_t *nv = realloc(g->v, cap * sizeof *nv);
+        if (!nv)
+            return NULL;
+        g->v = nv;
+        g->cap = cap;
+    }
+    g->v[g->n] = (group_t){op, key, NULL, 0, 0};
+    g->slots[j] = ++g->n;
+    return &g->v[g->n - 1];
+}
+
+static bool group_push(group_t *x, const char *a, const char *b)
+{
+    if (!x)
+        return false;
+    if (x->n + 2 > x->cap) {
+        size_t cap = x->cap ? x->cap * 2 : 8;
+        const char **na = realloc(x->args, cap * sizeof *na);
+        if (!na)
+            return false;
+        x->args = na;
+        x->cap = cap;
+    }
+    x->args[x->n++] = a;
+    if (b)
+        x->args[x->n++] = b;
+    return true;
+}
+
+cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *docs, size_t n,
+                                    cqrs_error_t *err)
+{
+    cqrs_err_t rc = connect_ds(ds, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    enum { G_HSET = 10, G_HSETNX_DEAD = 11 };
+    groups_t g = {0};
+    size_t n_scores = 0;
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < docs[i].n_ops; k++)
+            n_scores += docs[i].ops[k].op == CQRS_INDEX_ZADD;
+    char(*versions)[24] = calloc(n ? n : 1, sizeof *versions);
+    char(*scores)[32] = calloc(n_scores ? n_scores : 1, sizeof *scores);
+    size_t si = 0;
+    bool ok = versions && scores;
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)cqrs_realtime_ms());
+    size_t n_dead = 0;
+    for (size_t i = 0; ok && i < n; i++) {
+        const cqrs_bulk_doc_t *d = &docs[i];
+        snprintf(versions[i], sizeof versions[i], "%lld", (long long)d->version);
+        if (d->json) {
+            group_t *x = group_for(&g, G_HSET, d->key);
+            ok = group_push(x, "v", versions[i]) && group_push(x, "json", d->json);
+        }
+        for (size_t k = 0; ok && k < d->n_ops; k++) {
+            const cqrs_index_op_t *o = &d->ops[k];
+            group_t *x = group_for(&g, o->op == CQRS_INDEX_HSET ? G_HSET : (int)o->op, o->key);
+            if (o->op == CQRS_INDEX_ZADD) {
+                snprintf(scores[si], sizeof scores[si], "%.17g", o->score);
+                ok = group_push(x, scores[si++], o->member);
+            } else if (o->op == CQRS_INDEX_HSET) {
+                ok = group_push(x, o->member, o->value ? o->value : "");
+            } else {
+                ok = group_push(x, o->member, NULL);
+            }
+        }
+        n_dead += d->n_dead;
+    }
+    if (!ok) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    static const char *const names[] = {"ZADD", "ZREM", "SADD", "SREM", "HSET"};
+    pipe_t p = {ds, 0, CQRS_ERR_OK, err};
+    /* Removals first: a batch never removes and adds one member of one key, but order them
+     * the way the apply script would anyway. */
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t i = 0; i < g.n; i++) {
+            group_t *x = &g.v[i];
+            bool removal = x->op == CQRS_INDEX_ZREM || x->op == CQRS_INDEX_SREM;
+            if (removal != (pass == 0))
+                continue;
+            const char *name = x->op == G_HSET ? "HSET" : names[x->op];
+            size_t step = (x->op == CQRS_INDEX_ZADD || x->op == G_HSET) ? 2 : 1;
+            for (size_t off = 0; off < x->n; off += 1000 * step) {
+                size_t take = x->n - off < 1000 * step ? x->n - off : 1000 * step;
+                const char **argv = malloc((take + 2) * sizeof *argv);
+                if (!argv) {
+                    rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+                    goto out;
+                }
+                argv[0] = name;
+                argv[1] = x->key;
+                memcpy(argv + 2, x->args + off, take * sizeof *argv);
+                pipe_add(&p, (int)(take + 2), argv);
+                free(argv);
+            }
+        }
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < docs[i].n_dead; k++) {
+            const cqrs_bulk_doc_t *d = &docs[i];
+            char v[24], field[40];
+            snprintf(v, sizeof v, "%lld", (long long)d->dead[k].version);
+            snprintf(field, sizeof field, "%s:reason", v);
+            const char *a1[] = {"HSETNX", d->dlq_key, v, d->dead[k].blob};
+            const char *a2[] = {"HSETNX", d->dlq_key, field, d->dead[k].reason};
+            const char *a3[] = {"ZADD", CQRS_DLQ_INDEX_KEY, "NX", now, d->aggregate_id};
+            pipe_add(&p, 4, a1);
+            pipe_add(&p, 4, a2);
+            pipe_add(&p, 5, a3);
+        }
+    (void)n_dead;
+    if (ds->c)
+        pipe_drain(&p);
+    rc = p.rc;
+out:
+    for (size_t i = 0; i < g.n; i++)
+        free(g.v[i].args);
+    free(g.v);
+    free(g.slots);
+    free(versions);
+    free(scores);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t *err)
+{
+    redisReply *r = NULL;
+    if (for_ms <= 0) {
+        const char *argv[] = {"HDEL", CQRS_META_KEY, "paused_until"};
+        cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+        freeReplyObject(r);
+        return rc;
+    }
+    /* The deadline in the server's clock, which the apply script compares with. */
+    const char *targv[] = {"TIME"};
+    cqrs_err_t rc = command(ds, 1, targv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+        freeReplyObject(r);
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected TIME reply");
+    }
+    long long until = atoll(r->element[0]->str) * 1000 + atoll(r->element[1]->str) / 1000 + for_ms;
+    freeReplyObject(r);
+    char u[24];
+    snprintf(u, sizeof u, "%lld", until);
+    const char *argv[] = {"HSET", CQRS_META_KEY, "paused_until", u};
+    rc = command(ds, 4, argv, NULL, &r, err);
+    freeReplyObject(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, const char *pattern,
+                                   size_t *copied, cqrs_error_t *err)
+{
+    char cursor[32] = "0";
+    *copied = 0;
+    do {
+        const char *argv[] = {"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"};
+        redisReply *r = NULL;
+        cqrs_err_t rc = command(src, 6, argv, NULL, &r, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+            freeReplyObject(r);
+            return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected SCAN reply");
+        }
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        redisReply *keys = r->element[1];
+        for (size_t i = 0; i < keys->elements; i++) {
+            const char *key = keys->element[i]->str;
+            const char *dargv[] = {"DUMP", key};
+            redisReply *d = NULL;
+            rc = command(src, 2, dargv, NULL, &d, err);
+            if (rc != CQRS_ERR_OK) {
+                freeReplyObject(r);
+                return rc;
+            }
+            if (d->type == REDIS_REPLY_STRING) {
+                const char *rargv[] = {"RESTORE", key, "0", d->str, "REPLACE"};
+                size_t lens[] = {7, keys->element[i]->len, 1, d->len, 7};
+                redisReply *x = NULL;
+                rc = command(dst, 5, rargv, lens, &x, err);
+                freeReplyObject(x);
+                if (rc != CQRS_ERR_OK) {
+                    freeReplyObject(d);
+                    freeReplyObject(r);
+                    return rc;
+                }
+                (*copied)++;
+            }
+            freeReplyObject(d);
+        }
+        freeReplyObject(r);
+    } while (strcmp(cursor, "0") != 0);
+    return CQRS_ERR_OK;
+}
+
+static cqrs_err_t simple(cqrs_docstore_t *ds, int argc, const char **argv, cqrs_error_t *err)
+{
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, argc, argv, NULL, &r, err);
+    freeReplyObject(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, cqrs_error_t *err)
+{
+    char a[12], b[12];
+    snprintf(a, sizeof a, "%d", ds->addr.db);
+    snprintf(b, sizeof b, "%d", other_db);
+    const char *argv[] = {"SWAPDB", a, b};
+    return simple(ds, 3, argv, err);
+}
+
+cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err)
+{
+    const char *argv[] = {"PUBLISH", ds->channel, "*"};
+    return simple(ds, 3, argv, err);
+}
+
+cqrs_err_t cqrs_docstore_flush(cqrs_docstore_t *ds, cqrs_error_t *err)
+{
+    const char *argv[] = {"FLUSHDB", "ASYNC"};
+    return simple(ds, 2, argv, err);
+}
+
+cqrs_err_t cqrs_docstore_dbsize(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err)
+{
+    const char *argv[] = {"DBSIZE"};
+    return command_int(ds, 1, argv, n, err);
+}
+
+cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char **value,
+                                    cqrs_error_t *err)
+{
+    const char *argv[] = {"GET", key};
+    redisReply *r = NULL;
+    *value = NULL;
+    cqrs_err_t rc = command(ds, 2, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type == REDIS_REPLY_STRING)
+        *value = strndup(r->str, r->len);
+    else
+        rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "no key %s", key);
+    freeReplyObject(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_string_set(cqrs_docstore_t *ds, const char *key, const char *value,
+                                    cqrs_error_t *err)
+{
+    const char *argv[] = {"SET", key, value};
+    return simple(ds, 3, argv, err);
+}
+
+cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t *err)
+{
+    const char *argv[] = {"DEL", key};
+    return simple(ds, 2, argv, err);
 }

@@ -374,6 +374,11 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
         cqrs_index_ops_free(&ops);
         a.ops = NULL;
         a.n_ops = 0;
+        if (rc == CQRS_ERR_RETRY) {
+            /* A rebuild is switching generations (a second at most): wait, then redo. */
+            sleep_unless_stopped(p, 20);
+            continue;
+        }
         if (rc != CQRS_ERR_OK) {
             atomic_store(&p->redis_up, false);
             if (attempt++ % 20 == 0)

@@ -223,4 +223,61 @@ cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
 cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count,
                                            cqrs_error_t *err);
 
+/* ---- rebuilds (cqrsctl rebuild) ----
+ * A rebuild writes a new generation of the read model into a scratch database of the same
+ * server, then SWAPDB makes it the live one atomically: every connection of the live database
+ * sees the new generation from the next command on. */
+
+/* A connection to database db of the server in url (same host and password). */
+cqrs_docstore_t *cqrs_docstore_new_db(const char *url, int db, int timeout_ms, cqrs_error_t *err);
+int cqrs_docstore_db(const cqrs_docstore_t *ds);
+
+typedef struct cqrs_dead_letter_put {
+    int64_t version;
+    const char *blob;
+    const char *reason;
+} cqrs_dead_letter_put_t;
+
+/* One aggregate's final state for a bulk write: the document (json NULL: none), the index
+ * changes, and events that could not be applied (dead letters, holding the aggregate). */
+typedef struct cqrs_bulk_doc {
+    const char *key;
+    int64_t version;
+    const char *json;
+    const cqrs_index_op_t *ops;
+    size_t n_ops;
+    const char *aggregate_id;
+    const char *dlq_key;
+    const cqrs_dead_letter_put_t *dead;
+    size_t n_dead;
+} cqrs_bulk_doc_t;
+
+/* Writes with plain pipelined commands, not atomically: only for a database nothing else
+ * writes (a rebuild's scratch database). */
+cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *docs, size_t n,
+                                    cqrs_error_t *err);
+
+/* Sets (until_ms > 0: for that many ms of the server's clock from now) or clears (0) the pause
+ * the apply script honours. */
+cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t *err);
+
+/* Copies every key matching pattern (SCAN MATCH) from src to dst (DUMP/RESTORE REPLACE);
+ * *copied counts them. src and dst are databases of the same server. */
+cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, const char *pattern,
+                                   size_t *copied, cqrs_error_t *err);
+
+/* SWAPDB <ds's database> <other_db>. */
+cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, cqrs_error_t *err);
+/* PUBLISHes "*" on ds's change channel: listeners forget what they derived. */
+cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err);
+/* FLUSHDB ASYNC of ds's database. */
+cqrs_err_t cqrs_docstore_flush(cqrs_docstore_t *ds, cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_dbsize(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err);
+/* A plain string key (rebuild markers): get (NOT_FOUND when absent), set, delete. */
+cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char **value,
+                                    cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_string_set(cqrs_docstore_t *ds, const char *key, const char *value,
+                                    cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t *err);
+
 #endif

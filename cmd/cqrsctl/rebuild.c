@@ -1,0 +1,675 @@
+/* rebuild.c — `cqrsctl rebuild`: a new generation of the read model from the PostgreSQL event
+ * log, switched in without downtime.
+ *
+ * 1. Build: every event of the chosen projections, read in (aggregate, version) order in
+ *    batches, folded per aggregate through the projection cqrs-queryd uses (query_projection);
+ *    each aggregate's final document and index entries are written with pipelined commands
+ *    into a scratch database of the same Redis server. Meanwhile the live database keeps
+ *    serving and the live projector keeps applying.
+ * 2. Catch up: the versions in PostgreSQL's aggregate tables are compared with what the new
+ *    generation holds, and the missing events of the aggregates that moved are folded on top
+ *    — a few rounds, until little is left.
+ * 3. Switch: the live projector is paused (a deadline in the live meta hash that the apply
+ *    script honours; it lapses by itself if this process dies); a last catch-up reads
+ *    PostgreSQL *after* the pause began, so the new generation holds every event the live one
+ *    holds (an applied event was committed first); the live partition offsets, the
+ *    projections not rebuilt and the undecodable-message list are copied; SWAPDB makes the new
+ *    generation the live database atomically for every connection; "*" on the change channel
+ *    flushes the query daemons' caches; the old generation (now in the scratch database) is
+ *    flushed. Readers never wait: they read the live database throughout, and the pause only
+ *    holds the projector (for the last catch-up, typically milliseconds).
+ *
+ * Restartable: the scratch database carries a marker; a later run flushes a marked scratch
+ * database and starts over, and refuses an unmarked one that is not empty.
+ */
+#include <cqrs/docstore.h>
+#include <cqrs/event.h>
+#include <cqrs/log.h>
+#include <cqrs/metrics.h>
+#include <cqrs/projector.h>
+#include <cqrs/store.h>
+#include <cqrs/util.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ops.h"
+#include "query.h"
+
+#define MARKER_KEY "cqrs:rebuild:marker"
+#define BATCH_EVENTS 20000
+#define FLUSH_AGGREGATES 2048
+#define PAUSE_MS 10000
+
+static const char *const SQL_BATCH =
+    "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"
+    " to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
+    " coalesce(e.traceparent, ''), e.data::text, e.sequence"
+    "  FROM events e"
+    " WHERE e.aggregate_type = ANY($1::text[]) AND (e.aggregate_id, e.version) > ($2::uuid, $3)"
+    " ORDER BY e.aggregate_id, e.version LIMIT $4";
+
+static const char *const SQL_MISSING =
+    "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"
+    " to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
+    " coalesce(e.traceparent, ''), e.data::text, e.sequence"
+    "  FROM events e JOIN unnest($1::uuid[], $2::bigint[]) AS x(id, v)"
+    "    ON e.aggregate_id = x.id AND e.version > x.v"
+    " ORDER BY e.aggregate_id, e.version";
+
+static const char *const SQL_COUNT =
+    "SELECT count(*) FROM events WHERE aggregate_type = ANY($1::text[])";
+static const char *const SQL_PRODUCT_VERSIONS = "SELECT id::text, version FROM products";
+static const char *const SQL_ORDER_VERSIONS = "SELECT id::text, version FROM orders";
+
+/* ---- what the new generation holds: aggregate id → version ---------------------------- */
+
+typedef struct slot {
+    char id[CQRS_UUID_LEN + 1];
+    int64_t version; /* applied */
+    int64_t seen;    /* highest version handled (applied or dead-lettered) */
+    bool held;       /* has dead letters: later events are parked */
+    bool used;
+} slot_t;
+
+typedef struct vmap {
+    slot_t *v;
+    size_t cap, n;
+} vmap_t;
+
+static uint64_t hash_id(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static slot_t *vmap_find(vmap_t *m, const char *id, bool add)
+{
+    if (add && (m->n + 1) * 2 > m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 4096;
+        slot_t *nv = calloc(cap, sizeof *nv);
+        if (!nv)
+            return NULL;
+        for (size_t i = 0; i < m->cap; i++)
+            if (m->v[i].used) {
+                size_t j = hash_id(m->v[i].id) & (cap - 1);
+                while (nv[j].used)
+                    j = (j + 1) & (cap - 1);
+                nv[j] = m->v[i];
+            }
+        free(m->v);
+        m->v = nv;
+        m->cap = cap;
+    }
+    if (!m->cap)
+        return NULL;
+    size_t j = hash_id(id) & (m->cap - 1);
+    while (m->v[j].used) {
+        if (strcmp(m->v[j].id, id) == 0)
+            return &m->v[j];
+        j = (j + 1) & (m->cap - 1);
+    }
+    if (!add)
+        return NULL;
+    m->v[j].used = true;
+    snprintf(m->v[j].id, sizeof m->v[j].id, "%s", id);
+    m->n++;
+    return &m->v[j];
+}
+
+/* ---- folding one aggregate -------------------------------------------------------------- */
+
+typedef struct agg {
+    char id[CQRS_UUID_LEN + 1];
+    char key[128];
+    char dlq_key[96];
+    json_t *old; /* the document the new generation holds before this fold (NULL: none) */
+    json_t *doc; /* after */
+    int64_t version, seen;
+    bool held;
+    cqrs_dead_letter_put_t *dead;
+    size_t n_dead, cap_dead;
+} agg_t;
+
+typedef struct rebuild {
+    const cqrsctl_env_t *env;
+    cqrs_store_t *store;
+    cqrs_docstore_t *live, *scratch;
+    const char *types; /* "{product,order}" */
+    bool products, orders;
+    vmap_t map;
+    agg_t cur;
+    bool have_cur;
+    /* finished aggregates waiting for the next bulk write */
+    cqrs_bulk_doc_t docs[FLUSH_AGGREGATES];
+    char *texts[FLUSH_AGGREGATES];
+    cqrs_index_ops_t ops[FLUSH_AGGREGATES];
+    agg_t done[FLUSH_AGGREGATES];
+    size_t n_done;
+    /* progress */
+    long long total, events, dead_letters;
+    int64_t started_ms, last_report_ms;
+    bool tty;
+} rebuild_t;
+
+static void agg_free(agg_t *a)
+{
+    json_decref(a->old);
+    json_decref(a->doc);
+    for (size_t i = 0; i < a->n_dead; i++) {
+        free((char *)a->dead[i].blob);
+        free((char *)a->dead[i].reason);
+    }
+    free(a->dead);
+    memset(a, 0, sizeof *a);
+}
+
+static void add_dead(agg_t *a, const cqrs_event_t *ev, const char *reason)
+{
+    if (a->n_dead == a->cap_dead) {
+        size_t cap = a->cap_dead ? a->cap_dead * 2 : 4;
+        cqrs_dead_letter_put_t *nd = realloc(a->dead, cap * sizeof *nd);
+        if (!nd)
+            return;
+        a->dead = nd;
+        a->cap_dead = cap;
+    }
+    json_t *blob = cqrs_event_to_json(ev);
+    /* Where it lies in Kafka is unknown here: offset -1 (a retry records nothing new). */
+    json_object_set_new(blob, "partition", json_integer(-1));
+    json_object_set_new(blob, "offset", json_integer(-1));
+    a->dead[a->n_dead].version = ev->version;
+    a->dead[a->n_dead].blob = json_dumps(blob, JSON_COMPACT);
+    a->dead[a->n_dead].reason = strdup(reason);
+    a->n_dead++;
+    json_decref(blob);
+}
+
+/* Folds one event into the aggregate it belongs to (the current one). */
+static void fold(agg_t *a, const cqrs_event_t *ev)
+{
+    char reason[300];
+    if (ev->version <= a->seen)
+        return; /* handled already */
+    a->seen = ev->version;
+    if (a->held) {
+        add_dead(a, ev, "waiting behind an earlier dead letter of its aggregate");
+        return;
+    }
+    if (ev->version <= a->version)
+        return; /* already there */
+    if (ev->version > a->version + 1) {
+        snprintf(reason, sizeof reason, "gap: the document is at version %lld",
+                 (long long)a->version);
+        a->held = true;
+        add_dead(a, ev, reason);
+        return;
+    }
+    json_t *next = NULL;
+    cqrs_error_t perr;
+    if (query_projection.apply(a->doc, ev, &next, &perr) != CQRS_ERR_OK) {
+        a->held = true;
+        add_dead(a, ev, perr.message);
+        return;
+    }
+    json_decref(a->doc);
+    a->doc = next;
+    a->version = ev->version;
+}
+
+static cqrs_err_t flush_done(rebuild_t *r, cqrs_error_t *err)
+{
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (r->n_done)
+        rc = cqrs_docstore_bulk_write(r->scratch, r->docs, r->n_done, err);
+    for (size_t i = 0; i < r->n_done; i++) {
+        free(r->texts[i]);
+        cqrs_index_ops_free(&r->ops[i]);
+        agg_free(&r->done[i]);
+    }
+    r->n_done = 0;
+    return rc;
+}
+
+/* The current aggregate is complete: queue its writes. */
+static cqrs_err_t finish_agg(rebuild_t *r, cqrs_error_t *err)
+{
+    if (!r->have_cur)
+        return CQRS_ERR_OK;
+    r->have_cur = false;
+    agg_t *a = &r->cur;
+    slot_t *s = vmap_find(&r->map, a->id, true);
+    if (!s)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    s->version = a->version;
+    s->seen = a->seen;
+    s->held = a->held;
+    size_t i = r->n_done++;
+    r->done[i] = *a;
+    memset(a, 0, sizeof *a);
+    agg_t *d = &r->done[i];
+    memset(&r->ops[i], 0, sizeof r->ops[i]);
+    r->texts[i] = NULL;
+    bool changed = d->doc && d->doc != d->old;
+    if (changed) {
+        r->texts[i] = json_dumps(d->doc, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        query_projection.index(d->key, d->old, d->doc, &r->ops[i]);
+    }
+    r->dead_letters += (long long)d->n_dead;
+    r->docs[i] = (cqrs_bulk_doc_t){.key = d->key,
+                                   .version = d->version,
+                                   .json = r->texts[i],
+                                   .ops = r->ops[i].v,
+                                   .n_ops = r->ops[i].n,
+                                   .aggregate_id = d->id,
+                                   .dlq_key = d->dlq_key,
+                                   .dead = d->dead,
+                                   .n_dead = d->n_dead};
+    return r->n_done == FLUSH_AGGREGATES ? flush_done(r, err) : CQRS_ERR_OK;
+}
+
+static void progress(rebuild_t *r, const char *phase, bool final)
+{
+    int64_t now = cqrs_monotonic_ms();
+    if (!final && now - r->last_report_ms < (r->tty ? 200 : 2000))
+        return;
+    r->last_report_ms = now;
+    double s = (double)(now - r->started_ms) / 1000.0;
+    double rate = s > 0 ? (double)r->events / s : 0;
+    long long left = r->total > r->events ? r->total - r->events : 0;
+    if (r->tty) {
+        int width = 30, filled = r->total ? (int)(width * r->events / r->total) : width;
+        if (filled > width)
+            filled = width;
+        fprintf(stderr, "\r%-9s [%.*s%*s] %lld/%lld events  %.0f events/s  ETA %.0f s   ", phase,
+                filled, "##############################", width - filled, "", r->events, r->total,
+                rate, rate > 0 ? (double)left / rate : 0.0);
+        if (final)
+            fputc('\n', stderr);
+    } else {
+        fprintf(stderr, "%s: %lld/%lld events, %.0f events/s, ETA %.0f s\n", phase, r->events,
+                r->total, rate, rate > 0 ? (double)left / rate : 0.0);
+    }
+}
+
+/* Rows of SQL_BATCH / SQL_MISSING → events folded into aggregates. old_docs: in catch-up, the
+ * current documents of the new generation are looked up per aggregate. */
+static cqrs_err_t fold_rows(rebuild_t *r, cqrs_rows_t *rows, bool catch_up, cqrs_error_t *err)
+{
+    int n = cqrs_rows_count(rows);
+    for (int i = 0; i < n; i++) {
+        const char *agg_id = cqrs_rows_get(rows, i, 1);
+        if (!r->have_cur || strcmp(r->cur.id, agg_id) != 0) {
+            cqrs_err_t rc = finish_agg(r, err);
+            if (rc != CQRS_ERR_OK)
+                return rc;
+            agg_t *a = &r->cur;
+            memset(a, 0, sizeof *a);
+            r->have_cur = true;
+            snprintf(a->id, sizeof a->id, "%s", agg_id);
+            doc_key(cqrs_rows_get(rows, i, 0), agg_id, a->key, sizeof a->key);
+            cqrs_projector_dlq_key(agg_id, a->dlq_key, sizeof a->dlq_key);
+            slot_t *s = catch_up ? vmap_find(&r->map, agg_id, false) : NULL;
+            if (s) {
+                a->version = s->version;
+                a->seen = s->seen;
+                a->held = s->held;
+                if (s->version > 0 && !s->held) {
+                    char *json = NULL;
+                    int64_t v = 0;
+                    cqrs_err_t grc = cqrs_docstore_get(r->scratch, a->key, &json, &v, err);
+                    if (grc != CQRS_ERR_OK && grc != CQRS_ERR_NOT_FOUND)
+                        return grc;
+                    a->old = json ? json_loads(json, 0, NULL) : NULL;
+                    a->doc = a->old ? json_incref(a->old) : NULL;
+                    free(json);
+                } else if (s->version > 0) {
+                    a->doc = NULL; /* held: only dead letters are added */
+                }
+            }
+        }
+        cqrs_event_t ev;
+        memset(&ev, 0, sizeof ev);
+        snprintf(ev.aggregate_type, sizeof ev.aggregate_type, "%s", cqrs_rows_get(rows, i, 0));
+        snprintf(ev.aggregate_id, sizeof ev.aggregate_id, "%s", agg_id);
+        cqrs_parse_int64(cqrs_rows_get(rows, i, 2), &ev.version);
+        snprintf(ev.id, sizeof ev.id, "%s", cqrs_rows_get(rows, i, 3));
+        snprintf(ev.type, sizeof ev.type, "%s", cqrs_rows_get(rows, i, 4));
+        snprintf(ev.time, sizeof ev.time, "%s", cqrs_rows_get(rows, i, 5));
+        snprintf(ev.traceparent, sizeof ev.traceparent, "%s", cqrs_rows_get(rows, i, 6));
+        snprintf(ev.source, sizeof ev.source, "/cqrs-commandd");
+        cqrs_parse_int64(cqrs_rows_get(rows, i, 8), &ev.sequence);
+        ev.data = json_loads(cqrs_rows_get(rows, i, 7), 0, NULL);
+        fold(&r->cur, &ev);
+        json_decref(ev.data);
+        r->events++;
+    }
+    return CQRS_ERR_OK;
+}
+
+typedef struct query {
+    const char *sql;
+    int n;
+    const char *params[4];
+    cqrs_rows_t *rows;
+} query_t;
+
+static cqrs_err_t query_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
+{
+    query_t *q = ud;
+    return cqrs_tx_exec(tx, q->sql, q->n, q->params, &q->rows, err);
+}
+
+static cqrs_err_t run_query(rebuild_t *r, query_t *q, cqrs_error_t *err)
+{
+    q->rows = NULL;
+    return cqrs_store_run_tx(r->store, query_tx, q, err);
+}
+
+/* Phase 1: everything in the log. */
+static cqrs_err_t build(rebuild_t *r, cqrs_error_t *err)
+{
+    char after_id[CQRS_UUID_LEN + 1] = "00000000-0000-0000-0000-000000000000";
+    char after_v[24] = "0", limit[16];
+    snprintf(limit, sizeof limit, "%d", BATCH_EVENTS);
+    for (;;) {
+        query_t q = {SQL_BATCH, 4, {r->types, after_id, after_v, limit}, NULL};
+        cqrs_err_t rc = run_query(r, &q, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        int n = cqrs_rows_count(q.rows);
+        if (n > 0) {
+            snprintf(after_id, sizeof after_id, "%s", cqrs_rows_get(q.rows, n - 1, 1));
+            snprintf(after_v, sizeof after_v, "%s", cqrs_rows_get(q.rows, n - 1, 2));
+        }
+        rc = fold_rows(r, q.rows, false, err);
+        cqrs_rows_free(q.rows);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        progress(r, "building", false);
+        if (n < BATCH_EVENTS)
+            break;
+    }
+    cqrs_err_t rc = finish_agg(r, err);
+    return rc == CQRS_ERR_OK ? flush_done(r, err) : rc;
+}
+
+/* One catch-up round: aggregates whose version in PostgreSQL is past the new generation's;
+ * *behind counts them. */
+static cqrs_err_t catch_up(rebuild_t *r, long long *behind, cqrs_error_t *err)
+{
+    *behind = 0;
+    json_t *ids = json_array(), *versions = json_array();
+    for (int t = 0; t < 2; t++) {
+        if ((t == 0 && !r->products) || (t == 1 && !r->orders))
+            continue;
+        query_t q = {t == 0 ? SQL_PRODUCT_VERSIONS : SQL_ORDER_VERSIONS, 0, {NULL}, NULL};
+        cqrs_err_t rc = run_query(r, &q, err);
+        if (rc != CQRS_ERR_OK) {
+            json_decref(ids);
+            json_decref(versions);
+            return rc;
+        }
+        int n = cqrs_rows_count(q.rows);
+        for (int i = 0; i < n; i++) {
+            const char *id = cqrs_rows_get(q.rows, i, 0);
+            int64_t v = 0;
+            cqrs_parse_int64(cqrs_rows_get(q.rows, i, 1), &v);
+            slot_t *s = vmap_find(&r->map, id, false);
+            int64_t have = s ? s->seen : 0;
+            if (v > have) {
+                json_array_append_new(ids, json_string(id));
+                json_array_append_new(versions, json_integer(have));
+            }
+        }
+        cqrs_rows_free(q.rows);
+    }
+    *behind = (long long)json_array_size(ids);
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (*behind > 0) {
+        /* PostgreSQL arrays as text: {a,b,c} */
+        cqrs_text_t a = {0}, b = {0};
+        cqrs_text_printf(&a, "{");
+        cqrs_text_printf(&b, "{");
+        for (size_t i = 0; i < json_array_size(ids); i++) {
+            cqrs_text_printf(&a, "%s%s", i ? "," : "", json_string_value(json_array_get(ids, i)));
+            cqrs_text_printf(&b, "%s%lld", i ? "," : "",
+                             (long long)json_integer_value(json_array_get(versions, i)));
+        }
+        cqrs_text_printf(&a, "}");
+        cqrs_text_printf(&b, "}");
+        query_t q = {SQL_MISSING, 2, {a.buf, b.buf}, NULL};
+        rc = run_query(r, &q, err);
+        if (rc == CQRS_ERR_OK) {
+            rc = fold_rows(r, q.rows, true, err);
+            cqrs_rows_free(q.rows);
+        }
+        if (rc == CQRS_ERR_OK)
+            rc = finish_agg(r, err);
+        if (rc == CQRS_ERR_OK)
+            rc = flush_done(r, err);
+        cqrs_text_free(&a);
+        cqrs_text_free(&b);
+    }
+    json_decref(ids);
+    json_decref(versions);
+    return rc;
+}
+
+static int usage(FILE *f)
+{
+    fprintf(f, "usage: cqrsctl rebuild [--projection products|orders|all] [--scratch-db N]\n\n"
+               "Rebuilds the read model from the PostgreSQL event log into a scratch database of\n"
+               "the same Redis server while the live one keeps serving, then switches atomically\n"
+               "(SWAPDB) and drops the old generation. The projections not chosen are copied as\n"
+               "they are. --scratch-db defaults to the live database + 1 (0 when the live one is\n"
+               "15); it must be empty or a previous rebuild's scratch database.\n"
+               "Exit codes: 0 switched, 1 failed (the live read model is untouched), 2 usage,\n"
+               "3 a dependency is unavailable.\n");
+    return f == stdout ? 0 : 2;
+}
+
+static int fail(rebuild_t *r, const cqrs_error_t *err)
+{
+    if (r->tty)
+        fputc('\n', stderr);
+    fprintf(stderr, "cqrsctl rebuild: %s\n", err->message);
+    return err->code == CQRS_ERR_UNAVAILABLE || err->code == CQRS_ERR_TIMEOUT ? 3 : 1;
+}
+
+int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
+{
+    const char *projection = "all";
+    int scratch_db = -1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
+            return usage(stdout);
+        if (strcmp(argv[i], "--projection") == 0 && i + 1 < argc) {
+            projection = argv[++i];
+        } else if (strcmp(argv[i], "--scratch-db") == 0 && i + 1 < argc) {
+            int64_t v;
+            if (!cqrs_parse_int64(argv[++i], &v) || v < 0 || v > 1000000)
+                return usage(stderr);
+            scratch_db = (int)v;
+        } else {
+            return usage(stderr);
+        }
+    }
+    static rebuild_t R;
+    rebuild_t *r = &R;
+    r->env = env;
+    r->products = strcmp(projection, "products") == 0 || strcmp(projection, "all") == 0;
+    r->orders = strcmp(projection, "orders") == 0 || strcmp(projection, "all") == 0;
+    if (!r->products && !r->orders)
+        return usage(stderr);
+    r->types = r->products && r->orders ? "{product,order}" : r->products ? "{product}" : "{order}";
+    r->tty = isatty(2);
+    cqrs_error_t err;
+    cqrs_redis_addr_t addr;
+    if (cqrs_redis_url_parse(env->redis_url, &addr, &err) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl rebuild: CQRS_REDIS_URL: %s\n", err.message);
+        return 2;
+    }
+    if (scratch_db < 0)
+        scratch_db = addr.db == 15 ? 0 : addr.db + 1;
+    if (scratch_db == addr.db) {
+        fprintf(stderr, "cqrsctl rebuild: the scratch database must not be the live one (%d)\n",
+                addr.db);
+        return 2;
+    }
+    cqrs_store_config_t sc = {.dsn = env->pg_dsn,
+                              .pool_size = 1,
+                              .connect_timeout_s = 5,
+                              .statement_timeout_ms = 600000,
+                              .application_name = "cqrsctl-rebuild"};
+    r->store = cqrs_store_new(&sc);
+    r->live = cqrs_docstore_new(env->redis_url, 5000, &err);
+    r->scratch = r->live ? cqrs_docstore_new_db(env->redis_url, scratch_db, 5000, &err) : NULL;
+    int rc = 1;
+    if (!r->store || !r->live || !r->scratch) {
+        fprintf(stderr, "cqrsctl rebuild: %s\n", r->store ? err.message : "out of memory");
+        rc = 2;
+        goto out;
+    }
+    /* The scratch database: empty, or a previous rebuild's. */
+    long long size = 0;
+    char *marker = NULL;
+    if (cqrs_docstore_dbsize(r->scratch, &size, &err) != CQRS_ERR_OK) {
+        rc = fail(r, &err);
+        goto out;
+    }
+    cqrs_err_t mrc = cqrs_docstore_string_get(r->scratch, MARKER_KEY, &marker, &err);
+    free(marker);
+    if (size > 0 && mrc != CQRS_ERR_OK) {
+        fprintf(stderr,
+                "cqrsctl rebuild: database %d is not empty and not a rebuild's scratch database;"
+                " choose another with --scratch-db\n",
+                scratch_db);
+        rc = 2;
+        goto out;
+    }
+    char mark[128];
+    snprintf(mark, sizeof mark, "{\"live_db\":%d,\"started_ms\":%lld}", addr.db,
+             (long long)cqrs_realtime_ms());
+    if (cqrs_docstore_flush(r->scratch, &err) != CQRS_ERR_OK ||
+        cqrs_docstore_string_set(r->scratch, MARKER_KEY, mark, &err) != CQRS_ERR_OK ||
+        cqrs_docstore_ensure_meta(r->scratch, &err) != CQRS_ERR_OK) {
+        rc = fail(r, &err);
+        goto out;
+    }
+    query_t count = {SQL_COUNT, 1, {r->types}, NULL};
+    if (run_query(r, &count, &err) != CQRS_ERR_OK) {
+        rc = fail(r, &err);
+        goto out;
+    }
+    r->total = atoll(cqrs_rows_get(count.rows, 0, 0) ? cqrs_rows_get(count.rows, 0, 0) : "0");
+    cqrs_rows_free(count.rows);
+    fprintf(stderr, "rebuilding %s from %lld events into Redis database %d (live: %d)\n",
+            projection, r->total, scratch_db, addr.db);
+    r->started_ms = r->last_report_ms = cqrs_monotonic_ms();
+    if (build(r, &err) != CQRS_ERR_OK) {
+        rc = fail(r, &err);
+        goto out;
+    }
+    progress(r, "building", true);
+    int64_t built_ms = cqrs_monotonic_ms();
+    long long built_events = r->events;
+
+    /* Catch up while the live projector keeps going. */
+    long long behind = 0;
+    for (int round = 0; round < 5; round++) {
+        if (catch_up(r, &behind, &err) != CQRS_ERR_OK) {
+            rc = fail(r, &err);
+            goto out;
+        }
+        fprintf(stderr, "catch-up round %d: %lld aggregates had moved\n", round + 1, behind);
+        if (behind < 100)
+            break;
+    }
+
+    /* Switch. */
+    int64_t pause_started = cqrs_monotonic_ms();
+    if (cqrs_docstore_pause(r->live, PAUSE_MS, &err) != CQRS_ERR_OK) {
+        rc = fail(r, &err);
+        goto out;
+    }
+    /* Every event applied live was committed before the pause: this read sees it. */
+    cqrs_err_t src = catch_up(r, &behind, &err);
+    char pattern[320];
+    size_t copied = 0, n;
+    /* The applied offsets of every topic (the live projector goes on from them). */
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_copy_keys(r->live, r->scratch, "cqrs:offsets:*", &copied, &err);
+    const char *keep[4] = {"cqrs:dlq:undecodable", NULL, NULL, NULL};
+    if (!r->products) {
+        keep[1] = "cqrs:product:{*}";
+        keep[2] = "cqrs:idx:products:*";
+        keep[3] = "cqrs:idx:word:*";
+    } else if (!r->orders) {
+        keep[1] = "cqrs:order:{*}";
+        keep[2] = "cqrs:idx:customer-orders:*";
+    }
+    for (int k = 0; src == CQRS_ERR_OK && k < 4; k++)
+        if (keep[k]) {
+            snprintf(pattern, sizeof pattern, "%s", keep[k]);
+            src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &n, &err);
+            copied += n;
+        }
+    if (src == CQRS_ERR_OK && !r->products)
+        src = cqrs_docstore_copy_keys(r->live, r->scratch, TOP_PRODUCTS_KEY, &n, &err);
+    /* The old generation keeps a marker once it sits in the scratch database; the new one
+     * carries none. */
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_del(r->scratch, MARKER_KEY, &err);
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_string_set(r->live, MARKER_KEY, mark, &err);
+    int64_t remaining_ms = PAUSE_MS - (cqrs_monotonic_ms() - pause_started);
+    if (src == CQRS_ERR_OK && remaining_ms < 1000)
+        src = cqrs_error_set(&err, CQRS_ERR_TIMEOUT,
+                             "the switch took longer than the pause allows; nothing switched");
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_swap_with(r->live, scratch_db, &err);
+    if (src != CQRS_ERR_OK) {
+        cqrs_error_t e2;
+        cqrs_docstore_pause(r->live, 0, &e2); /* let the live projector go on */
+        cqrs_docstore_del(r->live, MARKER_KEY, &e2);
+        rc = fail(r, &err);
+        goto out;
+    }
+    int64_t pause_ms = cqrs_monotonic_ms() - pause_started;
+    /* The live database now holds the new generation: caches of the old one go. */
+    cqrs_error_t e2;
+    if (cqrs_docstore_announce_reset(r->live, &e2) != CQRS_ERR_OK)
+        fprintf(stderr,
+                "warning: could not announce the switch (%s); query caches refresh when"
+                " their feed reconnects\n",
+                e2.message);
+    if (cqrs_docstore_flush(r->scratch, &e2) != CQRS_ERR_OK)
+        fprintf(stderr, "warning: the old generation in database %d was not flushed (%s)\n",
+                scratch_db, e2.message);
+    double build_s = (double)(built_ms - r->started_ms) / 1000.0;
+    printf("switched: %lld events (%lld in the build at %.0f events/s, %lld caught up), %zu "
+           "aggregates, %lld dead letters, %zu keys copied, projector paused %lld ms\n",
+           r->events, built_events, build_s > 0 ? (double)built_events / build_s : 0.0,
+           r->events - built_events, r->map.n, r->dead_letters, copied, (long long)pause_ms);
+    rc = 0;
+out:
+    if (r->have_cur)
+        agg_free(&r->cur);
+    for (size_t i = 0; i < r->n_done; i++) {
+        free(r->texts[i]);
+        cqrs_index_ops_free(&r->ops[i]);
+        agg_free(&r->done[i]);
+    }
+    free(r->map.v);
+    cqrs_docstore_destroy(r->scratch);
+    cqrs_docstore_destroy(r->live);
+    cqrs_store_destroy(r->store);
+    return rc;
+}

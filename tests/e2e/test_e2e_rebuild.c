@@ -1,0 +1,279 @@
+/* End-to-end test of `cqrsctl rebuild`, in a PostgreSQL database and Redis databases of its own
+ * (live 10, scratch 7): under a steady stream of commands and reads the rebuild switches
+ * generations; no read fails, no read sees a version go backwards, no command fails, drift
+ * injected into the live read model before the rebuild is gone, `cqrsctl verify` passes after
+ * the switch and the old generation is dropped. A scratch database that holds something else
+ * is refused. */
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <hiredis/hiredis.h>
+#include <jansson.h>
+
+#include <cqrs/util.h>
+
+#include "daemons.h"
+#include "httpc.h"
+#include "redisdb.h"
+#include "testenv.h"
+
+#define LIVE_DB 10
+#define SCRATCH_DB 7
+#define N_PRODUCTS 30
+
+static daemons_t D;
+static char base_dsn[512], dsn[640], dbname[40], live_url[1024], scratch_url[1024];
+static char ids[N_PRODUCTS][40];
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(base_dsn, sizeof base_dsn, "%s", testenv_require("CQRS_PG_DSN"));
+    testenv_require("CQRS_KAFKA_BROKERS");
+    testenv_require("CQRS_REDIS_URL");
+    char id[37];
+    cqrs_uuid_v4(id);
+    snprintf(dbname, sizeof dbname, "rebuild_%.8s", id);
+    char sql[128];
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s", dbname);
+    pg_count(sql, NULL);
+    snprintf(dsn, sizeof dsn, "%s dbname=%s", base_dsn, dbname);
+    setenv("CQRS_PG_DSN", dsn, 1);
+    redisdb_url(getenv("CQRS_REDIS_URL"), LIVE_DB, live_url, sizeof live_url);
+    redisdb_url(getenv("CQRS_REDIS_URL"), SCRATCH_DB, scratch_url, sizeof scratch_url);
+    freeReplyObject(redisdb_cmd(scratch_url, "FLUSHDB", NULL));
+    D.redis_db = LIVE_DB;
+    return daemons_start(&D);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    daemons_stop(&D);
+    setenv("CQRS_PG_DSN", base_dsn, 1);
+    char sql[128];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s", dbname);
+    pg_count(sql, NULL);
+    return 0;
+}
+
+static int call_status(const char *method, const char *path, const char *body, json_t **out)
+{
+    httpc_response_t r;
+    httpc_request(D.cport, method, path, body ? "Content-Type: application/json\r\n" : NULL, body,
+                  body ? strlen(body) : 0, &r);
+    int st = r.status;
+    if (out)
+        *out = json_loads(r.body ? r.body : "", 0, NULL);
+    httpc_response_free(&r);
+    return st;
+}
+
+/* Runs cqrsctl with the test's databases; returns its exit status, output in out. */
+static int ctl(const char *args, char *out, size_t cap)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>&1", dsn,
+             live_url, D.prefix, CQRS_CTL, args);
+    FILE *p = popen(cmd, "r");
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+    return WEXITSTATUS(pclose(p));
+}
+
+static int verify_until_match(int tries)
+{
+    static char out[65536];
+    int st = 1;
+    for (int t = 0; t < tries && st != 0; t++) {
+        st = ctl("verify", out, sizeof out);
+        if (st != 0)
+            usleep(250 * 1000);
+    }
+    if (st != 0)
+        fprintf(stderr, "verify: %s\n", out);
+    return st;
+}
+
+static atomic_bool stop_load;
+static atomic_long commands_ok, commands_failed, reads_ok, reads_failed, backwards;
+
+static void *writer(void *arg)
+{
+    (void)arg;
+    unsigned seed = 7;
+    while (!atomic_load(&stop_load)) {
+        int i = (int)(rand_r(&seed) % N_PRODUCTS);
+        char path[128], body[256];
+        int st;
+        if (rand_r(&seed) % 4 == 0) {
+            snprintf(body, sizeof body,
+                     "{\"customer_id\":\"6f9619ff-8b86-4011-b42d-00c04fc964ff\",\"items\":["
+                     "{\"product_id\":\"%.36s\",\"quantity\":1}]}",
+                     ids[i]);
+            st = call_status("POST", "/v1/orders", body, NULL);
+        } else {
+            snprintf(path, sizeof path, "/v1/products/%.36s/stock-adjustments", ids[i]);
+            st = call_status("POST", path, "{\"delta\":3,\"reason\":\"rebuild test\"}", NULL);
+        }
+        atomic_fetch_add(st >= 200 && st < 300 ? &commands_ok : &commands_failed, 1);
+    }
+    return NULL;
+}
+
+static void *reader(void *arg)
+{
+    (void)arg;
+    int64_t last[N_PRODUCTS] = {0};
+    unsigned seed = 11;
+    while (!atomic_load(&stop_load)) {
+        int i = (int)(rand_r(&seed) % N_PRODUCTS);
+        char path[128];
+        snprintf(path, sizeof path, "/v1/products/%.36s", ids[i]);
+        httpc_response_t r;
+        httpc_request(D.qport, "GET", path, NULL, NULL, 0, &r);
+        json_t *j = r.status == 200 ? json_loads(r.body, 0, NULL) : NULL;
+        if (!j) {
+            atomic_fetch_add(&reads_failed, 1);
+            fprintf(stderr, "read failed: %d %s\n", r.status, r.body ? r.body : "");
+        } else {
+            int64_t v = json_integer_value(json_object_get(j, "version"));
+            if (v < last[i]) {
+                atomic_fetch_add(&backwards, 1);
+                fprintf(stderr, "product %d went back from %lld to %lld\n", i, (long long)last[i],
+                        (long long)v);
+            }
+            last[i] = v;
+            atomic_fetch_add(&reads_ok, 1);
+        }
+        json_decref(j);
+        httpc_response_free(&r);
+    }
+    return NULL;
+}
+
+static void test_rebuild_under_load(void **state)
+{
+    (void)state;
+    for (int i = 0; i < N_PRODUCTS; i++) {
+        char body[256];
+        snprintf(body, sizeof body,
+                 "{\"sku\":\"RB-%s-%d\",\"name\":\"Rebuilt lamp %d\",\"description\":\"oak and "
+                 "steel\",\"category\":\"rb%d\",\"price_cents\":%d,\"currency\":\"EUR\","
+                 "\"initial_stock\":100000}",
+                 D.prefix, i, i, i % 3, 500 + i);
+        json_t *p = NULL;
+        assert_int_equal(call_status("POST", "/v1/products", body, &p), 201);
+        snprintf(ids[i], sizeof ids[i], "%s", json_string_value(json_object_get(p, "id")));
+        json_decref(p);
+    }
+    assert_int_equal(verify_until_match(120), 0);
+
+    /* Drift the live read model: a wrong name (same version) and a stray list entry. */
+    char key[96];
+    snprintf(key, sizeof key, "cqrs:product:{%s}", ids[0]);
+    cqrs_redis_addr_t a;
+    cqrs_error_t err;
+    assert_int_equal(cqrs_redis_url_parse(live_url, &a, &err), CQRS_ERR_OK);
+    redisContext *c = redisConnect(a.host, a.port);
+    assert_non_null(c);
+    freeReplyObject(redisCommand(c, "SELECT %d", LIVE_DB));
+    redisReply *rj = redisCommand(c, "HGET %s json", key);
+    assert_non_null(rj);
+    json_t *doc = json_loads(rj->str, 0, NULL);
+    freeReplyObject(rj);
+    json_object_set_new(doc, "name", json_string("Drifted"));
+    char *drifted = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(doc);
+    freeReplyObject(redisCommand(c, "HSET %s json %s", key, drifted));
+    free(drifted);
+    freeReplyObject(redisCommand(c, "ZADD cqrs:idx:products:name:all 0 stray-entry"));
+    static char out[65536];
+    assert_int_equal(ctl("verify", out, sizeof out), 1);
+
+    /* A scratch database holding something else is refused; nothing changes. */
+    freeReplyObject(redisCommand(c, "SELECT 6"));
+    freeReplyObject(redisCommand(c, "SET someone-elses-key 1"));
+    assert_int_equal(ctl("rebuild --scratch-db 6", out, sizeof out), 2);
+    assert_non_null(strstr(out, "not empty"));
+    freeReplyObject(redisCommand(c, "DEL someone-elses-key"));
+    assert_int_equal(ctl("rebuild --scratch-db 10", out, sizeof out), 2); /* the live one */
+    assert_int_equal(ctl("rebuild --projection nonsense", out, sizeof out), 2);
+
+    pthread_t w, r1, r2;
+    pthread_create(&w, NULL, writer, NULL);
+    pthread_create(&r1, NULL, reader, NULL);
+    pthread_create(&r2, NULL, reader, NULL);
+    usleep(1000 * 1000);
+    long commands_before = atomic_load(&commands_ok);
+    char args[64];
+    snprintf(args, sizeof args, "rebuild --scratch-db %d", SCRATCH_DB);
+    int st = ctl(args, out, sizeof out);
+    long commands_during = atomic_load(&commands_ok) - commands_before;
+    usleep(1000 * 1000);
+    atomic_store(&stop_load, true);
+    pthread_join(w, NULL);
+    pthread_join(r1, NULL);
+    pthread_join(r2, NULL);
+    fprintf(stderr, "rebuild: %s", out);
+    fprintf(stderr, "commands %ld ok (%ld during the rebuild), reads %ld ok\n",
+            atomic_load(&commands_ok), commands_during, atomic_load(&reads_ok));
+    assert_int_equal(st, 0);
+    assert_non_null(strstr(out, "switched"));
+    assert_true(commands_during > 0); /* the rebuild ran under load */
+    assert_int_equal(atomic_load(&commands_failed), 0);
+    assert_int_equal(atomic_load(&reads_failed), 0);
+    assert_int_equal(atomic_load(&backwards), 0);
+    assert_true(atomic_load(&reads_ok) > 100);
+
+    /* The new generation matches the write model (drift gone), and keeps following it. */
+    assert_int_equal(verify_until_match(120), 0);
+    freeReplyObject(redisCommand(c, "SELECT %d", LIVE_DB));
+    rj = redisCommand(c, "HGET %s json", key);
+    assert_null(strstr(rj->str, "Drifted"));
+    freeReplyObject(rj);
+    char path[128];
+    snprintf(path, sizeof path, "/v1/products/%.36s/stock-adjustments", ids[1]);
+    json_t *p = NULL;
+    assert_int_equal(call_status("POST", path, "{\"delta\":1,\"reason\":\"after\"}", &p), 200);
+    long long v = json_integer_value(json_object_get(p, "version"));
+    json_decref(p);
+    snprintf(path, sizeof path, "/v1/products/%.36s?min_version=%lld&wait_ms=5000", ids[1], v);
+    httpc_response_t r;
+    httpc_request(D.qport, "GET", path, NULL, NULL, 0, &r);
+    assert_int_equal(r.status, 200);
+    httpc_response_free(&r);
+    assert_int_equal(verify_until_match(120), 0);
+
+    /* The old generation is gone from the scratch database. */
+    long long size = -1;
+    freeReplyObject(redisCommand(c, "SELECT %d", SCRATCH_DB));
+    for (int t = 0; t < 50 && size != 0; t++) {
+        redisReply *d = redisCommand(c, "DBSIZE");
+        size = d ? d->integer : -1;
+        freeReplyObject(d);
+        if (size != 0)
+            usleep(100 * 1000);
+    }
+    assert_int_equal(size, 0);
+    redisFree(c);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_rebuild_under_load),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
