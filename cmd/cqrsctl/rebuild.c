@@ -39,17 +39,19 @@
 #include "query.h"
 
 #define MARKER_KEY "cqrs:rebuild:marker"
-#define BATCH_EVENTS 20000
 #define FLUSH_AGGREGATES 2048
 #define PAUSE_MS 10000
 
-static const char *const SQL_BATCH =
+/* Build order: the log's own order (index on the sequence, which follows the heap). Within an
+ * aggregate, sequence order is version order: version n+1 is inserted only after version n
+ * committed (row lock). */
+static const char *const SQL_SEQ =
     "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"
     " to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
     " coalesce(e.traceparent, ''), e.data::text, e.sequence"
     "  FROM events e"
-    " WHERE e.aggregate_type = ANY($1::text[]) AND (e.aggregate_id, e.version) > ($2::uuid, $3)"
-    " ORDER BY e.aggregate_id, e.version LIMIT $4";
+    " WHERE e.aggregate_type IN (%s)"
+    " ORDER BY e.sequence";
 
 static const char *const SQL_MISSING =
     "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"
@@ -72,6 +74,10 @@ typedef struct slot {
     int64_t seen;    /* highest version handled (applied or dead-lettered) */
     bool held;       /* has dead letters: later events are parked */
     bool used;
+    /* build phase only: the folded document so far (NULL and spilled: written to the
+     * scratch database to bound memory), the aggregate type, the dead letters so far */
+    bool spilled, is_order;
+    struct agg *a;
 } slot_t;
 
 typedef struct vmap {
@@ -89,34 +95,43 @@ static uint64_t hash_id(const char *s)
     return h;
 }
 
-static slot_t *vmap_find(vmap_t *m, const char *id, bool add)
+static slot_t *vmap_lookup(vmap_t *m, const char *id, size_t *free_slot)
 {
-    if (add && (m->n + 1) * 2 > m->cap) {
-        size_t cap = m->cap ? m->cap * 2 : 4096;
-        slot_t *nv = calloc(cap, sizeof *nv);
-        if (!nv)
-            return NULL;
-        for (size_t i = 0; i < m->cap; i++)
-            if (m->v[i].used) {
-                size_t j = hash_id(m->v[i].id) & (cap - 1);
-                while (nv[j].used)
-                    j = (j + 1) & (cap - 1);
-                nv[j] = m->v[i];
-            }
-        free(m->v);
-        m->v = nv;
-        m->cap = cap;
-    }
-    if (!m->cap)
-        return NULL;
     size_t j = hash_id(id) & (m->cap - 1);
     while (m->v[j].used) {
         if (strcmp(m->v[j].id, id) == 0)
             return &m->v[j];
         j = (j + 1) & (m->cap - 1);
     }
-    if (!add)
-        return NULL;
+    *free_slot = j;
+    return NULL;
+}
+
+/* Finds id; with add, inserts it when absent (growing only then, so looking up or updating
+ * an existing id never moves the slots). */
+static slot_t *vmap_find(vmap_t *m, const char *id, bool add)
+{
+    size_t j = 0;
+    slot_t *s = m->cap ? vmap_lookup(m, id, &j) : NULL;
+    if (s || !add)
+        return s;
+    if ((m->n + 1) * 2 > m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 4096;
+        slot_t *nv = calloc(cap, sizeof *nv);
+        if (!nv)
+            return NULL;
+        for (size_t i = 0; i < m->cap; i++)
+            if (m->v[i].used) {
+                size_t k = hash_id(m->v[i].id) & (cap - 1);
+                while (nv[k].used)
+                    k = (k + 1) & (cap - 1);
+                nv[k] = m->v[i];
+            }
+        free(m->v);
+        m->v = nv;
+        m->cap = cap;
+        vmap_lookup(m, id, &j);
+    }
     m->v[j].used = true;
     snprintf(m->v[j].id, sizeof m->v[j].id, "%s", id);
     m->n++;
@@ -152,6 +167,7 @@ typedef struct rebuild {
     cqrs_index_ops_t ops[FLUSH_AGGREGATES];
     agg_t done[FLUSH_AGGREGATES];
     size_t n_done;
+    size_t in_memory, max_in_memory, spills;
     /* progress */
     long long total, events, dead_letters;
     int64_t started_ms, last_report_ms;
@@ -298,59 +314,61 @@ static void progress(rebuild_t *r, const char *phase, bool final)
     }
 }
 
-/* Rows of SQL_BATCH / SQL_MISSING → events folded into aggregates. old_docs: in catch-up, the
- * current documents of the new generation are looked up per aggregate. */
-static cqrs_err_t fold_rows(rebuild_t *r, cqrs_rows_t *rows, bool catch_up, cqrs_error_t *err)
+/* One row of SQL_MISSING (catch-up, sorted by aggregate), folded into its aggregate (in catch-up,
+ * an aggregate the new generation already holds starts from its stored document). */
+static cqrs_err_t fold_row(rebuild_t *r, const char *const *v, bool catch_up, cqrs_error_t *err)
 {
-    int n = cqrs_rows_count(rows);
-    for (int i = 0; i < n; i++) {
-        const char *agg_id = cqrs_rows_get(rows, i, 1);
-        if (!r->have_cur || strcmp(r->cur.id, agg_id) != 0) {
-            cqrs_err_t rc = finish_agg(r, err);
-            if (rc != CQRS_ERR_OK)
-                return rc;
-            agg_t *a = &r->cur;
-            memset(a, 0, sizeof *a);
-            r->have_cur = true;
-            snprintf(a->id, sizeof a->id, "%s", agg_id);
-            doc_key(cqrs_rows_get(rows, i, 0), agg_id, a->key, sizeof a->key);
-            cqrs_projector_dlq_key(agg_id, a->dlq_key, sizeof a->dlq_key);
-            slot_t *s = catch_up ? vmap_find(&r->map, agg_id, false) : NULL;
-            if (s) {
-                a->version = s->version;
-                a->seen = s->seen;
-                a->held = s->held;
-                if (s->version > 0 && !s->held) {
-                    char *json = NULL;
-                    int64_t v = 0;
-                    cqrs_err_t grc = cqrs_docstore_get(r->scratch, a->key, &json, &v, err);
-                    if (grc != CQRS_ERR_OK && grc != CQRS_ERR_NOT_FOUND)
-                        return grc;
-                    a->old = json ? json_loads(json, 0, NULL) : NULL;
-                    a->doc = a->old ? json_incref(a->old) : NULL;
-                    free(json);
-                } else if (s->version > 0) {
-                    a->doc = NULL; /* held: only dead letters are added */
-                }
+    const char *agg_id = v[1];
+    if (!r->have_cur || strcmp(r->cur.id, agg_id) != 0) {
+        cqrs_err_t rc = finish_agg(r, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        agg_t *a = &r->cur;
+        memset(a, 0, sizeof *a);
+        r->have_cur = true;
+        snprintf(a->id, sizeof a->id, "%s", agg_id);
+        doc_key(v[0], agg_id, a->key, sizeof a->key);
+        cqrs_projector_dlq_key(agg_id, a->dlq_key, sizeof a->dlq_key);
+        slot_t *s = catch_up ? vmap_find(&r->map, agg_id, false) : NULL;
+        if (s) {
+            a->version = s->version;
+            a->seen = s->seen;
+            a->held = s->held;
+            if (s->version > 0 && !s->held) {
+                char *json = NULL;
+                int64_t ver = 0;
+                cqrs_err_t grc = cqrs_docstore_get(r->scratch, a->key, &json, &ver, err);
+                if (grc != CQRS_ERR_OK && grc != CQRS_ERR_NOT_FOUND)
+                    return grc;
+                a->old = json ? json_loads(json, 0, NULL) : NULL;
+                a->doc = a->old ? json_incref(a->old) : NULL;
+                free(json);
             }
         }
-        cqrs_event_t ev;
-        memset(&ev, 0, sizeof ev);
-        snprintf(ev.aggregate_type, sizeof ev.aggregate_type, "%s", cqrs_rows_get(rows, i, 0));
-        snprintf(ev.aggregate_id, sizeof ev.aggregate_id, "%s", agg_id);
-        cqrs_parse_int64(cqrs_rows_get(rows, i, 2), &ev.version);
-        snprintf(ev.id, sizeof ev.id, "%s", cqrs_rows_get(rows, i, 3));
-        snprintf(ev.type, sizeof ev.type, "%s", cqrs_rows_get(rows, i, 4));
-        snprintf(ev.time, sizeof ev.time, "%s", cqrs_rows_get(rows, i, 5));
-        snprintf(ev.traceparent, sizeof ev.traceparent, "%s", cqrs_rows_get(rows, i, 6));
-        snprintf(ev.source, sizeof ev.source, "/cqrs-commandd");
-        cqrs_parse_int64(cqrs_rows_get(rows, i, 8), &ev.sequence);
-        ev.data = json_loads(cqrs_rows_get(rows, i, 7), 0, NULL);
-        fold(&r->cur, &ev);
-        json_decref(ev.data);
-        r->events++;
     }
+    cqrs_event_t ev;
+    memset(&ev, 0, sizeof ev);
+    snprintf(ev.aggregate_type, sizeof ev.aggregate_type, "%s", v[0]);
+    snprintf(ev.aggregate_id, sizeof ev.aggregate_id, "%s", agg_id);
+    cqrs_parse_int64(v[2], &ev.version);
+    snprintf(ev.id, sizeof ev.id, "%s", v[3]);
+    snprintf(ev.type, sizeof ev.type, "%s", v[4]);
+    snprintf(ev.time, sizeof ev.time, "%s", v[5]);
+    snprintf(ev.traceparent, sizeof ev.traceparent, "%s", v[6] ? v[6] : "");
+    snprintf(ev.source, sizeof ev.source, "/cqrs-commandd");
+    cqrs_parse_int64(v[8], &ev.sequence);
+    ev.data = json_loads(v[7], 0, NULL);
+    fold(&r->cur, &ev);
+    json_decref(ev.data);
+    r->events++;
     return CQRS_ERR_OK;
+}
+
+static cqrs_err_t catch_up_row(void *ud, int n, const char *const *v, cqrs_error_t *err)
+{
+    if (n < 9)
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "unexpected event row");
+    return fold_row(ud, v, true, err);
 }
 
 typedef struct query {
@@ -372,32 +390,194 @@ static cqrs_err_t run_query(rebuild_t *r, query_t *q, cqrs_error_t *err)
     return cqrs_store_run_tx(r->store, query_tx, q, err);
 }
 
-/* Phase 1: everything in the log. */
+/* ---- phase 1: everything in the log, in the log's order, folded in memory -------------- */
+
+static void copy_str(char *dst, size_t cap, const char *src)
+{
+    size_t n = src ? strlen(src) : 0;
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src ? src : "", n);
+    dst[n] = '\0';
+}
+
+/* Writes every aggregate held in memory to the scratch database (documents and dead letters,
+ * no list entries yet: those are computed once, from the final documents) and forgets them. */
+static cqrs_err_t spill(rebuild_t *r, cqrs_error_t *err)
+{
+    cqrs_bulk_doc_t docs[FLUSH_AGGREGATES];
+    char *texts[FLUSH_AGGREGATES];
+    slot_t *slots[FLUSH_AGGREGATES];
+    size_t n = 0;
+    cqrs_err_t rc = CQRS_ERR_OK;
+    for (size_t i = 0; i <= r->map.cap && rc == CQRS_ERR_OK; i++) {
+        slot_t *s = i < r->map.cap ? &r->map.v[i] : NULL;
+        if (s && s->used && s->a) {
+            agg_t *a = s->a;
+            texts[n] = a->doc ? json_dumps(a->doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+            docs[n] = (cqrs_bulk_doc_t){.key = a->key,
+                                        .version = a->version,
+                                        .json = texts[n],
+                                        .aggregate_id = a->id,
+                                        .dlq_key = a->dlq_key,
+                                        .dead = a->dead,
+                                        .n_dead = a->n_dead};
+            r->dead_letters += (long long)a->n_dead;
+            slots[n++] = s;
+        }
+        if (n == FLUSH_AGGREGATES || (!s && n > 0)) {
+            rc = cqrs_docstore_bulk_write(r->scratch, docs, n, err);
+            for (size_t k = 0; k < n; k++) {
+                free(texts[k]);
+                agg_free(slots[k]->a);
+                free(slots[k]->a);
+                slots[k]->a = NULL;
+                slots[k]->spilled = true;
+            }
+            n = 0;
+        }
+    }
+    r->in_memory = 0;
+    r->spills++;
+    return rc;
+}
+
+static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t *err)
+{
+    rebuild_t *r = ud;
+    if (n < 9)
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "unexpected event row");
+    slot_t *s = vmap_find(&r->map, v[1], true);
+    if (!s)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    if (!s->a) {
+        agg_t *a = calloc(1, sizeof *a);
+        if (!a)
+            return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        s->a = a;
+        s->is_order = strcmp(v[0], "order") == 0;
+        copy_str(a->id, sizeof a->id, v[1]);
+        doc_key(v[0], a->id, a->key, sizeof a->key);
+        cqrs_projector_dlq_key(a->id, a->dlq_key, sizeof a->dlq_key);
+        if (s->spilled) { /* seen before a spill: go on from the written document */
+            a->version = s->version;
+            a->seen = s->seen;
+            a->held = s->held;
+            if (s->version > 0 && !s->held) {
+                char *json = NULL;
+                int64_t ver = 0;
+                cqrs_err_t grc = cqrs_docstore_get(r->scratch, a->key, &json, &ver, err);
+                if (grc != CQRS_ERR_OK && grc != CQRS_ERR_NOT_FOUND)
+                    return grc;
+                a->doc = json ? json_loads(json, 0, NULL) : NULL;
+                free(json);
+            }
+        }
+        r->in_memory++;
+    }
+    cqrs_event_t ev;
+    memset(&ev, 0, sizeof ev);
+    copy_str(ev.aggregate_type, sizeof ev.aggregate_type, v[0]);
+    copy_str(ev.aggregate_id, sizeof ev.aggregate_id, v[1]);
+    cqrs_parse_int64(v[2], &ev.version);
+    copy_str(ev.id, sizeof ev.id, v[3]);
+    copy_str(ev.type, sizeof ev.type, v[4]);
+    copy_str(ev.time, sizeof ev.time, v[5]);
+    copy_str(ev.traceparent, sizeof ev.traceparent, v[6]);
+    copy_str(ev.source, sizeof ev.source, "/cqrs-commandd");
+    cqrs_parse_int64(v[8], &ev.sequence);
+    ev.data = json_loads(v[7], 0, NULL);
+    fold(s->a, &ev);
+    json_decref(ev.data);
+    s->version = s->a->version;
+    s->seen = s->a->seen;
+    s->held = s->a->held;
+    r->events++;
+    if ((r->events & 4095) == 0)
+        progress(r, "building", false);
+    return r->in_memory > r->max_in_memory ? spill(r, err) : CQRS_ERR_OK;
+}
+
+static cqrs_err_t build_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
+{
+    rebuild_t *r = ud;
+    /* the types are this program's literals, never input */
+    char sql[1024];
+    snprintf(sql, sizeof sql, SQL_SEQ,
+             r->products && r->orders ? "'product', 'order'"
+             : r->products            ? "'product'"
+                                      : "'order'");
+    return cqrs_tx_cursor(tx, sql, 10000, build_row, r, err);
+}
+
+/* The final documents, with their list entries. */
+static cqrs_err_t emit_all(rebuild_t *r, cqrs_error_t *err)
+{
+    enum { GET_BATCH = 512 };
+    const char *keys[GET_BATCH];
+    char *jsons[GET_BATCH];
+    slot_t *waiting[GET_BATCH];
+    size_t n_wait = 0;
+    cqrs_err_t rc = CQRS_ERR_OK;
+    for (size_t i = 0; i <= r->map.cap && rc == CQRS_ERR_OK; i++) {
+        slot_t *s = i < r->map.cap ? &r->map.v[i] : NULL;
+        if (s && s->used && s->a) {
+            r->cur = *s->a; /* moved: finish_agg writes and frees it */
+            free(s->a);
+            s->a = NULL;
+            r->have_cur = true;
+            rc = finish_agg(r, err);
+        } else if (s && s->used && s->spilled && s->version > 0 && !s->held) {
+            /* written at a spill without its list entries: read back, then complete */
+            waiting[n_wait++] = s;
+        }
+        if (n_wait == GET_BATCH || (!s && n_wait > 0)) {
+            static char kbuf[GET_BATCH][128];
+            for (size_t k = 0; k < n_wait; k++) {
+                doc_key(waiting[k]->is_order ? "order" : "product", waiting[k]->id, kbuf[k],
+                        sizeof kbuf[k]);
+                keys[k] = kbuf[k];
+            }
+            rc = cqrs_docstore_get_many(r->scratch, keys, n_wait, jsons, err);
+            for (size_t k = 0; k < n_wait && rc == CQRS_ERR_OK; k++) {
+                if (!jsons[k])
+                    continue;
+                agg_t *a = &r->cur;
+                memset(a, 0, sizeof *a);
+                r->have_cur = true;
+                copy_str(a->id, sizeof a->id, waiting[k]->id);
+                copy_str(a->key, sizeof a->key, kbuf[k]);
+                cqrs_projector_dlq_key(a->id, a->dlq_key, sizeof a->dlq_key);
+                a->doc = json_loads(jsons[k], 0, NULL);
+                a->version = a->seen = waiting[k]->version;
+                rc = finish_agg(r, err);
+            }
+            for (size_t k = 0; k < n_wait; k++)
+                free(jsons[k]);
+            n_wait = 0;
+        }
+    }
+    return rc == CQRS_ERR_OK ? flush_done(r, err) : rc;
+}
+
 static cqrs_err_t build(rebuild_t *r, cqrs_error_t *err)
 {
-    char after_id[CQRS_UUID_LEN + 1] = "00000000-0000-0000-0000-000000000000";
-    char after_v[24] = "0", limit[16];
-    snprintf(limit, sizeof limit, "%d", BATCH_EVENTS);
-    for (;;) {
-        query_t q = {SQL_BATCH, 4, {r->types, after_id, after_v, limit}, NULL};
-        cqrs_err_t rc = run_query(r, &q, err);
-        if (rc != CQRS_ERR_OK)
-            return rc;
-        int n = cqrs_rows_count(q.rows);
-        if (n > 0) {
-            snprintf(after_id, sizeof after_id, "%s", cqrs_rows_get(q.rows, n - 1, 1));
-            snprintf(after_v, sizeof after_v, "%s", cqrs_rows_get(q.rows, n - 1, 2));
-        }
-        rc = fold_rows(r, q.rows, false, err);
-        cqrs_rows_free(q.rows);
-        if (rc != CQRS_ERR_OK)
-            return rc;
-        progress(r, "building", false);
-        if (n < BATCH_EVENTS)
-            break;
-    }
-    cqrs_err_t rc = finish_agg(r, err);
-    return rc == CQRS_ERR_OK ? flush_done(r, err) : rc;
+    cqrs_err_t rc = cqrs_store_run_tx(r->store, build_tx, r, err);
+    if (rc == CQRS_ERR_OK)
+        rc = emit_all(r, err);
+    return rc;
+}
+
+typedef struct missing {
+    rebuild_t *r;
+    const char *ids, *versions;
+} missing_t;
+
+static cqrs_err_t missing_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
+{
+    missing_t *m = ud;
+    const char *params[] = {m->ids, m->versions};
+    return cqrs_tx_stream(tx, SQL_MISSING, 2, params, catch_up_row, m->r, err);
 }
 
 /* One catch-up round: aggregates whose version in PostgreSQL is past the new generation's;
@@ -444,12 +624,8 @@ static cqrs_err_t catch_up(rebuild_t *r, long long *behind, cqrs_error_t *err)
         }
         cqrs_text_printf(&a, "}");
         cqrs_text_printf(&b, "}");
-        query_t q = {SQL_MISSING, 2, {a.buf, b.buf}, NULL};
-        rc = run_query(r, &q, err);
-        if (rc == CQRS_ERR_OK) {
-            rc = fold_rows(r, q.rows, true, err);
-            cqrs_rows_free(q.rows);
-        }
+        missing_t m = {r, a.buf, b.buf};
+        rc = cqrs_store_run_tx(r->store, missing_tx, &m, err);
         if (rc == CQRS_ERR_OK)
             rc = finish_agg(r, err);
         if (rc == CQRS_ERR_OK)
@@ -510,6 +686,7 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         return usage(stderr);
     r->types = r->products && r->orders ? "{product,order}" : r->products ? "{product}" : "{order}";
     r->tty = isatty(2);
+    r->max_in_memory = 500000; /* ≈ 1 GB of folded documents; past it, spill to the scratch db */
     cqrs_error_t err;
     cqrs_redis_addr_t addr;
     if (cqrs_redis_url_parse(env->redis_url, &addr, &err) != CQRS_ERR_OK) {

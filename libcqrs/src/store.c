@@ -369,6 +369,68 @@ cqrs_err_t cqrs_tx_exec(cqrs_tx_t *tx, const char *sql, int nparams, const char 
     return CQRS_ERR_OK;
 }
 
+cqrs_err_t cqrs_tx_stream(cqrs_tx_t *tx, const char *sql, int nparams, const char *const *params,
+                          cqrs_row_fn fn, void *ud, cqrs_error_t *err)
+{
+    if (!PQsendQueryParams(tx->conn, sql, nparams, NULL, params, NULL, NULL, 0))
+        return cqrs__pg_error(tx->conn, NULL, err);
+    PQsetSingleRowMode(tx->conn);
+    cqrs_err_t rc = CQRS_ERR_OK;
+    enum { MAX_COLS = 64 };
+    const char *values[MAX_COLS];
+    PGresult *r;
+    while ((r = PQgetResult(tx->conn)) != NULL) {
+        ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_SINGLE_TUPLE && rc == CQRS_ERR_OK) {
+            int n = PQnfields(r) < MAX_COLS ? PQnfields(r) : MAX_COLS;
+            for (int i = 0; i < n; i++)
+                values[i] = PQgetisnull(r, 0, i) ? NULL : PQgetvalue(r, 0, i);
+            rc = fn(ud, n, values, err);
+        } else if (st != PGRES_SINGLE_TUPLE && st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK &&
+                   rc == CQRS_ERR_OK) {
+            rc = cqrs__pg_error(tx->conn, r, err);
+        }
+        PQclear(r); /* after a stop, the remaining rows are read and dropped */
+    }
+    return rc;
+}
+
+cqrs_err_t cqrs_tx_cursor(cqrs_tx_t *tx, const char *sql, int batch, cqrs_row_fn fn, void *ud,
+                          cqrs_error_t *err)
+{
+    size_t len = strlen(sql) + 64;
+    char *declare = malloc(len);
+    if (!declare)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    snprintf(declare, len, "DECLARE cqrs_cursor NO SCROLL CURSOR FOR %s", sql);
+    cqrs_err_t rc = exec_simple(tx->conn, declare, err);
+    free(declare);
+    char fetch[64];
+    snprintf(fetch, sizeof fetch, "FETCH %d FROM cqrs_cursor", batch > 0 ? batch : 1000);
+    enum { MAX_COLS = 64 };
+    const char *values[MAX_COLS];
+    while (rc == CQRS_ERR_OK) {
+        PGresult *r = PQexec(tx->conn, fetch);
+        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+            rc = cqrs__pg_error(tx->conn, r, err);
+            PQclear(r);
+            break;
+        }
+        int rows = PQntuples(r), n = PQnfields(r) < MAX_COLS ? PQnfields(r) : MAX_COLS;
+        for (int i = 0; i < rows && rc == CQRS_ERR_OK; i++) {
+            for (int k = 0; k < n; k++)
+                values[k] = PQgetisnull(r, i, k) ? NULL : PQgetvalue(r, i, k);
+            rc = fn(ud, n, values, err);
+        }
+        PQclear(r);
+        if (rows == 0)
+            break;
+    }
+    if (rc == CQRS_ERR_OK)
+        rc = exec_simple(tx->conn, "CLOSE cqrs_cursor", err);
+    return rc;
+}
+
 int cqrs_rows_count(const cqrs_rows_t *rows)
 {
     return rows ? PQntuples(rows->res) : 0;

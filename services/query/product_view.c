@@ -67,7 +67,9 @@ static cqrs_err_t product_changed(const json_t *doc, const cqrs_event_t *ev, jso
     if (!doc)
         return cqrs_error_set(err, CQRS_ERR_INVALID, "%s for a product that does not exist",
                               ev->type);
-    json_t *d = json_deep_copy(doc);
+    /* A shallow copy: members are only ever replaced (json_object_set_new), never changed in
+     * place, so sharing the unchanged values with the input keeps it untouched. */
+    json_t *d = json_copy((json_t *)doc);
     const char *t = ev->type;
     const char *s1, *s2, *s3;
     json_int_t i1, i2;
@@ -141,7 +143,7 @@ cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **
     if (strcmp(ev->type, "order.cancelled.v1") == 0) {
         if (!doc)
             return cqrs_error_set(err, CQRS_ERR_INVALID, "cancel of an order that does not exist");
-        json_t *d = json_deep_copy(doc);
+        json_t *d = json_copy((json_t *)doc); /* shallow: see product_changed */
         json_object_set_new(d, "status", json_string("cancelled"));
         json_object_set_new(d, "cancelled_at", json_string(ev->time));
         json_object_set_new(d, "version", json_integer((json_int_t)ev->version));

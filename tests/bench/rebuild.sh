@@ -28,7 +28,8 @@ INSERT INTO products (id, sku, name, description, category, price_cents, currenc
                       units_sold, version, created_at, updated_at)
 SELECT md5('p' || i)::uuid, 'RB-' || i, 'Bench lamp ' || i, 'steel reading lamp number ' || i,
        'cat' || (i % 50), 1000 + i, 'EUR', 10 + ($PER - 1), 'active', 0, $PER,
-       timestamptz '2026-01-01' + i * interval '1 ms', timestamptz '2026-01-01' + i * interval '1 ms'
+       timestamptz '2026-01-01' + i * interval '1 ms' + interval '1 s',
+       timestamptz '2026-01-01' + i * interval '1 ms' + $PER * interval '1 s'
   FROM generate_series(1, $PRODUCTS) AS i;
 INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, occurred_at,
                     traceparent, data)

@@ -77,6 +77,8 @@ typedef struct cqrs_index_op {
 typedef struct cqrs_index_ops {
     cqrs_index_op_t *v;
     size_t n, cap;
+    char *block; /* the strings (internal) */
+    size_t block_used, block_cap;
 } cqrs_index_ops_t;
 
 /* Appends a change (strings copied; value may be NULL except for HSET). */

@@ -54,6 +54,20 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *store, cqrs_tx_fn fn, void *ud, cqrs_
 cqrs_err_t cqrs_tx_exec(cqrs_tx_t *tx, const char *sql, int nparams, const char *const *params,
                         cqrs_rows_t **rows, cqrs_error_t *err);
 
+/* Runs one query and hands its rows to fn one at a time as they arrive (libpq single-row mode:
+ * memory stays flat however many rows there are); fn returning other than OK stops it (that
+ * code is returned). values[i] is NULL for SQL NULL; borrowed for the call. For the rest of
+ * the transaction the connection is busy until this returns. */
+typedef cqrs_err_t (*cqrs_row_fn)(void *ud, int ncols, const char *const *values,
+                                  cqrs_error_t *err);
+cqrs_err_t cqrs_tx_stream(cqrs_tx_t *tx, const char *sql, int nparams, const char *const *params,
+                          cqrs_row_fn fn, void *ud, cqrs_error_t *err);
+
+/* The same through a cursor fetched `batch` rows at a time (fewer, larger results than
+ * single-row mode for long scans). sql takes no parameters. */
+cqrs_err_t cqrs_tx_cursor(cqrs_tx_t *tx, const char *sql, int batch, cqrs_row_fn fn, void *ud,
+                          cqrs_error_t *err);
+
 int cqrs_rows_count(const cqrs_rows_t *rows);
 /* Borrowed until cqrs_rows_free; NULL for SQL NULL. */
 const char *cqrs_rows_get(const cqrs_rows_t *rows, int row, int col);
