@@ -45,13 +45,13 @@
 /* Build order: the log's own order (index on the sequence, which follows the heap). Within an
  * aggregate, sequence order is version order: version n+1 is inserted only after version n
  * committed (row lock). */
-static const char *const SQL_SEQ =
-    "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"
-    " to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
-    " coalesce(e.traceparent, ''), e.data::text, e.sequence"
-    "  FROM events e"
-    " WHERE e.aggregate_type IN (%s)"
-    " ORDER BY e.sequence";
+#define SQL_SEQ                                                                                    \
+    "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"    \
+    " to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"             \
+    " coalesce(e.traceparent, ''), e.data::text, e.sequence"                                       \
+    "  FROM events e"                                                                              \
+    " WHERE e.aggregate_type IN (%s)"                                                              \
+    " ORDER BY e.sequence"
 
 static const char *const SQL_MISSING =
     "SELECT e.aggregate_type, e.aggregate_id::text, e.version, e.event_id::text, e.event_type,"
