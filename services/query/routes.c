@@ -133,8 +133,14 @@ static void doc_read_step(cqrs_http_request_t *req, void *ud)
             cqrs_http_suspend(req, doc_read_step, r);
             return;
         }
-        if (!ctx->waiters || cqrs_monotonic_ms() >= r->deadline_ms || cqrs_http_stopping(req) ||
-            cqrs_waiters_closed(ctx->waiters)) {
+        if (cqrs_http_stopping(req) || (ctx->waiters && cqrs_waiters_closed(ctx->waiters))) {
+            cqrs_http_add_header(req, "Retry-After", "1");
+            cqrs_http_reply_problem(req, 503, "shutting-down", "Service Unavailable",
+                                    "the server is shutting down; retry on another instance", NULL,
+                                    NULL);
+            return;
+        }
+        if (!ctx->waiters || cqrs_monotonic_ms() >= r->deadline_ms) {
             char detail[160];
             snprintf(detail, sizeof detail,
                      "the document did not reach version %lld in time; retry later",
