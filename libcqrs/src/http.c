@@ -472,6 +472,9 @@ void cqrs_http_reply_stream(cqrs_http_request_t *req, unsigned status, const cha
     req->status = status;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    /* A stream that ends is not followed by another request: close, so a draining server
+     * does not wait for the client to hang up. */
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     MHD_add_response_header(resp, "X-Request-Id", req->request_id);
     for (size_t i = 0; i < req->n_headers; i++)
         if (req->hname[i] && req->hvalue[i])

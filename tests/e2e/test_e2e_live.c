@@ -611,6 +611,48 @@ static void test_feed_reconnect_flushes_cache(void **state)
     httpc_response_free(&r);
 }
 
+static void test_shutdown_answers_waiting_reads(void **state)
+{
+    (void)state;
+    int port = free_port();
+    pid_t pid = daemons_spawn_queryd(&D, port, "serve", "serve-shutdown");
+    assert_true(pid > 0);
+    char absent[37], req[256];
+    cqrs_uuid_v4(absent);
+    snprintf(req, sizeof req,
+             "GET /v1/products/%s?min_version=1&wait_ms=10000 HTTP/1.1\r\nHost: t\r\n"
+             "Connection: close\r\n\r\n",
+             absent);
+    int fd = connect_to(port);
+    assert_true(fd >= 0);
+    send_all(fd, req);
+    long long waiting = -1;
+    for (int i = 0; i < 100 && waiting != 1; i++) {
+        usleep(50 * 1000);
+        waiting = daemons_metric(port, "cqrs_query_waiting_reads");
+    }
+    assert_int_equal(waiting, 1);
+    static sse_t s;
+    memset(&s, 0, sizeof s);
+    s.fd = connect_to(port);
+    snprintf(req, sizeof req, "GET /v1/products/%s/stream HTTP/1.1\r\nHost: t\r\n\r\n", absent);
+    send_all(s.fd, req);
+    assert_true(sse_read(&s, ": keep-alive", 5000)); /* open, nothing to send but keep-alives */
+    int64_t t0 = now_ms();
+    assert_int_equal(daemons_stop_one(&pid), 0); /* SIGTERM: exit 0 */
+    static char buf[8192];
+    read_response(fd, buf, sizeof buf, 5000);
+    close(fd);
+    assert_true(now_ms() - t0 < 9000); /* not the 10 s wait */
+    if (strncmp(buf, "HTTP/1.1 503", 12) != 0 || !strstr(buf, "shutting-down"))
+        fail_msg("waiting read at shutdown got: %.300s", buf);
+    /* The stream ended (its connection closed) instead of holding the shutdown. */
+    sse_read(&s, NULL, 500);
+    char probe;
+    assert_true(read(s.fd, &probe, 1) <= 0);
+    close(s.fd);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -621,6 +663,7 @@ int main(void)
         cmocka_unit_test(test_stream_cap_and_disconnect),
         cmocka_unit_test(test_cache_never_goes_backwards),
         cmocka_unit_test(test_feed_reconnect_flushes_cache),
+        cmocka_unit_test(test_shutdown_answers_waiting_reads),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
