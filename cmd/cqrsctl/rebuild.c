@@ -229,12 +229,17 @@ static void fold(agg_t *a, const cqrs_event_t *ev)
     }
     json_t *next = NULL;
     cqrs_error_t perr;
-    if (query_projection.apply(a->doc, ev, &next, &perr) != CQRS_ERR_OK) {
+    /* In place when nothing else holds the document (no index to compute against it). */
+    bool owned = !a->old && query_projection.apply_owned;
+    cqrs_err_t rc = owned ? query_projection.apply_owned(a->doc, ev, &next, &perr)
+                          : query_projection.apply(a->doc, ev, &next, &perr);
+    if (rc != CQRS_ERR_OK) {
         a->held = true;
         add_dead(a, ev, perr.message);
         return;
     }
-    json_decref(a->doc);
+    if (!owned)
+        json_decref(a->doc);
     a->doc = next;
     a->version = ev->version;
 }
@@ -565,6 +570,8 @@ static cqrs_err_t build(rebuild_t *r, cqrs_error_t *err)
     cqrs_err_t rc = cqrs_store_run_tx(r->store, build_tx, r, err);
     if (rc == CQRS_ERR_OK)
         rc = emit_all(r, err);
+    if (rc == CQRS_ERR_OK)
+        rc = cqrs_docstore_bulk_sync(r->scratch, err);
     return rc;
 }
 
@@ -630,6 +637,8 @@ static cqrs_err_t catch_up(rebuild_t *r, long long *behind, cqrs_error_t *err)
             rc = finish_agg(r, err);
         if (rc == CQRS_ERR_OK)
             rc = flush_done(r, err);
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_bulk_sync(r->scratch, err);
         cqrs_text_free(&a);
         cqrs_text_free(&b);
     }

@@ -77,6 +77,10 @@ struct cqrs_docstore {
     redisContext *c;
     char sha[41];
     char channel[64];
+    /* bulk writes whose replies are not read yet, and the first error among those read */
+    size_t deferred;
+    cqrs_err_t deferred_rc;
+    cqrs_error_t deferred_err;
 };
 
 cqrs_err_t cqrs_redis_url_parse(const char *url, cqrs_redis_addr_t *out, cqrs_error_t *err)
@@ -199,10 +203,14 @@ static cqrs_err_t connect_ds(cqrs_docstore_t *ds, cqrs_error_t *err)
     return rc;
 }
 
+static void settle(cqrs_docstore_t *ds);
+
 static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, const size_t *lens,
                           redisReply **out, cqrs_error_t *err)
 {
     *out = NULL;
+    if (ds->deferred)
+        settle(ds); /* replies of bulk writes come first */
     cqrs_err_t rc = connect_ds(ds, err);
     if (rc != CQRS_ERR_OK)
         return rc;
@@ -1064,8 +1072,40 @@ static void pipe_add(pipe_t *p, int argc, const char **argv)
         p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "Redis: cannot queue a command");
         return;
     }
-    if (++p->pending >= 1000)
+    if (++p->pending >= 20000)
         pipe_drain(p);
+}
+
+static void settle(cqrs_docstore_t *ds)
+{
+    size_t n = ds->deferred;
+    ds->deferred = 0;
+    if (!ds->c) {
+        if (ds->deferred_rc == CQRS_ERR_OK)
+            ds->deferred_rc = cqrs_error_set(&ds->deferred_err, CQRS_ERR_UNAVAILABLE,
+                                             "Redis: the connection was lost before the bulk "
+                                             "write was confirmed");
+        return;
+    }
+    pipe_t p = {ds, n, CQRS_ERR_OK, &ds->deferred_err};
+    if (ds->deferred_rc != CQRS_ERR_OK) {
+        cqrs_error_t ignored;
+        p.err = &ignored;
+    }
+    pipe_drain(&p);
+    if (ds->deferred_rc == CQRS_ERR_OK)
+        ds->deferred_rc = p.rc;
+}
+
+cqrs_err_t cqrs_docstore_bulk_sync(cqrs_docstore_t *ds, cqrs_error_t *err)
+{
+    if (ds->deferred)
+        settle(ds);
+    cqrs_err_t rc = ds->deferred_rc;
+    if (rc != CQRS_ERR_OK && err)
+        *err = ds->deferred_err;
+    ds->deferred_rc = CQRS_ERR_OK;
+    return rc;
 }
 
 /* Bulk writes group the changes of many documents by (command, key): the lists every product
@@ -1152,7 +1192,9 @@ static bool group_push(group_t *x, const char *a, const char *b)
 cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *docs, size_t n,
                                     cqrs_error_t *err)
 {
-    cqrs_err_t rc = connect_ds(ds, err);
+    cqrs_err_t rc = cqrs_docstore_bulk_sync(ds, err);
+    if (rc == CQRS_ERR_OK)
+        rc = connect_ds(ds, err);
     if (rc != CQRS_ERR_OK)
         return rc;
     enum { G_HSET = 10, G_HSETNX_DEAD = 11 };
@@ -1233,8 +1275,16 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
             pipe_add(&p, 5, a3);
         }
     (void)n_dead;
-    if (ds->c)
-        pipe_drain(&p);
+    /* Send everything now, read the replies later (the next bulk write, a sync, or any other
+     * command): Redis works on this batch while the caller prepares the next. */
+    int done = 0;
+    while (ds->c && p.rc == CQRS_ERR_OK && !done)
+        if (redisBufferWrite(ds->c, &done) != REDIS_OK) {
+            p.rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
+            disconnect(ds);
+        }
+    if (p.rc == CQRS_ERR_OK)
+        ds->deferred = p.pending;
     rc = p.rc;
 out:
     for (size_t i = 0; i < g.n; i++)

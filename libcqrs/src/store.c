@@ -395,6 +395,24 @@ cqrs_err_t cqrs_tx_stream(cqrs_tx_t *tx, const char *sql, int nparams, const cha
     return rc;
 }
 
+/* The result of the FETCH in flight (NULL with err when it failed); reads to the end. */
+static PGresult *fetch_result(PGconn *c, cqrs_err_t *rc, cqrs_error_t *err)
+{
+    PGresult *out = NULL, *r;
+    while ((r = PQgetResult(c)) != NULL) {
+        if (!out && PQresultStatus(r) == PGRES_TUPLES_OK) {
+            out = r;
+            continue;
+        }
+        if (*rc == CQRS_ERR_OK)
+            *rc = cqrs__pg_error(c, r, err);
+        PQclear(r);
+    }
+    if (!out && *rc == CQRS_ERR_OK)
+        *rc = cqrs__pg_error(c, NULL, err);
+    return out;
+}
+
 cqrs_err_t cqrs_tx_cursor(cqrs_tx_t *tx, const char *sql, int batch, cqrs_row_fn fn, void *ud,
                           cqrs_error_t *err)
 {
@@ -409,23 +427,34 @@ cqrs_err_t cqrs_tx_cursor(cqrs_tx_t *tx, const char *sql, int batch, cqrs_row_fn
     snprintf(fetch, sizeof fetch, "FETCH %d FROM cqrs_cursor", batch > 0 ? batch : 1000);
     enum { MAX_COLS = 64 };
     const char *values[MAX_COLS];
-    while (rc == CQRS_ERR_OK) {
-        PGresult *r = PQexec(tx->conn, fetch);
-        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-            rc = cqrs__pg_error(tx->conn, r, err);
-            PQclear(r);
-            break;
-        }
+    /* Double-buffered: the server produces the next batch while fn consumes this one. */
+    PGresult *r = NULL;
+    if (rc == CQRS_ERR_OK) {
+        if (!PQsendQuery(tx->conn, fetch))
+            rc = cqrs__pg_error(tx->conn, NULL, err);
+        else
+            r = fetch_result(tx->conn, &rc, err);
+    }
+    while (rc == CQRS_ERR_OK && r) {
         int rows = PQntuples(r), n = PQnfields(r) < MAX_COLS ? PQnfields(r) : MAX_COLS;
+        bool more = rows > 0 && PQsendQuery(tx->conn, fetch);
         for (int i = 0; i < rows && rc == CQRS_ERR_OK; i++) {
             for (int k = 0; k < n; k++)
                 values[k] = PQgetisnull(r, i, k) ? NULL : PQgetvalue(r, i, k);
             rc = fn(ud, n, values, err);
         }
         PQclear(r);
-        if (rows == 0)
-            break;
+        r = NULL;
+        if (more) {
+            cqrs_err_t frc = CQRS_ERR_OK;
+            r = fetch_result(tx->conn, &frc, err); /* always consumed, also after a stop */
+            if (rc == CQRS_ERR_OK)
+                rc = frc;
+        } else if (rows > 0 && rc == CQRS_ERR_OK) {
+            rc = cqrs__pg_error(tx->conn, NULL, err);
+        }
     }
+    PQclear(r);
     if (rc == CQRS_ERR_OK)
         rc = exec_simple(tx->conn, "CLOSE cqrs_cursor", err);
     return rc;

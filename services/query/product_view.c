@@ -61,15 +61,12 @@ static cqrs_err_t product_created(const json_t *doc, const cqrs_event_t *ev, jso
 }
 
 /* Every later product event: copy, change, bump version and updated_at. */
-static cqrs_err_t product_changed(const json_t *doc, const cqrs_event_t *ev, json_t **out,
-                                  cqrs_error_t *err)
+/* Changes d (a product document) by ev; d is left as it was when the event is rejected (every
+ * check comes before the first change). Members are only ever replaced
+ * (json_object_set_new), never changed in place, so a shallow copy of a document shares its
+ * unchanged values safely. */
+static cqrs_err_t product_change(json_t *d, const cqrs_event_t *ev, cqrs_error_t *err)
 {
-    if (!doc)
-        return cqrs_error_set(err, CQRS_ERR_INVALID, "%s for a product that does not exist",
-                              ev->type);
-    /* A shallow copy: members are only ever replaced (json_object_set_new), never changed in
-     * place, so sharing the unchanged values with the input keeps it untouched. */
-    json_t *d = json_copy((json_t *)doc);
     const char *t = ev->type;
     const char *s1, *s2, *s3;
     json_int_t i1, i2;
@@ -99,16 +96,29 @@ static cqrs_err_t product_changed(const json_t *doc, const cqrs_event_t *ev, jso
         json_object_set_new(d, "stock", json_integer(i1));
         json_object_set_new(d, "units_sold", json_integer(sold));
     } else {
-        json_decref(d);
         return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown product event type %s", t);
     }
     json_object_set_new(d, "version", json_integer((json_int_t)ev->version));
     json_object_set_new(d, "updated_at", json_string(ev->time));
-    *out = d;
     return CQRS_ERR_OK;
 bad:
-    json_decref(d);
     return incomplete(ev, err);
+}
+
+static cqrs_err_t product_changed(const json_t *doc, const cqrs_event_t *ev, json_t **out,
+                                  cqrs_error_t *err)
+{
+    if (!doc)
+        return cqrs_error_set(err, CQRS_ERR_INVALID, "%s for a product that does not exist",
+                              ev->type);
+    json_t *d = json_copy((json_t *)doc); /* shallow: see product_change */
+    cqrs_err_t rc = product_change(d, ev, err);
+    if (rc != CQRS_ERR_OK) {
+        json_decref(d);
+        return rc;
+    }
+    *out = d;
+    return CQRS_ERR_OK;
 }
 
 cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **out,
@@ -169,4 +179,23 @@ static cqrs_err_t query_apply(const json_t *doc, const cqrs_event_t *ev, json_t 
     return order_view_apply(doc, ev, next, err);
 }
 
-const cqrs_projection_t query_projection = {query_doc_key, query_apply, query_index};
+static cqrs_err_t query_apply_owned(json_t *doc, const cqrs_event_t *ev, json_t **next,
+                                    cqrs_error_t *err)
+{
+    *next = NULL;
+    if (doc && strcmp(ev->aggregate_type, "product") == 0 &&
+        strcmp(ev->type, "product.created.v1") != 0) {
+        cqrs_err_t rc = product_change(doc, ev, err);
+        if (rc == CQRS_ERR_OK)
+            *next = doc;
+        return rc;
+    }
+    /* creations and orders (short histories): the copying version */
+    cqrs_err_t rc = query_apply(doc, ev, next, err);
+    if (rc == CQRS_ERR_OK)
+        json_decref(doc);
+    return rc;
+}
+
+const cqrs_projection_t query_projection = {query_doc_key, query_apply, query_index,
+                                            query_apply_owned};

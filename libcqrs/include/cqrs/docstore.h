@@ -255,9 +255,13 @@ typedef struct cqrs_bulk_doc {
 } cqrs_bulk_doc_t;
 
 /* Writes with plain pipelined commands, not atomically: only for a database nothing else
- * writes (a rebuild's scratch database). */
+ * writes (a rebuild's scratch database). The replies are read later — by the next bulk write,
+ * cqrs_docstore_bulk_sync or any other call — so Redis works while the caller prepares the
+ * next batch; an error of an earlier batch is returned by the next bulk write or sync. */
 cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *docs, size_t n,
                                     cqrs_error_t *err);
+/* Reads every outstanding reply; the first error of the bulk writes since the last sync. */
+cqrs_err_t cqrs_docstore_bulk_sync(cqrs_docstore_t *ds, cqrs_error_t *err);
 
 /* Sets (until_ms > 0: for that many ms of the server's clock from now) or clears (0) the pause
  * the apply script honours. */

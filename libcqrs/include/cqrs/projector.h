@@ -41,6 +41,11 @@ typedef struct cqrs_projection {
     /* Optional: the index changes from old (NULL when none) to next, written atomically with
      * the document. key is the document's key. */
     void (*index)(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops);
+    /* Optional: as apply, but the caller hands doc over (NULL or a reference no one else
+     * holds): it may be changed in place and returned as *next. On failure doc is unchanged
+     * and still the caller's. Rebuilds fold long histories with it without copying. */
+    cqrs_err_t (*apply_owned)(json_t *doc, const cqrs_event_t *ev, json_t **next,
+                              cqrs_error_t *err);
 } cqrs_projection_t;
 
 typedef struct cqrs_projector_config {
