@@ -235,10 +235,58 @@ static void test_order_events(void **state)
     json_decref(doc);
 }
 
+/* apply (copying) and apply_owned (in place) give the same documents; apply leaves its input
+ * untouched; a rejected event leaves an owned document as it was. */
+static void test_in_place_matches_copying(void **state)
+{
+    (void)state;
+    json_t *owned = base_doc();
+    json_t *kept = json_deep_copy(owned);
+    const struct {
+        const char *type;
+        const char *data;
+    } steps[] = {
+        {"product.stock-adjusted.v1", "{\"delta\":5,\"reason\":\"r\",\"stock\":15}"},
+        {"product.price-changed.v1", "{\"price_cents\":777}"},
+        {"product.stock-reserved.v1", "{\"quantity\":2,\"stock\":13,\"order_id\":\"x\"}"},
+        {"product.details-updated.v1", "{\"name\":\"N\",\"description\":\"D\",\"category\":\"c\"}"},
+        {"product.discontinued.v1", "{}"},
+    };
+    for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+        cqrs_event_t ev;
+        cqrs_event_init(&ev, steps[i].type, "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff",
+                        (int64_t)i + 2, json_loads(steps[i].data, 0, NULL), NULL);
+        json_t *before = json_deep_copy(kept), *copied = NULL, *next = NULL;
+        cqrs_error_t err;
+        assert_int_equal(query_projection.apply(kept, &ev, &copied, &err), CQRS_ERR_OK);
+        assert_true(json_equal(kept, before)); /* the input is untouched */
+        assert_int_equal(query_projection.apply_owned(owned, &ev, &next, &err), CQRS_ERR_OK);
+        assert_true(json_equal(next, copied));
+        owned = next;
+        json_decref(kept);
+        json_decref(before);
+        kept = copied;
+        cqrs_event_close(&ev);
+    }
+    cqrs_event_t bad;
+    cqrs_event_init(&bad, "product.price-changed.v1", "product",
+                    "6f9619ff-8b86-4011-b42d-00c04fc964ff", 7, json_object(), NULL);
+    json_t *same = json_deep_copy(owned), *next = NULL;
+    cqrs_error_t err;
+    assert_int_equal(query_projection.apply_owned(owned, &bad, &next, &err), CQRS_ERR_INVALID);
+    assert_null(next);
+    assert_true(json_equal(owned, same));
+    cqrs_event_close(&bad);
+    json_decref(same);
+    json_decref(owned);
+    json_decref(kept);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_product_event),
+        cmocka_unit_test(test_in_place_matches_copying),
         cmocka_unit_test(test_product_events_need_their_document_and_data),
         cmocka_unit_test(test_order_events),
         cmocka_unit_test(test_created_builds_the_whole_document),
