@@ -468,7 +468,7 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
             a->version = s->version;
             a->seen = s->seen;
             a->held = s->held;
-            if (s->version > 0 && !s->held) {
+            if (s->version > 0) { /* held ones too: their list entries come at the end */
                 char *json = NULL;
                 int64_t ver = 0;
                 cqrs_err_t grc = cqrs_docstore_get(r->scratch, a->key, &json, &ver, err);
@@ -532,7 +532,7 @@ static cqrs_err_t emit_all(rebuild_t *r, cqrs_error_t *err)
             s->a = NULL;
             r->have_cur = true;
             rc = finish_agg(r, err);
-        } else if (s && s->used && s->spilled && s->version > 0 && !s->held) {
+        } else if (s && s->used && s->spilled && s->version > 0) {
             /* written at a spill without its list entries: read back, then complete */
             waiting[n_wait++] = s;
         }
@@ -649,12 +649,15 @@ static cqrs_err_t catch_up(rebuild_t *r, long long *behind, cqrs_error_t *err)
 
 static int usage(FILE *f)
 {
-    fprintf(f, "usage: cqrsctl rebuild [--projection products|orders|all] [--scratch-db N]\n\n"
+    fprintf(f, "usage: cqrsctl rebuild [--projection products|orders|all] [--scratch-db N]\n"
+               "                       [--max-in-memory AGGREGATES]\n\n"
                "Rebuilds the read model from the PostgreSQL event log into a scratch database of\n"
                "the same Redis server while the live one keeps serving, then switches atomically\n"
                "(SWAPDB) and drops the old generation. The projections not chosen are copied as\n"
                "they are. --scratch-db defaults to the live database + 1 (0 when the live one is\n"
                "15); it must be empty or a previous rebuild's scratch database.\n"
+               "--max-in-memory (default 500000, about 1 GB) bounds the aggregates folded in\n"
+               "memory; past it they are written out and read back when needed.\n"
                "Exit codes: 0 switched, 1 failed (the live read model is untouched), 2 usage,\n"
                "3 a dependency is unavailable.\n");
     return f == stdout ? 0 : 2;
@@ -672,11 +675,17 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
 {
     const char *projection = "all";
     int scratch_db = -1;
+    size_t max_in_memory = 500000; /* ≈ 1 GB of folded documents; past it, spill */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
             return usage(stdout);
         if (strcmp(argv[i], "--projection") == 0 && i + 1 < argc) {
             projection = argv[++i];
+        } else if (strcmp(argv[i], "--max-in-memory") == 0 && i + 1 < argc) {
+            int64_t v;
+            if (!cqrs_parse_int64(argv[++i], &v) || v < 1)
+                return usage(stderr);
+            max_in_memory = (size_t)v;
         } else if (strcmp(argv[i], "--scratch-db") == 0 && i + 1 < argc) {
             int64_t v;
             if (!cqrs_parse_int64(argv[++i], &v) || v < 0 || v > 1000000)
@@ -695,7 +704,7 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         return usage(stderr);
     r->types = r->products && r->orders ? "{product,order}" : r->products ? "{product}" : "{order}";
     r->tty = isatty(2);
-    r->max_in_memory = 500000; /* ≈ 1 GB of folded documents; past it, spill to the scratch db */
+    r->max_in_memory = max_in_memory;
     cqrs_error_t err;
     cqrs_redis_addr_t addr;
     if (cqrs_redis_url_parse(env->redis_url, &addr, &err) != CQRS_ERR_OK) {
@@ -809,6 +818,26 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         }
     if (src == CQRS_ERR_OK && !r->products)
         src = cqrs_docstore_copy_keys(r->live, r->scratch, TOP_PRODUCTS_KEY, &n, &err);
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_copy_keys(r->live, r->scratch, "cqrs:unknown:*", &n, &err);
+    /* Dead letters of the aggregates not rebuilt (the rebuilt ones have their own, recomputed). */
+    if (src == CQRS_ERR_OK && !(r->products && r->orders)) {
+        char **ids = NULL;
+        int64_t *since = NULL;
+        size_t n_ids = 0;
+        src = cqrs_docstore_dlq_index(r->live, &ids, &since, &n_ids, &err);
+        for (size_t i = 0; src == CQRS_ERR_OK && i < n_ids; i++) {
+            if (vmap_find(&r->map, ids[i], false))
+                continue;
+            char dlq[96];
+            cqrs_projector_dlq_key(ids[i], dlq, sizeof dlq);
+            src = cqrs_docstore_copy_keys(r->live, r->scratch, dlq, &n, &err);
+            if (src == CQRS_ERR_OK)
+                src = cqrs_docstore_dlq_index_add(r->scratch, ids[i], since[i], &err);
+        }
+        cqrs_docstore_strings_free(ids, n_ids);
+        free(since);
+    }
     /* The old generation keeps a marker once it sits in the scratch database; the new one
      * carries none. */
     if (src == CQRS_ERR_OK)
@@ -819,8 +848,27 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     if (src == CQRS_ERR_OK && remaining_ms < 1000)
         src = cqrs_error_set(&err, CQRS_ERR_TIMEOUT,
                              "the switch took longer than the pause allows; nothing switched");
-    if (src == CQRS_ERR_OK)
+    if (src == CQRS_ERR_OK) {
         src = cqrs_docstore_swap_with(r->live, scratch_db, &err);
+        if (src != CQRS_ERR_OK) {
+            /* Did the swap happen (only its reply lost)? The marker set in the live database
+             * just before travels with the old generation. */
+            char *m = NULL;
+            cqrs_error_t e3;
+            for (int t = 0; t < 10; t++) {
+                cqrs_err_t mrc2 = cqrs_docstore_string_get(r->live, MARKER_KEY, &m, &e3);
+                free(m);
+                m = NULL;
+                if (mrc2 == CQRS_ERR_NOT_FOUND) {
+                    src = CQRS_ERR_OK; /* swapped */
+                    break;
+                }
+                if (mrc2 == CQRS_ERR_OK)
+                    break; /* not swapped */
+                usleep(200 * 1000);
+            }
+        }
+    }
     if (src != CQRS_ERR_OK) {
         cqrs_error_t e2;
         cqrs_docstore_pause(r->live, 0, &e2); /* let the live projector go on */
@@ -831,11 +879,13 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     int64_t pause_ms = cqrs_monotonic_ms() - pause_started;
     /* The live database now holds the new generation: caches of the old one go. */
     cqrs_error_t e2;
-    if (cqrs_docstore_announce_reset(r->live, &e2) != CQRS_ERR_OK)
-        fprintf(stderr,
-                "warning: could not announce the switch (%s); query caches refresh when"
-                " their feed reconnects\n",
-                e2.message);
+    cqrs_err_t arc = CQRS_ERR_UNAVAILABLE;
+    for (int t = 0; t < 10 && arc != CQRS_ERR_OK; t++) {
+        arc = cqrs_docstore_announce_reset(r->live, &e2);
+        if (arc != CQRS_ERR_OK)
+            usleep(300 * 1000);
+    }
+    cqrs_error_t announce_err = e2;
     if (cqrs_docstore_flush(r->scratch, &e2) != CQRS_ERR_OK)
         fprintf(stderr, "warning: the old generation in database %d was not flushed (%s)\n",
                 scratch_db, e2.message);
@@ -845,6 +895,14 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
            r->events, built_events, build_s > 0 ? (double)built_events / build_s : 0.0,
            r->events - built_events, r->map.n, r->dead_letters, copied, (long long)pause_ms);
     rc = 0;
+    if (arc != CQRS_ERR_OK) {
+        fprintf(stderr,
+                "cqrsctl rebuild: switched, but the switch could not be announced (%s): query "
+                "daemons may serve cached documents of the old generation until their change "
+                "feed reconnects; restart them or run PUBLISH %s%d '*'\n",
+                announce_err.message, CQRS_CHANGES_CHANNEL_PREFIX, addr.db);
+        rc = 1;
+    }
 out:
     if (r->have_cur)
         agg_free(&r->cur);

@@ -168,8 +168,12 @@ void cqrs_docstore_destroy(cqrs_docstore_t *ds)
 static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, const size_t *lens,
                           redisReply **out, cqrs_error_t *err);
 
+static void settle(cqrs_docstore_t *ds);
+
 static cqrs_err_t connect_ds(cqrs_docstore_t *ds, cqrs_error_t *err)
 {
+    if (ds->deferred)
+        settle(ds); /* replies of earlier bulk writes come before anything else */
     if (ds->c)
         return CQRS_ERR_OK;
     struct timeval tv = {ds->timeout_ms / 1000, (ds->timeout_ms % 1000) * 1000};
@@ -203,14 +207,10 @@ static cqrs_err_t connect_ds(cqrs_docstore_t *ds, cqrs_error_t *err)
     return rc;
 }
 
-static void settle(cqrs_docstore_t *ds);
-
 static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, const size_t *lens,
                           redisReply **out, cqrs_error_t *err)
 {
     *out = NULL;
-    if (ds->deferred)
-        settle(ds); /* replies of bulk writes come first */
     cqrs_err_t rc = connect_ds(ds, err);
     if (rc != CQRS_ERR_OK)
         return rc;
@@ -397,11 +397,28 @@ cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err)
     return rc;
 }
 
+static const char UNDECODABLE_LUA[] =
+    "local pause = redis.call('HGET', KEYS[2], 'paused_until')\n"
+    "if pause then\n"
+    "  local t = redis.call('TIME')\n"
+    "  if tonumber(pause) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then\n"
+    "    return -3\n"
+    "  end\n"
+    "end\n"
+    "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
+    "return 1\n";
+
 cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err)
 {
-    const char *argv[] = {"RPUSH", "cqrs:dlq:undecodable", blob};
+    /* Honours a rebuild's pause like the apply script (a message stored during the switch
+     * would be left behind in the old generation). */
+    const char *argv[] = {"EVAL", UNDECODABLE_LUA, "2", "cqrs:dlq:undecodable", CQRS_META_KEY,
+                          blob};
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    cqrs_err_t rc = command(ds, 6, argv, NULL, &r, err);
+    if (rc == CQRS_ERR_OK && r->type == REDIS_REPLY_INTEGER && r->integer == -3)
+        rc = cqrs_error_set(err, CQRS_ERR_RETRY,
+                            "the read model is paused while a rebuild switches generations");
     freeReplyObject(r);
     return rc;
 }
@@ -1252,6 +1269,7 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
                 const char **argv = malloc((take + 2) * sizeof *argv);
                 if (!argv) {
                     rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+                    disconnect(ds);
                     goto out;
                 }
                 argv[0] = name;
@@ -1285,6 +1303,8 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
         }
     if (p.rc == CQRS_ERR_OK)
         ds->deferred = p.pending;
+    else if (ds->c)
+        disconnect(ds); /* appended commands must not be taken for the next call's */
     rc = p.rc;
 out:
     for (size_t i = 0; i < g.n; i++)
@@ -1433,4 +1453,13 @@ cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t 
 {
     const char *argv[] = {"DEL", key};
     return simple(ds, 2, argv, err);
+}
+
+cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *aggregate_id,
+                                       int64_t since_ms, cqrs_error_t *err)
+{
+    char score[24];
+    snprintf(score, sizeof score, "%lld", (long long)since_ms);
+    const char *argv[] = {"ZADD", CQRS_DLQ_INDEX_KEY, "NX", score, aggregate_id};
+    return simple(ds, 5, argv, err);
 }

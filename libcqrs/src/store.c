@@ -447,9 +447,12 @@ cqrs_err_t cqrs_tx_cursor(cqrs_tx_t *tx, const char *sql, int batch, cqrs_row_fn
         r = NULL;
         if (more) {
             cqrs_err_t frc = CQRS_ERR_OK;
-            r = fetch_result(tx->conn, &frc, err); /* always consumed, also after a stop */
-            if (rc == CQRS_ERR_OK)
+            cqrs_error_t ferr;
+            r = fetch_result(tx->conn, &frc, &ferr); /* always consumed, also after a stop */
+            if (rc == CQRS_ERR_OK && frc != CQRS_ERR_OK) {
                 rc = frc;
+                *err = ferr;
+            }
         } else if (rows > 0 && rc == CQRS_ERR_OK) {
             rc = cqrs__pg_error(tx->conn, NULL, err);
         }

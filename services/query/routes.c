@@ -78,11 +78,15 @@ typedef struct doc_read {
     int64_t min_version;
     int64_t deadline_ms;
     bool parked; /* a wait is registered with the hub */
+    cqrs_http_request_t *req;
 } doc_read_t;
 
 static void doc_read_free(void *ud)
 {
-    free(ud);
+    doc_read_t *r = ud;
+    if (r->parked) /* the hub must never wake a finished request */
+        cqrs_waiters_cancel(r->ctx->waiters, r->key, r->req);
+    free(r);
 }
 
 static void reply_doc(cqrs_http_request_t *req, const char *json, int64_t version)
@@ -103,7 +107,10 @@ static void doc_read_step(cqrs_http_request_t *req, void *ud)
 {
     doc_read_t *r = ud;
     query_ctx_t *ctx = r->ctx;
-    r->parked = false; /* woken: the hub has forgotten the wait */
+    if (r->parked) { /* woken: by the hub (which forgot the wait) or by a shutdown */
+        cqrs_waiters_cancel(ctx->waiters, r->key, req);
+        r->parked = false;
+    }
     for (int pass = 0;; pass++) {
         char *json = NULL;
         int64_t version = 0;
@@ -205,6 +212,7 @@ static void get_document(cqrs_http_request_t *req, query_ctx_t *ctx, const char 
     doc_key(type, id, r->key, sizeof r->key);
     r->min_version = min_version;
     r->deadline_ms = cqrs_monotonic_ms() + wait_ms;
+    r->req = req;
     cqrs_http_on_close(req, doc_read_free, r);
     doc_read_step(req, r);
 }

@@ -285,5 +285,8 @@ cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char *
 cqrs_err_t cqrs_docstore_string_set(cqrs_docstore_t *ds, const char *key, const char *value,
                                     cqrs_error_t *err);
 cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t *err);
+/* Adds an aggregate to the dead-letter index (held since since_ms) unless it is there. */
+cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *aggregate_id,
+                                       int64_t since_ms, cqrs_error_t *err);
 
 #endif
