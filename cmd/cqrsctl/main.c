@@ -8,6 +8,7 @@
 #include "ops.h"
 #include "verify.h"
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,6 +203,16 @@ int main(int argc, char **argv)
         return 0;
     }
     cqrs_log_init("cqrsctl", CQRS_LOG_WARN);
+    bool sub_help = argc > 2 && (strcmp(argv[2], "--help") == 0 || strcmp(argv[2], "-h") == 0);
+    if (sub_help) { /* a subcommand's help needs no configuration */
+        cqrsctl_env_t none = {"", "", "", ""};
+        if (strcmp(argv[1], "rebuild") == 0)
+            return cqrsctl_rebuild(&none, argc - 1, argv + 1);
+        if (strcmp(argv[1], "explain") == 0)
+            return cqrsctl_explain(&none, argc - 1, argv + 1);
+        if (strcmp(argv[1], "dlq") == 0)
+            return cqrsctl_dlq(&none, argc - 1, argv + 1);
+    }
     if (cqrs_config_load(entries, N_ENTRIES, NULL, NULL, stderr) != 0)
         return 2;
     int rc;
