@@ -644,6 +644,7 @@ static int relay_round(relay_worker_t *r)
         PQclear(res);
         return 0;
     }
+    CQRS_FAILPOINT("relay-after-read");
     rd_kafka_error_t *e = rd_kafka_begin_transaction(r->rk);
     if (e) {
         CQRS_LOG_WARN("begin_transaction failed", "error", rd_kafka_error_string(e));
@@ -717,6 +718,8 @@ static int relay_round(relay_worker_t *r)
             break;
     }
     t_acked = cqrs_monotonic_ms();
+    if (produced > 0)
+        CQRS_FAILPOINT("relay-after-delivery");
     for (int i = 0; i < produced; i++)
         if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
             if (!failed)
