@@ -158,42 +158,57 @@ class Stack:
             raise SetupError("psql: %s: %s" % (sql[:80], r.stderr.strip()))
         return [line.split("\t") for line in r.stdout.splitlines() if line]
 
-    def kafka_read(self, topic, idle_s=None):
+    def kafka_read(self, topic, snapshot=None):
         """Every committed message of topic: [(partition, offset, key, headers, payload)].
 
-        Reads up to the end (kcat -e). Under load an open relay transaction holds a
-        read_committed reader back, and then it never reaches the end: with idle_s, the read
-        stops after idle_s seconds without a message and returns what it has (every message
-        committed before the open transaction). Without idle_s, that is an error."""
+        Without snapshot: up to the end of every partition (kcat -e), for the checker once the
+        system is quiet. Under load the end keeps moving and an open relay transaction holds a
+        read_committed reader back, so a reader there takes a snapshot instead: snapshot is
+        {partition: offset}, and the read stops once it has every message below those offsets
+        (each offset - 1 is a message the projector applied, so it exists), or, with {}, after
+        3 s without a message or 5 s in all."""
         p = subprocess.Popen(["kcat", "-C", "-b", self.brokers, "-t", topic, "-o", "beginning", "-e", "-q",
                               "-X", "isolation.level=read_committed", "-f", "%p\t%o\t%k\t%h\t%s\n"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines, state = [], {"t": time.time()}
+        lines, state, high = [], {"t": time.time()}, {}
 
         def pump():
             for line in p.stdout:
                 lines.append(line)
                 state["t"] = time.time()
+                part, off = line.split("\t", 2)[:2]
+                high[int(part)] = max(high.get(int(part), -1), int(off))
         t = threading.Thread(target=pump, daemon=True)
         t.start()
-        limit = idle_s if idle_s is not None else 60
-        while p.poll() is None and time.time() - state["t"] < limit:
-            time.sleep(0.2)
+        start = time.time()
+        while p.poll() is None:
+            if snapshot is None and time.time() - state["t"] > 60:
+                p.kill()
+                raise SetupError("kcat -C %s: no end of the topic after 60 s without messages" % topic)
+            if snapshot is not None:
+                if snapshot and all(high.get(part, -1) >= off - 1 for part, off in snapshot.items() if off > 0):
+                    break
+                if not snapshot and (time.time() - state["t"] > 3 or time.time() - start > 5):
+                    break
+                if time.time() - start > 90:
+                    p.kill()
+                    raise SetupError("kcat -C %s: offsets %s not reached in 90 s" % (topic, snapshot))
+            time.sleep(0.1)
         if p.poll() is None:
             p.kill()
-            p.wait()
-            if idle_s is None:
-                raise SetupError("kcat -C %s: no end of the topic after %d s without messages" % (topic, limit))
         elif p.returncode != 0:
             raise SetupError("kcat -C %s: %s" % (topic, p.stderr.read().strip()))
+        p.wait()
         t.join(10)
         msgs = []
-        for line in lines:
+        for line in list(lines):
             parts = line.rstrip("\n").split("\t", 4)
             if len(parts) != 5:
                 continue
             hdrs = dict(h.split("=", 1) for h in parts[3].split(",") if "=" in h)
-            msgs.append((int(parts[0]), int(parts[1]), parts[2], hdrs, parts[4]))
+            m = (int(parts[0]), int(parts[1]), parts[2], hdrs, parts[4])
+            if not snapshot or m[1] < snapshot.get(m[0], 0):
+                msgs.append(m)
         return msgs
 
 
@@ -767,15 +782,19 @@ def nem_offsets_and_dups(run, sc, opts):
     # SIGTERM, not SIGKILL: a clean leave of the consumer group (a killed member holds its
     # partitions for the group's session timeout, 45 s; projector-kill-after-apply covers kills).
     q = run.queryd
+    keys = ["cqrs:offsets:{%s.%s.events}" % (run.prefix, t) for t in ("product", "order")]
+    end = time.time() + 60  # something applied in both topics first, or there is nothing to rewind
+    while time.time() < end and not all(run.stack.redis(run.redis_db, "HLEN", k).strip() not in ("", "0")
+                                        for k in keys):
+        time.sleep(0.5)
     q.stop()
     redelivered = 0  # messages already applied: each must come back as a skipped duplicate
     for t in ("product", "order"):
         key = "cqrs:offsets:{%s.%s.events}" % (run.prefix, t)
         applied = dict(zip(*[iter(run.stack.redis(run.redis_db, "HGETALL", key).split())] * 2))
         fields = list(applied)
-        for m in run.stack.kafka_read("%s.%s.events" % (run.prefix, t), idle_s=5):
-            if m[1] < int(applied.get(str(m[0]), 0)):
-                redelivered += 1
+        redelivered += len(run.stack.kafka_read("%s.%s.events" % (run.prefix, t),
+                                                snapshot={int(p): int(o) for p, o in applied.items()}))
         for f in fields:
             run.stack.redis(run.redis_db, "HSET", key, f, "0")
         log("rewound %d partitions of %s to offset 0" % (len(fields), key))
@@ -789,7 +808,7 @@ def nem_offsets_and_dups(run, sc, opts):
     # the test producer: per aggregate, its two newest events again, newest first
     topic = "%s.product.events" % run.prefix
     by_key = collections.defaultdict(list)
-    for m in run.stack.kafka_read(topic, idle_s=5):
+    for m in run.stack.kafka_read(topic, snapshot={}):
         by_key[m[2]].append(m)
     sent = 0
     for key, msgs in list(by_key.items())[:8]:
@@ -808,7 +827,7 @@ def nem_offsets_and_dups(run, sc, opts):
     if sent == 0:
         run.problems.append("the test producer found nothing to re-send")
     # The projector saw them all again and skipped them (its counter restarted with it).
-    want, got, end = redelivered + sent, None, time.time() + 60
+    want, got, end = redelivered + sent, None, time.time() + opts.bound
     while time.time() < end:
         got = q.metric("cqrs_projector_duplicates_skipped_total")
         if got is not None and got >= want:
