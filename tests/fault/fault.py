@@ -699,12 +699,13 @@ def ready_all(run, seconds=90):
 
 class Scenario:
     def __init__(self, name, about, commandd_fp="", queryd_fp="", arm=3, long_arm=None, commandds=1,
-                 nemesis=None, negative=False, unsafe=None, load_s=2.0):
+                 nemesis=None, negative=False, unsafe=None, load_s=2.0, bound=None):
         self.name, self.about = name, about
         self.commandd_fp, self.queryd_fp, self.arm = commandd_fp, queryd_fp, arm
         self.long_arm = long_arm or arm
         self.commandds, self.nemesis, self.negative, self.unsafe = commandds, nemesis, negative, unsafe
         self.load_s = load_s
+        self.bound = bound  # seconds to converge; a negative control that never converges fails fast
 
 
 def nem_failpoint_commandd(run, sc, opts):
@@ -899,6 +900,10 @@ SCENARIOS = [
     Scenario("NEGATIVE-ack-uncommitted", "negative control: CQRS_UNSAFE_ACK_UNCOMMITTED=1 and COMMIT failing ×5",
              commandd_fp="command-before-commit=error*5", unsafe={"CQRS_UNSAFE_ACK_UNCOMMITTED": "1"},
              negative=True, nemesis=lambda run, sc, opts: time.sleep(1)),
+    Scenario("NEGATIVE-relay-delete-first", "negative control: CQRS_UNSAFE_RELAY_DELETE_FIRST=1 (at most once) and "
+             "the relay SIGKILLed after reading the outbox", commandd_fp="relay-after-read=kill*1", arm=2,
+             unsafe={"CQRS_UNSAFE_RELAY_DELETE_FIRST": "1"}, negative=True, nemesis=nem_failpoint_commandd,
+             bound=20),
 ]
 
 
@@ -927,7 +932,8 @@ def run_scenario(stack, opts, sc, workdir):
         t_heal = time.time()
         time.sleep(sc.load_s if not opts.long else sc.load_s * 3)  # load after the heal
         wl.stop()
-        conv = run.converge(t_heal, opts.bound)
+        bound = sc.bound or opts.bound
+        conv = run.converge(t_heal, bound)
         res, notes = run.check(wl, conv)
         row.update(commands=len(wl.ops), acked=sum(op["outcome"] == "ok" for op in wl.ops),
                    lost=res["lost"], duplicated=res["duplicated"], **{"out of order": res["out of order"]},
@@ -936,7 +942,7 @@ def run_scenario(stack, opts, sc, workdir):
         row["detail"] = "ok %d, failed %d, unknown %d; reads %d" % (outcomes["ok"], outcomes["failed"],
                                                                   outcomes["unknown"], len(wl.reads))
         bad = res["lost"] + res["duplicated"] + res["out of order"] + res["verify"] + (conv is None)
-        row["notes"] = notes + run.problems + ([] if conv is not None else ["no convergence within %d s" % opts.bound])
+        row["notes"] = notes + run.problems + ([] if conv is not None else ["no convergence within %d s" % bound])
         if sc.negative:
             row["ok"] = bad > 0 and not run.problems
             row["notes"].insert(0, "negative control: the checker %s" % ("caught it" if bad else "MISSED IT"))

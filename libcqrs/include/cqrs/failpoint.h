@@ -26,6 +26,9 @@
  * the fault suite can prove its checker catches it (a negative control):
  *   CQRS_UNSAFE_ACK_UNCOMMITTED=1   cqrs-commandd answers a command's success even when its
  *                                   transaction failed and was rolled back
+ *   CQRS_UNSAFE_RELAY_DELETE_FIRST=1
+ *                                   the relay deletes a batch's outbox rows before publishing
+ *                                   it (at most once)
  */
 #ifndef CQRS_FAILPOINT_H
 #define CQRS_FAILPOINT_H
