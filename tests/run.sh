@@ -3,8 +3,8 @@
 #
 # Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
 # stack (its own folder and free ports, so a running dev stack is left alone), runs every
-# ctest label (unit, integration, e2e) and always tears the stack down, also on failure or
-# Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
+# ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
+# it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
 # server is missing: CI=true is set for them.
 #
 #   tests/run.sh                 everything

@@ -951,6 +951,9 @@ def run_scenario(stack, opts, sc, workdir):
         with open(os.path.join(run.logdir, "history.jsonl"), "w") as f:
             for op in wl.ops:
                 f.write(json.dumps(op) + "\n")
+        with open(os.path.join(run.logdir, "reads.jsonl"), "w") as f:
+            for rid, kind, i, ver in wl.reads:
+                f.write(json.dumps({"reader": rid, "kind": kind, "id": i, "version": ver}) + "\n")
     except Exception as ex:  # noqa: BLE001 — one broken scenario must not hide the others
         row["notes"].append("setup error: %s: %s" % (type(ex).__name__, ex))
         row["setup_error"] = True
