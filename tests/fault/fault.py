@@ -1000,7 +1000,8 @@ def main():
     ap.add_argument("--seed", type=int, default=None, help="seed of the workload and the random mix")
     ap.add_argument("--long", action="store_true", default=os.environ.get("CQRS_FAULT_LONG") == "1",
                     help="more rounds and longer load (also CQRS_FAULT_LONG=1)")
-    ap.add_argument("--bound", type=int, default=120, help="seconds allowed to converge after the heal")
+    ap.add_argument("--bound", type=int, default=180, help="seconds allowed to converge after the heal")
+    ap.add_argument("--table", default=None, help="also write the results (table and problems) to this file")
     ap.add_argument("--workdir", default=None, help="logs and histories (default: a temp folder)")
     opts = ap.parse_args()
     opts.build = os.path.abspath(opts.build)
@@ -1022,14 +1023,16 @@ def main():
         return 2
     t0 = time.time()
     rows = [run_scenario(stack, opts, sc, workdir) for sc in chosen]
-    print()
-    print("Fault suite, seed %d%s, %d s" % (opts.seed, " (long)" if opts.long else "", time.time() - t0))
-    print(table(rows))
+    out = ["Fault suite, seed %d%s, %d s" % (opts.seed, " (long)" if opts.long else "", time.time() - t0),
+           table(rows)]
     for r in rows:
         if r["notes"] and (not r["ok"] or r["scenario"].startswith("NEGATIVE")):
-            print("\n%s (%s):" % (r["scenario"], r.get("detail", "")))
-            for n in r["notes"][:12]:
-                print("  - " + n)
+            out.append("\n%s (%s):" % (r["scenario"], r.get("detail", "")))
+            out += ["  - " + n for n in r["notes"][:12]]
+    print("\n" + "\n".join(out))
+    if opts.table:
+        with open(opts.table, "w") as f:
+            f.write("\n".join(out) + "\n")
     if any(r.get("setup_error") for r in rows):
         return 2
     return 0 if all(r["ok"] for r in rows) else 1

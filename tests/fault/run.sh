@@ -49,4 +49,5 @@ trap 'exit 130' INT TERM
 echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT)"
 "$REPO/deploy/local/stack.sh" up
 eval "$("$REPO/deploy/local/stack.sh" env)"
-python3 "$REPO/tests/fault/fault.py" --build "$BUILD" "$@"
+# The results also go to BUILD/fault-results.txt (tests/run.sh prints them at the end).
+python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$BUILD/fault-results.txt" "$@"
