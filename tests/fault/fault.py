@@ -427,7 +427,6 @@ class Workload:
             time.sleep(0.01)
 
     def reader(self, rid, rng):
-        seen = {}
         while not self.stop_ev.is_set():
             with self.lock:
                 pool = [("products", p) for p in self.products[-60:]] + \
@@ -446,7 +445,6 @@ class Workload:
                 continue
             with self.lock:
                 self.reads.append((rid, kind, i, v))
-            seen[i] = v
             time.sleep(0.005)
 
 
