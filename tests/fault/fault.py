@@ -881,6 +881,8 @@ SCENARIOS = [
              commandd_fp="command-after-commit=kill*1", nemesis=nem_failpoint_commandd),
     Scenario("relay-kill-after-read", "relay SIGKILLed after reading the outbox, before producing (×3)",
              commandd_fp="relay-after-read=kill*1", nemesis=nem_failpoint_commandd),
+    Scenario("relay-kill-after-delivery", "relay SIGKILLed with every delivery report in, its Kafka transaction "
+             "open (×3)", commandd_fp="relay-after-delivery=kill*1", nemesis=nem_failpoint_commandd),
     Scenario("relay-kill-after-ack", "relay SIGKILLed after Kafka's ack, before deleting the rows (×3)",
              commandd_fp="relay-after-commit=kill*1", nemesis=nem_failpoint_commandd),
     Scenario("relay-pause-takeover", "relay leader SIGSTOPped past the lease, another takes over, resumed",

@@ -39,8 +39,11 @@ export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
 teardown() {
     local rc=$?
     trap - EXIT INT TERM
-    "$REPO/deploy/local/stack.sh" down --purge >"$STACK_DIR.down.log" 2>&1 ||
+    if "$REPO/deploy/local/stack.sh" down --purge >"$STACK_DIR.down.log" 2>&1; then
+        rm -f "$STACK_DIR.down.log"
+    else
         echo "fault stack teardown failed, see $STACK_DIR.down.log" >&2
+    fi
     exit "$rc"
 }
 trap teardown EXIT
