@@ -3,8 +3,8 @@
 #
 # Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
 # stack (its own folder and free ports, so a running dev stack is left alone), runs every
-# ctest label (unit, integration, e2e) and always tears the stack down, also on failure or
-# Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
+# ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
+# it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
 # server is missing: CI=true is set for them.
 #
 #   tests/run.sh                 everything
@@ -64,6 +64,10 @@ teardown() {
     echo "==> tearing the test stack down ($STACK_DIR)"
     deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
         echo "stack teardown failed, see $BUILD/stack-down.log"
+    if [ -f "$BUILD/fault-results.txt" ]; then
+        echo
+        cat "$BUILD/fault-results.txt"
+    fi
     if [ -f "$BUILD/ctest-summary.txt" ]; then
         echo
         cat "$BUILD/ctest-summary.txt"
@@ -98,7 +102,7 @@ if [ $# -eq 0 ]; then
 fi
 
 say "ctest $*"
-rm -f "$BUILD/ctest-summary.txt"
+rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt"
 set +e
 (cd "$BUILD" && ctest --output-on-failure --timeout 300 "$@") | tee "$BUILD/ctest.log"
 rc=${PIPESTATUS[0]}

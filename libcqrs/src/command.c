@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cqrs/failpoint.h"
 #include "cqrs/json.h"
 #include "cqrs/log.h"
 
@@ -289,7 +290,10 @@ static cqrs_err_t run_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
         if (e != CQRS_ERR_OK)
             return e;
     }
-    return cmd->has_key ? store_response(tx, cmd, err) : CQRS_ERR_OK;
+    e = cmd->has_key ? store_response(tx, cmd, err) : CQRS_ERR_OK;
+    if (e == CQRS_ERR_OK && CQRS_FAILPOINT("command-before-commit"))
+        return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "failpoint command-before-commit");
+    return e;
 }
 
 static void reply_now(cqrs_command_t *cmd)
@@ -340,6 +344,13 @@ void cqrs_command_execute(cqrs_command_t *cmd, cqrs_store_t *store,
     cqrs_error_t err;
     cqrs_error_clear(&err);
     cqrs_err_t e = cqrs_store_run_tx(store, run_tx, &rc, &err);
+    if (e == CQRS_ERR_OK)
+        CQRS_FAILPOINT("command-after-commit");
+    /* Negative control of the fault suite (failpoint builds only): a success that was never
+     * committed. */
+    if (e != CQRS_ERR_OK && e != BUSINESS_REPLY && cmd->status > 0 && cmd->status < 300 &&
+        !cmd->replay && CQRS_UNSAFE("ACK_UNCOMMITTED"))
+        e = CQRS_ERR_OK;
     if (e == BUSINESS_REPLY || (e == CQRS_ERR_OK && !cmd->replay)) {
         reply_now(cmd);
         return;

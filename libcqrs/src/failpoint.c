@@ -11,7 +11,7 @@
 
 #include "cqrs/log.h"
 
-static atomic_int fired_once[16];
+static atomic_int fired[16]; /* per entry of CQRS_FAILPOINTS, for "*N" */
 
 bool cqrs__failpoint(const char *name)
 {
@@ -29,13 +29,14 @@ bool cqrs__failpoint(const char *name)
             char *star = strchr(action, '*');
             if (star) {
                 *star = '\0';
-                if (index < 16 && atomic_exchange(&fired_once[index], 1))
+                int times = atoi(star + 1);
+                if (index < 16 && atomic_fetch_add(&fired[index], 1) >= (times > 0 ? times : 1))
                     return false;
             }
             CQRS_LOG_WARN("failpoint fired", "failpoint", name, "action", action);
             if (strcmp(action, "kill") == 0)
                 raise(SIGKILL);
-            if (strcmp(action, "stop") == 0) {
+            if (strcmp(action, "stop") == 0 || strcmp(action, "pause") == 0) {
                 raise(SIGSTOP);
                 return false;
             }
@@ -48,5 +49,13 @@ bool cqrs__failpoint(const char *name)
         p = end ? end + 1 : NULL;
     }
     return false;
+}
+
+bool cqrs__unsafe(const char *name)
+{
+    char var[96];
+    snprintf(var, sizeof var, "CQRS_UNSAFE_%s", name);
+    const char *v = getenv(var);
+    return v && strcmp(v, "1") == 0;
 }
 #endif

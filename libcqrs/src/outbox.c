@@ -621,6 +621,29 @@ static void abort_txn(relay_worker_t *r)
     }
 }
 
+/* Negative control of the fault suite (CQRS_UNSAFE_RELAY_DELETE_FIRST=1, failpoint builds
+ * only): the batch leaves the outbox before it is published — at most once — so a crash in
+ * between loses it. */
+static void unsafe_delete_first(relay_worker_t *r, PGresult *res, int n)
+{
+    size_t cap = (size_t)n * 21 + 3, used = 0;
+    char *arr = malloc(cap);
+    if (!arr)
+        return;
+    arr[used++] = '{';
+    for (int i = 0; i < n; i++)
+        used +=
+            (size_t)snprintf(arr + used, cap - used, "%s%s", i ? "," : "", PQgetvalue(res, i, 0));
+    arr[used++] = '}';
+    arr[used] = '\0';
+    const char *d[] = {arr};
+    PQclear(exec_relay(r,
+                       "DELETE FROM outbox WHERE sequence = ANY($3::bigint[]) AND EXISTS"
+                       " (SELECT 1 FROM relay_leader WHERE id = 1 AND owner = $1 AND epoch = $2)",
+                       1, d));
+    free(arr);
+}
+
 /* Publishes one batch as one Kafka transaction; returns the rows read, -1 on failure. */
 static int relay_round(relay_worker_t *r)
 {
@@ -644,6 +667,9 @@ static int relay_round(relay_worker_t *r)
         PQclear(res);
         return 0;
     }
+    if (CQRS_UNSAFE("RELAY_DELETE_FIRST"))
+        unsafe_delete_first(r, res, n);
+    CQRS_FAILPOINT("relay-after-read");
     rd_kafka_error_t *e = rd_kafka_begin_transaction(r->rk);
     if (e) {
         CQRS_LOG_WARN("begin_transaction failed", "error", rd_kafka_error_string(e));
@@ -717,6 +743,8 @@ static int relay_round(relay_worker_t *r)
             break;
     }
     t_acked = cqrs_monotonic_ms();
+    if (produced > 0)
+        CQRS_FAILPOINT("relay-after-delivery");
     for (int i = 0; i < produced; i++)
         if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
             if (!failed)

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "cqrs/bus.h"
+#include "cqrs/failpoint.h"
 #include "cqrs/log.h"
 #include "cqrs/metrics.h"
 #include "cqrs/util.h"
@@ -453,7 +454,7 @@ static void handle(cqrs_projector_t *p, const rd_kafka_message_t *m)
         cqrs_event_close(&ev);
         return;
     }
-    if (apply_event(p, m, &ev))
+    if (apply_event(p, m, &ev) && !CQRS_FAILPOINT("projector-after-apply"))
         store_offset(p, m);
     cqrs_event_close(&ev);
 }

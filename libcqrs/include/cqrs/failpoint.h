@@ -4,10 +4,31 @@
  * CQRS_ENABLE_FAILPOINTS (CMake option, on in the test build, off in release builds). When it
  * does, the environment variable CQRS_FAILPOINTS="name=action[,name=action…]" arms points:
  *   kill      SIGKILL this process
- *   stop      SIGSTOP this process (a pause: resume it with SIGCONT)
+ *   stop      SIGSTOP this process (a pause: resume it with SIGCONT); "pause" is the same
  *   delay:N   sleep N milliseconds
  *   error     the macro evaluates to true: the caller fails as if a dependency failed
- * Each armed point fires every time it is reached; "name=action*1" fires once.
+ * Each armed point fires every time it is reached; "name=action*N" fires the first N times
+ * (per process).
+ *
+ * The points (tests/fault/README.md has the scenarios that use them):
+ *   command-before-commit   cqrs-commandd: a command's rows, events and outbox rows are
+ *                           written, COMMIT not yet sent (error: the command fails, rolled back)
+ *   command-after-commit    cqrs-commandd: COMMIT done, the HTTP answer not yet queued
+ *   relay-after-read        relay: outbox rows read, nothing produced yet
+ *   relay-after-delivery    relay: every delivery report OK, the batch not yet recorded
+ *   relay-before-commit     relay: batch recorded in relay_inflight, Kafka commit not yet sent
+ *   relay-after-commit      relay: Kafka committed (acknowledged), outbox rows not yet deleted
+ *   projector-after-apply   cqrs-queryd: the event applied in Redis, its Kafka offset not yet
+ *                           stored for commit
+ *
+ * CQRS_UNSAFE(name) is true when the environment variable CQRS_UNSAFE_<name> is "1" in a
+ * failpoint build; always false otherwise. It switches on deliberately wrong behaviour so that
+ * the fault suite can prove its checker catches it (a negative control):
+ *   CQRS_UNSAFE_ACK_UNCOMMITTED=1   cqrs-commandd answers a command's success even when its
+ *                                   transaction failed and was rolled back
+ *   CQRS_UNSAFE_RELAY_DELETE_FIRST=1
+ *                                   the relay deletes a batch's outbox rows before publishing
+ *                                   it (at most once)
  */
 #ifndef CQRS_FAILPOINT_H
 #define CQRS_FAILPOINT_H
@@ -16,9 +37,12 @@
 
 #ifdef CQRS_ENABLE_FAILPOINTS
 bool cqrs__failpoint(const char *name);
+bool cqrs__unsafe(const char *name);
 #define CQRS_FAILPOINT(name) cqrs__failpoint(name)
+#define CQRS_UNSAFE(name) cqrs__unsafe(name)
 #else
 #define CQRS_FAILPOINT(name) false
+#define CQRS_UNSAFE(name) false
 #endif
 
 #endif

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# tests/fault/run.sh — the fault-injection suite (tests/fault/fault.py) on a stack of its own.
+#
+# The suite SIGKILLs, pauses and empties servers, so it never runs on a stack someone else
+# uses: this script starts a fresh one (its own folder and free ports), runs the suite against
+# it and always purges it, also on failure or Ctrl-C. A server that cannot be started is a
+# failure (exit non-zero), never a skip.
+#
+#   tests/fault/run.sh BUILD_DIR [fault.py options]     e.g. --scenario kafka-kill --seed 42
+#   CQRS_FAULT_LONG=1 tests/fault/run.sh BUILD_DIR      more rounds, longer load
+#
+# BUILD_DIR must be a -DCQRS_ENABLE_FAILPOINTS=ON build (tests/run.sh's build-asan is).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BUILD=${1:?usage: tests/fault/run.sh BUILD_DIR [fault.py options]}
+shift
+
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 20000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+}
+
+STACK_DIR=$(mktemp -d /tmp/cqrs-fault.XXXXXX)
+chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
+export CQRS_STACK_DIR=$STACK_DIR
+CQRS_PG_PORT=$(free_port)
+CQRS_REDIS_PORT=$(free_port)
+CQRS_KAFKA_PORT=$(free_port)
+CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
+export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+
+teardown() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if "$REPO/deploy/local/stack.sh" down --purge >"$STACK_DIR.down.log" 2>&1; then
+        rm -f "$STACK_DIR.down.log"
+    else
+        echo "fault stack teardown failed, see $STACK_DIR.down.log" >&2
+    fi
+    exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT)"
+"$REPO/deploy/local/stack.sh" up
+eval "$("$REPO/deploy/local/stack.sh" env)"
+# The results also go to BUILD/fault-results.txt (tests/run.sh prints them at the end).
+python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$BUILD/fault-results.txt" "$@"
