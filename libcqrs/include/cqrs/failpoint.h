@@ -10,7 +10,7 @@
  * Each armed point fires every time it is reached; "name=action*N" fires the first N times
  * (per process).
  *
- * The points (tests/fault/README.md has the scenarios that use them):
+ * The points (README.md, "Fault-injection suite", has the scenarios that use them):
  *   command-before-commit   cqrs-commandd: a command's rows, events and outbox rows are
  *                           written, COMMIT not yet sent (error: the command fails, rolled back)
  *   command-after-commit    cqrs-commandd: COMMIT done, the HTTP answer not yet queued
