@@ -37,17 +37,8 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=ON \
     -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_ENABLE_FAILPOINTS=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
 ninja -C "$BUILD"
 
-# A free port: nothing answers on it now.
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 12000)) # below the ephemeral range (32768+)
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
+# shellcheck source=tests/support/ports.sh
+. "$(dirname "${BASH_SOURCE[0]}")/support/ports.sh"
 
 STACK_DIR=$(mktemp -d /tmp/cqrs-test-stack.XXXXXX)
 export CQRS_STACK_DIR=$STACK_DIR

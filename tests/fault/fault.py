@@ -60,11 +60,21 @@ class SetupError(Exception):
 
 
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A port below the ephemeral range (32768+), where no outgoing connection can take it."""
+    stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_REDIS_PORT", "CQRS_KAFKA_PORT",
+                                         "CQRS_KAFKA_CONTROLLER_PORT")}
+    while True:
+        p = random.SystemRandom().randrange(20000, 32000)
+        if str(p) in stack:  # a server of the stack may be down right now (a fault)
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
 
 
 # ------------------------------------------------------------------------------ servers ---

@@ -16,16 +16,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUILD=${1:?usage: tests/fault/run.sh BUILD_DIR [fault.py options]}
 shift
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 20000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
+# shellcheck source=tests/support/ports.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../support/ports.sh"
 
 STACK_DIR=$(mktemp -d /tmp/cqrs-fault.XXXXXX)
 chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
