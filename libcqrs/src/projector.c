@@ -224,7 +224,7 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
         cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", err) ||
         cqrs_bus_conf_set(conf, "isolation.level", "read_committed", err) ||
         cqrs_bus_conf_set(conf, "enable.partition.eof", "false", err) ||
-        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "100", err)) {
+        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "10", err)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }

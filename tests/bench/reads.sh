@@ -138,6 +138,7 @@ run "nginx, the document as a static file (baseline)" "http://127.0.0.1:$NPORT" 
 run "webdis, HGET of the document from Redis" "http://127.0.0.1:$WPORT" '/HGET/cqrs:product:%%7B%s%%7D/json'
 # Under the read load: the daemon's RSS is sampled in the middle of the run.
 ( sleep $((DURATION / 2)); echo "loaded RSS: cqrs-queryd $(rss $Q) MB" >>"$OUT/rss.txt" ) &
+SAMPLER=$!
 run "cqrs-queryd GET /v1/products/{id}, 10,000 ids" "http://127.0.0.1:$QPORT" '/v1/products/%s'
 CQRS_HTTP_PORT=$((QPORT + 10)) CQRS_HTTP_THREADS=$THREADS CQRS_QUERY_ROLE=serve CQRS_QUERY_CACHE_MB=0 \
     build/cmd/cqrs-queryd >"$OUT/queryd-nocache.log" 2>&1 &
@@ -148,7 +149,7 @@ kill $Q2
 echo
 awk -F'|' 'NR == 1 { base = $2 } { printf "%-52s ratio to nginx: %.2f\n", $1, $2 / base }' "$OUT/results.txt"
 curl -fs "http://127.0.0.1:$QPORT/metrics" | grep -E '^cqrs_cache_(hits|misses|entries|bytes)' | sed 's/^/   /'
-wait
+wait "$SAMPLER"
 cat "$OUT/rss.txt"
 
 echo "== visibility lag at $RATE commands/s (command 2xx → the change arrives on a stream)"
