@@ -28,7 +28,7 @@ static const cqrs_config_entry_t entries[] = {
     {"CQRS_PG_DSN", CQRS_CONFIG_SECRET, NULL, 0, 0, "PostgreSQL connection string or URI",
      &S.pg_dsn, NULL},
     {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0,
-     "Redis of the read model (verify, explain, dlq)", &S.redis_url, NULL},
+     "Redis of the read model (verify, explain, dlq, rebuild)", &S.redis_url, NULL},
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
     {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,

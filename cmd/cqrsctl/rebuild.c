@@ -85,19 +85,9 @@ typedef struct vmap {
     size_t cap, n;
 } vmap_t;
 
-static uint64_t hash_id(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
 static slot_t *vmap_lookup(vmap_t *m, const char *id, size_t *free_slot)
 {
-    size_t j = hash_id(id) & (m->cap - 1);
+    size_t j = cqrs_hash64(id) & (m->cap - 1);
     while (m->v[j].used) {
         if (strcmp(m->v[j].id, id) == 0)
             return &m->v[j];
@@ -122,7 +112,7 @@ static slot_t *vmap_find(vmap_t *m, const char *id, bool add)
             return NULL;
         for (size_t i = 0; i < m->cap; i++)
             if (m->v[i].used) {
-                size_t k = hash_id(m->v[i].id) & (cap - 1);
+                size_t k = cqrs_hash64(m->v[i].id) & (cap - 1);
                 while (nv[k].used)
                     k = (k + 1) & (cap - 1);
                 nv[k] = m->v[i];
@@ -319,6 +309,31 @@ static void progress(rebuild_t *r, const char *phase, bool final)
     }
 }
 
+static void copy_str(char *dst, size_t cap, const char *src)
+{
+    size_t n = src ? strlen(src) : 0;
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src ? src : "", n);
+    dst[n] = '\0';
+}
+
+/* An event from a row of SQL_SEQ / SQL_MISSING (same columns); data is a new reference. */
+static void event_from_row(cqrs_event_t *ev, const char *const *v)
+{
+    memset(ev, 0, sizeof *ev);
+    copy_str(ev->aggregate_type, sizeof ev->aggregate_type, v[0]);
+    copy_str(ev->aggregate_id, sizeof ev->aggregate_id, v[1]);
+    cqrs_parse_int64(v[2], &ev->version);
+    copy_str(ev->id, sizeof ev->id, v[3]);
+    copy_str(ev->type, sizeof ev->type, v[4]);
+    copy_str(ev->time, sizeof ev->time, v[5]);
+    copy_str(ev->traceparent, sizeof ev->traceparent, v[6]);
+    copy_str(ev->source, sizeof ev->source, "/cqrs-commandd"); /* the log does not keep it */
+    cqrs_parse_int64(v[8], &ev->sequence);
+    ev->data = json_loads(v[7], 0, NULL);
+}
+
 /* One row of SQL_MISSING (catch-up, sorted by aggregate), folded into its aggregate (in catch-up,
  * an aggregate the new generation already holds starts from its stored document). */
 static cqrs_err_t fold_row(rebuild_t *r, const char *const *v, bool catch_up, cqrs_error_t *err)
@@ -352,17 +367,7 @@ static cqrs_err_t fold_row(rebuild_t *r, const char *const *v, bool catch_up, cq
         }
     }
     cqrs_event_t ev;
-    memset(&ev, 0, sizeof ev);
-    snprintf(ev.aggregate_type, sizeof ev.aggregate_type, "%s", v[0]);
-    snprintf(ev.aggregate_id, sizeof ev.aggregate_id, "%s", agg_id);
-    cqrs_parse_int64(v[2], &ev.version);
-    snprintf(ev.id, sizeof ev.id, "%s", v[3]);
-    snprintf(ev.type, sizeof ev.type, "%s", v[4]);
-    snprintf(ev.time, sizeof ev.time, "%s", v[5]);
-    snprintf(ev.traceparent, sizeof ev.traceparent, "%s", v[6] ? v[6] : "");
-    snprintf(ev.source, sizeof ev.source, "/cqrs-commandd");
-    cqrs_parse_int64(v[8], &ev.sequence);
-    ev.data = json_loads(v[7], 0, NULL);
+    event_from_row(&ev, v);
     fold(&r->cur, &ev);
     json_decref(ev.data);
     r->events++;
@@ -396,15 +401,6 @@ static cqrs_err_t run_query(rebuild_t *r, query_t *q, cqrs_error_t *err)
 }
 
 /* ---- phase 1: everything in the log, in the log's order, folded in memory -------------- */
-
-static void copy_str(char *dst, size_t cap, const char *src)
-{
-    size_t n = src ? strlen(src) : 0;
-    if (n >= cap)
-        n = cap - 1;
-    memcpy(dst, src ? src : "", n);
-    dst[n] = '\0';
-}
 
 /* Writes every aggregate held in memory to the scratch database (documents and dead letters,
  * no list entries yet: those are computed once, from the final documents) and forgets them. */
@@ -481,17 +477,7 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
         r->in_memory++;
     }
     cqrs_event_t ev;
-    memset(&ev, 0, sizeof ev);
-    copy_str(ev.aggregate_type, sizeof ev.aggregate_type, v[0]);
-    copy_str(ev.aggregate_id, sizeof ev.aggregate_id, v[1]);
-    cqrs_parse_int64(v[2], &ev.version);
-    copy_str(ev.id, sizeof ev.id, v[3]);
-    copy_str(ev.type, sizeof ev.type, v[4]);
-    copy_str(ev.time, sizeof ev.time, v[5]);
-    copy_str(ev.traceparent, sizeof ev.traceparent, v[6]);
-    copy_str(ev.source, sizeof ev.source, "/cqrs-commandd");
-    cqrs_parse_int64(v[8], &ev.sequence);
-    ev.data = json_loads(v[7], 0, NULL);
+    event_from_row(&ev, v);
     fold(s->a, &ev);
     json_decref(ev.data);
     s->version = s->a->version;

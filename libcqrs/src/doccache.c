@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cqrs/util.h"
+
 #define SHARDS 64
 #define ENTRY_OVERHEAD 96 /* struct, allocator slack */
 
@@ -36,16 +38,6 @@ struct cqrs_doccache {
     atomic_uint_fast64_t hits, misses, fills, refused, evictions, resets;
     shard_t shards[SHARDS];
 };
-
-static uint64_t hash_key(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
 
 static shard_t *shard_of(cqrs_doccache_t *c, uint64_t h)
 {
@@ -123,7 +115,7 @@ bool cqrs_doccache_get(cqrs_doccache_t *c, const char *key, int64_t min_version,
         atomic_fetch_add(&c->misses, 1);
         return false;
     }
-    uint64_t h = hash_key(key);
+    uint64_t h = cqrs_hash64(key);
     shard_t *s = shard_of(c, h);
     bool hit = false;
     pthread_mutex_lock(&s->mu);
@@ -147,7 +139,7 @@ cqrs_doccache_ticket_t cqrs_doccache_ticket(cqrs_doccache_t *c, const char *key)
     cqrs_doccache_ticket_t t = {0, 0, false};
     if (!atomic_load(&c->enabled) || !c->max_bytes)
         return t;
-    shard_t *s = shard_of(c, hash_key(key));
+    shard_t *s = shard_of(c, cqrs_hash64(key));
     t.epoch = atomic_load(&c->epoch);
     pthread_mutex_lock(&s->mu);
     t.seq = s->seq;
@@ -181,7 +173,7 @@ void cqrs_doccache_put(cqrs_doccache_t *c, const char *key, cqrs_doccache_ticket
     size_t cost = sizeof(entry_t) + klen + 1 + len + 1 + ENTRY_OVERHEAD;
     if (cost > c->shard_max / 4)
         return; /* one document may not take a large part of its shard */
-    uint64_t h = hash_key(key);
+    uint64_t h = cqrs_hash64(key);
     shard_t *s = shard_of(c, h);
     pthread_mutex_lock(&s->mu);
     if (!atomic_load(&c->enabled) || atomic_load(&c->epoch) != t.epoch || s->seq != t.seq) {
@@ -238,7 +230,7 @@ void cqrs_doccache_put(cqrs_doccache_t *c, const char *key, cqrs_doccache_ticket
 
 void cqrs_doccache_announce(cqrs_doccache_t *c, const char *key, int64_t version)
 {
-    uint64_t h = hash_key(key);
+    uint64_t h = cqrs_hash64(key);
     shard_t *s = shard_of(c, h);
     pthread_mutex_lock(&s->mu);
     s->seq++;

@@ -20,6 +20,18 @@
 
 #include "cqrs/util.h"
 
+/* Lua: returns -3 while a rebuild's pause lies ahead — the meta hash (META, a KEYS reference)
+ * field paused_until, in ms of the Redis clock. Shared by every script that writes the read
+ * model, so none slips a write into the switch. */
+#define PAUSE_CHECK_LUA(META)                                                                      \
+    "local pause = redis.call('HGET', " META ", 'paused_until')\n"                                 \
+    "if pause then\n"                                                                              \
+    "  local t = redis.call('TIME')\n"                                                             \
+    "  if tonumber(pause) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then\n"      \
+    "    return -3\n"                                                                              \
+    "  end\n"                                                                                      \
+    "end\n"
+
 /* KEYS: 1 document, 2 offsets, 3 dead letters of the aggregate, 4 dead-letter index,
  *       5 meta, 6… index keys
  * ARGV: 1 mode (apply|dead), 2 version, 3 document, 4 partition, 5 next offset, 6 event blob,
@@ -30,46 +42,41 @@
  * Redis clock) lies ahead, nothing is applied (-3): a rebuild is switching generations. */
 static const char APPLY_LUA[] =
     "if redis.call('EXISTS', KEYS[5]) == 0 then redis.call('PUBLISH', ARGV[11], '*') return -2 "
-    "end\n"
-    "local pause = redis.call('HGET', KEYS[5], 'paused_until')\n"
-    "if pause then\n"
-    "  local t = redis.call('TIME')\n"
-    "  if tonumber(pause) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then\n"
-    "    return -3\n"
-    "  end\n"
-    "end\n"
-    "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
-    "local v = tonumber(ARGV[2])\n"
-    "local function mark()\n"
-    "  local prev = tonumber(redis.call('HGET', KEYS[2], ARGV[4]) or '-1')\n"
-    "  if tonumber(ARGV[5]) > prev then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end\n"
-    "end\n"
-    "if v <= cur then mark() return 0 end\n"
-    "local held = redis.call('EXISTS', KEYS[3]) == 1\n"
-    "if ARGV[1] == 'dead' or held or v > cur + 1 then\n"
-    "  local code, reason = 3, ARGV[9]\n"
-    "  if ARGV[1] ~= 'dead' then\n"
-    "    if held then code, reason = 2, 'waiting behind an earlier dead letter of its aggregate'\n"
-    "    else code, reason = -1, 'gap: the document is at version ' .. cur end\n"
-    "  end\n"
-    "  redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[6])\n"
-    "  redis.call('HSETNX', KEYS[3], ARGV[2] .. ':reason', reason)\n"
-    "  redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[7])\n"
-    "  mark()\n"
-    "  return code\n"
-    "end\n"
-    "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
-    "local i = 12\n"
-    "for _ = 1, tonumber(ARGV[10]) do\n"
-    "  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]\n"
-    "  if op == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
-    "  elseif op == 'HSET' then redis.call('HSET', key, ARGV[i + 3], ARGV[i + 4])\n"
-    "  else redis.call(op, key, ARGV[i + 3]) end\n"
-    "  i = i + 5\n"
-    "end\n"
-    "mark()\n"
-    "redis.call('PUBLISH', ARGV[11], KEYS[1] .. ' ' .. ARGV[2])\n"
-    "return 1\n";
+    "end\n" PAUSE_CHECK_LUA(
+        "KEYS[5]") "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
+                   "local v = tonumber(ARGV[2])\n"
+                   "local function mark()\n"
+                   "  local prev = tonumber(redis.call('HGET', KEYS[2], ARGV[4]) or '-1')\n"
+                   "  if tonumber(ARGV[5]) > prev then redis.call('HSET', KEYS[2], ARGV[4], "
+                   "ARGV[5]) end\n"
+                   "end\n"
+                   "if v <= cur then mark() return 0 end\n"
+                   "local held = redis.call('EXISTS', KEYS[3]) == 1\n"
+                   "if ARGV[1] == 'dead' or held or v > cur + 1 then\n"
+                   "  local code, reason = 3, ARGV[9]\n"
+                   "  if ARGV[1] ~= 'dead' then\n"
+                   "    if held then code, reason = 2, 'waiting behind an earlier dead letter of "
+                   "its aggregate'\n"
+                   "    else code, reason = -1, 'gap: the document is at version ' .. cur end\n"
+                   "  end\n"
+                   "  redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[6])\n"
+                   "  redis.call('HSETNX', KEYS[3], ARGV[2] .. ':reason', reason)\n"
+                   "  redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[7])\n"
+                   "  mark()\n"
+                   "  return code\n"
+                   "end\n"
+                   "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
+                   "local i = 12\n"
+                   "for _ = 1, tonumber(ARGV[10]) do\n"
+                   "  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]\n"
+                   "  if op == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
+                   "  elseif op == 'HSET' then redis.call('HSET', key, ARGV[i + 3], ARGV[i + 4])\n"
+                   "  else redis.call(op, key, ARGV[i + 3]) end\n"
+                   "  i = i + 5\n"
+                   "end\n"
+                   "mark()\n"
+                   "redis.call('PUBLISH', ARGV[11], KEYS[1] .. ' ' .. ARGV[2])\n"
+                   "return 1\n";
 
 struct cqrs_docstore {
     cqrs_redis_addr_t addr;
@@ -398,15 +405,8 @@ cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err)
 }
 
 static const char UNDECODABLE_LUA[] =
-    "local pause = redis.call('HGET', KEYS[2], 'paused_until')\n"
-    "if pause then\n"
-    "  local t = redis.call('TIME')\n"
-    "  if tonumber(pause) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then\n"
-    "    return -3\n"
-    "  end\n"
-    "end\n"
-    "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
-    "return 1\n";
+    PAUSE_CHECK_LUA("KEYS[2]") "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
+                               "return 1\n";
 
 cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err)
 {
@@ -1143,12 +1143,7 @@ typedef struct groups {
 
 static uint64_t group_hash(int op, const char *key)
 {
-    uint64_t h = 1469598103934665603ULL ^ (uint64_t)op;
-    for (; *key; key++) {
-        h ^= (unsigned char)*key;
-        h *= 1099511628211ULL;
-    }
-    return h;
+    return cqrs_hash64(key) ^ ((uint64_t)op * 0x9e3779b97f4a7c15ULL);
 }
 
 static group_t *group_for(groups_t *g, int op, const char *key)

@@ -316,3 +316,13 @@ char *cqrs_base64url_decode(const char *text, size_t *out_len)
     *out_len = o;
     return (char *)out;
 }
+
+uint64_t cqrs_hash64(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211ULL;
+    }
+    return h;
+}

@@ -41,16 +41,6 @@ struct cqrs_waiters {
     uint64_t n_waits, n_watches, by_change, by_deadline, refused;
 };
 
-static uint64_t hash_key(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
 static void link_node(cqrs_waiters_t *w, node_t *n)
 {
     node_t **b = &w->buckets[n->hash % BUCKETS];
@@ -205,7 +195,7 @@ static node_t *node_new(const char *key, cqrs_http_request_t *req)
     if (!n)
         return NULL;
     memcpy(n->key, key, len + 1);
-    n->hash = hash_key(key);
+    n->hash = cqrs_hash64(key);
     n->req = req;
     return n;
 }
@@ -233,7 +223,7 @@ bool cqrs_waiters_wait(cqrs_waiters_t *w, const char *key, int64_t min_version, 
 
 void cqrs_waiters_cancel(cqrs_waiters_t *w, const char *key, cqrs_http_request_t *req)
 {
-    uint64_t h = hash_key(key);
+    uint64_t h = cqrs_hash64(key);
     pthread_mutex_lock(&w->mu);
     for (node_t *n = w->buckets[h % BUCKETS]; n; n = n->chain)
         if (!n->watch && n->req == req) {
@@ -295,7 +285,7 @@ void cqrs_watch_end(cqrs_watch_t *watch)
 
 void cqrs_waiters_announce(cqrs_waiters_t *w, const char *key, int64_t version)
 {
-    uint64_t h = hash_key(key);
+    uint64_t h = cqrs_hash64(key);
     pthread_mutex_lock(&w->mu);
     for (node_t *n = w->buckets[h % BUCKETS], *next; n; n = next) {
         next = n->chain;

@@ -35,21 +35,14 @@
 #include "testenv.h"
 
 static daemons_t D;
-static char base_dsn[512], dsn[640], dbname[40], redis_url[1024];
+static testdb_t DB;
+static char redis_url[1024];
 
 static int setup(void **state)
 {
     (void)state;
     testenv_require_stack();
-    snprintf(base_dsn, sizeof base_dsn, "%s", getenv("CQRS_PG_DSN"));
-    char id[37];
-    cqrs_uuid_v4(id);
-    snprintf(dbname, sizeof dbname, "explain_%.8s", id);
-    char sql[128];
-    snprintf(sql, sizeof sql, "CREATE DATABASE %s", dbname);
-    pg_count(sql, NULL); /* no rows: -1, fine */
-    snprintf(dsn, sizeof dsn, "%s dbname=%s", base_dsn, dbname);
-    setenv("CQRS_PG_DSN", dsn, 1);
+    testdb_create(&DB, "explain");
     D.redis_db = 13;
     redisdb_url(getenv("CQRS_REDIS_URL"), 13, redis_url, sizeof redis_url);
     return daemons_start(&D);
@@ -59,10 +52,7 @@ static int teardown(void **state)
 {
     (void)state;
     daemons_stop(&D);
-    setenv("CQRS_PG_DSN", base_dsn, 1);
-    char sql[128];
-    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s", dbname);
-    pg_count(sql, NULL);
+    testdb_drop(&DB);
     return 0;
 }
 
@@ -96,8 +86,8 @@ static int ctl(json_t **out, const char *fmt, ...)
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
     snprintf(cmd, sizeof cmd,
-             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>/dev/null", dsn,
-             redis_url, D.prefix, CQRS_CTL, args);
+             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>/dev/null",
+             DB.dsn, redis_url, D.prefix, CQRS_CTL, args);
     FILE *p = popen(cmd, "r");
     static char buf[1 << 18];
     size_t n = fread(buf, 1, sizeof buf - 1, p);

@@ -32,23 +32,15 @@
 #define N_PRODUCTS 30
 
 static daemons_t D;
-static char base_dsn[512], dsn[640], dbname[40], live_url[1024], scratch_url[1024];
+static testdb_t DB;
+static char live_url[1024], scratch_url[1024];
 static char ids[N_PRODUCTS][40];
 
 static int setup(void **state)
 {
     (void)state;
-    snprintf(base_dsn, sizeof base_dsn, "%s", testenv_require("CQRS_PG_DSN"));
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
-    char id[37];
-    cqrs_uuid_v4(id);
-    snprintf(dbname, sizeof dbname, "rebuild_%.8s", id);
-    char sql[128];
-    snprintf(sql, sizeof sql, "CREATE DATABASE %s", dbname);
-    pg_count(sql, NULL);
-    snprintf(dsn, sizeof dsn, "%s dbname=%s", base_dsn, dbname);
-    setenv("CQRS_PG_DSN", dsn, 1);
+    testenv_require_stack();
+    testdb_create(&DB, "rebuild");
     redisdb_url(getenv("CQRS_REDIS_URL"), LIVE_DB, live_url, sizeof live_url);
     redisdb_url(getenv("CQRS_REDIS_URL"), SCRATCH_DB, scratch_url, sizeof scratch_url);
     freeReplyObject(redisdb_cmd(scratch_url, "FLUSHDB", NULL));
@@ -60,10 +52,7 @@ static int teardown(void **state)
 {
     (void)state;
     daemons_stop(&D);
-    setenv("CQRS_PG_DSN", base_dsn, 1);
-    char sql[128];
-    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s", dbname);
-    pg_count(sql, NULL);
+    testdb_drop(&DB);
     return 0;
 }
 
@@ -84,7 +73,7 @@ static int ctl(const char *args, char *out, size_t cap)
 {
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
-             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>&1", dsn,
+             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>&1", DB.dsn,
              live_url, D.prefix, CQRS_CTL, args);
     FILE *p = popen(cmd, "r");
     size_t n = fread(out, 1, cap - 1, p);

@@ -22,23 +22,15 @@
 #include "testenv.h"
 
 static daemons_t D;
-static char base_dsn[512], dsn[640], dbname[40], redis_url[1024];
+static testdb_t DB;
+static char redis_url[1024];
 static char ids[20][40];
 
 static int setup(void **state)
 {
     (void)state;
-    snprintf(base_dsn, sizeof base_dsn, "%s", testenv_require("CQRS_PG_DSN"));
-    testenv_require("CQRS_KAFKA_BROKERS");
-    testenv_require("CQRS_REDIS_URL");
-    char id[37];
-    cqrs_uuid_v4(id);
-    snprintf(dbname, sizeof dbname, "verify_%.8s", id);
-    char sql[128];
-    snprintf(sql, sizeof sql, "CREATE DATABASE %s", dbname);
-    pg_count(sql, NULL); /* no rows: -1, fine */
-    snprintf(dsn, sizeof dsn, "%s dbname=%s", base_dsn, dbname);
-    setenv("CQRS_PG_DSN", dsn, 1);
+    testenv_require_stack();
+    testdb_create(&DB, "verify");
     D.redis_db = 12;
     redisdb_url(getenv("CQRS_REDIS_URL"), 12, redis_url, sizeof redis_url);
     return daemons_start(&D);
@@ -48,10 +40,7 @@ static int teardown(void **state)
 {
     (void)state;
     daemons_stop(&D);
-    setenv("CQRS_PG_DSN", base_dsn, 1);
-    char sql[128];
-    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s", dbname);
-    pg_count(sql, NULL);
+    testdb_drop(&DB);
     return 0;
 }
 
@@ -71,7 +60,7 @@ static json_t *call(const char *method, const char *path, const char *body, int 
 static int verify(json_t **report)
 {
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' %s verify --json", dsn,
+    snprintf(cmd, sizeof cmd, "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' %s verify --json", DB.dsn,
              redis_url, CQRS_CTL);
     FILE *p = popen(cmd, "r");
     static char buf[65536];

@@ -237,3 +237,29 @@ long long daemons_metric(int port, const char *name)
     httpc_response_free(&r);
     return v;
 }
+
+void testdb_create(testdb_t *db, const char *prefix)
+{
+    const char *base = getenv("CQRS_PG_DSN");
+    snprintf(db->base_dsn, sizeof db->base_dsn, "%s", base ? base : "");
+    uuid_t u;
+    char id[37];
+    uuid_generate_random(u);
+    uuid_unparse_lower(u, id);
+    snprintf(db->name, sizeof db->name, "%.20s_%.8s", prefix, id);
+    char sql[128];
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s", db->name);
+    pg_count(sql, NULL); /* no rows: -1, fine */
+    snprintf(db->dsn, sizeof db->dsn, "%s dbname=%s", db->base_dsn, db->name);
+    setenv("CQRS_PG_DSN", db->dsn, 1);
+}
+
+void testdb_drop(testdb_t *db)
+{
+    if (!db->name[0])
+        return;
+    setenv("CQRS_PG_DSN", db->base_dsn, 1);
+    char sql[128];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s", db->name);
+    pg_count(sql, NULL);
+}

@@ -49,6 +49,17 @@ long long pg_count(const char *sql, const char *param);
 /* The first value of a SQL query as a malloc'ed string (caller frees); NULL on error. */
 char *pg_text(const char *sql, const char *param);
 
+/* A PostgreSQL database of a test's own on the stack's server (named <prefix>_<random>):
+ * create points CQRS_PG_DSN at it (daemons started afterwards use it) and fills dsn; drop
+ * restores CQRS_PG_DSN and drops the database. */
+typedef struct testdb {
+    char base_dsn[512];
+    char dsn[640];
+    char name[40];
+} testdb_t;
+void testdb_create(testdb_t *db, const char *prefix);
+void testdb_drop(testdb_t *db);
+
 /* A free TCP port on 127.0.0.1. */
 int free_port(void);
 

@@ -38,6 +38,9 @@ bool cqrs_utf8_valid(const char *s);
 /* Parses a whole decimal int64 (no sign-less overflow, no trailing junk). */
 bool cqrs_parse_int64(const char *s, int64_t *out);
 
+/* FNV-1a of a NUL-terminated string (hash tables of keys; not for anything adversarial). */
+uint64_t cqrs_hash64(const char *s);
+
 /* W3C traceparent "00-<32 hex>-<16 hex>-<2 hex>", not all-zero ids. */
 bool cqrs_traceparent_valid(const char *s);
 
