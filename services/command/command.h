@@ -89,6 +89,14 @@ typedef struct place_order_input {
 bool order_validate_place(const json_t *body, const domain_limits_t *l, place_order_input_t *in,
                           cqrs_violations_t *v);
 
+/* The money of an order, decided on its locked products (pure): line_totals[i] =
+ * unit_prices[i] × in->lines[i].quantity (both arrays in in->lines' order) and *total their sum,
+ * in cents. False, with *total untouched, when a line total or the sum does not fit int64:
+ * total_cents is a bigint row and an int64 in every event and document, so such an order cannot
+ * be represented and PlaceOrder answers 422 order-total-out-of-range. */
+bool order_price(const place_order_input_t *in, const int64_t *unit_prices, int64_t *line_totals,
+                 int64_t *total);
+
 /* The ProductCreated event data (new reference). Pure. */
 json_t *product_created_data(const char *id, const create_product_input_t *in);
 

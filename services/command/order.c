@@ -6,6 +6,11 @@
  * the same way, and no transaction locks an existing order after a product. Oversell is
  * impossible: stock is checked after the rows are locked, and the CHECK (stock >= 0)
  * constraint backs it up.
+ *
+ * Money and counts never wrap: at the widest settings one line is 10^12 cents × 10^6 = 10^18
+ * and ten of them pass INT64_MAX, so every sum and product of prices, quantities, stock and
+ * units sold is computed with cqrs_checked_*_i64 before anything is written; an order whose
+ * total cannot be represented is a 422 order-total-out-of-range, never a wrong total or a 500.
  */
 #include <cqrs/log.h>
 #include <cqrs/outbox.h>
@@ -101,6 +106,19 @@ bool order_validate_place(const json_t *body, const domain_limits_t *l, place_or
     return v->status == 0;
 }
 
+bool order_price(const place_order_input_t *in, const int64_t *unit_prices, int64_t *line_totals,
+                 int64_t *total)
+{
+    int64_t sum = 0;
+    for (size_t i = 0; i < in->n; i++) {
+        if (!cqrs_checked_mul_i64(unit_prices[i], in->lines[i].quantity, &line_totals[i]) ||
+            !cqrs_checked_add_i64(sum, line_totals[i], &sum))
+            return false;
+    }
+    *total = sum;
+    return true;
+}
+
 /* ---- helpers ----------------------------------------------------------------------------- */
 
 static json_t *order_json(const char *id, const char *customer_id, const char *status,
@@ -145,7 +163,7 @@ typedef struct place_ud {
     const place_order_input_t *in;
 } place_ud_t;
 
-enum { OL_ID, OL_SKU, OL_NAME, OL_PRICE, OL_CURRENCY, OL_STOCK, OL_STATUS, OL_VERSION };
+enum { OL_ID, OL_SKU, OL_NAME, OL_PRICE, OL_CURRENCY, OL_STOCK, OL_STATUS, OL_VERSION, OL_SOLD };
 
 static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
 {
@@ -163,7 +181,7 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
     const char *p1[] = {ids};
     cqrs_err_t rc = cqrs_tx_exec(tx,
                                  "SELECT id, sku, name, price_cents, currency, stock, status,"
-                                 " version FROM products WHERE id = ANY($1::uuid[])"
+                                 " version, units_sold FROM products WHERE id = ANY($1::uuid[])"
                                  " ORDER BY id FOR UPDATE",
                                  1, p1, &rows, err);
     free(ids);
@@ -175,10 +193,13 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
     problem_items = json_array();
     json_t *unknown = json_array();
     const char *currency = NULL;
-    bool mixed = false, inactive = false;
+    bool mixed = false, inactive = false, sold_out_of_range = false;
     int r = 0;
     int *row_of = calloc(in->n, sizeof *row_of);
-    for (size_t i = 0; row_of && i < in->n; i++) {
+    int64_t *prices = calloc(in->n, sizeof *prices),
+            *line_totals = calloc(in->n, sizeof *line_totals);
+    int64_t total = 0, sold;
+    for (size_t i = 0; row_of && prices && line_totals && i < in->n; i++) {
         while (r < nrows && strcmp(cqrs_rows_get(rows, r, OL_ID), in->lines[i].product_id) < 0)
             r++;
         if (r >= nrows || strcmp(cqrs_rows_get(rows, r, OL_ID), in->lines[i].product_id) != 0) {
@@ -190,6 +211,9 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
             continue;
         }
         row_of[i] = r;
+        prices[i] = rows_int(rows, r, OL_PRICE);
+        if (!cqrs_checked_add_i64(rows_int(rows, r, OL_SOLD), in->lines[i].quantity, &sold))
+            sold_out_of_range = true;
         if (strcmp(cqrs_rows_get(rows, r, OL_STATUS), "active") != 0)
             inactive = true;
         if (!currency)
@@ -203,7 +227,7 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
                                                            (json_int_t)in->lines[i].quantity,
                                                            "available", (json_int_t)stock));
     }
-    if (!row_of) {
+    if (!row_of || !prices || !line_totals) {
         json_decref(unknown);
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
@@ -225,6 +249,21 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
                              "all products of one order must have the same currency", NULL);
         goto out;
     }
+    /* Before the stock: no restocking can make such an order possible (a 409 invites a retry). */
+    if (!order_price(in, prices, line_totals, &total)) {
+        cqrs_command_problem(cmd, 422, "order-total-out-of-range", "Unprocessable Content",
+                             "the order's total exceeds 9223372036854775807 cents, the largest "
+                             "amount that can be recorded",
+                             NULL);
+        goto out;
+    }
+    if (sold_out_of_range) {
+        cqrs_command_problem(cmd, 422, "order-total-out-of-range", "Unprocessable Content",
+                             "a product's units sold would exceed 9223372036854775807, the "
+                             "largest count that can be recorded",
+                             NULL);
+        goto out;
+    }
     if (json_array_size(problem_items) > 0) {
         cqrs_command_problem(cmd, 409, "insufficient-stock", "Conflict",
                              "not enough stock for every line of the order",
@@ -240,7 +279,6 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
     lines = json_array();
     for (size_t i = 0; i < n; i++)
         json_array_append_new(items, json_null()); /* filled in request order below */
-    int64_t total = 0;
     evs = calloc(n + 1, sizeof *evs);
     topics = calloc(n + 1, sizeof *topics);
     if (!evs || !topics) {
@@ -249,19 +287,19 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
     }
     for (size_t i = 0; i < n; i++) {
         int row = row_of[i];
-        int64_t price = rows_int(rows, row, OL_PRICE), q = in->lines[i].quantity;
-        total += price * q;
+        int64_t price = prices[i], q = in->lines[i].quantity;
         json_t *item =
             json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id", in->lines[i].product_id,
                       "sku", cqrs_rows_get(rows, row, OL_SKU), "name",
                       cqrs_rows_get(rows, row, OL_NAME), "unit_price_cents", (json_int_t)price,
-                      "quantity", (json_int_t)q, "line_total_cents", (json_int_t)(price * q));
+                      "quantity", (json_int_t)q, "line_total_cents", (json_int_t)line_totals[i]);
         json_array_set(items, in->lines[i].index, item);
         json_t *line = json_deep_copy(item);
         json_object_set_new(line, "line_no", json_integer((json_int_t)in->lines[i].index + 1));
         json_array_append_new(lines, line);
         json_decref(item);
-        /* ProductStockReserved, one per product, in product id order */
+        /* ProductStockReserved, one per product, in product id order; stock - q cannot wrap:
+         * 0 < q <= stock was checked above */
         event_at(&evs[1 + i], cmd, "product.stock-reserved.v1", "product", in->lines[i].product_id,
                  rows_int(rows, row, OL_VERSION) + 1,
                  json_pack("{s:s, s:s, s:I, s:I}", "product_id", in->lines[i].product_id,
@@ -313,6 +351,8 @@ out:
     free(evs);
     free(topics);
     free(row_of);
+    free(prices);
+    free(line_totals);
     json_decref(items);
     json_decref(lines);
     json_decref(problem_items);
@@ -389,13 +429,17 @@ static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
         goto out;
     n = cqrs_rows_count(lines);
     for (int i = 0; i < n; i++) {
-        if (rows_int(lines, i, 2) + rows_int(lines, i, 1) > cu->ctx->limits.stock_max) {
+        int64_t restocked;
+        if (!cqrs_checked_add_i64(rows_int(lines, i, 2), rows_int(lines, i, 1), &restocked) ||
+            restocked > cu->ctx->limits.stock_max) {
             cqrs_command_problem(cmd, 409, "stock-above-maximum", "Conflict",
                                  "releasing the order's stock would exceed a product's maximum",
                                  NULL);
             goto out;
         }
     }
+    /* units_sold - quantity stays >= 0: this order's reservation added that quantity (and
+     * CHECK (units_sold >= 0) backs it up); stock + quantity was checked above. */
     rc = cqrs_tx_exec(tx,
                       "WITH p AS (UPDATE products p SET stock = p.stock + l.quantity,"
                       "   units_sold = p.units_sold - l.quantity, version = p.version + 1,"
@@ -417,7 +461,7 @@ static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
         json_array_append_new(items, json_null());
     for (int i = 0; i < n; i++) {
         const char *pid = cqrs_rows_get(lines, i, 0);
-        int64_t q = rows_int(lines, i, 1);
+        int64_t q = rows_int(lines, i, 1); /* stock + q <= stock_max: checked above */
         event_at(&evs[1 + i], cmd, "product.stock-released.v1", "product", pid,
                  rows_int(lines, i, 3) + 1,
                  json_pack("{s:s, s:s, s:I, s:I}", "product_id", pid, "order_id", cu->id,

@@ -278,16 +278,18 @@ static cqrs_err_t change_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
         break;
     }
     case OP_STOCK: {
-        int64_t stock = rows_int(cur, 0, PC_STOCK) + c->stock.delta;
+        /* stock >= 0, so only a positive delta can overflow: that is above any maximum */
+        int64_t stock = 0;
+        bool fits = cqrs_checked_add_i64(rows_int(cur, 0, PC_STOCK), c->stock.delta, &stock);
         char detail[160];
-        if (stock < 0) {
+        if (fits && stock < 0) {
             snprintf(detail, sizeof detail,
                      "the stock is %lld; removing %lld would make it negative",
                      (long long)rows_int(cur, 0, PC_STOCK), (long long)-c->stock.delta);
             problem409(cmd, "insufficient-stock", detail);
             goto out;
         }
-        if (stock > c->ctx->limits.stock_max) {
+        if (!fits || stock > c->ctx->limits.stock_max) {
             snprintf(detail, sizeof detail, "the stock would exceed its maximum of %lld",
                      (long long)c->ctx->limits.stock_max);
             problem409(cmd, "stock-above-maximum", detail);

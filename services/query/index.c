@@ -45,6 +45,15 @@ static long long num(const json_t *doc, const char *f)
     return (long long)json_integer_value(json_object_get(doc, f));
 }
 
+/* A number as a sort key of exactly 13 digits: clamped to [0, MAXV], so that MAXV - v never
+ * goes negative (a '-' would sort before every digit) and no key grows a 14th digit. Prices
+ * (at most 10^12 cents) and times (until 2286) fit; units sold can pass 10^13 at the widest
+ * settings (10^7 orders of 10^6), and those products tie and then sort by id. */
+static long long key13(long long v)
+{
+    return v < 0 ? 0 : v > MAXV ? MAXV : v;
+}
+
 void product_sort_member(const json_t *doc, int sort, char *out, size_t cap)
 {
     const char *id = str(doc, "id");
@@ -57,14 +66,14 @@ void product_sort_member(const json_t *doc, int sort, char *out, size_t cap)
         return;
     }
     case SORT_PRICE:
-        snprintf(out, cap, "%013lld%s", num(doc, "price_cents"), id);
+        snprintf(out, cap, "%013lld%s", key13(num(doc, "price_cents")), id);
         return;
     case SORT_PRICE_DESC:
-        snprintf(out, cap, "%013lld%s", MAXV - num(doc, "price_cents"), id);
+        snprintf(out, cap, "%013lld%s", MAXV - key13(num(doc, "price_cents")), id);
         return;
     default:
-        snprintf(out, cap, "%013lld%s",
-                 MAXV - (long long)cqrs_time_parse_ms(str(doc, "updated_at")), id);
+        snprintf(out, cap, "%013lld%s", MAXV - key13(cqrs_time_parse_ms(str(doc, "updated_at"))),
+                 id);
         return;
     }
 }
@@ -127,7 +136,7 @@ static size_t doc_words(const json_t *doc, char words[][MAX_WORD + 1], size_t ma
 
 void top_member(const json_t *doc, char *out, size_t cap)
 {
-    snprintf(out, cap, "%013lld%s", MAXV - num(doc, "units_sold"), str(doc, "id"));
+    snprintf(out, cap, "%013lld%s", MAXV - key13(num(doc, "units_sold")), str(doc, "id"));
 }
 
 void customer_orders_key(const char *customer_id, char *out, size_t cap)
@@ -137,7 +146,7 @@ void customer_orders_key(const char *customer_id, char *out, size_t cap)
 
 void customer_order_member(const json_t *doc, char *out, size_t cap)
 {
-    snprintf(out, cap, "%013lld%s", MAXV - (long long)cqrs_time_parse_ms(str(doc, "placed_at")),
+    snprintf(out, cap, "%013lld%s", MAXV - key13(cqrs_time_parse_ms(str(doc, "placed_at"))),
              str(doc, "id"));
 }
 

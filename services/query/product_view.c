@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cqrs/util.h>
+
 #include "query.h"
 
 void doc_key(const char *aggregate_type, const char *id, char *out, size_t cap)
@@ -91,8 +93,13 @@ static cqrs_err_t product_change(json_t *d, const cqrs_event_t *ev, cqrs_error_t
                strcmp(t, "product.stock-released.v1") == 0) {
         if (!data_int(ev->data, "stock", &i1) || !data_int(ev->data, "quantity", &i2))
             goto bad;
-        json_int_t sold = json_integer_value(json_object_get(d, "units_sold"));
-        sold += strcmp(t, "product.stock-reserved.v1") == 0 ? i2 : -i2;
+        int64_t sold = json_integer_value(json_object_get(d, "units_sold"));
+        bool fits = strcmp(t, "product.stock-reserved.v1") == 0
+                        ? cqrs_checked_add_i64(sold, i2, &sold)
+                        : cqrs_checked_sub_i64(sold, i2, &sold);
+        if (!fits) /* no valid history gets here: the command side checks the same sum */
+            return cqrs_error_set(err, CQRS_ERR_INVALID, "%s: units_sold out of int64 range",
+                                  ev->type);
         json_object_set_new(d, "stock", json_integer(i1));
         json_object_set_new(d, "units_sold", json_integer(sold));
     } else {

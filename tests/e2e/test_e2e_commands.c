@@ -4,7 +4,9 @@
  *  - concurrency: no oversell, no deadlock across crossing lock orders, one winner among
  *    stale If-Match writers;
  *  - Idempotency-Key: replay, replay after a lost response, concurrent twins run once,
- *    another body → 422. */
+ *    another body → 422;
+ *  - money at the widest settings: an order whose total does not fit int64 is a 422
+ *    order-total-out-of-range with nothing written, never a wrapped total or a 500. */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -40,18 +42,25 @@ static int teardown(void **state)
     return 0;
 }
 
-/* POSTs/… JSON; returns the parsed body (new reference, NULL when not JSON). */
-static json_t *call(const char *method, const char *path, const char *headers, const char *body,
-                    int *status)
+/* POSTs/… JSON to the daemon on port; returns the parsed body (new reference, NULL when not
+ * JSON). */
+static json_t *call_at(int port, const char *method, const char *path, const char *headers,
+                       const char *body, int *status)
 {
     httpc_response_t r;
     char h[512];
     snprintf(h, sizeof h, "Content-Type: application/json\r\n%s", headers ? headers : "");
-    httpc_request(D.cport, method, path, body ? h : headers, body, body ? strlen(body) : 0, &r);
+    httpc_request(port, method, path, body ? h : headers, body, body ? strlen(body) : 0, &r);
     *status = r.status;
     json_t *j = r.body ? json_loads(r.body, 0, NULL) : NULL;
     httpc_response_free(&r);
     return j;
+}
+
+static json_t *call(const char *method, const char *path, const char *headers, const char *body,
+                    int *status)
+{
+    return call_at(D.cport, method, path, headers, body, status);
 }
 
 static char *create_product(const char *currency, int stock)
@@ -517,6 +526,134 @@ static void test_concurrent_twins_run_once(void **state)
     free(p);
 }
 
+/* ---- money at the widest settings ---------------------------------------------------------- */
+
+/* The highest CQRS_LIMIT_PRICE_CENTS and CQRS_LIMIT_QUANTITY cqrs-commandd accepts: one line
+ * is 10^18 cents, 9 lines fit int64 (9.0e18 ≤ 2^63 − 1 ≈ 9.22e18), 10 do not. */
+#define WIDE_PRICE "1000000000000"
+#define WIDE_QUANTITY "1000000"
+#define WIDE_PRODUCTS 19
+
+/* A cqrs-commandd with those limits, in a PostgreSQL database and on topics of its own: its
+ * products are priced beyond schemas/events' SPEC-default maxima, and test_event_schemas reads
+ * the shared database's event log. */
+static daemons_t W;
+static testdb_t WDB;
+
+static int wide_setup(void **state)
+{
+    (void)state;
+    testdb_create(&WDB, "overflow");
+    W = D;
+    W.commandd = W.queryd = -1;
+    char id[CQRS_UUID_LEN + 1], cmd[512];
+    cqrs_uuid_v4(id);
+    snprintf(W.prefix, sizeof W.prefix, "e2eovf%.8s", id);
+    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate-wide.log 2>&1",
+             W.prefix, CQRS_CTL, W.logdir);
+    if (system(cmd) != 0) {
+        daemons_dump_logs(&W);
+        testdb_drop(&WDB);
+        return -1;
+    }
+    W.cport = free_port();
+    W.commandd = daemons_spawn_commandd(
+        &W, W.cport, "CQRS_LIMIT_PRICE_CENTS=" WIDE_PRICE ";CQRS_LIMIT_QUANTITY=" WIDE_QUANTITY,
+        "commandd-wide");
+    if (W.commandd <= 0) {
+        testdb_drop(&WDB);
+        return -1;
+    }
+    return 0;
+}
+
+static int wide_teardown(void **state)
+{
+    (void)state;
+    daemons_stop_one(&W.commandd);
+    testdb_drop(&WDB);
+    return 0;
+}
+
+/* POST /v1/orders with the first n products at WIDE_QUANTITY each; the answer in *status and
+ * the problem type (or "") in type. */
+static void place_wide_order(char *const *products, int n, int *status, char *type, size_t cap)
+{
+    json_t *items = json_array();
+    for (int i = 0; i < n; i++)
+        json_array_append_new(items, json_pack("{s:s, s:I}", "product_id", products[i], "quantity",
+                                               (json_int_t)atoll(WIDE_QUANTITY)));
+    json_t *order = json_pack("{s:s, s:o}", "customer_id", "6f9619ff-8b86-4011-b42d-00c04fc964ff",
+                              "items", items);
+    char *body = json_dumps(order, JSON_COMPACT);
+    json_t *reply = call_at(W.cport, "POST", "/v1/orders", NULL, body, status);
+    const char *t = json_string_value(json_object_get(reply, "type"));
+    if (t)
+        snprintf(type, cap, "%s", t);
+    else
+        snprintf(type, cap, "(no problem type; total_cents %lld)",
+                 (long long)json_integer_value(json_object_get(reply, "total_cents")));
+    json_decref(reply);
+    free(body);
+    json_decref(order);
+}
+
+static void test_order_total_out_of_range(void **state)
+{
+    (void)state;
+    char *products[WIDE_PRODUCTS];
+    for (int i = 0; i < WIDE_PRODUCTS; i++) {
+        char body[256], id[CQRS_UUID_LEN + 1];
+        cqrs_uuid_v4(id);
+        snprintf(body, sizeof body,
+                 "{\"sku\":\"W-%.12s\",\"name\":\"Wide\",\"category\":\"test\",\"price_cents\":"
+                 "%s,\"currency\":\"EUR\",\"initial_stock\":%s}",
+                 id, WIDE_PRICE, WIDE_QUANTITY);
+        int st;
+        json_t *j = call_at(W.cport, "POST", "/v1/products", NULL, body, &st);
+        assert_int_equal(st, 201);
+        products[i] = strdup(json_string_value(json_object_get(j, "id")));
+        json_decref(j);
+    }
+    /* 10 lines wrapped to a negative total (a 500 from the CHECK), 19 to a positive one (a 201
+     * with a wrong total); 10 first, so that each meets full stock. */
+    const int lines[] = {10, WIDE_PRODUCTS};
+    char failures[1024] = "";
+    for (size_t k = 0; k < sizeof lines / sizeof lines[0]; k++) {
+        char *before = write_model_state(), type[128];
+        int st;
+        place_wide_order(products, lines[k], &st, type, sizeof type);
+        char *after = write_model_state();
+        size_t used = strlen(failures);
+        if (st != 422 || strcmp(type, "urn:cqrs:problem:order-total-out-of-range") != 0)
+            snprintf(failures + used, sizeof failures - used, "%d lines: %d %s; ", lines[k], st,
+                     type);
+        else if (strcmp(before, after) != 0)
+            snprintf(failures + used, sizeof failures - used, "%d lines wrote: %s → %s; ", lines[k],
+                     before, after);
+        free(before);
+        free(after);
+    }
+    if (failures[0])
+        fail_msg("orders over int64 cents: %s", failures);
+    assert_int_equal(pg_count("SELECT count(*) FROM orders", NULL), 0);
+    assert_int_equal(pg_count("SELECT count(*) FROM products WHERE stock = " WIDE_QUANTITY
+                              " AND units_sold = 0",
+                              NULL),
+                     WIDE_PRODUCTS);
+
+    /* The bound is exact: 9 lines (9 × 10^18 cents) fit and are placed with their true total. */
+    int st;
+    char type[128];
+    place_wide_order(products, 9, &st, type, sizeof type);
+    assert_int_equal(st, 201);
+    assert_non_null(strstr(type, "total_cents 9000000000000000000"));
+    assert_int_equal(
+        pg_count("SELECT count(*) FROM orders WHERE total_cents = 9000000000000000000", NULL), 1);
+    for (int i = 0; i < WIDE_PRODUCTS; i++)
+        free(products[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -527,6 +664,7 @@ int main(void)
         cmocka_unit_test(test_idempotent_replay),
         cmocka_unit_test(test_replay_after_lost_response),
         cmocka_unit_test(test_concurrent_twins_run_once),
+        cmocka_unit_test_setup_teardown(test_order_total_out_of_range, wide_setup, wide_teardown),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

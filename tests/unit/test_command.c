@@ -1,5 +1,5 @@
-/* Unit tests of the pure parts of the command pipeline (libcqrs command.c) and of the order
- * and product validations (services/command). */
+/* Unit tests of the pure parts of the command pipeline (libcqrs command.c), of the order and
+ * product validations and of the order's money decision (services/command). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -155,6 +155,68 @@ static void test_adjust_stock_delta(void **state)
     }
 }
 
+/* The widest settings cqrs-commandd accepts: one line of 10^6 at 10^12 cents is 10^18 cents,
+ * nine fit int64 (2^63 - 1 ≈ 9.22e18), ten do not. Unchecked, 19 lines wrapped to a positive
+ * 553255926290448384 and 10 to a negative total. */
+static void test_order_total_out_of_range(void **state)
+{
+    (void)state;
+    domain_limits_t l;
+    domain_limits_default(&l);
+    l.price_max = 1000000000000;
+    l.quantity_max = 1000000;
+    l.order_lines_max = ORDER_LINES_CAP;
+    json_t *items = json_array();
+    for (int i = 0; i < 19; i++) {
+        char id[CQRS_UUID_LEN + 1];
+        cqrs_uuid_v4(id);
+        json_array_append_new(items, json_pack("{s:s, s:I}", "product_id", id, "quantity",
+                                               (json_int_t)l.quantity_max));
+    }
+    json_t *body = json_pack("{s:s, s:o}", "customer_id", "6f9619ff-8b86-4011-b42d-00c04fc964ff",
+                             "items", items);
+    place_order_input_t *in = malloc(sizeof *in);
+    cqrs_violations_t v;
+    cqrs_violations_init(&v);
+    assert_true(order_validate_place(body, &l, in, &v)); /* every line is within its limits */
+    cqrs_violations_close(&v);
+    assert_int_equal(in->n, 19);
+
+    int64_t prices[ORDER_LINES_CAP], line_totals[ORDER_LINES_CAP], total = -1;
+    for (size_t i = 0; i < in->n; i++)
+        prices[i] = l.price_max;
+    assert_false(order_price(in, prices, line_totals, &total));
+    assert_int_equal(total, -1); /* untouched */
+    in->n = 10;
+    assert_false(order_price(in, prices, line_totals, &total));
+    assert_int_equal(total, -1);
+    in->n = 9;
+    assert_true(order_price(in, prices, line_totals, &total));
+    assert_int_equal(total, 9000000000000000000LL);
+    for (size_t i = 0; i < in->n; i++)
+        assert_int_equal(line_totals[i], 1000000000000000000LL);
+
+    /* Exactly INT64_MAX is an amount; one cent more is not, nor is one line that overflows
+     * alone. */
+    in->n = 2;
+    in->lines[0].quantity = 1;
+    in->lines[1].quantity = 1;
+    prices[0] = INT64_MAX - 1;
+    prices[1] = 1;
+    assert_true(order_price(in, prices, line_totals, &total));
+    assert_int_equal(total, INT64_MAX);
+    prices[1] = 2;
+    total = -1;
+    assert_false(order_price(in, prices, line_totals, &total));
+    assert_int_equal(total, -1);
+    in->n = 1;
+    in->lines[0].quantity = 3;
+    prices[0] = INT64_MAX / 2;
+    assert_false(order_price(in, prices, line_totals, &total));
+    free(in);
+    json_decref(body);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -163,6 +225,7 @@ int main(void)
         cmocka_unit_test(test_order_lines_sorted_and_checked),
         cmocka_unit_test(test_update_details_needs_a_field),
         cmocka_unit_test(test_adjust_stock_delta),
+        cmocka_unit_test(test_order_total_out_of_range),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

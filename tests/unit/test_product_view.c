@@ -282,6 +282,39 @@ static void test_in_place_matches_copying(void **state)
     json_decref(kept);
 }
 
+/* units_sold is a sum of every reservation minus every release: a history that would take it
+ * past int64 is rejected (a dead letter), the document left as it was, never wrapped. */
+static void test_units_sold_never_wraps(void **state)
+{
+    (void)state;
+    json_t *d = step(
+        base_doc(), "product.stock-reserved.v1", 2,
+        json_pack("{s:s,s:I,s:i}", "order_id", "o", "quantity", (json_int_t)INT64_MAX, "stock", 0));
+    assert_int_equal(I(d, "units_sold"), INT64_MAX);
+    const char *types[] = {"product.stock-reserved.v1", "product.stock-released.v1"};
+    const json_int_t quantities[] = {1, INT64_MIN};
+    for (size_t i = 0; i < 2; i++) {
+        cqrs_event_t ev;
+        cqrs_event_init(
+            &ev, types[i], "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff", 3,
+            json_pack("{s:s,s:I,s:i}", "order_id", "o", "quantity", quantities[i], "stock", 0),
+            NULL);
+        json_t *next = NULL;
+        cqrs_error_t err;
+        assert_int_equal(product_view_apply(d, &ev, &next, &err), CQRS_ERR_INVALID);
+        assert_null(next);
+        assert_int_equal(I(d, "units_sold"), INT64_MAX);
+        assert_int_equal(I(d, "version"), 2);
+        cqrs_event_close(&ev);
+    }
+    /* the top products key stays 13 digits, past 10^13 units sold too */
+    char member[64];
+    top_member(d, member, sizeof member);
+    assert_memory_equal(member, "0000000000000", 13);
+    assert_string_equal(member + 13, S(d, "id"));
+    json_decref(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -289,6 +322,7 @@ int main(void)
         cmocka_unit_test(test_in_place_matches_copying),
         cmocka_unit_test(test_product_events_need_their_document_and_data),
         cmocka_unit_test(test_order_events),
+        cmocka_unit_test(test_units_sold_never_wraps),
         cmocka_unit_test(test_created_builds_the_whole_document),
         cmocka_unit_test(test_created_is_deterministic),
         cmocka_unit_test(test_rejects_what_does_not_fit),

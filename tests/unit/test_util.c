@@ -86,12 +86,31 @@ static void test_utf8_valid(void **state)
     assert_false(cqrs_utf8_valid("\xc3"));             /* truncated */
 }
 
+static void test_checked_i64(void **state)
+{
+    (void)state;
+    int64_t v = 7;
+    assert_true(cqrs_checked_add_i64(INT64_MAX - 1, 1, &v));
+    assert_int_equal(v, INT64_MAX);
+    v = 7;
+    assert_false(cqrs_checked_add_i64(INT64_MAX, 1, &v));
+    assert_false(cqrs_checked_add_i64(INT64_MIN, -1, &v));
+    assert_false(cqrs_checked_sub_i64(0, INT64_MIN, &v));
+    assert_false(cqrs_checked_mul_i64(1000000000000LL, 10000000000LL, &v));
+    assert_int_equal(v, 7); /* untouched on overflow */
+    assert_true(cqrs_checked_sub_i64(0, INT64_MAX, &v));
+    assert_int_equal(v, -INT64_MAX);
+    assert_true(cqrs_checked_mul_i64(1000000000000LL, 1000000LL, &v));
+    assert_int_equal(v, 1000000000000000000LL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_uuid),        cmocka_unit_test(test_time),
         cmocka_unit_test(test_utf8_length), cmocka_unit_test(test_parse_int64),
         cmocka_unit_test(test_traceparent), cmocka_unit_test(test_utf8_valid),
+        cmocka_unit_test(test_checked_i64),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

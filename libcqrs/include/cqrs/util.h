@@ -38,6 +38,35 @@ bool cqrs_utf8_valid(const char *s);
 /* Parses a whole decimal int64 (no sign-less overflow, no trailing junk). */
 bool cqrs_parse_int64(const char *s, int64_t *out);
 
+/* Checked int64 arithmetic for money and stock: *out = a + b (a - b, a × b) and true, or false
+ * with *out untouched when the exact result does not fit int64 (never a wrapped value). */
+static inline bool cqrs_checked_add_i64(int64_t a, int64_t b, int64_t *out)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return false;
+    *out = r;
+    return true;
+}
+
+static inline bool cqrs_checked_sub_i64(int64_t a, int64_t b, int64_t *out)
+{
+    int64_t r;
+    if (__builtin_sub_overflow(a, b, &r))
+        return false;
+    *out = r;
+    return true;
+}
+
+static inline bool cqrs_checked_mul_i64(int64_t a, int64_t b, int64_t *out)
+{
+    int64_t r;
+    if (__builtin_mul_overflow(a, b, &r))
+        return false;
+    *out = r;
+    return true;
+}
+
 /* FNV-1a of a NUL-terminated string (hash tables of keys; not for anything adversarial). */
 uint64_t cqrs_hash64(const char *s);
 
