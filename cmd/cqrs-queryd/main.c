@@ -174,6 +174,15 @@ static void readyz(cqrs_http_request_t *req, void *ud)
             NULL, json_pack("{s:i}", "partitions_missing_history", (int)st.history_missing));
         return;
     }
+    if (st.refilling > 0) {
+        /* The store lost writes (or all of them) and this projector re-applies them from
+         * Kafka: documents are behind until it is done. */
+        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable",
+                                "the read model store lost writes; re-applying them from Kafka",
+                                NULL,
+                                json_pack("{s:i}", "partitions_refilling", (int)st.refilling));
+        return;
+    }
     cqrs_http_reply_json(req, 200,
                          json_pack("{s:s, s:{s:s}}", "status", "ready", "checks", "redis", "up"));
 }
@@ -209,7 +218,14 @@ static void metrics(cqrs_http_request_t *req, void *ud)
         cqrs_metric_counter(&t, "cqrs_projector_undecodable_total",
                             "Messages that are not CloudEvents.", st.undecodable);
         cqrs_metric_counter(&t, "cqrs_projector_store_resets_total",
-                            "Times the store was found empty.", st.resets);
+                            "Times the store was found emptied or replaced (its incarnation).",
+                            st.resets);
+        cqrs_metric_counter(&t, "cqrs_projector_store_regressions_total",
+                            "Times a partition's applied offset in the store was found behind "
+                            "the one this projector recorded (the store lost writes).",
+                            st.regressions);
+        cqrs_metric_gauge(&t, "cqrs_projector_partitions_refilling",
+                          "Partitions re-applying what the store lost.", st.refilling);
         cqrs_metric_gauge(&t, "cqrs_projector_partitions_assigned",
                           "Partitions this instance consumes.", st.assigned);
         cqrs_metric_gauge(&t, "cqrs_projector_partitions_missing_history",

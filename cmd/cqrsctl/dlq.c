@@ -240,8 +240,8 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const
     else
         snprintf(topic, sizeof topic, "%s.%s.events", env->topic_prefix, ev.aggregate_type);
     cqrs_projector_offsets_key(topic, okey, sizeof okey);
-    /* The offset was recorded when the event was parked; offsets only grow, so this
-     * changes nothing. */
+    /* The offset was recorded when the event was parked: apply_held leaves offsets alone. The
+     * script writes only while the document is still at cur (else STATE: read again). */
     cqrs_apply_t a = {.key = key,
                       .version = ev.version,
                       .json = next_text,
@@ -253,7 +253,8 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const
                       .offsets_key = okey,
                       .partition = (int32_t)json_integer_value(json_object_get(blob, "partition")),
                       .next_offset =
-                          (int64_t)json_integer_value(json_object_get(blob, "offset")) + 1};
+                          (int64_t)json_integer_value(json_object_get(blob, "offset")) + 1,
+                      .base_version = cur};
     cqrs_apply_result_t res;
     rc = cqrs_docstore_apply_held(ds, &a, &res, err);
     if (rc == CQRS_ERR_OK && res == CQRS_APPLY_RESET)

@@ -23,6 +23,7 @@
  * database and starts over, and refuses an unmarked one that is not empty.
  */
 #include <cqrs/docstore.h>
+#include <cqrs/failpoint.h>
 #include <cqrs/event.h>
 #include <cqrs/log.h>
 #include <cqrs/metrics.h>
@@ -740,7 +741,7 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
              (long long)cqrs_realtime_ms());
     if (cqrs_docstore_flush(r->scratch, &err) != CQRS_ERR_OK ||
         cqrs_docstore_string_set(r->scratch, MARKER_KEY, mark, &err) != CQRS_ERR_OK ||
-        cqrs_docstore_ensure_meta(r->scratch, &err) != CQRS_ERR_OK) {
+        cqrs_docstore_ensure_meta(r->scratch, NULL, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
         goto out;
     }
@@ -775,8 +776,8 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     }
 
     /* Switch. */
-    int64_t pause_started = cqrs_monotonic_ms();
-    if (cqrs_docstore_pause(r->live, PAUSE_MS, &err) != CQRS_ERR_OK) {
+    int64_t pause_started = cqrs_monotonic_ms(), pause_token = 0;
+    if (cqrs_docstore_pause_token(r->live, PAUSE_MS, &pause_token, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
         goto out;
     }
@@ -824,6 +825,13 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         cqrs_docstore_strings_free(ids, n_ids);
         free(since);
     }
+    /* The new generation takes the live incarnation over: it holds exactly the offsets the
+     * paused projectors recorded, so they go on without noticing the switch. */
+    char incarnation[CQRS_INCARNATION_LEN + 1];
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_ensure_meta(r->live, incarnation, &err);
+    if (src == CQRS_ERR_OK)
+        src = cqrs_docstore_set_incarnation(r->scratch, incarnation, &err);
     /* The old generation keeps a marker once it sits in the scratch database; the new one
      * carries none. */
     if (src == CQRS_ERR_OK)
@@ -834,9 +842,14 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     if (src == CQRS_ERR_OK && remaining_ms < 1000)
         src = cqrs_error_set(&err, CQRS_ERR_TIMEOUT,
                              "the switch took longer than the pause allows; nothing switched");
+    if (src == CQRS_ERR_OK && CQRS_FAILPOINT("rebuild-before-swap"))
+        src = cqrs_error_set(&err, CQRS_ERR_INTERNAL, "failpoint rebuild-before-swap");
     if (src == CQRS_ERR_OK) {
-        src = cqrs_docstore_swap_with(r->live, scratch_db, &err);
-        if (src != CQRS_ERR_OK) {
+        /* Atomic with the check that our pause is still in force: a stall of any length
+         * before this point (the remaining-time check above is only the common case) cannot
+         * let a live apply slip between the copied offsets and the swap. */
+        src = cqrs_docstore_swap_with(r->live, scratch_db, pause_token, &err);
+        if (src != CQRS_ERR_OK && src != CQRS_ERR_TIMEOUT) {
             /* Did the swap happen (only its reply lost)? The marker set in the live database
              * just before travels with the old generation. */
             char *m = NULL;
@@ -859,6 +872,8 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         cqrs_error_t e2;
         cqrs_docstore_pause(r->live, 0, &e2); /* let the live projector go on */
         cqrs_docstore_del(r->live, MARKER_KEY, &e2);
+        /* The scratch database stays a rebuild's: the next run flushes and reuses it. */
+        cqrs_docstore_string_set(r->scratch, MARKER_KEY, mark, &e2);
         rc = fail(r, &err);
         goto out;
     }

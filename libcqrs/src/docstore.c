@@ -32,26 +32,50 @@
     "  end\n"                                                                                      \
     "end\n"
 
+/* Lua: the store check every script that writes the read model for a projector starts with.
+ * -2 when the meta hash (META) has no incarnation — a fresh, emptied or legacy store; "*" is
+ * announced on the change channel (CHANNEL) so readers forget what they derived — or another
+ * one than the caller's (INC; '' accepts any: cqrsctl). */
+#define STORE_CHECK_LUA(META, INC, CHANNEL)                                                        \
+    "local inc = redis.call('HGET', " META ", 'incarnation')\n"                                    \
+    "if not inc then redis.call('PUBLISH', " CHANNEL ", '*') return -2 end\n"                      \
+    "if " INC " ~= '' and " INC " ~= inc then return -2 end\n"
+
+/* Lua: the partition's recorded offset (OFFSETS hash, field PART) under offset mode MODE
+ * (none|expect|raise). In mode expect it must be PREV (-1: none), else -4: the store lost
+ * writes (a failover to a replica that missed them, a restart that lost its last second) or
+ * someone else records this partition. Defines mark(), which records NEXT as the mode says. */
+#define OFFSET_CHECK_LUA(OFFSETS, PART, MODE, PREV, NEXT)                                          \
+    "local stored = tonumber(redis.call('HGET', " OFFSETS ", " PART ") or '-1')\n"                 \
+    "if " MODE " == 'expect' and stored ~= tonumber(" PREV ") then return -4 end\n"                \
+    "local function mark()\n"                                                                      \
+    "  if " MODE " == 'expect' or (" MODE " == 'raise' and tonumber(" NEXT ") > stored) then\n"    \
+    "    redis.call('HSET', " OFFSETS ", " PART ", " NEXT ")\n"                                    \
+    "  end\n"                                                                                      \
+    "end\n"
+
 /* KEYS: 1 document, 2 offsets, 3 dead letters of the aggregate, 4 dead-letter index,
  *       5 meta, 6… index keys
  * ARGV: 1 mode (apply|dead), 2 version, 3 document, 4 partition, 5 next offset, 6 event blob,
  *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, 11 change channel,
+ *       12 incarnation, 13 offset mode, 14 expected offset, 15 base version ('' none),
  *       then per op: op (ZADD|ZREM|SADD|SREM|HSET), key number, score, member, value
- * An applied document is announced on the change channel as "<key> <version>"; a store found
- * empty as "*" (readers must forget what they knew). While the meta hash's paused_until (ms,
- * Redis clock) lies ahead, nothing is applied (-3): a rebuild is switching generations. */
+ * An applied document is announced on the change channel as "<key> <version>". While the meta
+ * hash's paused_until (ms, Redis clock) lies ahead, nothing is applied (-3): a rebuild is
+ * switching generations. A document (or a dead letter's reason) computed from another version
+ * than the stored one is refused (-5): the caller recomputes. */
 static const char APPLY_LUA[] =
-    "if redis.call('EXISTS', KEYS[5]) == 0 then redis.call('PUBLISH', ARGV[11], '*') return -2 "
-    "end\n" PAUSE_CHECK_LUA(
-        "KEYS[5]") "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
+    STORE_CHECK_LUA("KEYS[5]", "ARGV[12]", "ARGV[11]") PAUSE_CHECK_LUA("KEYS[5]") OFFSET_CHECK_LUA(
+        "KEYS[2]", "ARGV[4]", "ARGV[13]", "ARGV[14]",
+        "ARGV[5]") "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
                    "local v = tonumber(ARGV[2])\n"
-                   "local function mark()\n"
-                   "  local prev = tonumber(redis.call('HGET', KEYS[2], ARGV[4]) or '-1')\n"
-                   "  if tonumber(ARGV[5]) > prev then redis.call('HSET', KEYS[2], ARGV[4], "
-                   "ARGV[5]) end\n"
-                   "end\n"
                    "if v <= cur then mark() return 0 end\n"
                    "local held = redis.call('EXISTS', KEYS[3]) == 1\n"
+                   "if v == cur + 1 and not held then\n"
+                   "  local base = tonumber(ARGV[15])\n"
+                   "  if ARGV[1] == 'apply' and (base ~= cur or ARGV[3] == '') then return -5 end\n"
+                   "  if ARGV[1] == 'dead' and base and base ~= cur then return -5 end\n"
+                   "end\n"
                    "if ARGV[1] == 'dead' or held or v > cur + 1 then\n"
                    "  local code, reason = 3, ARGV[9]\n"
                    "  if ARGV[1] ~= 'dead' then\n"
@@ -66,7 +90,7 @@ static const char APPLY_LUA[] =
                    "  return code\n"
                    "end\n"
                    "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
-                   "local i = 12\n"
+                   "local i = 16\n"
                    "for _ = 1, tonumber(ARGV[10]) do\n"
                    "  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]\n"
                    "  if op == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
@@ -77,6 +101,8 @@ static const char APPLY_LUA[] =
                    "mark()\n"
                    "redis.call('PUBLISH', ARGV[11], KEYS[1] .. ' ' .. ARGV[2])\n"
                    "return 1\n";
+
+static const char *const OFFSET_MODES[] = {"none", "expect", "raise"};
 
 struct cqrs_docstore {
     cqrs_redis_addr_t addr;
@@ -294,13 +320,25 @@ static cqrs_err_t load_script(cqrs_docstore_t *ds, cqrs_error_t *err)
     return rc;
 }
 
+/* The integer reply of a script that writes the read model: -3 (paused) → RETRY. */
+static cqrs_err_t script_result(const redisReply *r, cqrs_apply_result_t *result, cqrs_error_t *err)
+{
+    if (r->type == REDIS_REPLY_INTEGER && r->integer == -3)
+        return cqrs_error_set(err, CQRS_ERR_RETRY,
+                              "the read model is paused while a rebuild switches generations");
+    if (r->type != REDIS_REPLY_INTEGER || r->integer < -5 || r->integer > 3)
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected script reply");
+    *result = (cqrs_apply_result_t)r->integer;
+    return CQRS_ERR_OK;
+}
+
 static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dead,
                             cqrs_apply_result_t *result, cqrs_error_t *err)
 {
-    size_t nkeys = 5 + a->n_ops, nargs = 11 + 5 * a->n_ops;
+    size_t nkeys = 5 + a->n_ops, nargs = 15 + 5 * a->n_ops;
     size_t argc = 3 + nkeys + nargs;
     const char **argv = calloc(argc, sizeof *argv);
-    char(*num)[32] = calloc(6 + 2 * a->n_ops, sizeof *num);
+    char(*num)[32] = calloc(8 + 2 * a->n_ops, sizeof *num);
     if (!argv || !num) {
         free(argv);
         free(num);
@@ -314,6 +352,9 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     snprintf(num[3], 32, "%lld", (long long)a->next_offset);
     snprintf(num[4], 32, "%lld", (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000);
     snprintf(num[5], 32, "%zu", a->n_ops);
+    snprintf(num[6], 32, "%lld", (long long)(a->prev_offset < 0 ? -1 : a->prev_offset));
+    if (a->base_version >= 0)
+        snprintf(num[7], 32, "%lld", (long long)a->base_version);
     size_t k = 0;
     argv[k++] = "EVALSHA";
     argv[k++] = NULL; /* the script's sha, set below */
@@ -336,8 +377,12 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     argv[k++] = a->reason ? a->reason : "";
     argv[k++] = num[5];
     argv[k++] = ds->channel;
+    argv[k++] = a->incarnation ? a->incarnation : "";
+    argv[k++] = OFFSET_MODES[a->offset_mode];
+    argv[k++] = num[6];
+    argv[k++] = num[7]; /* '' when no base */
     for (size_t i = 0; i < a->n_ops; i++) {
-        char *keyno = num[6 + 2 * i], *score = num[7 + 2 * i];
+        char *keyno = num[8 + 2 * i], *score = num[9 + 2 * i];
         snprintf(keyno, 32, "%zu", 6 + i);
         snprintf(score, 32, "%.17g", a->ops[i].score);
         static const char *const names[] = {"ZADD", "ZREM", "SADD", "SREM", "HSET"};
@@ -366,13 +411,7 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
         }
         if (rc != CQRS_ERR_OK)
             break;
-        if (r->type == REDIS_REPLY_INTEGER && r->integer == -3)
-            rc = cqrs_error_set(err, CQRS_ERR_RETRY,
-                                "the read model is paused while a rebuild switches generations");
-        else if (r->type != REDIS_REPLY_INTEGER || r->integer < -2 || r->integer > 3)
-            rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected apply reply");
-        else
-            *result = (cqrs_apply_result_t)r->integer;
+        rc = script_result(r, result, err);
         freeReplyObject(r);
         break;
     }
@@ -393,32 +432,126 @@ cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     return run_apply(ds, a, true, result, err);
 }
 
-cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err)
+/* KEYS: 1 meta. ARGV: 1 a new incarnation, 2 now (s). Returns the incarnation in force. */
+static const char ENSURE_META_LUA[] =
+    "redis.call('HSETNX', KEYS[1], 'created', ARGV[2])\n"
+    "if redis.call('HSETNX', KEYS[1], 'incarnation', ARGV[1]) == 1 then return ARGV[1] end\n"
+    "return redis.call('HGET', KEYS[1], 'incarnation')\n";
+
+cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, char *incarnation, cqrs_error_t *err)
 {
-    char now[32];
+    char fresh[CQRS_UUID_LEN + 1], now[32];
+    cqrs_uuid_v4(fresh);
     snprintf(now, sizeof now, "%lld", (long long)time(NULL));
-    const char *argv[] = {"HSETNX", CQRS_META_KEY, "created", now};
+    const char *argv[] = {"EVAL", ENSURE_META_LUA, "1", CQRS_META_KEY, fresh, now};
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 4, argv, NULL, &r, err);
+    cqrs_err_t rc = command(ds, 6, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_STRING || r->len > CQRS_INCARNATION_LEN)
+        rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected incarnation reply");
+    else if (incarnation)
+        snprintf(incarnation, CQRS_INCARNATION_LEN + 1, "%s", r->str);
     freeReplyObject(r);
     return rc;
 }
 
-static const char UNDECODABLE_LUA[] =
-    PAUSE_CHECK_LUA("KEYS[2]") "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
-                               "return 1\n";
-
-cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *offsets_key,
+                                  const int32_t *partitions, size_t n, char *incarnation,
+                                  int64_t *offsets, cqrs_error_t *err)
 {
-    /* Honours a rebuild's pause like the apply script (a message stored during the switch
-     * would be left behind in the old generation). */
-    const char *argv[] = {"EVAL", UNDECODABLE_LUA, "2", "cqrs:dlq:undecodable", CQRS_META_KEY,
-                          blob};
+    /* One round trip: MULTI/EXEC of HGET meta + HMGET offsets (read-only, so atomic and
+     * cheap). */
+    const char *hget[] = {"HGET", CQRS_META_KEY, "incarnation"};
+    const char **hmget = calloc(n + 2, sizeof *hmget);
+    char(*parts)[12] = calloc(n ? n : 1, sizeof *parts);
+    cqrs_err_t rc = CQRS_ERR_OK;
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 6, argv, NULL, &r, err);
-    if (rc == CQRS_ERR_OK && r->type == REDIS_REPLY_INTEGER && r->integer == -3)
-        rc = cqrs_error_set(err, CQRS_ERR_RETRY,
-                            "the read model is paused while a rebuild switches generations");
+    if (!hmget || !parts) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    hmget[0] = "HMGET";
+    hmget[1] = offsets_key;
+    for (size_t i = 0; i < n; i++) {
+        snprintf(parts[i], sizeof parts[i], "%d", partitions[i]);
+        hmget[2 + i] = parts[i];
+    }
+    rc = connect_ds(ds, err);
+    if (rc != CQRS_ERR_OK)
+        goto out;
+    redisAppendCommand(ds->c, "MULTI");
+    redisAppendCommandArgv(ds->c, 3, hget, NULL);
+    if (n > 0)
+        redisAppendCommandArgv(ds->c, (int)n + 2, hmget, NULL);
+    redisAppendCommand(ds->c, "EXEC");
+    size_t replies = n > 0 ? 4 : 3;
+    for (size_t i = 0; i < replies; i++) {
+        freeReplyObject(r);
+        r = NULL;
+        if (redisGetReply(ds->c, (void **)&r) != REDIS_OK || !r) {
+            rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
+            disconnect(ds);
+            goto out;
+        }
+    }
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != (n > 0 ? 2u : 1u)) {
+        rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected EXEC reply");
+        goto out;
+    }
+    const redisReply *inc = r->element[0];
+    if (inc->type == REDIS_REPLY_STRING && inc->len <= CQRS_INCARNATION_LEN)
+        snprintf(incarnation, CQRS_INCARNATION_LEN + 1, "%s", inc->str);
+    else
+        rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "the store has no incarnation");
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *e =
+            r->element[1]->type == REDIS_REPLY_ARRAY && r->element[1]->elements == n
+                ? r->element[1]->element[i]
+                : NULL;
+        if (!e || e->type != REDIS_REPLY_STRING || !cqrs_parse_int64(e->str, &offsets[i]))
+            offsets[i] = -1;
+    }
+out:
+    freeReplyObject(r);
+    free(hmget);
+    free(parts);
+    return rc;
+}
+
+/* KEYS: 1 the list, 2 meta, 3 offsets. ARGV: 1 blob, 2 incarnation, 3 offset mode,
+ * 4 partition, 5 expected offset, 6 next offset, 7 change channel. The message's offset is
+ * recorded with it, so a restart or rebalance does not keep it a second time. */
+static const char UNDECODABLE_LUA[] = STORE_CHECK_LUA("KEYS[2]", "ARGV[2]", "ARGV[7]")
+    PAUSE_CHECK_LUA("KEYS[2]") OFFSET_CHECK_LUA("KEYS[3]", "ARGV[4]", "ARGV[3]", "ARGV[5]",
+                                                "ARGV[6]") "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
+                                                           "mark()\n"
+                                                           "return 1\n";
+
+cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                                     cqrs_apply_result_t *result, cqrs_error_t *err)
+{
+    char part[12], prev[24], next[24];
+    snprintf(part, sizeof part, "%d", a->partition);
+    snprintf(prev, sizeof prev, "%lld", (long long)(a->prev_offset < 0 ? -1 : a->prev_offset));
+    snprintf(next, sizeof next, "%lld", (long long)a->next_offset);
+    const char *argv[] = {"EVAL",
+                          UNDECODABLE_LUA,
+                          "3",
+                          CQRS_UNDECODABLE_KEY,
+                          CQRS_META_KEY,
+                          a->offsets_key,
+                          a->blob ? a->blob : "{}",
+                          a->incarnation ? a->incarnation : "",
+                          OFFSET_MODES[a->offset_mode],
+                          part,
+                          prev,
+                          next,
+                          ds->channel};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 13, argv, NULL, &r, err);
+    if (rc == CQRS_ERR_OK)
+        rc = script_result(r, result, err);
     freeReplyObject(r);
     return rc;
 }
@@ -947,10 +1080,13 @@ cqrs_err_t cqrs_docstore_apply_held(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     snprintf(scratch, sizeof scratch, "%s:retry", a->dlq_key);
     cqrs_apply_t b = *a;
     b.dlq_key = scratch;
+    b.offset_mode = CQRS_OFFSET_NONE; /* the projector recorded it when it parked the event */
     cqrs_err_t rc = run_apply(ds, &b, false, result, err);
     if (rc != CQRS_ERR_OK || *result == CQRS_APPLY_APPLIED || *result == CQRS_APPLY_DUPLICATE ||
         *result == CQRS_APPLY_RESET)
         return rc;
+    if (*result == CQRS_APPLY_STALE)
+        return cqrs_error_set(err, CQRS_ERR_STATE, "the document changed meanwhile; try again");
     const char *argv[] = {"DEL", scratch};
     redisReply *r = NULL;
     if (command(ds, 2, argv, NULL, &r, err) == CQRS_ERR_OK)
@@ -1034,7 +1170,7 @@ cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
 
 cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count, cqrs_error_t *err)
 {
-    const char *argv[] = {"LLEN", "cqrs:dlq:undecodable"};
+    const char *argv[] = {"LLEN", CQRS_UNDECODABLE_KEY};
     return command_int(ds, 2, argv, count, err);
 }
 
@@ -1311,32 +1447,42 @@ out:
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t *err)
+/* KEYS: 1 meta. ARGV: 1 for how many ms. The deadline in the server's clock, which the apply
+ * script compares with; it is also the token the swap checks. */
+static const char PAUSE_LUA[] =
+    "local t = redis.call('TIME')\n"
+    "local u = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])\n"
+    "redis.call('HSET', KEYS[1], 'paused_until', u)\n"
+    "return u\n";
+
+cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, int64_t for_ms, int64_t *until_ms,
+                                     cqrs_error_t *err)
 {
-    redisReply *r = NULL;
+    *until_ms = 0;
     if (for_ms <= 0) {
         const char *argv[] = {"HDEL", CQRS_META_KEY, "paused_until"};
-        cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
-        freeReplyObject(r);
-        return rc;
+        return command_int(ds, 3, argv, NULL, err);
     }
-    /* The deadline in the server's clock, which the apply script compares with. */
-    const char *targv[] = {"TIME"};
-    cqrs_err_t rc = command(ds, 1, targv, NULL, &r, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-        freeReplyObject(r);
-        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected TIME reply");
-    }
-    long long until = atoll(r->element[0]->str) * 1000 + atoll(r->element[1]->str) / 1000 + for_ms;
-    freeReplyObject(r);
-    char u[24];
-    snprintf(u, sizeof u, "%lld", until);
-    const char *argv[] = {"HSET", CQRS_META_KEY, "paused_until", u};
-    rc = command(ds, 4, argv, NULL, &r, err);
-    freeReplyObject(r);
+    char ms[24];
+    snprintf(ms, sizeof ms, "%lld", (long long)for_ms);
+    const char *argv[] = {"EVAL", PAUSE_LUA, "1", CQRS_META_KEY, ms};
+    long long until = 0;
+    cqrs_err_t rc = command_int(ds, 5, argv, &until, err);
+    *until_ms = until;
     return rc;
+}
+
+cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t *err)
+{
+    int64_t until;
+    return cqrs_docstore_pause_token(ds, for_ms, &until, err);
+}
+
+cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *incarnation,
+                                         cqrs_error_t *err)
+{
+    const char *argv[] = {"HSET", CQRS_META_KEY, "incarnation", incarnation};
+    return command_int(ds, 4, argv, NULL, err);
 }
 
 cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, const char *pattern,
@@ -1393,13 +1539,29 @@ static cqrs_err_t simple(cqrs_docstore_t *ds, int argc, const char **argv, cqrs_
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, cqrs_error_t *err)
+/* KEYS: 1 meta. ARGV: 1 the pause's deadline (token), 2 and 3 the databases. */
+static const char SWAP_LUA[] =
+    "local p = redis.call('HGET', KEYS[1], 'paused_until')\n"
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "if p ~= ARGV[1] or tonumber(p) <= now then return 0 end\n"
+    "redis.call('SWAPDB', ARGV[2], ARGV[3])\n"
+    "return 1\n";
+
+cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, int64_t until_ms,
+                                   cqrs_error_t *err)
 {
-    char a[12], b[12];
+    char a[12], b[12], u[24];
     snprintf(a, sizeof a, "%d", ds->addr.db);
     snprintf(b, sizeof b, "%d", other_db);
-    const char *argv[] = {"SWAPDB", a, b};
-    return simple(ds, 3, argv, err);
+    snprintf(u, sizeof u, "%lld", (long long)until_ms);
+    const char *argv[] = {"EVAL", SWAP_LUA, "1", CQRS_META_KEY, u, a, b};
+    long long swapped = 0;
+    cqrs_err_t rc = command_int(ds, 7, argv, &swapped, err);
+    if (rc == CQRS_ERR_OK && swapped != 1)
+        rc = cqrs_error_set(err, CQRS_ERR_TIMEOUT,
+                            "the projector's pause lapsed before the switch; nothing switched");
+    return rc;
 }
 
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err)

@@ -5,6 +5,13 @@
  *  - Redis holds the truth about progress: each apply records the partition's next offset
  *    atomically with the document; assignment seeks there. The Kafka group's committed offsets
  *    (stored after each event) only serve lag monitoring.
+ *  - Loss detection: the projector remembers the store's incarnation and, per partition, the
+ *    offset it last recorded; every apply checks both in the same script. A store emptied or
+ *    replaced (another incarnation) sends every partition back to its recorded offset (none:
+ *    the beginning); a partition whose recorded offset is not the one written last (a failover
+ *    to a replica that missed writes, a restart that lost its last second) goes back to what
+ *    the store holds. The version check makes re-applying harmless. An audit compares both
+ *    every AUDIT_MS also when no event arrives, so an idle partition is healed too.
  *  - isolation.level=read_committed: a fenced relay's aborted writes are never seen.
  */
 #include "cqrs/projector.h"
@@ -24,6 +31,16 @@
 #include "cqrs/util.h"
 
 #define MAX_MISSING 256
+#define AUDIT_MS 1000
+
+/* What this projector knows of one assigned partition. */
+typedef struct part_state {
+    char topic[128];
+    int32_t partition;
+    _Atomic int64_t written; /* the offset last recorded in (or read from) the store; -1: none */
+    int64_t refill_until;    /* > 0: re-reading after a loss until the end seen then */
+    int64_t refill_started_ms;
+} part_state_t;
 
 typedef struct missing {
     char topic[128];
@@ -40,11 +57,17 @@ struct cqrs_projector {
     cqrs_docstore_t *ds;
     pthread_t thread;
     bool running;
-    bool restart; /* the consumer must be recreated (store reset) */
+    bool detect; /* loss detection (off only for the CQRS_UNSAFE_NO_LOSS_DETECTION control) */
+    char incarnation[CQRS_INCARNATION_LEN + 1]; /* of the store; "" until known */
+    part_state_t *parts; /* the assigned partitions: changed by the projector thread only, */
+    size_t n_parts, cap_parts;
+    pthread_mutex_t parts_lock; /* taken there when the array changes and by the metrics */
+    int64_t next_audit;
     atomic_bool stop;
     atomic_bool kafka_up, redis_up;
-    atomic_uint history_missing, assigned;
-    atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets;
+    atomic_uint history_missing, assigned, refilling;
+    atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets,
+        regressions;
     pthread_mutex_t rk_lock; /* guards rk against the metrics reader while it is replaced */
     cqrs_histogram_t latency;
     missing_t missing[MAX_MISSING];
@@ -109,11 +132,96 @@ static void report_missing(const missing_t *m, int64_t have)
                    "kafka_earliest_offset", low);
 }
 
+/* The store's incarnation (given one when it has none); waits out a Redis outage. */
+static bool learn_incarnation(cqrs_projector_t *p)
+{
+    unsigned attempt = 0;
+    while (!atomic_load(&p->stop)) {
+        cqrs_error_t e;
+        if (cqrs_docstore_ensure_meta(p->ds, p->incarnation, &e) == CQRS_ERR_OK)
+            return true;
+        atomic_store(&p->redis_up, false);
+        if (attempt++ % 20 == 0)
+            CQRS_LOG_WARN("cannot read the read model's incarnation from Redis; waiting", "error",
+                          e.message);
+        sleep_unless_stopped(p, 500);
+    }
+    return false;
+}
+
+static part_state_t *part_find(cqrs_projector_t *p, const char *topic, int32_t partition)
+{
+    for (size_t i = 0; i < p->n_parts; i++)
+        if (p->parts[i].partition == partition && strcmp(p->parts[i].topic, topic) == 0)
+            return &p->parts[i];
+    return NULL;
+}
+
+static part_state_t *part_add(cqrs_projector_t *p, const char *topic, int32_t partition,
+                              int64_t written)
+{
+    pthread_mutex_lock(&p->parts_lock);
+    part_state_t *ps = NULL;
+    if (p->n_parts == p->cap_parts) {
+        size_t cap = p->cap_parts ? 2 * p->cap_parts : 64;
+        part_state_t *v = realloc(p->parts, cap * sizeof *v);
+        if (!v)
+            goto out;
+        p->parts = v;
+        p->cap_parts = cap;
+    }
+    ps = &p->parts[p->n_parts++];
+    memset(ps, 0, sizeof *ps);
+    snprintf(ps->topic, sizeof ps->topic, "%s", topic);
+    ps->partition = partition;
+    ps->written = written;
+out:
+    pthread_mutex_unlock(&p->parts_lock);
+    return ps;
+}
+
+static void parts_clear(cqrs_projector_t *p)
+{
+    pthread_mutex_lock(&p->parts_lock);
+    p->n_parts = 0;
+    pthread_mutex_unlock(&p->parts_lock);
+    atomic_store(&p->refilling, 0);
+}
+
+/* For the metrics thread: the offset recorded for a partition, -1 when unknown. */
+static int64_t part_written(cqrs_projector_t *p, const char *topic, int32_t partition)
+{
+    pthread_mutex_lock(&p->parts_lock);
+    part_state_t *ps = part_find(p, topic, partition);
+    int64_t w = ps ? ps->written : -1;
+    pthread_mutex_unlock(&p->parts_lock);
+    return w;
+}
+
+/* Pauses a partition whose needed history Kafka no longer holds (retention); true if so. */
+static bool check_history(cqrs_projector_t *p, rd_kafka_t *rk, const char *topic, int32_t partition,
+                          int64_t have)
+{
+    int64_t low = 0, high = 0;
+    if (rd_kafka_query_watermark_offsets(rk, topic, partition, &low, &high, 5000) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR ||
+        (have < 0 ? 0 : have) >= low || p->n_missing >= MAX_MISSING)
+        return false;
+    missing_t *m = &p->missing[p->n_missing++];
+    snprintf(m->topic, sizeof m->topic, "%s", topic);
+    m->partition = partition;
+    m->low = low;
+    report_missing(m, have);
+    atomic_store(&p->history_missing, p->n_missing);
+    return true;
+}
+
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                          rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
     cqrs_projector_t *p = opaque;
     p->n_missing = 0;
+    parts_clear(p);
     if (err != RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         rd_kafka_assign(rk, NULL);
         atomic_store(&p->history_missing, 0);
@@ -121,23 +229,19 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         CQRS_LOG_INFO("partitions revoked");
         return;
     }
-    /* Resume where Redis says the read model is; with no record, from the beginning. */
+    /* Resume where Redis says the read model is; with no record, from the beginning. The
+     * incarnation is read first: offsets read after it belong to it (a store emptied in
+     * between is caught by the first apply or audit). */
+    if (p->detect)
+        learn_incarnation(p);
     rd_kafka_topic_partition_list_t *paused = rd_kafka_topic_partition_list_new(1);
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         int64_t have = redis_offset(p, tp->topic, tp->partition);
         tp->offset = have >= 0 ? have : RD_KAFKA_OFFSET_BEGINNING;
-        int64_t low = 0, high = 0;
-        if (rd_kafka_query_watermark_offsets(rk, tp->topic, tp->partition, &low, &high, 5000) ==
-                RD_KAFKA_RESP_ERR_NO_ERROR &&
-            (have < 0 ? 0 : have) < low && p->n_missing < MAX_MISSING) {
-            missing_t *m = &p->missing[p->n_missing++];
-            snprintf(m->topic, sizeof m->topic, "%s", tp->topic);
-            m->partition = tp->partition;
-            m->low = low;
-            report_missing(m, have);
+        part_add(p, tp->topic, tp->partition, have);
+        if (check_history(p, rk, tp->topic, tp->partition, have))
             rd_kafka_topic_partition_list_add(paused, tp->topic, tp->partition);
-        }
     }
     rd_kafka_assign(rk, parts);
     if (paused->cnt > 0)
@@ -148,6 +252,147 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     char n[12];
     snprintf(n, sizeof n, "%d", parts->cnt);
     CQRS_LOG_INFO("partitions assigned", "count", n);
+}
+
+static void refill_done(cqrs_projector_t *p, part_state_t *ps)
+{
+    char part[12], ms[24];
+    snprintf(part, sizeof part, "%d", ps->partition);
+    snprintf(ms, sizeof ms, "%lld", (long long)(cqrs_monotonic_ms() - ps->refill_started_ms));
+    CQRS_LOG_INFO("partition refilled after a store loss", "topic", ps->topic, "partition", part,
+                  "duration_ms", ms);
+    ps->refill_until = 0;
+    atomic_fetch_sub(&p->refilling, 1);
+}
+
+/* Sends a partition back to the offset the store holds (-1: none, the beginning) and marks it
+ * refilling until it reaches the end it has now. If the seek fails, what this projector
+ * remembers stays as it was, so the next apply or audit finds the mismatch again. */
+static void rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset =
+        stored >= 0 ? stored : RD_KAFKA_OFFSET_BEGINNING;
+    rd_kafka_error_t *e = rd_kafka_seek_partitions(p->rk, l, 5000);
+    rd_kafka_resp_err_t perr = l->elems[0].err;
+    rd_kafka_topic_partition_list_destroy(l);
+    char part[12], from[24], was[24];
+    snprintf(part, sizeof part, "%d", ps->partition);
+    snprintf(from, sizeof from, "%lld", (long long)stored);
+    snprintf(was, sizeof was, "%lld", (long long)ps->written);
+    if (e || perr) {
+        CQRS_LOG_WARN("cannot rewind a partition yet; trying again", "topic", ps->topic,
+                      "partition", part, "error",
+                      e ? rd_kafka_error_string(e) : rd_kafka_err2str(perr));
+        if (e)
+            rd_kafka_error_destroy(e);
+        return;
+    }
+    ps->written = stored;
+    int64_t low = 0, high = 0;
+    if (rd_kafka_query_watermark_offsets(p->rk, ps->topic, ps->partition, &low, &high, 2000) !=
+        RD_KAFKA_RESP_ERR_NO_ERROR)
+        rd_kafka_get_watermark_offsets(p->rk, ps->topic, ps->partition, &low, &high);
+    if (high > (stored < 0 ? 0 : stored)) {
+        if (!ps->refill_until) {
+            atomic_fetch_add(&p->refilling, 1);
+            ps->refill_started_ms = cqrs_monotonic_ms();
+        }
+        ps->refill_until = high;
+    }
+    CQRS_LOG_WARN("partition rewound to the offset the read model store holds; re-applying",
+                  "topic", ps->topic, "partition", part, "from_offset", from, "recorded_before",
+                  was);
+    if (check_history(p, p->rk, ps->topic, ps->partition, stored)) {
+        rd_kafka_topic_partition_list_t *pl = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_add(pl, ps->topic, ps->partition);
+        rd_kafka_pause_partitions(p->rk, pl);
+        rd_kafka_topic_partition_list_destroy(pl);
+    }
+}
+
+/* The store was emptied or replaced (its incarnation changed): learn the new one and send
+ * every partition whose record differs back to it. */
+static void store_reset(cqrs_projector_t *p)
+{
+    atomic_fetch_add(&p->resets, 1);
+    char before[CQRS_INCARNATION_LEN + 1];
+    snprintf(before, sizeof before, "%s", p->incarnation);
+    if (!learn_incarnation(p))
+        return;
+    CQRS_LOG_WARN("the read model store was emptied or replaced (its incarnation changed);"
+                  " re-reading every partition from the offset it holds",
+                  "incarnation_before", before, "incarnation", p->incarnation);
+    for (size_t i = 0; i < p->n_parts && !atomic_load(&p->stop); i++) {
+        part_state_t *ps = &p->parts[i];
+        int64_t stored = redis_offset(p, ps->topic, ps->partition);
+        if (stored != ps->written)
+            rewind_partition(p, ps, stored);
+    }
+}
+
+/* The store records another offset for ps than this projector wrote last. */
+static void offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
+{
+    char part[12], have[24], wrote[24];
+    snprintf(part, sizeof part, "%d", ps->partition);
+    snprintf(have, sizeof have, "%lld", (long long)stored);
+    snprintf(wrote, sizeof wrote, "%lld", (long long)ps->written);
+    if (stored < ps->written) {
+        atomic_fetch_add(&p->regressions, 1);
+        CQRS_LOG_ERROR("the read model store lost writes (a failover to a replica that missed"
+                       " them, or a restart that lost its last writes): its offset for the"
+                       " partition went back; re-applying from there",
+                       "topic", ps->topic, "partition", part, "store_offset", have,
+                       "recorded_offset", wrote);
+    } else {
+        CQRS_LOG_WARN("another writer recorded this partition's offset; going on from there",
+                      "topic", ps->topic, "partition", part, "store_offset", have,
+                      "recorded_offset", wrote);
+    }
+    rewind_partition(p, ps, stored);
+}
+
+/* Every AUDIT_MS: the incarnation and each assigned partition's offset as the store holds
+ * them, compared with what this projector knows — a loss is found even on a partition where
+ * nothing new arrives. */
+static void audit(cqrs_projector_t *p)
+{
+    if (!p->detect || p->n_parts == 0 || cqrs_monotonic_ms() < p->next_audit)
+        return;
+    p->next_audit = cqrs_monotonic_ms() + AUDIT_MS;
+    int32_t *parts = malloc(p->n_parts * sizeof *parts);
+    int64_t *offs = malloc(p->n_parts * sizeof *offs);
+    size_t *idx = malloc(p->n_parts * sizeof *idx);
+    for (size_t t = 0; parts && offs && idx && t < p->cfg.n_topics; t++) {
+        size_t n = 0;
+        for (size_t i = 0; i < p->n_parts; i++)
+            if (strcmp(p->parts[i].topic, p->topics[t]) == 0) {
+                idx[n] = i;
+                parts[n++] = p->parts[i].partition;
+            }
+        if (n == 0)
+            continue;
+        char inc[CQRS_INCARNATION_LEN + 1] = "";
+        cqrs_error_t e;
+        cqrs_err_t rc = cqrs_docstore_progress(p->ds, p->offsets_keys[t], parts, n, inc, offs, &e);
+        if (rc == CQRS_ERR_NOT_FOUND || (rc == CQRS_ERR_OK && strcmp(inc, p->incarnation) != 0)) {
+            store_reset(p);
+            break;
+        }
+        if (rc != CQRS_ERR_OK) {
+            atomic_store(&p->redis_up, false);
+            break;
+        }
+        for (size_t j = 0; j < n; j++) {
+            part_state_t *ps = &p->parts[idx[j]];
+            if (offs[j] != ps->written)
+                offset_moved(p, ps, offs[j]);
+        }
+    }
+    free(parts);
+    free(offs);
+    free(idx);
 }
 
 /* Paused partitions come back once a rebuild recorded an offset Kafka still holds. */
@@ -170,6 +415,9 @@ static void recheck_missing(cqrs_projector_t *p)
             rd_kafka_error_destroy(e);
         rd_kafka_resume_partitions(p->rk, l);
         rd_kafka_topic_partition_list_destroy(l);
+        part_state_t *ps = part_find(p, m->topic, m->partition);
+        if (ps)
+            ps->written = have;
         CQRS_LOG_INFO("partition resumed after rebuild", "topic", m->topic);
         p->missing[i] = p->missing[--p->n_missing];
     }
@@ -184,7 +432,12 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
         return NULL;
     }
     p->cfg = *cfg;
+    p->detect = !CQRS_UNSAFE("NO_LOSS_DETECTION");
+    if (!p->detect)
+        CQRS_LOG_WARN("CQRS_UNSAFE_NO_LOSS_DETECTION=1: a read model store that loses writes is"
+                      " NOT detected (negative control of the fault suite)");
     pthread_mutex_init(&p->rk_lock, NULL);
+    pthread_mutex_init(&p->parts_lock, NULL);
     p->brokers = strdup(cfg->brokers);
     p->group_id = strdup(cfg->group_id);
     p->client_id = strdup(cfg->client_id ? cfg->client_id : "cqrs-projector");
@@ -223,7 +476,7 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
         cqrs_bus_conf_set(conf, "enable.auto.offset.store", "false", err) ||
         cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", err) ||
         cqrs_bus_conf_set(conf, "isolation.level", "read_committed", err) ||
-        cqrs_bus_conf_set(conf, "enable.partition.eof", "false", err) ||
+        cqrs_bus_conf_set(conf, "enable.partition.eof", "true", err) ||
         cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "10", err)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
@@ -283,8 +536,62 @@ static void store_offset(cqrs_projector_t *p, const rd_kafka_message_t *m)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* A message that is not even a CloudEvent: kept whole in a list for an operator. */
-static void keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, const char *why)
+/* The partition state of a message, added (from the store's record) if unknown. */
+static part_state_t *part_of(cqrs_projector_t *p, const rd_kafka_message_t *m)
+{
+    const char *topic = rd_kafka_topic_name(m->rkt);
+    part_state_t *ps = part_find(p, topic, m->partition);
+    return ps ? ps : part_add(p, topic, m->partition, redis_offset(p, topic, m->partition));
+}
+
+/* Fills in what every write of a projector checks: the store's incarnation and the offset this
+ * projector recorded last. */
+static void set_checks(cqrs_projector_t *p, const part_state_t *ps, cqrs_apply_t *a)
+{
+    a->incarnation = p->detect ? p->incarnation : NULL;
+    a->offset_mode = p->detect ? CQRS_OFFSET_EXPECT : CQRS_OFFSET_RAISE;
+    a->prev_offset = ps->written;
+}
+
+/* After a write's verdict: false when the store was found emptied, replaced or behind (the
+ * partition was sent back; the message in hand is dropped), true when it was recorded. */
+static bool recorded(cqrs_projector_t *p, part_state_t *ps, cqrs_apply_result_t res,
+                     int64_t next_offset)
+{
+    if (res == CQRS_APPLY_RESET) {
+        store_reset(p);
+        return false;
+    }
+    if (res == CQRS_APPLY_OFFSET_MOVED) {
+        offset_moved(p, ps, redis_offset(p, ps->topic, ps->partition));
+        return false;
+    }
+    ps->written = next_offset;
+    if (ps->refill_until && next_offset >= ps->refill_until)
+        refill_done(p, ps);
+    return true;
+}
+
+/* Waits before redoing a write that Redis refused or could not take. */
+static void write_failed(cqrs_projector_t *p, cqrs_err_t rc, unsigned *attempt, const char *what,
+                         const cqrs_error_t *err)
+{
+    if (rc == CQRS_ERR_RETRY) {
+        /* A rebuild is switching generations (a second at most). */
+        sleep_unless_stopped(p, 20);
+        return;
+    }
+    atomic_store(&p->redis_up, false);
+    if ((*attempt)++ % 20 == 0)
+        CQRS_LOG_WARN("not written to Redis yet; retrying", "what", what, "error", err->message);
+    unsigned ms = 50u << (*attempt < 5 ? *attempt : 5);
+    sleep_unless_stopped(p, ms > 1000 ? 1000 : ms);
+}
+
+/* A message that is not even a CloudEvent: kept whole in a list for an operator, with its
+ * offset recorded (so it is kept once, whatever restarts or rebalances follow). Returns false
+ * when the message must not be committed (stop, or the store was found behind). */
+static bool keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, const char *why)
 {
     json_t *b = json_pack("{s:s, s:i, s:I, s:s}", "topic", rd_kafka_topic_name(m->rkt), "partition",
                           (int)m->partition, "offset", (json_int_t)m->offset, "reason", why);
@@ -292,15 +599,29 @@ static void keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, c
     json_object_set_new(b, "payload", payload ? payload : json_string("<not UTF-8>"));
     char *text = json_dumps(b, JSON_COMPACT);
     json_decref(b);
+    part_state_t *ps = part_of(p, m);
+    bool done = false;
     unsigned attempt = 0;
-    cqrs_error_t err;
-    while (text && !atomic_load(&p->stop) &&
-           cqrs_docstore_undecodable(p->ds, text, &err) != CQRS_ERR_OK) {
-        if (attempt++ % 20 == 0)
-            CQRS_LOG_WARN("cannot store an undecodable message yet", "error", err.message);
-        sleep_unless_stopped(p, 500);
+    while (text && ps && !done && !atomic_load(&p->stop)) {
+        cqrs_apply_t a = {.offsets_key = offsets_key_for(p, rd_kafka_topic_name(m->rkt)),
+                          .partition = m->partition,
+                          .next_offset = m->offset + 1,
+                          .blob = text};
+        set_checks(p, ps, &a);
+        cqrs_apply_result_t res = CQRS_APPLY_APPLIED;
+        cqrs_error_t err;
+        cqrs_err_t rc = cqrs_docstore_undecodable(p->ds, &a, &res, &err);
+        if (rc != CQRS_ERR_OK) {
+            write_failed(p, rc, &attempt, "an undecodable message", &err);
+            continue;
+        }
+        atomic_store(&p->redis_up, true);
+        if (!recorded(p, ps, res, a.next_offset))
+            break;
+        done = true;
     }
     free(text);
+    return done;
 }
 
 /* Applies one event; returns false when the message must be handled again (stop, reset). */
@@ -314,6 +635,9 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
     bool known = p->cfg.projection->doc_key(ev, key, sizeof key);
     if (!known)
         snprintf(key, sizeof key, "cqrs:unknown:{%s}", ev->aggregate_id);
+    part_state_t *ps = part_of(p, m);
+    if (!ps)
+        return false;
 
     json_t *blob = cqrs_event_to_json(ev);
     json_object_set_new(blob, "topic", json_string(topic));
@@ -330,9 +654,9 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
                       .offsets_key = offsets_key_for(p, topic),
                       .partition = m->partition,
                       .next_offset = m->offset + 1};
-    bool done = false;
-    unsigned attempt = 0;
-    while (!done && !atomic_load(&p->stop)) {
+    bool done = false, dropped = false;
+    unsigned attempt = 0, stale = 0;
+    while (!done && !dropped && !atomic_load(&p->stop)) {
         cqrs_error_t err;
         cqrs_err_t rc;
         cqrs_apply_result_t res = CQRS_APPLY_DUPLICATE;
@@ -365,6 +689,10 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
             a.reason = reason;
             a.ops = ops.v;
             a.n_ops = ops.n;
+            /* What the document (or the verdict) was computed from: the script writes only
+             * while the stored document is still there. */
+            a.base_version = known ? version : -1;
+            set_checks(p, ps, &a);
             rc = dead ? cqrs_docstore_dead_letter(p->ds, &a, &res, &err)
                       : cqrs_docstore_apply(p->ds, &a, &res, &err);
         }
@@ -375,21 +703,25 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
         cqrs_index_ops_free(&ops);
         a.ops = NULL;
         a.n_ops = 0;
-        if (rc == CQRS_ERR_RETRY) {
-            /* A rebuild is switching generations (a second at most): wait, then redo. */
-            sleep_unless_stopped(p, 20);
-            continue;
-        }
         if (rc != CQRS_ERR_OK) {
-            atomic_store(&p->redis_up, false);
-            if (attempt++ % 20 == 0)
-                CQRS_LOG_WARN("event not applied yet; retrying", "event_id", ev->id, "aggregate_id",
-                              ev->aggregate_id, "error", err.message);
-            unsigned ms = 50u << (attempt < 5 ? attempt : 5);
-            sleep_unless_stopped(p, ms > 1000 ? 1000 : ms);
+            write_failed(p, rc, &attempt, ev->id, &err);
             continue;
         }
         atomic_store(&p->redis_up, true);
+        if (res == CQRS_APPLY_STALE) {
+            /* The document moved between our read and the script (dlq retry released the
+             * aggregate, a rebuild switched): compute again. */
+            if (++stale % 100 == 0) {
+                CQRS_LOG_WARN("the document keeps moving under the projector; retrying", "event_id",
+                              ev->id, "aggregate_id", ev->aggregate_id);
+                sleep_unless_stopped(p, 100);
+            }
+            continue;
+        }
+        if (!recorded(p, ps, res, a.next_offset)) {
+            dropped = true;
+            break;
+        }
         done = true;
         switch (res) {
         case CQRS_APPLY_APPLIED:
@@ -420,14 +752,8 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
                            " dead letter (cqrsctl dlq)",
                            "event_id", ev->id, "aggregate_id", ev->aggregate_id, "type", ev->type);
             break;
-        case CQRS_APPLY_RESET:
-            atomic_fetch_add(&p->resets, 1);
-            CQRS_LOG_WARN("the read model store is empty (no meta key); restarting the consumer"
-                          " to refill it from the beginning of the topics");
-            cqrs_docstore_ensure_meta(p->ds, &err);
-            p->restart = true;
-            free(blob_text);
-            return false;
+        default:
+            break;
         }
     }
     free(blob_text);
@@ -445,11 +771,10 @@ static void handle(cqrs_projector_t *p, const rd_kafka_message_t *m)
         char part[12], off[24];
         snprintf(part, sizeof part, "%d", m->partition);
         snprintf(off, sizeof off, "%lld", (long long)m->offset);
-        CQRS_LOG_ERROR("undecodable message kept in cqrs:dlq:undecodable", "topic",
+        CQRS_LOG_ERROR("undecodable message kept in " CQRS_UNDECODABLE_KEY, "topic",
                        rd_kafka_topic_name(m->rkt), "partition", part, "offset", off, "error",
                        err.message);
-        keep_undecodable(p, m, err.message);
-        if (!atomic_load(&p->stop))
+        if (keep_undecodable(p, m, err.message))
             store_offset(p, m);
         cqrs_event_close(&ev);
         return;
@@ -457,6 +782,14 @@ static void handle(cqrs_projector_t *p, const rd_kafka_message_t *m)
     if (apply_event(p, m, &ev) && !CQRS_FAILPOINT("projector-after-apply"))
         store_offset(p, m);
     cqrs_event_close(&ev);
+}
+
+/* The end of a partition was reached: a refill that aimed there is complete. */
+static void partition_eof(cqrs_projector_t *p, const rd_kafka_message_t *m)
+{
+    part_state_t *ps = part_find(p, rd_kafka_topic_name(m->rkt), m->partition);
+    if (ps && ps->refill_until && m->offset >= ps->refill_until)
+        refill_done(p, ps);
 }
 
 static void consumer_close(cqrs_projector_t *p)
@@ -487,7 +820,10 @@ void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
                     RD_KAFKA_RESP_ERR_NO_ERROR ||
                 high < 0)
                 continue;
-            int64_t pos = tp->offset >= 0 ? tp->offset : low;
+            /* Before the first message after an assignment the consumer has no position:
+             * the offset the store holds is where it stands. */
+            int64_t w = tp->offset >= 0 ? -1 : part_written(p, tp->topic, tp->partition);
+            int64_t pos = tp->offset >= 0 ? tp->offset : w >= 0 ? w : low;
             cqrs_text_printf(t,
                              "cqrs_projector_consumer_lag_messages{topic=\"%s\",partition=\"%d\"}"
                              " %lld\n",
@@ -505,25 +841,14 @@ static void *projector_main(void *arg)
 {
     cqrs_projector_t *p = arg;
     while (!atomic_load(&p->stop)) {
-        if (p->restart) {
-            consumer_close(p);
-            cqrs_error_t err;
-            rd_kafka_t *rk = consumer_new(p, &err);
-            pthread_mutex_lock(&p->rk_lock);
-            p->rk = rk;
-            pthread_mutex_unlock(&p->rk_lock);
-            if (!p->rk) {
-                CQRS_LOG_ERROR("cannot recreate the consumer", "error", err.message);
-                sleep_unless_stopped(p, 1000);
-                continue;
-            }
-            p->restart = false;
-        }
         recheck_missing(p);
+        audit(p);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(p->rk, 200);
         if (!m)
             continue;
-        if (m->err) {
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            partition_eof(p, m);
+        } else if (m->err) {
             if (m->err == RD_KAFKA_RESP_ERR__TRANSPORT ||
                 m->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
                 atomic_store(&p->kafka_up, false);
@@ -539,9 +864,9 @@ static void *projector_main(void *arg)
 
 cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err)
 {
-    /* A fresh store gets its meta key before the first apply (a store without one is taken
+    /* A fresh store gets its incarnation before the first apply (a store without one is taken
      * for one that lost its data). */
-    if (cqrs_docstore_ensure_meta(p->ds, err) != CQRS_ERR_OK)
+    if (cqrs_docstore_ensure_meta(p->ds, p->incarnation, err) != CQRS_ERR_OK)
         CQRS_LOG_WARN("Redis is not reachable yet; the projector will wait for it");
     p->rk = consumer_new(p, err);
     if (!p->rk)
@@ -578,6 +903,8 @@ void cqrs_projector_stats(cqrs_projector_t *p, cqrs_projector_stats_t *out)
     out->parked = atomic_load(&p->parked);
     out->undecodable = atomic_load(&p->undecodable);
     out->resets = atomic_load(&p->resets);
+    out->regressions = atomic_load(&p->regressions);
+    out->refilling = atomic_load(&p->refilling);
 }
 
 void cqrs_projector_destroy(cqrs_projector_t *p)
@@ -592,8 +919,10 @@ void cqrs_projector_destroy(cqrs_projector_t *p)
     }
     free(p->topics);
     free(p->offsets_keys);
+    free(p->parts);
     cqrs_docstore_destroy(p->ds);
     pthread_mutex_destroy(&p->rk_lock);
+    pthread_mutex_destroy(&p->parts_lock);
     free(p->brokers);
     free(p->group_id);
     free(p->client_id);

@@ -3,7 +3,8 @@
  * generations; no read fails, no read sees a version go backwards, no command fails, drift
  * injected into the live read model before the rebuild is gone, `cqrsctl verify` passes after
  * the switch and the old generation is dropped. A scratch database that holds something else
- * is refused. */
+ * is refused. A rebuild that stalls past its pause before the switch (failpoint) switches
+ * nothing, and the live read model stays complete. */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -68,17 +69,23 @@ static int call_status(const char *method, const char *path, const char *body, j
     return st;
 }
 
-/* Runs cqrsctl with the test's databases; returns its exit status, output in out. */
-static int ctl(const char *args, char *out, size_t cap)
+/* Runs cqrsctl with the test's databases (and env, e.g. failpoints); returns its exit status,
+ * output in out. */
+static int ctl_env(const char *env, const char *args, char *out, size_t cap)
 {
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
-             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>&1", DB.dsn,
-             live_url, D.prefix, CQRS_CTL, args);
+             "%s CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>&1", env,
+             DB.dsn, live_url, D.prefix, CQRS_CTL, args);
     FILE *p = popen(cmd, "r");
     size_t n = fread(out, 1, cap - 1, p);
     out[n] = '\0';
     return WEXITSTATUS(pclose(p));
+}
+
+static int ctl(const char *args, char *out, size_t cap)
+{
+    return ctl_env("", args, out, cap);
 }
 
 static int verify_until_match(int tries)
@@ -265,10 +272,43 @@ static void test_rebuild_under_load(void **state)
     redisFree(c);
 }
 
+/* Issue 16, defect 7: cqrsctl stalls between its last check of the pause and the swap, longer
+ * than the pause lasts (failpoint rebuild-before-swap=delay:11000 > the 10 s pause). The live
+ * projector goes on meanwhile, after the offsets were copied; swapping now would put a
+ * generation live that misses those events. The swap must be refused and nothing change. */
+static void test_switch_after_the_pause_lapsed_is_refused(void **state)
+{
+    (void)state;
+    atomic_store(&stop_load, false);
+    atomic_store(&commands_failed, 0);
+    pthread_t w;
+    pthread_create(&w, NULL, writer, NULL);
+    usleep(500 * 1000);
+    static char out[65536];
+    char args[64];
+    snprintf(args, sizeof args, "rebuild --scratch-db %d", SCRATCH_DB);
+    long before = atomic_load(&commands_ok);
+    int st = ctl_env("CQRS_FAILPOINTS=rebuild-before-swap=delay:11000", args, out, sizeof out);
+    long during = atomic_load(&commands_ok) - before;
+    atomic_store(&stop_load, true);
+    pthread_join(w, NULL);
+    fprintf(stderr, "stalled rebuild (exit %d, %ld commands meanwhile): %s", st, during, out);
+    assert_true(during > 0);
+    assert_int_not_equal(st, 0);
+    assert_non_null(strstr(out, "nothing switched"));
+    assert_int_equal(atomic_load(&commands_failed), 0);
+    /* the live read model kept every event */
+    assert_int_equal(verify_until_match(120), 0);
+    /* and a rebuild without the stall switches */
+    assert_int_equal(ctl(args, out, sizeof out), 0);
+    assert_int_equal(verify_until_match(120), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rebuild_under_load),
+        cmocka_unit_test(test_switch_after_the_pause_lapsed_is_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,7 +1,10 @@
 /* Integration tests of docstore.c against the real Redis of the stack (a private database
  * number): the atomic apply of document + index + offset (exactly stored version + 1),
- * duplicates, gaps and dead letters holding back their own aggregate only, the reset marker,
- * recovery from a flushed script cache, and a fast failure when Redis is unreachable. */
+ * duplicates, gaps and dead letters holding back their own aggregate only, the store checks
+ * (incarnation, the partition's offset, the base version a document was computed from),
+ * undecodable messages recorded with their offset, the rebuild swap refused once its pause
+ * lapsed, recovery from a flushed script cache, and a fast failure when Redis is
+ * unreachable. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -9,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -21,6 +25,9 @@
 static char url[1024];
 static cqrs_docstore_t *ds;
 static char agg[37], key[96], offsets[96], dlq[96];
+/* What a projector remembers: the store's incarnation, the offset it recorded last. */
+static char incarnation[CQRS_INCARNATION_LEN + 1];
+static int64_t written;
 
 static int setup(void **state)
 {
@@ -30,7 +37,7 @@ static int setup(void **state)
     freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
     cqrs_error_t err;
     ds = cqrs_docstore_new(url, 2000, &err);
-    return ds && cqrs_docstore_ensure_meta(ds, &err) == CQRS_ERR_OK ? 0 : -1;
+    return ds && cqrs_docstore_ensure_meta(ds, incarnation, &err) == CQRS_ERR_OK ? 0 : -1;
 }
 
 static int teardown(void **state)
@@ -47,6 +54,7 @@ static int fresh_keys(void **state)
     snprintf(key, sizeof key, "itest:doc:{%s}", agg);
     snprintf(offsets, sizeof offsets, "itest:offsets:{%s}", agg);
     snprintf(dlq, sizeof dlq, "cqrs:dlq:{%s}", agg);
+    written = -1;
     return 0;
 }
 
@@ -56,6 +64,10 @@ static cqrs_apply_result_t apply_ops(const char *k, const char *d, int64_t v, co
 {
     cqrs_apply_result_t res = 99;
     cqrs_error_t err;
+    /* As the projector does: the base is the version read before computing the document. */
+    int64_t base = 0;
+    if (cqrs_docstore_get(ds, k, NULL, &base, &err) != CQRS_ERR_OK)
+        base = 0;
     cqrs_apply_t a = {.key = k,
                       .version = v,
                       .json = json,
@@ -67,11 +79,17 @@ static cqrs_apply_result_t apply_ops(const char *k, const char *d, int64_t v, co
                       .n_ops = n_ops,
                       .offsets_key = offsets,
                       .partition = 0,
-                      .next_offset = next_offset};
+                      .next_offset = next_offset,
+                      .incarnation = incarnation,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = written,
+                      .base_version = base};
     cqrs_err_t rc = dead ? cqrs_docstore_dead_letter(ds, &a, &res, &err)
                          : cqrs_docstore_apply(ds, &a, &res, &err);
     if (rc != CQRS_ERR_OK)
         fail_msg("apply: %s", err.message);
+    if (res != CQRS_APPLY_RESET && res != CQRS_APPLY_OFFSET_MOVED && res != CQRS_APPLY_STALE)
+        written = next_offset;
     return res;
 }
 
@@ -149,9 +167,10 @@ static void test_duplicates_are_skipped(void **state)
     assert_int_equal(apply(1, "{\"v\":\"other\"}", 11), CQRS_APPLY_DUPLICATE);
     expect_doc(key, 1, "{\"v\":1}");
     assert_int_equal(apply(2, "{\"v\":2}", 12), CQRS_APPLY_APPLIED);
-    /* an old duplicate never moves the offset back */
-    assert_int_equal(apply(1, "{}", 5), CQRS_APPLY_DUPLICATE);
-    assert_int_equal(offset(), 12);
+    /* a redelivered old event (a partition sent back) records where the reading stands */
+    assert_int_equal(apply(1, "{}", 13), CQRS_APPLY_DUPLICATE);
+    expect_doc(key, 2, "{\"v\":2}");
+    assert_int_equal(offset(), 13);
 }
 
 static void test_gap_is_held_not_papered_over(void **state)
@@ -198,8 +217,156 @@ static void test_lost_store_is_detected(void **state)
     cqrs_error_t err;
     assert_int_equal(cqrs_docstore_get(ds, key, NULL, &v, &err), CQRS_ERR_NOT_FOUND);
     assert_int_equal(cqrs_docstore_offset(ds, offsets, 0, &v, &err), CQRS_ERR_NOT_FOUND);
-    assert_int_equal(cqrs_docstore_ensure_meta(ds, &err), CQRS_ERR_OK);
+    char before[CQRS_INCARNATION_LEN + 1];
+    snprintf(before, sizeof before, "%s", incarnation);
+    assert_int_equal(cqrs_docstore_ensure_meta(ds, incarnation, &err), CQRS_ERR_OK);
+    assert_string_not_equal(incarnation, before); /* a new store, a new incarnation */
     assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
+}
+
+/* Issue 16, defect 2: a projector that remembers another incarnation (the store was emptied
+ * and another projector gave it a new one) must not write — it would record its in-memory
+ * position as the applied offset of a store that holds nothing. */
+static void test_other_incarnation_is_refused(void **state)
+{
+    (void)state;
+    assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
+    char mine[CQRS_INCARNATION_LEN + 1];
+    snprintf(mine, sizeof mine, "%s", incarnation);
+    freeReplyObject(redisdb_cmd(url, "HSET " CQRS_META_KEY " incarnation someone-else", NULL));
+    assert_int_equal(apply(2, "{\"v\":2}", 2), CQRS_APPLY_RESET);
+    expect_doc(key, 1, "{\"v\":1}");
+    assert_int_equal(offset(), 1);
+    /* a gap would have been held as a dead letter: nothing is */
+    assert_int_equal(apply(5, "{\"v\":5}", 3), CQRS_APPLY_RESET);
+    assert_int_equal(integer("EXISTS %s", dlq), 0);
+    freeReplyObject(redisdb_cmd(url, "HSET " CQRS_META_KEY " incarnation %s", mine));
+}
+
+/* Issue 16, defect 3: a store that lost its last writes (an asynchronous failover, a restart
+ * with appendfsync everysec) keeps its meta key; its partition offset is behind the one the
+ * projector recorded last. The write is refused (nothing parked as a gap, the offset not moved
+ * past the lost events) so the projector can go back and re-apply. */
+static void test_offset_behind_is_refused(void **state)
+{
+    (void)state;
+    assert_int_equal(apply(1, "{\"v\":1}", 11), CQRS_APPLY_APPLIED);
+    assert_int_equal(apply(2, "{\"v\":2}", 12), CQRS_APPLY_APPLIED);
+    /* roll the store back to before v2: document and offset, as a replica that missed it */
+    freeReplyObject(redisdb_cmd(url, "HSET %s v 1 json {\"v\":1}", key));
+    freeReplyObject(redisdb_cmd(url, "HSET %s 0 11", offsets));
+    assert_int_equal(apply(3, "{\"v\":3}", 13), CQRS_APPLY_OFFSET_MOVED);
+    expect_doc(key, 1, "{\"v\":1}");
+    assert_int_equal(offset(), 11);
+    assert_int_equal(integer("EXISTS %s", dlq), 0); /* no gap dead letter */
+    /* the projector goes back to 11 and re-applies */
+    written = 11;
+    assert_int_equal(apply(2, "{\"v\":2}", 12), CQRS_APPLY_APPLIED);
+    assert_int_equal(apply(3, "{\"v\":3}", 13), CQRS_APPLY_APPLIED);
+    expect_doc(key, 3, "{\"v\":3}");
+    /* an offset ahead of the recorded one (another writer) is refused as well */
+    freeReplyObject(redisdb_cmd(url, "HSET %s 0 20", offsets));
+    assert_int_equal(apply(4, "{\"v\":4}", 14), CQRS_APPLY_OFFSET_MOVED);
+    expect_doc(key, 3, "{\"v\":3}");
+}
+
+/* Issue 16, defect 1: the document was computed from version `base`; when the stored one moved
+ * meanwhile (dlq retry released the aggregate, a rebuild switched), the script must not write
+ * it — and never an empty document. */
+static void test_document_of_another_base_is_refused(void **state)
+{
+    (void)state;
+    assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
+    cqrs_apply_result_t res = 99;
+    cqrs_error_t err;
+    /* The projector saw version 0 (absent) and so computed nothing for version 2 (a gap): */
+    cqrs_apply_t a = {.key = key,
+                      .version = 2,
+                      .json = NULL,
+                      .dlq_key = dlq,
+                      .aggregate_id = agg,
+                      .blob = "{}",
+                      .offsets_key = offsets,
+                      .next_offset = 2,
+                      .incarnation = incarnation,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = written,
+                      .base_version = 0};
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_STALE);
+    expect_doc(key, 1, "{\"v\":1}");
+    /* A document computed from version 0 is refused at version 1 too. */
+    a.json = "{\"v\":\"from nothing\"}";
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_STALE);
+    /* Even at the right base an empty document is never stored. */
+    a.base_version = 1;
+    a.json = "";
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_STALE);
+    expect_doc(key, 1, "{\"v\":1}");
+    assert_int_equal(offset(), 1); /* nothing recorded: the event is computed again */
+    a.json = "{\"v\":2}";
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    expect_doc(key, 2, "{\"v\":2}");
+}
+
+/* Issue 16, defect 5: an undecodable message is kept once, with its offset recorded. */
+static void test_undecodable_records_its_offset(void **state)
+{
+    (void)state;
+    freeReplyObject(redisdb_cmd(url, "DEL " CQRS_UNDECODABLE_KEY, NULL));
+    cqrs_apply_t a = {.offsets_key = offsets,
+                      .partition = 0,
+                      .next_offset = 8,
+                      .blob = "{\"payload\":\"junk\"}",
+                      .incarnation = incarnation,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = -1};
+    cqrs_apply_result_t res = 99;
+    cqrs_error_t err;
+    assert_int_equal(cqrs_docstore_undecodable(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    assert_int_equal(offset(), 8);
+    assert_int_equal(integer("LLEN " CQRS_UNDECODABLE_KEY, NULL), 1);
+    /* a projector that does not know it was recorded (prev -1) is refused: not kept twice */
+    assert_int_equal(cqrs_docstore_undecodable(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_OFFSET_MOVED);
+    assert_int_equal(integer("LLEN " CQRS_UNDECODABLE_KEY, NULL), 1);
+}
+
+/* Issue 16, defect 7: the rebuild's SWAPDB happens only while its pause is still in force. */
+static void test_swap_refused_once_the_pause_lapsed(void **state)
+{
+    (void)state;
+    char other[1024];
+    assert_int_equal(redisdb_url(testenv_require("CQRS_REDIS_URL"), 14, other, sizeof other), 0);
+    freeReplyObject(redisdb_cmd(other, "FLUSHDB", NULL));
+    freeReplyObject(redisdb_cmd(other, "SET itest:generation new", NULL));
+    freeReplyObject(redisdb_cmd(url, "SET itest:generation old", NULL));
+    cqrs_error_t err;
+    int64_t token = 0;
+    assert_int_equal(cqrs_docstore_pause_token(ds, 50, &token, &err), CQRS_ERR_OK);
+    assert_true(token > 0);
+    usleep(200 * 1000); /* a stall longer than the pause */
+    assert_int_equal(cqrs_docstore_swap_with(ds, 14, token, &err), CQRS_ERR_TIMEOUT);
+    redisReply *r = redisdb_cmd(url, "GET itest:generation", NULL);
+    assert_string_equal(r->str, "old");
+    freeReplyObject(r);
+    /* another pause than ours does not count either */
+    int64_t theirs = 0;
+    assert_int_equal(cqrs_docstore_pause_token(ds, 10000, &theirs, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_swap_with(ds, 14, token, &err), CQRS_ERR_TIMEOUT);
+    /* within our pause it swaps */
+    assert_int_equal(cqrs_docstore_swap_with(ds, 14, theirs, &err), CQRS_ERR_OK);
+    r = redisdb_cmd(url, "GET itest:generation", NULL);
+    assert_string_equal(r->str, "new");
+    freeReplyObject(r);
+    /* put the test database back */
+    freeReplyObject(redisdb_cmd(url, "SWAPDB 15 14", NULL));
+    assert_int_equal(cqrs_docstore_pause(ds, 0, &err), CQRS_ERR_OK);
+    freeReplyObject(redisdb_cmd(other, "FLUSHDB", NULL));
 }
 
 static void test_script_cache_flush_is_survived(void **state)
@@ -252,6 +419,11 @@ int main(void)
         cmocka_unit_test_setup(test_gap_is_held_not_papered_over, fresh_keys),
         cmocka_unit_test_setup(test_dead_letter_holds_back_its_aggregate_only, fresh_keys),
         cmocka_unit_test_setup(test_lost_store_is_detected, fresh_keys),
+        cmocka_unit_test_setup(test_other_incarnation_is_refused, fresh_keys),
+        cmocka_unit_test_setup(test_offset_behind_is_refused, fresh_keys),
+        cmocka_unit_test_setup(test_document_of_another_base_is_refused, fresh_keys),
+        cmocka_unit_test_setup(test_undecodable_records_its_offset, fresh_keys),
+        cmocka_unit_test_setup(test_swap_refused_once_the_pause_lapsed, fresh_keys),
         cmocka_unit_test_setup(test_script_cache_flush_is_survived, fresh_keys),
         cmocka_unit_test(test_url_parsing),
         cmocka_unit_test(test_unreachable_redis_is_unavailable),

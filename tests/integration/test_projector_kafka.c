@@ -1,7 +1,9 @@
 /* Integration tests of projector.c against the real Kafka and Redis of the stack (a private
  * Redis database): events reach their documents exactly once and in order; a rejected event
  * becomes a dead letter that holds back its own aggregate only; a message that is not a
- * CloudEvent is kept aside; a Redis that lost its data is refilled from Kafka; offsets moved
+ * CloudEvent is kept aside (once, whatever restarts follow); a Redis that lost its data is
+ * refilled from Kafka — also when it lost only its last writes (rolled back to a snapshot, as
+ * an asynchronous failover does) and when two projectors share the partitions; offsets moved
  * backwards (redelivery) change no document. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -16,6 +18,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include <cqrs/bus.h>
+#include <cqrs/metrics.h>
 #include <cqrs/projector.h>
 #include <cqrs/util.h>
 
@@ -77,6 +80,7 @@ static int fresh_topic(void **state)
     char id[37];
     cqrs_uuid_v4(id);
     snprintf(topic, sizeof topic, "itest.%.8s.counters", id);
+    freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL)); /* no dead letters of another test */
     const char *t[] = {topic};
     cqrs_error_t err;
     return cqrs_bus_create_topics(brokers, t, 1, 3, -1, 10000, &err) == CQRS_ERR_OK ? 0 : -1;
@@ -269,11 +273,206 @@ static void test_dead_letter_holds_back_only_its_aggregate(void **state)
     cqrs_projector_destroy(p);
 }
 
+/* Every key of the test database, dumped (a replica's view at this moment). */
+typedef struct snapshot {
+    char **keys, **dumps;
+    size_t *lens, n;
+} snapshot_t;
+
+static void snapshot_take(snapshot_t *s)
+{
+    memset(s, 0, sizeof *s);
+    redisReply *keys = redisdb_cmd(url, "KEYS *", NULL);
+    assert_non_null(keys);
+    s->keys = calloc(keys->elements, sizeof *s->keys);
+    s->dumps = calloc(keys->elements, sizeof *s->dumps);
+    s->lens = calloc(keys->elements, sizeof *s->lens);
+    for (size_t i = 0; i < keys->elements; i++) {
+        redisReply *d = redisdb_cmd(url, "DUMP %s", keys->element[i]->str);
+        assert_int_equal(d->type, REDIS_REPLY_STRING);
+        s->keys[s->n] = strdup(keys->element[i]->str);
+        s->dumps[s->n] = malloc(d->len);
+        memcpy(s->dumps[s->n], d->str, d->len);
+        s->lens[s->n++] = d->len;
+        freeReplyObject(d);
+    }
+    freeReplyObject(keys);
+}
+
+/* The store becomes the snapshot again: what was written since is lost, the meta key (and so
+ * the incarnation) survives — what a failover to a replica that missed the last writes does. */
+static void snapshot_restore(snapshot_t *s)
+{
+    redisContext *c = redisdb_connect(url);
+    assert_non_null(c);
+    freeReplyObject(redisCommand(c, "MULTI"));
+    freeReplyObject(redisCommand(c, "FLUSHDB"));
+    for (size_t i = 0; i < s->n; i++)
+        freeReplyObject(
+            redisCommand(c, "RESTORE %s 0 %b REPLACE", s->keys[i], s->dumps[i], s->lens[i]));
+    redisReply *r = redisCommand(c, "EXEC");
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    freeReplyObject(r);
+    redisFree(c);
+    for (size_t i = 0; i < s->n; i++) {
+        free(s->keys[i]);
+        free(s->dumps[i]);
+    }
+    free(s->keys);
+    free(s->dumps);
+    free(s->lens);
+}
+
+static long long dlq_keys(void)
+{
+    redisReply *r = redisdb_cmd(url, "KEYS cqrs:dlq:*", NULL);
+    long long n = r ? (long long)r->elements : -1;
+    freeReplyObject(r);
+    return n;
+}
+
+/* Issue 16, defect 3: the store rolled back to a snapshot taken 20 events earlier, its meta key
+ * intact, and nothing new arrives: the projector must notice by itself (its audit), go back
+ * and re-apply — no gap dead letters, nothing left behind. */
+static void test_store_rolled_back_is_refilled(void **state)
+{
+    (void)state;
+    char a[4][37];
+    for (int k = 0; k < 4; k++)
+        cqrs_uuid_v4(a[k]);
+    cqrs_projector_t *p = start_projector();
+    for (int v = 1; v <= 5; v++)
+        for (int k = 0; k < 4; k++)
+            produce(a[k], v, "counter.incremented.v1", 1);
+    for (int k = 0; k < 4; k++)
+        assert_true(wait_counter(a[k], 5, 5));
+    snapshot_t snap;
+    snapshot_take(&snap);
+    for (int v = 6; v <= 10; v++)
+        for (int k = 0; k < 4; k++)
+            produce(a[k], v, "counter.incremented.v1", 1);
+    for (int k = 0; k < 4; k++)
+        assert_true(wait_counter(a[k], 10, 10));
+    snapshot_restore(&snap);
+    long long n, v;
+    counter_of(a[0], &n, &v);
+    assert_int_equal(v, 5); /* really rolled back */
+    for (int k = 0; k < 4; k++)
+        assert_true(wait_counter(a[k], 10, 10));
+    cqrs_projector_stats_t st;
+    cqrs_projector_stats(p, &st);
+    assert_true(st.regressions >= 1);
+    assert_int_equal(st.gaps, 0);
+    assert_int_equal(st.dead_letters, 0);
+    assert_int_equal(dlq_keys(), 0);
+    /* and it goes on from there */
+    produce(a[1], 11, "counter.incremented.v1", 5);
+    assert_true(wait_counter(a[1], 15, 11));
+    for (int i = 0; i < 600 && st.refilling > 0; i++) {
+        usleep(100 * 1000);
+        cqrs_projector_stats(p, &st);
+    }
+    assert_int_equal(st.refilling, 0);
+    cqrs_projector_destroy(p);
+}
+
+/* Issue 16, defect 2: two projectors share the partitions; the store is emptied. Whichever
+ * notices first gives the store a new incarnation; the other must still take its partitions
+ * back to the beginning instead of recording its in-memory position in the empty store. */
+static void test_two_projectors_refill_an_emptied_store(void **state)
+{
+    (void)state;
+    enum { AGGS = 12 };
+    char a[AGGS][37];
+    for (int k = 0; k < AGGS; k++)
+        cqrs_uuid_v4(a[k]);
+    cqrs_projector_t *p1 = start_projector(), *p2 = start_projector();
+    cqrs_projector_stats_t s1, s2;
+    for (int i = 0; i < 600; i++) {
+        cqrs_projector_stats(p1, &s1);
+        cqrs_projector_stats(p2, &s2);
+        if (s1.assigned > 0 && s2.assigned > 0 && s1.assigned + s2.assigned == 3)
+            break;
+        usleep(100 * 1000);
+    }
+    assert_int_equal(s1.assigned + s2.assigned, 3);
+    assert_true(s1.assigned > 0 && s2.assigned > 0);
+    for (int v = 1; v <= 3; v++)
+        for (int k = 0; k < AGGS; k++)
+            produce(a[k], v, "counter.incremented.v1", 1);
+    for (int k = 0; k < AGGS; k++)
+        assert_true(wait_counter(a[k], 3, 3));
+    freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
+    /* Commands go on: both projectors get events on their partitions right away, the first
+     * to find the store empty gives it its meta key back while the other is still busy. */
+    for (int v = 4; v <= 5; v++)
+        for (int k = 0; k < AGGS; k++)
+            produce(a[k], v, "counter.incremented.v1", 1);
+    for (int k = 0; k < AGGS; k++)
+        assert_true(wait_counter(a[k], 5, 5));
+    cqrs_projector_stats(p1, &s1);
+    cqrs_projector_stats(p2, &s2);
+    assert_int_equal(s1.gaps + s2.gaps, 0);
+    assert_int_equal(dlq_keys(), 0);
+    cqrs_projector_destroy(p1);
+    cqrs_projector_destroy(p2);
+}
+
+/* Waits until the projector has read every assigned partition to its end (lag 0 on all
+ * three). */
+static void wait_caught_up(cqrs_projector_t *p)
+{
+    for (int i = 0; i < 600; i++) {
+        cqrs_text_t t = {0};
+        cqrs_projector_metrics(p, &t);
+        int zero = 0;
+        for (const char *l = t.buf; l && (l = strstr(l, "cqrs_projector_consumer_lag_messages{"));
+             l++)
+            zero += strncmp(strchr(l, '}'), "} 0\n", 4) == 0;
+        cqrs_text_free(&t);
+        if (zero == 3)
+            return;
+        usleep(100 * 1000);
+    }
+    fail_msg("the projector did not catch up");
+}
+
+/* Issue 16, defect 5: a message that is not a CloudEvent, the last of its partition, is kept
+ * once — not once more after every restart. */
+static void test_undecodable_is_kept_once(void **state)
+{
+    (void)state;
+    char agg[37];
+    cqrs_uuid_v4(agg);
+    freeReplyObject(redisdb_cmd(url, "DEL cqrs:dlq:undecodable", NULL));
+    produce(agg, 1, "counter.incremented.v1", 1);
+    assert_int_equal(rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(topic),
+                                       RD_KAFKA_V_KEY(agg, strlen(agg)),
+                                       RD_KAFKA_V_VALUE("garbage", 7),
+                                       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END),
+                     0);
+    rd_kafka_flush(producer, 10000);
+    for (int round = 0; round < 3; round++) {
+        cqrs_projector_t *p = start_projector();
+        if (round == 0)
+            assert_true(wait_counter(agg, 1, 1));
+        wait_caught_up(p);
+        cqrs_projector_destroy(p);
+        redisReply *r = redisdb_cmd(url, "LLEN cqrs:dlq:undecodable", NULL);
+        assert_int_equal(r->integer, 1);
+        freeReplyObject(r);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_events_reach_documents_in_order, fresh_topic),
         cmocka_unit_test_setup(test_dead_letter_holds_back_only_its_aggregate, fresh_topic),
+        cmocka_unit_test_setup(test_store_rolled_back_is_refilled, fresh_topic),
+        cmocka_unit_test_setup(test_two_projectors_refill_an_emptied_store, fresh_topic),
+        cmocka_unit_test_setup(test_undecodable_is_kept_once, fresh_topic),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -23,8 +23,8 @@ static inline int redisdb_url(const char *base, int db, char *out, size_t cap)
     return n > 0 && (size_t)n < cap ? 0 : -1;
 }
 
-/* Runs one command (printf-style) on that database; returns the reply (caller frees). */
-static inline redisReply *redisdb_cmd(const char *url, const char *fmt, const char *arg)
+/* A connection to that database (caller frees with redisFree); NULL when unreachable. */
+static inline redisContext *redisdb_connect(const char *url)
 {
     cqrs_redis_addr_t a;
     cqrs_error_t err;
@@ -36,11 +36,19 @@ static inline redisReply *redisdb_cmd(const char *url, const char *fmt, const ch
             redisFree(c);
         return NULL;
     }
-    redisReply *r = NULL;
     if (a.password[0])
         freeReplyObject(redisCommand(c, "AUTH %s", a.password));
     freeReplyObject(redisCommand(c, "SELECT %d", a.db));
-    r = arg ? redisCommand(c, fmt, arg) : redisCommand(c, fmt);
+    return c;
+}
+
+/* Runs one command (printf-style) on that database; returns the reply (caller frees). */
+static inline redisReply *redisdb_cmd(const char *url, const char *fmt, const char *arg)
+{
+    redisContext *c = redisdb_connect(url);
+    if (!c)
+        return NULL;
+    redisReply *r = arg ? redisCommand(c, fmt, arg) : redisCommand(c, fmt);
     redisFree(c);
     return r;
 }

@@ -53,8 +53,22 @@ typedef enum cqrs_apply_result {
     CQRS_APPLY_HELD = 2,      /* the aggregate has dead letters: parked behind them */
     CQRS_APPLY_DEAD = 3,      /* stored as a dead letter (mode DEAD) */
     CQRS_APPLY_GAP = -1,      /* version > stored + 1: parked as a dead letter, aggregate held */
-    CQRS_APPLY_RESET = -2,    /* the store lost its data (no meta key): nothing written */
+    CQRS_APPLY_RESET = -2,    /* the store lost its data or was replaced (no incarnation, or
+                                 another one than the caller's): nothing written */
+    CQRS_APPLY_OFFSET_MOVED = -4, /* the partition's stored offset is not the one the caller
+                                     expects (a store that lost writes, or another writer):
+                                     nothing written */
+    CQRS_APPLY_STALE = -5,        /* the document is no longer at the base version the new one
+                                     was computed from: recompute; nothing written */
 } cqrs_apply_result_t;
+
+/* What an apply does with the partition's recorded offset. */
+typedef enum cqrs_offset_mode {
+    CQRS_OFFSET_NONE = 0, /* neither checked nor written (cqrsctl dlq retry) */
+    CQRS_OFFSET_EXPECT,   /* must equal prev_offset (else OFFSET_MOVED); then set to next_offset */
+    CQRS_OFFSET_RAISE,    /* not checked, raised to next_offset (no loss detection: only the
+                             CQRS_UNSAFE_NO_LOSS_DETECTION negative control uses it) */
+} cqrs_offset_mode_t;
 
 typedef enum cqrs_index_op_kind {
     CQRS_INDEX_ZADD, /* key score member */
@@ -86,8 +100,14 @@ void cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const ch
                         double score, const char *member, const char *value);
 void cqrs_index_ops_free(cqrs_index_ops_t *ops);
 
+/* The meta hash: "incarnation" (a random id given to a store when it is found without one: a
+ * fresh or emptied store, or a rebuild's new generation), "created", and "paused_until" while a
+ * rebuild switches. Every projector remembers the incarnation it works on; a write that finds
+ * another one (or none) is refused with RESET. */
 #define CQRS_META_KEY "cqrs:meta"
+#define CQRS_INCARNATION_LEN 36
 #define CQRS_DLQ_INDEX_KEY "cqrs:dlq:index"
+#define CQRS_UNDECODABLE_KEY "cqrs:dlq:undecodable"
 
 /* Everything one apply writes. Strings are borrowed for the call. */
 typedef struct cqrs_apply {
@@ -103,13 +123,24 @@ typedef struct cqrs_apply {
     const char *offsets_key; /* hash partition → next offset */
     int32_t partition;
     int64_t next_offset; /* the offset after the event's message */
+    /* The store incarnation the caller works on; NULL: any (only its presence is checked). */
+    const char *incarnation;
+    cqrs_offset_mode_t offset_mode;
+    int64_t prev_offset; /* EXPECT: the offset the caller last recorded (-1: none) */
+    /* The document version json (or the dead letter's reason) was computed from; the write
+     * happens only while the stored document is still at it (else STALE). -1 with a NULL json
+     * for a dead letter computed from no document (unknown type). */
+    int64_t base_version;
 } cqrs_apply_t;
 
-/* One Lua script call, atomic. Unless the store lost its meta key (RESET): a version at or
- * below the stored one is a duplicate; an aggregate with dead letters parks the event behind
- * them; a version past stored + 1 is parked as a gap (and holds the aggregate); otherwise the
- * document and its index changes are written. Every outcome but RESET records next_offset for
- * the partition (offsets only grow). */
+/* One Lua script call, atomic. First the store is checked: RESET when its incarnation is not
+ * a->incarnation (or absent), OFFSET_MOVED when the partition's offset is not the expected one
+ * (mode EXPECT). Then: a version at or below the stored one is a duplicate; an aggregate with
+ * dead letters parks the event behind them; a version past stored + 1 is parked as a gap (and
+ * holds the aggregate); a document computed from another base version than the stored one is
+ * STALE; otherwise the document and its index changes are written. Every outcome past the
+ * store check records next_offset as the offset mode says. An empty or absent json is never
+ * stored. */
 cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                cqrs_apply_result_t *result, cqrs_error_t *err);
 
@@ -118,11 +149,23 @@ cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a,
 cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                      cqrs_apply_result_t *result, cqrs_error_t *err);
 
-/* Creates the meta key when missing (a fresh or flushed store). */
-cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, cqrs_error_t *err);
+/* Gives the store an incarnation when it has none (a fresh, emptied or legacy store) and
+ * writes the current one into incarnation (may be NULL) — NUL-terminated,
+ * CQRS_INCARNATION_LEN + 1 bytes. */
+cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, char *incarnation, cqrs_error_t *err);
 
-/* Appends a message that could not even be decoded to the list "cqrs:dlq:undecodable". */
-cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const char *blob, cqrs_error_t *err);
+/* The store's incarnation (NOT_FOUND when it has none) and, in the same round trip, the
+ * recorded offsets of n partitions of one offsets hash (-1 where none). Read-only. */
+cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *offsets_key,
+                                  const int32_t *partitions, size_t n, char *incarnation,
+                                  int64_t *offsets, cqrs_error_t *err);
+
+/* Appends a message that could not even be decoded to the list "cqrs:dlq:undecodable" and
+ * records a->next_offset for a->partition as the apply does (same store and offset checks;
+ * only offsets_key, partition, next_offset, incarnation, offset_mode, prev_offset and blob
+ * are used). *result: APPLIED, RESET or OFFSET_MOVED. */
+cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
+                                     cqrs_apply_result_t *result, cqrs_error_t *err);
 
 /* Up to limit members of a sorted set whose members all have score 0, in lexicographic order,
  * after the member `after` (NULL: from the start). *members is an array of malloc'ed strings
@@ -199,10 +242,10 @@ cqrs_err_t cqrs_docstore_dlq_get(cqrs_docstore_t *ds, const char *dlq_key, cqrs_
 void cqrs_docstore_dlq_free(cqrs_dead_letter_t *v, size_t n);
 
 /* Runs the apply script for an event held in a->dlq_key as if its aggregate were not held:
- * APPLIED (document, index changes; the offset only grows, so an old one changes nothing) at
- * version = stored + 1, DUPLICATE at or below, RESET when the store lost its data. The dead
- * letter stays until cqrs_docstore_dlq_remove. STATE when the document moved past the version
- * the caller computed from (call again). */
+ * APPLIED (document, index changes; offsets untouched: use CQRS_OFFSET_NONE) at version =
+ * stored + 1, DUPLICATE at or below, RESET when the store lost its data. The dead letter stays
+ * until cqrs_docstore_dlq_remove. STATE when the document is no longer at a->base_version
+ * (read it again and call again). */
 cqrs_err_t cqrs_docstore_apply_held(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                     cqrs_apply_result_t *result, cqrs_error_t *err);
 
@@ -272,8 +315,21 @@ cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t
 cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, const char *pattern,
                                    size_t *copied, cqrs_error_t *err);
 
-/* SWAPDB <ds's database> <other_db>. */
-cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, cqrs_error_t *err);
+/* Sets the pause like cqrs_docstore_pause and returns its deadline (the token the swap
+ * checks) in *until_ms. */
+cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, int64_t for_ms, int64_t *until_ms,
+                                     cqrs_error_t *err);
+
+/* Sets the store's incarnation (a rebuild's new generation takes over the live one's, so the
+ * projectors go on without re-reading: it holds what they recorded). */
+cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *incarnation,
+                                         cqrs_error_t *err);
+
+/* SWAPDB <ds's database> <other_db>, atomically only while the pause set with deadline
+ * until_ms is still the one in force and still ahead in the server's clock: TIMEOUT (nothing
+ * swapped) otherwise — so no live apply can have slipped in since the pause began. */
+cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, int64_t until_ms,
+                                   cqrs_error_t *err);
 /* PUBLISHes "*" on ds's change channel: listeners forget what they derived. */
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err);
 /* FLUSHDB ASYNC of ds's database. */

@@ -20,6 +20,8 @@
  *   relay-after-commit      relay: Kafka committed (acknowledged), outbox rows not yet deleted
  *   projector-after-apply   cqrs-queryd: the event applied in Redis, its Kafka offset not yet
  *                           stored for commit
+ *   rebuild-before-swap     cqrsctl rebuild: every check of the switch passed, SWAPDB not yet
+ *                           sent (delay:N longer than the 10 s pause: the swap must be refused)
  *
  * CQRS_UNSAFE(name) is true when the environment variable CQRS_UNSAFE_<name> is "1" in a
  * failpoint build; always false otherwise. It switches on deliberately wrong behaviour so that
@@ -29,6 +31,14 @@
  *   CQRS_UNSAFE_RELAY_DELETE_FIRST=1
  *                                   the relay deletes a batch's outbox rows before publishing
  *                                   it (at most once)
+ *   CQRS_UNSAFE_NO_LOSS_DETECTION=1 cqrs-queryd's projector neither checks the store's
+ *                                   incarnation nor the partition offsets it recorded, and
+ *                                   does not audit them (offsets only grow): a store that lost
+ *                                   writes is not noticed
+ *   CQRS_UNSAFE_RELAY_NO_PG_TIMEOUTS=1
+ *                                   the relay's PostgreSQL connection has no statement_timeout
+ *                                   or lock_timeout (as before issue 16): only the supervisor's
+ *                                   cancel ends a wait on a held lock
  */
 #ifndef CQRS_FAILPOINT_H
 #define CQRS_FAILPOINT_H

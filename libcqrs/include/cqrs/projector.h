@@ -12,9 +12,16 @@
  * its reason in Redis and holds back its own aggregate only (later events of that aggregate
  * are parked behind it); all other aggregates go on.
  *
+ * Store loss: the projector remembers the store's incarnation (cqrs:meta) and each partition's
+ * offset it recorded last, and every write checks both atomically (docstore.h). A store found
+ * emptied or replaced, or a partition whose offset went back (a failover to a replica that
+ * missed writes), sends the partition back to the offset the store holds; an audit every
+ * second finds the same on partitions where nothing new arrives. While such a partition
+ * re-reads up to the end it had when the loss was found, it counts as refilling (readiness
+ * fails).
+ *
  * Outages: Redis down → the event in hand is retried with backoff until it succeeds or the
- * projector stops; Kafka down → librdkafka reconnects. A store found empty mid-run (no meta
- * key) restarts the consumer so every partition resumes from the beginning.
+ * projector stops; Kafka down → librdkafka reconnects.
  *
  * One thread per projector; the projection's functions run on it.
  */
@@ -70,7 +77,9 @@ typedef struct cqrs_projector_stats {
     uint64_t gaps;
     uint64_t parked; /* held behind an earlier dead letter of their aggregate */
     uint64_t undecodable;
-    uint64_t resets; /* times the store was found empty mid-run */
+    uint64_t resets;      /* times the store was found emptied or replaced (incarnation) */
+    uint64_t regressions; /* times a partition's offset in the store was found behind */
+    unsigned refilling;   /* partitions re-reading what the store lost */
 } cqrs_projector_stats_t;
 
 /* Key of the Redis hash holding a topic's applied offsets: "cqrs:offsets:{<topic>}". */
