@@ -353,6 +353,15 @@ static void offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
     rewind_partition(p, ps, stored);
 }
 
+/* Paused for want of history: recheck_missing owns it until a rebuild records an offset. */
+static bool history_missing(const cqrs_projector_t *p, const part_state_t *ps)
+{
+    for (unsigned i = 0; i < p->n_missing; i++)
+        if (p->missing[i].partition == ps->partition && strcmp(p->missing[i].topic, ps->topic) == 0)
+            return true;
+    return false;
+}
+
 /* Every AUDIT_MS: the incarnation and each assigned partition's offset as the store holds
  * them, compared with what this projector knows — a loss is found even on a partition where
  * nothing new arrives. */
@@ -386,7 +395,7 @@ static void audit(cqrs_projector_t *p)
         }
         for (size_t j = 0; j < n; j++) {
             part_state_t *ps = &p->parts[idx[j]];
-            if (offs[j] != ps->written)
+            if (offs[j] != ps->written && !history_missing(p, ps))
                 offset_moved(p, ps, offs[j]);
         }
     }

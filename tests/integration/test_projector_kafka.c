@@ -354,13 +354,27 @@ static void test_store_rolled_back_is_refilled(void **state)
             produce(a[k], v, "counter.incremented.v1", 1);
     for (int k = 0; k < 4; k++)
         assert_true(wait_counter(a[k], 10, 10));
+#ifdef CQRS_ENABLE_FAILPOINTS
+    /* Slow applies make the refill last long enough to watch: readiness must say so. */
+    setenv("CQRS_FAILPOINTS", "projector-after-apply=delay:100", 1);
+#endif
     snapshot_restore(&snap);
     long long n, v;
     counter_of(a[0], &n, &v);
     assert_int_equal(v, 5); /* really rolled back */
+    cqrs_projector_stats_t st;
+#ifdef CQRS_ENABLE_FAILPOINTS
+    bool seen_refilling = false;
+    for (int i = 0; i < 600 && !seen_refilling; i++) {
+        cqrs_projector_stats(p, &st);
+        seen_refilling = st.refilling > 0;
+        usleep(10 * 1000);
+    }
+    assert_true(seen_refilling);
+    unsetenv("CQRS_FAILPOINTS");
+#endif
     for (int k = 0; k < 4; k++)
         assert_true(wait_counter(a[k], 10, 10));
-    cqrs_projector_stats_t st;
     cqrs_projector_stats(p, &st);
     assert_true(st.regressions >= 1);
     assert_int_equal(st.gaps, 0);
