@@ -36,13 +36,14 @@ typedef struct settings {
     int64_t kafka_message_timeout_ms;
     int64_t idempotency_ttl_s;
     int64_t relay_lease_ms;
+    int64_t relay_stall_ms;
     char *relay_txn_id;
     domain_limits_t limits;
 } settings_t;
 
 static settings_t S;
 
-#define N_OWN 26
+#define N_OWN 27
 static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
 
 static void settings_table(void)
@@ -56,9 +57,12 @@ static void settings_table(void)
         {"CQRS_PG_ACQUIRE_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 1, 60000,
          "wait for a free connection before answering 503", &S.pg_acquire_timeout_ms, NULL},
         {"CQRS_PG_STATEMENT_TIMEOUT_MS", CQRS_CONFIG_INT, "5000", 1, 600000,
-         "statement_timeout of every connection", &S.pg_statement_timeout_ms, NULL},
+         "statement_timeout of every connection (the relay's: at most CQRS_RELAY_STALL_MS/4)",
+         &S.pg_statement_timeout_ms, NULL},
         {"CQRS_PG_LOCK_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 1, 600000,
-         "lock_timeout of every connection (retried inside)", &S.pg_lock_timeout_ms, NULL},
+         "lock_timeout of every connection, retried inside (the relay's: at most "
+         "CQRS_RELAY_LEASE_MS/2)",
+         &S.pg_lock_timeout_ms, NULL},
         {"CQRS_TX_MAX_ATTEMPTS", CQRS_CONFIG_INT, "10", 1, 100,
          "attempts of a transaction that hits contention", &S.tx_max_attempts, NULL},
         {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, NULL, 0, 0, "Kafka bootstrap servers",
@@ -81,6 +85,10 @@ static void settings_table(void)
         {"CQRS_RELAY_LEASE_MS", CQRS_CONFIG_INT, "5000", 1000, 600000,
          "relay leadership lease: a silent leader is replaced after this long", &S.relay_lease_ms,
          NULL},
+        {"CQRS_RELAY_STALL_MS", CQRS_CONFIG_INT, "60000", 2000, 600000,
+         "a relay thread without progress this long has its statement cancelled, then is "
+         "replaced",
+         &S.relay_stall_ms, NULL},
         {"CQRS_RELAY_TRANSACTIONAL_ID", CQRS_CONFIG_STRING, "", 0, 0,
          "Kafka transactional.id shared by the relays of one deployment (default "
          "<prefix>-relay)",
@@ -162,7 +170,12 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_metric_counter(&t, "cqrs_relay_transactions_aborted_total",
                         "Kafka transactions the relay aborted.", st.aborted);
     cqrs_metric_counter(&t, "cqrs_relay_restarts_total",
-                        "Relay threads replaced after 60 s without progress.", st.restarts);
+                        "Relay threads replaced after CQRS_RELAY_STALL_MS without progress.",
+                        st.restarts);
+    cqrs_metric_counter(&t, "cqrs_relay_pg_timeouts_total",
+                        "Relay statements ended by lock_timeout, statement_timeout or a cancel "
+                        "(retried).",
+                        st.pg_timeouts);
     cqrs_metric_counter(&t, "cqrs_relay_events_recovered_total",
                         "Outbox rows found already in Kafka when taking over.", st.recovered);
     if (st.backlog >= 0) {
@@ -286,6 +299,9 @@ int main(int argc, char **argv)
             .message_timeout_ms = (int)S.kafka_message_timeout_ms,
             .transactional_id = txn_id,
             .lease_ms = (int)S.relay_lease_ms,
+            .statement_timeout_ms = (int)S.pg_statement_timeout_ms,
+            .lock_timeout_ms = (int)S.pg_lock_timeout_ms,
+            .stall_ms = (int)S.relay_stall_ms,
             .topics = topics,
             .n_topics = 2,
             .topic_partitions = (int)S.kafka_partitions,

@@ -16,6 +16,18 @@
  *    producer keeps partition order (idempotent, key = aggregate id).
  *  - Wake-up: LISTEN cqrs_outbox (NOTIFYed at commit), plus a fallback poll.
  *  - Runs on its own thread with its own PostgreSQL connection and producer.
+ *  - Bounded waits: the connection's lock_timeout is at most half the lease and its
+ *    statement_timeout at most a quarter of stall_ms, so a lock held on the relay's tables
+ *    ends a statement with a timeout: logged, counted, retried after a growing pause. The
+ *    leader keeps its leadership while its lease can still be renewed and gives it up when it
+ *    cannot (every write checks the epoch either way). The Idempotency-Key cleanup deletes
+ *    small batches, each under a quarter-lease statement_timeout and after a renewal.
+ *  - Supervision: a worker without a heartbeat for stall_ms has its running statement
+ *    cancelled (a PGcancel made per connection); only if that does not free it within a grace
+ *    period is it abandoned and replaced. Leadership, epoch and health flags are the worker's
+ *    own and published to the shared stats only while it is the current worker, so an
+ *    abandoned one that wakes up cannot unseat its successor; it frees its connection and
+ *    producer and exits.
  */
 #define _GNU_SOURCE /* pthread_timedjoin_np */
 #include "cqrs/outbox.h"
@@ -38,6 +50,8 @@
 #include "store_int.h"
 
 #define NOTIFY_CHANNEL "cqrs_outbox"
+/* application_name of the relay's connection (pg_stat_activity, tests count them). */
+#define RELAY_APP_NAME "cqrs-relay"
 
 cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic, cqrs_error_t *err)
 {
@@ -111,41 +125,59 @@ typedef struct slot {
 } slot_t;
 
 /* What outlives a worker: counters, leadership view, latency (shared by the supervisor and
- * every worker it ever started; freed with the last reference). */
+ * every worker it ever started; freed with the last reference). The flags and the epoch are
+ * written under mu by the current worker only (see publish()). */
 typedef struct relay_shared {
     atomic_int refs;
+    pthread_mutex_t mu;
     atomic_bool leader, kafka_up, pg_up;
     atomic_int_fast64_t epoch, backlog;
-    atomic_uint_fast64_t published, failed, aborted, changes, recovered, restarts;
+    atomic_uint_fast64_t published, failed, aborted, changes, recovered, restarts, pg_timeouts;
     _Atomic double oldest_age_s;
     cqrs_histogram_t latency;
 } relay_shared_t;
 
 static void shared_unref(relay_shared_t *sh)
 {
-    if (sh && atomic_fetch_sub(&sh->refs, 1) == 1)
+    if (sh && atomic_fetch_sub(&sh->refs, 1) == 1) {
+        pthread_mutex_destroy(&sh->mu);
         free(sh);
+    }
 }
 
+/* Worker states: the supervisor moves RUNNING → ABANDONED, the worker RUNNING → EXITED when it
+ * returns; whoever loses that race knows the other one owns the cleanup. */
+enum { WORKER_RUNNING, WORKER_ABANDONED, WORKER_EXITED };
+
 /* One relay thread. The supervisor replaces a worker that stopped making progress (a call
- * into a library that does not return): the stuck one is abandoned — it can no longer lead,
- * since its lease lapses, Kafka fences its producer and PostgreSQL refuses its epoch — and
- * frees itself if it ever returns. */
+ * into a library that does not return) and that cancelling its statement did not free: the
+ * stuck one is abandoned — it can no longer lead, since its lease lapses, Kafka fences its
+ * producer and PostgreSQL refuses its epoch — and frees itself when it returns. */
 typedef struct relay_worker {
-    cqrs_relay_config_t cfg;
+    cqrs_relay_config_t cfg; /* timeouts already clamped (worker_new) */
     char *dsn, *brokers, *source, *client_id, *txn_id;
     char **topics;
     bool topics_ready;
     char owner[128];
     pthread_t thread;
     atomic_bool stop;
-    atomic_bool abandoned;
+    atomic_int state;              /* WORKER_* */
     atomic_int_fast64_t heartbeat; /* monotonic ms of the last sign of progress */
     relay_shared_t *sh;
     PGconn *conn;
+    /* Cancels conn's running statement from the supervisor: taken (and freed) by whoever uses
+     * it first, under cancel_mu; remade by the worker while conn lives. */
+    pthread_mutex_t cancel_mu;
+    PGcancel *cancel;
     rd_kafka_t *rk;
-    bool txn_ready;      /* init_transactions done on rk */
-    bool need_recovery;  /* after taking over: resolve relay_inflight first */
+    bool leading;       /* this worker holds the lease (epoch below) */
+    int64_t epoch;      /* of its current or last leadership */
+    bool txn_ready;     /* init_transactions done on rk */
+    bool need_recovery; /* after taking over: resolve relay_inflight first */
+    bool timed_out;     /* a statement of this loop iteration hit a timeout */
+    int backoff_ms;     /* current pause after timeouts (0: none) */
+    int64_t next_timeout_log;
+    uint64_t timeouts_unlogged;
     int64_t next_renew;  /* monotonic ms */
     int64_t lease_until; /* monotonic ms: after this, assume the lease is gone */
     int64_t next_housekeeping, next_stats;
@@ -156,6 +188,8 @@ struct cqrs_relay {
     relay_worker_t *tmpl;    /* holds the copied configuration */
     relay_shared_t *sh;
     relay_worker_t *current;
+    int64_t cancelled_beat; /* current's heartbeat when its statement was cancelled (-1) */
+    int64_t cancelled_at;   /* monotonic ms of that cancel */
     pthread_t supervisor;
     bool running;
     atomic_bool stop;
@@ -165,6 +199,8 @@ static void worker_free(relay_worker_t *r)
 {
     if (!r)
         return;
+    pthread_mutex_destroy(&r->cancel_mu);
+    PQfreeCancel(r->cancel);
     free(r->dsn);
     free(r->brokers);
     free(r->source);
@@ -188,6 +224,7 @@ static relay_worker_t *worker_new(const cqrs_relay_config_t *cfg, relay_shared_t
     }
     atomic_fetch_add(&sh->refs, 1);
     r->sh = sh;
+    pthread_mutex_init(&r->cancel_mu, NULL);
     r->cfg = *cfg;
     r->dsn = strdup(cfg->dsn);
     r->brokers = strdup(cfg->brokers);
@@ -211,6 +248,24 @@ static relay_worker_t *worker_new(const cqrs_relay_config_t *cfg, relay_shared_t
         r->cfg.message_timeout_ms = 30000;
     if (r->cfg.lease_ms <= 0)
         r->cfg.lease_ms = 5000;
+    if (r->cfg.stall_ms <= 0)
+        r->cfg.stall_ms = 60000;
+    if (r->cfg.statement_timeout_ms <= 0)
+        r->cfg.statement_timeout_ms = 5000;
+    if (r->cfg.lock_timeout_ms <= 0)
+        r->cfg.lock_timeout_ms = 2000;
+    /* No statement may outlast the supervisor's patience, and no lock wait may outlast the
+     * lease: a leader that waited on a lock still holds its lease when the wait ends. */
+    if (r->cfg.statement_timeout_ms > r->cfg.stall_ms / 4)
+        r->cfg.statement_timeout_ms = r->cfg.stall_ms / 4 > 0 ? r->cfg.stall_ms / 4 : 1;
+    if (r->cfg.lock_timeout_ms > r->cfg.lease_ms / 2)
+        r->cfg.lock_timeout_ms = r->cfg.lease_ms / 2 > 0 ? r->cfg.lease_ms / 2 : 1;
+    if (r->cfg.lock_timeout_ms > r->cfg.statement_timeout_ms)
+        r->cfg.lock_timeout_ms = r->cfg.statement_timeout_ms;
+    /* Negative control (failpoint builds): the relay's connection without timeouts, as before
+     * issue 16, so that only the supervisor's cancel ends a wait on a held lock. */
+    if (CQRS_UNSAFE("RELAY_NO_PG_TIMEOUTS"))
+        r->cfg.statement_timeout_ms = r->cfg.lock_timeout_ms = 0;
     char host[64] = "host", id[CQRS_UUID_LEN + 1];
     gethostname(host, sizeof host - 1);
     cqrs_uuid_v4(id);
@@ -222,6 +277,16 @@ static relay_worker_t *worker_new(const cqrs_relay_config_t *cfg, relay_shared_t
 static void beat(relay_worker_t *r)
 {
     atomic_store(&r->heartbeat, cqrs_monotonic_ms());
+}
+
+/* Stores v in a shared flag unless the supervisor gave this worker up: its successor owns
+ * the flags then. */
+static void publish(relay_worker_t *r, atomic_bool *flag, bool v)
+{
+    pthread_mutex_lock(&r->sh->mu);
+    if (atomic_load(&r->state) != WORKER_ABANDONED)
+        atomic_store(flag, v);
+    pthread_mutex_unlock(&r->sh->mu);
 }
 
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
@@ -284,33 +349,86 @@ static void drop_producer(relay_worker_t *r)
 
 static void step_down(relay_worker_t *r, const char *why)
 {
-    if (atomic_exchange(&r->sh->leader, false) && !atomic_load(&r->stop))
-        CQRS_LOG_WARN("outbox relay lost leadership", "reason", why);
+    if (r->leading) {
+        r->leading = false;
+        publish(r, &r->sh->leader, false);
+        if (!atomic_load(&r->stop))
+            CQRS_LOG_WARN("outbox relay lost leadership", "reason", why);
+    }
     drop_producer(r);
+}
+
+/* Makes (or remakes, after the supervisor used it) the cancel object of conn. */
+static void arm_cancel(relay_worker_t *r)
+{
+    pthread_mutex_lock(&r->cancel_mu);
+    if (!r->cancel && r->conn)
+        r->cancel = PQgetCancel(r->conn);
+    pthread_mutex_unlock(&r->cancel_mu);
+}
+
+/* Closes conn and the cancel object that belongs to it. */
+static void close_pg(relay_worker_t *r)
+{
+    pthread_mutex_lock(&r->cancel_mu);
+    PQfreeCancel(r->cancel);
+    r->cancel = NULL;
+    pthread_mutex_unlock(&r->cancel_mu);
+    PQfinish(r->conn);
+    r->conn = NULL;
 }
 
 static void drop_pg(relay_worker_t *r)
 {
-    if (r->conn) {
-        PQfinish(r->conn);
-        r->conn = NULL;
-    }
-    atomic_store(&r->sh->pg_up, false);
+    close_pg(r);
+    publish(r, &r->sh->pg_up, false);
     step_down(r, "PostgreSQL connection lost");
 }
 
-/* Runs a statement; NULL when it failed (the connection is dropped when broken). */
-static PGresult *exec_params(relay_worker_t *r, const char *sql, int n, const char *const *p)
+/* A statement that failed: logged, and the connection dropped when broken. A timeout
+ * (lock_timeout, statement_timeout, or the supervisor's cancel) is expected while someone
+ * holds a lock on the relay's tables: it is counted, logged at most every 10 s, and makes the
+ * main loop pause before trying again. */
+static void statement_failed(relay_worker_t *r, const PGresult *res, const char *what)
 {
+    cqrs_error_t err;
+    cqrs__pg_error(r->conn, res, &err);
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    /* 55P03 lock_not_available, 57014 query_canceled */
+    bool timeout = state && (strcmp(state, "55P03") == 0 || strcmp(state, "57014") == 0);
+    if (timeout) {
+        r->timed_out = true;
+        atomic_fetch_add(&r->sh->pg_timeouts, 1);
+        int64_t now = cqrs_monotonic_ms();
+        if (now >= r->next_timeout_log) {
+            char more[24];
+            snprintf(more, sizeof more, "%llu", (unsigned long long)r->timeouts_unlogged);
+            CQRS_LOG_WARN("relay statement timed out (a lock held on the relay's tables?);"
+                          " retrying after a pause",
+                          "statement", what, "error", err.message, "unlogged_since_last", more);
+            r->next_timeout_log = now + 10000;
+            r->timeouts_unlogged = 0;
+        } else {
+            r->timeouts_unlogged++;
+        }
+    } else {
+        CQRS_LOG_WARN("relay statement failed", "statement", what, "error", err.message);
+    }
+    if (PQstatus(r->conn) != CONNECTION_OK)
+        drop_pg(r);
+}
+
+/* Runs a statement; NULL when it failed (see statement_failed). */
+static PGresult *exec_params(relay_worker_t *r, const char *what, const char *sql, int n,
+                             const char *const *p)
+{
+    if (!r->conn)
+        return NULL;
     PGresult *res = PQexecParams(r->conn, sql, n, NULL, p, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-        cqrs_error_t err;
-        cqrs__pg_error(r->conn, res, &err);
-        CQRS_LOG_WARN("relay statement failed", "error", err.message);
+        statement_failed(r, res, what);
         PQclear(res);
-        if (PQstatus(r->conn) != CONNECTION_OK)
-            drop_pg(r);
         return NULL;
     }
     return res;
@@ -318,20 +436,21 @@ static PGresult *exec_params(relay_worker_t *r, const char *sql, int n, const ch
 
 /* A relay write: owner and epoch are $1 and $2 (every write checks them), then up to 4 more
  * parameters. */
-static PGresult *exec_relay(relay_worker_t *r, const char *sql, int n, const char *const *extra)
+static PGresult *exec_relay(relay_worker_t *r, const char *what, const char *sql, int n,
+                            const char *const *extra)
 {
     char epoch[24];
-    snprintf(epoch, sizeof epoch, "%lld", (long long)atomic_load(&r->sh->epoch));
+    snprintf(epoch, sizeof epoch, "%lld", (long long)r->epoch);
     const char *p[6] = {r->owner, epoch};
     for (int i = 0; i < n && i < 4; i++)
         p[2 + i] = extra[i];
-    return exec_params(r, sql, 2 + n, p);
+    return exec_params(r, what, sql, 2 + n, p);
 }
 
 /* Renews the lease when due. false when leadership is gone. */
 static bool renew(relay_worker_t *r, bool force)
 {
-    if (!atomic_load(&r->sh->leader) || !r->conn)
+    if (!r->leading || !r->conn)
         return false;
     int64_t now = cqrs_monotonic_ms();
     if (!force && now < r->next_renew)
@@ -339,16 +458,17 @@ static bool renew(relay_worker_t *r, bool force)
     char lease[24];
     snprintf(lease, sizeof lease, "%d milliseconds", r->cfg.lease_ms);
     const char *x[] = {lease};
-    PGresult *res = exec_relay(r,
+    PGresult *res = exec_relay(r, "lease renewal",
                                "UPDATE relay_leader SET expires_at = now() + $3::interval"
                                " WHERE id = 1 AND owner = $1 AND epoch = $2 RETURNING 1",
                                1, x);
     bool ok = res && PQntuples(res) == 1;
+    bool refused = res && !ok; /* the row is someone else's now */
     PQclear(res);
     if (!ok) {
-        if (cqrs_monotonic_ms() < r->lease_until && r->conn)
-            return true; /* a hiccup; the lease still runs */
-        step_down(r, "lease not renewed");
+        if (!refused && cqrs_monotonic_ms() < r->lease_until && r->conn)
+            return true; /* a hiccup (a timeout, say); the lease still runs */
+        step_down(r, refused ? "lease taken over" : "lease not renewed");
         return false;
     }
     r->next_renew = now + r->cfg.lease_ms / 5;
@@ -357,12 +477,13 @@ static bool renew(relay_worker_t *r, bool force)
     return true;
 }
 
-/* Sleeps up to ms, waking early on NOTIFY or stop; renews the lease meanwhile. */
-static void wait_for_work(relay_worker_t *r, int ms)
+/* Sleeps up to ms, renewing the lease meanwhile; wakes early on stop, and on NOTIFY when
+ * notify_wakes (a pause after timeouts is not cut short by new work). */
+static void wait_for_work(relay_worker_t *r, int ms, bool notify_wakes)
 {
     /* Notifications that arrived while the last round ran were read by libpq along with
      * query results and wait in its queue: the socket will not signal them again. */
-    if (r->conn && atomic_load(&r->sh->leader)) {
+    if (r->conn && r->leading && notify_wakes) {
         bool queued = false;
         PGnotify *n;
         while ((n = PQnotifies(r->conn)) != NULL) {
@@ -375,11 +496,12 @@ static void wait_for_work(relay_worker_t *r, int ms)
     int64_t until = cqrs_monotonic_ms() + ms;
     while (!atomic_load(&r->stop)) {
         beat(r);
+        arm_cancel(r);
         int64_t left = until - cqrs_monotonic_ms();
         if (left <= 0)
             return;
         int slice = left > 100 ? 100 : (int)left;
-        if (atomic_load(&r->sh->leader) && !renew(r, false))
+        if (r->leading && !renew(r, false))
             return;
         if (r->conn) {
             struct pollfd pfd = {.fd = PQsocket(r->conn), .events = POLLIN};
@@ -394,7 +516,7 @@ static void wait_for_work(relay_worker_t *r, int ms)
                     woke = true;
                     PQfreemem(n);
                 }
-                if (woke && atomic_load(&r->sh->leader))
+                if (woke && r->leading && notify_wakes)
                     return;
             }
         } else {
@@ -403,23 +525,34 @@ static void wait_for_work(relay_worker_t *r, int ms)
     }
 }
 
+/* Connects with the relay's timeouts, LISTENs, and prepares the cancel object. */
 static bool connect_pg(relay_worker_t *r)
 {
     if (r->conn)
         return true;
     cqrs_error_t err;
-    r->conn = cqrs__pg_connect(r->dsn, "cqrs-relay", 5, &err);
-    atomic_store(&r->sh->pg_up, r->conn != NULL);
+    r->conn = cqrs__pg_connect(r->dsn, RELAY_APP_NAME, 5, &err);
+    publish(r, &r->sh->pg_up, r->conn != NULL);
     if (!r->conn) {
         CQRS_LOG_WARN("outbox relay cannot reach PostgreSQL", "error", err.message);
         return false;
     }
-    PGresult *res = PQexec(r->conn, "LISTEN " NOTIFY_CHANNEL);
+    char sql[160];
+    snprintf(sql, sizeof sql,
+             "SET statement_timeout = %d; SET lock_timeout = %d; LISTEN " NOTIFY_CHANNEL,
+             r->cfg.statement_timeout_ms, r->cfg.lock_timeout_ms);
+    PGresult *res = PQexec(r->conn, sql);
     bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-    PQclear(res);
     if (!ok)
-        drop_pg(r);
-    return ok;
+        statement_failed(r, res, "connection set-up");
+    PQclear(res);
+    if (!ok) {
+        if (r->conn)
+            drop_pg(r);
+        return false;
+    }
+    arm_cancel(r);
+    return true;
 }
 
 static bool try_lead(relay_worker_t *r)
@@ -427,29 +560,26 @@ static bool try_lead(relay_worker_t *r)
     char lease[24];
     snprintf(lease, sizeof lease, "%d milliseconds", r->cfg.lease_ms);
     const char *p[] = {r->owner, lease};
-    PGresult *res = PQexecParams(r->conn,
-                                 "UPDATE relay_leader SET owner = $1, epoch = epoch + 1,"
-                                 " since = now(), expires_at = now() + $2::interval"
-                                 " WHERE id = 1 AND expires_at < now() RETURNING epoch",
-                                 2, NULL, p, NULL, NULL, 0);
-    bool got = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        cqrs_error_t err;
-        cqrs__pg_error(r->conn, res, &err);
-        CQRS_LOG_WARN("relay election failed", "error", err.message);
-    }
+    PGresult *res = exec_params(r, "election",
+                                "UPDATE relay_leader SET owner = $1, epoch = epoch + 1,"
+                                " since = now(), expires_at = now() + $2::interval"
+                                " WHERE id = 1 AND expires_at < now() RETURNING epoch",
+                                2, p);
+    bool got = res && PQntuples(res) == 1;
     int64_t epoch = 0;
     if (got)
         cqrs_parse_int64(PQgetvalue(res, 0, 0), &epoch);
     PQclear(res);
-    if (PQstatus(r->conn) != CONNECTION_OK) {
-        drop_pg(r);
-        return false;
-    }
     if (!got)
         return false;
-    atomic_store(&r->sh->epoch, epoch);
-    atomic_store(&r->sh->leader, true);
+    r->epoch = epoch;
+    r->leading = true;
+    pthread_mutex_lock(&r->sh->mu);
+    if (atomic_load(&r->state) != WORKER_ABANDONED) {
+        atomic_store(&r->sh->epoch, epoch);
+        atomic_store(&r->sh->leader, true);
+    }
+    pthread_mutex_unlock(&r->sh->mu);
     atomic_fetch_add(&r->sh->changes, 1);
     int64_t now = cqrs_monotonic_ms();
     r->next_renew = now + r->cfg.lease_ms / 5;
@@ -480,7 +610,7 @@ static bool ready_producer(relay_worker_t *r)
         CQRS_LOG_WARN("Kafka transactions not ready yet", "error", rd_kafka_error_string(e));
         bool fatal = rd_kafka_error_is_fatal(e);
         rd_kafka_error_destroy(e);
-        atomic_store(&r->sh->kafka_up, false);
+        publish(r, &r->sh->kafka_up, false);
         if (fatal)
             drop_producer(r);
         return false;
@@ -558,7 +688,7 @@ static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t part
 /* After taking over: settle the batch the previous leader was committing, if any. */
 static bool recover(relay_worker_t *r)
 {
-    PGresult *res = exec_params(r,
+    PGresult *res = exec_params(r, "in-flight batch read",
                                 "SELECT sequences::text, check_topic, check_partition,"
                                 " check_offset, check_sequence FROM relay_inflight WHERE id = 1",
                                 0, NULL);
@@ -579,7 +709,7 @@ static bool recover(relay_worker_t *r)
     bool ok = verdict >= 0;
     if (verdict >= 0) {
         const char *x[] = {seqs, verdict == 1 ? "t" : "f"};
-        res = exec_relay(r,
+        res = exec_relay(r, "in-flight batch settlement",
                          "WITH ok AS (SELECT 1 FROM relay_leader"
                          "            WHERE id = 1 AND owner = $1 AND epoch = $2)"
                          ", i AS (DELETE FROM relay_inflight WHERE id = 1"
@@ -591,10 +721,11 @@ static bool recover(relay_worker_t *r)
         if (res && verdict == 1)
             atomic_fetch_add(&r->sh->recovered, (uint64_t)atoll(PQcmdTuples(res)));
         PQclear(res);
-        CQRS_LOG_INFO(verdict == 1 ? "previous leader's last batch is in Kafka; its rows deleted"
-                                   : "previous leader's last batch was aborted; publishing it "
-                                     "again",
-                      "topic", topic);
+        if (ok)
+            CQRS_LOG_INFO(verdict == 1 ? "the last recorded batch is in Kafka; its rows deleted"
+                                       : "the last recorded batch was aborted; publishing it "
+                                         "again",
+                          "topic", topic);
     }
     free(seqs);
     free(topic);
@@ -637,7 +768,7 @@ static void unsafe_delete_first(relay_worker_t *r, PGresult *res, int n)
     arr[used++] = '}';
     arr[used] = '\0';
     const char *d[] = {arr};
-    PQclear(exec_relay(r,
+    PQclear(exec_relay(r, "unsafe delete",
                        "DELETE FROM outbox WHERE sequence = ANY($3::bigint[]) AND EXISTS"
                        " (SELECT 1 FROM relay_leader WHERE id = 1 AND owner = $1 AND epoch = $2)",
                        1, d));
@@ -651,17 +782,10 @@ static int relay_round(relay_worker_t *r)
     int64_t t_start = cqrs_monotonic_ms(), t_read, t_acked = 0, t_recorded = 0, t_committed = 0;
     snprintf(limit, sizeof limit, "%d", r->cfg.batch_size);
     const char *p[] = {limit};
-    PGresult *res = PQexecParams(r->conn, SELECT_BATCH, 1, NULL, p, NULL, NULL, 0);
+    PGresult *res = exec_params(r, "outbox read", SELECT_BATCH, 1, p);
     t_read = cqrs_monotonic_ms();
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        cqrs_error_t err;
-        cqrs__pg_error(r->conn, res, &err);
-        CQRS_LOG_WARN("outbox read failed", "error", err.message);
-        PQclear(res);
-        if (PQstatus(r->conn) != CONNECTION_OK)
-            drop_pg(r);
+    if (!res)
         return -1;
-    }
     int n = PQntuples(res);
     if (n == 0) {
         PQclear(res);
@@ -753,9 +877,9 @@ static int relay_round(relay_worker_t *r)
                                                              : RD_KAFKA_RESP_ERR__TIMED_OUT));
             failed = true;
         }
-    if (failed || produced == 0 || !atomic_load(&r->sh->leader)) {
+    if (failed || produced == 0 || !r->leading) {
         atomic_fetch_add(&r->sh->failed, (uint64_t)(failed ? produced : 0));
-        atomic_store(&r->sh->kafka_up, !failed);
+        publish(r, &r->sh->kafka_up, !failed);
         if (r->rk)
             abort_txn(r);
         rc = failed ? 0 : rc;
@@ -794,13 +918,17 @@ static int relay_round(relay_worker_t *r)
              " check_partition = EXCLUDED.check_partition,"
              " check_offset = EXCLUDED.check_offset, check_sequence = EXCLUDED.check_sequence",
              seq);
-    PGresult *ins = exec_relay(r, sql, 4, x);
+    PGresult *ins = exec_relay(r, "batch record", sql, 4, x);
     bool recorded = ins && atoi(PQcmdTuples(ins)) == 1;
+    bool refused = ins && !recorded;
     PQclear(ins);
     if (!recorded) {
+        /* A failed statement (a lock timeout, say) is retried by the next round with the
+         * lease kept; a refused one means the lease is someone else's. */
         if (r->rk)
             abort_txn(r);
-        step_down(r, "could not record the batch (lease lost?)");
+        if (refused)
+            step_down(r, "could not record the batch (lease lost)");
         free(arr);
         rc = -1;
         goto out;
@@ -813,6 +941,7 @@ static int relay_round(relay_worker_t *r)
     e = rd_kafka_commit_transaction(r->rk, r->cfg.lease_ms / 3);
     while (e && rd_kafka_error_is_retriable(e) && cqrs_monotonic_ms() < commit_deadline &&
            renew(r, false)) {
+        beat(r);
         rd_kafka_error_destroy(e);
         e = rd_kafka_commit_transaction(r->rk, r->cfg.lease_ms / 3);
     }
@@ -837,10 +966,10 @@ static int relay_round(relay_worker_t *r)
     for (int i = 0; i < produced; i++)
         cqrs_histogram_observe(&r->sh->latency, now_s - slots[i].occurred_at);
     atomic_fetch_add(&r->sh->published, (uint64_t)produced);
-    atomic_store(&r->sh->kafka_up, true);
+    publish(r, &r->sh->kafka_up, true);
 
     const char *d[] = {arr};
-    PGresult *del = exec_relay(r,
+    PGresult *del = exec_relay(r, "published rows delete",
                                "WITH ok AS (SELECT 1 FROM relay_leader"
                                "            WHERE id = 1 AND owner = $1 AND epoch = $2)"
                                ", i AS (DELETE FROM relay_inflight WHERE id = 1"
@@ -849,10 +978,10 @@ static int relay_round(relay_worker_t *r)
                                " AND EXISTS (SELECT 1 FROM ok)",
                                1, d);
     if (!del) {
-        /* Published but not deleted: the record lets the next leader (or us, after
-         * reconnecting) delete them without publishing again. */
-        CQRS_LOG_WARN("published rows not deleted yet; settled after reconnecting");
-        step_down(r, "delete failed");
+        /* Published but not deleted: the record lets us (recover() before the next round,
+         * still leading or after reconnecting) or the next leader delete them without
+         * publishing again. */
+        CQRS_LOG_WARN("published rows not deleted yet; settled before the next round");
         r->need_recovery = true;
     }
     PQclear(del);
@@ -874,30 +1003,107 @@ out:
     return rc;
 }
 
-/* Expired Idempotency-Key rows, deleted in small batches by the leader so that no long
- * delete ever competes with commands. */
+/* Sets the connection's statement_timeout (ms; 0: none). */
+static bool set_statement_timeout(relay_worker_t *r, int ms)
+{
+    char sql[64];
+    snprintf(sql, sizeof sql, "SET statement_timeout = %d", ms);
+    PGresult *res = exec_params(r, "statement_timeout change", sql, 0, NULL);
+    PQclear(res);
+    return res != NULL;
+}
+
+#define HOUSEKEEPING_BATCH 500
+#define HOUSEKEEPING_MAX_BATCHES 20
+
+/* Expired Idempotency-Key rows, deleted by the leader in small batches so that no long
+ * delete ever competes with commands, and so that the cleanup never costs the lease: each
+ * batch runs right after a renewal check, under a statement_timeout of a quarter of the lease
+ * (a renewal is due every fifth, and the lease is assumed gone after four fifths). */
 static void housekeeping(relay_worker_t *r)
 {
-    PGresult *res = PQexec(r->conn, "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
+    int bound = r->cfg.lease_ms / 4;
+    if (bound > r->cfg.statement_timeout_ms)
+        bound = r->cfg.statement_timeout_ms;
+    if (!set_statement_timeout(r, bound))
+        return;
+    for (int i = 0; i < HOUSEKEEPING_MAX_BATCHES && !atomic_load(&r->stop); i++) {
+        beat(r);
+        if (!renew(r, false))
+            break;
+        char limit[16];
+        snprintf(limit, sizeof limit, "%d", HOUSEKEEPING_BATCH);
+        const char *p[] = {limit};
+        PGresult *res = exec_params(r, "idempotency key cleanup",
+                                    "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
                                     "SELECT ctid FROM idempotency_keys WHERE expires_at < now()"
-                                    " LIMIT 1000))");
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        cqrs_error_t err;
-        cqrs__pg_error(r->conn, res, &err);
-        CQRS_LOG_WARN("idempotency key cleanup failed", "error", err.message);
+                                    " LIMIT $1::int))",
+                                    1, p);
+        if (!res)
+            break;
+        int n = atoi(PQcmdTuples(res));
+        PQclear(res);
+        if (n < HOUSEKEEPING_BATCH)
+            break;
     }
-    PQclear(res);
+    /* Never go on with the cleanup's timeout: reconnect if it cannot be restored. */
+    if (r->conn && !set_statement_timeout(r, r->cfg.statement_timeout_ms) && r->conn)
+        drop_pg(r);
 }
 
 static void refresh_stats(relay_worker_t *r)
 {
-    PGresult *res = PQexec(r->conn, "SELECT count(*), coalesce(extract(epoch FROM now() -"
-                                    " min(created_at)), 0) FROM outbox");
-    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+    PGresult *res = exec_params(r, "outbox statistics",
+                                "SELECT count(*), coalesce(extract(epoch FROM now() -"
+                                " min(created_at)), 0) FROM outbox",
+                                0, NULL);
+    if (res && PQntuples(res) == 1) {
         atomic_store(&r->sh->backlog, atoll(PQgetvalue(res, 0, 0)));
         atomic_store(&r->sh->oldest_age_s, atof(PQgetvalue(res, 0, 1)));
     }
     PQclear(res);
+}
+
+/* One pass of the relay loop: connect, lead (or stand by), publish one batch. true when
+ * there is more to do at once (a full batch went out, or leadership was just lost). */
+static bool relay_step(relay_worker_t *r)
+{
+    if (!connect_pg(r))
+        return false;
+    if (!r->leading && !try_lead(r))
+        return false; /* stand by; the leader's lease is checked again at the next poll */
+    if (!renew(r, false))
+        return true;
+    if (!r->topics_ready && r->cfg.n_topics > 0) {
+        cqrs_error_t err;
+        if (cqrs_bus_create_topics(r->brokers, r->cfg.topics, r->cfg.n_topics,
+                                   r->cfg.topic_partitions, r->cfg.topic_replication, 5000,
+                                   &err) != CQRS_ERR_OK) {
+            publish(r, &r->sh->kafka_up, false);
+            CQRS_LOG_WARN("cannot ensure the topics yet", "error", err.message);
+            return false;
+        }
+        r->topics_ready = true;
+    }
+    if (!ready_producer(r))
+        return false;
+    if (r->need_recovery) {
+        if (!recover(r))
+            return false;
+        r->need_recovery = false;
+    }
+    int64_t now = cqrs_monotonic_ms();
+    if (now >= r->next_housekeeping) {
+        housekeeping(r);
+        r->next_housekeeping = now + 60000;
+    }
+    if (now >= r->next_stats && r->conn) {
+        refresh_stats(r);
+        r->next_stats = now + 2000;
+    }
+    if (!r->conn || !r->leading)
+        return true;
+    return relay_round(r) >= r->cfg.batch_size;
 }
 
 static void *relay_main(void *arg)
@@ -905,84 +1111,50 @@ static void *relay_main(void *arg)
     relay_worker_t *r = arg;
     while (!atomic_load(&r->stop)) {
         beat(r);
-        if (!connect_pg(r)) {
-            wait_for_work(r, r->cfg.poll_interval_ms);
-            continue;
+        arm_cancel(r);
+        bool more = relay_step(r);
+        if (r->timed_out) {
+            /* A lock held on the relay's tables: pause, longer each time in a row (up to
+             * half the lease), renewing the lease meanwhile, then try again. */
+            r->timed_out = false;
+            int cap = r->cfg.lease_ms / 2 > r->cfg.poll_interval_ms ? r->cfg.lease_ms / 2
+                                                                    : r->cfg.poll_interval_ms;
+            r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : r->cfg.poll_interval_ms;
+            if (r->backoff_ms > cap)
+                r->backoff_ms = cap;
+            wait_for_work(r, r->backoff_ms, false);
+        } else {
+            r->backoff_ms = 0;
+            if (!more)
+                wait_for_work(r, r->cfg.poll_interval_ms, true);
         }
-        if (!atomic_load(&r->sh->leader) && !try_lead(r)) {
-            /* Stand by; the leader's lease is checked again at the next poll. */
-            wait_for_work(r, r->cfg.poll_interval_ms);
-            continue;
-        }
-        if (!renew(r, false))
-            continue;
-        if (!r->topics_ready && r->cfg.n_topics > 0) {
-            cqrs_error_t err;
-            if (cqrs_bus_create_topics(r->brokers, r->cfg.topics, r->cfg.n_topics,
-                                       r->cfg.topic_partitions, r->cfg.topic_replication, 5000,
-                                       &err) != CQRS_ERR_OK) {
-                atomic_store(&r->sh->kafka_up, false);
-                CQRS_LOG_WARN("cannot ensure the topics yet", "error", err.message);
-                wait_for_work(r, r->cfg.poll_interval_ms);
-                continue;
-            }
-            r->topics_ready = true;
-        }
-        if (!ready_producer(r)) {
-            wait_for_work(r, r->cfg.poll_interval_ms);
-            continue;
-        }
-        if (r->need_recovery) {
-            if (!recover(r)) {
-                wait_for_work(r, r->cfg.poll_interval_ms);
-                continue;
-            }
-            r->need_recovery = false;
-        }
-        int64_t now = cqrs_monotonic_ms();
-        if (now >= r->next_housekeeping) {
-            housekeeping(r);
-            r->next_housekeeping = now + 60000;
-        }
-        if (now >= r->next_stats && r->conn) {
-            refresh_stats(r);
-            r->next_stats = now + 2000;
-        }
-        if (!r->conn)
-            continue;
-        int n = relay_round(r);
-        if (n < r->cfg.batch_size)
-            wait_for_work(r, r->cfg.poll_interval_ms);
     }
     if (r->rk && r->txn_ready)
         rd_kafka_flush(r->rk, 2000);
     drop_producer(r);
-    if (r->conn && atomic_load(&r->sh->leader)) {
+    if (r->conn && r->leading) {
         /* Hand over at once instead of making the others wait out the lease. */
-        PGresult *res = exec_relay(r,
+        PGresult *res = exec_relay(r, "hand-over",
                                    "UPDATE relay_leader SET expires_at = '-infinity'"
                                    " WHERE id = 1 AND owner = $1 AND epoch = $2",
                                    0, NULL);
         PQclear(res);
     }
-    if (!atomic_load(&r->abandoned))
-        atomic_store(&r->sh->leader, false);
-    if (r->conn) {
-        PQfinish(r->conn);
-        r->conn = NULL;
+    if (r->leading) {
+        r->leading = false;
+        publish(r, &r->sh->leader, false);
     }
-    if (atomic_load(&r->abandoned)) {
-        CQRS_LOG_WARN("an abandoned relay worker returned and exits");
+    close_pg(r);
+    int running = WORKER_RUNNING;
+    if (!atomic_compare_exchange_strong(&r->state, &running, WORKER_EXITED)) {
+        CQRS_LOG_WARN("an abandoned relay worker returned; its connection and producer are "
+                      "freed");
         worker_free(r); /* detached: nobody joins it */
     }
     return NULL;
 }
 
 /* ---- supervisor ---------------------------------------------------------------------- */
-
-/* No sign of progress for this long means a library call that does not return: every wait
- * of the worker is bounded far below it. */
-#define STUCK_MS 60000
 
 static bool worker_start(cqrs_relay_t *relay, cqrs_error_t *err)
 {
@@ -995,24 +1167,81 @@ static bool worker_start(cqrs_relay_t *relay, cqrs_error_t *err)
         return false;
     }
     relay->current = w;
+    relay->cancelled_beat = -1;
     return true;
+}
+
+/* Cancels the worker's running PostgreSQL statement, if any (PQcancel is thread-safe). The
+ * cancel object is taken, so that the worker can neither free it meanwhile nor reuse it. */
+static void cancel_statement(relay_worker_t *w)
+{
+    pthread_mutex_lock(&w->cancel_mu);
+    PGcancel *c = w->cancel;
+    w->cancel = NULL;
+    pthread_mutex_unlock(&w->cancel_mu);
+    if (!c)
+        return;
+    char errbuf[256];
+    if (!PQcancel(c, errbuf, sizeof errbuf)) {
+        errbuf[strcspn(errbuf, "\n")] = '\0';
+        CQRS_LOG_WARN("cannot cancel the relay's statement", "error", errbuf);
+    }
+    PQfreeCancel(c);
+}
+
+/* Gives the current worker up: a worker that exited meanwhile is joined and freed instead. */
+static void abandon(cqrs_relay_t *relay)
+{
+    relay_worker_t *w = relay->current;
+    relay->current = NULL;
+    atomic_store(&w->stop, true);
+    pthread_mutex_lock(&relay->sh->mu);
+    int running = WORKER_RUNNING;
+    bool abandoned = atomic_compare_exchange_strong(&w->state, &running, WORKER_ABANDONED);
+    if (abandoned)
+        atomic_store(&relay->sh->leader, false);
+    pthread_mutex_unlock(&relay->sh->mu);
+    if (abandoned) {
+        pthread_detach(w->thread);
+    } else {
+        pthread_join(w->thread, NULL);
+        worker_free(w);
+    }
 }
 
 static void *supervisor_main(void *arg)
 {
     cqrs_relay_t *relay = arg;
+    int stall = relay->cfg.stall_ms;
+    int grace = stall / 2 < 10000 ? stall / 2 : 10000;
     while (!atomic_load(&relay->stop)) {
         usleep(200 * 1000);
         relay_worker_t *w = relay->current;
-        if (!w || cqrs_monotonic_ms() - atomic_load(&w->heartbeat) < STUCK_MS)
+        if (!w)
             continue;
-        CQRS_LOG_ERROR("the outbox relay made no progress for 60 s (a Kafka or PostgreSQL call"
-                       " does not return); abandoning it and starting a new one");
-        atomic_store(&w->abandoned, true);
-        atomic_store(&w->stop, true);
-        pthread_detach(w->thread);
-        relay->current = NULL;
-        atomic_store(&relay->sh->leader, false);
+        int64_t hb = atomic_load(&w->heartbeat), now = cqrs_monotonic_ms();
+        char ms[24];
+        snprintf(ms, sizeof ms, "%d", stall);
+        if (now - hb < stall) {
+            relay->cancelled_beat = -1;
+            continue;
+        }
+        if (relay->cancelled_beat != hb) {
+            /* Usually a statement waiting on something: cancelling it frees the worker. */
+            CQRS_LOG_WARN("the outbox relay made no progress; cancelling its PostgreSQL "
+                          "statement",
+                          "stall_ms", ms);
+            cancel_statement(w);
+            relay->cancelled_beat = hb;
+            relay->cancelled_at = cqrs_monotonic_ms();
+            continue;
+        }
+        if (now - relay->cancelled_at < grace)
+            continue;
+        CQRS_LOG_ERROR("the outbox relay made no progress, even after a cancel (a Kafka or "
+                       "PostgreSQL call does not return); abandoning it and starting a new one",
+                       "stall_ms", ms);
+        abandon(relay);
         atomic_fetch_add(&relay->sh->restarts, 1);
         cqrs_error_t err;
         if (!worker_start(relay, &err))
@@ -1027,11 +1256,11 @@ static void *supervisor_main(void *arg)
         deadline.tv_sec += 20;
         if (pthread_timedjoin_np(w->thread, NULL, &deadline) == 0) {
             worker_free(w);
+            relay->current = NULL;
         } else {
-            atomic_store(&w->abandoned, true);
-            pthread_detach(w->thread);
+            cancel_statement(w);
+            abandon(relay);
         }
-        relay->current = NULL;
     }
     return NULL;
 }
@@ -1047,6 +1276,7 @@ cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
         return NULL;
     }
     atomic_store(&sh->refs, 1);
+    pthread_mutex_init(&sh->mu, NULL);
     atomic_store(&sh->backlog, -1);
     relay->sh = sh;
     /* The template worker owns the copied configuration that every worker copies again. */
@@ -1104,6 +1334,7 @@ void cqrs_relay_stats(cqrs_relay_t *relay, cqrs_relay_stats_t *out)
     out->leadership_changes = atomic_load(&sh->changes);
     out->recovered = atomic_load(&sh->recovered);
     out->restarts = atomic_load(&sh->restarts);
+    out->pg_timeouts = atomic_load(&sh->pg_timeouts);
     out->backlog = atomic_load(&sh->backlog);
     out->oldest_age_s = atomic_load(&sh->oldest_age_s);
 }

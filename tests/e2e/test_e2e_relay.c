@@ -5,9 +5,18 @@
  *  - a leader paused (SIGSTOP, by a failpoint just before its Kafka commit) until another took
  *    over, then resumed: nothing it published becomes visible, nothing is lost;
  *  - PostgreSQL restarted under load: fast 503s during the outage, then success without
- *    restarting the daemon.
+ *    restarting the daemon;
+ *  - a lock held on relay_leader from another session (issue 16): the relays report a lock
+ *    timeout within seconds, open no extra connections, and drain once it is released;
+ *  - the same with a relay whose connection has no timeouts (CQRS_UNSAFE_RELAY_NO_PG_TIMEOUTS)
+ *    and a short CQRS_RELAY_STALL_MS: its supervisor cancels the stuck statement instead of
+ *    piling up abandoned workers, each with a connection;
+ *  - a lock held on idempotency_keys while a new leader starts its cleanup: the cleanup times
+ *    out, the leader keeps its lease and publishes meanwhile.
  * After each, the topic read back with read_committed holds every (aggregate, version) once,
  * in version order. */
+#include <glob.h>
+#include <libpq-fe.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -36,7 +45,7 @@ static daemons_t D;
 static char products[N_PRODUCTS][40];
 static long long events_expected;
 static int port; /* the cqrs-commandd the commands go to */
-static pid_t extra[4] = {-1, -1, -1, -1};
+static pid_t extra[5] = {-1, -1, -1, -1, -1};
 
 static int setup(void **state)
 {
@@ -71,7 +80,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         if (extra[i] > 0) {
             kill(extra[i], SIGCONT);
             daemons_stop_one(&extra[i]);
@@ -317,6 +326,193 @@ static void test_postgres_restart(void **state)
     expect_exactly_once();
 }
 
+/* ---- locks held on the relay's tables (issue 16) ------------------------------------ */
+
+#define TIMEOUT_LOGGED "relay statement timed out"
+#define CANCEL_LOGGED "cancelling its PostgreSQL statement"
+
+/* The relays' PostgreSQL connections (application_name cqrs-relay) to the test database. */
+static long long relay_connections(void)
+{
+    return pg_count("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cqrs-relay'"
+                    " AND datname = current_database()",
+                    NULL);
+}
+
+static pid_t *commandd_pids[] = {&D.commandd, &extra[0], &extra[1],
+                                 &extra[2],   &extra[3], &extra[4]};
+#define N_COMMANDD (sizeof commandd_pids / sizeof commandd_pids[0])
+
+static long long running_commandd(void)
+{
+    long long n = 0;
+    for (size_t i = 0; i < N_COMMANDD; i++)
+        n += *commandd_pids[i] > 0 && kill(*commandd_pids[i], 0) == 0;
+    return n;
+}
+
+/* Waits until every running cqrs-commandd has its one relay connection; returns that count. */
+static long long settled_relay_connections(void)
+{
+    long long want = running_commandd();
+    for (int t = 0; t < 150 && relay_connections() != want; t++)
+        usleep(100 * 1000);
+    assert_int_equal(relay_connections(), want);
+    return want;
+}
+
+/* Lines holding `what` in the logs of this run matching `pattern` (a glob under logdir). */
+static long long log_lines(const char *pattern, const char *what)
+{
+    char path[160];
+    snprintf(path, sizeof path, "%s/%s", D.logdir, pattern);
+    glob_t g;
+    long long n = 0;
+    if (glob(path, 0, NULL, &g) != 0)
+        return 0;
+    for (size_t i = 0; i < g.gl_pathc; i++) {
+        FILE *f = fopen(g.gl_pathv[i], "r");
+        char line[4096];
+        while (f && fgets(line, sizeof line, f))
+            n += strstr(line, what) != NULL;
+        if (f)
+            fclose(f);
+    }
+    globfree(&g);
+    return n;
+}
+
+/* A session of the test's own holding `LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE` until
+ * unlock(): what a forgotten psql transaction does. */
+static PGconn *lock_table(const char *table)
+{
+    PGconn *c = PQconnectdb(getenv("CQRS_PG_DSN"));
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    char sql[160];
+    snprintf(sql, sizeof sql,
+             "SET lock_timeout = '20s'; BEGIN; LOCK TABLE %s IN ACCESS EXCLUSIVE MODE", table);
+    PGresult *r = PQexec(c, sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+        fail_msg("cannot lock %s: %s", table, PQerrorMessage(c));
+    PQclear(r);
+    return c;
+}
+
+static void unlock(PGconn *c)
+{
+    PGresult *r = PQexec(c, "COMMIT");
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    PQfinish(c);
+}
+
+typedef struct under_lock {
+    long long most_connections; /* relay connections, the highest sample */
+    int64_t reported_ms;        /* first new TIMEOUT_LOGGED line after the lock (-1: none) */
+    int sent;
+} under_lock_t;
+
+/* Sends a command every 100 ms for ms while sampling the relay connections and the logs. */
+static void commands_under_lock(int ms, under_lock_t *u)
+{
+    long long logged = log_lines("*.log", TIMEOUT_LOGGED);
+    int64_t t0 = cqrs_monotonic_ms();
+    u->most_connections = 0;
+    u->reported_ms = -1;
+    u->sent = 0;
+    while (cqrs_monotonic_ms() - t0 < ms) {
+        int st = adjust(port, u->sent);
+        if (st != 200)
+            fail_msg("command %d while a relay table is locked: %d", u->sent, st);
+        u->sent++;
+        events_expected++;
+        long long c = relay_connections();
+        if (c > u->most_connections)
+            u->most_connections = c;
+        if (u->reported_ms < 0 && log_lines("*.log", TIMEOUT_LOGGED) > logged)
+            u->reported_ms = cqrs_monotonic_ms() - t0;
+        usleep(100 * 1000);
+    }
+}
+
+static void test_relay_table_lock_is_bounded(void **state)
+{
+    (void)state;
+    long long normal = settled_relay_connections();
+    PGconn *lk = lock_table("relay_leader");
+    under_lock_t u;
+    commands_under_lock(12000, &u);
+    /* Nothing could be published: every batch record reads relay_leader. */
+    assert_true(outbox_rows() >= u.sent);
+    unlock(lk);
+    if (u.reported_ms < 0)
+        fail_msg("no relay reported a lock timeout in 12 s (each relay statement waited)");
+    /* generous: expected within the lock_timeout (1 s here) plus a poll */
+    assert_true(u.reported_ms < 12000);
+    if (u.most_connections > normal)
+        fail_msg("%lld relay connections while the lock was held, %lld normally",
+                 u.most_connections, normal);
+    assert_true(outbox_drained(60));
+    expect_exactly_once();
+}
+
+static void test_stuck_relay_statement_is_cancelled(void **state)
+{
+    (void)state;
+    /* A relay as before issue 16 (no timeouts), with a supervisor that gives up after 3 s
+     * instead of 60: while the lock is held its election statement never returns by itself. */
+    int stuck_port = free_port();
+    extra[3] = daemons_spawn_commandd(&D, stuck_port,
+                                      "CQRS_UNSAFE_RELAY_NO_PG_TIMEOUTS=1;CQRS_RELAY_STALL_MS=3000",
+                                      "commandd-stuck");
+    assert_true(extra[3] > 0);
+    long long normal = settled_relay_connections();
+    long long cancels = log_lines("commandd-stuck.log", CANCEL_LOGGED);
+    PGconn *lk = lock_table("relay_leader");
+    under_lock_t u;
+    commands_under_lock(12000, &u);
+    unlock(lk);
+    /* Its supervisor cancelled the stuck statement (every 3 s)… */
+    assert_true(log_lines("commandd-stuck.log", CANCEL_LOGGED) > cancels);
+    /* …instead of abandoning the worker with its connection and starting another one. */
+    if (u.most_connections > normal)
+        fail_msg("%lld relay connections while the lock was held, %lld normally",
+                 u.most_connections, normal);
+    assert_true(outbox_drained(60));
+    expect_exactly_once();
+    assert_int_equal(daemons_stop_one(&extra[3]), 0);
+}
+
+static void test_idempotency_cleanup_lock_is_bounded(void **state)
+{
+    (void)state;
+    /* A new instance takes over while idempotency_keys is locked: its first act as leader is
+     * the expired-key cleanup. */
+    PGconn *lk = lock_table("idempotency_keys");
+    int new_port = free_port();
+    extra[4] = daemons_spawn_commandd(&D, new_port, NULL, "commandd-cleanup");
+    assert_true(extra[4] > 0);
+    for (size_t i = 0; i < N_COMMANDD; i++)
+        if (commandd_pids[i] != &extra[4] && *commandd_pids[i] > 0)
+            daemons_stop_one(commandd_pids[i]);
+    port = new_port;
+    int ports[] = {new_port};
+    assert_int_equal(leader_port(ports, 1, 20), new_port);
+    for (int i = 0; i < 20; i++) {
+        assert_int_equal(adjust(port, i), 200);
+        events_expected++;
+    }
+    /* Published while the lock is still held: the cleanup gave up, the lease was kept. */
+    bool drained = outbox_drained(20);
+    long long changes = daemons_metric(new_port, "cqrs_relay_leadership_changes_total");
+    unlock(lk);
+    if (!drained)
+        fail_msg("nothing published while idempotency_keys was locked (the cleanup waited)");
+    assert_int_equal(changes, 1);
+    assert_true(log_lines("commandd-cleanup.log", TIMEOUT_LOGGED) > 0);
+    expect_exactly_once();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -324,6 +520,9 @@ int main(void)
         cmocka_unit_test(test_takeover_after_sigkill),
         cmocka_unit_test(test_paused_leader_is_fenced),
         cmocka_unit_test(test_postgres_restart),
+        cmocka_unit_test(test_relay_table_lock_is_bounded),
+        cmocka_unit_test(test_stuck_relay_statement_is_cancelled),
+        cmocka_unit_test(test_idempotency_cleanup_lock_is_bounded),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

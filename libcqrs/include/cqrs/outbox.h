@@ -15,6 +15,14 @@
  * are deleted only after the commit. The batch is recorded (relay_inflight) before the
  * commit, so a new leader knows whether the last commit happened (its check message is
  * visible to read_committed) and publishes nothing twice.
+ *
+ * Bounded waits: the relay's PostgreSQL connection has a statement_timeout and a lock_timeout
+ * (below the lease), so a lock held on its tables (a forgotten FOR UPDATE, a CREATE INDEX)
+ * costs a logged, retried timeout, never a blocked thread; the expired Idempotency-Key
+ * cleanup runs in small batches, each shorter than the lease and preceded by a renewal. A
+ * worker that still makes no progress for stall_ms has its running statement cancelled
+ * (PQcancel), and is replaced only if that does not free it; a replaced worker frees its
+ * connection and producer whenever its call returns.
  */
 #ifndef CQRS_OUTBOX_H
 #define CQRS_OUTBOX_H
@@ -47,9 +55,12 @@ typedef struct cqrs_relay_config {
     const char *client_id;
     const char *transactional_id; /* one per deployment, e.g. "cqrs-relay" */
     int batch_size;
-    int poll_interval_ms;      /* fallback poll when no NOTIFY arrives */
-    int message_timeout_ms;    /* librdkafka message.timeout.ms */
-    int lease_ms;              /* leadership lease; renewed every lease_ms / 5 */
+    int poll_interval_ms;     /* fallback poll when no NOTIFY arrives */
+    int message_timeout_ms;   /* librdkafka message.timeout.ms */
+    int lease_ms;             /* leadership lease; renewed every lease_ms / 5 */
+    int statement_timeout_ms; /* of the relay's connection (0: 5000), at most stall_ms / 4 */
+    int lock_timeout_ms;      /* of the relay's connection (0: 2000), at most lease_ms / 2 */
+    int stall_ms; /* no progress this long: cancel the statement, then replace (0: 60000) */
     const char *const *topics; /* created (if missing) when the relay becomes leader */
     size_t n_topics;
     int topic_partitions;
@@ -66,7 +77,9 @@ typedef struct cqrs_relay_stats {
     uint64_t aborted;            /* Kafka transactions aborted */
     uint64_t leadership_changes; /* times this relay became leader */
     uint64_t recovered;          /* rows found already in Kafka when taking over */
-    uint64_t restarts;           /* relay threads replaced after 60 s without progress */
+    uint64_t restarts;           /* relay threads replaced after stall_ms without progress */
+    uint64_t pg_timeouts;        /* statements ended by lock_timeout, statement_timeout or a
+                                    cancel (the relay backs off and retries) */
     int64_t backlog;             /* outbox rows, as of the leader's last look (-1: unknown) */
     double oldest_age_s;         /* age of the oldest outbox row then */
 } cqrs_relay_stats_t;
