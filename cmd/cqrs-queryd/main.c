@@ -154,7 +154,8 @@ static void readyz(cqrs_http_request_t *req, void *ud)
     }
     cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(app->ctx.pool, app->ctx.acquire_timeout_ms);
     cqrs_error_t err;
-    cqrs_err_t rc = ds ? cqrs_docstore_ping(ds, &err)
+    long long refilling = 0; /* partitions re-reading what the store lost, any instance's */
+    cqrs_err_t rc = ds ? cqrs_docstore_refill_count(ds, &refilling, &err)
                        : cqrs_error_set(&err, CQRS_ERR_UNAVAILABLE, "no free Redis connection");
     if (ds)
         cqrs_docstore_pool_release(app->ctx.pool, ds);
@@ -174,13 +175,14 @@ static void readyz(cqrs_http_request_t *req, void *ud)
             NULL, json_pack("{s:i}", "partitions_missing_history", (int)st.history_missing));
         return;
     }
-    if (st.refilling > 0) {
-        /* The store lost writes (or all of them) and this projector re-applies them from
-         * Kafka: documents are behind until it is done. */
-        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable",
-                                "the read model store lost writes; re-applying them from Kafka",
-                                NULL,
-                                json_pack("{s:i}", "partitions_refilling", (int)st.refilling));
+    if (refilling > 0 || st.refilling > 0) {
+        /* The store lost writes (or all of them) and a projector re-applies them from Kafka:
+         * documents are behind until it is done. Every instance says so, serving ones too. */
+        cqrs_http_reply_problem(
+            req, 503, "not-ready", "Service Unavailable",
+            "the read model store lost writes; a projector re-applies them from Kafka", NULL,
+            json_pack("{s:I}", "partitions_refilling",
+                      (json_int_t)(refilling > st.refilling ? refilling : st.refilling)));
         return;
     }
     cqrs_http_reply_json(req, 200,

@@ -432,10 +432,15 @@ cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     return run_apply(ds, a, true, result, err);
 }
 
-/* KEYS: 1 meta. ARGV: 1 a new incarnation, 2 now (s). Returns the incarnation in force. */
+/* KEYS: 1 meta. ARGV: 1 a new incarnation, 2 now (s), 3 change channel. Returns the
+ * incarnation in force. A store given one was empty (or is new): "*" tells readers to forget
+ * what they derived from the old one. */
 static const char ENSURE_META_LUA[] =
     "redis.call('HSETNX', KEYS[1], 'created', ARGV[2])\n"
-    "if redis.call('HSETNX', KEYS[1], 'incarnation', ARGV[1]) == 1 then return ARGV[1] end\n"
+    "if redis.call('HSETNX', KEYS[1], 'incarnation', ARGV[1]) == 1 then\n"
+    "  redis.call('PUBLISH', ARGV[3], '*')\n"
+    "  return ARGV[1]\n"
+    "end\n"
     "return redis.call('HGET', KEYS[1], 'incarnation')\n";
 
 cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, char *incarnation, cqrs_error_t *err)
@@ -443,9 +448,9 @@ cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, char *incarnation, cqr
     char fresh[CQRS_UUID_LEN + 1], now[32];
     cqrs_uuid_v4(fresh);
     snprintf(now, sizeof now, "%lld", (long long)time(NULL));
-    const char *argv[] = {"EVAL", ENSURE_META_LUA, "1", CQRS_META_KEY, fresh, now};
+    const char *argv[] = {"EVAL", ENSURE_META_LUA, "1", CQRS_META_KEY, fresh, now, ds->channel};
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 6, argv, NULL, &r, err);
+    cqrs_err_t rc = command(ds, 7, argv, NULL, &r, err);
     if (rc != CQRS_ERR_OK)
         return rc;
     if (r->type != REDIS_REPLY_STRING || r->len > CQRS_INCARNATION_LEN)
@@ -1168,6 +1173,41 @@ cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
     return rc;
 }
 
+cqrs_err_t cqrs_docstore_refill_set(cqrs_docstore_t *ds, const char *field, int64_t until,
+                                    cqrs_error_t *err)
+{
+    char u[24];
+    snprintf(u, sizeof u, "%lld", (long long)until);
+    const char *argv[] = {"HSET", CQRS_REFILL_KEY, field, u};
+    return command_int(ds, 4, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_refill_get(cqrs_docstore_t *ds, const char *field, int64_t *until,
+                                    cqrs_error_t *err)
+{
+    const char *argv[] = {"HGET", CQRS_REFILL_KEY, field};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_STRING || !cqrs_parse_int64(r->str, until))
+        rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "%s is not refilling", field);
+    freeReplyObject(r);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_refill_clear(cqrs_docstore_t *ds, const char *field, cqrs_error_t *err)
+{
+    const char *argv[] = {"HDEL", CQRS_REFILL_KEY, field};
+    return command_int(ds, 3, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_refill_count(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err)
+{
+    const char *argv[] = {"HLEN", CQRS_REFILL_KEY};
+    return command_int(ds, 2, argv, n, err);
+}
+
 cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count, cqrs_error_t *err)
 {
     const char *argv[] = {"LLEN", CQRS_UNDECODABLE_KEY};
@@ -1452,7 +1492,7 @@ out:
 static const char PAUSE_LUA[] =
     "local t = redis.call('TIME')\n"
     "local u = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])\n"
-    "redis.call('HSET', KEYS[1], 'paused_until', u)\n"
+    "redis.call('HSET', KEYS[1], 'paused_until', string.format('%d', u))\n"
     "return u\n";
 
 cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, int64_t for_ms, int64_t *until_ms,
@@ -1544,7 +1584,7 @@ static const char SWAP_LUA[] =
     "local p = redis.call('HGET', KEYS[1], 'paused_until')\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-    "if p ~= ARGV[1] or tonumber(p) <= now then return 0 end\n"
+    "if not p or tonumber(p) ~= tonumber(ARGV[1]) or tonumber(p) <= now then return 0 end\n"
     "redis.call('SWAPDB', ARGV[2], ARGV[3])\n"
     "return 1\n";
 

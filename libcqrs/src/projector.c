@@ -35,15 +35,17 @@
 
 /* What this projector knows of one assigned partition. */
 typedef struct part_state {
-    char topic[128];
+    const char *topic; /* one of the projector's topics (no copy, any length) */
+    size_t topic_idx;
     int32_t partition;
     _Atomic int64_t written; /* the offset last recorded in (or read from) the store; -1: none */
     int64_t refill_until;    /* > 0: re-reading after a loss until the end seen then */
     int64_t refill_started_ms;
+    uint64_t seeks; /* successful rewinds: tells a caller whether its partition was sent back */
 } part_state_t;
 
 typedef struct missing {
-    char topic[128];
+    char topic[256]; /* Kafka allows 249 characters */
     int32_t partition;
     int64_t low;
 } missing_t;
@@ -170,9 +172,15 @@ static part_state_t *part_add(cqrs_projector_t *p, const char *topic, int32_t pa
         p->parts = v;
         p->cap_parts = cap;
     }
+    size_t t = 0;
+    while (t < p->cfg.n_topics && strcmp(p->topics[t], topic) != 0)
+        t++;
+    if (t == p->cfg.n_topics)
+        goto out; /* not one of ours */
     ps = &p->parts[p->n_parts++];
     memset(ps, 0, sizeof *ps);
-    snprintf(ps->topic, sizeof ps->topic, "%s", topic);
+    ps->topic = p->topics[t];
+    ps->topic_idx = t;
     ps->partition = partition;
     ps->written = written;
 out:
@@ -202,6 +210,9 @@ static int64_t part_written(cqrs_projector_t *p, const char *topic, int32_t part
 static bool check_history(cqrs_projector_t *p, rd_kafka_t *rk, const char *topic, int32_t partition,
                           int64_t have)
 {
+    for (unsigned i = 0; i < p->n_missing; i++)
+        if (p->missing[i].partition == partition && strcmp(p->missing[i].topic, topic) == 0)
+            return false; /* already paused and reported */
     int64_t low = 0, high = 0;
     if (rd_kafka_query_watermark_offsets(rk, topic, partition, &low, &high, 5000) !=
             RD_KAFKA_RESP_ERR_NO_ERROR ||
@@ -214,6 +225,57 @@ static bool check_history(cqrs_projector_t *p, rd_kafka_t *rk, const char *topic
     report_missing(m, have);
     atomic_store(&p->history_missing, p->n_missing);
     return true;
+}
+
+static void refill_field(const part_state_t *ps, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s:%d", ps->topic, ps->partition);
+}
+
+/* ps re-reads what the store lost, up to `until`: counted here and marked in the store, where
+ * every instance's readiness sees it (mark: false when the mark is there already). */
+static void refill_start(cqrs_projector_t *p, part_state_t *ps, int64_t until, bool mark)
+{
+    if (!ps->refill_until) {
+        atomic_fetch_add(&p->refilling, 1);
+        ps->refill_started_ms = cqrs_monotonic_ms();
+    }
+    ps->refill_until = until;
+    char f[300];
+    cqrs_error_t e;
+    refill_field(ps, f, sizeof f);
+    if (mark && cqrs_docstore_refill_set(p->ds, f, until, &e) != CQRS_ERR_OK)
+        CQRS_LOG_WARN("cannot mark a refill in Redis", "partition", f, "error", e.message);
+}
+
+static void refill_done(cqrs_projector_t *p, part_state_t *ps)
+{
+    char f[300], ms[24];
+    refill_field(ps, f, sizeof f);
+    snprintf(ms, sizeof ms, "%lld", (long long)(cqrs_monotonic_ms() - ps->refill_started_ms));
+    CQRS_LOG_INFO("partition refilled after a store loss", "partition", f, "duration_ms", ms);
+    ps->refill_until = 0;
+    atomic_fetch_sub(&p->refilling, 1);
+    cqrs_error_t e;
+    if (cqrs_docstore_refill_clear(p->ds, f, &e) != CQRS_ERR_OK)
+        CQRS_LOG_WARN("cannot clear a refill mark in Redis; the audit tries again", "partition", f,
+                      "error", e.message);
+}
+
+/* A refill another instance (or this one, before a rebalance) was running on a partition just
+ * assigned: taken over while the store's offset is below its goal, cleared otherwise. */
+static void refill_resume(cqrs_projector_t *p, part_state_t *ps)
+{
+    char f[300];
+    int64_t until = 0;
+    cqrs_error_t e;
+    refill_field(ps, f, sizeof f);
+    if (cqrs_docstore_refill_get(p->ds, f, &until, &e) != CQRS_ERR_OK)
+        return;
+    if (ps->written < until)
+        refill_start(p, ps, until, false);
+    else
+        cqrs_docstore_refill_clear(p->ds, f, &e);
 }
 
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
@@ -239,7 +301,9 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         int64_t have = redis_offset(p, tp->topic, tp->partition);
         tp->offset = have >= 0 ? have : RD_KAFKA_OFFSET_BEGINNING;
-        part_add(p, tp->topic, tp->partition, have);
+        part_state_t *ps = part_add(p, tp->topic, tp->partition, have);
+        if (ps && p->detect)
+            refill_resume(p, ps);
         if (check_history(p, rk, tp->topic, tp->partition, have))
             rd_kafka_topic_partition_list_add(paused, tp->topic, tp->partition);
     }
@@ -254,21 +318,11 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     CQRS_LOG_INFO("partitions assigned", "count", n);
 }
 
-static void refill_done(cqrs_projector_t *p, part_state_t *ps)
-{
-    char part[12], ms[24];
-    snprintf(part, sizeof part, "%d", ps->partition);
-    snprintf(ms, sizeof ms, "%lld", (long long)(cqrs_monotonic_ms() - ps->refill_started_ms));
-    CQRS_LOG_INFO("partition refilled after a store loss", "topic", ps->topic, "partition", part,
-                  "duration_ms", ms);
-    ps->refill_until = 0;
-    atomic_fetch_sub(&p->refilling, 1);
-}
-
-/* Sends a partition back to the offset the store holds (-1: none, the beginning) and marks it
- * refilling until it reaches the end it has now. If the seek fails, what this projector
- * remembers stays as it was, so the next apply or audit finds the mismatch again. */
-static void rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
+/* Sends a partition to the offset the store holds (-1: none, the beginning); after a loss it
+ * counts as refilling until it reaches the end it has now. If the seek fails, what this
+ * projector remembers stays as it was, so the next apply or audit finds the mismatch again;
+ * false then. */
+static bool rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stored, bool loss)
 {
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset =
@@ -286,20 +340,16 @@ static void rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stor
                       e ? rd_kafka_error_string(e) : rd_kafka_err2str(perr));
         if (e)
             rd_kafka_error_destroy(e);
-        return;
+        return false;
     }
     ps->written = stored;
+    ps->seeks++;
     int64_t low = 0, high = 0;
     if (rd_kafka_query_watermark_offsets(p->rk, ps->topic, ps->partition, &low, &high, 2000) !=
         RD_KAFKA_RESP_ERR_NO_ERROR)
         rd_kafka_get_watermark_offsets(p->rk, ps->topic, ps->partition, &low, &high);
-    if (high > (stored < 0 ? 0 : stored)) {
-        if (!ps->refill_until) {
-            atomic_fetch_add(&p->refilling, 1);
-            ps->refill_started_ms = cqrs_monotonic_ms();
-        }
-        ps->refill_until = high;
-    }
+    if (loss && high > (stored < 0 ? 0 : stored))
+        refill_start(p, ps, high, true);
     CQRS_LOG_WARN("partition rewound to the offset the read model store holds; re-applying",
                   "topic", ps->topic, "partition", part, "from_offset", from, "recorded_before",
                   was);
@@ -309,6 +359,16 @@ static void rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stor
         rd_kafka_pause_partitions(p->rk, pl);
         rd_kafka_topic_partition_list_destroy(pl);
     }
+    return true;
+}
+
+/* Paused for want of history: recheck_missing owns it until a rebuild records an offset. */
+static bool history_missing(const cqrs_projector_t *p, const part_state_t *ps)
+{
+    for (unsigned i = 0; i < p->n_missing; i++)
+        if (p->missing[i].partition == ps->partition && strcmp(p->missing[i].topic, ps->topic) == 0)
+            return true;
+    return false;
 }
 
 /* The store was emptied or replaced (its incarnation changed): learn the new one and send
@@ -323,22 +383,28 @@ static void store_reset(cqrs_projector_t *p)
     CQRS_LOG_WARN("the read model store was emptied or replaced (its incarnation changed);"
                   " re-reading every partition from the offset it holds",
                   "incarnation_before", before, "incarnation", p->incarnation);
-    for (size_t i = 0; i < p->n_parts && !atomic_load(&p->stop); i++) {
+    for (size_t i = 0; i < p->n_parts; i++) {
         part_state_t *ps = &p->parts[i];
+        if (history_missing(p, ps))
+            continue;
         int64_t stored = redis_offset(p, ps->topic, ps->partition);
+        if (atomic_load(&p->stop))
+            return; /* redis_offset gave up: its -1 means nothing */
         if (stored != ps->written)
-            rewind_partition(p, ps, stored);
+            rewind_partition(p, ps, stored, true);
     }
 }
 
-/* The store records another offset for ps than this projector wrote last. */
-static void offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
+/* The store records another offset for ps than this projector wrote last; true when the
+ * partition was sent there. */
+static bool offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
 {
     char part[12], have[24], wrote[24];
     snprintf(part, sizeof part, "%d", ps->partition);
     snprintf(have, sizeof have, "%lld", (long long)stored);
     snprintf(wrote, sizeof wrote, "%lld", (long long)ps->written);
-    if (stored < ps->written) {
+    bool loss = stored < ps->written;
+    if (loss) {
         atomic_fetch_add(&p->regressions, 1);
         CQRS_LOG_ERROR("the read model store lost writes (a failover to a replica that missed"
                        " them, or a restart that lost its last writes): its offset for the"
@@ -350,16 +416,7 @@ static void offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
                       "topic", ps->topic, "partition", part, "store_offset", have,
                       "recorded_offset", wrote);
     }
-    rewind_partition(p, ps, stored);
-}
-
-/* Paused for want of history: recheck_missing owns it until a rebuild records an offset. */
-static bool history_missing(const cqrs_projector_t *p, const part_state_t *ps)
-{
-    for (unsigned i = 0; i < p->n_missing; i++)
-        if (p->missing[i].partition == ps->partition && strcmp(p->missing[i].topic, ps->topic) == 0)
-            return true;
-    return false;
+    return rewind_partition(p, ps, stored, loss);
 }
 
 /* Every AUDIT_MS: the incarnation and each assigned partition's offset as the store holds
@@ -376,7 +433,7 @@ static void audit(cqrs_projector_t *p)
     for (size_t t = 0; parts && offs && idx && t < p->cfg.n_topics; t++) {
         size_t n = 0;
         for (size_t i = 0; i < p->n_parts; i++)
-            if (strcmp(p->parts[i].topic, p->topics[t]) == 0) {
+            if (p->parts[i].topic_idx == t) {
                 idx[n] = i;
                 parts[n++] = p->parts[i].partition;
             }
@@ -393,6 +450,7 @@ static void audit(cqrs_projector_t *p)
             atomic_store(&p->redis_up, false);
             break;
         }
+        atomic_store(&p->redis_up, true);
         for (size_t j = 0; j < n; j++) {
             part_state_t *ps = &p->parts[idx[j]];
             if (offs[j] != ps->written && !history_missing(p, ps))
@@ -562,23 +620,42 @@ static void set_checks(cqrs_projector_t *p, const part_state_t *ps, cqrs_apply_t
     a->prev_offset = ps->written;
 }
 
-/* After a write's verdict: false when the store was found emptied, replaced or behind (the
- * partition was sent back; the message in hand is dropped), true when it was recorded. */
-static bool recorded(cqrs_projector_t *p, part_state_t *ps, cqrs_apply_result_t res,
-                     int64_t next_offset)
+typedef enum verdict {
+    RECORDED, /* the write counted: on to the next message */
+    DROPPED,  /* its partition was sent back (or we stop): this message comes again */
+    AGAIN,    /* the store changed but this partition stays where it is: write it again */
+} verdict_t;
+
+/* After a write's store check: RESET (emptied or replaced) and OFFSET_MOVED send partitions
+ * back; the message in hand is dropped only when its own partition was sent back — after a
+ * reset a partition with nothing recorded stays where it is, and its message is written again
+ * under the new incarnation. */
+static verdict_t recorded(cqrs_projector_t *p, part_state_t *ps, cqrs_apply_result_t res,
+                          int64_t next_offset)
 {
+    uint64_t seeks = ps->seeks;
     if (res == CQRS_APPLY_RESET) {
         store_reset(p);
-        return false;
+        return atomic_load(&p->stop) || ps->seeks != seeks ? DROPPED : AGAIN;
     }
     if (res == CQRS_APPLY_OFFSET_MOVED) {
-        offset_moved(p, ps, redis_offset(p, ps->topic, ps->partition));
-        return false;
+        int64_t stored = redis_offset(p, ps->topic, ps->partition);
+        if (atomic_load(&p->stop))
+            return DROPPED;
+        if (stored == next_offset) {
+            /* Our own write, whose reply was lost (a timeout after the script ran). */
+            ps->written = next_offset;
+            return RECORDED;
+        }
+        if (offset_moved(p, ps, stored))
+            return DROPPED;
+        sleep_unless_stopped(p, 200); /* the seek failed; the check fails again until it works */
+        return AGAIN;
     }
     ps->written = next_offset;
     if (ps->refill_until && next_offset >= ps->refill_until)
         refill_done(p, ps);
-    return true;
+    return RECORDED;
 }
 
 /* Waits before redoing a write that Redis refused or could not take. */
@@ -625,9 +702,10 @@ static bool keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, c
             continue;
         }
         atomic_store(&p->redis_up, true);
-        if (!recorded(p, ps, res, a.next_offset))
+        verdict_t vd = recorded(p, ps, res, a.next_offset);
+        if (vd == DROPPED)
             break;
-        done = true;
+        done = vd == RECORDED;
     }
     free(text);
     return done;
@@ -688,9 +766,13 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
                 dead = true;
                 snprintf(reason, sizeof reason, "%s", perr.message);
             } else {
-                next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);
-                if (p->cfg.projection->index)
+                next_text = next ? json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+                if (!next_text || !*next_text) {
+                    dead = true;
+                    snprintf(reason, sizeof reason, "the projection produced no document");
+                } else if (p->cfg.projection->index) {
                     p->cfg.projection->index(key, doc, next, &ops);
+                }
             }
         }
         if (rc == CQRS_ERR_OK) {
@@ -727,10 +809,13 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
             }
             continue;
         }
-        if (!recorded(p, ps, res, a.next_offset)) {
+        verdict_t vd = recorded(p, ps, res, a.next_offset);
+        if (vd == DROPPED) {
             dropped = true;
             break;
         }
+        if (vd == AGAIN)
+            continue;
         done = true;
         switch (res) {
         case CQRS_APPLY_APPLIED:

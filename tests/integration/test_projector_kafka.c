@@ -364,13 +364,18 @@ static void test_store_rolled_back_is_refilled(void **state)
     assert_int_equal(v, 5); /* really rolled back */
     cqrs_projector_stats_t st;
 #ifdef CQRS_ENABLE_FAILPOINTS
-    bool seen_refilling = false;
-    for (int i = 0; i < 600 && !seen_refilling; i++) {
+    bool seen_refilling = false, seen_mark = false;
+    for (int i = 0; i < 600 && !(seen_refilling && seen_mark); i++) {
         cqrs_projector_stats(p, &st);
-        seen_refilling = st.refilling > 0;
+        seen_refilling = seen_refilling || st.refilling > 0;
+        /* marked in Redis too, where serving-only instances' readiness reads it */
+        redisReply *h = redisdb_cmd(url, "HLEN " CQRS_REFILL_KEY, NULL);
+        seen_mark = seen_mark || (h && h->type == REDIS_REPLY_INTEGER && h->integer > 0);
+        freeReplyObject(h);
         usleep(10 * 1000);
     }
     assert_true(seen_refilling);
+    assert_true(seen_mark);
     unsetenv("CQRS_FAILPOINTS");
 #endif
     for (int k = 0; k < 4; k++)
@@ -388,6 +393,38 @@ static void test_store_rolled_back_is_refilled(void **state)
         cqrs_projector_stats(p, &st);
     }
     assert_int_equal(st.refilling, 0);
+    redisReply *h = redisdb_cmd(url, "HLEN " CQRS_REFILL_KEY, NULL);
+    assert_int_equal(h->integer, 0);
+    freeReplyObject(h);
+    cqrs_projector_destroy(p);
+}
+
+/* Review of issue 16's fix: the store emptied while a partition has nothing recorded yet (a
+ * quiet partition); the first event there finds no incarnation. The reset leaves that
+ * partition where it is (the store's offset, none, is what the projector knows), so the event
+ * must be written again under the new incarnation — not dropped. */
+static void test_first_event_after_an_emptied_store_is_kept(void **state)
+{
+    (void)state;
+    cqrs_projector_t *p = start_projector();
+    cqrs_projector_stats_t st;
+    for (int i = 0; i < 600; i++) {
+        cqrs_projector_stats(p, &st);
+        if (st.assigned == 3)
+            break;
+        usleep(100 * 1000);
+    }
+    assert_int_equal(st.assigned, 3);
+    char a[6][37];
+    for (int round = 0; round < 2; round++) {
+        freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
+        for (int k = 0; k < 6; k++) {
+            cqrs_uuid_v4(a[k]);
+            produce(a[k], 1, "counter.incremented.v1", 7);
+        }
+        for (int k = 0; k < 6; k++)
+            assert_true(wait_counter(a[k], 7, 1));
+    }
     cqrs_projector_destroy(p);
 }
 
@@ -487,6 +524,7 @@ int main(void)
         cmocka_unit_test_setup(test_store_rolled_back_is_refilled, fresh_topic),
         cmocka_unit_test_setup(test_two_projectors_refill_an_emptied_store, fresh_topic),
         cmocka_unit_test_setup(test_undecodable_is_kept_once, fresh_topic),
+        cmocka_unit_test_setup(test_first_event_after_an_emptied_store_is_kept, fresh_topic),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -160,6 +160,20 @@ cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *offsets_key,
                                   const int32_t *partitions, size_t n, char *incarnation,
                                   int64_t *offsets, cqrs_error_t *err);
 
+/* Partitions re-reading what the store lost: hash CQRS_REFILL_KEY, "<topic>:<partition>" →
+ * the offset the refill runs to. Written by the projector that found the loss, removed when it
+ * got there; every cqrs-queryd's readiness reads it. A store emptied again loses the markers
+ * with everything else (and the projector marks its partitions again). */
+#define CQRS_REFILL_KEY "cqrs:refill"
+cqrs_err_t cqrs_docstore_refill_set(cqrs_docstore_t *ds, const char *field, int64_t until,
+                                    cqrs_error_t *err);
+/* NOT_FOUND when the partition is not refilling. */
+cqrs_err_t cqrs_docstore_refill_get(cqrs_docstore_t *ds, const char *field, int64_t *until,
+                                    cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_refill_clear(cqrs_docstore_t *ds, const char *field, cqrs_error_t *err);
+/* How many partitions are refilling (one round trip; also a liveness check). */
+cqrs_err_t cqrs_docstore_refill_count(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err);
+
 /* Appends a message that could not even be decoded to the list "cqrs:dlq:undecodable" and
  * records a->next_offset for a->partition as the apply does (same store and offset checks;
  * only offsets_key, partition, next_offset, incarnation, offset_mode, prev_offset and blob
