@@ -3,20 +3,33 @@
 # and tests: PostgreSQL 15, Redis 7 and a single-node Apache Kafka (KRaft,
 # combined broker+controller), all bound to 127.0.0.1 on non-default ports.
 #
-#   stack.sh up              install missing Debian packages (as root), start
-#                            whatever is not running, wait until each answers
+#   stack.sh up [--redis-replica]
+#                            install missing Debian packages (as root), start
+#                            whatever is not running, wait until each answers;
+#                            --redis-replica (or CQRS_REDIS_REPLICA_PORT set)
+#                            also starts a Redis replica of the Redis server
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
-#                            Kafka, Redis, PostgreSQL; --purge deletes $STATE
+#                            Kafka, the Redis replica, Redis, PostgreSQL;
+#                            --purge deletes $STATE
 #   stack.sh purge           same as down --purge
-#   stack.sh stop SERVER     stop one of postgres, redis, kafka (outage tests);
-#                            `up` starts it again
+#   stack.sh stop SERVER     stop one of postgres, redis, redis-replica, kafka
+#                            (outage tests); `up` starts it again
 #   stack.sh status          one line per server; exit 0 if all up, 3 if not
 #   stack.sh env             exports for: eval "$(deploy/local/stack.sh env)"
 #
 # Everything a stack owns (data, logs, pid files) lives in its state folder,
 # ${CQRS_STACK_DIR:-<repo>/.local/stack}.  A second stack with another
 # CQRS_STACK_DIR and other ports (CQRS_PG_PORT, CQRS_REDIS_PORT,
-# CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT) runs beside the first one.
+# CQRS_REDIS_REPLICA_PORT, CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT) runs
+# beside the first one.
+#
+# The Redis replica (tests of a failover: tests/fault/) is a second
+# redis-server on 127.0.0.1:${CQRS_REDIS_REPLICA_PORT:-16380} with
+# `replicaof` the Redis server and the same persistence (AOF), in
+# $STATE/redis-replica.  `up` only starts it when it is down: a replica that
+# was promoted (REPLICAOF NO ONE) or pointed elsewhere is left as it is.
+# `env` exports CQRS_REDIS_REPLICA_PORT and CQRS_REDIS_REPLICA_URL while it
+# runs, so a later `up` in that environment keeps starting it.
 #
 # Kafka comes as jars from Maven Central (deploy/local/kafka/pom.xml), fetched
 # once with Maven into a cache outside the repo,
@@ -51,6 +64,15 @@ PG_DB=cqrs
 REDIS_DIR=$STATE/redis
 REDIS_PID=$REDIS_DIR/redis.pid
 REDIS_LOG=$REDIS_DIR/redis.log
+
+# The replica: started by `up --redis-replica`, or when CQRS_REDIS_REPLICA_PORT is set.
+REDIS_REPLICA=0
+[[ -n ${CQRS_REDIS_REPLICA_PORT:-} ]] && REDIS_REPLICA=1
+REPLICA_PORT=${CQRS_REDIS_REPLICA_PORT:-16380}
+REPLICA_DIR=$STATE/redis-replica
+REPLICA_PID=$REPLICA_DIR/redis.pid
+REPLICA_LOG=$REPLICA_DIR/redis.log
+REPLICA_WAIT=${CQRS_REDIS_REPLICA_WAIT:-60}
 
 CACHE_DIR=${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}
 KAFKA_HOME=$CACHE_DIR/kafka-$KAFKA_VERSION
@@ -320,63 +342,106 @@ pg_down() {
 
 # ---------------------------------------------------------------- Redis ---
 
-redis_pid() { read_pid "$REDIS_PID"; }
+# Two instances share these functions: WHICH is `redis` (the server the
+# daemons use) or `replica` (its replica, on request).  redis_vars sets
+# R_NAME, R_PORT, R_VAR, R_DIR, R_PID, R_LOG for one of them.
+redis_vars() {
+    if [[ $1 == replica ]]; then
+        R_NAME=redis-replica R_PORT=$REPLICA_PORT R_VAR=CQRS_REDIS_REPLICA_PORT
+        R_DIR=$REPLICA_DIR R_PID=$REPLICA_PID R_LOG=$REPLICA_LOG
+    else
+        R_NAME=redis R_PORT=$REDIS_PORT R_VAR=CQRS_REDIS_PORT
+        R_DIR=$REDIS_DIR R_PID=$REDIS_PID R_LOG=$REDIS_LOG
+    fi
+}
+
+redis_pid() {
+    local R_NAME R_PORT R_VAR R_DIR R_PID R_LOG
+    redis_vars "${1:-redis}"
+    read_pid "$R_PID"
+}
 
 redis_running() {
     local pid
-    pid=$(redis_pid)
+    pid=$(redis_pid "${1:-redis}")
     [[ -n $pid ]] && pid_alive "$pid" redis-server
 }
 
 # The port of the running redis-server (it retitles itself "redis-server IP:PORT").
 redis_actual_port() {
     local pid
-    pid=$(redis_pid)
+    pid=$(redis_pid "${1:-redis}")
     [[ -n $pid ]] || return 0
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/.*:\([0-9][0-9]*\).*/\1/p'
 }
 
 redis_answers() {
-    [[ $(timeout 5 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+    local R_NAME R_PORT R_VAR R_DIR R_PID R_LOG
+    redis_vars "${1:-redis}"
+    [[ $(timeout 5 redis-cli -h 127.0.0.1 -p "$R_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+# The replica's link to its primary is up (it loaded the primary's data).
+replica_linked() {
+    timeout 5 redis-cli -h 127.0.0.1 -p "$REPLICA_PORT" info replication 2>/dev/null |
+        grep -q '^master_link_status:up'
 }
 
 redis_up() {
-    mkdir -p "$REDIS_DIR"
-    if redis_running; then
-        check_port redis "$(redis_actual_port)" "$REDIS_PORT" CQRS_REDIS_PORT
-        log "redis: already running (pid $(redis_pid), port $REDIS_PORT)"
+    local which=${1:-redis} started=0
+    local R_NAME R_PORT R_VAR R_DIR R_PID R_LOG
+    redis_vars "$which"
+    local -a extra=()
+    # The same persistence as the primary; a replica of it (read-only, the default).
+    [[ $which == replica ]] && extra=(--replicaof 127.0.0.1 "$REDIS_PORT")
+    mkdir -p "$R_DIR"
+    if redis_running "$which"; then
+        check_port "$R_NAME" "$(redis_actual_port "$which")" "$R_PORT" "$R_VAR"
+        log "$R_NAME: already running (pid $(redis_pid "$which"), port $R_PORT)"
     else
-        rm -f "$REDIS_PID"
-        port_busy "$REDIS_PORT" && die "redis: port 127.0.0.1:$REDIS_PORT is already taken by another process"
-        log "redis: starting on 127.0.0.1:$REDIS_PORT"
-        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode yes \
-            --dir "$REDIS_DIR" --appendonly yes \
-            --daemonize yes --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" 9>&- ||
-            die_log "redis: redis-server failed to start" "$REDIS_LOG"
+        rm -f "$R_PID"
+        port_busy "$R_PORT" && die "$R_NAME: port 127.0.0.1:$R_PORT is already taken by another process"
+        log "$R_NAME: starting on 127.0.0.1:$R_PORT${extra:+ (replica of 127.0.0.1:$REDIS_PORT)}"
+        redis-server --port "$R_PORT" --bind 127.0.0.1 --protected-mode yes \
+            --dir "$R_DIR" --appendonly yes "${extra[@]}" \
+            --daemonize yes --pidfile "$R_PID" --logfile "$R_LOG" 9>&- ||
+            die_log "$R_NAME: redis-server failed to start" "$R_LOG"
+        started=1
     fi
 
     local deadline=$((SECONDS + 30))
     while ((SECONDS < deadline)); do
-        redis_answers && break
+        redis_answers "$which" && break
         # (the daemonized child writes its pid file a moment after forking)
-        if [[ -s $REDIS_PID ]] && ! redis_running; then
-            die_log "redis: server exited during startup" "$REDIS_LOG"
+        if [[ -s $R_PID ]] && ! redis_running "$which"; then
+            die_log "$R_NAME: server exited during startup" "$R_LOG"
         fi
         sleep 0.5
     done
-    redis_answers || die_log "redis: no PONG from 127.0.0.1:$REDIS_PORT after 30s" "$REDIS_LOG"
-    log "redis: ready on 127.0.0.1:$REDIS_PORT (pid $(redis_pid))"
+    redis_answers "$which" || die_log "$R_NAME: no PONG from 127.0.0.1:$R_PORT after 30s" "$R_LOG"
+    if [[ $which == replica ]] && ((started)); then
+        # A fresh replica: wait for its first sync with the primary.
+        deadline=$((SECONDS + REPLICA_WAIT))
+        while ((SECONDS < deadline)) && ! replica_linked; do
+            sleep 0.5
+        done
+        replica_linked ||
+            die_log "$R_NAME: no link to the primary 127.0.0.1:$REDIS_PORT after ${REPLICA_WAIT}s" "$R_LOG"
+    fi
+    log "$R_NAME: ready on 127.0.0.1:$R_PORT (pid $(redis_pid "$which"))"
 }
 
 redis_down() {
-    local pid
-    redis_running || { rm -f "$REDIS_PID"; return 0; }
-    pid=$(redis_pid)
-    log "redis: stopping (pid $pid)"
+    local which=${1:-redis} pid
+    local R_NAME R_PORT R_VAR R_DIR R_PID R_LOG
+    redis_vars "$which"
+    redis_running "$which" || { rm -f "$R_PID"; return 0; }
+    pid=$(redis_pid "$which")
+    log "$R_NAME: stopping (pid $pid)"
     # SIGTERM is a clean SHUTDOWN (final AOF fsync).  Signalling the pid, not
     # `redis-cli -p PORT shutdown`, can never hit another stack's server.
-    stop_pid redis "$pid" 20
-    rm -f "$REDIS_PID"
+    stop_pid "$R_NAME" "$pid" 20
+    rm -f "$R_PID"
 }
 
 # ---------------------------------------------------------------- Kafka ---
@@ -592,6 +657,7 @@ cmd_up() {
     log "state folder $STATE"
     pg_up
     redis_up
+    ((REDIS_REPLICA)) && redis_up replica
     kafka_up
     log "stack is up in $((SECONDS - t0))s — eval \"\$($0 env)\" to use it"
 }
@@ -602,6 +668,7 @@ cmd_down() {
     lock_stack
     daemons_down
     kafka_down
+    redis_down replica
     redis_down
     pg_down
     if [[ $purge == --purge ]]; then
@@ -641,6 +708,16 @@ cmd_status() {
     redis_running && r=1 && redis_answers && a=1
     status_line redis "127.0.0.1:$REDIS_PORT" "$(redis_pid)" "$r" "$a" \
         "$(redis_actual_port)" "$REDIS_PORT" || ok=3
+    # The replica: when asked for (--redis-replica, CQRS_REDIS_REPLICA_PORT) or running.
+    r=0 a=0
+    redis_running replica && r=1 && redis_answers replica && a=1
+    if ((REDIS_REPLICA)); then
+        status_line redis-replica "127.0.0.1:$REPLICA_PORT" "$(redis_pid replica)" "$r" "$a" \
+            "$(redis_actual_port replica)" "$REPLICA_PORT" || ok=3
+    elif ((r)); then # started earlier with --redis-replica: wherever it runs
+        status_line redis-replica "127.0.0.1:$(redis_actual_port replica)" "$(redis_pid replica)" \
+            "$r" "$a" || ok=3
+    fi
     r=0 a=0
     kafka_running && r=1 && kafka_answers && a=1
     status_line kafka "127.0.0.1:$KAFKA_PORT" "$(kafka_pid)" "$r" "$a" \
@@ -666,6 +743,13 @@ cmd_env() {
     printf 'export CQRS_PG_DSN=%s\n' "$(sq "host=127.0.0.1 port=$PG_PORT dbname=$PG_DB user=$PG_USER")"
     printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
     printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
+    if redis_running replica; then
+        local port
+        port=$(redis_actual_port replica)
+        port=${port:-$REPLICA_PORT}
+        printf 'export CQRS_REDIS_REPLICA_PORT=%s\n' "$(sq "$port")"
+        printf 'export CQRS_REDIS_REPLICA_URL=%s\n' "$(sq "redis://127.0.0.1:$port/0")"
+    fi
 }
 
 # usage [STATUS]: the header comment; to stderr (exit 2) for a bad command.
@@ -683,7 +767,14 @@ main() {
     local cmd=${1:-}
     shift || true
     case $cmd in
-    up) cmd_up ;;
+    up)
+        case ${1:-} in
+        "") ;;
+        --redis-replica) REDIS_REPLICA=1 ;;
+        *) die "unknown option for up: $1 (only --redis-replica)" ;;
+        esac
+        cmd_up
+        ;;
     down)
         case ${1:-} in
         "" | --purge) cmd_down "${1:-}" ;;
@@ -697,8 +788,9 @@ main() {
         case ${1:-} in
         postgres) pg_down ;;
         redis) redis_down ;;
+        redis-replica) redis_down replica ;;
         kafka) kafka_down ;;
-        *) die "stop what? postgres, redis or kafka" ;;
+        *) die "stop what? postgres, redis, redis-replica or kafka" ;;
         esac
         ;;
     status) cmd_status ;;

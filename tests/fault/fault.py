@@ -21,6 +21,12 @@ and the read model caught up, and then judges the history:
   converge    seconds from the heal until the outbox is empty and every document in Redis has
               its aggregate's version; then `cqrsctl verify` must pass
 
+Redis failover scenarios run against the stack's Redis replica (tests/fault/run.sh starts it:
+stack.sh up --redis-replica) and move the daemons the way a managed endpoint does: they are
+given the port of a TCP forwarder in this harness (Forwarder), never a server's; at the failover
+it closes every connection and forwards new ones to the promoted replica — the DNS name of a
+Sentinel-managed, ElastiCache or other managed primary endpoint flipping to the new primary.
+
 Prints one table. Exit 0 when every scenario is clean and every negative control (a
 deliberately unsafe build mode) was caught; 1 otherwise; 2 on a setup error (a missing server
 is an error: the suite never skips).
@@ -28,6 +34,7 @@ is an error: the suite never skips).
   fault.py --build BUILD_DIR [--scenario NAME ...] [--seed N] [--long]
 """
 import argparse
+import bisect
 import collections
 import http.client
 import json
@@ -37,6 +44,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +56,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STACK_SH = os.path.join(REPO, "deploy", "local", "stack.sh")
 PG_BIN = os.environ.get("CQRS_PG_BIN", "/usr/lib/postgresql/15/bin")
 LEASE_MS = 2000
+REDIS_ERROR = re.compile(r"(ERR|WRONGTYPE|NOSCRIPT|READONLY|LOADING|MASTERDOWN|NOAUTH|BUSY|MISCONF|EXECABORT) ")
+# A store loss (a failover to a replica that missed writes, a FLUSHDB) steps documents back
+# until the projector re-applied them; reads within this long after one are not compared
+# (a serving instance may still answer a cached pre-loss version until the projector's next
+# apply announces the loss). See Run.check.
+SETTLE_S = 1.0
+RACE_S = 10.0  # dlq-retry-race: how long the damage / repair / retry cycles go on
 MSG_TIMEOUT_MS = 5000  # the relay's delivery timeout; Kafka pauses last longer than this
 
 
@@ -61,8 +76,8 @@ class SetupError(Exception):
 
 def free_port():
     """A port below the ephemeral range (32768+), where no outgoing connection can take it."""
-    stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_REDIS_PORT", "CQRS_KAFKA_PORT",
-                                         "CQRS_KAFKA_CONTROLLER_PORT")}
+    stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_REDIS_PORT", "CQRS_REDIS_REPLICA_PORT",
+                                         "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT")}
     while True:
         p = random.SystemRandom().randrange(20000, 32000)
         if str(p) in stack:  # a server of the stack may be down right now (a fault)
@@ -75,6 +90,170 @@ def free_port():
             continue
         finally:
             s.close()
+
+
+# ---------------------------------------------------------------------------- forwarder ---
+
+
+class Forwarder:
+    """A TCP forwarder in the harness: what a managed Redis endpoint is to its clients.
+
+    The daemons (and cqrsctl) are given its port, never a server's. Each connection is
+    forwarded to the current target. `flip(port)` is the endpoint's failover — the DNS name of
+    a Sentinel-managed, ElastiCache or other managed primary endpoint now resolving to the
+    promoted replica: every open connection is reset (clients see a dropped connection, as
+    after a real failover, and reconnect) and new ones reach the new primary. A target that
+    refuses (a dead primary before the flip) gets the client's connection closed at once.
+
+    The same forwarder also stands for the network between a primary and its replica: `hold`
+    lets nothing more cross (a stalled link: the replica falls behind while the primary goes
+    on), `cut` resets every connection (whatever was held back never arrives)."""
+
+    def __init__(self, name, target_port):
+        self.name, self.target, self.gen = name, target_port, 0
+        self.lock = threading.Lock()
+        self.pairs = set()
+        self.holding = threading.Event()
+        self.closed = False
+        self.accepted = 0
+        self.forwarded = 0  # bytes from the targets to the clients
+        while True:
+            self.port = free_port()
+            self.lsock = socket.socket()
+            self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.lsock.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.lsock.close()
+        self.lsock.listen(256)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                if self.closed:
+                    return
+                time.sleep(0.05)
+                continue
+            with self.lock:
+                target, gen = self.target, self.gen
+            try:
+                u = socket.create_connection(("127.0.0.1", target), timeout=2)
+                u.settimeout(None)
+            except OSError:
+                _reset(c)  # the target is down: so is the endpoint, for now
+                continue
+            for sk in (c, u):
+                sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pair = _Pair(self, c, u)
+            with self.lock:
+                current = gen == self.gen and not self.closed
+                if current:
+                    self.pairs.add(pair)
+                    self.accepted += 1
+            if not current:  # flipped or cut while connecting: this one goes too
+                pair.abort()
+            pair.start()
+
+    def _reset_all(self, target=None):
+        with self.lock:
+            if target is not None:
+                self.target = target
+            self.gen += 1
+            pairs = list(self.pairs)
+        for pair in pairs:
+            pair.abort()
+        return len(pairs)
+
+    def flip(self, port):
+        """The endpoint now leads to port; every open connection is reset."""
+        n = self._reset_all(port)
+        log("%s: flipped to 127.0.0.1:%d, %d connections reset" % (self.name, port, n))
+
+    def hold(self):
+        self.holding.set()
+
+    def release(self):
+        self.holding.clear()
+
+    def cut(self):
+        n = self._reset_all()
+        log("%s: cut, %d connections reset" % (self.name, n))
+
+    def close(self):
+        self.closed = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+        self.release()
+        self._reset_all()
+
+
+def _reset(sk):
+    """Close with a TCP reset: nothing still buffered is delivered."""
+    try:
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sk.close()
+
+
+class _Pair:
+    """A client connection and its upstream; one pump thread per direction. Sockets are only
+    shut down from other threads (which wakes the pumps) and closed by the last pump."""
+
+    def __init__(self, fwd, client, upstream):
+        self.fwd, self.socks = fwd, (client, upstream)
+        self.lock = threading.Lock()
+        self.dead = False
+        self.left = 2
+
+    def start(self):
+        c, u = self.socks
+        for src, dst, down in ((c, u, False), (u, c, True)):
+            threading.Thread(target=self._pump, args=(src, dst, down), daemon=True).start()
+
+    def abort(self):
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = True
+            for sk in self.socks:
+                try:
+                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sk.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _pump(self, src, dst, down):
+        try:
+            while not self.dead:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.fwd.holding.is_set() and not self.dead:
+                    time.sleep(0.005)  # held: this chunk waits; a cut drops it
+                if self.dead:
+                    break
+                dst.sendall(data)
+                if down:
+                    self.fwd.forwarded += len(data)
+        except OSError:
+            pass
+        self.abort()
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            for sk in self.socks:
+                sk.close()
+            with self.fwd.lock:
+                self.fwd.pairs.discard(self)
 
 
 # ------------------------------------------------------------------------------ servers ---
@@ -97,6 +276,9 @@ class Stack:
         if not m:
             raise SetupError("CQRS_REDIS_URL %r: expected redis://host:port/db" % self.redis_url)
         self.redis_host, self.redis_port = m.group(1), int(m.group(2))
+        # The replica (stack.sh up --redis-replica), for the failover scenarios.
+        m = re.match(r"redis://[^:/]+:(\d+)", os.environ.get("CQRS_REDIS_REPLICA_URL", ""))
+        self.replica_port = int(m.group(1)) if m else None
         out = subprocess.run([STACK_SH, "status"], capture_output=True, text=True)
         if out.returncode != 0:
             raise SetupError("stack.sh status: a server is down:\n" + out.stdout + out.stderr)
@@ -154,11 +336,64 @@ class Stack:
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
     def redis(self, db, *args):
-        r = subprocess.run(["redis-cli", "-h", self.redis_host, "-p", str(self.redis_port), "-n", str(db),
+        return self.redis_at(self.redis_port, db, *args)
+
+    def redis_at(self, port, db, *args):
+        r = subprocess.run(["redis-cli", "-h", self.redis_host, "-p", str(port), "-n", str(db),
                             *args], capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise SetupError("redis-cli %s: %s" % (args, r.stderr))
+        if r.returncode != 0 or REDIS_ERROR.match(r.stdout):  # redis-cli exits 0 on an error reply
+            raise SetupError("redis-cli -p %d %s: %s" % (port, args, (r.stderr or r.stdout).strip()))
         return r.stdout
+
+    def hgetall(self, port, db, key):
+        out = self.redis_at(port, db, "HGETALL", key).split()
+        return dict(zip(out[0::2], out[1::2]))
+
+    def replication(self, port):
+        """INFO replication of the server on port, as a dict; {} when it does not answer."""
+        r = subprocess.run(["redis-cli", "-h", self.redis_host, "-p", str(port), "INFO", "replication"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            return {}
+        return dict(line.strip().split(":", 1) for line in r.stdout.splitlines() if ":" in line)
+
+    def wait_replica_of(self, port, primary, seconds=60):
+        """The server on port follows primary with its link up (its first sync done)."""
+        end = time.time() + seconds
+        while time.time() < end:
+            i = self.replication(port)
+            if i.get("role") == "slave" and i.get("master_port") == str(primary) and \
+                    i.get("master_link_status") == "up":
+                return True
+            time.sleep(0.2)
+        return False
+
+    def redis_topology_reset(self):
+        """The stack's Redis pair as stack.sh made it: the primary on CQRS_REDIS_PORT, the
+        replica following it directly. Undoes a failover (the promoted replica, the old primary
+        made its replica when it came back) by failing back once the two are in sync."""
+        if not self.replica_port:
+            return
+        self.up()
+        p, s = self.redis_port, self.replica_port
+        ip = self.replication(p)
+        if ip.get("role") == "slave":
+            primary = int(ip.get("master_port", "0"))
+            want = int(self.replication(primary).get("master_repl_offset", "0") or 0)
+            end = time.time() + 60
+            while time.time() < end:
+                ip = self.replication(p)
+                if ip.get("master_link_status") == "up" and int(ip.get("slave_repl_offset", "-1")) >= want:
+                    break
+                time.sleep(0.2)
+            else:
+                raise SetupError("fail-back: 127.0.0.1:%d did not catch up with 127.0.0.1:%d" % (p, primary))
+            self.redis_at(p, 0, "REPLICAOF", "NO", "ONE")
+        i = self.replication(s)
+        if not (i.get("role") == "slave" and i.get("master_port") == str(p)):
+            self.redis_at(s, 0, "REPLICAOF", "127.0.0.1", str(p))
+        if not self.wait_replica_of(s, p):
+            raise SetupError("the replica 127.0.0.1:%d has no link to the primary 127.0.0.1:%d" % (s, p))
 
     def psql(self, sql, dbname=None):
         dsn = self.dsn + (" dbname=%s" % dbname if dbname else "")
@@ -343,7 +578,11 @@ class Workload:
         self.run = run
         self.rng = random.Random(seed)
         self.ops = []
-        self.reads = []  # (reader, kind, id, version) in order per reader
+        self.reads = []  # (reader, kind, id, version, t0, t1) in order per reader
+        self.bad_bodies = []  # (reader, kind, id, body): a 200 whose body is not a document
+        self.hot = []  # product ids the clients adjust often (a nemesis sets them)
+        self.damaged = set()  # ids whose stored document a nemesis damaged: reads not judged
+        self.lull = threading.Event()  # set: the clients send nothing new (a quiet moment)
         self.lock = threading.Lock()
         self.stop_ev = threading.Event()
         self.products = []  # acked product ids
@@ -403,11 +642,22 @@ class Workload:
     def client(self, cid, rng):
         n = 0
         while not self.stop_ev.is_set():
+            if self.lull.is_set():
+                time.sleep(0.01)
+                continue
             n += 1
             with self.lock:
                 products = list(self.products[-40:])
+                hot = list(self.hot)
                 order = self.orders.pop(rng.randrange(len(self.orders))) if self.orders and rng.random() < 0.15 else None
-            if order:
+            if hot and rng.random() < 0.5:
+                p = rng.choice(hot)
+                self.command(cid, rng, "adjust", "POST", "/v1/products/%s/stock-adjustments" % p,
+                             {"delta": rng.choice([1, 2, 3, -1]), "reason": ""}, None, p)
+                if order:
+                    with self.lock:
+                        self.orders.append(order)
+            elif order:
                 self.command(cid, rng, "cancel", "POST", "/v1/orders/%s/cancel" % order, None, order, order)
             elif len(products) < 4 or rng.random() < 0.12:
                 sku = "F-%s" % uuid.uuid4().hex[:16]
@@ -445,16 +695,27 @@ class Workload:
                 time.sleep(0.05)
                 continue
             kind, i = rng.choice(pool)
+            with self.lock:
+                damaged = i in self.damaged
+            t0 = time.time()
             st, h, raw = http_call(self.run.queryd.port, "GET", "/v1/%s/%s" % (kind, i), timeout=5)
+            t1 = time.time()
+            if damaged:
+                continue
             if st == 200:
-                v = json.loads(raw).get("version")
+                try:
+                    v = json.loads(raw)["version"]
+                except (ValueError, KeyError, TypeError):
+                    with self.lock:
+                        self.bad_bodies.append((rid, kind, i, raw[:80]))
+                    continue
             elif st == 404:
                 v = 0  # absent: version 0 (SPEC, min_version)
             else:
                 time.sleep(0.05)
                 continue
             with self.lock:
-                self.reads.append((rid, kind, i, v))
+                self.reads.append((rid, kind, i, v, t0, t1))
             time.sleep(0.005)
 
 
@@ -477,10 +738,19 @@ class Run:
         self.redis_url = "redis://%s:%d/%d" % (stack.redis_host, stack.redis_port, self.redis_db)
         self.dsn = stack.dsn + " dbname=" + self.dbname
         self.commandds = []
-        self.queryd = None
+        self.queryds = []
+        self.queryd = None  # the one the readers and the checker read from (the last started)
         self.daemons = []
         self.sup_stop = threading.Event()
         self.problems = []
+        self.info = []  # facts worth printing under the table (what a nemesis did and found)
+        self.boundaries = []  # times of store losses (Run.check: reads across them)
+        self.t_heal = None  # set by a nemesis whose heal is not its return (e.g. a failover)
+        self.cleanups = []  # run after the daemons stopped (forwarders, the Redis topology)
+        self.teardown_errors = []
+        self.wl = None
+        self.watchers = []  # watch_readiness threads, stopped when the checker starts
+        self.watch_stop = threading.Event()
 
     def daemon_env(self):
         return {"CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
@@ -508,6 +778,7 @@ class Run:
         if kind == "commandd":
             self.commandds.append(d)
         else:
+            self.queryds.append(d)
             self.queryd = d
         if start:
             d.start()
@@ -530,6 +801,12 @@ class Run:
         self.sup_stop.set()
         for d in self.daemons:
             d.stop()
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as ex:  # noqa: BLE001 — the next scenarios need the stack back
+                log("cleanup: %s" % ex)
+                self.teardown_errors.append("cleanup: %s: %s" % (type(ex).__name__, ex))
         try:
             self.stack.psql("DROP DATABASE IF EXISTS %s" % self.dbname)
         except SetupError as ex:
@@ -546,9 +823,14 @@ class Run:
         return int(self.stack.psql("SELECT count(*) FROM outbox", self.dbname)[0][0])
 
     def doc_version(self, kind, i):
+        """The served document's version; 0 when absent; -1 for a 200 whose body is not a
+        document; None when the read failed."""
         st, _, raw = http_call(self.queryd.port, "GET", "/v1/%s/%s" % (kind, i), timeout=5)
         if st == 200:
-            return json.loads(raw).get("version")
+            try:
+                return json.loads(raw)["version"]
+            except (ValueError, KeyError, TypeError):
+                return -1
         return 0 if st == 404 else None
 
     def behind(self, versions):
@@ -561,6 +843,14 @@ class Run:
                 if len(bad) > 3:
                     break
         return bad
+
+    def held(self):
+        """The aggregates held by dead letters (cqrsctl dlq list --json); None on failure."""
+        r = self.ctl("dlq", "list", "--json", check=False)
+        try:
+            return json.loads(r.stdout)["aggregates"] if r.returncode == 0 else None
+        except (ValueError, KeyError):
+            return None
 
     def converge(self, t_heal, bound):
         """Seconds from the heal to convergence, or None when the bound ran out."""
@@ -655,6 +945,13 @@ class Run:
         if converge_s is None:
             for kind, i, v, dv in self.behind(versions):
                 problem("lost", "%s %s: document version %s, aggregate version %d" % (kind, i, dv, v))
+        if self.sc.check_dlq:
+            held = self.held()
+            if held is None:
+                problem("lost", "cqrsctl dlq list failed")
+            for a in (held or [])[:5]:
+                problem("lost", "%s still held by %d dead letters from v%s (%s)"
+                        % (a["aggregate_id"], a["count"], a["first_version"], a["reason"]))
         v = self.ctl("verify", "--json", check=False)
         if v.returncode != 0:
             res["verify"] += 1
@@ -664,18 +961,37 @@ class Run:
                 dv = self.doc_version(kind, i)
                 if dv != pv:
                     problem("lost" if (dv or 0) < pv else "duplicated",
-                            "%s %s: document version %s, aggregate version %d" % (kind, i, dv, pv))
+                            "%s %s: document version %s, aggregate version %d"
+                            % (kind, i, "-1 (not a document)" if dv == -1 else dv, pv))
 
         # Reads: per reader, a document's version never goes backwards, never beyond PostgreSQL's.
+        # A store loss (self.boundaries: a failover to a replica that missed writes, a FLUSHDB)
+        # steps documents back until the projector re-applied them — that step back is the loss
+        # itself, inherent to an asynchronous replica or an emptied store: reads are compared
+        # within the stretch between two losses, a read overlapping the first SETTLE_S seconds
+        # after a loss is not compared, and the steps back across a loss are counted (info).
+        bounds = sorted(self.boundaries)
         last_read = {}
-        for rid, kind, i, ver in wl.reads:
-            prev = last_read.get((rid, i))
-            if prev is not None and ver < prev:
-                problem("out of order", "reader %d saw %s %s at v%d after v%d" % (rid, kind, i, ver, prev))
-            last_read[(rid, i)] = ver
+        across = 0
+        for rid, kind, i, ver, t0, t1 in wl.reads:
             if ver > versions.get((kind, i), 0):
                 problem("duplicated", "reader %d saw %s %s at v%d, PostgreSQL has v%s"
                         % (rid, kind, i, ver, versions.get((kind, i))))
+            epoch = bisect.bisect_right(bounds, t0)
+            if any(t0 < b + SETTLE_S and t1 > b for b in bounds):
+                continue
+            prev = last_read.get((rid, i))
+            if prev is not None and ver < prev[1]:
+                if prev[0] == epoch:
+                    problem("out of order", "reader %d saw %s %s at v%d after v%d" % (rid, kind, i, ver, prev[1]))
+                else:
+                    across += 1
+            last_read[(rid, i)] = (epoch, ver)
+        if bounds:
+            self.info.append("reads that stepped back across a store loss: %d" % across)
+        for rid, kind, i, body in wl.bad_bodies:
+            problem("lost", "reader %d: %s %s answered 200 with a body that is not a document: %r"
+                    % (rid, kind, i, body))
         return res, notes
 
 
@@ -707,13 +1023,18 @@ def ready_all(run, seconds=90):
 
 class Scenario:
     def __init__(self, name, about, commandd_fp="", queryd_fp="", arm=3, long_arm=None, commandds=1,
-                 nemesis=None, negative=False, unsafe=None, load_s=2.0, bound=None):
+                 nemesis=None, negative=False, unsafe=None, load_s=2.0, bound=None, queryds=1,
+                 queryd_env=None, prepare=None, check_dlq=False):
         self.name, self.about = name, about
         self.commandd_fp, self.queryd_fp, self.arm = commandd_fp, queryd_fp, arm
         self.long_arm = long_arm or arm
         self.commandds, self.nemesis, self.negative, self.unsafe = commandds, nemesis, negative, unsafe
         self.load_s = load_s
         self.bound = bound  # seconds to converge; a negative control that never converges fails fast
+        self.queryds = queryds  # cqrs-queryd instances (role both) in one consumer group
+        self.queryd_env = queryd_env or {}  # e.g. a CQRS_UNSAFE_* switch of the projector
+        self.prepare = prepare  # prepare(run) before the database, daemons and load exist
+        self.check_dlq = check_dlq  # the checker also requires that no aggregate is held
 
 
 def nem_failpoint_commandd(run, sc, opts):
@@ -884,6 +1205,246 @@ def nem_random(run, sc, opts):
     ready_all(run)
 
 
+def offsets_keys(run):
+    return ["cqrs:offsets:{%s.%s.events}" % (run.prefix, t) for t in ("product", "order")]
+
+
+def store_loss_counted(run):
+    """After a store loss: the projectors counted it (once the lead's loss detection exists)."""
+    regs = [d.metric("cqrs_projector_store_regressions_total") for d in run.queryds]
+    resets = [d.metric("cqrs_projector_store_resets_total") for d in run.queryds]
+    run.info.append("store regressions counted: %s; store resets counted: %s (per cqrs-queryd)"
+                    % (", ".join("—" if v is None else "%d" % v for v in regs),
+                       ", ".join("—" if v is None else "%d" % v for v in resets)))
+    return regs, resets
+
+
+def watch_readiness(run, what):
+    """From now on, each cqrs-queryd's /readyz for up to 30 s (or until the checker starts): when
+    it first failed and when it answered 200 again — while a partition refills, /readyz fails
+    (the projector's refill time after the store loss, without the harness's own steps)."""
+    t0 = time.time()
+
+    def watch(d):
+        failed = back = None
+        while time.time() < t0 + 30 and not run.watch_stop.is_set():
+            st, _, _ = http_call(d.port, "GET", "/readyz", timeout=2)
+            now = time.time() - t0
+            if st != 200 and failed is None:
+                failed = now
+            elif st == 200 and failed is not None:
+                back = now
+                break
+            time.sleep(0.05)
+        run.info.append("%s: %s, /readyz %s" % (
+            what, d.name, "200 throughout (%.0f s)" % (time.time() - t0) if failed is None else
+            "failing from +%.2f s to +%.2f s" % (failed, back) if back is not None else
+            "failing from +%.2f s, still %.0f s later" % (failed, time.time() - t0)))
+    for d in run.queryds:
+        t = threading.Thread(target=watch, args=(d,), daemon=True)
+        t.start()
+        run.watchers.append(t)
+
+
+def failover_prepare(run):
+    """The scenario's daemons reach Redis through an endpoint forwarder (to the primary), and the
+    replica follows the primary through a link forwarder (so that the link can stall)."""
+    st = run.stack
+    if not st.replica_port:
+        raise SetupError("this scenario needs the stack's Redis replica (CQRS_REDIS_REPLICA_URL): "
+                         "tests/fault/run.sh starts one (stack.sh up --redis-replica)")
+    st.redis_topology_reset()
+    run.link = Forwarder("replication link", st.redis_port)
+    run.cleanups.append(run.link.close)
+    run.cleanups.append(st.redis_topology_reset)  # runs first (reversed): fail back, then close
+    st.redis_at(st.replica_port, 0, "REPLICAOF", "127.0.0.1", str(run.link.port))
+    if not st.wait_replica_of(st.replica_port, run.link.port, 30):
+        raise SetupError("the replica did not link to the primary through the link forwarder")
+    run.endpoint = Forwarder("redis endpoint", st.redis_port)
+    run.cleanups.append(run.endpoint.close)
+    run.redis_url = "redis://127.0.0.1:%d/%d" % (run.endpoint.port, run.redis_db)
+
+
+def nem_failover(run, sc, opts):
+    """Asynchronous failover that loses writes: the replica's link stalls while the load goes
+    on, the primary is SIGKILLed, the replica promoted (its link cut first: what it did not
+    receive is gone) and the endpoint flipped to it; the old primary comes back as its replica."""
+    st = run.stack
+    primary, replica = st.redis_port, st.replica_port
+    # Load, replicated: the replica holds applied offsets of both topics (on a fresh broker the
+    # consumer group takes a few seconds to form), then a little more.
+    end = time.time() + 60
+    while time.time() < end and not all(st.redis_at(replica, run.redis_db, "HLEN", k).strip() not in ("", "0")
+                                        for k in offsets_keys(run)):
+        time.sleep(0.3)
+    time.sleep(1.5)
+    log("replication link: %d bytes forwarded to the replica so far" % run.link.forwarded)
+    run.link.hold()
+    log("replication link stalled: the replica stops receiving while the load goes on")
+    time.sleep(3)
+    before = {k: st.hgetall(primary, run.redis_db, k) for k in offsets_keys(run)}
+    p_off = st.replication(primary).get("master_repl_offset")
+    pid = st.signal("redis", signal.SIGKILL)
+    st.wait_gone(pid)
+    run.link.cut()
+    st.redis_at(replica, 0, "REPLICAOF", "NO", "ONE")
+    r_off = st.replication(replica).get("master_repl_offset")
+    after = {k: st.hgetall(replica, run.redis_db, k) for k in offsets_keys(run)}
+    behind, lost = [], 0
+    for k, parts in before.items():
+        for part, off in parts.items():
+            have = int(after[k].get(part, "0"))
+            if have < int(off):
+                behind.append("%s[%s] %d < %s" % (k.split("{")[1].rstrip("}"), part, have, off))
+                lost += int(off) - have
+    msg = ("primary SIGKILLed at replication offset %s, replica promoted at %s: %d partitions' applied "
+           "offsets behind the primary's (%d messages in all): %s"
+           % (p_off, r_off, len(behind), lost, ", ".join(behind[:4]) + (", …" if len(behind) > 4 else "")))
+    log(msg)
+    run.info.append(msg)
+    if not behind:
+        run.problems.append("the promoted replica was not behind the primary's applied offsets: no write was "
+                            "lost, the scenario proves nothing")
+    run.boundaries.append(time.time())
+    run.t_heal = time.time()
+    run.endpoint.flip(replica)
+    watch_readiness(run, "after the flip")
+    # The old primary comes back and follows the new one (what Sentinel does with it).
+    st.up()
+    st.redis_at(primary, 0, "REPLICAOF", "127.0.0.1", str(replica))
+    ready_all(run)
+
+
+def nem_flush_two(run, sc, opts):
+    """Two projectors in one consumer group share the partitions; the read model's Redis database
+    is emptied (FLUSHDB) twice. First under full load, where both projectors usually meet the
+    empty store at once. Then at a quiet moment — the low-traffic case: the clients pause for a
+    second, the flush, then one command, whose event reaches one projector: it meets the empty
+    store first; the load resumes as soon as it counted that, so the other projector's next
+    events find a store the first one has already started again. (In this order: a flush would
+    also wipe what the one before it left wrong.)"""
+    def sharing():
+        end = time.time() + 60
+        while time.time() < end and not all((d.metric("cqrs_projector_partitions_assigned") or 0) > 0
+                                            for d in run.queryds):
+            time.sleep(0.3)
+        shares = [d.metric("cqrs_projector_partitions_assigned") for d in run.queryds]
+        log("partitions assigned per projector: %s" % shares)
+        if not all((n or 0) > 0 for n in shares):
+            run.problems.append("the projectors do not share the partitions: %s" % shares)
+    sharing()
+    time.sleep(1.5)
+    run.boundaries.append(time.time())
+    run.stack.redis(run.redis_db, "FLUSHDB")
+    log("FLUSHDB 1/2 of Redis database %d under load" % run.redis_db)
+    time.sleep(2)
+    sharing()  # the projectors' consumer-group changes settled: both consume again
+    time.sleep(1.5)
+    wl = run.wl
+    wl.lull.set()
+    time.sleep(1.0)  # in-flight commands end, the relay and the projectors go idle
+    resets = [d.metric("cqrs_projector_store_resets_total") or 0 for d in run.queryds]
+    run.boundaries.append(time.time())
+    run.stack.redis(run.redis_db, "FLUSHDB")
+    with wl.lock:
+        p = wl.products[-1]
+    wl.command(99, random.Random(opts.seed), "adjust", "POST", "/v1/products/%s/stock-adjustments" % p,
+               {"delta": 1, "reason": ""}, None, p)
+    end = time.time() + 10
+    while time.time() < end and [d.metric("cqrs_projector_store_resets_total") or 0 for d in run.queryds] == resets:
+        time.sleep(0.02)
+    wl.lull.clear()
+    watch_readiness(run, "after the second FLUSHDB")
+    log("FLUSHDB 2/2 of Redis database %d at a quiet moment, then one command; the load resumed when a "
+        "projector had counted the empty store" % run.redis_db)
+    run.t_heal = run.boundaries[-1]
+
+
+CORRUPT_LUA = ("local v = redis.call('HGET', KEYS[1], 'v') local j = redis.call('HGET', KEYS[1], 'json') "
+               "if not v or not j then return nil end "
+               "redis.call('HSET', KEYS[1], 'json', 'notjson') return {v, j}")
+REPAIR_LUA = ("if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end "
+              "redis.call('HSET', KEYS[1], 'json', ARGV[2]) return 1")
+
+
+def nem_dlq_retry(run, sc, opts):
+    """Dead letters under load, then `cqrsctl dlq retry` racing the live projector. Three hot
+    products (the clients keep adjusting them), each in a loop of its own for RACE_S: its stored
+    document is damaged (the JSON replaced by 'notjson', atomically, its version kept), so its
+    next event is dead-lettered and the following ones parked; then the document is repaired
+    (the JSON it held, written back) and `cqrsctl dlq retry` is run again and again until the
+    aggregate is released — while its events keep arriving — and the cycle starts over."""
+    wl, st = run.wl, run.stack
+    hot, end = [], time.time() + 60  # on a fresh broker the consumer group takes seconds to form
+    while len(hot) < 3 and time.time() < end:
+        time.sleep(1)
+        with wl.lock:
+            candidates = list(wl.products[-30:])
+        hot = [pid for pid in candidates if st.redis(run.redis_db, "HGET", "cqrs:product:{%s}" % pid, "v").strip()][-3:]
+    if len(hot) < 3:
+        raise SetupError("fewer than 3 products with a document after 60 s of load")
+    with wl.lock:
+        wl.hot = hot
+        wl.damaged.update(hot)  # reads of them are not judged while they are damaged now and then
+    stats = collections.Counter()
+    parked = []
+    race_end = time.time() + RACE_S
+
+    def race(pid):
+        key, dlq = "cqrs:product:{%s}" % pid, "cqrs:dlq:{%s}" % pid
+        while time.time() < race_end:
+            out = st.redis(run.redis_db, "EVAL", CORRUPT_LUA, "1", key).split("\n", 1)
+            if len(out) < 2 or not out[0].strip():
+                raise SetupError("product %s has no stored document to damage" % pid)
+            v, doc = out[0].strip(), out[1].strip()
+            stats["damaged"] += 1
+            end = time.time() + 10
+            while time.time() < end:  # its next event meets the damage (or was computed before it)
+                if st.redis(run.redis_db, "EXISTS", dlq).strip() == "1":
+                    break
+                if st.redis(run.redis_db, "HGET", key, "v").strip() != v:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.15)  # more of its events arrive and are parked
+            held = st.redis(run.redis_db, "HLEN", dlq).strip()
+            if held not in ("", "0"):
+                parked.append(int(held) // 2)
+            if st.redis(run.redis_db, "EVAL", REPAIR_LUA, "1", key, v, doc).strip() == "1":
+                stats["repaired"] += 1
+            else:
+                stats["moved on before the damage was read"] += 1  # an apply computed earlier overwrote it
+            end = time.time() + 30
+            while time.time() < end and st.redis(run.redis_db, "EXISTS", dlq).strip() == "1":
+                rc = run.ctl("dlq", "retry", pid, check=False).returncode
+                stats["retry exit %d" % rc] += 1
+            if st.redis(run.redis_db, "EXISTS", dlq).strip() == "1":
+                run.problems.append("product %s still held after 30 s of cqrsctl dlq retry" % pid)
+                return
+            stats["released"] += 1
+
+    errors = []
+
+    def guarded(pid):
+        try:
+            race(pid)
+        except Exception as ex:  # noqa: BLE001
+            errors.append("%s: %s" % (type(ex).__name__, ex))
+    threads = [threading.Thread(target=guarded, args=(pid,)) for pid in hot]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(RACE_S + 120)
+    if errors:
+        raise SetupError("; ".join(errors))
+    with wl.lock:
+        wl.damaged.clear()  # repaired and released: reads from now on are judged again
+    run.info.append("hot products %s: %s; events held per cycle: %s"
+                    % (", ".join(p[:8] for p in hot), ", ".join("%s %d" % kv for kv in sorted(stats.items())),
+                       "median %d, max %d" % (sorted(parked)[len(parked) // 2], max(parked)) if parked else "none"))
+    if not stats["released"]:
+        run.problems.append("no aggregate was held and released: the race did not happen")
+
+
 SCENARIOS = [
     Scenario("commandd-kill-before-commit", "SIGKILL after the writes, before COMMIT (×3)",
              commandd_fp="command-before-commit=kill*1", nemesis=nem_failpoint_commandd),
@@ -907,6 +1468,14 @@ SCENARIOS = [
     Scenario("redelivery-reorder", "applied offsets rewound; a test producer re-sends events newest first",
              nemesis=nem_offsets_and_dups),
     Scenario("random-mix", "seeded random mix of the faults above", commandds=2, nemesis=nem_random),
+    Scenario("redis-failover-lost-writes", "Redis replica's link stalled, primary SIGKILLed, replica promoted "
+             "behind it, endpoint flipped: the projector must re-apply what the store lost",
+             prepare=failover_prepare, nemesis=nem_failover, bound=60, check_dlq=True),
+    Scenario("redis-flush-two-projectors", "two projectors sharing the partitions; FLUSHDB of the read model "
+             "under load, twice", queryds=2, nemesis=nem_flush_two, bound=60, check_dlq=True),
+    Scenario("dlq-retry-race", "hot products' documents damaged: dead letters and parked events under load; "
+             "repaired, then cqrsctl dlq retry racing the live projector", nemesis=nem_dlq_retry, bound=60,
+             check_dlq=True),
     Scenario("NEGATIVE-ack-uncommitted", "negative control: CQRS_UNSAFE_ACK_UNCOMMITTED=1 and COMMIT failing ×5",
              commandd_fp="command-before-commit=error*5", unsafe={"CQRS_UNSAFE_ACK_UNCOMMITTED": "1"},
              negative=True, nemesis=lambda run, sc, opts: time.sleep(1)),
@@ -914,37 +1483,54 @@ SCENARIOS = [
              "the relay SIGKILLed after reading the outbox", commandd_fp="relay-after-read=kill*1", arm=2,
              unsafe={"CQRS_UNSAFE_RELAY_DELETE_FIRST": "1"}, negative=True, nemesis=nem_failpoint_commandd,
              bound=20),
+    Scenario("NEGATIVE-no-loss-detection", "negative control: redis-failover-lost-writes with "
+             "CQRS_UNSAFE_NO_LOSS_DETECTION=1 (the projector does not look for store loss)",
+             queryd_env={"CQRS_UNSAFE_NO_LOSS_DETECTION": "1"}, negative=True, prepare=failover_prepare,
+             nemesis=nem_failover, bound=20),
 ]
 
 
 def run_scenario(stack, opts, sc, workdir):
     log("=== %s: %s" % (sc.name, sc.about))
     run = Run(stack, opts.build, workdir, sc.name)
+    run.sc = sc
     row = {"scenario": sc.name, "commands": 0, "acked": 0, "lost": 0, "duplicated": 0, "out of order": 0,
            "converge": None, "ok": False, "notes": []}
     if opts.long:
         sc.arm = sc.long_arm
     try:
         stack.up()
+        if sc.prepare:
+            sc.prepare(run)
         run.setup()
         for i in range(sc.commandds):
             fp = sc.commandd_fp if i == 0 else ""
             run.add("commandd", fp, sc.unsafe, arm=sc.arm if fp else 0)
             if i == 0 and sc.commandds > 1 and not leader(run, 20):
                 raise SetupError("the first commandd did not become the relay leader")
-        run.add("queryd", sc.queryd_fp, arm=sc.arm if sc.queryd_fp else 0)
+        for i in range(sc.queryds):
+            fp = sc.queryd_fp if i == 0 else ""
+            run.add("queryd", fp, sc.queryd_env, arm=sc.arm if fp else 0)
         run.supervise()
         wl = Workload(run, seed=opts.seed)
+        run.wl = wl
         wl.start()
         time.sleep(1.0)
         sc.nemesis(run, sc, opts)
         stack.up()  # whatever is still down comes back: the heal
-        t_heal = time.time()
+        t_heal = run.t_heal or time.time()
         time.sleep(sc.load_s if not opts.long else sc.load_s * 3)  # load after the heal
         wl.stop()
         bound = sc.bound or opts.bound
         conv = run.converge(t_heal, bound)
+        run.watch_stop.set()
+        for t in run.watchers:
+            t.join(5)
         res, notes = run.check(wl, conv)
+        if sc.prepare is failover_prepare or sc.queryds > 1:
+            regs, resets = store_loss_counted(run)
+            if not sc.negative and any(v is not None for v in regs) and not sum(v or 0 for v in regs + resets):
+                run.problems.append("the store lost writes but no projector counted a store regression or reset")
         row.update(commands=len(wl.ops), acked=sum(op["outcome"] == "ok" for op in wl.ops),
                    lost=res["lost"], duplicated=res["duplicated"], **{"out of order": res["out of order"]},
                    converge=conv)
@@ -962,13 +1548,18 @@ def run_scenario(stack, opts, sc, workdir):
             for op in wl.ops:
                 f.write(json.dumps(op) + "\n")
         with open(os.path.join(run.logdir, "reads.jsonl"), "w") as f:
-            for rid, kind, i, ver in wl.reads:
-                f.write(json.dumps({"reader": rid, "kind": kind, "id": i, "version": ver}) + "\n")
+            for rid, kind, i, ver, t0, t1 in wl.reads:
+                f.write(json.dumps({"reader": rid, "kind": kind, "id": i, "version": ver, "t0": t0, "t1": t1})
+                        + "\n")
     except Exception as ex:  # noqa: BLE001 — one broken scenario must not hide the others
         row["notes"].append("setup error: %s: %s" % (type(ex).__name__, ex))
         row["setup_error"] = True
     finally:
         run.teardown()
+    if run.teardown_errors:
+        row["ok"] = False
+        row["notes"] += run.teardown_errors
+    row["info"] = run.info
     # A sanitizer report or a non-zero exit on SIGTERM is a bug found under faults too.
     for d in run.daemons:
         if d.exit_code not in (None, 0):
@@ -983,6 +1574,8 @@ def run_scenario(stack, opts, sc, workdir):
                     row["ok"] = False
                     row["notes"].append("%s in %s/%s" % (pat, run.logdir, name))
     log("%s: %s %s" % (sc.name, "PASS" if row["ok"] else "FAIL", "; ".join(row["notes"][:6])))
+    for line in run.info:
+        log("%s: %s" % (sc.name, line))
     return row
 
 
@@ -1036,9 +1629,10 @@ def main():
     out = ["Fault suite, seed %d%s, %d s" % (opts.seed, " (long)" if opts.long else "", time.time() - t0),
            table(rows)]
     for r in rows:
-        if r["notes"] and (not r["ok"] or r["scenario"].startswith("NEGATIVE")):
+        if r["notes"] and (not r["ok"] or r["scenario"].startswith("NEGATIVE")) or r.get("info"):
             out.append("\n%s (%s):" % (r["scenario"], r.get("detail", "")))
             out += ["  - " + n for n in r["notes"][:12]]
+            out += ["  · " + n for n in r.get("info", [])]
     print("\n" + "\n".join(out))
     if opts.table:
         with open(opts.table, "w") as f:

@@ -4,7 +4,8 @@
 # The suite SIGKILLs, pauses and empties servers, so it never runs on a stack someone else
 # uses: this script starts a fresh one (its own folder and free ports), runs the suite against
 # it and always purges it, also on failure or Ctrl-C. A server that cannot be started is a
-# failure (exit non-zero), never a skip.
+# failure (exit non-zero), never a skip. The stack includes a Redis replica (stack.sh up
+# --redis-replica), which the Redis failover scenarios promote.
 #
 #   tests/fault/run.sh BUILD_DIR [fault.py options]     e.g. --scenario kafka-kill --seed 42
 #   CQRS_FAULT_LONG=1 tests/fault/run.sh BUILD_DIR      more rounds, longer load
@@ -24,9 +25,10 @@ chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
 export CQRS_STACK_DIR=$STACK_DIR
 CQRS_PG_PORT=$(free_port)
 CQRS_REDIS_PORT=$(free_port)
+CQRS_REDIS_REPLICA_PORT=$(free_port)
 CQRS_KAFKA_PORT=$(free_port)
 CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
-export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_REDIS_REPLICA_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
 
 teardown() {
     local rc=$?
@@ -41,8 +43,9 @@ teardown() {
 trap teardown EXIT
 trap 'exit 130' INT TERM
 
-echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT)"
-"$REPO/deploy/local/stack.sh" up
+echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT" \
+    "redis-replica=$CQRS_REDIS_REPLICA_PORT kafka=$CQRS_KAFKA_PORT)"
+"$REPO/deploy/local/stack.sh" up --redis-replica
 eval "$("$REPO/deploy/local/stack.sh" env)"
 # The results also go to BUILD/fault-results.txt (tests/run.sh prints them at the end).
 python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$BUILD/fault-results.txt" "$@"
