@@ -784,6 +784,7 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
              * while the stored document is still there. */
             a.base_version = known ? version : -1;
             set_checks(p, ps, &a);
+            (void)CQRS_FAILPOINT("projector-before-apply");
             rc = dead ? cqrs_docstore_dead_letter(p->ds, &a, &res, &err)
                       : cqrs_docstore_apply(p->ds, &a, &res, &err);
         }
