@@ -85,9 +85,9 @@ static void settings_table(void)
         {"CQRS_RELAY_LEASE_MS", CQRS_CONFIG_INT, "5000", 1000, 600000,
          "relay leadership lease: a silent leader is replaced after this long", &S.relay_lease_ms,
          NULL},
-        {"CQRS_RELAY_STALL_MS", CQRS_CONFIG_INT, "60000", 2000, 600000,
+        {"CQRS_RELAY_STALL_MS", CQRS_CONFIG_INT, "60000", CQRS_RELAY_STALL_MIN_MS, 600000,
          "a relay thread without progress this long has its statement cancelled, then is "
-         "replaced",
+         "replaced (at least CQRS_RELAY_LEASE_MS)",
          &S.relay_stall_ms, NULL},
         {"CQRS_RELAY_TRANSACTIONAL_ID", CQRS_CONFIG_STRING, "", 0, 0,
          "Kafka transactional.id shared by the relays of one deployment (default "
@@ -232,6 +232,16 @@ int main(int argc, char **argv)
     }
     if (cqrs_config_load(entries, n_entries, NULL, NULL, stderr) != 0) {
         fprintf(stderr, "cqrs-commandd: bad configuration (see --help)\n");
+        return 2;
+    }
+    /* A healthy relay waits up to a third of the lease on Kafka between two signs of
+     * progress: a shorter patience would cancel and replace it. */
+    if (S.relay_stall_ms < S.relay_lease_ms) {
+        fprintf(stderr,
+                "cqrs-commandd: CQRS_RELAY_STALL_MS (%lld) must be at least CQRS_RELAY_LEASE_MS "
+                "(%lld)\n",
+                (long long)S.relay_stall_ms, (long long)S.relay_lease_ms);
+        cqrs_config_free(entries, n_entries);
         return 2;
     }
     cqrs_log_level_t level = CQRS_LOG_INFO;

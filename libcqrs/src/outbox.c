@@ -2,15 +2,22 @@
  *
  * DESIGN (see outbox.h for the guarantees)
  *  - Leadership: a lease row in PostgreSQL (relay_leader), taken when expired, renewed every
- *    lease/5 — also while waiting on Kafka — and given up when a renewal fails. Taking it bumps
- *    the epoch; every relay write checks owner + epoch in the same statement.
+ *    lease/5 — also while waiting on Kafka — as long as it has not expired, and given up when
+ *    a renewal fails. Taking it bumps the epoch; every relay write checks owner + epoch in the
+ *    same statement.
  *  - Fencing in Kafka: one transactional.id for all relays of a deployment; init_transactions
  *    by a new leader aborts and fences the old one's open transaction.
  *  - One batch = one Kafka transaction: produce, wait for every delivery report, record the
  *    batch in relay_inflight (with one check message's partition and offset), commit, then
- *    delete the rows and the record in one statement. After a takeover the new leader looks
- *    the check message up with a read_committed consumer: visible → the batch is in Kafka,
- *    delete its rows; not visible → it was aborted, publish again.
+ *    delete the rows and the record in one statement. After a takeover the new leader first
+ *    runs init_transactions — which returns only once the previous transaction is complete,
+ *    its commit or abort markers written — and only then looks the check message up with a
+ *    read_committed consumer: visible → the batch is in Kafka, delete its rows; not visible →
+ *    it was aborted, publish again. (Before the markers are written a read_committed reader's
+ *    end stops short of the transaction, so the lookup would mistake a commit for an abort.)
+ *  - A delete that fails after a successful commit needs no lookup: the leader keeps the
+ *    batch's sequences and retries that delete alone before anything else; no round runs
+ *    meanwhile. Losing the lease drops them; the next leader settles the record as above.
  *  - Completeness and order: every row still in the outbox, in sequence order; an aggregate's
  *    events have increasing sequences (its row lock orders its transactions), and the
  *    producer keeps partition order (idempotent, key = aggregate id).
@@ -18,16 +25,26 @@
  *  - Runs on its own thread with its own PostgreSQL connection and producer.
  *  - Bounded waits: the connection's lock_timeout is at most half the lease and its
  *    statement_timeout at most a quarter of stall_ms, so a lock held on the relay's tables
- *    ends a statement with a timeout: logged, counted, retried after a growing pause. The
- *    leader keeps its leadership while its lease can still be renewed and gives it up when it
- *    cannot (every write checks the epoch either way). The Idempotency-Key cleanup deletes
- *    small batches, each under a quarter-lease statement_timeout and after a renewal.
- *  - Supervision: a worker without a heartbeat for stall_ms has its running statement
- *    cancelled (a PGcancel made per connection); only if that does not free it within a grace
- *    period is it abandoned and replaced. Leadership, epoch and health flags are the worker's
- *    own and published to the shared stats only while it is the current worker, so an
- *    abandoned one that wakes up cannot unseat its successor; it frees its connection and
- *    producer and exits.
+ *    ends a statement with a timeout: logged, counted, retried after a pause that doubles
+ *    each time in a row. Before producing a batch the leader checks with NOWAIT that it could
+ *    record and delete it, so a held lock costs a refused check, not a produced and aborted
+ *    batch. The leader keeps its leadership while its lease can still be renewed and gives
+ *    it up when it cannot. Every relay write checks owner + epoch with FOR SHARE on the
+ *    relay_leader row, so a takeover cannot commit in the middle of it. The Idempotency-Key
+ *    cleanup deletes small batches, each under a quarter-lease statement_timeout and after a
+ *    renewal.
+ *  - Supervision: the worker beats a heartbeat around every call that can wait (each bounded
+ *    by statement_timeout, lease/3 or RELAY_CALL_MAX_MS), and stall_ms is at least
+ *    CQRS_RELAY_STALL_MIN_MS and the lease, so only a call that does not return goes without
+ *    a beat for stall_ms. Then the supervisor has its running statement cancelled (PQcancel,
+ *    sent from a detached thread: it has no connect timeout before libpq 17 and must never
+ *    hold the supervisor up); only if that does not free it within a grace period is it
+ *    abandoned and replaced. Leadership, epoch, stats and health flags are the worker's own
+ *    and published to the shared stats only while it is the current worker, so an abandoned
+ *    one that wakes up cannot unseat its successor; it aborts what it was doing, frees its
+ *    connection and producer and exits. A worker/supervisor CAS on its state decides who
+ *    frees it: after the supervisor's successful CAS the worker may be freed at any moment,
+ *    so the supervisor touches nothing of it any more.
  */
 #define _GNU_SOURCE /* pthread_timedjoin_np */
 #include "cqrs/outbox.h"
@@ -52,6 +69,16 @@
 #define NOTIFY_CHANNEL "cqrs_outbox"
 /* application_name of the relay's connection (pg_stat_activity, tests count them). */
 #define RELAY_APP_NAME "cqrs-relay"
+/* The longest fixed wait of one call between two heartbeats: connecting to PostgreSQL and
+ * creating the topics. The other waits are statement_timeout (at most stall_ms / 4) and
+ * lease/3 (Kafka transaction calls; stall_ms is at least the lease). CQRS_RELAY_STALL_MIN_MS
+ * is twice this. */
+#define RELAY_CALL_MAX_MS 5000
+#define RELAY_CONNECT_TIMEOUT_S (RELAY_CALL_MAX_MS / 1000)
+/* PQcancel threads of one relay running at once (a cancel without connect timeout can hang). */
+#define RELAY_CANCELS_MAX 2
+/* The longest pause between retries after timeouts in a row. */
+#define RELAY_BACKOFF_MAX_MS 30000
 
 cqrs_err_t cqrs_outbox_append(cqrs_tx_t *tx, cqrs_event_t *ev, const char *topic, cqrs_error_t *err)
 {
@@ -134,6 +161,7 @@ typedef struct relay_shared {
     atomic_int_fast64_t epoch, backlog;
     atomic_uint_fast64_t published, failed, aborted, changes, recovered, restarts, pg_timeouts;
     _Atomic double oldest_age_s;
+    atomic_int cancels; /* PQcancel threads still running */
     cqrs_histogram_t latency;
 } relay_shared_t;
 
@@ -174,8 +202,11 @@ typedef struct relay_worker {
     int64_t epoch;      /* of its current or last leadership */
     bool txn_ready;     /* init_transactions done on rk */
     bool need_recovery; /* after taking over: resolve relay_inflight first */
-    bool timed_out;     /* a statement of this loop iteration hit a timeout */
-    int backoff_ms;     /* current pause after timeouts (0: none) */
+    /* A batch committed in Kafka whose rows are not deleted yet ("{1,2,…}"): the delete is
+     * retried alone before anything else while this leadership lasts. */
+    char *published_seqs;
+    bool timed_out; /* a statement of this loop iteration hit a timeout */
+    int backoff_ms; /* current pause after timeouts (0: none) */
     int64_t next_timeout_log;
     uint64_t timeouts_unlogged;
     int64_t next_renew;  /* monotonic ms */
@@ -201,6 +232,7 @@ static void worker_free(relay_worker_t *r)
         return;
     pthread_mutex_destroy(&r->cancel_mu);
     PQfreeCancel(r->cancel);
+    free(r->published_seqs);
     free(r->dsn);
     free(r->brokers);
     free(r->source);
@@ -254,6 +286,12 @@ static relay_worker_t *worker_new(const cqrs_relay_config_t *cfg, relay_shared_t
         r->cfg.statement_timeout_ms = 5000;
     if (r->cfg.lock_timeout_ms <= 0)
         r->cfg.lock_timeout_ms = 2000;
+    /* A healthy worker beats at least every RELAY_CALL_MAX_MS, lease/3 or statement_timeout
+     * (see the DESIGN note): a shorter patience would cancel and replace it. */
+    if (r->cfg.stall_ms < CQRS_RELAY_STALL_MIN_MS)
+        r->cfg.stall_ms = CQRS_RELAY_STALL_MIN_MS;
+    if (r->cfg.stall_ms < r->cfg.lease_ms)
+        r->cfg.stall_ms = r->cfg.lease_ms;
     /* No statement may outlast the supervisor's patience, and no lock wait may outlast the
      * lease: a leader that waited on a lock still holds its lease when the wait ends. */
     if (r->cfg.statement_timeout_ms > r->cfg.stall_ms / 4)
@@ -279,12 +317,17 @@ static void beat(relay_worker_t *r)
     atomic_store(&r->heartbeat, cqrs_monotonic_ms());
 }
 
+static bool abandoned(relay_worker_t *r)
+{
+    return atomic_load(&r->state) == WORKER_ABANDONED;
+}
+
 /* Stores v in a shared flag unless the supervisor gave this worker up: its successor owns
  * the flags then. */
 static void publish(relay_worker_t *r, atomic_bool *flag, bool v)
 {
     pthread_mutex_lock(&r->sh->mu);
-    if (atomic_load(&r->state) != WORKER_ABANDONED)
+    if (!abandoned(r))
         atomic_store(flag, v);
     pthread_mutex_unlock(&r->sh->mu);
 }
@@ -343,12 +386,17 @@ static void drop_producer(relay_worker_t *r)
         rd_kafka_poll(r->rk, 0);
         rd_kafka_destroy(r->rk);
         r->rk = NULL;
+        beat(r);
     }
     r->txn_ready = false;
 }
 
 static void step_down(relay_worker_t *r, const char *why)
 {
+    /* What this leadership knew about its last batch goes with it: the record stays, and
+     * whoever leads next settles it after init_transactions. */
+    free(r->published_seqs);
+    r->published_seqs = NULL;
     if (r->leading) {
         r->leading = false;
         publish(r, &r->sh->leader, false);
@@ -425,6 +473,7 @@ static PGresult *exec_params(relay_worker_t *r, const char *what, const char *sq
     if (!r->conn)
         return NULL;
     PGresult *res = PQexecParams(r->conn, sql, n, NULL, p, NULL, NULL, 0);
+    beat(r);
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         statement_failed(r, res, what);
@@ -458,17 +507,21 @@ static bool renew(relay_worker_t *r, bool force)
     char lease[24];
     snprintf(lease, sizeof lease, "%d milliseconds", r->cfg.lease_ms);
     const char *x[] = {lease};
-    PGresult *res = exec_relay(r, "lease renewal",
-                               "UPDATE relay_leader SET expires_at = now() + $3::interval"
-                               " WHERE id = 1 AND owner = $1 AND epoch = $2 RETURNING 1",
-                               1, x);
+    /* An expired lease is not renewed: a takeover may be under way. clock_timestamp(), not
+     * now(): a statement that waited on a lock must not count from when it started. */
+    PGresult *res =
+        exec_relay(r, "lease renewal",
+                   "UPDATE relay_leader SET expires_at = clock_timestamp() + $3::interval"
+                   " WHERE id = 1 AND owner = $1 AND epoch = $2"
+                   " AND expires_at > clock_timestamp() RETURNING 1",
+                   1, x);
     bool ok = res && PQntuples(res) == 1;
-    bool refused = res && !ok; /* the row is someone else's now */
+    bool refused = res && !ok; /* expired, or the row is someone else's now */
     PQclear(res);
     if (!ok) {
         if (!refused && cqrs_monotonic_ms() < r->lease_until && r->conn)
             return true; /* a hiccup (a timeout, say); the lease still runs */
-        step_down(r, refused ? "lease taken over" : "lease not renewed");
+        step_down(r, refused ? "lease expired or taken over" : "lease not renewed");
         return false;
     }
     r->next_renew = now + r->cfg.lease_ms / 5;
@@ -531,7 +584,8 @@ static bool connect_pg(relay_worker_t *r)
     if (r->conn)
         return true;
     cqrs_error_t err;
-    r->conn = cqrs__pg_connect(r->dsn, RELAY_APP_NAME, 5, &err);
+    r->conn = cqrs__pg_connect(r->dsn, RELAY_APP_NAME, RELAY_CONNECT_TIMEOUT_S, &err);
+    beat(r);
     publish(r, &r->sh->pg_up, r->conn != NULL);
     if (!r->conn) {
         CQRS_LOG_WARN("outbox relay cannot reach PostgreSQL", "error", err.message);
@@ -562,8 +616,8 @@ static bool try_lead(relay_worker_t *r)
     const char *p[] = {r->owner, lease};
     PGresult *res = exec_params(r, "election",
                                 "UPDATE relay_leader SET owner = $1, epoch = epoch + 1,"
-                                " since = now(), expires_at = now() + $2::interval"
-                                " WHERE id = 1 AND expires_at < now() RETURNING epoch",
+                                " since = now(), expires_at = clock_timestamp() + $2::interval"
+                                " WHERE id = 1 AND expires_at < clock_timestamp() RETURNING epoch",
                                 2, p);
     bool got = res && PQntuples(res) == 1;
     int64_t epoch = 0;
@@ -575,15 +629,18 @@ static bool try_lead(relay_worker_t *r)
     r->epoch = epoch;
     r->leading = true;
     pthread_mutex_lock(&r->sh->mu);
-    if (atomic_load(&r->state) != WORKER_ABANDONED) {
+    if (!abandoned(r)) {
         atomic_store(&r->sh->epoch, epoch);
         atomic_store(&r->sh->leader, true);
+        atomic_fetch_add(&r->sh->changes, 1);
     }
     pthread_mutex_unlock(&r->sh->mu);
-    atomic_fetch_add(&r->sh->changes, 1);
     int64_t now = cqrs_monotonic_ms();
     r->next_renew = now + r->cfg.lease_ms / 5;
     r->lease_until = now + r->cfg.lease_ms * 4 / 5;
+    /* recover() may only look at Kafka after this leadership's init_transactions, which a
+     * fresh producer runs (see the DESIGN note). */
+    drop_producer(r);
     r->need_recovery = true;
     char e[24];
     snprintf(e, sizeof e, "%lld", (long long)epoch);
@@ -606,6 +663,7 @@ static bool ready_producer(relay_worker_t *r)
         return true;
     /* Short, resumable waits so that the lease keeps being renewed. */
     rd_kafka_error_t *e = rd_kafka_init_transactions(r->rk, r->cfg.lease_ms / 3);
+    beat(r);
     if (e) {
         CQRS_LOG_WARN("Kafka transactions not ready yet", "error", rd_kafka_error_string(e));
         bool fatal = rd_kafka_error_is_fatal(e);
@@ -682,12 +740,17 @@ static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t part
     }
     rd_kafka_consumer_close(c);
     rd_kafka_destroy(c);
+    beat(r);
     return verdict;
 }
 
-/* After taking over: settle the batch the previous leader was committing, if any. */
+/* After taking over: settle the batch the previous leader was committing, if any. Only after
+ * this leadership's init_transactions (r->txn_ready): before it, the previous transaction's
+ * markers may not be written yet and a committed batch would look aborted. */
 static bool recover(relay_worker_t *r)
 {
+    if (!r->txn_ready)
+        return false;
     PGresult *res = exec_params(r, "in-flight batch read",
                                 "SELECT sequences::text, check_topic, check_partition,"
                                 " check_offset, check_sequence FROM relay_inflight WHERE id = 1",
@@ -711,7 +774,7 @@ static bool recover(relay_worker_t *r)
         const char *x[] = {seqs, verdict == 1 ? "t" : "f"};
         res = exec_relay(r, "in-flight batch settlement",
                          "WITH ok AS (SELECT 1 FROM relay_leader"
-                         "            WHERE id = 1 AND owner = $1 AND epoch = $2)"
+                         "            WHERE id = 1 AND owner = $1 AND epoch = $2 FOR SHARE)"
                          ", i AS (DELETE FROM relay_inflight WHERE id = 1"
                          "        AND EXISTS (SELECT 1 FROM ok))"
                          "DELETE FROM outbox WHERE $4::boolean AND sequence = ANY($3::bigint[])"
@@ -740,10 +803,78 @@ static const char *const SELECT_BATCH =
     "  FROM outbox o JOIN events e ON e.sequence = o.sequence"
     " ORDER BY o.sequence LIMIT $1";
 
+/* The rows of a batch committed in Kafka ($3) and its record, deleted if owner $1 and epoch
+ * $2 still lead. FOR SHARE: a takeover cannot commit while the delete runs, and one that
+ * committed meanwhile is seen (the row is re-checked at its newest version). */
+static const char *const DELETE_PUBLISHED =
+    "WITH ok AS (SELECT 1 FROM relay_leader"
+    "            WHERE id = 1 AND owner = $1 AND epoch = $2 FOR SHARE)"
+    ", i AS (DELETE FROM relay_inflight WHERE id = 1"
+    "        AND EXISTS (SELECT 1 FROM ok))"
+    "DELETE FROM outbox WHERE sequence = ANY($3::bigint[])"
+    " AND EXISTS (SELECT 1 FROM ok)";
+
+/* Whether the batch could be recorded and deleted now: NOWAIT on the table locks and on the
+ * rows that the record and the delete take, all released at once (one implicit
+ * transaction). A held lock costs this refused statement (55P03, counted as a timeout), not
+ * a produced and aborted batch. */
+static const char *const CHECK_WRITABLE =
+    "LOCK TABLE relay_leader IN ROW SHARE MODE NOWAIT;"
+    "LOCK TABLE relay_inflight, outbox IN ROW EXCLUSIVE MODE NOWAIT;"
+    "SELECT 1 FROM relay_leader WHERE id = 1 FOR SHARE NOWAIT;"
+    "SELECT 1 FROM relay_inflight WHERE id = 1 FOR NO KEY UPDATE NOWAIT";
+
+static bool record_writable(relay_worker_t *r)
+{
+    if (!r->conn)
+        return false;
+    PGresult *res = PQexec(r->conn, CHECK_WRITABLE);
+    beat(r);
+    bool ok = PQresultStatus(res) == PGRES_TUPLES_OK;
+    if (!ok)
+        statement_failed(r, res, "batch record check");
+    PQclear(res);
+    return ok;
+}
+
+/* Retries the delete of a batch committed in Kafka (r->published_seqs) that failed after the
+ * commit: the commit succeeded, so nothing needs checking in Kafka. */
+static bool delete_published(relay_worker_t *r)
+{
+    const char *d[] = {r->published_seqs};
+    PGresult *res = exec_relay(r, "published rows delete (retry)", DELETE_PUBLISHED, 1, d);
+    if (!res)
+        return false; /* retried after a pause, unless the lease went with the connection */
+    CQRS_LOG_INFO("published rows deleted on retry", "rows", PQcmdTuples(res));
+    PQclear(res);
+    free(r->published_seqs);
+    r->published_seqs = NULL;
+    return true;
+}
+
+/* Aborts the open transaction (if any) in resumable slices of lease/3, each after a renewal
+ * when one is due, so that an abort after a timed-out record (which may have waited half the
+ * lease) never outlives the lease unrenewed. A lease lost meanwhile drops the producer, which
+ * aborts too; a producer that cannot abort within 10 s is dropped (init_transactions aborts
+ * for it). */
 static void abort_txn(relay_worker_t *r)
 {
+    if (!r->rk)
+        return;
     atomic_fetch_add(&r->sh->aborted, 1);
-    rd_kafka_error_t *e = rd_kafka_abort_transaction(r->rk, 10000);
+    int64_t deadline = cqrs_monotonic_ms() + 10000;
+    rd_kafka_error_t *e = NULL;
+    for (;;) {
+        if (r->leading)
+            renew(r, false);
+        if (!r->rk)
+            return;
+        e = rd_kafka_abort_transaction(r->rk, r->cfg.lease_ms / 3);
+        beat(r);
+        if (!e || !rd_kafka_error_is_retriable(e) || cqrs_monotonic_ms() >= deadline)
+            break;
+        rd_kafka_error_destroy(e);
+    }
     if (e) {
         CQRS_LOG_WARN("abort_transaction failed; recreating the producer", "error",
                       rd_kafka_error_string(e));
@@ -770,7 +901,8 @@ static void unsafe_delete_first(relay_worker_t *r, PGresult *res, int n)
     const char *d[] = {arr};
     PQclear(exec_relay(r, "unsafe delete",
                        "DELETE FROM outbox WHERE sequence = ANY($3::bigint[]) AND EXISTS"
-                       " (SELECT 1 FROM relay_leader WHERE id = 1 AND owner = $1 AND epoch = $2)",
+                       " (SELECT 1 FROM relay_leader WHERE id = 1 AND owner = $1 AND epoch = $2"
+                       "  FOR SHARE)",
                        1, d));
     free(arr);
 }
@@ -790,6 +922,10 @@ static int relay_round(relay_worker_t *r)
     if (n == 0) {
         PQclear(res);
         return 0;
+    }
+    if (!record_writable(r)) {
+        PQclear(res);
+        return -1;
     }
     if (CQRS_UNSAFE("RELAY_DELETE_FIRST"))
         unsafe_delete_first(r, res, n);
@@ -839,7 +975,11 @@ static int relay_round(relay_worker_t *r)
                 RD_KAFKA_V_END);
             if (kerr != RD_KAFKA_RESP_ERR__QUEUE_FULL)
                 break;
+            /* Room comes as deliveries end (at the latest after message.timeout.ms). */
             rd_kafka_poll(r->rk, 100);
+            beat(r);
+            if (!renew(r, false))
+                break;
         }
         if (kerr != RD_KAFKA_RESP_ERR_NO_ERROR) {
             rd_kafka_headers_destroy(hdrs); /* not taken over on failure */
@@ -859,7 +999,8 @@ static int relay_round(relay_worker_t *r)
         int pending = 0;
         for (int i = 0; i < produced; i++)
             pending += !slots[i].done;
-        if (pending == 0 || cqrs_monotonic_ms() > deadline)
+        /* No producer: the lease went while waiting for room in its queue. */
+        if (pending == 0 || !r->rk || cqrs_monotonic_ms() > deadline)
             break;
         rd_kafka_poll(r->rk, 50);
         beat(r);
@@ -869,19 +1010,28 @@ static int relay_round(relay_worker_t *r)
     t_acked = cqrs_monotonic_ms();
     if (produced > 0)
         CQRS_FAILPOINT("relay-after-delivery");
+    bool reports_due = false;
     for (int i = 0; i < produced; i++)
         if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            reports_due = reports_due || !slots[i].done;
             if (!failed)
                 CQRS_LOG_WARN("event not delivered; the batch is aborted and retried", "error",
                               rd_kafka_err2str(slots[i].done ? slots[i].result
                                                              : RD_KAFKA_RESP_ERR__TIMED_OUT));
             failed = true;
         }
-    if (failed || produced == 0 || !r->leading) {
+    /* A worker the supervisor gave up (stuck until now) leaves the batch to its successor. */
+    if (failed || produced == 0 || !r->leading || abandoned(r)) {
         atomic_fetch_add(&r->sh->failed, (uint64_t)(failed ? produced : 0));
         publish(r, &r->sh->kafka_up, !failed);
-        if (r->rk)
+        if (r->rk && reports_due) {
+            /* Their reports would land in slots freed below: the producer goes, its
+             * transaction is aborted by Kafka (or by the next init_transactions). */
+            atomic_fetch_add(&r->sh->aborted, 1);
+            drop_producer(r);
+        } else {
             abort_txn(r);
+        }
         rc = failed ? 0 : rc;
         goto out;
     }
@@ -909,10 +1059,11 @@ static int relay_round(relay_worker_t *r)
     const char *x[] = {arr, check_topic_copy ? check_topic_copy : "", part, off};
     char sql[640];
     snprintf(sql, sizeof sql,
+             "WITH ok AS (SELECT 1 FROM relay_leader"
+             "            WHERE id = 1 AND owner = $1 AND epoch = $2 FOR SHARE)"
              "INSERT INTO relay_inflight(id, epoch, sequences, check_topic, check_partition,"
              " check_offset, check_sequence)"
-             " SELECT 1, $2, $3::bigint[], $4, $5, $6, %s FROM relay_leader"
-             " WHERE id = 1 AND owner = $1 AND epoch = $2"
+             " SELECT 1, $2, $3::bigint[], $4, $5, $6, %s FROM ok"
              " ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch,"
              " sequences = EXCLUDED.sequences, check_topic = EXCLUDED.check_topic,"
              " check_partition = EXCLUDED.check_partition,"
@@ -936,14 +1087,28 @@ static int relay_round(relay_worker_t *r)
 
     t_recorded = cqrs_monotonic_ms();
     CQRS_FAILPOINT("relay-before-commit");
-    /* Resumable: a timed-out commit is called again after renewing the lease. */
+    /* Resumable: each wait of lease/3 comes after a renewal when one is due (the record may
+     * have waited half the lease), and a timed-out commit is called again. */
     int64_t commit_deadline = cqrs_monotonic_ms() + r->cfg.message_timeout_ms;
-    e = rd_kafka_commit_transaction(r->rk, r->cfg.lease_ms / 3);
-    while (e && rd_kafka_error_is_retriable(e) && cqrs_monotonic_ms() < commit_deadline &&
-           renew(r, false)) {
-        beat(r);
-        rd_kafka_error_destroy(e);
+    e = NULL;
+    for (;;) {
+        if (!renew(r, false))
+            break;
         e = rd_kafka_commit_transaction(r->rk, r->cfg.lease_ms / 3);
+        beat(r);
+        if (!e || !rd_kafka_error_is_retriable(e) || cqrs_monotonic_ms() >= commit_deadline)
+            break;
+        rd_kafka_error_destroy(e);
+        e = NULL;
+    }
+    if (!r->leading) {
+        /* The lease went (the producer with it) before the commit was settled: the record
+         * stays for the next leader, which looks the batch up after init_transactions. */
+        if (e)
+            rd_kafka_error_destroy(e);
+        free(arr);
+        rc = 0;
+        goto out;
     }
     if (e) {
         CQRS_LOG_WARN("commit_transaction failed", "error", rd_kafka_error_string(e));
@@ -969,20 +1134,18 @@ static int relay_round(relay_worker_t *r)
     publish(r, &r->sh->kafka_up, true);
 
     const char *d[] = {arr};
-    PGresult *del = exec_relay(r, "published rows delete",
-                               "WITH ok AS (SELECT 1 FROM relay_leader"
-                               "            WHERE id = 1 AND owner = $1 AND epoch = $2)"
-                               ", i AS (DELETE FROM relay_inflight WHERE id = 1"
-                               "        AND EXISTS (SELECT 1 FROM ok))"
-                               "DELETE FROM outbox WHERE sequence = ANY($3::bigint[])"
-                               " AND EXISTS (SELECT 1 FROM ok)",
-                               1, d);
-    if (!del) {
-        /* Published but not deleted: the record lets us (recover() before the next round,
-         * still leading or after reconnecting) or the next leader delete them without
-         * publishing again. */
-        CQRS_LOG_WARN("published rows not deleted yet; settled before the next round");
-        r->need_recovery = true;
+    PGresult *del = NULL;
+    if (CQRS_FAILPOINT("relay-delete-published"))
+        r->timed_out = true; /* as a timed-out delete: pause, then retry */
+    else
+        del = exec_relay(r, "published rows delete", DELETE_PUBLISHED, 1, d);
+    if (!del && r->leading) {
+        /* Committed but not deleted: the delete alone is retried before anything else (see
+         * the DESIGN note); a lost lease leaves the record to the next leader. */
+        CQRS_LOG_WARN("published rows not deleted yet; the delete is retried before the next "
+                      "round");
+        r->published_seqs = arr;
+        arr = NULL;
     }
     PQclear(del);
     free(arr);
@@ -1051,15 +1214,26 @@ static void housekeeping(relay_worker_t *r)
         drop_pg(r);
 }
 
+/* The backlog gauges. Not a relay statement: a count(*) of a long backlog that outlasts the
+ * statement_timeout is neither a lock timeout nor a reason to pause; it is skipped for a
+ * while. Published only by the current worker while it leads. */
 static void refresh_stats(relay_worker_t *r)
 {
-    PGresult *res = exec_params(r, "outbox statistics",
-                                "SELECT count(*), coalesce(extract(epoch FROM now() -"
-                                " min(created_at)), 0) FROM outbox",
-                                0, NULL);
-    if (res && PQntuples(res) == 1) {
-        atomic_store(&r->sh->backlog, atoll(PQgetvalue(res, 0, 0)));
-        atomic_store(&r->sh->oldest_age_s, atof(PQgetvalue(res, 0, 1)));
+    PGresult *res = PQexec(r->conn, "SELECT count(*), coalesce(extract(epoch FROM now() -"
+                                    " min(created_at)), 0) FROM outbox");
+    beat(r);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+        pthread_mutex_lock(&r->sh->mu);
+        if (!abandoned(r) && r->leading) {
+            atomic_store(&r->sh->backlog, atoll(PQgetvalue(res, 0, 0)));
+            atomic_store(&r->sh->oldest_age_s, atof(PQgetvalue(res, 0, 1)));
+        }
+        pthread_mutex_unlock(&r->sh->mu);
+    } else {
+        CQRS_LOG_DEBUG("outbox statistics not refreshed", "error", PQerrorMessage(r->conn));
+        r->next_stats = cqrs_monotonic_ms() + 30000;
+        if (PQstatus(r->conn) != CONNECTION_OK)
+            drop_pg(r);
     }
     PQclear(res);
 }
@@ -1068,24 +1242,31 @@ static void refresh_stats(relay_worker_t *r)
  * there is more to do at once (a full batch went out, or leadership was just lost). */
 static bool relay_step(relay_worker_t *r)
 {
+    if (atomic_load(&r->stop))
+        return false;
     if (!connect_pg(r))
         return false;
     if (!r->leading && !try_lead(r))
         return false; /* stand by; the leader's lease is checked again at the next poll */
     if (!renew(r, false))
         return true;
+    /* A committed batch whose delete failed: nothing else until its rows are gone. */
+    if (r->published_seqs && !delete_published(r))
+        return false;
     if (!r->topics_ready && r->cfg.n_topics > 0) {
         cqrs_error_t err;
-        if (cqrs_bus_create_topics(r->brokers, r->cfg.topics, r->cfg.n_topics,
-                                   r->cfg.topic_partitions, r->cfg.topic_replication, 5000,
-                                   &err) != CQRS_ERR_OK) {
+        cqrs_err_t rc = cqrs_bus_create_topics(r->brokers, r->cfg.topics, r->cfg.n_topics,
+                                               r->cfg.topic_partitions, r->cfg.topic_replication,
+                                               RELAY_CALL_MAX_MS, &err);
+        beat(r);
+        if (rc != CQRS_ERR_OK) {
             publish(r, &r->sh->kafka_up, false);
             CQRS_LOG_WARN("cannot ensure the topics yet", "error", err.message);
             return false;
         }
         r->topics_ready = true;
     }
-    if (!ready_producer(r))
+    if (atomic_load(&r->stop) || !ready_producer(r))
         return false;
     if (r->need_recovery) {
         if (!recover(r))
@@ -1098,9 +1279,11 @@ static bool relay_step(relay_worker_t *r)
         r->next_housekeeping = now + 60000;
     }
     if (now >= r->next_stats && r->conn) {
-        refresh_stats(r);
         r->next_stats = now + 2000;
+        refresh_stats(r);
     }
+    if (atomic_load(&r->stop))
+        return false;
     if (!r->conn || !r->leading)
         return true;
     return relay_round(r) >= r->cfg.batch_size;
@@ -1114,11 +1297,14 @@ static void *relay_main(void *arg)
         arm_cancel(r);
         bool more = relay_step(r);
         if (r->timed_out) {
-            /* A lock held on the relay's tables: pause, longer each time in a row (up to
-             * half the lease), renewing the lease meanwhile, then try again. */
+            /* A lock held on the relay's tables: pause, twice as long each time in a row (up
+             * to twice the lease, at most RELAY_BACKOFF_MAX_MS), renewing the lease meanwhile,
+             * then try again. */
             r->timed_out = false;
-            int cap = r->cfg.lease_ms / 2 > r->cfg.poll_interval_ms ? r->cfg.lease_ms / 2
-                                                                    : r->cfg.poll_interval_ms;
+            int cap = r->cfg.lease_ms > RELAY_BACKOFF_MAX_MS / 2 ? RELAY_BACKOFF_MAX_MS
+                                                                 : r->cfg.lease_ms * 2;
+            if (cap < r->cfg.poll_interval_ms)
+                cap = r->cfg.poll_interval_ms;
             r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : r->cfg.poll_interval_ms;
             if (r->backoff_ms > cap)
                 r->backoff_ms = cap;
@@ -1171,8 +1357,30 @@ static bool worker_start(cqrs_relay_t *relay, cqrs_error_t *err)
     return true;
 }
 
-/* Cancels the worker's running PostgreSQL statement, if any (PQcancel is thread-safe). The
- * cancel object is taken, so that the worker can neither free it meanwhile nor reuse it. */
+typedef struct cancel_job {
+    PGcancel *cancel;
+    relay_shared_t *sh; /* a reference: the relay may be destroyed meanwhile */
+} cancel_job_t;
+
+static void *cancel_main(void *arg)
+{
+    cancel_job_t *job = arg;
+    char errbuf[256];
+    if (!PQcancel(job->cancel, errbuf, sizeof errbuf)) {
+        errbuf[strcspn(errbuf, "\n")] = '\0';
+        CQRS_LOG_WARN("cannot cancel the relay's statement", "error", errbuf);
+    }
+    PQfreeCancel(job->cancel);
+    atomic_fetch_sub(&job->sh->cancels, 1);
+    shared_unref(job->sh);
+    free(job);
+    return NULL;
+}
+
+/* Cancels the worker's running PostgreSQL statement, if any. The cancel object is taken, so
+ * that the worker can neither free it meanwhile nor reuse it, and handed to a detached
+ * thread: PQcancel connects without a timeout (before libpq 17), and the supervisor must
+ * never wait on it. At most RELAY_CANCELS_MAX such threads run at once. */
 static void cancel_statement(relay_worker_t *w)
 {
     pthread_mutex_lock(&w->cancel_mu);
@@ -1181,30 +1389,54 @@ static void cancel_statement(relay_worker_t *w)
     pthread_mutex_unlock(&w->cancel_mu);
     if (!c)
         return;
-    char errbuf[256];
-    if (!PQcancel(c, errbuf, sizeof errbuf)) {
-        errbuf[strcspn(errbuf, "\n")] = '\0';
-        CQRS_LOG_WARN("cannot cancel the relay's statement", "error", errbuf);
+    relay_shared_t *sh = w->sh;
+    cancel_job_t *job = NULL;
+    if (atomic_fetch_add(&sh->cancels, 1) >= RELAY_CANCELS_MAX) {
+        CQRS_LOG_WARN("earlier cancels of the relay's statements have not returned; not sending "
+                      "another one");
+        goto fail;
     }
+    job = malloc(sizeof *job);
+    if (!job)
+        goto fail;
+    atomic_fetch_add(&sh->refs, 1);
+    *job = (cancel_job_t){.cancel = c, .sh = sh};
+    pthread_attr_t attr;
+    pthread_t t;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&t, &attr, cancel_main, job);
+    pthread_attr_destroy(&attr);
+    if (rc == 0)
+        return;
+    CQRS_LOG_WARN("cannot start a thread to cancel the relay's statement");
+    atomic_fetch_sub(&sh->refs, 1); /* the relay still holds its own */
+    free(job);
+fail:
+    atomic_fetch_sub(&sh->cancels, 1);
     PQfreeCancel(c);
 }
 
-/* Gives the current worker up: a worker that exited meanwhile is joined and freed instead. */
+/* Gives the current worker up: a worker that exited meanwhile is joined and freed instead.
+ * Once the CAS to ABANDONED succeeded the worker may return and free itself at any moment,
+ * so nothing of it is touched afterwards: its thread id is copied first. */
 static void abandon(cqrs_relay_t *relay)
 {
     relay_worker_t *w = relay->current;
+    pthread_t thread = w->thread;
     relay->current = NULL;
     atomic_store(&w->stop, true);
     pthread_mutex_lock(&relay->sh->mu);
     int running = WORKER_RUNNING;
-    bool abandoned = atomic_compare_exchange_strong(&w->state, &running, WORKER_ABANDONED);
-    if (abandoned)
+    bool gave_up = atomic_compare_exchange_strong(&w->state, &running, WORKER_ABANDONED);
+    if (gave_up)
         atomic_store(&relay->sh->leader, false);
     pthread_mutex_unlock(&relay->sh->mu);
-    if (abandoned) {
-        pthread_detach(w->thread);
+    if (gave_up) {
+        CQRS_FAILPOINT("relay-abandon-after-cas");
+        pthread_detach(thread);
     } else {
-        pthread_join(w->thread, NULL);
+        pthread_join(thread, NULL);
         worker_free(w);
     }
 }

@@ -18,6 +18,11 @@
  *   relay-after-delivery    relay: every delivery report OK, the batch not yet recorded
  *   relay-before-commit     relay: batch recorded in relay_inflight, Kafka commit not yet sent
  *   relay-after-commit      relay: Kafka committed (acknowledged), outbox rows not yet deleted
+ *   relay-delete-published  relay: the same point (error: the delete of the published rows
+ *                           fails as a timed-out one would, and is retried alone)
+ *   relay-abandon-after-cas relay supervisor: a stuck worker given up (state ABANDONED), its
+ *                           thread not yet detached (delay:N: the worker may return and free
+ *                           itself meanwhile)
  *   projector-after-apply   cqrs-queryd: the event applied in Redis, its Kafka offset not yet
  *                           stored for commit
  *   rebuild-before-swap     cqrsctl rebuild: every check of the switch passed, SWAPDB not yet

@@ -14,15 +14,19 @@
  * that commits late is published late and never skipped — is one Kafka transaction; its rows
  * are deleted only after the commit. The batch is recorded (relay_inflight) before the
  * commit, so a new leader knows whether the last commit happened (its check message is
- * visible to read_committed) and publishes nothing twice.
+ * visible to read_committed, looked up after its own init_transactions has waited for the
+ * previous transaction to complete) and publishes nothing twice; a leader whose delete after
+ * a commit failed retries that delete alone before its next batch.
  *
  * Bounded waits: the relay's PostgreSQL connection has a statement_timeout and a lock_timeout
  * (below the lease), so a lock held on its tables (a forgotten FOR UPDATE, a CREATE INDEX)
- * costs a logged, retried timeout, never a blocked thread; the expired Idempotency-Key
- * cleanup runs in small batches, each shorter than the lease and preceded by a renewal. A
- * worker that still makes no progress for stall_ms has its running statement cancelled
- * (PQcancel), and is replaced only if that does not free it; a replaced worker frees its
- * connection and producer whenever its call returns.
+ * costs a logged, retried timeout, never a blocked thread, and the leader checks (NOWAIT)
+ * that it can record a batch before producing it; the expired Idempotency-Key cleanup runs
+ * in small batches, each shorter than the lease and preceded by a renewal. A worker that
+ * still makes no progress for stall_ms — longer than any bounded wait of a healthy one — has
+ * its running statement cancelled (PQcancel, from a thread of its own), and is replaced only
+ * if that does not free it; a replaced worker frees its connection and producer whenever its
+ * call returns.
  */
 #ifndef CQRS_OUTBOX_H
 #define CQRS_OUTBOX_H
@@ -48,6 +52,10 @@ cqrs_err_t cqrs_outbox_append_many(cqrs_tx_t *tx, cqrs_event_t *evs, size_t n,
 
 typedef struct cqrs_relay cqrs_relay_t;
 
+/* The least stall_ms: twice the longest fixed wait of a healthy relay thread between two
+ * signs of progress (connecting to PostgreSQL, creating the topics: 5 s each). */
+#define CQRS_RELAY_STALL_MIN_MS 10000
+
 typedef struct cqrs_relay_config {
     const char *dsn;
     const char *brokers;
@@ -60,7 +68,10 @@ typedef struct cqrs_relay_config {
     int lease_ms;             /* leadership lease; renewed every lease_ms / 5 */
     int statement_timeout_ms; /* of the relay's connection (0: 5000), at most stall_ms / 4 */
     int lock_timeout_ms;      /* of the relay's connection (0: 2000), at most lease_ms / 2 */
-    int stall_ms; /* no progress this long: cancel the statement, then replace (0: 60000) */
+    /* No progress this long: cancel the statement, then replace (0: 60000). At least
+     * CQRS_RELAY_STALL_MIN_MS and lease_ms (Kafka transaction calls wait up to lease_ms / 3);
+     * less is raised to that. */
+    int stall_ms;
     const char *const *topics; /* created (if missing) when the relay becomes leader */
     size_t n_topics;
     int topic_partitions;
