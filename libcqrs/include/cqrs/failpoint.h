@@ -25,6 +25,9 @@
  *                           itself meanwhile)
  *   projector-after-apply   cqrs-queryd: the event applied in Redis, its Kafka offset not yet
  *                           stored for commit
+ *   projector-before-apply  cqrs-queryd: the document read and the next one computed, the
+ *                           apply script not yet run (delay:N widens the window in which
+ *                           cqrsctl dlq retry or a rebuild changes the document meanwhile)
  *   rebuild-before-swap     cqrsctl rebuild: every check of the switch passed, SWAPDB not yet
  *                           sent (delay:N longer than the 10 s pause: the swap must be refused)
  *
