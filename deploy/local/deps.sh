@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # deploy/local/deps.sh — installs what building and testing cqrs needs on Debian 12, when it
 # is missing: compilers, CMake/Ninja, the libraries (libpq, hiredis, librdkafka,
-# libmicrohttpd, jansson, cmocka, libuuid) and the tools the tests use. The servers themselves
-# (PostgreSQL, Redis, Kafka) are installed by stack.sh.
+# libmicrohttpd, jansson, cmocka, libuuid) and the tools the tests use (prometheus: promtool and
+# the Prometheus server that tests/monitoring runs). The servers themselves (PostgreSQL, Redis,
+# Kafka) are installed by stack.sh.
 #
 # Run as root to install; as another user it only reports what is missing.
 set -euo pipefail
