@@ -189,6 +189,35 @@ static void readyz(cqrs_http_request_t *req, void *ud)
                          json_pack("{s:s, s:{s:s}}", "status", "ready", "checks", "redis", "up"));
 }
 
+/* The read model's own state, the same from every instance (read from Redis at each scrape;
+ * left out while Redis does not answer): aggregates held by dead letters, undecodable
+ * messages kept, partitions refilling after a store loss. */
+static void store_metrics(app_t *app, cqrs_text_t *t)
+{
+    cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(app->ctx.pool, 200);
+    if (!ds)
+        return;
+    const char *index[] = {CQRS_DLQ_INDEX_KEY};
+    long long held = 0, undecodable = 0, refilling = 0;
+    cqrs_error_t err;
+    bool ok = cqrs_docstore_zcard_many(ds, index, 1, &held, &err) == CQRS_ERR_OK &&
+              cqrs_docstore_undecodable_count(ds, &undecodable, &err) == CQRS_ERR_OK &&
+              cqrs_docstore_refill_count(ds, &refilling, &err) == CQRS_ERR_OK;
+    cqrs_docstore_pool_release(app->ctx.pool, ds);
+    if (!ok)
+        return;
+    cqrs_metric_gauge(t, "cqrs_read_model_dead_letter_aggregates",
+                      "Aggregates held by dead letters in the read model (cqrsctl dlq list).",
+                      (double)held);
+    cqrs_metric_gauge(t, "cqrs_read_model_undecodable_messages",
+                      "Messages kept in " CQRS_UNDECODABLE_KEY " (not CloudEvents).",
+                      (double)undecodable);
+    cqrs_metric_gauge(t, "cqrs_read_model_partitions_refilling",
+                      "Partitions a projector re-applies after a store loss (" CQRS_REFILL_KEY
+                      "), any instance's.",
+                      (double)refilling);
+}
+
 static void metrics(cqrs_http_request_t *req, void *ud)
 {
     app_t *app = ud;
@@ -200,6 +229,7 @@ static void metrics(cqrs_http_request_t *req, void *ud)
         cqrs_http_server_metrics(app->http, &t);
     if (app->feed)
         live_metrics(app, &t);
+    store_metrics(app, &t);
     if (app->projector) {
         cqrs_text_printf(&t,
                          "# HELP cqrs_dependency_up 1 when the dependency answered at the "

@@ -70,8 +70,8 @@ struct cqrs_projector {
     atomic_uint history_missing, assigned, refilling;
     atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets,
         regressions;
-    pthread_mutex_t rk_lock; /* guards rk against the metrics reader while it is replaced */
-    cqrs_histogram_t latency;
+    pthread_mutex_t rk_lock;   /* guards rk against the metrics reader while it is replaced */
+    cqrs_histogram_t *latency; /* per topic (projection) */
     missing_t missing[MAX_MISSING];
     unsigned n_missing;
     int64_t next_missing_check;
@@ -510,9 +510,10 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     p->client_id = strdup(cfg->client_id ? cfg->client_id : "cqrs-projector");
     p->redis_url = strdup(cfg->redis_url);
     p->topics = calloc(cfg->n_topics, sizeof *p->topics);
+    p->latency = calloc(cfg->n_topics, sizeof *p->latency);
     p->offsets_keys = calloc(cfg->n_topics, sizeof *p->offsets_keys);
     if (!p->brokers || !p->group_id || !p->client_id || !p->redis_url || !p->topics ||
-        !p->offsets_keys) {
+        !p->offsets_keys || !p->latency) {
         cqrs_projector_destroy(p);
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         return NULL;
@@ -821,8 +822,9 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
         switch (res) {
         case CQRS_APPLY_APPLIED:
             atomic_fetch_add(&p->applied, 1);
-            cqrs_histogram_observe(
-                &p->latency, (double)(cqrs_realtime_ms() - cqrs_time_parse_ms(ev->time)) / 1000.0);
+            cqrs_histogram_observe(&p->latency[ps->topic_idx],
+                                   (double)(cqrs_realtime_ms() - cqrs_time_parse_ms(ev->time)) /
+                                       1000.0);
             CQRS_LOG_DEBUG("event applied", "event_id", ev->id, "aggregate_id", ev->aggregate_id,
                            "traceparent", ev->traceparent);
             break;
@@ -928,8 +930,15 @@ void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
     if (parts)
         rd_kafka_topic_partition_list_destroy(parts);
     pthread_mutex_unlock(&p->rk_lock);
-    cqrs_metric_histogram(t, "cqrs_projector_apply_latency_seconds",
-                          "From an event's time (its command) to its apply in Redis.", &p->latency);
+    cqrs_text_printf(t, "# HELP cqrs_projector_apply_latency_seconds From an event's time (its"
+                        " command) to its apply in Redis, per topic.\n"
+                        "# TYPE cqrs_projector_apply_latency_seconds histogram\n");
+    for (size_t i = 0; i < p->cfg.n_topics; i++) {
+        char labels[320];
+        snprintf(labels, sizeof labels, "topic=\"%s\"", p->topics[i]);
+        cqrs_metric_histogram_samples(t, "cqrs_projector_apply_latency_seconds", labels,
+                                      &p->latency[i]);
+    }
 }
 
 static void *projector_main(void *arg)
@@ -1015,6 +1024,7 @@ void cqrs_projector_destroy(cqrs_projector_t *p)
     free(p->topics);
     free(p->offsets_keys);
     free(p->parts);
+    free(p->latency);
     cqrs_docstore_destroy(p->ds);
     pthread_mutex_destroy(&p->rk_lock);
     pthread_mutex_destroy(&p->parts_lock);

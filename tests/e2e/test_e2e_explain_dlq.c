@@ -245,6 +245,21 @@ static void restart_commandd(const char *extra_env, const char *name)
 
 static char redis_doc_key[128];
 
+/* A store-wide gauge from cqrs-queryd's /metrics; -1 when absent. */
+static long long store_gauge(const char *name)
+{
+    httpc_response_t r;
+    httpc_request(D.qport, "GET", "/metrics", NULL, NULL, 0, &r);
+    long long v = -1;
+    char prefix[128];
+    snprintf(prefix, sizeof prefix, "\n%s ", name);
+    const char *at = r.body ? strstr(r.body, prefix) : NULL;
+    if (at)
+        v = atoll(at + strlen(prefix));
+    httpc_response_free(&r);
+    return v;
+}
+
 static void test_explain_journey_and_retry(void **state)
 {
     (void)state;
@@ -347,6 +362,8 @@ static void test_explain_journey_and_retry(void **state)
     assert_int_equal(iget(a, "first_version", NULL), 3);
     assert_string_equal(sget(a, "reason", NULL), "the stored document is not JSON");
     json_decref(l);
+    /* and so does /metrics, store-wide */
+    assert_int_equal(store_gauge("cqrs_read_model_dead_letter_aggregates"), 1);
 
     /* retry before the fix: exit 1, both still held, the reason kept */
     assert_int_equal(ctl(&l, "dlq retry %s --json", id), 1);
@@ -381,6 +398,8 @@ static void test_explain_journey_and_retry(void **state)
     assert_int_equal(ctl(&l, "dlq list --json"), 0);
     assert_int_equal(json_array_size(json_object_get(l, "aggregates")), 0);
     json_decref(l);
+    assert_int_equal(store_gauge("cqrs_read_model_dead_letter_aggregates"), 0);
+    assert_int_equal(store_gauge("cqrs_read_model_partitions_refilling"), 0);
     x = explain(id);
     assert_int_equal(json_array_size(json_object_get(x, "dead_letters")), 0);
     assert_string_equal(sget(event_at(x, 4), "redis", NULL), "applied");
