@@ -153,12 +153,20 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_text_t t = {0};
     if (app->http)
         cqrs_http_server_metrics(app->http, &t);
-    cqrs_text_printf(&t,
-                     "# HELP cqrs_dependency_up 1 when the dependency answered at the last "
-                     "attempt.\n# TYPE cqrs_dependency_up gauge\n"
-                     "cqrs_dependency_up{dependency=\"postgres\"} %d\n"
-                     "cqrs_dependency_up{dependency=\"kafka\"} %d\n",
-                     st.pg_up ? 1 : 0, st.kafka_up ? 1 : 0);
+    /* Only what this instance observed: PostgreSQL by its relay (which polls it, leading or
+     * not) or, without a relay, by its commands and readiness checks; Kafka only while its
+     * relay leads (a standby or a relay-less instance never talks to Kafka). */
+    int pg = app->relay ? (st.pg_up ? 1 : 0) : cqrs_store_reachable(app->ctx.store);
+    if (pg >= 0 || st.kafka_known)
+        cqrs_text_printf(&t,
+                         "# HELP cqrs_dependency_up 1 when the dependency answered at this "
+                         "instance's last attempt, 0 when it did not; absent when this instance "
+                         "has not tried it (kafka: only the leading relay talks to it).\n"
+                         "# TYPE cqrs_dependency_up gauge\n");
+    if (pg >= 0)
+        cqrs_text_printf(&t, "cqrs_dependency_up{dependency=\"postgres\"} %d\n", pg);
+    if (st.kafka_known)
+        cqrs_text_printf(&t, "cqrs_dependency_up{dependency=\"kafka\"} %d\n", st.kafka_up ? 1 : 0);
     cqrs_metric_gauge(&t, "cqrs_relay_leader", "1 while this instance's relay holds the lease.",
                       st.leader ? 1 : 0);
     cqrs_metric_counter(&t, "cqrs_relay_leadership_changes_total",
@@ -180,10 +188,13 @@ static void metrics(cqrs_http_request_t *req, void *ud)
                         "Outbox rows found already in Kafka when taking over.", st.recovered);
     if (st.backlog >= 0) {
         cqrs_metric_gauge(&t, "cqrs_relay_backlog_events",
-                          "Outbox rows not yet acknowledged by Kafka (leader's view).",
+                          "Outbox rows not yet acknowledged by Kafka, counted every 2 s by the "
+                          "leading relay, Kafka reachable or not (only the leader has it).",
                           (double)st.backlog);
         cqrs_metric_gauge(&t, "cqrs_relay_oldest_unpublished_age_seconds",
-                          "Age of the oldest outbox row (leader's view).", st.oldest_age_s);
+                          "Age of the oldest outbox row, as of the leader's last count (only the "
+                          "leader has it).",
+                          st.oldest_age_s);
     }
     if (app->relay)
         cqrs_metric_histogram(&t, "cqrs_relay_publish_latency_seconds",

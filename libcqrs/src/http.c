@@ -519,7 +519,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         double seconds = (double)(now_us() - req->started_us) / 1e6;
         cqrs_histogram_observe(&rs->latency, seconds);
         const cqrs_http_route_t *rt = req->route < srv->n_routes ? &srv->routes[req->route] : NULL;
-        if ((!rt || rt->scope != CQRS_SCOPE_NONE) && cqrs_log_enabled(CQRS_LOG_INFO)) {
+        /* Probes (no scope) and scrapes (the metrics scope) are not logged: they come every
+         * few seconds and say nothing about the service's use. */
+        bool quiet = rt && (rt->scope == CQRS_SCOPE_NONE || rt->scope == CQRS_SCOPE_METRICS);
+        if (!quiet && cqrs_log_enabled(CQRS_LOG_INFO)) {
             char status[8], ms[24];
             snprintf(status, sizeof status, "%u", req->status);
             snprintf(ms, sizeof ms, "%.3f", seconds * 1000);

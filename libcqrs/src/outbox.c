@@ -158,6 +158,7 @@ typedef struct relay_shared {
     atomic_int refs;
     pthread_mutex_t mu;
     atomic_bool leader, kafka_up, pg_up;
+    atomic_bool kafka_known; /* kafka_up was observed by the current leadership */
     atomic_int_fast64_t epoch, backlog;
     atomic_uint_fast64_t published, failed, aborted, changes, recovered, restarts, pg_timeouts;
     _Atomic double oldest_age_s;
@@ -332,6 +333,30 @@ static void publish(relay_worker_t *r, atomic_bool *flag, bool v)
     pthread_mutex_unlock(&r->sh->mu);
 }
 
+/* What this instance knows of Kafka: only the leader talks to it, so the flag is stored
+ * while leading, and an outcome settled after the lease went is not news. */
+static void publish_kafka(relay_worker_t *r, bool up)
+{
+    pthread_mutex_lock(&r->sh->mu);
+    if (!abandoned(r) && r->leading) {
+        atomic_store(&r->sh->kafka_up, up);
+        atomic_store(&r->sh->kafka_known, true);
+    }
+    pthread_mutex_unlock(&r->sh->mu);
+}
+
+/* Leadership gone (or new): what it saw of Kafka and of the outbox is no longer this
+ * instance's to report (a standby neither talks to Kafka nor counts the outbox). */
+static void forget_leader_view(relay_worker_t *r)
+{
+    pthread_mutex_lock(&r->sh->mu);
+    if (!abandoned(r)) {
+        atomic_store(&r->sh->kafka_known, false);
+        atomic_store(&r->sh->backlog, -1);
+    }
+    pthread_mutex_unlock(&r->sh->mu);
+}
+
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     (void)rk;
@@ -400,6 +425,7 @@ static void step_down(relay_worker_t *r, const char *why)
     if (r->leading) {
         r->leading = false;
         publish(r, &r->sh->leader, false);
+        forget_leader_view(r);
         if (!atomic_load(&r->stop))
             CQRS_LOG_WARN("outbox relay lost leadership", "reason", why);
     }
@@ -628,11 +654,13 @@ static bool try_lead(relay_worker_t *r)
         return false;
     r->epoch = epoch;
     r->leading = true;
+    r->next_stats = 0; /* the backlog gauges were cleared with the last leadership */
     pthread_mutex_lock(&r->sh->mu);
     if (!abandoned(r)) {
         atomic_store(&r->sh->epoch, epoch);
         atomic_store(&r->sh->leader, true);
         atomic_fetch_add(&r->sh->changes, 1);
+        atomic_store(&r->sh->kafka_known, false);
     }
     pthread_mutex_unlock(&r->sh->mu);
     int64_t now = cqrs_monotonic_ms();
@@ -668,7 +696,7 @@ static bool ready_producer(relay_worker_t *r)
         CQRS_LOG_WARN("Kafka transactions not ready yet", "error", rd_kafka_error_string(e));
         bool fatal = rd_kafka_error_is_fatal(e);
         rd_kafka_error_destroy(e);
-        publish(r, &r->sh->kafka_up, false);
+        publish_kafka(r, false);
         if (fatal)
             drop_producer(r);
         return false;
@@ -1023,7 +1051,7 @@ static int relay_round(relay_worker_t *r)
     /* A worker the supervisor gave up (stuck until now) leaves the batch to its successor. */
     if (failed || produced == 0 || !r->leading || abandoned(r)) {
         atomic_fetch_add(&r->sh->failed, (uint64_t)(failed ? produced : 0));
-        publish(r, &r->sh->kafka_up, !failed);
+        publish_kafka(r, !failed);
         if (r->rk && reports_due) {
             /* Their reports would land in slots freed below: the producer goes, its
              * transaction is aborted by Kafka (or by the next init_transactions). */
@@ -1131,7 +1159,7 @@ static int relay_round(relay_worker_t *r)
     for (int i = 0; i < produced; i++)
         cqrs_histogram_observe(&r->sh->latency, now_s - slots[i].occurred_at);
     atomic_fetch_add(&r->sh->published, (uint64_t)produced);
-    publish(r, &r->sh->kafka_up, true);
+    publish_kafka(r, true);
 
     const char *d[] = {arr};
     PGresult *del = NULL;
@@ -1216,7 +1244,8 @@ static void housekeeping(relay_worker_t *r)
 
 /* The backlog gauges. Not a relay statement: a count(*) of a long backlog that outlasts the
  * statement_timeout is neither a lock timeout nor a reason to pause; it is skipped for a
- * while. Published only by the current worker while it leads. */
+ * while. Published only by the current worker while it leads, whether or not Kafka can be
+ * reached: the lease is PostgreSQL's, and the gauges matter most while Kafka is away. */
 static void refresh_stats(relay_worker_t *r)
 {
     PGresult *res = PQexec(r->conn, "SELECT count(*), coalesce(extract(epoch FROM now() -"
@@ -1250,6 +1279,13 @@ static bool relay_step(relay_worker_t *r)
         return false; /* stand by; the leader's lease is checked again at the next poll */
     if (!renew(r, false))
         return true;
+    /* Before anything that needs Kafka (topics, producer, recovery), which fails or waits
+     * while it is down. */
+    int64_t now = cqrs_monotonic_ms();
+    if (now >= r->next_stats && r->conn) {
+        r->next_stats = now + 2000;
+        refresh_stats(r);
+    }
     /* A committed batch whose delete failed: nothing else until its rows are gone. */
     if (r->published_seqs && !delete_published(r))
         return false;
@@ -1260,7 +1296,7 @@ static bool relay_step(relay_worker_t *r)
                                                RELAY_CALL_MAX_MS, &err);
         beat(r);
         if (rc != CQRS_ERR_OK) {
-            publish(r, &r->sh->kafka_up, false);
+            publish_kafka(r, false);
             CQRS_LOG_WARN("cannot ensure the topics yet", "error", err.message);
             return false;
         }
@@ -1273,14 +1309,10 @@ static bool relay_step(relay_worker_t *r)
             return false;
         r->need_recovery = false;
     }
-    int64_t now = cqrs_monotonic_ms();
+    now = cqrs_monotonic_ms();
     if (now >= r->next_housekeeping) {
         housekeeping(r);
         r->next_housekeeping = now + 60000;
-    }
-    if (now >= r->next_stats && r->conn) {
-        r->next_stats = now + 2000;
-        refresh_stats(r);
     }
     if (atomic_load(&r->stop))
         return false;
@@ -1329,6 +1361,7 @@ static void *relay_main(void *arg)
     if (r->leading) {
         r->leading = false;
         publish(r, &r->sh->leader, false);
+        forget_leader_view(r);
     }
     close_pg(r);
     int running = WORKER_RUNNING;
@@ -1558,6 +1591,7 @@ void cqrs_relay_stats(cqrs_relay_t *relay, cqrs_relay_stats_t *out)
     relay_shared_t *sh = relay->sh;
     out->leader = atomic_load(&sh->leader);
     out->kafka_up = atomic_load(&sh->kafka_up);
+    out->kafka_known = atomic_load(&sh->kafka_known);
     out->pg_up = atomic_load(&sh->pg_up);
     out->epoch = atomic_load(&sh->epoch);
     out->published = atomic_load(&sh->published);

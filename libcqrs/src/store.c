@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,7 @@ struct cqrs_store {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     conn_slot_t *slots;
+    atomic_int reachable; /* cqrs_store_reachable() */
 };
 
 struct cqrs_tx {
@@ -149,6 +151,7 @@ cqrs_store_t *cqrs_store_new(const cqrs_store_config_t *cfg)
     }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    atomic_init(&s->reachable, -1);
     return s;
 }
 
@@ -236,6 +239,18 @@ static cqrs_err_t slot_conn(cqrs_store_t *s, int slot, PGconn **out, cqrs_error_
     return CQRS_ERR_OK;
 }
 
+/* What a finished use of a connection says about PostgreSQL: any answer (an error too) means
+ * it was reached; a connection that could not be made or broke means it was not. */
+static void observe(cqrs_store_t *s, PGconn *c, cqrs_err_t rc)
+{
+    atomic_store(&s->reachable, c && (rc == CQRS_ERR_OK || PQstatus(c) == CONNECTION_OK));
+}
+
+int cqrs_store_reachable(cqrs_store_t *s)
+{
+    return atomic_load(&s->reachable);
+}
+
 static cqrs_err_t exec_simple(PGconn *c, const char *sql, cqrs_error_t *err)
 {
     PGresult *r = PQexec(c, sql);
@@ -255,6 +270,7 @@ cqrs_err_t cqrs_store_ping(cqrs_store_t *s, cqrs_error_t *err)
     cqrs_err_t rc = slot_conn(s, slot, &c, err);
     if (rc == CQRS_ERR_OK)
         rc = exec_simple(c, "SELECT 1", err);
+    observe(s, c, rc);
     release_slot(s, slot);
     return rc;
 }
@@ -279,8 +295,10 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
     for (unsigned attempt = 0; attempt < s->cfg.max_tx_attempts; attempt++) {
         PGconn *c = NULL;
         rc = slot_conn(s, slot, &c, err);
-        if (rc != CQRS_ERR_OK)
+        if (rc != CQRS_ERR_OK) {
+            observe(s, NULL, rc);
             break;
+        }
         rc = exec_simple(c, "BEGIN", err);
         if (rc == CQRS_ERR_OK) {
             cqrs_tx_t tx = {c, &s->slots[slot]};
@@ -293,6 +311,7 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
             cqrs_error_t ignored;
             exec_simple(c, "ROLLBACK", &ignored);
         }
+        observe(s, c, rc);
         if (rc != CQRS_ERR_RETRY)
             break;
         backoff(attempt);

@@ -4,6 +4,11 @@
  *  - /metrics of both daemons, scraped after traffic, passes `promtool check metrics`, and a
  *    metric of each family moves when its event happens;
  *  - a traceparent sent with a command is found in both daemons' log lines for it;
+ *  - scrapes of /metrics and probes log no `request` line, commands do;
+ *  - what /metrics says with Kafka unreachable (its own database, cqrs-commandd pointed at a
+ *    closed port): the leader keeps the backlog gauges current and reports Kafka down; a
+ *    standby reports no Kafka series (it never talks to Kafka) nor backlog; an instance with
+ *    CQRS_RELAY_ENABLED=false reports PostgreSQL as its commands found it, and no Kafka;
  *  - SIGTERM under load: no request is cut off, exit status 0. */
 #include <pthread.h>
 #include <setjmp.h>
@@ -277,6 +282,154 @@ static void test_traceparent_across_both_daemons(void **state)
     assert_false(log_has("queryd.log", READER, ""));
 }
 
+static void test_scrapes_and_probes_are_not_logged(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 3; i++) {
+        free(scrape(D.cport));
+        free(scrape(D.qport));
+        assert_int_equal(status_of(D.cport, "GET", "/readyz", NULL), 200);
+        assert_int_equal(status_of(D.qport, "GET", "/healthz", NULL), 200);
+    }
+    /* the lines are written when the answer is complete: give the last one a moment */
+    usleep(500 * 1000);
+    assert_true(log_has("commandd.log", "\"msg\":\"request\"", "\"operation\":\"CreateProduct\""));
+    const char *files[] = {"commandd.log", "queryd.log"};
+    const char *paths[] = {"\"path\":\"/metrics\"", "\"path\":\"/readyz\"",
+                           "\"path\":\"/healthz\""};
+    for (int f = 0; f < 2; f++)
+        for (int p = 0; p < 3; p++)
+            if (log_has(files[f], "\"msg\":\"request\"", paths[p]))
+                fail_msg("%s logs a request line for %s", files[f], paths[p]);
+}
+
+/* Waits up to seconds for daemons_metric(port, name) to satisfy want; returns the last value. */
+static long long metric_until(int port, const char *name, bool (*want)(long long, long long),
+                              long long arg, int seconds)
+{
+    long long v = daemons_metric(port, name);
+    for (int t = 0; t < seconds * 5 && !want(v, arg); t++) {
+        usleep(200 * 1000);
+        v = daemons_metric(port, name);
+    }
+    return v;
+}
+
+static bool at_least(long long v, long long arg)
+{
+    return v >= arg;
+}
+
+static bool equals(long long v, long long arg)
+{
+    return v == arg;
+}
+
+static void test_relay_metrics_without_kafka(void **state)
+{
+    (void)state;
+    const char *kafka_up = "cqrs_dependency_up{dependency=\"kafka\"}";
+    const char *pg_up = "cqrs_dependency_up{dependency=\"postgres\"}";
+    testdb_t db;
+    testdb_create(&db, "opsnokafka");
+    char cmd[512], env[256];
+    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate-nokafka.log 2>&1",
+             D.prefix, CQRS_CTL, D.logdir);
+    pid_t c[3] = {-1, -1, -1};
+    int cp[3];
+    if (system(cmd) != 0) {
+        testdb_drop(&db);
+        fail_msg("migrate of the test database failed (see %s)", D.logdir);
+    }
+    /* Nothing listens there. A lease longer than a topic creation's wait keeps one leader. */
+    snprintf(env, sizeof env,
+             "CQRS_KAFKA_BROKERS=127.0.0.1:%d;CQRS_RELAY_LEASE_MS=20000;CQRS_RELAY_STALL_MS=60000",
+             free_port());
+    cp[0] = free_port();
+    c[0] = daemons_spawn_commandd(&D, cp[0], env, "commandd-nokafka-1");
+    /* the first one leads before the second starts */
+    long long lead = c[0] > 0 ? metric_until(cp[0], "cqrs_relay_leader", equals, 1, 60) : -1;
+    cp[1] = free_port();
+    c[1] = c[0] > 0 ? daemons_spawn_commandd(&D, cp[1], env, "commandd-nokafka-2") : -1;
+    cp[2] = free_port();
+    c[2] = c[1] > 0
+               ? daemons_spawn_commandd(&D, cp[2],
+                                        "CQRS_RELAY_ENABLED=false;CQRS_KAFKA_BROKERS=127.0.0.1:1",
+                                        "commandd-norelay")
+               : -1;
+    bool started = c[0] > 0 && c[1] > 0 && c[2] > 0;
+    int created = 0;
+    for (int i = 0; started && i < 5; i++) {
+        char id[37], body[256];
+        cqrs_uuid_v4(id);
+        snprintf(body, sizeof body,
+                 "{\"sku\":\"K-%.8s\",\"name\":\"No Kafka\",\"category\":\"k\","
+                 "\"price_cents\":1,\"currency\":\"EUR\",\"initial_stock\":1}",
+                 id);
+        httpc_response_t r;
+        httpc_request(cp[i % 2 ? 2 : 0], "POST", "/v1/products",
+                      "Content-Type: application/json\r\n", body, strlen(body), &r);
+        created += r.status == 201;
+        httpc_response_free(&r);
+    }
+    /* The leader's view of the outbox, while it cannot reach Kafka: the 5 rows, and their
+     * age growing. Generous waits: a loaded machine, and a Kafka client waiting for a broker
+     * that does not answer. */
+    long long backlog =
+        started ? metric_until(cp[0], "cqrs_relay_backlog_events", at_least, 5, 60) : -1;
+    /* no wait for the age without a gauge: the suite's timeout is 180 s */
+    long long age0 = backlog >= 0 ? metric_until(cp[0], "cqrs_relay_oldest_unpublished_age_seconds",
+                                                 at_least, 2, 30)
+                                  : -1;
+    long long age1 = age0 >= 0 ? metric_until(cp[0], "cqrs_relay_oldest_unpublished_age_seconds",
+                                              at_least, age0 + 3, 30)
+                               : -1;
+    long long outbox = pg_count("SELECT count(*) FROM outbox", NULL);
+    long long leader_kafka = started ? metric_until(cp[0], kafka_up, equals, 0, 30) : -2;
+    long long leader_pg = started ? daemons_metric(cp[0], pg_up) : -2;
+    long long standby_leads = started ? daemons_metric(cp[1], "cqrs_relay_leader") : -2;
+    long long standby_kafka = started ? daemons_metric(cp[1], kafka_up) : -2;
+    long long standby_pg = started ? metric_until(cp[1], pg_up, equals, 1, 30) : -2;
+    long long standby_backlog = started ? daemons_metric(cp[1], "cqrs_relay_backlog_events") : -2;
+    long long norelay_kafka = started ? daemons_metric(cp[2], kafka_up) : -2;
+    long long norelay_pg = started ? daemons_metric(cp[2], pg_up) : -2;
+    if (started)
+        promtool(cp[2]);
+    for (int i = 0; i < 3; i++)
+        if (c[i] > 0)
+            daemons_stop_one(&c[i]);
+    testdb_drop(&db);
+    if (!started)
+        fail_msg("a cqrs-commandd did not start (see %s)", D.logdir);
+    assert_int_equal(lead, 1);
+    assert_int_equal(created, 5);
+    assert_int_equal(outbox, 5);
+    /* every finding at once */
+    char bad[1024] = "";
+    size_t n = 0;
+#define EXPECT(cond, ...)                                                                          \
+    do {                                                                                           \
+        if (!(cond) && n < sizeof bad)                                                             \
+            n += (size_t)snprintf(bad + n, sizeof bad - n, __VA_ARGS__);                           \
+    } while (0)
+    EXPECT(backlog == 5 && age0 >= 2 && age1 >= age0 + 3,
+           "the leader's backlog gauges froze without Kafka: backlog %lld (outbox rows %lld), "
+           "oldest age %lld s then %lld s; ",
+           backlog, outbox, age0, age1);
+    EXPECT(leader_kafka == 0 && leader_pg == 1, "leader: kafka %lld, postgres %lld; ", leader_kafka,
+           leader_pg);
+    /* -1: absent. A standby never talks to Kafka, nor counts the outbox. */
+    EXPECT(standby_leads == 0 && standby_kafka == -1 && standby_pg == 1 && standby_backlog == -1,
+           "standby: leader %lld, kafka %lld, postgres %lld, backlog %lld; ", standby_leads,
+           standby_kafka, standby_pg, standby_backlog);
+    /* its commands and readiness checks reached PostgreSQL; it never talks to Kafka */
+    EXPECT(norelay_kafka == -1 && norelay_pg == 1, "without a relay: kafka %lld, postgres %lld",
+           norelay_kafka, norelay_pg);
+#undef EXPECT
+    if (bad[0])
+        fail_msg("%s", bad);
+}
+
 typedef struct load {
     volatile bool stop;
     int ok, refused, cut;
@@ -323,6 +476,8 @@ int main(void)
         cmocka_unit_test(test_every_endpoint_needs_its_scope),
         cmocka_unit_test(test_metrics_move_and_lint),
         cmocka_unit_test(test_traceparent_across_both_daemons),
+        cmocka_unit_test(test_scrapes_and_probes_are_not_logged),
+        cmocka_unit_test(test_relay_metrics_without_kafka),
         cmocka_unit_test(test_sigterm_under_load),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

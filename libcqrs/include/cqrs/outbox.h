@@ -80,7 +80,8 @@ typedef struct cqrs_relay_config {
 
 typedef struct cqrs_relay_stats {
     bool leader;
-    bool kafka_up;
+    bool kafka_up;    /* meaningful when kafka_known */
+    bool kafka_known; /* this relay leads and has tried Kafka since (a standby never does) */
     bool pg_up;
     int64_t epoch;               /* of this relay's current or last leadership */
     uint64_t published;          /* events committed to Kafka by this relay */
@@ -91,7 +92,8 @@ typedef struct cqrs_relay_stats {
     uint64_t restarts;           /* relay threads replaced after stall_ms without progress */
     uint64_t pg_timeouts;        /* statements ended by lock_timeout, statement_timeout or a
                                     cancel (the relay backs off and retries) */
-    int64_t backlog;             /* outbox rows, as of the leader's last look (-1: unknown) */
+    int64_t backlog;             /* outbox rows, as of this leader's last look (-1: unknown,
+                                    or not leading) */
     double oldest_age_s;         /* age of the oldest outbox row then */
 } cqrs_relay_stats_t;
 

@@ -39,6 +39,11 @@ void cqrs_store_destroy(cqrs_store_t *store);
 /* SELECT 1 on a pooled connection. */
 cqrs_err_t cqrs_store_ping(cqrs_store_t *store, cqrs_error_t *err);
 
+/* What the last ping or transaction found: 1 PostgreSQL answered (an error is an answer
+ * too), 0 it could not be reached or the connection broke, -1 nothing tried yet (a wait for
+ * a free connection tries nothing). */
+int cqrs_store_reachable(cqrs_store_t *store);
+
 /* The body of a transaction. Return OK to commit; anything else rolls back and is returned.
  * It may run more than once (contention retry): it must not have side effects outside tx. */
 typedef cqrs_err_t (*cqrs_tx_fn)(cqrs_tx_t *tx, void *ud, cqrs_error_t *err);
