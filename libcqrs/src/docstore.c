@@ -270,15 +270,6 @@ static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, cons
     return CQRS_ERR_OK;
 }
 
-cqrs_err_t cqrs_docstore_ping(cqrs_docstore_t *ds, cqrs_error_t *err)
-{
-    const char *argv[] = {"PING"};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 1, argv, NULL, &r, err);
-    freeReplyObject(r);
-    return rc;
-}
-
 cqrs_err_t cqrs_docstore_get(cqrs_docstore_t *ds, const char *key, char **json, int64_t *version,
                              cqrs_error_t *err)
 {

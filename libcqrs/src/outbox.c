@@ -39,9 +39,10 @@
  *    a beat for stall_ms. Then the supervisor has its running statement cancelled (PQcancel,
  *    sent from a detached thread: it has no connect timeout before libpq 17 and must never
  *    hold the supervisor up); only if that does not free it within a grace period is it
- *    abandoned and replaced. Leadership, epoch, stats and health flags are the worker's own
- *    and published to the shared stats only while it is the current worker, so an abandoned
- *    one that wakes up cannot unseat its successor; it aborts what it was doing, frees its
+ *    abandoned and replaced. The leader flag, epoch, backlog gauges and health flags are the
+ *    worker's own and published to the shared stats only while it is the current worker, so
+ *    an abandoned one that wakes up cannot unseat its successor (the counters accumulate from
+ *    every worker); it aborts what it was doing, frees its
  *    connection and producer and exits. A worker/supervisor CAS on its state decides who
  *    frees it: after the supervisor's successful CAS the worker may be freed at any moment,
  *    so the supervisor touches nothing of it any more.
@@ -71,9 +72,8 @@
 #define RELAY_APP_NAME "cqrs-relay"
 /* The longest fixed wait of one call between two heartbeats: connecting to PostgreSQL and
  * creating the topics. The other waits are statement_timeout (at most stall_ms / 4) and
- * lease/3 (Kafka transaction calls; stall_ms is at least the lease). CQRS_RELAY_STALL_MIN_MS
- * is twice this. */
-#define RELAY_CALL_MAX_MS 5000
+ * lease/3 (Kafka transaction calls; stall_ms is at least the lease). */
+#define RELAY_CALL_MAX_MS (CQRS_RELAY_STALL_MIN_MS / 2)
 #define RELAY_CONNECT_TIMEOUT_S (RELAY_CALL_MAX_MS / 1000)
 /* PQcancel threads of one relay running at once (a cancel without connect timeout can hang). */
 #define RELAY_CANCELS_MAX 2
@@ -522,6 +522,14 @@ static PGresult *exec_relay(relay_worker_t *r, const char *what, const char *sql
     return exec_params(r, what, sql, 2 + n, p);
 }
 
+/* The lease was taken or renewed at now: renew after a fifth of it; our clock's view of its end
+ * keeps a fifth as margin for the round trip. */
+static void lease_granted(relay_worker_t *r, int64_t now)
+{
+    r->next_renew = now + r->cfg.lease_ms / 5;
+    r->lease_until = now + r->cfg.lease_ms * 4 / 5;
+}
+
 /* Renews the lease when due. false when leadership is gone. */
 static bool renew(relay_worker_t *r, bool force)
 {
@@ -550,9 +558,7 @@ static bool renew(relay_worker_t *r, bool force)
         step_down(r, refused ? "lease expired or taken over" : "lease not renewed");
         return false;
     }
-    r->next_renew = now + r->cfg.lease_ms / 5;
-    /* Our clock's view of the lease, with a margin for the round trip. */
-    r->lease_until = now + r->cfg.lease_ms * 4 / 5;
+    lease_granted(r, now);
     return true;
 }
 
@@ -663,9 +669,7 @@ static bool try_lead(relay_worker_t *r)
         atomic_store(&r->sh->kafka_known, false);
     }
     pthread_mutex_unlock(&r->sh->mu);
-    int64_t now = cqrs_monotonic_ms();
-    r->next_renew = now + r->cfg.lease_ms / 5;
-    r->lease_until = now + r->cfg.lease_ms * 4 / 5;
+    lease_granted(r, cqrs_monotonic_ms());
     /* recover() may only look at Kafka after this leadership's init_transactions, which a
      * fresh producer runs (see the DESIGN note). */
     drop_producer(r);
@@ -1479,14 +1483,14 @@ static void *supervisor_main(void *arg)
     cqrs_relay_t *relay = arg;
     int stall = relay->cfg.stall_ms;
     int grace = stall / 2 < 10000 ? stall / 2 : 10000;
+    char ms[24];
+    snprintf(ms, sizeof ms, "%d", stall);
     while (!atomic_load(&relay->stop)) {
         usleep(200 * 1000);
         relay_worker_t *w = relay->current;
         if (!w)
             continue;
         int64_t hb = atomic_load(&w->heartbeat), now = cqrs_monotonic_ms();
-        char ms[24];
-        snprintf(ms, sizeof ms, "%d", stall);
         if (now - hb < stall) {
             relay->cancelled_beat = -1;
             continue;

@@ -70,7 +70,7 @@ struct cqrs_projector {
     atomic_uint history_missing, assigned, refilling;
     atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets,
         regressions;
-    pthread_mutex_t rk_lock;   /* guards rk against the metrics reader while it is replaced */
+    pthread_mutex_t rk_lock;   /* guards rk against the metrics reader while it is closed */
     cqrs_histogram_t *latency; /* per topic (projection) */
     missing_t missing[MAX_MISSING];
     unsigned n_missing;
@@ -206,13 +206,21 @@ static int64_t part_written(cqrs_projector_t *p, const char *topic, int32_t part
     return w;
 }
 
+/* Paused for want of history: recheck_missing owns it until a rebuild records an offset. */
+static bool paused_for_history(const cqrs_projector_t *p, const char *topic, int32_t partition)
+{
+    for (unsigned i = 0; i < p->n_missing; i++)
+        if (p->missing[i].partition == partition && strcmp(p->missing[i].topic, topic) == 0)
+            return true;
+    return false;
+}
+
 /* Pauses a partition whose needed history Kafka no longer holds (retention); true if so. */
 static bool check_history(cqrs_projector_t *p, rd_kafka_t *rk, const char *topic, int32_t partition,
                           int64_t have)
 {
-    for (unsigned i = 0; i < p->n_missing; i++)
-        if (p->missing[i].partition == partition && strcmp(p->missing[i].topic, topic) == 0)
-            return false; /* already paused and reported */
+    if (paused_for_history(p, topic, partition))
+        return false; /* already paused and reported */
     int64_t low = 0, high = 0;
     if (rd_kafka_query_watermark_offsets(rk, topic, partition, &low, &high, 5000) !=
             RD_KAFKA_RESP_ERR_NO_ERROR ||
@@ -258,8 +266,9 @@ static void refill_done(cqrs_projector_t *p, part_state_t *ps)
     atomic_fetch_sub(&p->refilling, 1);
     cqrs_error_t e;
     if (cqrs_docstore_refill_clear(p->ds, f, &e) != CQRS_ERR_OK)
-        CQRS_LOG_WARN("cannot clear a refill mark in Redis; the audit tries again", "partition", f,
-                      "error", e.message);
+        CQRS_LOG_WARN("cannot clear a refill mark in Redis; it stays until the partition's next"
+                      " assignment",
+                      "partition", f, "error", e.message);
 }
 
 /* A refill another instance (or this one, before a rebalance) was running on a partition just
@@ -362,15 +371,6 @@ static bool rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stor
     return true;
 }
 
-/* Paused for want of history: recheck_missing owns it until a rebuild records an offset. */
-static bool history_missing(const cqrs_projector_t *p, const part_state_t *ps)
-{
-    for (unsigned i = 0; i < p->n_missing; i++)
-        if (p->missing[i].partition == ps->partition && strcmp(p->missing[i].topic, ps->topic) == 0)
-            return true;
-    return false;
-}
-
 /* The store was emptied or replaced (its incarnation changed): learn the new one and send
  * every partition whose record differs back to it. */
 static void store_reset(cqrs_projector_t *p)
@@ -385,7 +385,7 @@ static void store_reset(cqrs_projector_t *p)
                   "incarnation_before", before, "incarnation", p->incarnation);
     for (size_t i = 0; i < p->n_parts; i++) {
         part_state_t *ps = &p->parts[i];
-        if (history_missing(p, ps))
+        if (paused_for_history(p, ps->topic, ps->partition))
             continue;
         int64_t stored = redis_offset(p, ps->topic, ps->partition);
         if (atomic_load(&p->stop))
@@ -453,7 +453,7 @@ static void audit(cqrs_projector_t *p)
         atomic_store(&p->redis_up, true);
         for (size_t j = 0; j < n; j++) {
             part_state_t *ps = &p->parts[idx[j]];
-            if (offs[j] != ps->written && !history_missing(p, ps))
+            if (offs[j] != ps->written && !paused_for_history(p, ps->topic, ps->partition))
                 offset_moved(p, ps, offs[j]);
         }
     }

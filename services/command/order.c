@@ -198,7 +198,7 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
     int *row_of = calloc(in->n, sizeof *row_of);
     int64_t *prices = calloc(in->n, sizeof *prices),
             *line_totals = calloc(in->n, sizeof *line_totals);
-    int64_t total = 0, sold;
+    int64_t total = 0;
     for (size_t i = 0; row_of && prices && line_totals && i < in->n; i++) {
         while (r < nrows && strcmp(cqrs_rows_get(rows, r, OL_ID), in->lines[i].product_id) < 0)
             r++;
@@ -212,6 +212,7 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
         }
         row_of[i] = r;
         prices[i] = rows_int(rows, r, OL_PRICE);
+        int64_t sold; /* only checked: the row is updated in SQL */
         if (!cqrs_checked_add_i64(rows_int(rows, r, OL_SOLD), in->lines[i].quantity, &sold))
             sold_out_of_range = true;
         if (strcmp(cqrs_rows_get(rows, r, OL_STATUS), "active") != 0)
@@ -250,18 +251,16 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
         goto out;
     }
     /* Before the stock: no restocking can make such an order possible (a 409 invites a retry). */
-    if (!order_price(in, prices, line_totals, &total)) {
+    const char *out_of_range =
+        !order_price(in, prices, line_totals, &total)
+            ? "the order's total exceeds 9223372036854775807 cents, the largest amount that can "
+              "be recorded"
+        : sold_out_of_range ? "a product's units sold would exceed 9223372036854775807, the "
+                              "largest count that can be recorded"
+                            : NULL;
+    if (out_of_range) {
         cqrs_command_problem(cmd, 422, "order-total-out-of-range", "Unprocessable Content",
-                             "the order's total exceeds 9223372036854775807 cents, the largest "
-                             "amount that can be recorded",
-                             NULL);
-        goto out;
-    }
-    if (sold_out_of_range) {
-        cqrs_command_problem(cmd, 422, "order-total-out-of-range", "Unprocessable Content",
-                             "a product's units sold would exceed 9223372036854775807, the "
-                             "largest count that can be recorded",
-                             NULL);
+                             out_of_range, NULL);
         goto out;
     }
     if (json_array_size(problem_items) > 0) {

@@ -115,7 +115,6 @@ class Forwarder:
         self.pairs = set()
         self.holding = threading.Event()
         self.closed = False
-        self.accepted = 0
         self.forwarded = 0  # bytes from the targets to the clients
         while True:
             self.port = free_port()
@@ -153,7 +152,6 @@ class Forwarder:
                 current = gen == self.gen and not self.closed
                 if current:
                     self.pairs.add(pair)
-                    self.accepted += 1
             if not current:  # flipped or cut while connecting: this one goes too
                 pair.abort()
             pair.start()
@@ -194,10 +192,15 @@ class Forwarder:
         self._reset_all()
 
 
+def _linger0(sk):
+    """A close of sk now sends a TCP reset: nothing still buffered is delivered."""
+    sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def _reset(sk):
     """Close with a TCP reset: nothing still buffered is delivered."""
     try:
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        _linger0(sk)
     except OSError:
         pass
     sk.close()
@@ -225,7 +228,7 @@ class _Pair:
             self.dead = True
             for sk in self.socks:
                 try:
-                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    _linger0(sk)
                     sk.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
@@ -1112,16 +1115,13 @@ def nem_offsets_and_dups(run, sc, opts):
     # SIGTERM, not SIGKILL: a clean leave of the consumer group (a killed member holds its
     # partitions for the group's session timeout, 45 s; projector-kill-after-apply covers kills).
     q = run.queryd
-    keys = ["cqrs:offsets:{%s.%s.events}" % (run.prefix, t) for t in ("product", "order")]
-    end = time.time() + 60  # something applied in both topics first, or there is nothing to rewind
-    while time.time() < end and not all(run.stack.redis(run.redis_db, "HLEN", k).strip() not in ("", "0")
-                                        for k in keys):
-        time.sleep(0.5)
+    # something applied in both topics first, or there is nothing to rewind
+    wait_offsets_applied(run, run.stack.redis_port, pause=0.5)
     q.stop()
     redelivered = 0  # messages already applied: each must come back as a skipped duplicate
     for t in ("product", "order"):
         key = "cqrs:offsets:{%s.%s.events}" % (run.prefix, t)
-        applied = dict(zip(*[iter(run.stack.redis(run.redis_db, "HGETALL", key).split())] * 2))
+        applied = run.stack.hgetall(run.stack.redis_port, run.redis_db, key)
         fields = list(applied)
         redelivered += len(run.stack.kafka_read("%s.%s.events" % (run.prefix, t),
                                                 snapshot={int(p): int(o) for p, o in applied.items()}))
@@ -1209,8 +1209,16 @@ def offsets_keys(run):
     return ["cqrs:offsets:{%s.%s.events}" % (run.prefix, t) for t in ("product", "order")]
 
 
+def wait_offsets_applied(run, port, pause, seconds=60):
+    """Until the Redis at port holds applied offsets of both topics (bounded)."""
+    end = time.time() + seconds
+    while time.time() < end and not all(run.stack.redis_at(port, run.redis_db, "HLEN", k).strip() not in ("", "0")
+                                        for k in offsets_keys(run)):
+        time.sleep(pause)
+
+
 def store_loss_counted(run):
-    """After a store loss: the projectors counted it (once the lead's loss detection exists)."""
+    """After a store loss: the projectors counted it."""
     regs = [d.metric("cqrs_projector_store_regressions_total") for d in run.queryds]
     resets = [d.metric("cqrs_projector_store_resets_total") for d in run.queryds]
     run.info.append("store regressions counted: %s; store resets counted: %s (per cqrs-queryd)"
@@ -1273,10 +1281,7 @@ def nem_failover(run, sc, opts):
     primary, replica = st.redis_port, st.replica_port
     # Load, replicated: the replica holds applied offsets of both topics (on a fresh broker the
     # consumer group takes a few seconds to form), then a little more.
-    end = time.time() + 60
-    while time.time() < end and not all(st.redis_at(replica, run.redis_db, "HLEN", k).strip() not in ("", "0")
-                                        for k in offsets_keys(run)):
-        time.sleep(0.3)
+    wait_offsets_applied(run, replica, pause=0.3)
     time.sleep(1.5)
     log("replication link: %d bytes forwarded to the replica so far" % run.link.forwarded)
     run.link.hold()

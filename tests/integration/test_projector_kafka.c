@@ -145,6 +145,11 @@ static void counter_of(const char *agg, long long *n, long long *version)
     freeReplyObject(r);
 }
 
+/* Polls p's stats into st until cond holds, for at most 60 s (the caller asserts). */
+#define WAIT_STATS(p, st, cond)                                                                    \
+    for (int wait_ = 0; wait_ < 600 && (cqrs_projector_stats((p), &(st)), !(cond)); wait_++)       \
+    usleep(100 * 1000)
+
 static bool wait_counter(const char *agg, long long want_n, long long want_v)
 {
     for (int i = 0; i < 600; i++) {
@@ -188,12 +193,7 @@ static void test_events_reach_documents_in_order(void **state)
     r = redisdb_cmd(url, "DEL %s", key);
     freeReplyObject(r);
     p = start_projector();
-    for (int i = 0; i < 600; i++) {
-        cqrs_projector_stats(p, &st);
-        if (st.duplicates == 15)
-            break;
-        usleep(100 * 1000);
-    }
+    WAIT_STATS(p, st, st.duplicates == 15);
     assert_int_equal(st.duplicates, 15);
     assert_int_equal(st.applied, 0);
     for (int k = 0; k < 3; k++)
@@ -225,12 +225,7 @@ static void test_dead_letter_holds_back_only_its_aggregate(void **state)
     produce(good, 2, "counter.incremented.v1", 2);
     assert_true(wait_counter(good, 4, 2));
     cqrs_projector_stats_t st;
-    for (int i = 0; i < 600; i++) {
-        cqrs_projector_stats(p, &st);
-        if (st.parked == 1)
-            break;
-        usleep(100 * 1000);
-    }
+    WAIT_STATS(p, st, st.parked == 1);
     assert_int_equal(st.dead_letters, 1);
     assert_int_equal(st.parked, 1);
     long long n, v;
@@ -388,10 +383,7 @@ static void test_store_rolled_back_is_refilled(void **state)
     /* and it goes on from there */
     produce(a[1], 11, "counter.incremented.v1", 5);
     assert_true(wait_counter(a[1], 15, 11));
-    for (int i = 0; i < 600 && st.refilling > 0; i++) {
-        usleep(100 * 1000);
-        cqrs_projector_stats(p, &st);
-    }
+    WAIT_STATS(p, st, st.refilling == 0);
     assert_int_equal(st.refilling, 0);
     redisReply *h = redisdb_cmd(url, "HLEN " CQRS_REFILL_KEY, NULL);
     assert_int_equal(h->integer, 0);
@@ -408,12 +400,7 @@ static void test_first_event_after_an_emptied_store_is_kept(void **state)
     (void)state;
     cqrs_projector_t *p = start_projector();
     cqrs_projector_stats_t st;
-    for (int i = 0; i < 600; i++) {
-        cqrs_projector_stats(p, &st);
-        if (st.assigned == 3)
-            break;
-        usleep(100 * 1000);
-    }
+    WAIT_STATS(p, st, st.assigned == 3);
     assert_int_equal(st.assigned, 3);
     char a[6][37];
     for (int round = 0; round < 2; round++) {
@@ -537,12 +524,7 @@ static void test_document_moved_by_dlq_retry_is_recomputed(void **state)
     produce(agg, 2, "counter.exploded.v1", 1);    /* dead letter */
     produce(agg, 3, "counter.incremented.v1", 1); /* parked */
     cqrs_projector_stats_t st;
-    for (int i = 0; i < 600; i++) {
-        cqrs_projector_stats(p, &st);
-        if (st.parked == 1)
-            break;
-        usleep(100 * 1000);
-    }
+    WAIT_STATS(p, st, st.parked == 1);
     assert_int_equal(st.parked, 1);
     setenv("CQRS_FAILPOINTS", "projector-before-apply=delay:1500", 1);
     produce(agg, 4, "counter.incremented.v1", 1);

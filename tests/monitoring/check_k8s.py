@@ -52,29 +52,34 @@ RULE = {
     "additionalProperties": False,
     "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
 }
-PROMETHEUS_RULE = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "PrometheusRule"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "properties": {"groups": {"type": "array", "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {"name": {"type": "string", "minLength": 1}, "interval": DURATION,
-                               "query_offset": DURATION, "limit": {"type": "integer"},
-                               "labels": STRINGMAP, "partial_response_strategy": {"type": "string"},
-                               "rules": {"type": "array", "items": RULE}},
-                "additionalProperties": False,
-            }}},
-            "additionalProperties": False,
+def custom_resource(kind, spec):
+    """The fields every custom resource of the Prometheus Operator has, around its spec."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": kind},
+            "metadata": METADATA,
+            "spec": spec,
         },
-    },
+        "additionalProperties": False,
+    }
+
+
+PROMETHEUS_RULE = custom_resource("PrometheusRule", {
+    "type": "object",
+    "properties": {"groups": {"type": "array", "items": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1}, "interval": DURATION,
+                       "query_offset": DURATION, "limit": {"type": "integer"},
+                       "labels": STRINGMAP, "partial_response_strategy": {"type": "string"},
+                       "rules": {"type": "array", "items": RULE}},
+        "additionalProperties": False,
+    }}},
     "additionalProperties": False,
-}
+})
 SECRET_KEY = {"type": "object", "required": ["key"],
               "properties": {"name": {"type": "string"}, "key": {"type": "string"},
                              "optional": {"type": "boolean"}},
@@ -92,44 +97,35 @@ LABEL_SELECTOR = {
     },
     "additionalProperties": False,
 }
-POD_MONITOR = {
+POD_MONITOR = custom_resource("PodMonitor", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["selector"],
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "PodMonitor"},
-        "metadata": METADATA,
-        "spec": {
+        "jobLabel": {"type": "string"},
+        "selector": LABEL_SELECTOR,
+        "namespaceSelector": {"type": "object",
+                              "properties": {"any": {"type": "boolean"},
+                                             "matchNames": {"type": "array", "items": {"type": "string"}}},
+                              "additionalProperties": False},
+        "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+        "podMetricsEndpoints": {"type": "array", "items": {
             "type": "object",
-            "required": ["selector"],
             "properties": {
-                "jobLabel": {"type": "string"},
-                "selector": LABEL_SELECTOR,
-                "namespaceSelector": {"type": "object",
-                                      "properties": {"any": {"type": "boolean"},
-                                                     "matchNames": {"type": "array", "items": {"type": "string"}}},
-                                      "additionalProperties": False},
-                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-                "podMetricsEndpoints": {"type": "array", "items": {
-                    "type": "object",
-                    "properties": {
-                        "port": {"type": "string"}, "path": {"type": "string"},
-                        "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                        "interval": DURATION, "scrapeTimeout": DURATION,
-                        "honorLabels": {"type": "boolean"},
-                        "authorization": {"type": "object",
-                                          "properties": {"type": {"type": "string"},
-                                                         "credentials": SECRET_KEY},
-                                          "additionalProperties": False},
-                    },
-                    "additionalProperties": False,
-                }},
+                "port": {"type": "string"}, "path": {"type": "string"},
+                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                "interval": DURATION, "scrapeTimeout": DURATION,
+                "honorLabels": {"type": "boolean"},
+                "authorization": {"type": "object",
+                                  "properties": {"type": {"type": "string"},
+                                                 "credentials": SECRET_KEY},
+                                  "additionalProperties": False},
             },
             "additionalProperties": False,
-        },
+        }},
     },
     "additionalProperties": False,
-}
+})
+
 failures = []
 
 

@@ -97,13 +97,14 @@ class Http:
                 return e.code, None
 
 
-def wait_ready(port, what, proc, seconds=60):
+def wait_ready(port, proc, path="/readyz", seconds=60):
+    """Until GET path answers 200 (True), proc exits or the time is up (False)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
                 if r.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
@@ -258,7 +259,7 @@ def main():
             log = open(work / f"{name}.log", "w")
             procs.append(subprocess.Popen([binary], env=dict(env, CQRS_HTTP_PORT=str(port)),
                                           stdout=log, stderr=subprocess.STDOUT))
-            if not wait_ready(port, name, procs[-1]):
+            if not wait_ready(port, procs[-1]):
                 fail(f"cqrs-{name} did not become ready on port {port} (log: {work}/{name}.log)")
                 return 1
 
@@ -277,20 +278,11 @@ def main():
             [prometheus, f"--config.file={work / 'prometheus.yml'}",
              f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{pport}"],
             stdout=plog, stderr=subprocess.STDOUT))
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        if not wait_ready(pport, procs[-1], path="/-/ready"):
             if procs[-1].poll() is not None:
                 fail(f"prometheus exited {procs[-1].returncode}: {(work / 'prometheus.log').read_text()[-2000:]}")
-                return 1
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{pport}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        else:
-            fail("prometheus did not become ready within 60 s")
+            else:
+                fail("prometheus did not become ready within 60 s")
             return 1
         print(f"ok: prometheus on 127.0.0.1:{pport} scrapes cqrs-commandd :{cport} and "
               f"cqrs-queryd :{qport} (work folder {work})", flush=True)
@@ -350,8 +342,11 @@ def check(pport):
             if "record" not in r:
                 continue
             n += 1
+            recorded = []
             for what, expr in (("expression", r["expr"]), ("recorded series", r["record"])):
                 samples, err = query(pport, expr)
+                if what == "recorded series":
+                    recorded = samples or []
                 if err:
                     fail(f"{r['record']}: the {what} fails: {err}")
                 elif not samples:
@@ -361,10 +356,9 @@ def check(pport):
                 else:
                     continue
                 bad += 1
-            samples, _ = query(pport, r["record"])
-            if samples:
-                shown = ", ".join(f"{labels_text(m)}={v:.4g}" for m, v in samples[:3])
-                more = f" (+{len(samples) - 3})" if len(samples) > 3 else ""
+            if recorded:
+                shown = ", ".join(f"{labels_text(m)}={v:.4g}" for m, v in recorded[:3])
+                more = f" (+{len(recorded) - 3})" if len(recorded) > 3 else ""
                 print(f"ok: {r['record']}: {shown}{more}", flush=True)
     print(f"{'ok' if not bad else 'FAIL'}: {n} recording rules evaluated, their expression and "
           f"recorded series each returning finite samples{f' ({bad} did not)' if bad else ''}",

@@ -40,8 +40,6 @@ void cqrs_docstore_channel(const cqrs_redis_addr_t *addr, char *out, size_t cap)
 cqrs_docstore_t *cqrs_docstore_new(const char *url, int timeout_ms, cqrs_error_t *err);
 void cqrs_docstore_destroy(cqrs_docstore_t *ds);
 
-cqrs_err_t cqrs_docstore_ping(cqrs_docstore_t *ds, cqrs_error_t *err);
-
 /* Reads a document. NOT_FOUND when absent. *json is malloc'ed (caller frees) and may be NULL
  * when json is NULL (version only). */
 cqrs_err_t cqrs_docstore_get(cqrs_docstore_t *ds, const char *key, char **json, int64_t *version,
