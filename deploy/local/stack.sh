@@ -3,11 +3,13 @@
 # and tests: PostgreSQL 15, Redis 7 and a single-node Apache Kafka (KRaft,
 # combined broker+controller), all bound to 127.0.0.1 on non-default ports.
 #
-#   stack.sh up [--redis-replica]
+#   stack.sh up [--redis-replica] [--tls]
 #                            install missing Debian packages (as root), start
 #                            whatever is not running, wait until each answers;
 #                            --redis-replica (or CQRS_REDIS_REPLICA_PORT set)
-#                            also starts a Redis replica of the Redis server
+#                            also starts a Redis replica of the Redis server;
+#                            --tls (or CQRS_STACK_TLS=1) makes this stack the
+#                            TLS-everywhere profile (below), for good
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
 #                            Kafka, the Redis replica, Redis, PostgreSQL;
 #                            --purge deletes $STATE
@@ -34,6 +36,12 @@
 # Kafka comes as jars from Maven Central (deploy/local/kafka/pom.xml), fetched
 # once with Maven into a cache outside the repo,
 # ${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}/kafka-<version>/libs.
+#
+# The TLS profile (`up --tls`): the test PKI of deploy/local/tls.sh in
+# $STATE/tls, random passwords in $STATE/secrets, and every server reached
+# over TLS with authentication only; `env` then exports the settings the
+# daemons need (certificates, users, password files). A stack keeps the
+# profile it was first started with ($STATE/tls/.profile).
 #
 # PostgreSQL refuses to run as root, so under root its data folder belongs to
 # the `postgres` system user and initdb/pg_ctl run through `runuser`.
@@ -87,6 +95,11 @@ KAFKA_PID=$KAFKA_DIR/kafka.pid
 KAFKA_OUT=$KAFKA_LOGS/kafka.out
 KAFKA_HEAP=${CQRS_KAFKA_HEAP:-512m}
 KAFKA_WAIT=${CQRS_KAFKA_WAIT:-60}
+
+TLS_DIR=$STATE/tls           # test PKI (deploy/local/tls.sh)
+SECRETS_DIR=$STATE/secrets   # one password per server and user, 0600
+TLS=0
+[[ ${CQRS_STACK_TLS:-} == 1 || -f $TLS_DIR/.profile ]] && TLS=1
 
 RUN_DIR=$STATE/run          # pid files of the app daemons (deploy/local/run.sh)
 DAEMON_WAIT=${CQRS_DAEMON_STOP_WAIT:-15}
@@ -169,6 +182,24 @@ lock_stack() {
     flock -w 300 9 || die "another stack.sh is busy with $STATE (lock $STATE/.lock)"
 }
 
+# secret NAME: the password stored as $SECRETS_DIR/NAME, made (random) on first use.
+secret() {
+    local f=$SECRETS_DIR/$1
+    if [[ ! -s $f ]]; then
+        mkdir -p "$SECRETS_DIR"
+        chmod 0700 "$SECRETS_DIR"
+        (umask 077 && openssl rand -hex 16 >"$f")
+    fi
+    cat "$f"
+}
+
+# tls_prepare: the TLS profile's PKI, once.
+tls_prepare() {
+    ((TLS)) || return 0
+    "$SCRIPT_DIR/tls.sh" "$TLS_DIR" || die "cannot make the test PKI in $TLS_DIR"
+    touch "$TLS_DIR/.profile"
+}
+
 # ------------------------------------------------------------- packages ---
 
 java_major() {
@@ -197,6 +228,7 @@ ensure_packages() {
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v redis-cli >/dev/null || missing+=(redis-tools)
     command -v kcat >/dev/null || missing+=(kcat)
+    command -v openssl >/dev/null || missing+=(openssl)
     find_java || missing+=(openjdk-17-jre-headless)
     if ! kafka_libs_ok; then
         command -v mvn >/dev/null || missing+=(maven)
@@ -654,7 +686,8 @@ cmd_up() {
     ensure_packages
     find_java || die "no Java >= 17"
     lock_stack
-    log "state folder $STATE"
+    log "state folder $STATE$( ((TLS)) && echo ' (TLS profile)')"
+    tls_prepare
     pg_up
     redis_up
     ((REDIS_REPLICA)) && redis_up replica
@@ -736,6 +769,10 @@ cmd_status() {
 
 cmd_env() {
     printf 'export CQRS_STACK_DIR=%s\n' "$(sq "$STATE")"
+    if ((TLS)); then
+        printf 'export CQRS_STACK_TLS=1\n'
+        printf 'export CQRS_TLS_DIR=%s\n' "$(sq "$TLS_DIR")"
+    fi
     printf 'export CQRS_PG_PORT=%s\n' "$(sq "$PG_PORT")"
     printf 'export CQRS_REDIS_PORT=%s\n' "$(sq "$REDIS_PORT")"
     printf 'export CQRS_KAFKA_PORT=%s\n' "$(sq "$KAFKA_PORT")"
@@ -768,11 +805,14 @@ main() {
     shift || true
     case $cmd in
     up)
-        case ${1:-} in
-        "") ;;
-        --redis-replica) REDIS_REPLICA=1 ;;
-        *) die "unknown option for up: $1 (only --redis-replica)" ;;
-        esac
+        while (($#)); do
+            case $1 in
+            --redis-replica) REDIS_REPLICA=1 ;;
+            --tls) TLS=1 ;;
+            *) die "unknown option for up: $1 (--redis-replica, --tls)" ;;
+            esac
+            shift
+        done
         cmd_up
         ;;
     down)
