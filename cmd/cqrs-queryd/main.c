@@ -295,16 +295,11 @@ int main(int argc, char **argv)
 {
     settings_table();
     size_t n_entries = sizeof entries / sizeof entries[0];
-    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
-        printf("cqrs-queryd — the projector and query API of cqrs.\n\n"
-               "usage: cqrs-queryd [--help | --routes]\n\n");
-        cqrs_config_print_help(entries, n_entries, stdout);
-        return 0;
-    }
-    if (argc > 1 && strcmp(argv[1], "--routes") == 0) {
-        print_routes();
-        return 0;
-    }
+    const cqrs_daemon_cli_t cli = {"cqrs-queryd", "the projector and query API of cqrs.", entries,
+                                   n_entries, print_routes};
+    int cli_rc = cqrs_daemon_cli(&cli, argc, argv);
+    if (cli_rc >= 0)
+        return cli_rc;
     if (cqrs_config_load(entries, n_entries, NULL, NULL, stderr) != 0) {
         fprintf(stderr, "cqrs-queryd: bad configuration (see --help)\n");
         return 2;

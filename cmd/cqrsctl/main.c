@@ -5,6 +5,7 @@
 #include <cqrs/embed.h>
 #include <cqrs/log.h>
 #include <cqrs/store.h>
+#include <cqrs/version.h>
 #include "ops.h"
 #include "verify.h"
 #include <jansson.h>
@@ -43,7 +44,8 @@ static const cqrs_config_entry_t entries[] = {
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: cqrsctl <command> [options]\n\n"
+            "usage: cqrsctl <command> [options]\n"
+            "       cqrsctl --help | --version\n\n"
             "commands:\n"
             "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
             "                          schema_migrations) and create the Kafka topics\n"
@@ -196,6 +198,10 @@ int main(int argc, char **argv)
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        cqrs_version_print(stdout, "cqrsctl");
+        return 0;
     }
     if (strcmp(argv[1], "migrations") == 0) {
         for (const cqrs_embedded_file_t *f = cqrs_migrations; f->name; f++)

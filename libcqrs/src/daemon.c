@@ -2,6 +2,7 @@
 #include "cqrs/daemon.h"
 
 #include "cqrs/log.h"
+#include "cqrs/version.h"
 
 #include <pthread.h>
 
@@ -92,6 +93,34 @@ void cqrs_daemon_healthz(cqrs_http_request_t *req, void *ud)
 {
     (void)ud;
     cqrs_http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+int cqrs_daemon_cli(const cqrs_daemon_cli_t *cli, int argc, char **argv)
+{
+    if (argc < 2)
+        return -1;
+    const char *arg = argv[1];
+    if (argc == 2 && (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0)) {
+        printf("%s — %s\n\nusage: %s [--help | --version | --routes]\n\n"
+               "Configured by the environment:\n\n",
+               cli->program, cli->summary, cli->program);
+        cqrs_config_print_help(cli->entries, cli->n_entries, stdout);
+        return 0;
+    }
+    if (argc == 2 && strcmp(arg, "--version") == 0) {
+        cqrs_version_print(stdout, cli->program);
+        return 0;
+    }
+    if (argc == 2 && strcmp(arg, "--routes") == 0) {
+        cli->print_routes();
+        return 0;
+    }
+    if (argc > 2)
+        fprintf(stderr, "%s: takes at most one option\n", cli->program);
+    else
+        fprintf(stderr, "%s: unknown option '%s'\n", cli->program, arg);
+    fprintf(stderr, "usage: %s [--help | --version | --routes]\n", cli->program);
+    return 2;
 }
 
 void cqrs_daemon_print_routes(const cqrs_http_route_t *routes, size_t n)

@@ -45,6 +45,20 @@ void cqrs_daemon_healthz(cqrs_http_request_t *req, void *ud);
  * OpenAPI documents). */
 void cqrs_daemon_print_routes(const cqrs_http_route_t *routes, size_t n);
 
+/* The command line every daemon takes. No argument runs the daemon (configured by its
+ * environment); --help (-h), --version and --routes print to stdout and exit 0; anything else,
+ * or more than one argument, is a usage error on stderr (exit 2). Returns -1 to run the daemon,
+ * else the exit status. */
+typedef struct cqrs_daemon_cli {
+    const char *program; /* "cqrs-commandd" */
+    const char *summary; /* one line: what the daemon is */
+    const cqrs_config_entry_t *entries;
+    size_t n_entries;
+    void (*print_routes)(void);
+} cqrs_daemon_cli_t;
+
+int cqrs_daemon_cli(const cqrs_daemon_cli_t *cli, int argc, char **argv);
+
 /* HTTP server config from the shared settings. */
 void cqrs_daemon_http_config(const cqrs_daemon_settings_t *s, cqrs_http_config_t *out);
 

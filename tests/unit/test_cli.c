@@ -1,0 +1,117 @@
+/* test_cli.c — the command line of the three binaries: --version names the program and the
+ * libraries it runs with (the same ones this test loads), unknown options are usage errors
+ * (exit 2, nothing started), --help documents --version. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <hiredis/hiredis.h>
+#include <jansson.h>
+#include <libpq-fe.h>
+#include <librdkafka/rdkafka.h>
+#include <microhttpd.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+/* run "BINARY ARGS" with a time limit (a daemon that starts instead of refusing would block);
+ * stdout into out, returns the exit status. */
+static int run(const char *binary, const char *args, char *out, size_t cap)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "timeout 20 %s %s 2>/dev/null", binary, args);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+    int st = pclose(p);
+    assert_true(WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+static void expect_line(const char *out, const char *line)
+{
+    char want[256];
+    snprintf(want, sizeof want, "\n%s\n", line);
+    char with_nl[8192];
+    snprintf(with_nl, sizeof with_nl, "\n%s", out);
+    if (!strstr(with_nl, want))
+        fail_msg("no line '%s' in:\n%s", line, out);
+}
+
+static void check_version(const char *binary, const char *program)
+{
+    char out[8192], line[256];
+    assert_int_equal(run(binary, "--version", out, sizeof out), 0);
+    snprintf(line, sizeof line, "%s ", program);
+    assert_memory_equal(out, line, strlen(line)); /* the program first */
+    snprintf(line, sizeof line, "librdkafka %s", rd_kafka_version_str());
+    expect_line(out, line);
+    snprintf(line, sizeof line, "hiredis %d.%d.%d", HIREDIS_MAJOR, HIREDIS_MINOR, HIREDIS_PATCH);
+    expect_line(out, line);
+    snprintf(line, sizeof line, "libmicrohttpd %s", MHD_get_version());
+    expect_line(out, line);
+    snprintf(line, sizeof line, "libpq %d.%d", PQlibVersion() / 10000, PQlibVersion() % 10000);
+    expect_line(out, line);
+    snprintf(line, sizeof line, "jansson %s", jansson_version_str());
+    expect_line(out, line);
+    const char *ssl = OpenSSL_version(OPENSSL_VERSION) + strlen("OpenSSL ");
+    snprintf(line, sizeof line, "OpenSSL %.*s", (int)strcspn(ssl, " "), ssl);
+    expect_line(out, line);
+    /* one "name version" per line, nothing else */
+    int lines = 0;
+    for (const char *p = out; *p; p++)
+        lines += *p == '\n';
+    assert_int_equal(lines, 7);
+}
+
+static void test_version_commandd(void **state)
+{
+    (void)state;
+    check_version(CQRS_COMMANDD, "cqrs-commandd");
+}
+
+static void test_version_queryd(void **state)
+{
+    (void)state;
+    check_version(CQRS_QUERYD, "cqrs-queryd");
+}
+
+static void test_version_cqrsctl(void **state)
+{
+    (void)state;
+    check_version(CQRS_CTL, "cqrsctl");
+}
+
+/* An unknown option is a usage error: exit 2 at once, no daemon listening on its port. */
+static void test_unknown_option_is_refused(void **state)
+{
+    (void)state;
+    char out[4096];
+    const char *daemons[] = {CQRS_COMMANDD, CQRS_QUERYD};
+    for (size_t i = 0; i < 2; i++) {
+        assert_int_equal(run(daemons[i], "--verison", out, sizeof out), 2);
+        assert_int_equal(run(daemons[i], "--port 9000", out, sizeof out), 2);
+        assert_int_equal(run(daemons[i], "--version extra", out, sizeof out), 2);
+        assert_int_equal(run(daemons[i], "--help", out, sizeof out), 0);
+        assert_non_null(strstr(out, "--version"));
+    }
+    assert_int_equal(run(CQRS_CTL, "--verison", out, sizeof out), 2);
+    assert_int_equal(run(CQRS_CTL, "--help", out, sizeof out), 0);
+    assert_non_null(strstr(out, "--version"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_version_commandd),
+        cmocka_unit_test(test_version_queryd),
+        cmocka_unit_test(test_version_cqrsctl),
+        cmocka_unit_test(test_unknown_option_is_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
