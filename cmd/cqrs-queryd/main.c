@@ -29,6 +29,8 @@ typedef struct settings {
     char *kafka_brokers;
     char *topic_prefix;
     char *consumer_group;
+    char *group_protocol;
+    int64_t session_timeout_ms;
     int64_t cache_mb;
     int64_t max_waits;
     int64_t max_streams;
@@ -37,7 +39,7 @@ typedef struct settings {
 
 static settings_t S;
 
-#define N_OWN 11
+#define N_OWN 13
 static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
 
 static void settings_table(void)
@@ -58,6 +60,15 @@ static void settings_table(void)
          "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
         {"CQRS_CONSUMER_GROUP", CQRS_CONFIG_STRING, "cqrs-queryd", 0, 0,
          "Kafka consumer group of the projectors", &S.consumer_group, NULL},
+        {"CQRS_KAFKA_GROUP_PROTOCOL", CQRS_CONFIG_ENUM, "classic", 0, 0,
+         "consumer group protocol of the projectors: classic or consumer "
+         "(KIP-848, brokers >= 4.0; the broker's group.consumer.session.timeout.ms then decides "
+         "how soon a dead projector's partitions move)",
+         &S.group_protocol, "classic|consumer"},
+        {"CQRS_KAFKA_SESSION_TIMEOUT_MS", CQRS_CONFIG_INT, "10000", 1000, 3600000,
+         "classic protocol: a projector that stops heartbeating this long loses its partitions "
+         "to the others (the broker allows group.min.session.timeout.ms and up, 6000 by default)",
+         &S.session_timeout_ms, NULL},
         {"CQRS_QUERY_CACHE_MB", CQRS_CONFIG_INT, "32", 0, 65536,
          "in-process document cache (role serve/both), MiB; 0 = off", &S.cache_mb, NULL},
         {"CQRS_QUERY_MAX_WAITS", CQRS_CONFIG_INT, "4096", 1, 1000000,
@@ -369,6 +380,8 @@ int main(int argc, char **argv)
             .redis_url = S.redis_url,
             .redis_timeout_ms = (int)S.redis_timeout_ms,
             .projection = &query_projection,
+            .consumer_protocol = strcmp(S.group_protocol, "consumer") == 0,
+            .session_timeout_ms = (int)S.session_timeout_ms,
         };
         app.projector = cqrs_projector_new(&pc, &err);
         if (!app.projector || cqrs_projector_start(app.projector, &err) != CQRS_ERR_OK) {

@@ -287,18 +287,65 @@ static void refill_resume(cqrs_projector_t *p, part_state_t *ps)
         cqrs_docstore_refill_clear(p->ds, f, &e);
 }
 
+/* A partition taken away by an incremental rebalance: its state goes, a refill it was running
+ * stays marked in the store for the instance that gets it next (refill_resume). */
+static void part_remove(cqrs_projector_t *p, const char *topic, int32_t partition)
+{
+    pthread_mutex_lock(&p->parts_lock);
+    part_state_t *ps = part_find(p, topic, partition);
+    if (ps) {
+        if (ps->refill_until)
+            atomic_fetch_sub(&p->refilling, 1);
+        *ps = p->parts[--p->n_parts];
+    }
+    pthread_mutex_unlock(&p->parts_lock);
+    for (unsigned i = 0; i < p->n_missing; i++)
+        if (p->missing[i].partition == partition && strcmp(p->missing[i].topic, topic) == 0) {
+            p->missing[i] = p->missing[--p->n_missing];
+            break;
+        }
+}
+
+static void incremental_result(rd_kafka_error_t *e, const char *what)
+{
+    if (!e)
+        return;
+    CQRS_LOG_ERROR("Kafka refused a change of assignment", "operation", what, "error",
+                   rd_kafka_error_string(e));
+    rd_kafka_error_destroy(e);
+}
+
+/* Eager protocols (classic range/roundrobin) take everything away and hand out a whole new
+ * assignment; cooperative ones (KIP-848's consumer protocol, cooperative-sticky) add and remove
+ * only the partitions that move, so the others keep their state and never stop. */
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                          rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
     cqrs_projector_t *p = opaque;
-    p->n_missing = 0;
-    parts_clear(p);
+    const char *protocol = rd_kafka_rebalance_protocol(rk);
+    bool incremental = protocol && strcmp(protocol, "COOPERATIVE") == 0;
+    char n[12];
+    snprintf(n, sizeof n, "%d", parts->cnt);
     if (err != RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        rd_kafka_assign(rk, NULL);
-        atomic_store(&p->history_missing, 0);
-        atomic_store(&p->assigned, 0);
-        CQRS_LOG_INFO("partitions revoked");
+        if (incremental) {
+            for (int i = 0; i < parts->cnt; i++)
+                part_remove(p, parts->elems[i].topic, parts->elems[i].partition);
+            incremental_result(rd_kafka_incremental_unassign(rk, parts), "unassign");
+            unsigned had = atomic_load(&p->assigned);
+            atomic_store(&p->assigned, had > (unsigned)parts->cnt ? had - parts->cnt : 0);
+        } else {
+            p->n_missing = 0;
+            parts_clear(p);
+            rd_kafka_assign(rk, NULL);
+            atomic_store(&p->assigned, 0);
+        }
+        atomic_store(&p->history_missing, p->n_missing);
+        CQRS_LOG_INFO("partitions revoked", "count", n);
         return;
+    }
+    if (!incremental) {
+        p->n_missing = 0;
+        parts_clear(p);
     }
     /* Resume where Redis says the read model is; with no record, from the beginning. The
      * incarnation is read first: offsets read after it belong to it (a store emptied in
@@ -316,15 +363,18 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         if (check_history(p, rk, tp->topic, tp->partition, have))
             rd_kafka_topic_partition_list_add(paused, tp->topic, tp->partition);
     }
-    rd_kafka_assign(rk, parts);
+    if (incremental) {
+        incremental_result(rd_kafka_incremental_assign(rk, parts), "assign");
+        atomic_fetch_add(&p->assigned, (unsigned)parts->cnt);
+    } else {
+        rd_kafka_assign(rk, parts);
+        atomic_store(&p->assigned, (unsigned)parts->cnt);
+    }
     if (paused->cnt > 0)
         rd_kafka_pause_partitions(rk, paused);
     rd_kafka_topic_partition_list_destroy(paused);
     atomic_store(&p->history_missing, p->n_missing);
-    atomic_store(&p->assigned, (unsigned)parts->cnt);
-    char n[12];
-    snprintf(n, sizeof n, "%d", parts->cnt);
-    CQRS_LOG_INFO("partitions assigned", "count", n);
+    CQRS_LOG_INFO("partitions assigned", "count", n, "protocol", protocol ? protocol : "NONE");
 }
 
 /* Sends a partition to the offset the store holds (-1: none, the beginning); after a loss it
@@ -534,6 +584,29 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     return p;
 }
 
+/* KIP-848 moves the session timeout and the assignor to the broker (librdkafka refuses them
+ * with group.protocol=consumer): ask for its range assignor, which, like the classic default,
+ * gives every instance a share of each topic (each projection) rather than a balanced count of
+ * partitions that may all belong to one. The classic protocol keeps its default assignors and
+ * heartbeats three times per session. */
+static cqrs_err_t group_protocol_conf(const cqrs_projector_config_t *cfg, rd_kafka_conf_t *conf,
+                                      cqrs_error_t *err)
+{
+    if (cfg->consumer_protocol) {
+        cqrs_err_t rc = cqrs_bus_conf_set(conf, "group.protocol", "consumer", err);
+        return rc != CQRS_ERR_OK ? rc
+                                 : cqrs_bus_conf_set(conf, "group.remote.assignor", "range", err);
+    }
+    if (cfg->session_timeout_ms <= 0)
+        return CQRS_ERR_OK;
+    char session[16], heartbeat[16];
+    snprintf(session, sizeof session, "%d", cfg->session_timeout_ms);
+    snprintf(heartbeat, sizeof heartbeat, "%d", cfg->session_timeout_ms / 3);
+    cqrs_err_t rc = cqrs_bus_conf_set(conf, "session.timeout.ms", session, err);
+    return rc != CQRS_ERR_OK ? rc
+                             : cqrs_bus_conf_set(conf, "heartbeat.interval.ms", heartbeat, err);
+}
+
 static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
 {
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(p->brokers, p->client_id, err);
@@ -545,7 +618,8 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
         cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", err) ||
         cqrs_bus_conf_set(conf, "isolation.level", "read_committed", err) ||
         cqrs_bus_conf_set(conf, "enable.partition.eof", "true", err) ||
-        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "10", err)) {
+        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "10", err) ||
+        group_protocol_conf(&p->cfg, conf, err)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }

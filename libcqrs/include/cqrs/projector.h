@@ -64,6 +64,10 @@ typedef struct cqrs_projector_config {
     const char *redis_url;
     int redis_timeout_ms;
     const cqrs_projection_t *projection;
+    /* The group protocol: KIP-848's consumer protocol (true), or the classic one with this
+     * session timeout (0: librdkafka's default). */
+    bool consumer_protocol;
+    int session_timeout_ms;
 } cqrs_projector_config_t;
 
 typedef struct cqrs_projector_stats {
