@@ -573,6 +573,14 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 num.recovery.threads.per.data.dir=1
 log.retention.hours=168
+
+# KIP-848 groups (cqrs-queryd with CQRS_KAFKA_GROUP_PROTOCOL=consumer): the broker decides
+# how soon a dead member's partitions move. Kafka's 45 s floor is lowered to the classic
+# protocol's 10 s of cqrs-queryd (CQRS_KAFKA_SESSION_TIMEOUT_MS); see the README.
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=2000
 EOF
 }
 
