@@ -4,7 +4,7 @@
 # Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
 # stack (its own folder and free ports, so a running dev stack is left alone), runs every
 # ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
-# it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
+# it kills servers; e2e-tls runs the e2e tests again on a second stack, the TLS profile) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
 # server is missing: CI=true is set for them.
 #
 #   tests/run.sh                 everything
@@ -49,12 +49,31 @@ CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
 chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
 
+# The TLS-profile stack (stack.sh up --tls: TLS and authentication to all three servers) for
+# the e2e-tls and tls labels, beside the plain one; its environment goes to a file that
+# tests/support/on-tls-stack.sh loads for those tests only.
+TLS_STACK_DIR=$(mktemp -d /tmp/cqrs-test-tls-stack.XXXXXX)
+chmod 755 "$TLS_STACK_DIR"
+export CQRS_TLS_STACK_ENV=$BUILD/tls-stack.env
+rm -f "$CQRS_TLS_STACK_ENV"
+tls_stack() {
+    CQRS_STACK_DIR=$TLS_STACK_DIR CQRS_PG_PORT=$TLS_PG_PORT CQRS_REDIS_PORT=$TLS_REDIS_PORT \
+        CQRS_KAFKA_PORT=$TLS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT=$TLS_KAFKA_CONTROLLER_PORT \
+        CQRS_STACK_TLS=1 deploy/local/stack.sh "$@"
+}
+TLS_PG_PORT=$(free_port)
+TLS_REDIS_PORT=$(free_port)
+TLS_KAFKA_PORT=$(free_port)
+TLS_KAFKA_CONTROLLER_PORT=$(free_port)
+
 teardown() {
     local rc=$?
     trap - EXIT INT TERM
-    echo "==> tearing the test stack down ($STACK_DIR)"
+    echo "==> tearing the test stacks down ($STACK_DIR, $TLS_STACK_DIR)"
     deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
         echo "stack teardown failed, see $BUILD/stack-down.log"
+    tls_stack down --purge >"$BUILD/tls-stack-down.log" 2>&1 ||
+        echo "TLS stack teardown failed, see $BUILD/tls-stack-down.log"
     if [ -f "$BUILD/fault-results.txt" ]; then
         echo
         cat "$BUILD/fault-results.txt"
@@ -71,6 +90,9 @@ trap 'exit 130' INT TERM
 
 say "test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
 deploy/local/stack.sh up
+say "TLS test stack on ports pg=$TLS_PG_PORT redis=$TLS_REDIS_PORT kafka=$TLS_KAFKA_PORT"
+tls_stack up
+tls_stack env >"$CQRS_TLS_STACK_ENV"
 eval "$(deploy/local/stack.sh env)"
 
 export CI=true

@@ -6,7 +6,27 @@
 # Idempotent: running it again rebuilds and restarts the daemons. `deploy/local/stack.sh down`
 # stops everything it started. Ports: CQRS_COMMAND_PORT (8081), CQRS_QUERY_PORT (8082), and
 # the stack's own (see stack.sh).
+#
+#   run.sh           the stack in plain text, as for development
+#   run.sh --tls     the same over the stack's TLS profile (stack.sh up --tls): PostgreSQL,
+#                    Redis and Kafka reached over TLS with authentication only; the daemons' own
+#                    HTTP is unchanged. A stack keeps the profile it was made with: use another
+#                    CQRS_STACK_DIR (and ports) than a plain one, or `stack.sh down --purge` it.
 set -euo pipefail
+
+UP_ARGS=()
+case ${1:-} in
+"") ;;
+--tls) UP_ARGS=(--tls) ;;
+-h | --help)
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+    exit 0
+    ;;
+*)
+    echo "usage: $0 [--tls]" >&2
+    exit 2
+    ;;
+esac
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
@@ -22,7 +42,7 @@ say "building (Release) in $BUILD"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF >/dev/null
 ninja -C "$BUILD" >/dev/null
 
-deploy/local/stack.sh up
+deploy/local/stack.sh up "${UP_ARGS[@]}"
 eval "$(deploy/local/stack.sh env)"
 RUN=$CQRS_STACK_DIR/run
 mkdir -p "$RUN"

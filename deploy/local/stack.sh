@@ -196,6 +196,10 @@ secret() {
 # tls_prepare: the TLS profile's PKI, once.
 tls_prepare() {
     ((TLS)) || return 0
+    if [[ ! -f $TLS_DIR/.profile && ( -d $PG_DATA || -d $KAFKA_DATA || -d $REDIS_DIR ) ]]; then
+        die "the stack in $STATE was made without --tls (its users and listeners are plain):" \
+            "'$0 down --purge' first, or use another CQRS_STACK_DIR and ports"
+    fi
     "$SCRIPT_DIR/tls.sh" "$TLS_DIR" || die "cannot make the test PKI in $TLS_DIR"
     touch "$TLS_DIR/.profile"
 }
