@@ -5,7 +5,9 @@
 # stack (its own folder and free ports, so a running dev stack is left alone), runs every
 # ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
 # it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
-# server is missing: CI=true is set for them.
+# server is missing: CI=true is set for them. The tests labelled tls need the TLS profile of
+# the stack: they run last, on a second stack (stack.sh up --tls) started after the first one
+# is torn down, and only when the ctest arguments select any of them.
 #
 #   tests/run.sh                 everything
 #   tests/run.sh -L unit         extra arguments go to ctest
@@ -49,12 +51,19 @@ CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
 chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
 
+TLS_STACK_DIR=
+
 teardown() {
     local rc=$?
     trap - EXIT INT TERM
     echo "==> tearing the test stack down ($STACK_DIR)"
     deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
         echo "stack teardown failed, see $BUILD/stack-down.log"
+    if [ -n "$TLS_STACK_DIR" ]; then
+        echo "==> tearing the TLS test stack down ($TLS_STACK_DIR)"
+        CQRS_STACK_DIR=$TLS_STACK_DIR deploy/local/stack.sh down --purge >"$BUILD/stack-down-tls.log" 2>&1 ||
+            echo "TLS stack teardown failed, see $BUILD/stack-down-tls.log"
+    fi
     if [ -f "$BUILD/fault-results.txt" ]; then
         echo
         cat "$BUILD/fault-results.txt"
@@ -92,12 +101,42 @@ if [ $# -eq 0 ]; then
     tests/soak/soak.sh 60 || extra=1
 fi
 
-say "ctest $*"
+say "ctest $* (all but the tls label)"
 rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt"
 set +e
-(cd "$BUILD" && ctest --output-on-failure --timeout 300 "$@") | tee "$BUILD/ctest.log"
+(cd "$BUILD" && ctest --output-on-failure --timeout 300 -LE '^tls$' "$@") | tee "$BUILD/ctest.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] && rc=$extra
 set -e
+
+# The tls label (several -L options must all match): on a TLS stack of its own.
+n_tls=$(cd "$BUILD" && ctest -N -L '^tls$' "$@" | sed -n 's/^Total Tests: //p')
+if [ "${n_tls:-0}" != 0 ]; then
+    echo "==> tearing the test stack down ($STACK_DIR)"
+    deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
+        echo "stack teardown failed, see $BUILD/stack-down.log"
+    TLS_STACK_DIR=$(mktemp -d /tmp/cqrs-test-tls-stack.XXXXXX)
+    chmod 755 "$TLS_STACK_DIR"
+    set +e
+    (
+        set -e
+        export CQRS_STACK_DIR=$TLS_STACK_DIR
+        CQRS_PG_PORT=$(free_port)
+        CQRS_REDIS_PORT=$(free_port)
+        CQRS_KAFKA_PORT=$(free_port)
+        CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
+        export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+        say "TLS test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
+        deploy/local/stack.sh up --tls
+        eval "$(deploy/local/stack.sh env)"
+        say "ctest -L tls $*"
+        set +e
+        (cd "$BUILD" && ctest --output-on-failure --timeout 300 -L '^tls$' "$@") | tee -a "$BUILD/ctest.log"
+        exit "${PIPESTATUS[0]}"
+    )
+    tls_rc=$?
+    set -e
+    [ "$rc" -eq 0 ] && rc=$tls_rc
+fi
 grep -E -A100 '^(100% tests passed|[0-9]+% tests passed)' "$BUILD/ctest.log" >"$BUILD/ctest-summary.txt" || true
 exit "$rc"
