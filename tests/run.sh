@@ -4,8 +4,11 @@
 # Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
 # stack (its own folder and free ports, so a running dev stack is left alone), runs every
 # ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
-# it kills servers; e2e-tls runs the e2e tests again on a second stack, the TLS profile) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
-# server is missing: CI=true is set for them.
+# it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
+# server is missing: CI=true is set for them. The tests labelled tls need the TLS profile of
+# the stack: they run last, on a second stack (stack.sh up --tls) started after the first one
+# is torn down, and only when the ctest arguments select any of them; the e2e tests run there
+# again (label e2e-tls), over TLS with authentication to all three servers.
 #
 #   tests/run.sh                 everything
 #   tests/run.sh -L unit         extra arguments go to ctest
@@ -49,31 +52,19 @@ CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
 chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
 
-# The TLS-profile stack (stack.sh up --tls: TLS and authentication to all three servers) for
-# the e2e-tls and tls labels, beside the plain one; its environment goes to a file that
-# tests/support/on-tls-stack.sh loads for those tests only.
-TLS_STACK_DIR=$(mktemp -d /tmp/cqrs-test-tls-stack.XXXXXX)
-chmod 755 "$TLS_STACK_DIR"
-export CQRS_TLS_STACK_ENV=$BUILD/tls-stack.env
-rm -f "$CQRS_TLS_STACK_ENV"
-tls_stack() {
-    CQRS_STACK_DIR=$TLS_STACK_DIR CQRS_PG_PORT=$TLS_PG_PORT CQRS_REDIS_PORT=$TLS_REDIS_PORT \
-        CQRS_KAFKA_PORT=$TLS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT=$TLS_KAFKA_CONTROLLER_PORT \
-        CQRS_STACK_TLS=1 deploy/local/stack.sh "$@"
-}
-TLS_PG_PORT=$(free_port)
-TLS_REDIS_PORT=$(free_port)
-TLS_KAFKA_PORT=$(free_port)
-TLS_KAFKA_CONTROLLER_PORT=$(free_port)
+TLS_STACK_DIR=
 
 teardown() {
     local rc=$?
     trap - EXIT INT TERM
-    echo "==> tearing the test stacks down ($STACK_DIR, $TLS_STACK_DIR)"
+    echo "==> tearing the test stack down ($STACK_DIR)"
     deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
         echo "stack teardown failed, see $BUILD/stack-down.log"
-    tls_stack down --purge >"$BUILD/tls-stack-down.log" 2>&1 ||
-        echo "TLS stack teardown failed, see $BUILD/tls-stack-down.log"
+    if [ -n "$TLS_STACK_DIR" ]; then
+        echo "==> tearing the TLS test stack down ($TLS_STACK_DIR)"
+        CQRS_STACK_DIR=$TLS_STACK_DIR deploy/local/stack.sh down --purge >"$BUILD/stack-down-tls.log" 2>&1 ||
+            echo "TLS stack teardown failed, see $BUILD/stack-down-tls.log"
+    fi
     if [ -f "$BUILD/fault-results.txt" ]; then
         echo
         cat "$BUILD/fault-results.txt"
@@ -90,9 +81,6 @@ trap 'exit 130' INT TERM
 
 say "test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
 deploy/local/stack.sh up
-say "TLS test stack on ports pg=$TLS_PG_PORT redis=$TLS_REDIS_PORT kafka=$TLS_KAFKA_PORT"
-tls_stack up
-tls_stack env >"$CQRS_TLS_STACK_ENV"
 eval "$(deploy/local/stack.sh env)"
 
 export CI=true
@@ -114,12 +102,43 @@ if [ $# -eq 0 ]; then
     tests/soak/soak.sh 60 || extra=1
 fi
 
-say "ctest $*"
+say "ctest $* (all but the tls label)"
 rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt"
 set +e
-(cd "$BUILD" && ctest --output-on-failure --timeout 300 "$@") | tee "$BUILD/ctest.log"
+(cd "$BUILD" && ctest --output-on-failure --timeout 300 -LE '^tls$' "$@") | tee "$BUILD/ctest.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] && rc=$extra
 set -e
+
+# The tls and e2e-tls labels (several -L options must all match): on a TLS stack of its own.
+n_tls=$(cd "$BUILD" && ctest -N -L '^(tls|e2e-tls)$' "$@" | sed -n 's/^Total Tests: //p')
+if [ "${n_tls:-0}" != 0 ]; then
+    echo "==> tearing the test stack down ($STACK_DIR)"
+    deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
+        echo "stack teardown failed, see $BUILD/stack-down.log"
+    TLS_STACK_DIR=$(mktemp -d /tmp/cqrs-test-tls-stack.XXXXXX)
+    chmod 755 "$TLS_STACK_DIR"
+    set +e
+    (
+        set -e
+        export CQRS_STACK_DIR=$TLS_STACK_DIR
+        CQRS_PG_PORT=$(free_port)
+        CQRS_REDIS_PORT=$(free_port)
+        CQRS_KAFKA_PORT=$(free_port)
+        CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
+        export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+        say "TLS test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
+        deploy/local/stack.sh up --tls
+        eval "$(deploy/local/stack.sh env)"
+        say "ctest -L '^(tls|e2e-tls)\$' $*"
+        set +e
+        (cd "$BUILD" && ctest --output-on-failure --timeout 300 -L '^(tls|e2e-tls)$' "$@") |
+            tee -a "$BUILD/ctest.log"
+        exit "${PIPESTATUS[0]}"
+    )
+    tls_rc=$?
+    set -e
+    [ "$rc" -eq 0 ] && rc=$tls_rc
+fi
 grep -E -A100 '^(100% tests passed|[0-9]+% tests passed)' "$BUILD/ctest.log" >"$BUILD/ctest-summary.txt" || true
 exit "$rc"

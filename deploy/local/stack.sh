@@ -8,7 +8,7 @@
 #                            whatever is not running, wait until each answers;
 #                            --redis-replica (or CQRS_REDIS_REPLICA_PORT set)
 #                            also starts a Redis replica of the Redis server;
-#                            --tls (or CQRS_STACK_TLS=1) makes this stack the
+#                            --tls makes this stack the
 #                            TLS-everywhere profile (below), for good
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
 #                            Kafka, the Redis replica, Redis, PostgreSQL;
@@ -99,7 +99,7 @@ KAFKA_WAIT=${CQRS_KAFKA_WAIT:-60}
 TLS_DIR=$STATE/tls           # test PKI (deploy/local/tls.sh)
 SECRETS_DIR=$STATE/secrets   # one password per server and user, 0600
 TLS=0
-[[ ${CQRS_STACK_TLS:-} == 1 || -f $TLS_DIR/.profile ]] && TLS=1
+[[ -f $TLS_DIR/.profile ]] && TLS=1 # not CQRS_STACK_TLS: `env` exports it for the tests
 
 RUN_DIR=$STATE/run          # pid files of the app daemons (deploy/local/run.sh)
 DAEMON_WAIT=${CQRS_DAEMON_STOP_WAIT:-15}
@@ -251,6 +251,18 @@ ensure_packages() {
 }
 
 # ----------------------------------------------------------- PostgreSQL ---
+#
+# TLS profile: ssl=on with the test PKI's server.crt/server.key (copied into the data
+# folder, the key 0600 and owned by the server's user, as PostgreSQL demands), TLS 1.2 at
+# least, and a pg_hba.conf with `hostssl` as the only TCP line (SCRAM password of the cqrs
+# user): a plain TCP connection finds no entry and is refused. The password (`secret
+# pg-cqrs`) is given to the cqrs role on every `up` and kept for clients in a libpq password
+# file, $SECRETS_DIR/pgpass (0600), which the DSN names (passfile=): neither `env` nor the
+# daemons' settings ever hold the password itself. The stack's own admin steps (set the
+# password, create the database) use the unix socket with `local ... trust`, the socket
+# reachable by the server's user (and root) only (unix_socket_permissions = 0700).
+
+PG_PASSFILE=$SECRETS_DIR/pgpass
 
 # Run a PostgreSQL server tool as the data folder's owner.
 pg_as_owner() {
@@ -272,10 +284,59 @@ pg_running() {
 # The port the running postmaster listens on (line 4 of postmaster.pid).
 pg_actual_port() { sed -n 4p "$PG_DATA/postmaster.pid" 2>/dev/null | tr -dc '0-9'; }
 
+# A conninfo value, single-quoted when it holds a space, a quote or a backslash.
+pg_conninfo_value() {
+    local v=$1
+    if [[ $v =~ [[:space:]\'\\] ]]; then
+        v=${v//\\/\\\\}
+        v=${v//\'/\\\'}
+        v="'$v'"
+    fi
+    printf '%s' "$v"
+}
+
+# The connection string the daemons get (CQRS_PG_DSN). TLS profile: by the certificate's
+# name (localhost) with the chain and the name checked, the password in the password file.
+pg_dsn() {
+    if ((TLS)); then
+        printf 'host=localhost port=%s dbname=%s user=%s sslmode=verify-full sslrootcert=%s passfile=%s' \
+            "$PG_PORT" "$PG_DB" "$PG_USER" "$(pg_conninfo_value "$TLS_DIR/ca.crt")" \
+            "$(pg_conninfo_value "$PG_PASSFILE")"
+    else
+        printf 'host=127.0.0.1 port=%s dbname=%s user=%s' "$PG_PORT" "$PG_DB" "$PG_USER"
+    fi
+}
+
+# psql for the stack's own admin steps: over TCP in the plain profile; over the unix socket
+# in the TLS profile, where TCP needs the password that these steps set.
+pg_psql() {
+    if ((TLS)); then
+        "$PG_BIN/psql" -h "$PG_SOCK" -p "$PG_PORT" -U "$PG_USER" "$@"
+    else
+        "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$@"
+    fi
+}
+
+# The server answers `select 1` the way the daemons connect (TLS profile: verify-full and
+# the password file).
 pg_answers() {
-    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -t 2 &&
-        [[ $("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres \
-            -XtAq -c 'select 1' 2>/dev/null) == 1 ]]
+    if ((TLS)); then
+        "$PG_BIN/pg_isready" -q -d "$(pg_dsn) dbname=postgres" -t 2 &&
+            [[ $("$PG_BIN/psql" "$(pg_dsn) dbname=postgres" -XtAq -c 'select 1' 2>/dev/null) == 1 ]]
+    else
+        "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -t 2 &&
+            [[ $("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres \
+                -XtAq -c 'select 1' 2>/dev/null) == 1 ]]
+    fi
+}
+
+# The server answers the admin steps' psql (the same as pg_answers in the plain profile).
+pg_admin_answers() {
+    if ((TLS)); then
+        [[ $(pg_psql -d postgres -XtAq -c 'select 1' 2>/dev/null) == 1 ]]
+    else
+        pg_answers
+    fi
 }
 
 # Under root the postgres user must be able to reach $PG_DIR: make each
@@ -310,8 +371,57 @@ log_timezone = 'UTC'
 logging_collector = off
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
+    if ((TLS)); then
+        cat >>"$PG_DATA/cqrs_stack.conf" <<EOF
+# TLS profile
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_min_protocol_version = 'TLSv1.2'
+password_encryption = 'scram-sha-256'
+unix_socket_permissions = 0700
+EOF
+        pg_write_tls
+    fi
     is_root && chown postgres:postgres "$PG_DATA/cqrs_stack.conf"
     return 0
+}
+
+# TLS profile: the server's certificate and key in the data folder, and a pg_hba.conf that
+# admits TCP over TLS with a password only.
+pg_write_tls() {
+    local owner=()
+    is_root && owner=(-o postgres -g postgres)
+    install "${owner[@]}" -m 0644 "$TLS_DIR/server.crt" "$PG_DATA/server.crt"
+    install "${owner[@]}" -m 0600 "$TLS_DIR/server.key" "$PG_DATA/server.key"
+    cat >"$PG_DATA/pg_hba.conf" <<EOF
+# Written by deploy/local/stack.sh (TLS profile) on every 'up' — edits are overwritten.
+# TCP: TLS with the cqrs user's SCRAM password, nothing else. There is no 'host' line, so a
+# connection without TLS finds no entry and is refused.
+hostssl all $PG_USER 127.0.0.1/32 scram-sha-256
+# The stack's own admin steps (stack.sh pg_psql): the unix socket, which only the server's
+# user (and root) can open (unix_socket_permissions = 0700).
+local   all all trust
+EOF
+    is_root && chown postgres:postgres "$PG_DATA/pg_hba.conf"
+    chmod 0600 "$PG_DATA/pg_hba.conf"
+}
+
+# TLS profile: the cqrs role's password (set on every up, so the role and the secret never
+# disagree) and the libpq password file the DSN names. The secret is hex: nothing to escape
+# in SQL or in the password file. It goes to psql on stdin, never on a command line.
+pg_set_password() {
+    local pw
+    pw=$(secret pg-cqrs)
+    printf "ALTER ROLE %s PASSWORD '%s';\n" "$PG_USER" "$pw" |
+        pg_psql -d postgres -XqAt -v ON_ERROR_STOP=1 -f - >/dev/null ||
+        die "postgres: cannot set the password of $PG_USER"
+    # Any host: a connection by another name (hostaddr=, tests of the name check) must fail
+    # on the certificate, not for want of a password.
+    if ! (umask 077 && printf '*:%s:*:%s:%s\n' "$PG_PORT" "$PG_USER" "$pw" >"$PG_PASSFILE.tmp" &&
+        mv -f "$PG_PASSFILE.tmp" "$PG_PASSFILE"); then
+        die "postgres: cannot write $PG_PASSFILE"
+    fi
 }
 
 pg_init() {
@@ -343,6 +453,11 @@ pg_up() {
     if pg_running; then
         check_port postgres "$(pg_actual_port)" "$PG_PORT" CQRS_PG_PORT
         log "postgres: already running (pid $(pg_pid), port $PG_PORT)"
+        # TLS profile: its settings and pg_hba.conf take effect without a restart
+        if ((TLS)); then
+            pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" reload >/dev/null 9>&- ||
+                die_log "postgres: pg_ctl reload failed" "$PG_LOG"
+        fi
     else
         port_busy "$PG_PORT" && die "postgres: port 127.0.0.1:$PG_PORT is already taken by another process"
         log "postgres: starting on 127.0.0.1:$PG_PORT"
@@ -352,20 +467,27 @@ pg_up() {
 
     local deadline=$((SECONDS + 30))
     while ((SECONDS < deadline)); do
-        pg_answers && break
+        pg_admin_answers && break
         pg_running || die_log "postgres: server exited during startup" "$PG_LOG"
         sleep 0.5
     done
-    pg_answers || die_log "postgres: not answering 'select 1' on 127.0.0.1:$PG_PORT after 30s" "$PG_LOG"
+    pg_admin_answers || die_log "postgres: not answering 'select 1' on 127.0.0.1:$PG_PORT after 30s" "$PG_LOG"
+    ((TLS)) && pg_set_password
 
-    if [[ -z $("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -XtAq \
+    if [[ -z $(pg_psql -d postgres -XtAq \
         -c "select 1 from pg_database where datname = '$PG_DB'") ]]; then
         log "postgres: creating database $PG_DB owned by $PG_USER"
-        "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -XqAt -v ON_ERROR_STOP=1 \
+        pg_psql -d postgres -XqAt -v ON_ERROR_STOP=1 \
             -c "create database $PG_DB owner $PG_USER encoding 'UTF8'" ||
             die "postgres: create database $PG_DB failed"
     fi
-    log "postgres: ready on 127.0.0.1:$PG_PORT (pid $(pg_pid))"
+    if ((TLS)); then
+        # as the daemons will connect: TLS, verify-full, the password file
+        pg_answers || die_log "postgres: no 'select 1' over TLS (verify-full, $PG_PASSFILE) on localhost:$PG_PORT" "$PG_LOG"
+        log "postgres: ready on 127.0.0.1:$PG_PORT, TLS only (pid $(pg_pid))"
+    else
+        log "postgres: ready on 127.0.0.1:$PG_PORT (pid $(pg_pid))"
+    fi
 }
 
 pg_down() {
@@ -789,7 +911,8 @@ cmd_env() {
     printf 'export CQRS_REDIS_PORT=%s\n' "$(sq "$REDIS_PORT")"
     printf 'export CQRS_KAFKA_PORT=%s\n' "$(sq "$KAFKA_PORT")"
     printf 'export CQRS_KAFKA_CONTROLLER_PORT=%s\n' "$(sq "$KAFKA_CONTROLLER_PORT")"
-    printf 'export CQRS_PG_DSN=%s\n' "$(sq "host=127.0.0.1 port=$PG_PORT dbname=$PG_DB user=$PG_USER")"
+    # (TLS profile: the password stays in the file the DSN names, passfile=)
+    printf 'export CQRS_PG_DSN=%s\n' "$(sq "$(pg_dsn)")"
     printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
     printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
     if redis_running replica; then

@@ -6,7 +6,8 @@
  * a PostgreSQL restart without being restarted itself.
  *
  * Connections carry statement_timeout, lock_timeout and TCP keepalives so that no call can
- * hang on a dead server.
+ * hang on a dead server. Every connection of libcqrs (pool, relay, migrations) is opened by
+ * cqrs__pg_connect, which keeps the DSN's own settings (TLS, password file, hosts) as given.
  */
 #include "cqrs/store.h"
 
@@ -70,13 +71,39 @@ static void quiet_notices(void *arg, const char *message)
     CQRS_LOG_DEBUG("postgres notice", "detail", line);
 }
 
+/* libpq's message on one line. It writes a line per host and address it tried, each maybe
+ * followed by a tab-indented hint ("Is the server running on that host…"): the hints are left
+ * out and the attempts joined with "; ", so that the one that says why TLS or the password
+ * was refused is kept even when it is not the first. */
+static void one_line(char *out, size_t n, const char *msg)
+{
+    size_t len = 0;
+    bool skip = false;
+    for (const char *p = msg; *p && len + 1 < n; p++) {
+        if (p == msg || p[-1] == '\n') {
+            skip = *p == '\t';
+            if (!skip && len > 0 && len + 3 < n) {
+                out[len++] = ';';
+                out[len++] = ' ';
+            }
+        }
+        if (!skip && *p != '\n')
+            out[len++] = *p;
+    }
+    out[len] = '\0';
+}
+
 PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect_timeout_s,
                          cqrs_error_t *err)
 {
     char timeout[16];
     snprintf(timeout, sizeof timeout, "%u", connect_timeout_s ? connect_timeout_s : 5);
-    /* expand_dbname=1: `dsn` may itself be a conninfo string or URI; the keywords after it
-     * fill in what it leaves unset. */
+    /* expand_dbname=1: `dsn` may itself be a conninfo string or URI, expanded in place of
+     * "dbname". Keywords after it override the DSN's (libpq: the last value wins); these are
+     * the ones libcqrs owns: the role's application_name and the bounded waits (the relay's
+     * heartbeat budget counts on connect_timeout). Everything else is the DSN's alone: host,
+     * hostaddr, sslmode, sslrootcert, sslcert, sslkey, sslcrl, passfile, password,
+     * target_session_attrs... (unit test: test_store_conninfo). */
     const char *keys[] = {"dbname",           "application_name", "connect_timeout",
                           "keepalives",       "keepalives_idle",  "keepalives_interval",
                           "keepalives_count", "tcp_user_timeout", NULL};
@@ -84,9 +111,9 @@ PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect
                           NULL};
     PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (!c || PQstatus(c) != CONNECTION_OK) {
-        char msg[200];
-        snprintf(msg, sizeof msg, "%s", c ? PQerrorMessage(c) : "out of memory");
-        msg[strcspn(msg, "\n")] = '\0';
+        /* libpq's messages name the host and port, never the password */
+        char msg[220];
+        one_line(msg, sizeof msg, c ? PQerrorMessage(c) : "out of memory");
         cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "cannot connect to PostgreSQL: %s", msg);
         PQfinish(c);
         return NULL;
@@ -98,9 +125,8 @@ PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect
 cqrs_err_t cqrs__pg_error(PGconn *conn, const PGresult *res, cqrs_error_t *err)
 {
     if (PQstatus(conn) != CONNECTION_OK) {
-        char msg[200];
-        snprintf(msg, sizeof msg, "%s", PQerrorMessage(conn));
-        msg[strcspn(msg, "\n")] = '\0';
+        char msg[220];
+        one_line(msg, sizeof msg, PQerrorMessage(conn));
         return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "PostgreSQL connection lost: %s", msg);
     }
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;

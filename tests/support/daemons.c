@@ -195,13 +195,19 @@ pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const
     return pid;
 }
 
-pid_t daemons_spawn_commandd(const daemons_t *d, int port, const char *extra_env, const char *name)
+pid_t daemons_launch_commandd(const daemons_t *d, int port, const char *extra_env, const char *name)
 {
     char log[128];
     snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
-    pid_t pid = spawn(d, CQRS_COMMANDD, port, log, NULL, extra_env);
+    return spawn(d, CQRS_COMMANDD, port, log, NULL, extra_env);
+}
+
+pid_t daemons_spawn_commandd(const daemons_t *d, int port, const char *extra_env, const char *name)
+{
+    pid_t pid = daemons_launch_commandd(d, port, extra_env, name);
     if (wait_ready(port, 60) != 0) {
         daemons_dump_logs(d);
+        daemons_stop_one(&pid); /* never left running behind the caller's back */
         return -1;
     }
     return pid;

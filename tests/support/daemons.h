@@ -37,8 +37,14 @@ void daemons_dump_logs(const daemons_t *d);
 pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const char *name);
 
 /* Starts another cqrs-commandd of the same run on port with extra environment
- * ("NAME=value;NAME=value", may be NULL); waits until ready. */
+ * ("NAME=value;NAME=value", may be NULL), logging to <logdir>/<name>.log; waits until ready.
+ * Returns its pid; -1 when it did not become ready (it is stopped then). */
 pid_t daemons_spawn_commandd(const daemons_t *d, int port, const char *extra_env, const char *name);
+
+/* The same without waiting for readiness (a daemon expected to stay not ready); the caller
+ * stops it with daemons_stop_one. */
+pid_t daemons_launch_commandd(const daemons_t *d, int port, const char *extra_env,
+                              const char *name);
 
 /* A sample of /metrics on port (integer part), -1 when absent or unreachable. */
 long long daemons_metric(int port, const char *name);

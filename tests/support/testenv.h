@@ -38,4 +38,23 @@ static inline void testenv_require_stack(void)
     testenv_require("CQRS_REDIS_URL");
 }
 
+/* The TLS profile of the stack (stack.sh up --tls) for the tests labelled tls: returns
+ * CQRS_TLS_DIR (the test PKI). Elsewhere the same as a missing variable: a failure under
+ * CI=true, a skip otherwise. */
+static inline const char *testenv_require_tls(void)
+{
+    const char *tls = getenv("CQRS_STACK_TLS");
+    if (!tls || strcmp(tls, "1") != 0) {
+        const char *ci = getenv("CI");
+        if (ci && strcmp(ci, "true") == 0)
+            fail_msg("CQRS_STACK_TLS is not 1: this test needs the TLS profile of the stack "
+                     "(deploy/local/stack.sh up --tls; tests/run.sh starts one)");
+        fprintf(stderr, "SKIP: needs the TLS profile of the stack: deploy/local/stack.sh up "
+                        "--tls, then eval \"$(deploy/local/stack.sh env)\"\n");
+        skip();
+        return NULL;
+    }
+    return testenv_require("CQRS_TLS_DIR");
+}
+
 #endif
