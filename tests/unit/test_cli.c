@@ -28,6 +28,9 @@ static int run(const char *binary, const char *args, char *out, size_t cap)
     assert_non_null(p);
     size_t n = fread(out, 1, cap - 1, p);
     out[n] = '\0';
+    char rest[4096]; /* read to the end: a writer cut off would die of SIGPIPE */
+    while (fread(rest, 1, sizeof rest, p) > 0)
+        ;
     int st = pclose(p);
     assert_true(WIFEXITED(st));
     return WEXITSTATUS(st);
