@@ -536,28 +536,26 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
 
 static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
 {
-    rd_kafka_conf_t *conf = cqrs_bus_conf_new(p->brokers, p->client_id, err);
+    /* Offsets are stored by hand after the Redis write and committed by the auto-commit
+     * (bus.c refuses an operator's value for all of these but fetch.wait.max.ms). */
+    const char *const own[][2] = {
+        {"group.id", p->group_id},
+        {"enable.auto.commit", "true"},
+        {"enable.auto.offset.store", "false"},
+        {"auto.offset.reset", "earliest"},
+        {"isolation.level", "read_committed"},
+        {"enable.partition.eof", "true"},
+        {"fetch.wait.max.ms", "10"},
+        {NULL, NULL},
+    };
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(p->brokers, p->client_id, own, err);
     if (!conf)
         return NULL;
-    if (cqrs_bus_conf_set(conf, "group.id", p->group_id, err) ||
-        cqrs_bus_conf_set(conf, "enable.auto.commit", "true", err) ||
-        cqrs_bus_conf_set(conf, "enable.auto.offset.store", "false", err) ||
-        cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", err) ||
-        cqrs_bus_conf_set(conf, "isolation.level", "read_committed", err) ||
-        cqrs_bus_conf_set(conf, "enable.partition.eof", "true", err) ||
-        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "10", err)) {
-        rd_kafka_conf_destroy(conf);
-        return NULL;
-    }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_opaque(conf, p);
-    char errstr[256];
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
-    if (!rk) {
-        rd_kafka_conf_destroy(conf);
-        cqrs_error_set(err, CQRS_ERR_CONFIG, "cannot create consumer: %s", errstr);
+    rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", err);
+    if (!rk)
         return NULL;
-    }
     rd_kafka_poll_set_consumer(rk);
     rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new((int)p->cfg.n_topics);
     for (size_t i = 0; i < p->cfg.n_topics; i++)
