@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "cqrs/config.h"
 #include "cqrs/log.h"
@@ -548,6 +549,24 @@ rd_kafka_t *cqrs_bus_client_new(rd_kafka_type_t type, rd_kafka_conf_t *conf, con
     return NULL;
 }
 
+/* SCRAM with a librdkafka older than 2.6.1 is refused by Kafka 4 brokers as a wrong password
+ * (its client-final message repeats the client nonce, confluentinc/librdkafka#4895): said at
+ * start-up rather than left to look like bad credentials. A warning: older brokers take it. */
+static void scram_warning(const cqrs_bus_props_t *props, FILE *errors)
+{
+    if (rd_kafka_version() >= 0x02060100 || !errors)
+        return;
+    for (size_t i = 0; i < props->n; i++)
+        if ((strcmp(props->v[i].name, "sasl.mechanisms") == 0 ||
+             strcmp(props->v[i].name, "sasl.mechanism") == 0) &&
+            strncasecmp(props->v[i].value, "SCRAM-", 6) == 0)
+            fprintf(errors,
+                    "%s: warning: librdkafka %s cannot authenticate with SCRAM to Apache Kafka 4 "
+                    "or later (the broker answers \"invalid credentials\"): fixed in "
+                    "librdkafka 2.6.1 (confluentinc/librdkafka#4895)\n",
+                    props->v[i].source, rd_kafka_version_str());
+}
+
 int cqrs_bus_check_properties(FILE *errors)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -569,6 +588,7 @@ int cqrs_bus_check_properties(FILE *errors)
     rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_PRODUCER, conf, "client", &err);
     if (rk) {
         rd_kafka_destroy(rk);
+        scram_warning(&props, errors);
     } else {
         /* librdkafka's reason names the property ("ssl.ca.location failed: …"): say where
          * that was set. */
