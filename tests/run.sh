@@ -4,11 +4,13 @@
 # Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
 # stack (its own folder and free ports, so a running dev stack is left alone), runs every
 # ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
-# it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
+# it kills servers; tls on a second stack, the TLS profile) and always tears the stacks down,
+# also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
 # server is missing: CI=true is set for them.
 #
 #   tests/run.sh                 everything
-#   tests/run.sh -L unit         extra arguments go to ctest
+#   tests/run.sh -L unit         extra arguments go to ctest (the tls label runs only on the
+#                                TLS stack: tests/run.sh -L tls)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,12 +51,18 @@ CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
 chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
 
+TLS_STACK_DIR=
 teardown() {
     local rc=$?
     trap - EXIT INT TERM
     echo "==> tearing the test stack down ($STACK_DIR)"
     deploy/local/stack.sh down --purge >"$BUILD/stack-down.log" 2>&1 ||
         echo "stack teardown failed, see $BUILD/stack-down.log"
+    if [ -n "$TLS_STACK_DIR" ]; then
+        echo "==> tearing the TLS test stack down ($TLS_STACK_DIR)"
+        CQRS_STACK_DIR=$TLS_STACK_DIR deploy/local/stack.sh down --purge >"$BUILD/stack-tls-down.log" 2>&1 ||
+            echo "TLS stack teardown failed, see $BUILD/stack-tls-down.log"
+    fi
     if [ -f "$BUILD/fault-results.txt" ]; then
         echo
         cat "$BUILD/fault-results.txt"
@@ -92,11 +100,33 @@ if [ $# -eq 0 ]; then
     tests/soak/soak.sh 60 || extra=1
 fi
 
+# The tls label needs the TLS profile: it runs on a second stack (`stack.sh up --tls`), never
+# on the plain one.
+plain=1 tls=0
+[ $# -eq 0 ] && tls=1
+[ "$*" = "-L tls" ] && plain=0 tls=1
+
 say "ctest $*"
-rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt"
+rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt" "$BUILD/ctest.log"
 set +e
-(cd "$BUILD" && ctest --output-on-failure --timeout 300 "$@") | tee "$BUILD/ctest.log"
-rc=${PIPESTATUS[0]}
+rc=0
+if [ "$plain" -eq 1 ]; then
+    (cd "$BUILD" && ctest --output-on-failure --timeout 300 -LE tls "$@") | tee "$BUILD/ctest.log"
+    rc=${PIPESTATUS[0]}
+fi
+if [ "$tls" -eq 1 ]; then
+    TLS_STACK_DIR=$(mktemp -d /tmp/cqrs-test-stack-tls.XXXXXX)
+    chmod 755 "$TLS_STACK_DIR"
+    say "ctest -L tls on a TLS stack ($TLS_STACK_DIR)"
+    (
+        export CQRS_STACK_DIR=$TLS_STACK_DIR CQRS_PG_PORT=$(free_port) CQRS_REDIS_PORT=$(free_port) \
+            CQRS_KAFKA_PORT=$(free_port) CQRS_KAFKA_CONTROLLER_PORT=$(free_port) CQRS_KAFKA_MTLS_PORT=$(free_port)
+        deploy/local/stack.sh up --tls && eval "$(deploy/local/stack.sh env)" &&
+            cd "$BUILD" && ctest --output-on-failure --timeout 300 -L tls
+    ) | tee -a "$BUILD/ctest.log"
+    tls_rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] && rc=$tls_rc
+fi
 [ "$rc" -eq 0 ] && rc=$extra
 set -e
 grep -E -A100 '^(100% tests passed|[0-9]+% tests passed)' "$BUILD/ctest.log" >"$BUILD/ctest-summary.txt" || true
