@@ -365,7 +365,7 @@ static void test_values_from_files(void **state)
     free(text);
     assert_int_equal(p.n, 0);
 
-    /* librdkafka ≥ 2.10 has properties whose names end in .file: the variable sets them
+    /* librdkafka ≥ 2.11 has properties whose names end in .file: the variable sets them
      * (a path), not a value read from a file. Whichever the linked librdkafka is. */
     char *assertion[] = {"CQRS_KAFKA_PROPERTY_SASL_OAUTHBEARER_ASSERTION_PRIVATE_KEY_FILE=/k.pem",
                          NULL};
