@@ -11,7 +11,8 @@
 # again (label e2e-tls), over TLS with authentication to all three servers.
 #
 #   tests/run.sh                 everything
-#   tests/run.sh -L unit         extra arguments go to ctest
+#   tests/run.sh -L unit         extra arguments go to ctest (the tls label runs only on the
+#                                TLS stack: tests/run.sh -L tls)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -126,7 +127,8 @@ if [ "${n_tls:-0}" != 0 ]; then
         CQRS_REDIS_PORT=$(free_port)
         CQRS_KAFKA_PORT=$(free_port)
         CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
-        export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+        CQRS_KAFKA_MTLS_PORT=$(free_port)
+        export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT CQRS_KAFKA_MTLS_PORT
         say "TLS test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
         deploy/local/stack.sh up --tls
         eval "$(deploy/local/stack.sh env)"

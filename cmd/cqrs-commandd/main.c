@@ -4,6 +4,7 @@
  * Shutdown: readiness fails, HTTP drains in-flight requests (bounded by the grace period),
  * the relay finishes its batch and flushes its producer, exit 0.
  */
+#include <cqrs/bus.h>
 #include <cqrs/config.h>
 #include <cqrs/daemon.h>
 #include <cqrs/log.h>
@@ -240,6 +241,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "cqrs-commandd: bad configuration (see --help)\n");
         return 2;
     }
+    /* Every Kafka client reads the operator's librdkafka properties: a bad one is a
+     * configuration error now, not at the first connection. */
+    if (cqrs_bus_check_properties(stderr) != 0) {
+        fprintf(stderr, "cqrs-commandd: bad Kafka client properties (see --help)\n");
+        cqrs_config_free(entries, n_entries);
+        return 2;
+    }
     /* A healthy relay waits up to a third of the lease on Kafka between two signs of
      * progress: a shorter patience would cancel and replace it. */
     if (S.relay_stall_ms < S.relay_lease_ms) {
@@ -326,6 +334,8 @@ int main(int argc, char **argv)
         app.relay = cqrs_relay_new(&rc_cfg, &err);
         if (!app.relay || cqrs_relay_start(app.relay, &err) != CQRS_ERR_OK) {
             CQRS_LOG_ERROR("cannot start the outbox relay", "error", err.message);
+            if (err.code == CQRS_ERR_CONFIG)
+                rc = 2;
             goto out;
         }
     }

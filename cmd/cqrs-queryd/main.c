@@ -5,6 +5,7 @@
  * Shutdown: readiness fails, HTTP drains, the projector finishes the event in hand and
  * commits its offsets, exit 0.
  */
+#include <cqrs/bus.h>
 #include <cqrs/changefeed.h>
 #include <cqrs/config.h>
 #include <cqrs/daemon.h>
@@ -315,6 +316,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "cqrs-queryd: bad configuration (see --help)\n");
         return 2;
     }
+    /* Every Kafka client reads the operator's librdkafka properties: a bad one is a
+     * configuration error now, not at the first connection. */
+    if (cqrs_bus_check_properties(stderr) != 0) {
+        fprintf(stderr, "cqrs-queryd: bad Kafka client properties (see --help)\n");
+        cqrs_config_free(entries, n_entries);
+        return 2;
+    }
     cqrs_log_level_t level = CQRS_LOG_INFO;
     cqrs_log_level_parse(S.d.log_level, &level);
     cqrs_log_init("cqrs-queryd", level);
@@ -386,6 +394,8 @@ int main(int argc, char **argv)
         app.projector = cqrs_projector_new(&pc, &err);
         if (!app.projector || cqrs_projector_start(app.projector, &err) != CQRS_ERR_OK) {
             CQRS_LOG_ERROR("cannot start the projector", "error", err.message);
+            if (err.code == CQRS_ERR_CONFIG)
+                rc = 2;
             goto out;
         }
     }

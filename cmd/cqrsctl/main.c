@@ -63,6 +63,7 @@ static void usage(FILE *out)
             "                          rebuild the read model from the event log into a scratch\n"
             "                          database and switch to it without downtime\n\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
+    cqrs_bus_print_help(out);
 }
 
 static int cmd_migrate(int argc, char **argv)
@@ -220,6 +221,8 @@ int main(int argc, char **argv)
             return cqrsctl_dlq(&none, argc - 1, argv + 1);
     }
     if (cqrs_config_load(entries, N_ENTRIES, NULL, NULL, stderr) != 0)
+        return 2;
+    if (cqrs_bus_check_properties(stderr) != 0)
         return 2;
     int rc;
     if (strcmp(argv[1], "migrate") == 0) {

@@ -22,8 +22,8 @@
 # Everything a stack owns (data, logs, pid files) lives in its state folder,
 # ${CQRS_STACK_DIR:-<repo>/.local/stack}.  A second stack with another
 # CQRS_STACK_DIR and other ports (CQRS_PG_PORT, CQRS_REDIS_PORT,
-# CQRS_REDIS_REPLICA_PORT, CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT) runs
-# beside the first one.
+# CQRS_REDIS_REPLICA_PORT, CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT,
+# CQRS_KAFKA_MTLS_PORT) runs beside the first one.
 #
 # The Redis replica (tests of a failover: tests/fault/) is a second
 # redis-server on 127.0.0.1:${CQRS_REDIS_REPLICA_PORT:-16380} with
@@ -42,6 +42,15 @@
 # over TLS with authentication only; `env` then exports the settings the
 # daemons need (certificates, users, password files). A stack keeps the
 # profile it was first started with ($STATE/tls/.profile).
+# Kafka in that profile: clients only over SASL_SSL on localhost:$CQRS_KAFKA_PORT
+# (SCRAM-SHA-512 user `cqrs`, password $STATE/secrets/kafka, made when the
+# storage is formatted), and mutual TLS (client certificate of the test CA
+# required) on localhost:${CQRS_KAFKA_MTLS_PORT:-19094}; the broker's own
+# inter-broker connections use the SASL_SSL listener (user `broker`); the
+# KRaft controller listener stays PLAINTEXT on 127.0.0.1 (quorum traffic, not
+# a client listener: `env` never points a client at it).
+# $STATE/kafka/client.properties holds what a client needs for SASL_SSL (kcat
+# -F, or CQRS_KAFKA_PROPERTIES_FILE).
 #
 # PostgreSQL refuses to run as root, so under root its data folder belongs to
 # the `postgres` system user and initdb/pg_ctl run through `runuser`.
@@ -95,6 +104,10 @@ KAFKA_PID=$KAFKA_DIR/kafka.pid
 KAFKA_OUT=$KAFKA_LOGS/kafka.out
 KAFKA_HEAP=${CQRS_KAFKA_HEAP:-512m}
 KAFKA_WAIT=${CQRS_KAFKA_WAIT:-60}
+KAFKA_MTLS_PORT=${CQRS_KAFKA_MTLS_PORT:-19094}  # TLS profile only: the mutual-TLS listener
+KAFKA_KEYSTORE=$KAFKA_DIR/server-keystore.pem    # TLS profile: server key + certificate
+KAFKA_CLIENT_CONF=$KAFKA_DIR/client.properties   # TLS profile: SASL_SSL client settings
+KAFKA_SCRAM_MARK=$KAFKA_DIR/scram-users          # TLS profile: formatted with SCRAM users
 
 TLS_DIR=$STATE/tls           # test PKI (deploy/local/tls.sh)
 SECRETS_DIR=$STATE/secrets   # one password per server and user, 0600
@@ -657,12 +670,22 @@ kafka_running() {
 # The broker port the running Kafka was started with (its server.properties
 # is only rewritten when Kafka is (re)started).
 kafka_actual_port() {
-    sed -n 's/^listeners=PLAINTEXT:\/\/127\.0\.0\.1:\([0-9]*\),.*/\1/p' "$KAFKA_CONF" 2>/dev/null
+    sed -n 's/^listeners=[A-Z_]*:\/\/127\.0\.0\.1:\([0-9]*\),.*/\1/p' "$KAFKA_CONF" 2>/dev/null
 }
 
+# The broker lists itself to a client. In the TLS profile over mutual TLS, as
+# localhost (the name its certificate holds): Debian 12's kcat links librdkafka
+# 2.0.2, whose SCRAM Kafka 4 rejects (fixed in librdkafka 2.6.1, #4895).
 kafka_answers() {
-    timeout 10 kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3 2>/dev/null |
-        grep -q "broker 1 at 127.0.0.1:$KAFKA_PORT"
+    if ((TLS)); then
+        timeout 10 kcat -b "localhost:$KAFKA_MTLS_PORT" -X security.protocol=SSL \
+            -X ssl.ca.location="$TLS_DIR/ca.crt" -X ssl.certificate.location="$TLS_DIR/client.crt" \
+            -X ssl.key.location="$TLS_DIR/client.key" -L -m 3 2>/dev/null |
+            grep -q "broker 1 at localhost:$KAFKA_MTLS_PORT"
+    else
+        timeout 10 kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3 2>/dev/null |
+            grep -q "broker 1 at 127.0.0.1:$KAFKA_PORT"
+    fi
 }
 
 # The JVM command line shared by the broker and the storage tool.
@@ -674,17 +697,24 @@ kafka_jvm() {
 }
 
 kafka_write_conf() {
+    local listeners="PLAINTEXT://127.0.0.1:$KAFKA_PORT" advertised="PLAINTEXT://127.0.0.1:$KAFKA_PORT"
+    local map=PLAINTEXT:PLAINTEXT inter=PLAINTEXT
+    if ((TLS)); then
+        listeners="SASL_SSL://127.0.0.1:$KAFKA_PORT,MTLS://127.0.0.1:$KAFKA_MTLS_PORT"
+        advertised="SASL_SSL://localhost:$KAFKA_PORT,MTLS://localhost:$KAFKA_MTLS_PORT"
+        map=SASL_SSL:SASL_SSL,MTLS:SSL inter=SASL_SSL
+    fi
     cat >"$KAFKA_CONF" <<EOF
 # Written by deploy/local/stack.sh on every 'up' — edits are overwritten.
 # Kafka $KAFKA_VERSION, KRaft, one combined broker+controller on 127.0.0.1.
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=$listeners,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=$advertised,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+listener.security.protocol.map=$map,CONTROLLER:PLAINTEXT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
+inter.broker.listener.name=$inter
 log.dirs=$KAFKA_DATA
 
 num.partitions=6
@@ -708,12 +738,63 @@ group.consumer.session.timeout.ms=10000
 group.consumer.min.heartbeat.interval.ms=1000
 group.consumer.heartbeat.interval.ms=2000
 EOF
+    ((TLS)) || return 0
+    chmod 600 "$KAFKA_CONF" # the broker's SCRAM password follows
+    cat >>"$KAFKA_CONF" <<EOF
+
+# TLS profile. SASL_SSL: SCRAM-SHA-512 only (users made by kafka_format), also
+# the broker's own inter-broker connections (user broker). MTLS: TLS with a
+# client certificate of the test CA required (principal User:CN=<cert CN>).
+# CONTROLLER stays PLAINTEXT on 127.0.0.1: the KRaft quorum's listener, not one
+# for clients. No authorizer: any authenticated client may do anything.
+ssl.keystore.type=PEM
+ssl.keystore.location=$KAFKA_KEYSTORE
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.crt
+ssl.endpoint.identification.algorithm=https
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="broker" password="$(secret kafka-broker)";
+listener.name.mtls.ssl.client.auth=required
+EOF
+}
+
+# The TLS profile's files: the broker's PEM keystore (key, then certificate)
+# and a SASL_SSL client's settings (kcat -F with librdkafka >= 2.6.1, or
+# CQRS_KAFKA_PROPERTIES_FILE).
+kafka_write_tls() {
+    ((TLS)) || return 0
+    (
+        umask 077
+        cat "$TLS_DIR/server.key" "$TLS_DIR/server.crt" >"$KAFKA_KEYSTORE"
+        cat >"$KAFKA_CLIENT_CONF" <<EOF
+# Written by deploy/local/stack.sh: a SASL_SSL client of this stack's Kafka
+# (kcat -F <this file>, or CQRS_KAFKA_PROPERTIES_FILE=<this file>).
+security.protocol=SASL_SSL
+sasl.mechanisms=SCRAM-SHA-512
+sasl.username=cqrs
+sasl.password=$(secret kafka)
+ssl.ca.location=$TLS_DIR/ca.crt
+EOF
+    )
 }
 
 # Format the storage once: a fresh random cluster id, a standalone
 # (single-voter, dynamic) controller quorum.
 kafka_format() {
-    [[ -f $KAFKA_DATA/meta.properties ]] && return 0
+    if [[ -f $KAFKA_DATA/meta.properties ]]; then
+        # The SCRAM users are made by the format only: data formatted for
+        # the plain profile has none.
+        if ((TLS)) && [[ ! -f $KAFKA_SCRAM_MARK ]]; then
+            die "kafka: $KAFKA_DATA was formatted without the TLS profile's SCRAM users; 'stack.sh down --purge' first"
+        fi
+        return 0
+    fi
+    local -a scram=()
+    if ((TLS)); then
+        scram=(--add-scram "SCRAM-SHA-512=[name=cqrs,password=$(secret kafka)]"
+            --add-scram "SCRAM-SHA-512=[name=broker,password=$(secret kafka-broker)]")
+    fi
     local cluster_id
     cluster_id=$("${KAFKA_JVM[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_DIR/format.log" 9>&- |
         tail -n 1) || true
@@ -721,8 +802,9 @@ kafka_format() {
         die_log "kafka: StorageTool random-uuid gave '$cluster_id'" "$KAFKA_DIR/format.log"
     log "kafka: formatting $KAFKA_DATA (cluster id $cluster_id)"
     "${KAFKA_JVM[@]}" kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$KAFKA_CONF" \
-        >>"$KAFKA_DIR/format.log" 2>&1 9>&- ||
+        "${scram[@]}" >>"$KAFKA_DIR/format.log" 2>&1 9>&- ||
         die_log "kafka: storage format failed" "$KAFKA_DIR/format.log"
+    if ((TLS)); then echo "SCRAM-SHA-512: cqrs broker" >"$KAFKA_SCRAM_MARK"; fi
 }
 
 kafka_up() {
@@ -736,12 +818,19 @@ kafka_up() {
     else
         rm -f "$KAFKA_PID"
         kafka_write_conf
+        kafka_write_tls
         local port
-        for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+        local -a ports=("$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT")
+        ((TLS)) && ports+=("$KAFKA_MTLS_PORT")
+        for port in "${ports[@]}"; do
             port_busy "$port" && die "kafka: port 127.0.0.1:$port is already taken by another process"
         done
         kafka_format
-        log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT)"
+        if ((TLS)); then
+            log "kafka: starting Kafka $KAFKA_VERSION, SASL_SSL on localhost:$KAFKA_PORT, mutual TLS on localhost:$KAFKA_MTLS_PORT (controller 127.0.0.1:$KAFKA_CONTROLLER_PORT)"
+        else
+            log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT)"
+        fi
         # setsid: own session, so the broker survives this shell and its
         # terminal; stdout/stderr only catch JVM-level output (logs go to
         # server.log through log4j2).
@@ -761,7 +850,7 @@ kafka_up() {
     done
     kafka_answers || {
         [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
-        die_log "kafka: no broker in 'kcat -L' on 127.0.0.1:$KAFKA_PORT after ${KAFKA_WAIT}s" "$KAFKA_LOGS/server.log"
+        die_log "kafka: no broker in 'kcat -L' on $( ((TLS)) && echo "localhost:$KAFKA_MTLS_PORT (mutual TLS)" || echo "127.0.0.1:$KAFKA_PORT") after ${KAFKA_WAIT}s" "$KAFKA_LOGS/server.log"
     }
     log "kafka: ready on 127.0.0.1:$KAFKA_PORT (pid $pid)"
 }
@@ -914,7 +1003,18 @@ cmd_env() {
     # (TLS profile: the password stays in the file the DSN names, passfile=)
     printf 'export CQRS_PG_DSN=%s\n' "$(sq "$(pg_dsn)")"
     printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
-    printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
+    if ((TLS)); then
+        # A name the broker's certificate holds; the password by file, never inline.
+        printf 'export CQRS_KAFKA_MTLS_PORT=%s\n' "$(sq "$KAFKA_MTLS_PORT")"
+        printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "localhost:$KAFKA_PORT")"
+        printf 'export CQRS_KAFKA_PROPERTY_SECURITY_PROTOCOL=SASL_SSL\n'
+        printf 'export CQRS_KAFKA_PROPERTY_SASL_MECHANISMS=SCRAM-SHA-512\n'
+        printf 'export CQRS_KAFKA_PROPERTY_SASL_USERNAME=cqrs\n'
+        printf 'export CQRS_KAFKA_PROPERTY_SASL_PASSWORD_FILE=%s\n' "$(sq "$SECRETS_DIR/kafka")"
+        printf 'export CQRS_KAFKA_PROPERTY_SSL_CA_LOCATION=%s\n' "$(sq "$TLS_DIR/ca.crt")"
+    else
+        printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
+    fi
     if redis_running replica; then
         local port
         port=$(redis_actual_port replica)

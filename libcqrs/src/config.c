@@ -18,20 +18,6 @@ static const char *env_lookup(const char *name, void *ud)
     return getenv(name);
 }
 
-static char *read_secret_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    char buf[4096];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-        buf[--n] = '\0';
-    return strdup(buf);
-}
-
 static bool parse_bool(const char *s, bool *out)
 {
     static const char *const yes[] = {"1", "true", "yes", "on"};
@@ -74,7 +60,7 @@ int cqrs_config_load(const cqrs_config_entry_t *entries, size_t n, cqrs_config_l
             snprintf(file_var, sizeof file_var, "%s_FILE", e->name);
             const char *path = lookup(file_var, ud);
             if (path && *path) {
-                from_file = read_secret_file(path);
+                from_file = cqrs_read_secret_file(path);
                 if (!from_file) {
                     if (errors)
                         fprintf(errors, "%s: cannot read %s: %s\n", file_var, path,
@@ -153,8 +139,13 @@ void cqrs_config_free(const cqrs_config_entry_t *entries, size_t n)
 
 void cqrs_config_print_help(const cqrs_config_entry_t *entries, size_t n, FILE *out)
 {
-    static const char *const type_names[] = {"string", "secret", "int", "bool", "enum"};
     fprintf(out, "Settings (environment variables):\n");
+    cqrs_config_print_rows(entries, n, out);
+}
+
+void cqrs_config_print_rows(const cqrs_config_entry_t *entries, size_t n, FILE *out)
+{
+    static const char *const type_names[] = {"string", "secret", "int", "bool", "enum"};
     for (size_t i = 0; i < n; i++) {
         const cqrs_config_entry_t *e = &entries[i];
         fprintf(out, "  %-32s %-6s default: %s", e->name, type_names[e->type],

@@ -1,6 +1,7 @@
 /* daemon.c — signals and the settings both daemons share. */
 #include "cqrs/daemon.h"
 
+#include "cqrs/bus.h"
 #include "cqrs/log.h"
 #include "cqrs/version.h"
 
@@ -105,6 +106,7 @@ int cqrs_daemon_cli(const cqrs_daemon_cli_t *cli, int argc, char **argv)
                "Configured by the environment:\n\n",
                cli->program, cli->summary, cli->program);
         cqrs_config_print_help(cli->entries, cli->n_entries, stdout);
+        cqrs_bus_print_help(stdout);
         return 0;
     }
     if (argc == 2 && strcmp(arg, "--version") == 0) {

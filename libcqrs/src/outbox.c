@@ -372,34 +372,29 @@ static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 
 static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
 {
-    rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, r->client_id, err);
-    if (!conf)
-        return NULL;
     char timeout[16], txn_timeout[16];
     snprintf(timeout, sizeof timeout, "%d", r->cfg.message_timeout_ms);
     snprintf(txn_timeout, sizeof txn_timeout, "%d",
              r->cfg.message_timeout_ms > 60000 ? r->cfg.message_timeout_ms : 60000);
     /* Transactions imply idempotence (acks=all, no reordering or duplicates from retries).
-     * murmur2 so that Java clients sharing the topics pick the same partition for a key. */
-    if (cqrs_bus_conf_set(conf, "transactional.id", r->txn_id, err) ||
-        cqrs_bus_conf_set(conf, "transaction.timeout.ms", txn_timeout, err) ||
-        cqrs_bus_conf_set(conf, "message.timeout.ms", timeout, err) ||
-        cqrs_bus_conf_set(conf, "linger.ms", "5", err) ||
-        /* Back-to-back transactions: AddPartitionsToTxn answers CONCURRENT_TRANSACTIONS until
-         * the previous commit's markers are written; retry soon, not after 100 ms+. */
-        cqrs_bus_conf_set(conf, "retry.backoff.ms", "10", err) ||
-        cqrs_bus_conf_set(conf, "partitioner", "murmur2_random", err)) {
-        rd_kafka_conf_destroy(conf);
+     * murmur2 so that Java clients sharing the topics pick the same partition for a key.
+     * Back-to-back transactions: AddPartitionsToTxn answers CONCURRENT_TRANSACTIONS until the
+     * previous commit's markers are written; retry soon, not after 100 ms+. (An operator's
+     * Kafka properties may override the tunables, never the guarantees: bus.c.) */
+    const char *const own[][2] = {
+        {"transactional.id", r->txn_id},
+        {"transaction.timeout.ms", txn_timeout},
+        {"message.timeout.ms", timeout},
+        {"linger.ms", "5"},
+        {"retry.backoff.ms", "10"},
+        {"partitioner", "murmur2_random"},
+        {NULL, NULL},
+    };
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, r->client_id, own, err);
+    if (!conf)
         return NULL;
-    }
     rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
-    char errstr[256];
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
-    if (!rk) {
-        rd_kafka_conf_destroy(conf);
-        cqrs_error_set(err, CQRS_ERR_CONFIG, "cannot create producer: %s", errstr);
-    }
-    return rk;
+    return cqrs_bus_client_new(RD_KAFKA_PRODUCER, conf, "producer", err);
 }
 
 static void drop_producer(relay_worker_t *r)
@@ -728,22 +723,19 @@ static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t part
                               int64_t offset, int64_t seq)
 {
     cqrs_error_t err;
-    rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, "cqrs-relay-check", &err);
-    if (!conf)
-        return -1;
     char group[160];
     snprintf(group, sizeof group, "%s-check", r->txn_id);
-    if (cqrs_bus_conf_set(conf, "group.id", group, &err) ||
-        cqrs_bus_conf_set(conf, "isolation.level", "read_committed", &err) ||
-        cqrs_bus_conf_set(conf, "enable.partition.eof", "true", &err) ||
-        cqrs_bus_conf_set(conf, "enable.auto.commit", "false", &err)) {
-        rd_kafka_conf_destroy(conf);
-        return -1;
-    }
-    char errstr[256];
-    rd_kafka_t *c = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+    const char *const own[][2] = {
+        {"group.id", group},
+        {"isolation.level", "read_committed"},
+        {"enable.partition.eof", "true"},
+        {"enable.auto.commit", "false"},
+        {NULL, NULL},
+    };
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(r->brokers, "cqrs-relay-check", own, &err);
+    rd_kafka_t *c = conf ? cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", &err) : NULL;
     if (!c) {
-        rd_kafka_conf_destroy(conf);
+        CQRS_LOG_WARN("cannot look the last batch up in Kafka", "error", err.message);
         return -1;
     }
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
@@ -1566,6 +1558,12 @@ cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err)
 
 cqrs_err_t cqrs_relay_start(cqrs_relay_t *relay, cqrs_error_t *err)
 {
+    /* rd_kafka_new checks what no single property shows (max.in.flight above 5 or retries 0
+     * with idempotence, transaction.timeout.ms below message.timeout.ms): at start-up, once. */
+    rd_kafka_t *trial = producer_new(relay->tmpl, err);
+    if (!trial)
+        return err ? err->code : CQRS_ERR_CONFIG;
+    rd_kafka_destroy(trial);
     atomic_store(&relay->stop, false);
     if (!worker_start(relay, err))
         return err ? err->code : CQRS_ERR_INTERNAL;

@@ -584,54 +584,45 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     return p;
 }
 
-/* KIP-848 moves the session timeout and the assignor to the broker (librdkafka refuses them
- * with group.protocol=consumer): ask for its range assignor, which, like the classic default,
- * gives every instance a share of each topic (each projection) rather than a balanced count of
- * partitions that may all belong to one. The classic protocol keeps its default assignors and
- * heartbeats three times per session. */
-static cqrs_err_t group_protocol_conf(const cqrs_projector_config_t *cfg, rd_kafka_conf_t *conf,
-                                      cqrs_error_t *err)
-{
-    if (cfg->consumer_protocol) {
-        cqrs_err_t rc = cqrs_bus_conf_set(conf, "group.protocol", "consumer", err);
-        return rc != CQRS_ERR_OK ? rc
-                                 : cqrs_bus_conf_set(conf, "group.remote.assignor", "range", err);
-    }
-    if (cfg->session_timeout_ms <= 0)
-        return CQRS_ERR_OK;
-    char session[16], heartbeat[16];
-    snprintf(session, sizeof session, "%d", cfg->session_timeout_ms);
-    snprintf(heartbeat, sizeof heartbeat, "%d", cfg->session_timeout_ms / 3);
-    cqrs_err_t rc = cqrs_bus_conf_set(conf, "session.timeout.ms", session, err);
-    return rc != CQRS_ERR_OK ? rc
-                             : cqrs_bus_conf_set(conf, "heartbeat.interval.ms", heartbeat, err);
-}
-
 static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
 {
-    rd_kafka_conf_t *conf = cqrs_bus_conf_new(p->brokers, p->client_id, err);
+    /* Offsets are stored by hand after the Redis write and committed by the auto-commit
+     * (bus.c refuses an operator's value for all of these but fetch.wait.max.ms). */
+    const char *own[12][2] = {
+        {"group.id", p->group_id},
+        {"enable.auto.commit", "true"},
+        {"enable.auto.offset.store", "false"},
+        {"auto.offset.reset", "earliest"},
+        {"isolation.level", "read_committed"},
+        {"enable.partition.eof", "true"},
+        {"fetch.wait.max.ms", "10"},
+    };
+    size_t n = 7;
+    /* KIP-848 moves the session timeout and the assignor to the broker (librdkafka refuses
+     * them with group.protocol=consumer): ask for its range assignor, which, like the classic
+     * default, gives every instance a share of each topic (each projection) rather than a
+     * balanced count of partitions that may all belong to one. The classic protocol keeps its
+     * default assignors and heartbeats three times per session. */
+    char session[16], heartbeat[16];
+    snprintf(session, sizeof session, "%d", p->cfg.session_timeout_ms);
+    snprintf(heartbeat, sizeof heartbeat, "%d", p->cfg.session_timeout_ms / 3);
+    if (p->cfg.consumer_protocol) {
+        own[n][0] = "group.protocol", own[n++][1] = "consumer";
+        own[n][0] = "group.remote.assignor", own[n++][1] = "range";
+    } else if (p->cfg.session_timeout_ms > 0) {
+        own[n][0] = "session.timeout.ms", own[n++][1] = session;
+        own[n][0] = "heartbeat.interval.ms", own[n++][1] = heartbeat;
+    }
+    own[n][0] = own[n][1] = NULL;
+    rd_kafka_conf_t *conf =
+        cqrs_bus_conf_new(p->brokers, p->client_id, (const char *const(*)[2])own, err);
     if (!conf)
         return NULL;
-    if (cqrs_bus_conf_set(conf, "group.id", p->group_id, err) ||
-        cqrs_bus_conf_set(conf, "enable.auto.commit", "true", err) ||
-        cqrs_bus_conf_set(conf, "enable.auto.offset.store", "false", err) ||
-        cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", err) ||
-        cqrs_bus_conf_set(conf, "isolation.level", "read_committed", err) ||
-        cqrs_bus_conf_set(conf, "enable.partition.eof", "true", err) ||
-        cqrs_bus_conf_set(conf, "fetch.wait.max.ms", "10", err) ||
-        group_protocol_conf(&p->cfg, conf, err)) {
-        rd_kafka_conf_destroy(conf);
-        return NULL;
-    }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_opaque(conf, p);
-    char errstr[256];
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
-    if (!rk) {
-        rd_kafka_conf_destroy(conf);
-        cqrs_error_set(err, CQRS_ERR_CONFIG, "cannot create consumer: %s", errstr);
+    rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", err);
+    if (!rk)
         return NULL;
-    }
     rd_kafka_poll_set_consumer(rk);
     rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new((int)p->cfg.n_topics);
     for (size_t i = 0; i < p->cfg.n_topics; i++)

@@ -326,3 +326,43 @@ uint64_t cqrs_hash64(const char *s)
     }
     return h;
 }
+
+char *cqrs_read_secret_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    /* A PEM key or certificate chain can be several KiB: read whole, never truncated. */
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    int fail = buf ? 0 : ENOMEM;
+    while (!fail) {
+        errno = 0;
+        n += fread(buf + n, 1, cap - 1 - n, f);
+        if (ferror(f)) {
+            fail = errno ? errno : EIO;
+        } else if (feof(f)) {
+            break;
+        } else if (cap > CQRS_SECRET_FILE_MAX) {
+            fail = EFBIG;
+        } else {
+            char *bigger = realloc(buf, cap * 2);
+            if (bigger) {
+                buf = bigger;
+                cap *= 2;
+            } else {
+                fail = ENOMEM;
+            }
+        }
+    }
+    fclose(f);
+    if (fail) {
+        free(buf);
+        errno = fail;
+        return NULL;
+    }
+    buf[n] = '\0';
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+        buf[--n] = '\0';
+    return buf;
+}

@@ -27,6 +27,7 @@
 #include <jansson.h>
 #include <librdkafka/rdkafka.h>
 
+#include <cqrs/bus.h>
 #include <cqrs/util.h>
 
 #include "daemons.h"
@@ -179,15 +180,19 @@ static json_t *wait_state(const char *id, int64_t version, const char *redis)
 /* The ce_id header of the message at topic/partition/offset, read back from Kafka. */
 static char *kafka_event_id(const char *topic, int32_t partition, int64_t offset)
 {
-    char errstr[256];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set(conf, "bootstrap.servers", getenv("CQRS_KAFKA_BROKERS"), errstr,
-                      sizeof errstr);
-    rd_kafka_conf_set(conf, "group.id", "explain-check-unused", errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "isolation.level", "read_committed", errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "log_level", "3", errstr, sizeof errstr);
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+    static const char *const own[][2] = {
+        {"group.id", "explain-check-unused"},
+        {"isolation.level", "read_committed"},
+        {"enable.auto.commit", "false"},
+        {"log_level", "3"},
+        {NULL, NULL},
+    };
+    cqrs_error_t err;
+    rd_kafka_conf_t *conf =
+        cqrs_bus_conf_new(getenv("CQRS_KAFKA_BROKERS"), "explain-check", own, &err);
+    assert_non_null(conf);
+    rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", &err);
+    assert_non_null(rk);
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, topic, partition)->offset = offset;
     rd_kafka_assign(rk, l);

@@ -59,10 +59,9 @@ static int setup(void **state)
         return -1;
     freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
     cqrs_error_t err;
-    rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "itest-producer", &err);
-    cqrs_bus_conf_set(conf, "enable.idempotence", "true", &err);
-    char errstr[256];
-    producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
+    static const char *const own[][2] = {{"enable.idempotence", "true"}, {NULL, NULL}};
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "itest-producer", own, &err);
+    producer = conf ? cqrs_bus_client_new(RD_KAFKA_PRODUCER, conf, "producer", &err) : NULL;
     return producer ? 0 : -1;
 }
 

@@ -158,14 +158,17 @@ static void test_relay_publishes_in_order_with_headers(void **state)
     assert_int_equal(pg_count("SELECT count(*) FROM events WHERE aggregate_id = $1", b.agg[0]), 5);
 
     /* Read the topic back from the beginning. */
-    rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "itest-reader", &err);
     char group[128];
     snprintf(group, sizeof group, "itest-%s", topic);
-    cqrs_bus_conf_set(conf, "group.id", group, &err);
-    cqrs_bus_conf_set(conf, "auto.offset.reset", "earliest", &err);
-    cqrs_bus_conf_set(conf, "isolation.level", "read_committed", &err);
-    char errstr[256];
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+    const char *const own[][2] = {
+        {"group.id", group},
+        {"auto.offset.reset", "earliest"},
+        {"isolation.level", "read_committed"},
+        {NULL, NULL},
+    };
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "itest-reader", own, &err);
+    assert_non_null(conf);
+    rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", &err);
     assert_non_null(rk);
     rd_kafka_poll_set_consumer(rk);
     rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(1);

@@ -1,6 +1,8 @@
 /* kafka_check.c — see kafka_check.h. */
 #include "kafka_check.h"
 
+#include <cqrs/bus.h>
+
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,14 +37,17 @@ int kafka_check_topics(const char *brokers, const char *const *topics, size_t n_
                        size_t expected, int timeout_s, kafka_check_t *out)
 {
     memset(out, 0, sizeof *out);
-    char errstr[256];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set(conf, "bootstrap.servers", brokers, errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "group.id", "kafka-check-unused", errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "isolation.level", "read_committed", errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", errstr, sizeof errstr);
-    rd_kafka_conf_set(conf, "log_level", "3", errstr, sizeof errstr);
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+    /* Through libcqrs, so the stack's Kafka properties (TLS, SASL) apply here too. */
+    static const char *const own[][2] = {
+        {"group.id", "kafka-check-unused"},
+        {"isolation.level", "read_committed"},
+        {"enable.auto.commit", "false"},
+        {"log_level", "3"},
+        {NULL, NULL},
+    };
+    cqrs_error_t err;
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "kafka-check", own, &err);
+    rd_kafka_t *rk = conf ? cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", &err) : NULL;
     if (!rk)
         return -1;
     /* every partition of every topic, from the beginning */

@@ -46,4 +46,7 @@ void cqrs_config_free(const cqrs_config_entry_t *entries, size_t n);
 /* Prints the table (name, type, default, range, help) for --help. */
 void cqrs_config_print_help(const cqrs_config_entry_t *entries, size_t n, FILE *out);
 
+/* The rows of cqrs_config_print_help without its heading (tables printed after the first). */
+void cqrs_config_print_rows(const cqrs_config_entry_t *entries, size_t n, FILE *out);
+
 #endif

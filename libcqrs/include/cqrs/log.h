@@ -28,6 +28,13 @@ bool cqrs_log_enabled(cqrs_log_level_t level);
  * A NULL value is written as JSON null. */
 void cqrs_log(cqrs_log_level_t level, const char *msg, ...) __attribute__((sentinel));
 
+/* Registers a secret (copied): from then on every occurrence of it in a line's message and
+ * field values is written as "[redacted]" — for values a library may echo in its own messages
+ * (librdkafka prints a bad sasl.oauthbearer.config back). Thread-safe. Keeps the last
+ * CQRS_LOG_SECRETS_MAX distinct values. */
+#define CQRS_LOG_SECRETS_MAX 32
+void cqrs_log_add_secret(const char *value);
+
 #define CQRS_LOG_DEBUG(...) cqrs_log(CQRS_LOG_DEBUG, __VA_ARGS__, (char *)NULL)
 #define CQRS_LOG_INFO(...) cqrs_log(CQRS_LOG_INFO, __VA_ARGS__, (char *)NULL)
 #define CQRS_LOG_WARN(...) cqrs_log(CQRS_LOG_WARN, __VA_ARGS__, (char *)NULL)

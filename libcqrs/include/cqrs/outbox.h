@@ -99,6 +99,9 @@ typedef struct cqrs_relay_stats {
 
 /* Copies cfg. Starts nothing. */
 cqrs_relay_t *cqrs_relay_new(const cqrs_relay_config_t *cfg, cqrs_error_t *err);
+/* Creates (and destroys) a producer with the relay's configuration first, so that Kafka
+ * properties at odds with it are CONFIG here and not a log line every round; then starts the
+ * relay thread and its supervisor. */
 cqrs_err_t cqrs_relay_start(cqrs_relay_t *relay, cqrs_error_t *err);
 /* Asks the thread to stop, waits for it; it finishes its batch and flushes the producer. */
 void cqrs_relay_stop(cqrs_relay_t *relay);

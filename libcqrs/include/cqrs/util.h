@@ -67,6 +67,12 @@ static inline bool cqrs_checked_mul_i64(int64_t a, int64_t b, int64_t *out)
     return true;
 }
 
+/* The content of a secret's file (the `<VAR>_FILE` convention: Docker and Kubernetes secrets),
+ * trailing newlines (\n, \r) trimmed; at most CQRS_SECRET_FILE_MAX bytes. Caller frees; NULL
+ * with errno set when it cannot be read (EFBIG: larger than the limit). */
+#define CQRS_SECRET_FILE_MAX (1024 * 1024)
+char *cqrs_read_secret_file(const char *path);
+
 /* FNV-1a of a NUL-terminated string (hash tables of keys; not for anything adversarial). */
 uint64_t cqrs_hash64(const char *s);
 
