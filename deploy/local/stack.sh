@@ -384,11 +384,11 @@ pg_down() {
 # default user is off.  ACL users, their passwords in $SECRETS_DIR/redis-<user>
 # (the servers keep only their SHA-256):
 #   cqrs          the daemons and cqrsctl: exactly the commands and keys they
-#                 use (REDIS_ACL_CQRS, the README's least-privilege line)
+#                 use (deploy/local/redis-cqrs.acl, quoted in the README)
 #   cqrs-admin    the operator: this script's checks, the tests' own
 #                 connections (FLUSHDB of a test database, INFO, CLIENT KILL)
 #   cqrs-replica  the replica's link to its primary
-REDIS_ACL_CQRS='resetkeys ~cqrs:* resetchannels &cqrs:changes:* -@all +ping +select +multi +exec +eval +evalsha +script|load +subscribe +publish +time +get +set +del +exists +dbsize +scan +dump +restore +flushdb +swapdb +hget +hmget +hset +hsetnx +hdel +hexists +hgetall +hkeys +hlen +llen +rpush +sadd +srem +scard +sismember +smembers +zadd +zrem +zcard +zrange +zrangebylex +zscore'
+REDIS_ACL_CQRS_FILE=$SCRIPT_DIR/redis-cqrs.acl
 REDIS_ACL_REPLICA='resetkeys resetchannels -@all +ping +psync +replconf'
 redis_vars() {
     if [[ $1 == replica ]]; then
@@ -467,7 +467,7 @@ EOF
         for user in cqrs cqrs-admin cqrs-replica; do
             hash=$(printf '%s' "$(secret "redis-$user")" | sha256sum | cut -d' ' -f1)
             case $user in
-            cqrs) printf 'user cqrs on #%s %s\n' "$hash" "$REDIS_ACL_CQRS" ;;
+            cqrs) printf 'user cqrs on #%s %s\n' "$hash" "$(grep -v '^#' "$REDIS_ACL_CQRS_FILE")" ;;
             cqrs-admin) printf 'user cqrs-admin on #%s ~* &* +@all\n' "$hash" ;;
             cqrs-replica) printf 'user cqrs-replica on #%s %s\n' "$hash" "$REDIS_ACL_REPLICA" ;;
             esac
