@@ -15,6 +15,7 @@
 #include "cqrs/redis.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <hiredis/hiredis.h>
 #include <hiredis/hiredis_ssl.h>
 #include <openssl/err.h>
@@ -246,10 +247,27 @@ static const char *ssl_reason(void)
     return r ? r : "unknown reason";
 }
 
+/* A file the setting var names can be read; otherwise err says why (OpenSSL would only say
+ * "system lib"). */
+static bool readable(const char *var, const char *path, cqrs_err_t code, cqrs_error_t *err)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        cqrs_error_set(err, code, "%s: cannot read %.100s: %s", var, path, strerror(errno));
+        return false;
+    }
+    fclose(f);
+    return true;
+}
+
 /* A client context: TLS 1.2+, the peer must present a certificate chaining to the trusted CAs,
  * with the client certificate when one is set. NULL with err (naming the setting) otherwise. */
 static SSL_CTX *tls_context(const cqrs_redis_target_t *t, cqrs_err_t code, cqrs_error_t *err)
 {
+    if ((t->tls_ca_file && !readable("CQRS_REDIS_TLS_CA_FILE", t->tls_ca_file, code, err)) ||
+        (t->tls_cert_file && !readable("CQRS_REDIS_TLS_CERT_FILE", t->tls_cert_file, code, err)) ||
+        (t->tls_key_file && !readable("CQRS_REDIS_TLS_KEY_FILE", t->tls_key_file, code, err)))
+        return NULL;
     ERR_clear_error();
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx) {
