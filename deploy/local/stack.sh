@@ -381,7 +381,7 @@ pg_down() {
 # In the TLS profile both listen with TLS only (`port 0`, `tls-port`), every
 # client must present a certificate of the test CA (`tls-auth-clients yes`:
 # the daemons get client.crt), the replica links over TLS too, and the
-# default user is off.  ACL users, their passwords in $SECRETS_DIR/redis-<user>
+# default user is off (with its permissions kept: redis_tls_conf says why).  ACL users, their passwords in $SECRETS_DIR/redis-<user>
 # (the servers keep only their SHA-256):
 #   cqrs          the daemons and cqrsctl: exactly the commands and keys they
 #                 use (deploy/local/redis-cqrs.acl, quoted in the README)
@@ -462,7 +462,10 @@ tls-key-file $TLS_DIR/server.key
 tls-ca-cert-file $TLS_DIR/ca.crt
 tls-auth-clients yes
 tls-replication yes
-user default off resetpass resetkeys resetchannels -@all
+# off: no client can act as the default user. Its permissions stay: Redis up to 7.x
+# replays the AOF's transactions (every script with several writes) as the default user
+# and drops those it may not run (redis#14541) — a restart would lose the read model.
+user default off resetpass ~* &* +@all
 EOF
         for user in cqrs cqrs-admin cqrs-replica; do
             hash=$(printf '%s' "$(secret "redis-$user")" | sha256sum | cut -d' ' -f1)

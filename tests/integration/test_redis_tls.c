@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -44,17 +45,28 @@
 
 #define STACK_DB 8 /* the stack's database this test may flush (tests/support/redisdb.h) */
 
+/* The default user of the stack's TLS profile (deploy/local/stack.sh, redis_tls_conf): off, so
+ * no client can act as it, but with every permission — Redis up to 7.x replays an AOF's
+ * transactions (every script with more than one write) as the default user and drops those
+ * it may not run (redis#14541), so a default user without permissions loses data on restart. */
+#define DEFAULT_USER "user default off resetpass ~* &* +@all"
+#define DEFAULT_USER_NO_PERMISSIONS "user default off resetpass resetkeys resetchannels -@all"
+
 typedef struct server {
     const char *name;
     pid_t pid;
     int port;
+    const char *cert;         /* the PKI's <cert>.crt and .key */
+    const char *default_user; /* its default user line */
+    bool aof;                 /* appendonly yes, data in <dir>/<name> */
 } server_t;
 
 static char dir[64];   /* the test's folder: PKI, server configs and logs */
 static char pki[128];  /* its test PKI */
 static char acl[2048]; /* the rules of the user cqrs */
 static char password[40], admin_password[40];
-static server_t good = {"good", 0, 0}, wrong = {"wrong", 0, 0};
+static server_t good = {"good", 0, 0, "server", DEFAULT_USER, false},
+                wrong = {"wrong", 0, 0, "wrong-name", DEFAULT_USER, false};
 
 /* ---- servers ---------------------------------------------------------------------------- */
 
@@ -113,27 +125,33 @@ static redisContext *admin_connect(const server_t *s)
     return ctx;
 }
 
-static int server_start(server_t *s, const char *cert_name)
+/* Starts s (again, on the same port and data, when it ran before). */
+static int server_start(server_t *s)
 {
-    char conf[160], log[160];
-    s->port = free_port();
+    char conf[160], log[160], data[160];
+    if (s->port <= 0)
+        s->port = free_port();
     snprintf(conf, sizeof conf, "%s/%s.conf", dir, s->name);
     snprintf(log, sizeof log, "%s/%s.log", dir, s->name);
+    snprintf(data, sizeof data, "%s/%s", dir, s->name);
+    mkdir(data, 0700);
     FILE *f = fopen(conf, "w");
     if (!f || s->port <= 0)
         return -1;
     fprintf(f,
-            "port 0\ntls-port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n"
+            "port 0\ntls-port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly %s\n"
             "tls-cert-file %s/%s.crt\ntls-key-file %s/%s.key\ntls-ca-cert-file %s/ca.crt\n"
             "tls-auth-clients yes\n"
-            "user default off resetpass resetkeys resetchannels -@all\n"
+            "%s\n"
             "user cqrs on >%s %s\n"
             "user cqrs-admin on >%s ~* &* +@all\n",
-            s->port, dir, pki, cert_name, pki, cert_name, pki, password, acl, admin_password);
+            s->port, data, s->aof ? "yes" : "no", pki, s->cert, pki, s->cert, pki, s->default_user,
+            password, acl, admin_password);
     fclose(f);
     s->pid = fork();
     if (s->pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        prctl(PR_SET_PDEATHSIG, SIGTERM); /* never outlives a test that died */
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
         dup2(fd, 1);
         dup2(fd, 2);
         execlp("redis-server", "redis-server", conf, (char *)NULL);
@@ -163,6 +181,9 @@ static void server_stop(server_t *s)
 static int setup(void **state)
 {
     (void)state;
+    /* as the daemons do (cqrs_daemon_block_signals): a server that went away is an error of
+     * the call, not the end of the process */
+    signal(SIGPIPE, SIG_IGN);
     snprintf(dir, sizeof dir, "/tmp/cqrs-redis-tls.XXXXXX");
     if (!mkdtemp(dir) || read_acl() != 0)
         return -1;
@@ -178,7 +199,7 @@ static int setup(void **state)
     snprintf(password, sizeof password, "pw-%.30s", id);
     cqrs_uuid_v4(id);
     snprintf(admin_password, sizeof admin_password, "admin-%.30s", id);
-    if (server_start(&good, "server") != 0 || server_start(&wrong, "wrong-name") != 0)
+    if (server_start(&good) != 0 || server_start(&wrong) != 0)
         return -1;
     return 0;
 }
@@ -552,6 +573,59 @@ static void test_acl_user_is_least_privilege(void **state)
     redisFree(c);
 }
 
+/* Applies a document (a script with several writes) to s, restarts s from its AOF, and tells
+ * whether the document is still there. */
+static bool apply_survives_a_restart(server_t *s)
+{
+    assert_int_equal(server_start(s), 0);
+    settings_t st;
+    settings_for(&st, s, "localhost");
+    cqrs_redis_config_t c = config_of(&st);
+    cqrs_error_t err;
+    cqrs_docstore_t *ds = cqrs_docstore_new(&c, 2000, &err);
+    assert_non_null(ds);
+    char inc[CQRS_INCARNATION_LEN + 1];
+    assert_int_equal(cqrs_docstore_ensure_meta(ds, inc, &err), CQRS_ERR_OK);
+    cqrs_apply_t a = {.key = "cqrs:itest:doc:{aof}",
+                      .version = 1,
+                      .json = "{\"kept\":true}",
+                      .dlq_key = "cqrs:dlq:{aof}",
+                      .aggregate_id = "aof",
+                      .blob = "{}",
+                      .offsets_key = "cqrs:itest:offsets:{aof}",
+                      .next_offset = 1,
+                      .incarnation = inc,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = -1,
+                      .base_version = 0};
+    cqrs_apply_result_t res;
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    cqrs_docstore_destroy(ds);
+    server_stop(s); /* SIGTERM: the AOF is flushed */
+    assert_int_equal(server_start(s), 0);
+    ds = cqrs_docstore_new(&c, 2000, &err);
+    assert_non_null(ds);
+    int64_t v = 0;
+    cqrs_err_t rc = cqrs_docstore_get(ds, a.key, NULL, &v, &err);
+    cqrs_docstore_destroy(ds);
+    server_stop(s);
+    assert_true(rc == CQRS_ERR_OK || rc == CQRS_ERR_NOT_FOUND);
+    return rc == CQRS_ERR_OK && v == 1;
+}
+
+/* The profile's default user (off, every permission) keeps the read model over a restart. */
+static void test_aof_keeps_scripts_over_a_restart(void **state)
+{
+    (void)state;
+    server_t aof = {"aof", 0, 0, "server", DEFAULT_USER, true};
+    assert_true(apply_survives_a_restart(&aof));
+    /* control: a default user without permissions loses the apply on restart (Redis ≤ 7.x;
+     * should Redis stop doing that, this control needs another way to lose data) */
+    server_t bug = {"aof-no-permissions", 0, 0, "server", DEFAULT_USER_NO_PERMISSIONS, true};
+    assert_false(apply_survives_a_restart(&bug));
+}
+
 /* The stack's own Redis, with the environment's settings: the docstore works; on the TLS
  * profile it is reached over TLS, as the least-privilege user. */
 static void test_the_stacks_redis(void **state)
@@ -609,6 +683,23 @@ static void test_the_stacks_redis(void **state)
         redisContext *adm = redisdb_connect(url);
         assert_non_null(adm);
         expect_least_privilege(cq, adm);
+        /* its default user: off, with the permissions an AOF replay needs (DEFAULT_USER) */
+        const char *const *getuser = WORDS("ACL", "GETUSER", "default");
+        redisReply *r = redisCommandArgv(adm, 3, (const char **)getuser, NULL);
+        assert_non_null(r);
+        assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+        bool off = false, all = false;
+        for (size_t i = 0; i + 1 < r->elements; i += 2) {
+            const redisReply *k = r->element[i], *val = r->element[i + 1];
+            if (strcmp(k->str, "flags") == 0)
+                for (size_t j = 0; j < val->elements; j++)
+                    off |= strcmp(val->element[j]->str, "off") == 0;
+            if (strcmp(k->str, "commands") == 0)
+                all = strcmp(val->str, "+@all") == 0;
+        }
+        freeReplyObject(r);
+        assert_true(off);
+        assert_true(all);
         redisFree(adm);
         redisFree(cq);
     }
@@ -626,6 +717,7 @@ int main(void)
         cmocka_unit_test(test_wrong_credentials_are_refused),
         cmocka_unit_test(test_plain_text_does_not_pass),
         cmocka_unit_test(test_acl_user_is_least_privilege),
+        cmocka_unit_test(test_aof_keeps_scripts_over_a_restart),
         cmocka_unit_test(test_the_stacks_redis),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
