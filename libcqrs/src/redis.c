@@ -193,11 +193,12 @@ cqrs_err_t cqrs_redis_target_init(cqrs_redis_target_t *t, const cqrs_redis_confi
                                   "CQRS_REDIS_PASSWORD: longer than 255 bytes");
         strcpy(t->addr.password, c->password);
     }
+    /* Not quoting the user: before ACL users, redis://secret@host meant a password. */
     if (t->addr.user[0] && !t->addr.password[0])
-        return cqrs_error_set(err, CQRS_ERR_CONFIG,
-                              "CQRS_REDIS_URL names the user '%.64s' but no password is given "
-                              "(in the URL or CQRS_REDIS_PASSWORD)",
-                              t->addr.user);
+        return cqrs_error_set(
+            err, CQRS_ERR_CONFIG,
+            "CQRS_REDIS_URL names a user but no password is given (in the URL "
+            "or CQRS_REDIS_PASSWORD; a password alone is redis://:password@host)");
     const char *tls_var = set(c->tls_ca_file)       ? "CQRS_REDIS_TLS_CA_FILE"
                           : set(c->tls_cert_file)   ? "CQRS_REDIS_TLS_CERT_FILE"
                           : set(c->tls_key_file)    ? "CQRS_REDIS_TLS_KEY_FILE"

@@ -183,8 +183,9 @@ typedef struct bad_combination {
 } bad_combination_t;
 
 static const bad_combination_t BAD[] = {
-    /* a user needs a password */
+    /* a user needs a password; the old password-only form is not quoted back as a user */
     {"rediss://cqrs@h", "", "", "", "", "", "no password is given"},
+    {"redis://" SECRET "@h", "", "", "", "", "", "a password alone is redis://:password@host"},
     /* the password is given once */
     {"redis://:" SECRET "@h", "other", "", "", "", "", "CQRS_REDIS_PASSWORD"},
     /* TLS settings with a plain-text URL: never silently plain text */
