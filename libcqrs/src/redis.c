@@ -7,9 +7,15 @@
  * password only ever travels inside the AUTH command: no message, log line or error of this
  * file quotes it or the URL that may hold it.
  *
- * The TLS context is built for each connection, not once per process: a connection is made
- * at start-up and after a failure only, and building it anew picks up a rotated CA bundle or
- * client certificate without a restart. Contexts are never shared, so no locking.
+ * One TLS context (SSL_CTX: the trusted CAs, the client certificate) serves every connection
+ * made with the same files — built once, not per connection: loading the system's trust store
+ * takes tens of milliseconds and holds its ~140 certificates, and a pool may hold hundreds of
+ * connections. It is rebuilt when a file changed (its inode, size or mtime), so a rotated CA
+ * bundle or client certificate is picked up at the next connection without a restart;
+ * connections made earlier keep the context they were made with (OpenSSL counts references).
+ * The shared context is never changed once built (everything per connection — SNI, the name
+ * checked — goes on the SSL object), so sharing it across threads is safe; a mutex guards the
+ * cache itself.
  */
 #define _GNU_SOURCE
 #include "cqrs/redis.h"
@@ -21,10 +27,12 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #include "cqrs/failpoint.h"
 
@@ -311,6 +319,82 @@ fail:
     return NULL;
 }
 
+/* What a context was built from: the files' names and identities (inode, size, mtime). */
+typedef struct ctx_key {
+    char *path[3]; /* CA ("": the system's default file), certificate, key ("": none) */
+    struct stat st[3];
+} ctx_key_t;
+
+static pthread_mutex_t ctx_lock = PTHREAD_MUTEX_INITIALIZER;
+static ctx_key_t ctx_cached_key; /* guarded by ctx_lock, as ctx_cached */
+static SSL_CTX *ctx_cached;
+
+static void key_free(ctx_key_t *k)
+{
+    for (int i = 0; i < 3; i++) {
+        free(k->path[i]);
+        k->path[i] = NULL;
+    }
+}
+
+static bool key_make(const cqrs_redis_target_t *t, ctx_key_t *k)
+{
+    const char *paths[3] = {t->tls_ca_file ? t->tls_ca_file : "", t->tls_cert_file,
+                            t->tls_key_file};
+    memset(k, 0, sizeof *k);
+    for (int i = 0; i < 3; i++) {
+        k->path[i] = strdup(paths[i] ? paths[i] : "");
+        if (!k->path[i]) {
+            key_free(k);
+            return false;
+        }
+        /* the system's trust store: its default file (a changed bundle also counts) */
+        const char *f = i == 0 && !t->tls_ca_file ? X509_get_default_cert_file() : paths[i];
+        if (f && *f)
+            stat(f, &k->st[i]); /* an unreadable file fails the build, not the key */
+    }
+    return true;
+}
+
+static bool key_equal(const ctx_key_t *a, const ctx_key_t *b)
+{
+    for (int i = 0; i < 3; i++)
+        if (strcmp(a->path[i], b->path[i]) != 0 || a->st[i].st_ino != b->st[i].st_ino ||
+            a->st[i].st_dev != b->st[i].st_dev || a->st[i].st_size != b->st[i].st_size ||
+            a->st[i].st_mtim.tv_sec != b->st[i].st_mtim.tv_sec ||
+            a->st[i].st_mtim.tv_nsec != b->st[i].st_mtim.tv_nsec)
+            return false;
+    return true;
+}
+
+/* The context for t's files, a new reference (the caller frees it with SSL_CTX_free): the
+ * cached one while its files are unchanged, else a fresh one that replaces it in the cache. */
+static SSL_CTX *shared_context(const cqrs_redis_target_t *t, cqrs_err_t code, cqrs_error_t *err)
+{
+    ctx_key_t k;
+    if (!key_make(t, &k)) {
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    SSL_CTX *ctx = NULL;
+    pthread_mutex_lock(&ctx_lock);
+    if (ctx_cached && key_equal(&k, &ctx_cached_key)) {
+        ctx = ctx_cached;
+        SSL_CTX_up_ref(ctx);
+        key_free(&k);
+    } else if ((ctx = tls_context(t, code, err)) != NULL) {
+        SSL_CTX_up_ref(ctx); /* one for the cache, one for the caller */
+        SSL_CTX_free(ctx_cached);
+        key_free(&ctx_cached_key);
+        ctx_cached = ctx;
+        ctx_cached_key = k;
+    } else {
+        key_free(&k);
+    }
+    pthread_mutex_unlock(&ctx_lock);
+    return ctx;
+}
+
 static bool is_ip(const char *s)
 {
     unsigned char buf[sizeof(struct in6_addr)];
@@ -322,7 +406,7 @@ static cqrs_err_t tls_handshake(const cqrs_redis_target_t *t, redisContext *c, c
 {
     cqrs_err_t rc = CQRS_ERR_OK;
     SSL *ssl = NULL;
-    SSL_CTX *ctx = tls_context(t, CQRS_ERR_UNAVAILABLE, err);
+    SSL_CTX *ctx = shared_context(t, CQRS_ERR_UNAVAILABLE, err);
     if (!ctx)
         return err ? err->code : CQRS_ERR_UNAVAILABLE;
     ssl = SSL_new(ctx);
@@ -372,7 +456,7 @@ static cqrs_err_t tls_handshake(const cqrs_redis_target_t *t, redisContext *c, c
     ssl = NULL; /* the context owns it now */
 out:
     SSL_free(ssl);
-    SSL_CTX_free(ctx); /* an SSL object keeps its context alive */
+    SSL_CTX_free(ctx); /* our reference; an SSL object keeps its own */
     return rc;
 }
 
@@ -381,7 +465,7 @@ cqrs_err_t cqrs_redis_config_check(const cqrs_redis_config_t *c, cqrs_error_t *e
     cqrs_redis_target_t t;
     cqrs_err_t rc = cqrs_redis_target_init(&t, c, err);
     if (rc == CQRS_ERR_OK && t.addr.tls) {
-        SSL_CTX *ctx = tls_context(&t, CQRS_ERR_CONFIG, err);
+        SSL_CTX *ctx = shared_context(&t, CQRS_ERR_CONFIG, err);
         if (ctx)
             SSL_CTX_free(ctx);
         else

@@ -425,6 +425,34 @@ static void test_untrusted_ca_is_refused(void **state)
     expect_connects(&s);
 }
 
+static void copy_file(const char *from, const char *to)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "cp '%s' '%s.tmp' && mv '%s.tmp' '%s'", from, to, to, to);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* The TLS context is shared by connections but rebuilt when its files change: a CA bundle
+ * replaced in place (as a mounted secret is) counts from the next connection on. */
+static void test_rotated_ca_file_is_picked_up(void **state)
+{
+    (void)state;
+    char from[192], bundle[192];
+    snprintf(bundle, sizeof bundle, "%s/rotating-ca.crt", dir);
+    snprintf(from, sizeof from, "%s/other-ca.crt", pki);
+    copy_file(from, bundle);
+    settings_t s;
+    settings_for(&s, &good, "localhost");
+    snprintf(s.ca, sizeof s.ca, "%s", bundle);
+    expect_refused(&s, "is not trusted");
+    snprintf(from, sizeof from, "%s/ca.crt", pki);
+    copy_file(from, bundle);
+    expect_connects(&s); /* no restart, same settings */
+    snprintf(from, sizeof from, "%s/other-ca.crt", pki);
+    copy_file(from, bundle);
+    expect_refused(&s, "is not trusted"); /* and back: never a stale context */
+}
+
 /* tls-auth-clients yes: a client without a certificate is refused by the server. */
 static void test_client_certificate_is_required(void **state)
 {
@@ -713,6 +741,7 @@ int main(void)
         cmocka_unit_test(test_ip_address_is_checked_against_ip_sans),
         cmocka_unit_test(test_wrong_name_is_refused),
         cmocka_unit_test(test_untrusted_ca_is_refused),
+        cmocka_unit_test(test_rotated_ca_file_is_picked_up),
         cmocka_unit_test(test_client_certificate_is_required),
         cmocka_unit_test(test_wrong_credentials_are_refused),
         cmocka_unit_test(test_plain_text_does_not_pass),
