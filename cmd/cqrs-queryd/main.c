@@ -13,6 +13,7 @@
 #include <cqrs/log.h>
 #include <cqrs/metrics.h>
 #include <cqrs/projector.h>
+#include <cqrs/redis.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,7 +25,7 @@
 typedef struct settings {
     cqrs_daemon_settings_t d;
     char *role;
-    char *redis_url;
+    cqrs_redis_config_t redis;
     int64_t redis_timeout_ms;
     int64_t redis_pool_size;
     char *kafka_brokers;
@@ -40,7 +41,7 @@ typedef struct settings {
 
 static settings_t S;
 
-#define N_OWN 13
+#define N_OWN (12 + CQRS_REDIS_SETTINGS_N)
 static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
 
 static void settings_table(void)
@@ -49,8 +50,7 @@ static void settings_table(void)
     const cqrs_config_entry_t own[N_OWN] = {
         {"CQRS_QUERY_ROLE", CQRS_CONFIG_ENUM, "both", 0, 0,
          "serve = HTTP reads, project = Kafka → Redis, both", &S.role, "serve|project|both"},
-        {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0,
-         "Redis URL redis://[:password@]host:port/db", &S.redis_url, NULL},
+        CQRS_REDIS_SETTINGS(S.redis, "Redis URL redis[s]://[[user]:password@]host:port/db"),
         {"CQRS_REDIS_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 10, 60000,
          "connect and command timeout of Redis calls", &S.redis_timeout_ms, NULL},
         {"CQRS_REDIS_POOL_SIZE", CQRS_CONFIG_INT, "8", 1, 1000,
@@ -327,6 +327,14 @@ int main(int argc, char **argv)
     cqrs_log_level_parse(S.d.log_level, &level);
     cqrs_log_init("cqrs-queryd", level);
 
+    /* Bad Redis settings (URL, TLS files) are a configuration error: exit 2 as well. */
+    cqrs_error_t rerr;
+    if (cqrs_redis_config_check(&S.redis, &rerr) != CQRS_ERR_OK) {
+        fprintf(stderr, "%s: %s\n", argv[0], rerr.message);
+        cqrs_config_free(entries, n_entries);
+        return 2;
+    }
+
     /* Bad tokens are a configuration error: exit 2 before anything starts. */
     cqrs_http_auth_t *auth = NULL;
     if (S.d.auth_tokens_file[0]) {
@@ -352,7 +360,7 @@ int main(int argc, char **argv)
     snprintf(order_topic, sizeof order_topic, "%s.order.events", S.topic_prefix);
 
     app.ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
-    app.ctx.pool = cqrs_docstore_pool_new(S.redis_url, (int)S.redis_timeout_ms,
+    app.ctx.pool = cqrs_docstore_pool_new(&S.redis, (int)S.redis_timeout_ms,
                                           (unsigned)S.redis_pool_size, &err);
     if (!app.ctx.pool) {
         CQRS_LOG_ERROR("bad Redis settings", "error", err.message);
@@ -371,7 +379,7 @@ int main(int argc, char **argv)
             goto out;
         }
         cqrs_changefeed_handlers_t fh = {feed_change, feed_reset, feed_down, &app};
-        app.feed = cqrs_changefeed_start(S.redis_url, (int)S.redis_timeout_ms, &fh, &err);
+        app.feed = cqrs_changefeed_start(&S.redis, (int)S.redis_timeout_ms, &fh, &err);
         if (!app.feed) {
             CQRS_LOG_ERROR("cannot start the change feed", "error", err.message);
             goto out;
@@ -385,7 +393,7 @@ int main(int argc, char **argv)
             .client_id = "cqrs-queryd-projector",
             .topics = topics,
             .n_topics = 2,
-            .redis_url = S.redis_url,
+            .redis = &S.redis,
             .redis_timeout_ms = (int)S.redis_timeout_ms,
             .projection = &query_projection,
             .consumer_protocol = strcmp(S.group_protocol, "consumer") == 0,

@@ -431,7 +431,7 @@ int cqrsctl_dlq(const cqrsctl_env_t *env, int argc, char **argv)
     for (size_t i = 0; id && i <= CQRS_UUID_LEN; i++)
         lid[i] = (char)(id[i] >= 'A' && id[i] <= 'F' ? id[i] + 32 : id[i]);
     cqrs_error_t err;
-    cqrs_docstore_t *ds = cqrs_docstore_new(env->redis_url, 5000, &err);
+    cqrs_docstore_t *ds = cqrs_docstore_new(env->redis, 5000, &err);
     if (!ds) {
         fprintf(stderr, "cqrsctl dlq: %s\n", err.message);
         return 2;

@@ -223,7 +223,7 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
                               .max_tx_attempts = 1,
                               .application_name = "cqrsctl-explain"};
     cqrs_store_t *store = cqrs_store_new(&sc);
-    cqrs_docstore_t *ds = cqrs_docstore_new(env->redis_url, 5000, &err);
+    cqrs_docstore_t *ds = cqrs_docstore_new(env->redis, 5000, &err);
     if (!store || !ds) {
         fprintf(stderr, "cqrsctl explain: %s\n", ds ? "out of memory" : err.message);
         status = 2;

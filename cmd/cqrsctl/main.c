@@ -4,6 +4,7 @@
 #include <cqrs/config.h>
 #include <cqrs/embed.h>
 #include <cqrs/log.h>
+#include <cqrs/redis.h>
 #include <cqrs/store.h>
 #include <cqrs/version.h>
 #include "ops.h"
@@ -18,7 +19,7 @@ extern const cqrs_embedded_file_t cqrs_migrations[];
 
 static struct {
     char *pg_dsn;
-    char *redis_url;
+    cqrs_redis_config_t redis;
     char *kafka_brokers;
     char *topic_prefix;
     int64_t partitions;
@@ -28,8 +29,7 @@ static struct {
 static const cqrs_config_entry_t entries[] = {
     {"CQRS_PG_DSN", CQRS_CONFIG_SECRET, NULL, 0, 0, "PostgreSQL connection string or URI",
      &S.pg_dsn, NULL},
-    {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0,
-     "Redis of the read model (verify, explain, dlq, rebuild)", &S.redis_url, NULL},
+    CQRS_REDIS_SETTINGS(S.redis, "Redis of the read model (verify, explain, dlq, rebuild)"),
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
     {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
@@ -212,7 +212,7 @@ int main(int argc, char **argv)
     cqrs_log_init("cqrsctl", CQRS_LOG_WARN);
     bool sub_help = argc > 2 && (strcmp(argv[2], "--help") == 0 || strcmp(argv[2], "-h") == 0);
     if (sub_help) { /* a subcommand's help needs no configuration */
-        cqrsctl_env_t none = {"", "", "", ""};
+        cqrsctl_env_t none = {"", NULL, "", ""};
         if (strcmp(argv[1], "rebuild") == 0)
             return cqrsctl_rebuild(&none, argc - 1, argv + 1);
         if (strcmp(argv[1], "explain") == 0)
@@ -224,18 +224,26 @@ int main(int argc, char **argv)
         return 2;
     if (cqrs_bus_check_properties(stderr) != 0)
         return 2;
+    bool uses_redis = strcmp(argv[1], "verify") == 0 || strcmp(argv[1], "rebuild") == 0 ||
+                      strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0;
+    cqrs_error_t rerr;
+    if (uses_redis && cqrs_redis_config_check(&S.redis, &rerr) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl: %s\n", rerr.message);
+        cqrs_config_free(entries, N_ENTRIES);
+        return 2;
+    }
     int rc;
     if (strcmp(argv[1], "migrate") == 0) {
         rc = cmd_migrate(argc, argv);
     } else if (strcmp(argv[1], "outbox") == 0) {
         rc = cmd_outbox(argc, argv);
     } else if (strcmp(argv[1], "verify") == 0) {
-        rc = cqrsctl_verify(S.pg_dsn, S.redis_url, argc > 2 && strcmp(argv[2], "--json") == 0);
+        rc = cqrsctl_verify(S.pg_dsn, &S.redis, argc > 2 && strcmp(argv[2], "--json") == 0);
     } else if (strcmp(argv[1], "rebuild") == 0) {
-        cqrsctl_env_t env = {S.pg_dsn, S.redis_url, S.kafka_brokers, S.topic_prefix};
+        cqrsctl_env_t env = {S.pg_dsn, &S.redis, S.kafka_brokers, S.topic_prefix};
         rc = cqrsctl_rebuild(&env, argc - 1, argv + 1);
     } else if (strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0) {
-        cqrsctl_env_t env = {S.pg_dsn, S.redis_url, S.kafka_brokers, S.topic_prefix};
+        cqrsctl_env_t env = {S.pg_dsn, &S.redis, S.kafka_brokers, S.topic_prefix};
         rc = argv[1][0] == 'e' ? cqrsctl_explain(&env, argc - 1, argv + 1)
                                : cqrsctl_dlq(&env, argc - 1, argv + 1);
     } else {

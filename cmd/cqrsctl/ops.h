@@ -3,11 +3,12 @@
 #ifndef CQRSCTL_OPS_H
 #define CQRSCTL_OPS_H
 
+#include <cqrs/redis.h>
 #include <jansson.h>
 
 typedef struct cqrsctl_env {
     const char *pg_dsn;
-    const char *redis_url;
+    const cqrs_redis_config_t *redis; /* the Redis settings (redis.h) */
     const char *kafka_brokers;
     const char *topic_prefix;
 } cqrsctl_env_t;

@@ -694,7 +694,7 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     r->max_in_memory = max_in_memory;
     cqrs_error_t err;
     cqrs_redis_addr_t addr;
-    if (cqrs_redis_url_parse(env->redis_url, &addr, &err) != CQRS_ERR_OK) {
+    if (cqrs_redis_url_parse(env->redis->url, &addr, &err) != CQRS_ERR_OK) {
         fprintf(stderr, "cqrsctl rebuild: CQRS_REDIS_URL: %s\n", err.message);
         return 2;
     }
@@ -711,8 +711,8 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
                               .statement_timeout_ms = 600000,
                               .application_name = "cqrsctl-rebuild"};
     r->store = cqrs_store_new(&sc);
-    r->live = cqrs_docstore_new(env->redis_url, 5000, &err);
-    r->scratch = r->live ? cqrs_docstore_new_db(env->redis_url, scratch_db, 5000, &err) : NULL;
+    r->live = cqrs_docstore_new(env->redis, 5000, &err);
+    r->scratch = r->live ? cqrs_docstore_new_db(env->redis, scratch_db, 5000, &err) : NULL;
     int rc = 1;
     if (!r->store || !r->live || !r->scratch) {
         fprintf(stderr, "cqrsctl rebuild: %s\n", r->store ? err.message : "out of memory");

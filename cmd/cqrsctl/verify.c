@@ -197,7 +197,7 @@ out:
     return rc;
 }
 
-int cqrsctl_verify(const char *pg_dsn, const char *redis_url, bool as_json)
+int cqrsctl_verify(const char *pg_dsn, const cqrs_redis_config_t *redis, bool as_json)
 {
     cqrs_store_config_t sc = {.dsn = pg_dsn,
                               .pool_size = 1,
@@ -209,7 +209,7 @@ int cqrsctl_verify(const char *pg_dsn, const char *redis_url, bool as_json)
                               .application_name = "cqrsctl-verify"};
     cqrs_store_t *store = cqrs_store_new(&sc);
     cqrs_error_t err;
-    cqrs_docstore_t *ds = cqrs_docstore_new(redis_url, 10000, &err);
+    cqrs_docstore_t *ds = cqrs_docstore_new(redis, 10000, &err);
     drift_t d;
     memset(&d, 0, sizeof d);
     for (int i = 0; i < KINDS; i++)

@@ -3,8 +3,9 @@
 #ifndef CQRSCTL_VERIFY_H
 #define CQRSCTL_VERIFY_H
 
+#include <cqrs/redis.h>
 #include <stdbool.h>
 
-int cqrsctl_verify(const char *pg_dsn, const char *redis_url, bool as_json);
+int cqrsctl_verify(const char *pg_dsn, const cqrs_redis_config_t *redis, bool as_json);
 
 #endif

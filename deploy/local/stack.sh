@@ -516,6 +516,19 @@ pg_down() {
 # Two instances share these functions: WHICH is `redis` (the server the
 # daemons use) or `replica` (its replica, on request).  redis_vars sets
 # R_NAME, R_PORT, R_VAR, R_DIR, R_PID, R_LOG for one of them.
+#
+# In the TLS profile both listen with TLS only (`port 0`, `tls-port`), every
+# client must present a certificate of the test CA (`tls-auth-clients yes`:
+# the daemons get client.crt), the replica links over TLS too, and the
+# default user is off (with its permissions kept: redis_tls_conf says why).  ACL users, their passwords in $SECRETS_DIR/redis-<user>
+# (the servers keep only their SHA-256):
+#   cqrs          the daemons and cqrsctl: exactly the commands and keys they
+#                 use (deploy/local/redis-cqrs.acl, quoted in the README)
+#   cqrs-admin    the operator: this script's checks, the tests' own
+#                 connections (FLUSHDB of a test database, INFO, CLIENT KILL)
+#   cqrs-replica  the replica's link to its primary
+REDIS_ACL_CQRS_FILE=$SCRIPT_DIR/redis-cqrs.acl
+REDIS_ACL_REPLICA='resetkeys resetchannels -@all +ping +psync +replconf'
 redis_vars() {
     if [[ $1 == replica ]]; then
         R_NAME=redis-replica R_PORT=$REPLICA_PORT R_VAR=CQRS_REDIS_REPLICA_PORT
@@ -546,16 +559,66 @@ redis_actual_port() {
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/.*:\([0-9][0-9]*\).*/\1/p'
 }
 
+# redis_cli PORT ARGS...: redis-cli on a server of this stack; in the TLS
+# profile over TLS as cqrs-admin, the password in the environment
+# (REDISCLI_AUTH), not on the command line.
+redis_cli() {
+    local port=$1
+    shift
+    if ((TLS)); then
+        REDISCLI_AUTH=$(secret redis-cqrs-admin) timeout 5 redis-cli --tls \
+            --cacert "$TLS_DIR/ca.crt" --cert "$TLS_DIR/client.crt" --key "$TLS_DIR/client.key" \
+            --sni localhost --user cqrs-admin -h 127.0.0.1 -p "$port" "$@"
+    else
+        timeout 5 redis-cli -h 127.0.0.1 -p "$port" "$@"
+    fi
+}
+
 redis_answers() {
     local R_NAME R_PORT R_VAR R_DIR R_PID R_LOG
     redis_vars "${1:-redis}"
-    [[ $(timeout 5 redis-cli -h 127.0.0.1 -p "$R_PORT" ping 2>/dev/null) == PONG ]]
+    [[ $(redis_cli "$R_PORT" ping 2>/dev/null) == PONG ]]
 }
 
 # The replica's link to its primary is up (it loaded the primary's data).
 replica_linked() {
-    timeout 5 redis-cli -h 127.0.0.1 -p "$REPLICA_PORT" info replication 2>/dev/null |
-        grep -q '^master_link_status:up'
+    redis_cli "$REPLICA_PORT" info replication 2>/dev/null | grep -q '^master_link_status:up'
+}
+
+# redis_tls_conf WHICH: writes the TLS profile's settings of a server (on
+# every start; 0600, the replica's holds its password) and prints the path,
+# the only thing of it on redis-server's command line.
+redis_tls_conf() {
+    local conf=$R_DIR/tls-acl.conf user hash
+    (
+        umask 077
+        cat >"$conf" <<EOF
+# Written by deploy/local/stack.sh on every start of $R_NAME — edits are overwritten.
+port 0
+tls-port $R_PORT
+tls-cert-file $TLS_DIR/server.crt
+tls-key-file $TLS_DIR/server.key
+tls-ca-cert-file $TLS_DIR/ca.crt
+tls-auth-clients yes
+tls-replication yes
+# off: no client can act as the default user. Its permissions stay: Redis up to 7.x
+# replays the AOF's transactions (every script with several writes) as the default user
+# and drops those it may not run (redis#14541) — a restart would lose the read model.
+user default off resetpass ~* &* +@all
+EOF
+        for user in cqrs cqrs-admin cqrs-replica; do
+            hash=$(printf '%s' "$(secret "redis-$user")" | sha256sum | cut -d' ' -f1)
+            case $user in
+            cqrs) printf 'user cqrs on #%s %s\n' "$hash" "$(grep -v '^#' "$REDIS_ACL_CQRS_FILE")" ;;
+            cqrs-admin) printf 'user cqrs-admin on #%s ~* &* +@all\n' "$hash" ;;
+            cqrs-replica) printf 'user cqrs-replica on #%s %s\n' "$hash" "$REDIS_ACL_REPLICA" ;;
+            esac
+        done >>"$conf"
+        if [[ $1 == replica ]]; then
+            printf 'masteruser cqrs-replica\nmasterauth %s\n' "$(secret redis-cqrs-replica)" >>"$conf"
+        fi
+    )
+    printf '%s' "$conf"
 }
 
 redis_up() {
@@ -572,8 +635,10 @@ redis_up() {
     else
         rm -f "$R_PID"
         port_busy "$R_PORT" && die "$R_NAME: port 127.0.0.1:$R_PORT is already taken by another process"
-        log "$R_NAME: starting on 127.0.0.1:$R_PORT${extra:+ (replica of 127.0.0.1:$REDIS_PORT)}"
-        redis-server --port "$R_PORT" --bind 127.0.0.1 --protected-mode yes \
+        log "$R_NAME: starting on 127.0.0.1:$R_PORT$( ((TLS)) && echo ' (TLS only, ACL users)')${extra:+ (replica of 127.0.0.1:$REDIS_PORT)}"
+        local -a listen=(--port "$R_PORT")
+        ((TLS)) && listen=("$(redis_tls_conf "$which")")
+        redis-server "${listen[@]}" --bind 127.0.0.1 --protected-mode yes \
             --dir "$R_DIR" --appendonly yes "${extra[@]}" \
             --daemonize yes --pidfile "$R_PID" --logfile "$R_LOG" 9>&- ||
             die_log "$R_NAME: redis-server failed to start" "$R_LOG"
@@ -1002,8 +1067,17 @@ cmd_env() {
     printf 'export CQRS_KAFKA_CONTROLLER_PORT=%s\n' "$(sq "$KAFKA_CONTROLLER_PORT")"
     # (TLS profile: the password stays in the file the DSN names, passfile=)
     printf 'export CQRS_PG_DSN=%s\n' "$(sq "$(pg_dsn)")"
-    printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
     if ((TLS)); then
+        # The URL names the least-privilege user; its password is a file, so the
+        # URL can be passed around (and changed per database) without the secret.
+        printf 'export CQRS_REDIS_URL=%s\n' "$(sq "rediss://cqrs@localhost:$REDIS_PORT/0")"
+        printf 'export CQRS_REDIS_PASSWORD_FILE=%s\n' "$(sq "$SECRETS_DIR/redis-cqrs")"
+        printf 'export CQRS_REDIS_TLS_CA_FILE=%s\n' "$(sq "$TLS_DIR/ca.crt")"
+        printf 'export CQRS_REDIS_TLS_CERT_FILE=%s\n' "$(sq "$TLS_DIR/client.crt")"
+        printf 'export CQRS_REDIS_TLS_KEY_FILE=%s\n' "$(sq "$TLS_DIR/client.key")"
+        # not daemon settings: the operator's (and the tests' own) connections
+        printf 'export CQRS_REDIS_ADMIN_USER=cqrs-admin\n'
+        printf 'export CQRS_REDIS_ADMIN_PASSWORD_FILE=%s\n' "$(sq "$SECRETS_DIR/redis-cqrs-admin")"
         # A name the broker's certificate holds; the password by file, never inline.
         printf 'export CQRS_KAFKA_MTLS_PORT=%s\n' "$(sq "$KAFKA_MTLS_PORT")"
         printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "localhost:$KAFKA_PORT")"
@@ -1013,6 +1087,7 @@ cmd_env() {
         printf 'export CQRS_KAFKA_PROPERTY_SASL_PASSWORD_FILE=%s\n' "$(sq "$SECRETS_DIR/kafka")"
         printf 'export CQRS_KAFKA_PROPERTY_SSL_CA_LOCATION=%s\n' "$(sq "$TLS_DIR/ca.crt")"
     else
+        printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
         printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
     fi
     if redis_running replica; then
@@ -1020,7 +1095,11 @@ cmd_env() {
         port=$(redis_actual_port replica)
         port=${port:-$REPLICA_PORT}
         printf 'export CQRS_REDIS_REPLICA_PORT=%s\n' "$(sq "$port")"
-        printf 'export CQRS_REDIS_REPLICA_URL=%s\n' "$(sq "redis://127.0.0.1:$port/0")"
+        if ((TLS)); then
+            printf 'export CQRS_REDIS_REPLICA_URL=%s\n' "$(sq "rediss://cqrs@localhost:$port/0")"
+        else
+            printf 'export CQRS_REDIS_REPLICA_URL=%s\n' "$(sq "redis://127.0.0.1:$port/0")"
+        fi
     fi
 }
 

@@ -1,5 +1,7 @@
-/* changefeed.c — see changefeed.h. hiredis 0.14, blocking context read through poll(2) so the
- * thread can stop and ping without the context's timeout (which would kill it). */
+/* changefeed.c — see changefeed.h. A blocking hiredis context (redis.h connects it: TLS, AUTH,
+ * SELECT, the command timeout), read only when poll(2) says bytes arrived, so the thread can
+ * stop and ping while idle; the context's timeout bounds a read that stalls mid-message (a
+ * TLS record cut short) and every write. */
 #define _GNU_SOURCE
 #include "cqrs/changefeed.h"
 
@@ -16,6 +18,7 @@
 
 #include "cqrs/docstore.h"
 #include "cqrs/log.h"
+#include "cqrs/redis.h"
 #include "cqrs/util.h"
 
 #define PING_EVERY_MS 1000
@@ -24,7 +27,7 @@
 #define BACKOFF_MAX_MS 2000
 
 struct cqrs_changefeed {
-    cqrs_redis_addr_t addr;
+    cqrs_redis_target_t target;
     char channel[64];
     int timeout_ms;
     cqrs_changefeed_handlers_t h;
@@ -104,32 +107,22 @@ static redisReply *call(cqrs_changefeed_t *f, redisContext *c, int argc, const c
     return reply;
 }
 
-static redisContext *subscribe(cqrs_changefeed_t *f)
+/* A subscribed connection; NULL with the reason in *err. */
+static redisContext *subscribe(cqrs_changefeed_t *f, cqrs_error_t *err)
 {
-    struct timeval tv = {f->timeout_ms / 1000, (f->timeout_ms % 1000) * 1000};
-    redisContext *c = redisConnectWithTimeout(f->addr.host, f->addr.port, tv);
-    if (!c || c->err) {
-        if (c)
-            redisFree(c);
+    redisContext *c = cqrs_redis_connect(&f->target, f->timeout_ms, err);
+    if (!c)
         return NULL;
-    }
-    redisEnableKeepAlive(c);
-    redisReply *r;
-    if (f->addr.password[0]) {
-        const char *argv[] = {"AUTH", f->addr.password};
-        r = call(f, c, 2, argv);
-        bool ok = r && r->type != REDIS_REPLY_ERROR;
-        freeReplyObject(r);
-        if (!ok) {
-            redisFree(c);
-            return NULL;
-        }
-    }
     const char *argv[] = {"SUBSCRIBE", f->channel};
-    r = call(f, c, 2, argv);
+    redisReply *r = call(f, c, 2, argv);
     bool ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
               r->element[0]->type == REDIS_REPLY_STRING &&
               strcmp(r->element[0]->str, "subscribe") == 0;
+    if (!ok)
+        cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "SUBSCRIBE %s failed: %.120s", f->channel,
+                       r && r->type == REDIS_REPLY_ERROR ? r->str
+                       : c->err                          ? c->errstr
+                                                         : "no confirmation");
     freeReplyObject(r);
     if (!ok) {
         redisFree(c);
@@ -200,15 +193,24 @@ static void *run(void *arg)
     cqrs_changefeed_t *f = arg;
     int backoff = BACKOFF_MIN_MS;
     bool first = true;
+    char last_error[sizeof((cqrs_error_t *)0)->message] = "";
     while (!atomic_load(&f->stop)) {
-        redisContext *c = subscribe(f);
+        cqrs_error_t err;
+        redisContext *c = subscribe(f, &err);
         if (!c) {
+            /* once per distinct reason, not once per retry: a refused TLS handshake or AUTH
+             * is a configuration problem the operator must see */
+            if (strcmp(err.message, last_error) != 0) {
+                CQRS_LOG_WARN("change feed: cannot subscribe; retrying", "error", err.message);
+                snprintf(last_error, sizeof last_error, "%s", err.message);
+            }
             if (!nap(f, backoff))
                 break;
             backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
             continue;
         }
         backoff = BACKOFF_MIN_MS;
+        last_error[0] = '\0';
         if (!first)
             atomic_fetch_add(&f->reconnects, 1);
         CQRS_LOG_INFO("change feed subscribed", "channel", f->channel);
@@ -227,7 +229,7 @@ static void *run(void *arg)
     return NULL;
 }
 
-cqrs_changefeed_t *cqrs_changefeed_start(const char *redis_url, int timeout_ms,
+cqrs_changefeed_t *cqrs_changefeed_start(const cqrs_redis_config_t *redis, int timeout_ms,
                                          const cqrs_changefeed_handlers_t *h, cqrs_error_t *err)
 {
     cqrs_changefeed_t *f = calloc(1, sizeof *f);
@@ -235,15 +237,17 @@ cqrs_changefeed_t *cqrs_changefeed_start(const char *redis_url, int timeout_ms,
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         return NULL;
     }
-    if (cqrs_redis_url_parse(redis_url, &f->addr, err) != CQRS_ERR_OK) {
+    if (cqrs_redis_target_init(&f->target, redis, err) != CQRS_ERR_OK) {
+        cqrs_redis_target_close(&f->target);
         free(f);
         return NULL;
     }
-    cqrs_docstore_channel(&f->addr, f->channel, sizeof f->channel);
+    cqrs_docstore_channel(&f->target.addr, f->channel, sizeof f->channel);
     f->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
     f->h = *h;
     if (pipe2(f->wake, O_CLOEXEC) != 0) {
         cqrs_error_set(err, CQRS_ERR_INTERNAL, "pipe: %s", strerror(errno));
+        cqrs_redis_target_close(&f->target);
         free(f);
         return NULL;
     }
@@ -251,6 +255,7 @@ cqrs_changefeed_t *cqrs_changefeed_start(const char *redis_url, int timeout_ms,
         cqrs_error_set(err, CQRS_ERR_INTERNAL, "cannot start the change feed thread");
         close(f->wake[0]);
         close(f->wake[1]);
+        cqrs_redis_target_close(&f->target);
         free(f);
         return NULL;
     }
@@ -274,5 +279,6 @@ void cqrs_changefeed_stop(cqrs_changefeed_t *f)
     pthread_join(f->thread, NULL);
     close(f->wake[0]);
     close(f->wake[1]);
+    cqrs_redis_target_close(&f->target);
     free(f);
 }

@@ -1,4 +1,4 @@
-/* docstore.c — versioned documents in Redis (hiredis 0.14).
+/* docstore.c — versioned documents in Redis (hiredis; connections made by redis.c).
  *
  * Invariants: a document's version only ever grows by exactly one per applied event; a
  * partition's recorded offset only ever grows; both change in the same Lua script call, so a
@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cqrs/redis.h"
 #include "cqrs/util.h"
 
 /* Lua: returns -3 while a rebuild's pause lies ahead — the meta hash (META, a KEYS reference)
@@ -105,7 +106,7 @@ static const char APPLY_LUA[] =
 static const char *const OFFSET_MODES[] = {"none", "expect", "raise"};
 
 struct cqrs_docstore {
-    cqrs_redis_addr_t addr;
+    cqrs_redis_target_t target; /* where and how to connect (redis.h) */
     int timeout_ms;
     redisContext *c;
     char sha[41];
@@ -116,61 +117,21 @@ struct cqrs_docstore {
     cqrs_error_t deferred_err;
 };
 
-cqrs_err_t cqrs_redis_url_parse(const char *url, cqrs_redis_addr_t *out, cqrs_error_t *err)
-{
-    memset(out, 0, sizeof *out);
-    out->port = 6379;
-    if (!url || strncmp(url, "redis://", 8) != 0)
-        return cqrs_error_set(err, CQRS_ERR_CONFIG, "redis URL must start with redis://");
-    const char *p = url + 8;
-    const char *at = strrchr(p, '@');
-    if (at) {
-        const char *colon = memchr(p, ':', (size_t)(at - p));
-        const char *pw = colon ? colon + 1 : p;
-        size_t len = (size_t)(at - pw);
-        if (len >= sizeof out->password)
-            return cqrs_error_set(err, CQRS_ERR_CONFIG, "redis password too long");
-        memcpy(out->password, pw, len);
-        p = at + 1;
-    }
-    size_t hlen = strcspn(p, ":/");
-    if (hlen == 0 || hlen >= sizeof out->host)
-        return cqrs_error_set(err, CQRS_ERR_CONFIG, "redis URL has no host");
-    memcpy(out->host, p, hlen);
-    p += hlen;
-    if (*p == ':') {
-        char *end;
-        long port = strtol(p + 1, &end, 10);
-        if (end == p + 1 || port < 1 || port > 65535)
-            return cqrs_error_set(err, CQRS_ERR_CONFIG, "redis URL has a bad port");
-        out->port = (int)port;
-        p = end;
-    }
-    if (*p == '/' && p[1]) {
-        char *end;
-        long db = strtol(p + 1, &end, 10);
-        if (*end || db < 0 || db > 1000)
-            return cqrs_error_set(err, CQRS_ERR_CONFIG, "redis URL has a bad database number");
-        out->db = (int)db;
-    } else if (*p && strcmp(p, "/") != 0) {
-        return cqrs_error_set(err, CQRS_ERR_CONFIG, "redis URL: unexpected '%s'", p);
-    }
-    return CQRS_ERR_OK;
-}
-
-cqrs_docstore_t *cqrs_docstore_new(const char *url, int timeout_ms, cqrs_error_t *err)
+cqrs_docstore_t *cqrs_docstore_new(const cqrs_redis_config_t *redis, int timeout_ms,
+                                   cqrs_error_t *err)
 {
     cqrs_docstore_t *ds = calloc(1, sizeof *ds);
     if (!ds) {
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         return NULL;
     }
-    if (cqrs_redis_url_parse(url, &ds->addr, err) != CQRS_ERR_OK) {
+    if (cqrs_redis_target_init(&ds->target, redis, err) != CQRS_ERR_OK) {
+        cqrs_redis_target_close(&ds->target);
         free(ds);
         return NULL;
     }
     ds->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
-    cqrs_docstore_channel(&ds->addr, ds->channel, sizeof ds->channel);
+    cqrs_docstore_channel(&ds->target.addr, ds->channel, sizeof ds->channel);
     return ds;
 }
 
@@ -194,6 +155,7 @@ void cqrs_docstore_destroy(cqrs_docstore_t *ds)
     if (!ds)
         return;
     disconnect(ds);
+    cqrs_redis_target_close(&ds->target);
     free(ds);
 }
 
@@ -209,35 +171,8 @@ static cqrs_err_t connect_ds(cqrs_docstore_t *ds, cqrs_error_t *err)
         settle(ds); /* replies of earlier bulk writes come before anything else */
     if (ds->c)
         return CQRS_ERR_OK;
-    struct timeval tv = {ds->timeout_ms / 1000, (ds->timeout_ms % 1000) * 1000};
-    redisContext *c = redisConnectWithTimeout(ds->addr.host, ds->addr.port, tv);
-    if (!c || c->err) {
-        cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "cannot connect to Redis %s:%d: %s",
-                       ds->addr.host, ds->addr.port, c ? c->errstr : "out of memory");
-        if (c)
-            redisFree(c);
-        return CQRS_ERR_UNAVAILABLE;
-    }
-    redisSetTimeout(c, tv);
-    redisEnableKeepAlive(c);
-    ds->c = c;
-    redisReply *r = NULL;
-    cqrs_err_t rc = CQRS_ERR_OK;
-    if (ds->addr.password[0]) {
-        const char *argv[] = {"AUTH", ds->addr.password};
-        rc = command(ds, 2, argv, NULL, &r, err);
-        freeReplyObject(r);
-        if (rc != CQRS_ERR_OK)
-            return rc;
-    }
-    if (ds->addr.db != 0) {
-        char db[12];
-        snprintf(db, sizeof db, "%d", ds->addr.db);
-        const char *argv[] = {"SELECT", db};
-        rc = command(ds, 2, argv, NULL, &r, err);
-        freeReplyObject(r);
-    }
-    return rc;
+    ds->c = cqrs_redis_connect(&ds->target, ds->timeout_ms, err);
+    return ds->c ? CQRS_ERR_OK : CQRS_ERR_UNAVAILABLE;
 }
 
 static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, const size_t *lens,
@@ -876,8 +811,8 @@ struct cqrs_docstore_pool {
     bool *busy;
 };
 
-cqrs_docstore_pool_t *cqrs_docstore_pool_new(const char *url, int timeout_ms, unsigned size,
-                                             cqrs_error_t *err)
+cqrs_docstore_pool_t *cqrs_docstore_pool_new(const cqrs_redis_config_t *redis, int timeout_ms,
+                                             unsigned size, cqrs_error_t *err)
 {
     cqrs_docstore_pool_t *p = calloc(1, sizeof *p);
     if (!p || size == 0) {
@@ -891,7 +826,7 @@ cqrs_docstore_pool_t *cqrs_docstore_pool_new(const char *url, int timeout_ms, un
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
     for (unsigned i = 0; p->all && p->busy && i < size; i++) {
-        p->all[i] = cqrs_docstore_new(url, timeout_ms, err);
+        p->all[i] = cqrs_docstore_new(redis, timeout_ms, err);
         if (!p->all[i]) {
             cqrs_docstore_pool_destroy(p);
             return NULL;
@@ -1207,19 +1142,20 @@ cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count
 
 /* ---- rebuilds ---------------------------------------------------------------------------- */
 
-cqrs_docstore_t *cqrs_docstore_new_db(const char *url, int db, int timeout_ms, cqrs_error_t *err)
+cqrs_docstore_t *cqrs_docstore_new_db(const cqrs_redis_config_t *redis, int db, int timeout_ms,
+                                      cqrs_error_t *err)
 {
-    cqrs_docstore_t *ds = cqrs_docstore_new(url, timeout_ms, err);
+    cqrs_docstore_t *ds = cqrs_docstore_new(redis, timeout_ms, err);
     if (!ds)
         return NULL;
-    ds->addr.db = db;
-    cqrs_docstore_channel(&ds->addr, ds->channel, sizeof ds->channel);
+    ds->target.addr.db = db;
+    cqrs_docstore_channel(&ds->target.addr, ds->channel, sizeof ds->channel);
     return ds;
 }
 
 int cqrs_docstore_db(const cqrs_docstore_t *ds)
 {
-    return ds->addr.db;
+    return ds->target.addr.db;
 }
 
 /* A pipeline: commands are appended, and every `window` of them the replies are read. */
@@ -1583,7 +1519,7 @@ cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, int64_t un
                                    cqrs_error_t *err)
 {
     char a[12], b[12], u[24];
-    snprintf(a, sizeof a, "%d", ds->addr.db);
+    snprintf(a, sizeof a, "%d", ds->target.addr.db);
     snprintf(b, sizeof b, "%d", other_db);
     snprintf(u, sizeof u, "%lld", (long long)until_ms);
     const char *argv[] = {"EVAL", SWAP_LUA, "1", CQRS_META_KEY, u, a, b};

@@ -52,7 +52,7 @@ typedef struct missing {
 
 struct cqrs_projector {
     cqrs_projector_config_t cfg;
-    char *brokers, *group_id, *client_id, *redis_url;
+    char *brokers, *group_id, *client_id;
     char **topics;
     char **offsets_keys;
     rd_kafka_t *rk;
@@ -558,17 +558,17 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     p->brokers = strdup(cfg->brokers);
     p->group_id = strdup(cfg->group_id);
     p->client_id = strdup(cfg->client_id ? cfg->client_id : "cqrs-projector");
-    p->redis_url = strdup(cfg->redis_url);
     p->topics = calloc(cfg->n_topics, sizeof *p->topics);
     p->latency = calloc(cfg->n_topics, sizeof *p->latency);
     p->offsets_keys = calloc(cfg->n_topics, sizeof *p->offsets_keys);
-    if (!p->brokers || !p->group_id || !p->client_id || !p->redis_url || !p->topics ||
-        !p->offsets_keys || !p->latency) {
+    if (!p->brokers || !p->group_id || !p->client_id || !p->topics || !p->offsets_keys ||
+        !p->latency) {
         cqrs_projector_destroy(p);
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         return NULL;
     }
     p->cfg.topics = NULL;
+    p->cfg.redis = NULL; /* borrowed for this call only */
     for (size_t i = 0; i < cfg->n_topics; i++) {
         p->topics[i] = strdup(cfg->topics[i]);
         size_t len = strlen(cfg->topics[i]) + 32;
@@ -576,7 +576,7 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
         if (p->offsets_keys[i])
             cqrs_projector_offsets_key(cfg->topics[i], p->offsets_keys[i], len);
     }
-    p->ds = cqrs_docstore_new(cfg->redis_url, cfg->redis_timeout_ms, err);
+    p->ds = cqrs_docstore_new(cfg->redis, cfg->redis_timeout_ms, err);
     if (!p->ds) {
         cqrs_projector_destroy(p);
         return NULL;
@@ -1096,6 +1096,5 @@ void cqrs_projector_destroy(cqrs_projector_t *p)
     free(p->brokers);
     free(p->group_id);
     free(p->client_id);
-    free(p->redis_url);
     free(p);
 }

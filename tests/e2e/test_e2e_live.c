@@ -502,14 +502,9 @@ static long long redis_version(const char *id)
 {
     char key[96];
     snprintf(key, sizeof key, "cqrs:product:{%s}", id);
-    cqrs_redis_addr_t a;
-    cqrs_error_t err;
-    assert_int_equal(cqrs_redis_url_parse(redis_url, &a, &err), CQRS_ERR_OK);
-    redisContext *c = redisConnect(a.host, a.port);
+    redisContext *c = redisdb_connect(redis_url);
     assert_non_null(c);
-    redisReply *r = redisCommand(c, "SELECT %d", a.db);
-    freeReplyObject(r);
-    r = redisCommand(c, "HGET %s v", key);
+    redisReply *r = redisCommand(c, "HGET %s v", key);
     long long v = r && r->type == REDIS_REPLY_STRING ? atoll(r->str) : -1;
     freeReplyObject(r);
     redisFree(c);
@@ -582,12 +577,8 @@ static void test_feed_reconnect_flushes_cache(void **state)
     char *changed = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(j);
     snprintf(key, sizeof key, "cqrs:product:{%s}", id);
-    cqrs_redis_addr_t a;
-    cqrs_error_t err;
-    assert_int_equal(cqrs_redis_url_parse(redis_url, &a, &err), CQRS_ERR_OK);
-    redisContext *c = redisConnect(a.host, a.port);
+    redisContext *c = redisdb_connect(redis_url);
     assert_non_null(c);
-    freeReplyObject(redisCommand(c, "SELECT %d", a.db));
     freeReplyObject(redisCommand(c, "HSET %s json %s", key, changed));
     free(changed);
     httpc_request(sport, "GET", path, NULL, NULL, 0, &r);

@@ -179,12 +179,8 @@ static void test_rebuild_under_load(void **state)
     /* Drift the live read model: a wrong name (same version) and a stray list entry. */
     char key[96];
     snprintf(key, sizeof key, "cqrs:product:{%s}", ids[0]);
-    cqrs_redis_addr_t a;
-    cqrs_error_t err;
-    assert_int_equal(cqrs_redis_url_parse(live_url, &a, &err), CQRS_ERR_OK);
-    redisContext *c = redisConnect(a.host, a.port);
+    redisContext *c = redisdb_connect(live_url);
     assert_non_null(c);
-    freeReplyObject(redisCommand(c, "SELECT %d", LIVE_DB));
     redisReply *rj = redisCommand(c, "HGET %s json", key);
     assert_non_null(rj);
     json_t *doc = json_loads(rj->str, 0, NULL);

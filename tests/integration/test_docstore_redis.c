@@ -23,6 +23,7 @@
 #include "testenv.h"
 
 static char url[1024];
+static cqrs_redis_config_t redis; /* the environment's Redis settings with url */
 static cqrs_docstore_t *ds;
 static char agg[37], key[96], offsets[96], dlq[96];
 /* What a projector remembers: the store's incarnation, the offset it recorded last. */
@@ -36,7 +37,8 @@ static int setup(void **state)
         return -1;
     freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
     cqrs_error_t err;
-    ds = cqrs_docstore_new(url, 2000, &err);
+    redis = redisdb_config(url);
+    ds = cqrs_docstore_new(&redis, 2000, &err);
     return ds && cqrs_docstore_ensure_meta(ds, incarnation, &err) == CQRS_ERR_OK ? 0 : -1;
 }
 
@@ -51,8 +53,8 @@ static int fresh_keys(void **state)
 {
     (void)state;
     cqrs_uuid_v4(agg);
-    snprintf(key, sizeof key, "itest:doc:{%s}", agg);
-    snprintf(offsets, sizeof offsets, "itest:offsets:{%s}", agg);
+    snprintf(key, sizeof key, "cqrs:itest:doc:{%s}", agg);
+    snprintf(offsets, sizeof offsets, "cqrs:itest:offsets:{%s}", agg);
     snprintf(dlq, sizeof dlq, "cqrs:dlq:{%s}", agg);
     written = -1;
     return 0;
@@ -140,22 +142,22 @@ static void test_absent_document(void **state)
 static void test_document_index_and_offset_change_together(void **state)
 {
     (void)state;
-    cqrs_index_op_t add[] = {{CQRS_INDEX_ZADD, "itest:idx:a", 5, agg, NULL},
-                             {CQRS_INDEX_ZADD, "itest:idx:b", 7, agg, NULL}};
+    cqrs_index_op_t add[] = {{CQRS_INDEX_ZADD, "cqrs:itest:idx:a", 5, agg, NULL},
+                             {CQRS_INDEX_ZADD, "cqrs:itest:idx:b", 7, agg, NULL}};
     assert_int_equal(apply_ops(key, dlq, 1, "{\"v\":1}", 11, add, 2, false), CQRS_APPLY_APPLIED);
     expect_doc(key, 1, "{\"v\":1}");
     assert_int_equal(offset(), 11);
     char cmd[160];
-    snprintf(cmd, sizeof cmd, "ZSCORE itest:idx:a %s", agg);
+    snprintf(cmd, sizeof cmd, "ZSCORE cqrs:itest:idx:a %s", agg);
     assert_int_equal(integer(cmd, NULL), 5);
     /* A duplicate changes no index. */
-    cqrs_index_op_t move[] = {{CQRS_INDEX_ZREM, "itest:idx:a", 0, agg, NULL},
-                              {CQRS_INDEX_ZADD, "itest:idx:c", 9, agg, NULL}};
+    cqrs_index_op_t move[] = {{CQRS_INDEX_ZREM, "cqrs:itest:idx:a", 0, agg, NULL},
+                              {CQRS_INDEX_ZADD, "cqrs:itest:idx:c", 9, agg, NULL}};
     assert_int_equal(apply_ops(key, dlq, 1, "{\"v\":9}", 11, move, 2, false), CQRS_APPLY_DUPLICATE);
     assert_int_equal(integer(cmd, NULL), 5);
     assert_int_equal(apply_ops(key, dlq, 2, "{\"v\":2}", 12, move, 2, false), CQRS_APPLY_APPLIED);
     assert_int_equal(integer(cmd, NULL), -1); /* removed: nil */
-    snprintf(cmd, sizeof cmd, "ZSCORE itest:idx:c %s", agg);
+    snprintf(cmd, sizeof cmd, "ZSCORE cqrs:itest:idx:c %s", agg);
     assert_int_equal(integer(cmd, NULL), 9);
     assert_int_equal(offset(), 12);
 }
@@ -192,7 +194,7 @@ static void test_dead_letter_holds_back_its_aggregate_only(void **state)
 {
     (void)state;
     char other_key[96], other_dlq[96];
-    snprintf(other_key, sizeof other_key, "itest:doc:{%s-other}", agg);
+    snprintf(other_key, sizeof other_key, "cqrs:itest:doc:{%s-other}", agg);
     snprintf(other_dlq, sizeof other_dlq, "cqrs:dlq:{%s-other}", agg);
     assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
     assert_int_equal(apply_ops(key, dlq, 2, NULL, 2, NULL, 0, true), CQRS_APPLY_DEAD);
@@ -343,15 +345,15 @@ static void test_swap_refused_once_the_pause_lapsed(void **state)
     char other[1024];
     assert_int_equal(redisdb_url(testenv_require("CQRS_REDIS_URL"), 14, other, sizeof other), 0);
     freeReplyObject(redisdb_cmd(other, "FLUSHDB", NULL));
-    freeReplyObject(redisdb_cmd(other, "SET itest:generation new", NULL));
-    freeReplyObject(redisdb_cmd(url, "SET itest:generation old", NULL));
+    freeReplyObject(redisdb_cmd(other, "SET cqrs:itest:generation new", NULL));
+    freeReplyObject(redisdb_cmd(url, "SET cqrs:itest:generation old", NULL));
     cqrs_error_t err;
     int64_t token = 0;
     assert_int_equal(cqrs_docstore_pause_token(ds, 50, &token, &err), CQRS_ERR_OK);
     assert_true(token > 0);
     usleep(200 * 1000); /* a stall longer than the pause */
     assert_int_equal(cqrs_docstore_swap_with(ds, 14, token, &err), CQRS_ERR_TIMEOUT);
-    redisReply *r = redisdb_cmd(url, "GET itest:generation", NULL);
+    redisReply *r = redisdb_cmd(url, "GET cqrs:itest:generation", NULL);
     assert_string_equal(r->str, "old");
     freeReplyObject(r);
     /* another pause than ours does not count either */
@@ -360,7 +362,7 @@ static void test_swap_refused_once_the_pause_lapsed(void **state)
     assert_int_equal(cqrs_docstore_swap_with(ds, 14, token, &err), CQRS_ERR_TIMEOUT);
     /* within our pause it swaps */
     assert_int_equal(cqrs_docstore_swap_with(ds, 14, theirs, &err), CQRS_ERR_OK);
-    r = redisdb_cmd(url, "GET itest:generation", NULL);
+    r = redisdb_cmd(url, "GET cqrs:itest:generation", NULL);
     assert_string_equal(r->str, "new");
     freeReplyObject(r);
     /* put the test database back */
@@ -379,28 +381,13 @@ static void test_script_cache_flush_is_survived(void **state)
     expect_doc(key, 2, "{\"v\":2}");
 }
 
-static void test_url_parsing(void **state)
-{
-    (void)state;
-    cqrs_redis_addr_t a;
-    cqrs_error_t err;
-    assert_int_equal(cqrs_redis_url_parse("redis://:pw@host:7000/3", &a, &err), CQRS_ERR_OK);
-    assert_string_equal(a.host, "host");
-    assert_int_equal(a.port, 7000);
-    assert_int_equal(a.db, 3);
-    assert_string_equal(a.password, "pw");
-    assert_int_equal(cqrs_redis_url_parse("redis://h", &a, &err), CQRS_ERR_OK);
-    assert_int_equal(a.port, 6379);
-    assert_int_not_equal(cqrs_redis_url_parse("http://h", &a, &err), CQRS_ERR_OK);
-    assert_int_not_equal(cqrs_redis_url_parse("redis://h:0", &a, &err), CQRS_ERR_OK);
-    assert_int_not_equal(cqrs_redis_url_parse("redis://h/x", &a, &err), CQRS_ERR_OK);
-}
-
 static void test_unreachable_redis_is_unavailable(void **state)
 {
     (void)state;
     cqrs_error_t err;
-    cqrs_docstore_t *dead = cqrs_docstore_new("redis://127.0.0.1:1/0", 500, &err);
+    char dead_url[] = "redis://127.0.0.1:1/0";
+    cqrs_redis_config_t dead_redis = {.url = dead_url};
+    cqrs_docstore_t *dead = cqrs_docstore_new(&dead_redis, 500, &err);
     assert_non_null(dead);
     int64_t v;
     assert_int_equal(cqrs_docstore_get(dead, "k", NULL, &v, &err), CQRS_ERR_UNAVAILABLE);
@@ -425,7 +412,6 @@ int main(void)
         cmocka_unit_test_setup(test_undecodable_records_its_offset, fresh_keys),
         cmocka_unit_test_setup(test_swap_refused_once_the_pause_lapsed, fresh_keys),
         cmocka_unit_test_setup(test_script_cache_flush_is_survived, fresh_keys),
-        cmocka_unit_test(test_url_parsing),
         cmocka_unit_test(test_unreachable_redis_is_unavailable),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

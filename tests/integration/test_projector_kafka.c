@@ -27,6 +27,7 @@
 
 static const char *brokers;
 static char url[1024], topic[96];
+static cqrs_redis_config_t redis; /* the environment's Redis settings with url */
 static rd_kafka_t *producer;
 
 /* The test projection: a counter per aggregate. */
@@ -34,7 +35,7 @@ static bool counter_key(const cqrs_event_t *ev, char *out, size_t cap)
 {
     if (strcmp(ev->aggregate_type, "counter") != 0)
         return false;
-    snprintf(out, cap, "itest:counter:{%s}", ev->aggregate_id);
+    snprintf(out, cap, "cqrs:itest:counter:{%s}", ev->aggregate_id);
     return true;
 }
 
@@ -57,6 +58,7 @@ static int setup(void **state)
     brokers = testenv_require("CQRS_KAFKA_BROKERS");
     if (redisdb_url(testenv_require("CQRS_REDIS_URL"), 14, url, sizeof url) != 0)
         return -1;
+    redis = redisdb_config(url);
     freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
     cqrs_error_t err;
     static const char *const own[][2] = {{"enable.idempotence", "true"}, {NULL, NULL}};
@@ -118,7 +120,7 @@ static cqrs_projector_t *start_projector(void)
                                    .client_id = "itest-projector",
                                    .topics = topics,
                                    .n_topics = 1,
-                                   .redis_url = url,
+                                   .redis = &redis,
                                    .redis_timeout_ms = 2000,
                                    .projection = &counter};
     cqrs_error_t err;
@@ -132,7 +134,7 @@ static cqrs_projector_t *start_projector(void)
 static void counter_of(const char *agg, long long *n, long long *version)
 {
     char key[96];
-    snprintf(key, sizeof key, "itest:counter:{%s}", agg);
+    snprintf(key, sizeof key, "cqrs:itest:counter:{%s}", agg);
     redisReply *r = redisdb_cmd(url, "HGET %s json", key);
     *n = *version = -1;
     if (r && r->type == REDIS_REPLY_STRING) {
@@ -515,7 +517,7 @@ static void test_document_moved_by_dlq_retry_is_recomputed(void **state)
 #endif
     char agg[37], key[96], dlq[96], okey[160];
     cqrs_uuid_v4(agg);
-    snprintf(key, sizeof key, "itest:counter:{%s}", agg);
+    snprintf(key, sizeof key, "cqrs:itest:counter:{%s}", agg);
     cqrs_projector_dlq_key(agg, dlq, sizeof dlq);
     cqrs_projector_offsets_key(topic, okey, sizeof okey);
     cqrs_projector_t *p = start_projector();
@@ -529,7 +531,7 @@ static void test_document_moved_by_dlq_retry_is_recomputed(void **state)
     produce(agg, 4, "counter.incremented.v1", 1);
     usleep(500 * 1000); /* the projector holds v4 with nothing computed, sleeping */
     cqrs_error_t err;
-    cqrs_docstore_t *ds = cqrs_docstore_new(url, 2000, &err);
+    cqrs_docstore_t *ds = cqrs_docstore_new(&redis, 2000, &err);
     assert_non_null(ds);
     const char *docs[] = {"{\"n\":2,\"version\":2}", "{\"n\":3,\"version\":3}"};
     for (int v = 2; v <= 3; v++) {

@@ -210,6 +210,36 @@ def dashboard_queries():
     return out
 
 
+def redis_cli_args(redis_cli, url):
+    """redis-cli on the database of url as the operator (the stack's admin user when it has one,
+    else the URL's credentials; over TLS with the environment's CA and client certificate for
+    rediss://), the password in the environment (REDISCLI_AUTH): (argv, env)."""
+    u = urllib.parse.urlsplit(url)
+    args = [redis_cli, "-h", u.hostname, "-p", str(u.port or 6379), "-n", u.path.strip("/") or "0"]
+    if u.scheme == "rediss":
+        args.append("--tls")
+        for flag, var in (("--cacert", "CQRS_REDIS_TLS_CA_FILE"), ("--cert", "CQRS_REDIS_TLS_CERT_FILE"),
+                          ("--key", "CQRS_REDIS_TLS_KEY_FILE")):
+            if os.environ.get(var):
+                args += [flag, os.environ[var]]
+
+    def secret(var):
+        if os.environ.get(var + "_FILE"):
+            return pathlib.Path(os.environ[var + "_FILE"]).read_text().strip()
+        return os.environ.get(var)
+
+    user = os.environ.get("CQRS_REDIS_ADMIN_USER")
+    password = secret("CQRS_REDIS_ADMIN_PASSWORD") if user else (
+        urllib.parse.unquote(u.password) if u.password else secret("CQRS_REDIS_PASSWORD"))
+    user = user or (urllib.parse.unquote(u.username) if u.username else None)
+    if user:
+        args += ["--user", user]
+    env = dict(os.environ)
+    if password:
+        env["REDISCLI_AUTH"] = password
+    return args, env
+
+
 def main():
     if len(sys.argv) != 4:
         print(__doc__)
@@ -252,7 +282,8 @@ def main():
         r = subprocess.run([ctl, "migrate"], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             unavailable(f"cqrsctl migrate failed ({r.returncode}): {r.stderr.strip()}")
-        subprocess.run([redis_cli, "-u", redis_url, "FLUSHDB"], check=True, capture_output=True)
+        cli, cli_env = redis_cli_args(redis_cli, redis_url)
+        subprocess.run(cli + ["FLUSHDB"], check=True, capture_output=True, env=cli_env)
 
         cport, qport, pport = free_port(), free_port(), free_port()
         for binary, port, name in ((commandd, cport, "commandd"), (queryd, qport, "queryd")):

@@ -6,11 +6,13 @@
       names no setting the daemons do not have;
     - every bad value of every setting is rejected at start-up: exit status 2, before
       anything starts (integers past their range and not numbers, booleans and enums out of
-      their words, required settings unset, an unreadable tokens file);
+      their words, required settings unset, an unreadable tokens file, Redis TLS files that
+      do not load, TLS settings with a plain-text Redis URL);
     - the same for the Kafka client properties every Kafka client reads (CQRS_KAFKA_PROPERTY_<NAME>,
       CQRS_KAFKA_PROPERTIES_FILE, CQRS_KAFKA_DEBUG): a refused, unknown or badly valued property,
       an unreadable file — and a secret property's value (a canary) never in the output, nor in
-      --help.
+      --help;
+    - the README's least-privilege Redis ACL line is deploy/local/redis-cqrs.acl's.
 """
 import os
 import re
@@ -63,8 +65,16 @@ def check_rejections(binary, rows):
             cases.append((None, "unset"))
         if var == "CQRS_AUTH_TOKENS_FILE":
             cases.append(("/nonexistent/tokens", None))
-        for value, _ in cases:
+        if var.startswith("CQRS_REDIS_TLS_") and var.endswith("_FILE"):
+            cases.append(("/nonexistent/file.pem", "rediss"))  # does not load
+        if var.startswith("CQRS_REDIS_TLS_"):
+            cases.append(("/some/value", "redis"))  # with a plain-text URL
+        if var == "CQRS_REDIS_URL":
+            cases.append(("redis://:secret@host:0/0", None))
+        for value, scheme in cases:
             env = base_env()
+            if scheme:
+                env["CQRS_REDIS_URL"] = f"{scheme}://127.0.0.1:1/0"
             if value is None:
                 env.pop(var, None)
             else:
@@ -78,6 +88,8 @@ def check_rejections(binary, rows):
                 failures.append(f"{name}: {var}={value!r} exited {p.returncode}, expected 2")
             elif var not in p.stderr:
                 failures.append(f"{name}: {var}={value!r}: the error does not name the setting")
+            elif value and "secret" in value and "secret" in p.stderr:
+                failures.append(f"{name}: {var}={value!r}: the error quotes the password")
             checked += 1
     print(f"ok: {name}: {checked} bad values rejected with exit 2")
 
@@ -130,9 +142,21 @@ def check_kafka_properties(binary):
     print(f"ok: {name}: {len(cases)} bad Kafka client properties rejected with exit 2")
 
 
+def check_redis_acl(readme, text):
+    """The README quotes the ACL rules the stack and the tests use, word for word."""
+    path = os.path.join(os.path.dirname(os.path.abspath(readme)), "deploy/local/redis-cqrs.acl")
+    rules = [l.strip() for l in open(path, encoding="utf-8") if l.strip() and not l.startswith("#")]
+    quoted = re.findall(r"^ACL SETUSER cqrs on >PASSWORD (.*)$", text, re.M)
+    if len(rules) != 1 or quoted != rules:
+        failures.append("the README's `ACL SETUSER cqrs` line is not deploy/local/redis-cqrs.acl's rules")
+    else:
+        print("ok: the README's Redis ACL line is deploy/local/redis-cqrs.acl")
+
+
 def main():
     commandd, queryd, readme = sys.argv[1:4]
     text = open(readme, encoding="utf-8").read()
+    check_redis_acl(readme, text)
     section = text[text.index("## Configuration"):text.index("\n## ", text.index("## Configuration") + 5)]
     documented = set(re.findall(r"^\| `(CQRS_[A-Z0-9_]+)`", section, re.M))
     documented |= set(re.findall(r"`(CQRS_[A-Z0-9_]+)`", section))

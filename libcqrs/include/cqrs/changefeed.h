@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "cqrs/err.h"
+#include "cqrs/redis.h"
 
 typedef struct cqrs_changefeed cqrs_changefeed_t;
 
@@ -34,9 +35,10 @@ typedef struct cqrs_changefeed_stats {
     uint64_t reconnects; /* subscriptions established after the first */
 } cqrs_changefeed_stats_t;
 
-/* Starts the thread. NULL with err on a bad URL or when the thread cannot start (a Redis that
- * is down is not an error: the thread keeps trying). */
-cqrs_changefeed_t *cqrs_changefeed_start(const char *redis_url, int timeout_ms,
+/* Starts the thread; redis (redis.h) is borrowed for the call only. NULL with err on bad
+ * Redis settings or when the thread cannot start (a Redis that is down or refuses the
+ * connection is not an error: the thread keeps trying). */
+cqrs_changefeed_t *cqrs_changefeed_start(const cqrs_redis_config_t *redis, int timeout_ms,
                                          const cqrs_changefeed_handlers_t *h, cqrs_error_t *err);
 void cqrs_changefeed_stats(cqrs_changefeed_t *f, cqrs_changefeed_stats_t *out);
 void cqrs_changefeed_stop(cqrs_changefeed_t *f);

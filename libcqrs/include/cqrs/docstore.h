@@ -16,19 +16,10 @@
 #include <stdint.h>
 
 #include "cqrs/err.h"
+#include "cqrs/redis.h"
 
 typedef struct cqrs_docstore cqrs_docstore_t;
 typedef struct cqrs_docstore_pool cqrs_docstore_pool_t;
-
-typedef struct cqrs_redis_addr {
-    char host[256];
-    int port;
-    int db;
-    char password[256];
-} cqrs_redis_addr_t;
-
-/* Parses redis://[[user]:password@]host[:port][/db]; INVALID otherwise. */
-cqrs_err_t cqrs_redis_url_parse(const char *url, cqrs_redis_addr_t *out, cqrs_error_t *err);
 
 /* Every applied document is announced with PUBLISH on the change channel of its database,
  * "cqrs:changes:<db>", as "<document key> <version>"; "*" means the store was found empty (a
@@ -36,8 +27,10 @@ cqrs_err_t cqrs_redis_url_parse(const char *url, cqrs_redis_addr_t *out, cqrs_er
 #define CQRS_CHANGES_CHANNEL_PREFIX "cqrs:changes:"
 void cqrs_docstore_channel(const cqrs_redis_addr_t *addr, char *out, size_t cap);
 
-/* Does not connect; the first call does. NULL with err on a bad URL. */
-cqrs_docstore_t *cqrs_docstore_new(const char *url, int timeout_ms, cqrs_error_t *err);
+/* Does not connect; the first call does (redis.h: TLS, AUTH, SELECT). redis is borrowed for
+ * the call only. NULL with err on bad Redis settings. */
+cqrs_docstore_t *cqrs_docstore_new(const cqrs_redis_config_t *redis, int timeout_ms,
+                                   cqrs_error_t *err);
 void cqrs_docstore_destroy(cqrs_docstore_t *ds);
 
 /* Reads a document. NOT_FOUND when absent. *json is malloc'ed (caller frees) and may be NULL
@@ -224,8 +217,8 @@ cqrs_err_t cqrs_docstore_zcard_many(cqrs_docstore_t *ds, const char *const *keys
 cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, int32_t partition,
                                 int64_t *offset, cqrs_error_t *err);
 
-cqrs_docstore_pool_t *cqrs_docstore_pool_new(const char *url, int timeout_ms, unsigned size,
-                                             cqrs_error_t *err);
+cqrs_docstore_pool_t *cqrs_docstore_pool_new(const cqrs_redis_config_t *redis, int timeout_ms,
+                                             unsigned size, cqrs_error_t *err);
 /* Waits up to timeout_ms for a free connection; NULL on timeout (answer 503). */
 cqrs_docstore_t *cqrs_docstore_pool_acquire(cqrs_docstore_pool_t *pool, int timeout_ms);
 void cqrs_docstore_pool_release(cqrs_docstore_pool_t *pool, cqrs_docstore_t *ds);
@@ -285,8 +278,9 @@ cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count
  * server, then SWAPDB makes it the live one atomically: every connection of the live database
  * sees the new generation from the next command on. */
 
-/* A connection to database db of the server in url (same host and password). */
-cqrs_docstore_t *cqrs_docstore_new_db(const char *url, int db, int timeout_ms, cqrs_error_t *err);
+/* A connection to database db of the server in redis (same server and credentials). */
+cqrs_docstore_t *cqrs_docstore_new_db(const cqrs_redis_config_t *redis, int db, int timeout_ms,
+                                      cqrs_error_t *err);
 int cqrs_docstore_db(const cqrs_docstore_t *ds);
 
 typedef struct cqrs_dead_letter_put {

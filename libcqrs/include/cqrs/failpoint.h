@@ -47,6 +47,10 @@
  *                                   the relay's PostgreSQL connection has no statement_timeout
  *                                   or lock_timeout (as before issue 16): only the supervisor's
  *                                   cancel ends a wait on a held lock
+ *   CQRS_UNSAFE_REDIS_NO_HOST_CHECK=1
+ *                                   rediss:// connections check the server's certificate chain
+ *                                   but not its name (what hiredis ≤ 1.4.1 does alone): a
+ *                                   trusted certificate for another host is accepted
  */
 #ifndef CQRS_FAILPOINT_H
 #define CQRS_FAILPOINT_H

@@ -61,7 +61,7 @@ typedef struct cqrs_projector_config {
     const char *client_id;
     const char *const *topics;
     size_t n_topics;
-    const char *redis_url;
+    const cqrs_redis_config_t *redis; /* borrowed for cqrs_projector_new only */
     int redis_timeout_ms;
     const cqrs_projection_t *projection;
     /* The group protocol: KIP-848's consumer protocol (true), or the classic one with this
