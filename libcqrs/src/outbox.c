@@ -385,8 +385,11 @@ static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
         cqrs_bus_conf_set(conf, "transaction.timeout.ms", txn_timeout, err) ||
         cqrs_bus_conf_set(conf, "message.timeout.ms", timeout, err) ||
         cqrs_bus_conf_set(conf, "linger.ms", "5", err) ||
-        /* Back-to-back transactions: AddPartitionsToTxn answers CONCURRENT_TRANSACTIONS until
-         * the previous commit's markers are written; retry soon, not after 100 ms+. */
+        /* The first step of the exponential backoff (KIP-580, librdkafka >= 2.3; capped by
+         * retry.backoff.max.ms, 1 s) of retried requests — produce after a leader change,
+         * EndTxn — so a blip costs milliseconds, not 100 ms+. (AddPartitionsToTxn's
+         * CONCURRENT_TRANSACTIONS between back-to-back transactions is not one of them:
+         * librdkafka retries it after a fixed 20 ms.) */
         cqrs_bus_conf_set(conf, "retry.backoff.ms", "10", err) ||
         cqrs_bus_conf_set(conf, "partitioner", "murmur2_random", err)) {
         rd_kafka_conf_destroy(conf);
