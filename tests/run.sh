@@ -24,6 +24,8 @@ say() { printf '\n==> %s\n' "$*"; }
 
 say "dependencies"
 deploy/local/deps.sh
+# the pinned client libraries' prefix (deps.sh built them; this only prints it)
+DEPS_PREFIX=$(deploy/local/libs.sh)
 
 say "formatting (clang-format --dry-run)"
 mapfile -t sources < <(git ls-files '*.c' '*.h' 2>/dev/null || find libcqrs services cmd tests -name '*.[ch]')
@@ -38,7 +40,7 @@ fi
 
 say "build (ASan + UBSan) in $BUILD"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=ON \
-    -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_ENABLE_FAILPOINTS=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
+    -DCQRS_DEPS_PREFIX="$DEPS_PREFIX" -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_ENABLE_FAILPOINTS=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
 ninja -C "$BUILD"
 
 # shellcheck source=tests/support/ports.sh

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # deploy/local/deps.sh — installs what building and testing cqrs needs on Debian 12, when it
-# is missing: compilers, CMake/Ninja, the libraries (libpq, hiredis, librdkafka,
-# libmicrohttpd, jansson, cmocka, libuuid) and the tools the tests use (prometheus: promtool and
-# the Prometheus server that tests/monitoring runs). The servers themselves (PostgreSQL, Redis,
-# Kafka) are installed by stack.sh.
+# is missing: compilers, CMake/Ninja, the libraries (libpq, jansson, cmocka, libuuid) and the
+# tools the tests use (prometheus: promtool and the Prometheus server that tests/monitoring
+# runs), then has deploy/local/libs.sh build the pinned client libraries (librdkafka, hiredis
+# with TLS, libmicrohttpd) into its cache, once. Debian 12's own -dev packages of those three
+# are too old and not installed (CMake would refuse them; where they are installed anyway,
+# the cache's prefix comes first). The servers themselves (PostgreSQL, Redis, Kafka) are
+# installed by stack.sh.
 #
 # Run as root to install; as another user it only reports what is missing.
 set -euo pipefail
 
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
 PACKAGES=(
     build-essential cmake ninja-build pkg-config clang clang-format curl
-    libpq-dev libhiredis-dev librdkafka-dev libmicrohttpd-dev libjansson-dev
-    libcmocka-dev uuid-dev python3 python3-venv prometheus docker-compose
+    libpq-dev libjansson-dev libcmocka-dev uuid-dev python3 python3-venv prometheus docker-compose
     libclang-rt-14-dev valgrind wrk gnuplot-nox
 )
 
@@ -21,14 +25,19 @@ for p in "${PACKAGES[@]}"; do
 done
 # kubectl (renders the Kubernetes manifests in the tests): any package that provides it
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
-[ ${#missing[@]} -eq 0 ] && exit 0
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "[deps] missing Debian packages: ${missing[*]}" >&2
-    echo "[deps] install them with: sudo apt-get install ${missing[*]}" >&2
-    exit 1
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "[deps] missing Debian packages: ${missing[*]}" >&2
+        echo "[deps] install them with: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "[deps] installing: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-echo "[deps] installing: ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# librdkafka, hiredis, libmicrohttpd at their pins (instant once built); the prefix it prints
+# is what CMake searches first.
+"$SCRIPT_DIR/libs.sh" >/dev/null

@@ -39,7 +39,8 @@ say() { printf '[run] %s\n' "$*" >&2; }
 deploy/local/deps.sh
 
 say "building (Release) in $BUILD"
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C "$BUILD" >/dev/null
 
 deploy/local/stack.sh up "${UP_ARGS[@]}"

@@ -9,7 +9,16 @@
  *   4. Final call: route, then call the handler, which replies exactly once.
  * The context is freed in the request-completed callback.
  *
- * Threads: MHD's internal thread pool; handlers run on those threads.
+ * Threads: MHD's internal thread pool; handlers run on those threads. Every reply is queued
+ * from an MHD callback of its connection, on that connection's thread: libmicrohttpd 1.0
+ * refuses MHD_queue_response anywhere else (#7757). A deferred reply (cqrs_http_suspend) is
+ * therefore never queued by the thread that wakes it: cqrs_http_wake resumes the connection,
+ * and MHD calls the access handler again, which runs the continuation.
+ *
+ * Parsing: libmicrohttpd 1.0 (RFC 9110/9112) at client discipline 1, "strict within the RFCs":
+ * it answers 400 itself to a request with both Content-Length and Transfer-Encoding or with %00
+ * in its path, 501 to any Transfer-Encoding but chunked, and closes the connection on a request
+ * line it cannot read (a NUL byte in it, say). Those answers are plain, not problems.
  */
 #include "cqrs/http.h"
 
@@ -80,6 +89,7 @@ struct cqrs_http_request {
     bool started;
     bool too_large;
     bool replied;
+    bool queue_failed; /* MHD refused the reply: the connection is closed instead */
     char request_id[72];
     char traceparent[56];
     char caller[64];
@@ -266,6 +276,21 @@ void cqrs_http_add_header(cqrs_http_request_t *req, const char *name, const char
     req->n_headers++;
 }
 
+/* Queues and releases resp. A refusal (a reply from outside an MHD callback of this connection,
+ * see the top of this file) is a bug: logged, and the handler's return closes the connection
+ * rather than leave the client waiting. */
+static void queue_response(cqrs_http_request_t *req, unsigned status, struct MHD_Response *resp)
+{
+    if (MHD_queue_response(req->conn, status, resp) != MHD_YES) {
+        req->queue_failed = true;
+        char code[8];
+        snprintf(code, sizeof code, "%u", status);
+        CQRS_LOG_ERROR("libmicrohttpd refused the reply; closing the connection", "request_id",
+                       req->request_id, "status", code);
+    }
+    MHD_destroy_response(resp);
+}
+
 static void queue(cqrs_http_request_t *req, unsigned status, const char *content_type, char *body,
                   size_t len)
 {
@@ -287,8 +312,7 @@ static void queue(cqrs_http_request_t *req, unsigned status, const char *content
     for (size_t i = 0; i < req->n_headers; i++)
         if (req->hname[i] && req->hvalue[i])
             MHD_add_response_header(resp, req->hname[i], req->hvalue[i]);
-    MHD_queue_response(req->conn, status, resp);
-    MHD_destroy_response(resp);
+    queue_response(req, status, resp);
 }
 
 void cqrs_http_reply_json(cqrs_http_request_t *req, unsigned status, json_t *body)
@@ -479,8 +503,7 @@ void cqrs_http_reply_stream(cqrs_http_request_t *req, unsigned status, const cha
     for (size_t i = 0; i < req->n_headers; i++)
         if (req->hname[i] && req->hvalue[i])
             MHD_add_response_header(resp, req->hname[i], req->hvalue[i]);
-    MHD_queue_response(req->conn, status, resp);
-    MHD_destroy_response(resp);
+    queue_response(req, status, resp);
 }
 
 /* ---- MHD glue ---------------------------------------------------------------------------- */
@@ -599,7 +622,8 @@ static enum MHD_Result first_call(cqrs_http_request_t *req)
                                 NULL);
         return MHD_YES;
     }
-    bool has_body = declared > 0 || (te && strcasecmp(te, "identity") != 0);
+    /* libmicrohttpd 1.0 lets only "chunked" through (501 for any other coding). */
+    bool has_body = declared > 0 || te != NULL;
     if (has_body && !is_json_media_type(cqrs_http_header(req, MHD_HTTP_HEADER_CONTENT_TYPE))) {
         cqrs_http_reply_problem(req, 415, "unsupported-media-type", "Unsupported Media Type",
                                 "the request body must be application/json", NULL, NULL);
@@ -918,12 +942,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         req->started = true;
         req->conn = conn;
         req->method = method;
-        return first_call(req);
+        enum MHD_Result r = first_call(req);
+        return req->queue_failed ? MHD_NO : r;
     }
     if (req->resume_fn && !req->replied && *upload_data_size == 0) {
         /* Resumed after cqrs_http_suspend. */
         run_handler(req, req->resume_fn, req->resume_ud);
-        return MHD_YES;
+        return req->queue_failed ? MHD_NO : MHD_YES;
     }
     if (req->replied) {
         /* Replied early (413/415): discard whatever body still arrives. */
@@ -953,7 +978,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     dispatch(req);
-    return MHD_YES;
+    return req->queue_failed ? MHD_NO : MHD_YES;
 }
 
 __attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
@@ -997,11 +1022,14 @@ cqrs_err_t cqrs_http_server_start(cqrs_http_server_t *srv, cqrs_error_t *err)
         return cqrs_error_set(err, CQRS_ERR_CONFIG, "not an IPv4 address: %s", srv->cfg.host);
     unsigned flags =
         MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
+    /* Client discipline 1: RFC 9112's stricter choices (no Content-Length beside chunked, no
+     * bare LF, no folded headers, no whitespace in the target), closing request smuggling
+     * doors a lenient parser leaves open. */
     srv->daemon = MHD_start_daemon(
         flags, srv->cfg.port, NULL, NULL, on_request, srv, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, srv,
-        MHD_OPTION_SOCK_ADDR, &addr, MHD_OPTION_THREAD_POOL_SIZE,
-        srv->cfg.threads ? srv->cfg.threads : 1, MHD_OPTION_CONNECTION_LIMIT,
-        srv->cfg.connection_limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        MHD_OPTION_CLIENT_DISCIPLINE_LVL, (int)1, MHD_OPTION_SOCK_ADDR, &addr,
+        MHD_OPTION_THREAD_POOL_SIZE, srv->cfg.threads ? srv->cfg.threads : 1,
+        MHD_OPTION_CONNECTION_LIMIT, srv->cfg.connection_limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
         srv->cfg.per_ip_connection_limit, MHD_OPTION_CONNECTION_TIMEOUT,
         srv->cfg.connection_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
         MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv, MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,

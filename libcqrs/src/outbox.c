@@ -378,9 +378,12 @@ static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
              r->cfg.message_timeout_ms > 60000 ? r->cfg.message_timeout_ms : 60000);
     /* Transactions imply idempotence (acks=all, no reordering or duplicates from retries).
      * murmur2 so that Java clients sharing the topics pick the same partition for a key.
-     * Back-to-back transactions: AddPartitionsToTxn answers CONCURRENT_TRANSACTIONS until the
-     * previous commit's markers are written; retry soon, not after 100 ms+. (An operator's
-     * Kafka properties may override the tunables, never the guarantees: bus.c.) */
+     * retry.backoff.ms: the first step of the exponential backoff (KIP-580, librdkafka >= 2.3;
+     * capped by retry.backoff.max.ms, 1 s) of retried requests — produce after a leader
+     * change, EndTxn — so a blip costs milliseconds, not 100 ms+. (AddPartitionsToTxn's
+     * CONCURRENT_TRANSACTIONS between back-to-back transactions is not one of them: librdkafka
+     * retries it after a fixed 20 ms.) An operator's Kafka properties may override the
+     * tunables, never the guarantees: bus.c. */
     const char *const own[][2] = {
         {"transactional.id", r->txn_id},
         {"transaction.timeout.ms", txn_timeout},

@@ -16,7 +16,8 @@ PREFIX=lists$RANDOM
 OUT=$(mktemp -d /tmp/cqrs-bench-lists.XXXXXX)
 
 command -v wrk >/dev/null || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq wrk >/dev/null; }
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C build >/dev/null
 deploy/local/stack.sh up >/dev/null 2>&1
 eval "$(deploy/local/stack.sh env)"

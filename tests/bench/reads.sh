@@ -33,7 +33,8 @@ for p in $CPORT $QPORT $NPORT $WPORT $((QPORT + 10)); do
         exit 1
     fi
 done
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C build >/dev/null
 deploy/local/stack.sh up >/dev/null 2>&1
 eval "$(deploy/local/stack.sh env)"

@@ -12,7 +12,8 @@ cd "$REPO"
 EVENTS=${EVENTS:-1000000}
 PRODUCTS=${PRODUCTS:-100000}
 PER=$((EVENTS / PRODUCTS))
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C build >/dev/null
 deploy/local/stack.sh up >/dev/null 2>&1
 eval "$(deploy/local/stack.sh env)"

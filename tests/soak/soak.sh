@@ -12,7 +12,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 B=$REPO/build-soak
 OUT=${SOAK_OUT:-$(mktemp -d /tmp/cqrs-soak.XXXXXX)}
-cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C "$B" >/dev/null
 PREFIX=soak$RANDOM
 export CQRS_TOPIC_PREFIX=$PREFIX CQRS_CONSUMER_GROUP=$PREFIX CQRS_LOG_LEVEL=warn

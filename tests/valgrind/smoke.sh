@@ -7,7 +7,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 B=$REPO/build-valgrind
-cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=OFF \
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C "$B" >/dev/null
 OUT=$(mktemp -d /tmp/cqrs-valgrind.XXXXXX)
 PREFIX=vg$RANDOM
