@@ -163,7 +163,7 @@ ensure_packages() {
 build_deps() {
     case $1 in
     librdkafka)
-        echo libssl-dev zlib1g-dev libzstd-dev liblz4-dev libsasl2-dev
+        echo libssl-dev zlib1g-dev libzstd-dev liblz4-dev libsasl2-dev python3
         # any libcurl flavour will do; installing the OpenSSL one would remove another
         pkg-config --exists libcurl 2>/dev/null || echo libcurl4-openssl-dev
         ;;
@@ -269,6 +269,11 @@ build_librdkafka() {
             return 1
         }
     done
+    # the linker script (python3) that exports rd_kafka_* only, not the bundled cJSON, nanopb…
+    grep -Eq '^WITH_LDS=\s*y' Makefile.config || {
+        echo "librdkafka: no linker script (python3 missing?)"
+        return 1
+    }
     # the C library only (src-cpp is the C++ wrapper)
     make -j"$JOBS" -C src
     make -C src install DESTDIR="$STAGE"
