@@ -248,6 +248,12 @@ int main(int argc, char **argv)
         cqrs_config_free(entries, n_entries);
         return 2;
     }
+    cqrs_error_t dsn_err;
+    if (cqrs_pg_dsn_check(S.pg_dsn, &dsn_err) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrs-commandd: %s\n", dsn_err.message);
+        cqrs_config_free(entries, n_entries);
+        return 2;
+    }
     /* A healthy relay waits up to a third of the lease on Kafka between two signs of
      * progress: a shorter patience would cancel and replace it. */
     if (S.relay_stall_ms < S.relay_lease_ms) {

@@ -224,6 +224,11 @@ int main(int argc, char **argv)
         return 2;
     if (cqrs_bus_check_properties(stderr) != 0)
         return 2;
+    cqrs_error_t dsn_err;
+    if (cqrs_pg_dsn_check(S.pg_dsn, &dsn_err) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl: %s\n", dsn_err.message);
+        return 2;
+    }
     bool uses_redis = strcmp(argv[1], "verify") == 0 || strcmp(argv[1], "rebuild") == 0 ||
                       strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0;
     cqrs_error_t rerr;

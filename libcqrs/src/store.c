@@ -93,9 +93,30 @@ static void one_line(char *out, size_t n, const char *msg)
     out[len] = '\0';
 }
 
+cqrs_err_t cqrs_pg_dsn_check(const char *dsn, cqrs_error_t *err)
+{
+    char *why = NULL;
+    PQconninfoOption *opts = PQconninfoParse(dsn ? dsn : "", &why);
+    PQfreemem(why); /* may quote the password: never shown */
+    if (!opts)
+        return cqrs_error_set(err, CQRS_ERR_CONFIG,
+                              "CQRS_PG_DSN cannot be parsed: it must be key=value pairs or a "
+                              "postgresql:// URI (libpq's reason is not shown: it may quote the "
+                              "password; percent-encode special characters in a URI)");
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (strcmp(o->keyword, "password") == 0 && o->val && *o->val)
+            cqrs_log_add_secret(o->val);
+    PQconninfoFree(opts);
+    return CQRS_ERR_OK;
+}
+
 PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect_timeout_s,
                          cqrs_error_t *err)
 {
+    /* A DSN libpq cannot parse makes it quote the offending text (possibly the password) in
+     * its error: say so without it. */
+    if (cqrs_pg_dsn_check(dsn, err) != CQRS_ERR_OK)
+        return NULL;
     char timeout[16];
     snprintf(timeout, sizeof timeout, "%u", connect_timeout_s ? connect_timeout_s : 5);
     /* expand_dbname=1: `dsn` may itself be a conninfo string or URI, expanded in place of

@@ -152,6 +152,39 @@ static void test_pool_keeps_the_dsn_tls_settings(void **state)
     assert_opt("cqrs-commandd", "target_session_attrs", "read-write");
 }
 
+/* A DSN libpq cannot parse: libpq's own error quotes the text it choked on (the control
+ * shows it), which may be the password; ours never does, at start-up or on a connection. */
+static void test_malformed_dsn_is_never_quoted(void **state)
+{
+    (void)state;
+    const char *const dsns[][2] = {
+        {"host=x password=hunter2 secretpart", "secretpart"},
+        {"postgresql://u:hun%ZZter@h/db", "hun%ZZter"},
+    };
+    for (size_t i = 0; i < 2; i++) {
+        char *why = NULL;
+        assert_null(PQconninfoParse(dsns[i][0], &why)); /* control: libpq quotes it */
+        assert_non_null(why);
+        assert_non_null(strstr(why, dsns[i][1]));
+        PQfreemem(why);
+        cqrs_error_t err;
+        assert_int_equal(cqrs_pg_dsn_check(dsns[i][0], &err), CQRS_ERR_CONFIG);
+        assert_null(strstr(err.message, dsns[i][1]));
+        assert_non_null(strstr(err.message, "CQRS_PG_DSN cannot be parsed"));
+        cqrs_store_config_t cfg = {.dsn = dsns[i][0],
+                                   .pool_size = 1,
+                                   .acquire_timeout_ms = 1000,
+                                   .connect_timeout_s = 1,
+                                   .max_tx_attempts = 1};
+        cqrs_store_t *s = cqrs_store_new(&cfg);
+        assert_non_null(s);
+        assert_int_not_equal(cqrs_store_ping(s, &err), CQRS_ERR_OK);
+        assert_null(strstr(err.message, dsns[i][1]));
+        assert_null(strstr(err.message, "hunter2"));
+        cqrs_store_destroy(s);
+    }
+}
+
 static void test_libcqrs_owns_the_name_and_the_waits(void **state)
 {
     (void)state;
@@ -237,6 +270,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_pool_keeps_the_dsn_tls_settings, reset),
         cmocka_unit_test_setup(test_libcqrs_owns_the_name_and_the_waits, reset),
+        cmocka_unit_test_setup(test_malformed_dsn_is_never_quoted, reset),
         cmocka_unit_test_setup(test_uri_and_multi_host_dsns, reset),
         cmocka_unit_test_setup(test_control_default_sslmode_is_seen, reset),
         cmocka_unit_test_setup(test_migrations_keep_the_dsn_tls_settings, reset),

@@ -32,6 +32,11 @@ typedef struct cqrs_store_config {
     const char *application_name;
 } cqrs_store_config_t;
 
+/* Start-up check of a DSN (key=value string or postgresql:// URI): CONFIG when libpq cannot
+ * parse it, with a message of our own — libpq's quotes the text it choked on, which may be the
+ * password. A password it holds is registered with cqrs_log_add_secret. */
+cqrs_err_t cqrs_pg_dsn_check(const char *dsn, cqrs_error_t *err);
+
 /* Does not connect; the first use does. Returns NULL only on allocation failure. */
 cqrs_store_t *cqrs_store_new(const cqrs_store_config_t *cfg);
 void cqrs_store_destroy(cqrs_store_t *store);
