@@ -125,6 +125,10 @@ static bool in_list(const char *list, const char *name)
 
 const char *cqrs_bus_property_refused(const char *name)
 {
+    /* librdkafka hands a name it does not know globally to the default topic configuration,
+     * stripping a leading "topic." (topic.partitioner is partitioner): the same rules apply. */
+    if (strncmp(name, "topic.", 6) == 0)
+        name += 6;
     for (size_t i = 0; i < sizeof REFUSED / sizeof REFUSED[0]; i++)
         if (in_list(REFUSED[i].names, name))
             return REFUSED[i].why;

@@ -162,6 +162,12 @@ static void test_refused_properties_and_their_aliases(void **state)
         "session.timeout.ms",
         "heartbeat.interval.ms",
         "debug",
+        /* the default topic configuration's names, with the prefix librdkafka strips */
+        "topic.partitioner",
+        "topic.auto.offset.reset",
+        "topic.message.timeout.ms",
+        "topic.queuing.strategy",
+        "topic.offset.store.method",
     };
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
         const char *why = cqrs_bus_property_refused(refused[i]);
