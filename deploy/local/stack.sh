@@ -855,10 +855,18 @@ kafka_format() {
         fi
         return 0
     fi
+    # The SCRAM users' passwords go to the JVM in an argument file (java @file, 0600), never
+    # on its command line, which every local user can read in /proc.
     local -a scram=()
+    local argfile=$KAFKA_DIR/.format-args
+    rm -f "$argfile"
     if ((TLS)); then
-        scram=(--add-scram "SCRAM-SHA-512=[name=cqrs,password=$(secret kafka)]"
-            --add-scram "SCRAM-SHA-512=[name=broker,password=$(secret kafka-broker)]")
+        local cqrs_pw broker_pw
+        cqrs_pw=$(secret kafka)
+        broker_pw=$(secret kafka-broker)
+        (umask 077 && printf '%s\n' --add-scram "SCRAM-SHA-512=[name=cqrs,password=$cqrs_pw]" \
+            --add-scram "SCRAM-SHA-512=[name=broker,password=$broker_pw]" >"$argfile")
+        scram=("@$argfile")
     fi
     local cluster_id
     cluster_id=$("${KAFKA_JVM[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_DIR/format.log" 9>&- |
@@ -868,7 +876,8 @@ kafka_format() {
     log "kafka: formatting $KAFKA_DATA (cluster id $cluster_id)"
     "${KAFKA_JVM[@]}" kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$KAFKA_CONF" \
         "${scram[@]}" >>"$KAFKA_DIR/format.log" 2>&1 9>&- ||
-        die_log "kafka: storage format failed" "$KAFKA_DIR/format.log"
+        { rm -f "$argfile" && die_log "kafka: storage format failed" "$KAFKA_DIR/format.log"; }
+    rm -f "$argfile"
     if ((TLS)); then echo "SCRAM-SHA-512: cqrs broker" >"$KAFKA_SCRAM_MARK"; fi
 }
 
