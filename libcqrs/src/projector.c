@@ -331,8 +331,11 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             for (int i = 0; i < parts->cnt; i++)
                 part_remove(p, parts->elems[i].topic, parts->elems[i].partition);
             incremental_result(rd_kafka_incremental_unassign(rk, parts), "unassign");
-            unsigned had = atomic_load(&p->assigned);
-            atomic_store(&p->assigned, had > (unsigned)parts->cnt ? had - parts->cnt : 0);
+            rd_kafka_topic_partition_list_t *now = NULL;
+            if (rd_kafka_assignment(rk, &now) == RD_KAFKA_RESP_ERR_NO_ERROR && now) {
+                atomic_store(&p->assigned, (unsigned)now->cnt);
+                rd_kafka_topic_partition_list_destroy(now);
+            }
         } else {
             p->n_missing = 0;
             parts_clear(p);
@@ -352,7 +355,10 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
      * between is caught by the first apply or audit). */
     if (p->detect)
         learn_incarnation(p);
+    /* A partition paused for want of history keeps librdkafka's pause flag across a revoke:
+     * one that comes back with its history there (a rebuild since) is resumed. */
     rd_kafka_topic_partition_list_t *paused = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_t *running = rd_kafka_topic_partition_list_new(parts->cnt);
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         int64_t have = redis_offset(p, tp->topic, tp->partition);
@@ -362,17 +368,24 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             refill_resume(p, ps);
         if (check_history(p, rk, tp->topic, tp->partition, have))
             rd_kafka_topic_partition_list_add(paused, tp->topic, tp->partition);
+        else if (!paused_for_history(p, tp->topic, tp->partition))
+            rd_kafka_topic_partition_list_add(running, tp->topic, tp->partition);
     }
-    if (incremental) {
+    if (incremental)
         incremental_result(rd_kafka_incremental_assign(rk, parts), "assign");
-        atomic_fetch_add(&p->assigned, (unsigned)parts->cnt);
-    } else {
+    else
         rd_kafka_assign(rk, parts);
-        atomic_store(&p->assigned, (unsigned)parts->cnt);
+    rd_kafka_topic_partition_list_t *now = NULL;
+    if (rd_kafka_assignment(rk, &now) == RD_KAFKA_RESP_ERR_NO_ERROR && now) {
+        atomic_store(&p->assigned, (unsigned)now->cnt);
+        rd_kafka_topic_partition_list_destroy(now);
     }
     if (paused->cnt > 0)
         rd_kafka_pause_partitions(rk, paused);
+    if (running->cnt > 0)
+        rd_kafka_resume_partitions(rk, running);
     rd_kafka_topic_partition_list_destroy(paused);
+    rd_kafka_topic_partition_list_destroy(running);
     atomic_store(&p->history_missing, p->n_missing);
     CQRS_LOG_INFO("partitions assigned", "count", n, "protocol", protocol ? protocol : "NONE");
 }
