@@ -423,17 +423,21 @@ int cqrs_bus_props_apply(const cqrs_bus_props_t *props, rd_kafka_conf_t *conf, F
 /* A secret for the log to cut out: the value, and for a list of `key=value` (the OAUTHBEARER
  * config and extensions, of which librdkafka echoes the rest of the line from a bad key on)
  * each value of 4 bytes or more too. */
-static void register_secret(const char *value)
+static void register_secret(const char *name, const char *value)
 {
     cqrs_log_add_secret(value);
-    if (!strpbrk(value, " ,="))
+    /* The OAUTHBEARER settings are lists of key=value pieces that librdkafka may echo one at a
+     * time: each value is a secret too. Others (a PEM key, a password) stay whole: their words
+     * ("PRIVATE", a principal's name) are not secrets and would be cut out of every line. */
+    if (strcmp(name, "sasl.oauthbearer.config") != 0 &&
+        strcmp(name, "sasl.oauthbearer.extensions") != 0)
         return;
     char *copy = strdup(value), *save = NULL;
     for (char *t = copy ? strtok_r(copy, " \t,", &save) : NULL; t;
          t = strtok_r(NULL, " \t,", &save)) {
         char *eq = strchr(t, '=');
         const char *piece = eq ? eq + 1 : t;
-        if (strlen(piece) >= 4)
+        if (strlen(piece) >= 8)
             cqrs_log_add_secret(piece);
     }
     if (copy)
@@ -472,7 +476,7 @@ static int conf_fill(rd_kafka_conf_t *conf, const char *brokers, const char *cli
     bad += cqrs_bus_props_load(NULL, props, errors);
     for (size_t i = 0; i < props->n; i++)
         if (cqrs_bus_property_secret(props->v[i].name))
-            register_secret(props->v[i].value);
+            register_secret(props->v[i].name, props->v[i].value);
     bad += cqrs_bus_props_apply(props, conf, errors);
     return bad;
 }

@@ -59,7 +59,8 @@ static const char *scrub(const char *s, char *buf, size_t size)
     bool changed = false;
     size_t o = 0;
     pthread_mutex_lock(&g_secrets_mu);
-    for (const char *p = s; *p && o + 1 < size;) {
+    const char *p = s;
+    while (*p && o + 1 < size) {
         size_t hit = 0;
         for (size_t i = 0; i < CQRS_LOG_SECRETS_MAX && !hit; i++) {
             size_t len = g_secrets[i] ? strlen(g_secrets[i]) : 0;
@@ -75,6 +76,9 @@ static const char *scrub(const char *s, char *buf, size_t size)
             buf[o++] = *p++;
         }
     }
+    /* Cut short: the rest (a secret in it too, maybe) is dropped, never passed on as is. */
+    if (*p)
+        changed = true;
     pthread_mutex_unlock(&g_secrets_mu);
     buf[o] = '\0';
     return changed ? buf : s;
