@@ -46,6 +46,23 @@ static void expect_line(const char *out, const char *line)
         fail_msg("no line '%s' in:\n%s", line, out);
 }
 
+/* The line "NAME X.Y.Z" of out names at least the pinned minimum (CMake refuses older ones to
+ * build; this catches a binary that loads an older one at run time, e.g. a lost rpath). */
+static void expect_at_least(const char *out, const char *name, int major, int minor, int patch)
+{
+    char key[64];
+    snprintf(key, sizeof key, "\n%s ", name);
+    char with_nl[8192];
+    snprintf(with_nl, sizeof with_nl, "\n%s", out);
+    const char *p = strstr(with_nl, key);
+    int a = 0, b = 0, c = 0;
+    if (!p || sscanf(p + strlen(key), "%d.%d.%d", &a, &b, &c) < 2)
+        fail_msg("no version of %s in:\n%s", name, out);
+    if (a < major || (a == major && (b < minor || (b == minor && c < patch))))
+        fail_msg("%s %d.%d.%d is older than the pinned minimum %d.%d.%d", name, a, b, c, major,
+                 minor, patch);
+}
+
 static void check_version(const char *binary, const char *program)
 {
     char out[8192], line[256];
@@ -65,6 +82,10 @@ static void check_version(const char *binary, const char *program)
     const char *ssl = OpenSSL_version(OPENSSL_VERSION) + strlen("OpenSSL ");
     snprintf(line, sizeof line, "OpenSSL %.*s", (int)strcspn(ssl, " "), ssl);
     expect_line(out, line);
+    /* deploy/local/libs.versions' minimums */
+    expect_at_least(out, "librdkafka", 2, 14, 0);
+    expect_at_least(out, "hiredis", 1, 2, 0);
+    expect_at_least(out, "libmicrohttpd", 1, 0, 10);
     /* one "name version" per line, nothing else */
     int lines = 0;
     for (const char *p = out; *p; p++)
