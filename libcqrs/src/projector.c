@@ -287,6 +287,8 @@ static void refill_resume(cqrs_projector_t *p, part_state_t *ps)
         cqrs_docstore_refill_clear(p->ds, f, &e);
 }
 
+static void store_reset(cqrs_projector_t *p);
+
 /* A partition taken away by an incremental rebalance: its state goes, a refill it was running
  * stays marked in the store for the instance that gets it next (refill_resume). */
 static void part_remove(cqrs_projector_t *p, const char *topic, int32_t partition)
@@ -353,8 +355,18 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     /* Resume where Redis says the read model is; with no record, from the beginning. The
      * incarnation is read first: offsets read after it belong to it (a store emptied in
      * between is caught by the first apply or audit). */
-    if (p->detect)
+    if (p->detect) {
+        char before[CQRS_INCARNATION_LEN + 1];
+        snprintf(before, sizeof before, "%s", p->incarnation);
         learn_incarnation(p);
+        /* Incremental: the partitions this instance keeps were written to the store it knew;
+         * a store emptied or replaced meanwhile is a reset for them (counted, logged, re-read),
+         * not an incarnation to adopt quietly. */
+        if (incremental && before[0] && strcmp(before, p->incarnation) != 0) {
+            snprintf(p->incarnation, sizeof p->incarnation, "%s", before);
+            store_reset(p);
+        }
+    }
     /* A partition paused for want of history keeps librdkafka's pause flag across a revoke:
      * one that comes back with its history there (a rebuild since) is resumed. */
     rd_kafka_topic_partition_list_t *paused = rd_kafka_topic_partition_list_new(1);
