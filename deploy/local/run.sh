@@ -41,7 +41,7 @@ deploy/local/deps.sh
 say "building (Release) in $BUILD"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
     -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
-ninja -C "$BUILD" >/dev/null
+ninja -C "$BUILD" >"$BUILD/ninja.log" 2>&1 || { tail -n 40 "$BUILD/ninja.log" >&2; exit 1; } # errors shown
 
 deploy/local/stack.sh up "${UP_ARGS[@]}"
 eval "$(deploy/local/stack.sh env)"

@@ -537,8 +537,11 @@ static void redact(char *msg, size_t size, const char *secret)
         }
     }
     out[o] = '\0';
-    if (changed)
-        snprintf(msg, size, "%s", out);
+    if (changed && size > 0) {
+        size_t n = o < size - 1 ? o : size - 1;
+        memcpy(msg, out, n);
+        msg[n] = '\0';
+    }
 }
 
 rd_kafka_t *cqrs_bus_client_new(rd_kafka_type_t type, rd_kafka_conf_t *conf, const char *what,

@@ -427,7 +427,7 @@ static void test_untrusted_ca_is_refused(void **state)
 
 static void copy_file(const char *from, const char *to)
 {
-    char cmd[512];
+    char cmd[1200];
     snprintf(cmd, sizeof cmd, "cp '%s' '%s.tmp' && mv '%s.tmp' '%s'", from, to, to, to);
     assert_int_equal(system(cmd), 0);
 }

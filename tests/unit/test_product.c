@@ -70,7 +70,7 @@ static int run_dir(const char *kind, bool expect_valid)
         if (e->d_name[0] == '.')
             continue;
         char path[1024];
-        size_t len;
+        size_t len = 0;
         snprintf(path, sizeof path, "%s/%s/input", dir, e->d_name);
         char *body = slurp(path, &len);
         assert_non_null(body);

@@ -9,7 +9,7 @@ cd "$REPO"
 B=$REPO/build-valgrind
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=OFF \
     -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
-ninja -C "$B" >/dev/null
+ninja -C "$B" >"$B/ninja.log" 2>&1 || { tail -n 40 "$B/ninja.log" >&2; exit 1; } # errors shown
 OUT=$(mktemp -d /tmp/cqrs-valgrind.XXXXXX)
 PREFIX=vg$RANDOM
 export CQRS_TOPIC_PREFIX=$PREFIX CQRS_CONSUMER_GROUP=$PREFIX CQRS_RELAY_POLL_MS=200
