@@ -66,7 +66,7 @@ static void settings_table(void)
          "(KIP-848, brokers >= 4.0; the broker's group.consumer.session.timeout.ms then decides "
          "how soon a dead projector's partitions move)",
          &S.group_protocol, "classic|consumer"},
-        {"CQRS_KAFKA_SESSION_TIMEOUT_MS", CQRS_CONFIG_INT, "10000", 1000, 3600000,
+        {"CQRS_KAFKA_SESSION_TIMEOUT_MS", CQRS_CONFIG_INT, "10000", 6000, 3600000,
          "classic protocol: a projector that stops heartbeating this long loses its partitions "
          "to the others (the broker allows group.min.session.timeout.ms and up, 6000 by default)",
          &S.session_timeout_ms, NULL},

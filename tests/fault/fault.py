@@ -759,7 +759,9 @@ class Run:
         return {"CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
                 "CQRS_CONSUMER_GROUP": self.prefix, "CQRS_RELAY_LEASE_MS": str(LEASE_MS),
                 "CQRS_RELAY_POLL_MS": "200", "CQRS_KAFKA_MESSAGE_TIMEOUT_MS": str(MSG_TIMEOUT_MS),
-                "CQRS_HTTP_THREADS": "16", "CQRS_PG_POOL_SIZE": "8", "CQRS_LOG_LEVEL": "warn"}
+                "CQRS_HTTP_THREADS": "16", "CQRS_PG_POOL_SIZE": "8",
+                # FAULT_LOG_LEVEL=info (or debug, with CQRS_KAFKA_DEBUG=cgrp) to investigate a run
+                "CQRS_LOG_LEVEL": os.environ.get("FAULT_LOG_LEVEL", "warn")}
 
     def ctl(self, *args, check=True):
         e = dict(os.environ)
@@ -1466,7 +1468,9 @@ SCENARIOS = [
     Scenario("relay-pause-takeover", "relay leader SIGSTOPped past the lease, another takes over, resumed",
              commandd_fp="relay-before-commit=pause*1", commandds=2, nemesis=nem_relay_pause),
     Scenario("kafka-kill", "Kafka SIGKILLed and restarted under load", nemesis=nem_kafka_kill),
-    Scenario("kafka-pause", "Kafka SIGSTOPped longer than the producer timeout", nemesis=nem_kafka_pause),
+    Scenario("kafka-pause", "Kafka SIGSTOPped longer than the producer timeout and the projector's session "
+             "(6 s): the group's session expires while its only broker is unreachable", nemesis=nem_kafka_pause,
+             queryd_env={"CQRS_KAFKA_SESSION_TIMEOUT_MS": "6000"}),
     Scenario("postgres-immediate", "PostgreSQL stopped in immediate mode and restarted",
              nemesis=nem_pg_immediate),
     Scenario("projector-kill-after-apply", "projector SIGKILLed after the Redis apply, before the offset (×1; long ×3)",
