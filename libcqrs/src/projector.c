@@ -621,8 +621,13 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
         {"isolation.level", "read_committed"},
         {"enable.partition.eof", "true"},
         {"fetch.wait.max.ms", "10"},
+        /* Connections to every broker kept up and retried: with sparse connections, a group
+         * whose session timed out while its only broker was unreachable waited in query-coord
+         * for a connection nothing asked for (minutes, until the next metadata refresh; the
+         * fault suite's kafka-pause with a session shorter than the pause). */
+        {"enable.sparse.connections", "false"},
     };
-    size_t n = 7;
+    size_t n = 8;
     /* KIP-848 moves the session timeout and the assignor to the broker (librdkafka refuses
      * them with group.protocol=consumer): ask for its range assignor, which, like the classic
      * default, gives every instance a share of each topic (each projection) rather than a
