@@ -302,6 +302,37 @@ static void on_other(void *ud)
 
 /* The docstore and the change feed over TLS as the ACL user: an apply, a read, the
  * announcement. */
+/* Version 1 of aggregate `id`, applied as the first offset of its own offsets key (the store's
+ * incarnation learnt first); the document's key into key. */
+static void apply_first(cqrs_docstore_t *ds, const char *id, const char *json, char *key,
+                        size_t cap)
+{
+    cqrs_error_t err;
+    char inc[CQRS_INCARNATION_LEN + 1], dlq[96], offsets[96];
+    if (cqrs_docstore_ensure_meta(ds, inc, &err) != CQRS_ERR_OK)
+        fail_msg("ensure_meta: %s", err.message);
+    snprintf(key, cap, "cqrs:itest:doc:{%s}", id);
+    snprintf(dlq, sizeof dlq, "cqrs:dlq:{%s}", id);
+    snprintf(offsets, sizeof offsets, "cqrs:itest:offsets:{%s}", id);
+    cqrs_apply_t a = {.key = key,
+                      .version = 1,
+                      .json = json,
+                      .dlq_key = dlq,
+                      .aggregate_id = id,
+                      .blob = "{}",
+                      .offsets_key = offsets,
+                      .partition = 0,
+                      .next_offset = 1,
+                      .incarnation = inc,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = -1,
+                      .base_version = 0};
+    cqrs_apply_result_t res;
+    if (cqrs_docstore_apply(ds, &a, &res, &err) != CQRS_ERR_OK)
+        fail_msg("apply: %s", err.message);
+    assert_int_equal(res, CQRS_APPLY_APPLIED);
+}
+
 static void test_docstore_over_tls_as_the_acl_user(void **state)
 {
     (void)state;
@@ -323,29 +354,9 @@ static void test_docstore_over_tls_as_the_acl_user(void **state)
     }
     assert_true(st.connected);
 
-    char inc[CQRS_INCARNATION_LEN + 1], agg[CQRS_UUID_LEN + 1], key[96], dlq[96];
-    if (cqrs_docstore_ensure_meta(ds, inc, &err) != CQRS_ERR_OK)
-        fail_msg("ensure_meta: %s", err.message);
+    char agg[CQRS_UUID_LEN + 1], key[96];
     cqrs_uuid_v4(agg);
-    snprintf(key, sizeof key, "cqrs:itest:doc:{%s}", agg);
-    snprintf(dlq, sizeof dlq, "cqrs:dlq:{%s}", agg);
-    cqrs_apply_t a = {.key = key,
-                      .version = 1,
-                      .json = "{\"over\":\"tls\"}",
-                      .dlq_key = dlq,
-                      .aggregate_id = agg,
-                      .blob = "{}",
-                      .offsets_key = "cqrs:itest:offsets:{tls}",
-                      .partition = 0,
-                      .next_offset = 1,
-                      .incarnation = inc,
-                      .offset_mode = CQRS_OFFSET_EXPECT,
-                      .prev_offset = -1,
-                      .base_version = 0};
-    cqrs_apply_result_t res;
-    if (cqrs_docstore_apply(ds, &a, &res, &err) != CQRS_ERR_OK)
-        fail_msg("apply: %s", err.message);
-    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    apply_first(ds, agg, "{\"over\":\"tls\"}", key, sizeof key);
     char *json = NULL;
     int64_t v = 0;
     assert_int_equal(cqrs_docstore_get(ds, key, &json, &v, &err), CQRS_ERR_OK);
@@ -612,30 +623,15 @@ static bool apply_survives_a_restart(server_t *s)
     cqrs_error_t err;
     cqrs_docstore_t *ds = cqrs_docstore_new(&c, 2000, &err);
     assert_non_null(ds);
-    char inc[CQRS_INCARNATION_LEN + 1];
-    assert_int_equal(cqrs_docstore_ensure_meta(ds, inc, &err), CQRS_ERR_OK);
-    cqrs_apply_t a = {.key = "cqrs:itest:doc:{aof}",
-                      .version = 1,
-                      .json = "{\"kept\":true}",
-                      .dlq_key = "cqrs:dlq:{aof}",
-                      .aggregate_id = "aof",
-                      .blob = "{}",
-                      .offsets_key = "cqrs:itest:offsets:{aof}",
-                      .next_offset = 1,
-                      .incarnation = inc,
-                      .offset_mode = CQRS_OFFSET_EXPECT,
-                      .prev_offset = -1,
-                      .base_version = 0};
-    cqrs_apply_result_t res;
-    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
-    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    char key[96];
+    apply_first(ds, "aof", "{\"kept\":true}", key, sizeof key);
     cqrs_docstore_destroy(ds);
     server_stop(s); /* SIGTERM: the AOF is flushed */
     assert_int_equal(server_start(s), 0);
     ds = cqrs_docstore_new(&c, 2000, &err);
     assert_non_null(ds);
     int64_t v = 0;
-    cqrs_err_t rc = cqrs_docstore_get(ds, a.key, NULL, &v, &err);
+    cqrs_err_t rc = cqrs_docstore_get(ds, key, NULL, &v, &err);
     cqrs_docstore_destroy(ds);
     server_stop(s);
     assert_true(rc == CQRS_ERR_OK || rc == CQRS_ERR_NOT_FOUND);
@@ -679,27 +675,10 @@ static void test_the_stacks_redis(void **state)
     }
     cqrs_docstore_t *ds = cqrs_docstore_new(&c, 2000, &err);
     assert_non_null(ds);
-    char inc[CQRS_INCARNATION_LEN + 1];
-    if (cqrs_docstore_ensure_meta(ds, inc, &err) != CQRS_ERR_OK)
-        fail_msg("ensure_meta: %s", err.message);
-    cqrs_apply_t ap = {.key = "cqrs:itest:doc:{stack}",
-                       .version = 1,
-                       .json = "{\"on\":\"the stack\"}",
-                       .dlq_key = "cqrs:dlq:{stack}",
-                       .aggregate_id = "stack",
-                       .blob = "{}",
-                       .offsets_key = "cqrs:itest:offsets:{stack}",
-                       .next_offset = 1,
-                       .incarnation = inc,
-                       .offset_mode = CQRS_OFFSET_EXPECT,
-                       .prev_offset = -1,
-                       .base_version = 0};
-    cqrs_apply_result_t res;
-    if (cqrs_docstore_apply(ds, &ap, &res, &err) != CQRS_ERR_OK)
-        fail_msg("apply: %s", err.message);
-    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    char key[96];
+    apply_first(ds, "stack", "{\"on\":\"the stack\"}", key, sizeof key);
     int64_t v = 0;
-    assert_int_equal(cqrs_docstore_get(ds, ap.key, NULL, &v, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_get(ds, key, NULL, &v, &err), CQRS_ERR_OK);
     assert_int_equal(v, 1);
     cqrs_docstore_destroy(ds);
     if (tls_profile) {

@@ -540,6 +540,39 @@ static void test_startup_check(void **state)
     free(text);
 }
 
+/* cqrs_log writes to stdout: sent to a file of the test folder between log_capture_begin and
+ * log_capture_end, which reads it back. */
+typedef struct log_capture {
+    int saved;
+    FILE *f;
+    char path[256];
+} log_capture_t;
+
+static void log_capture_begin(log_capture_t *c, const char *name)
+{
+    write_file(name, "", c->path, sizeof c->path);
+    fflush(stdout);
+    c->saved = dup(STDOUT_FILENO);
+    c->f = fopen(c->path, "w");
+    assert_non_null(c->f);
+    dup2(fileno(c->f), STDOUT_FILENO);
+    cqrs_log_init("test-bus", CQRS_LOG_DEBUG);
+}
+
+static size_t log_capture_end(log_capture_t *c, char *text, size_t cap)
+{
+    fflush(stdout);
+    dup2(c->saved, STDOUT_FILENO);
+    close(c->saved);
+    fclose(c->f);
+    FILE *f = fopen(c->path, "r");
+    assert_non_null(f);
+    size_t n = fread(text, 1, cap - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    return n;
+}
+
 /* A secret librdkafka echoes in its own log line is cut out of it: run a client whose
  * (unsecured JWT) OAUTHBEARER config has a bad key, with the log on a file. */
 static void test_librdkafka_log_lines_lose_secret_values(void **state)
@@ -550,14 +583,8 @@ static void test_librdkafka_log_lines_lose_secret_values(void **state)
     setenv("CQRS_KAFKA_PROPERTY_ENABLE_SASL_OAUTHBEARER_UNSECURE_JWT", "true", 1);
     /* A canary of its own: no earlier test registered it whole. */
     setenv("CQRS_KAFKA_PROPERTY_SASL_OAUTHBEARER_CONFIG", "principal=cqrs bogus=oauth-canary-7", 1);
-    char path[256];
-    write_file("log", "", path, sizeof path);
-    fflush(stdout);
-    int saved = dup(STDOUT_FILENO);
-    FILE *log = fopen(path, "w");
-    assert_non_null(log);
-    dup2(fileno(log), STDOUT_FILENO);
-    cqrs_log_init("test-bus", CQRS_LOG_DEBUG);
+    log_capture_t cap;
+    log_capture_begin(&cap, "log");
     cqrs_error_t err;
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(NULL, "x", NULL, &err);
     rd_kafka_t *rk = conf ? cqrs_bus_client_new(RD_KAFKA_PRODUCER, conf, "producer", &err) : NULL;
@@ -565,15 +592,9 @@ static void test_librdkafka_log_lines_lose_secret_values(void **state)
         rd_kafka_poll(rk, 100);
     if (rk)
         rd_kafka_destroy(rk);
-    dup2(saved, STDOUT_FILENO);
-    close(saved);
-    fclose(log);
-    assert_non_null(rk);
-    FILE *f = fopen(path, "r");
     char text[16384];
-    size_t n = fread(text, 1, sizeof text - 1, f);
-    fclose(f);
-    text[n] = '\0';
+    log_capture_end(&cap, text, sizeof text);
+    assert_non_null(rk);
     /* The line is there (librdkafka echoed the config), without the value. */
     if (!strstr(text, "Unrecognized sasl.oauthbearer.config beginning at: bogus=[redacted]"))
         fail_msg("no redacted librdkafka line in:\n%s", text);
@@ -589,24 +610,11 @@ static void test_secret_past_a_long_line_is_not_logged(void **state)
     static char msg[9000];
     memset(msg, 'a', 6000);
     strcpy(msg + 6000, " long-line-canary-42 end");
-    char path[256];
-    write_file("long-log", "", path, sizeof path);
-    fflush(stdout);
-    int saved = dup(STDOUT_FILENO);
-    FILE *log = fopen(path, "w");
-    assert_non_null(log);
-    dup2(fileno(log), STDOUT_FILENO);
-    cqrs_log_init("test-bus", CQRS_LOG_DEBUG);
+    log_capture_t cap;
+    log_capture_begin(&cap, "long-log");
     cqrs_log(CQRS_LOG_WARN, msg, "field", "x", (char *)NULL);
-    fflush(stdout);
-    dup2(saved, STDOUT_FILENO);
-    close(saved);
-    fclose(log);
-    FILE *f = fopen(path, "r");
     static char text[65536];
-    size_t n = fread(text, 1, sizeof text - 1, f);
-    fclose(f);
-    text[n] = '\0';
+    size_t n = log_capture_end(&cap, text, sizeof text);
     assert_true(n > 4000); /* the line was written */
     assert_null(strstr(text, "long-line-canary-42"));
 }
