@@ -486,8 +486,54 @@ static void statement_failed(relay_worker_t *r, const PGresult *res, const char 
     } else {
         CQRS_LOG_WARN("relay statement failed", "statement", what, "error", err.message);
     }
-    if (PQstatus(r->conn) != CONNECTION_OK)
+    /* a broken connection, or one to a read-only server (a standby): the next one finds the
+     * primary (target_session_attrs=read-write) */
+    if (PQstatus(r->conn) != CONNECTION_OK || cqrs__pg_wrong_server(&err))
         drop_pg(r);
+}
+
+/* After a statement that succeeded: true (and the connection dropped, leadership with it)
+ * when its commit's wait for the synchronous standby was cancelled — it exists on this
+ * server only, which may be a primary whose standby was promoted: a batch recorded or deleted
+ * there must not count (store.c, cqrs__pg_unreplicated_commit). */
+static bool unreplicated(relay_worker_t *r, const char *what)
+{
+    if (!cqrs__pg_unreplicated_commit())
+        return false;
+    CQRS_LOG_WARN("relay statement committed on its PostgreSQL server only (the wait for the "
+                  "synchronous standby was cancelled): not counted; reconnecting",
+                  "statement", what);
+    drop_pg(r);
+    return true;
+}
+
+/* PQexecParams (or, p NULL, PQexec) with its answer awaited at most statement_timeout + 1 s,
+ * then cancelled (store.c, cqrs__pg_exec_bounded): statement_timeout does not bound a commit's
+ * wait for a synchronous standby, which never ends on a primary whose standby was promoted.
+ * Once a cancel was sent the statement counts as failed whatever its answer, and the
+ * connection is dropped (r->conn NULL on return; leadership goes with it). */
+static PGresult *exec_bounded(relay_worker_t *r, const char *what, const char *sql, int n,
+                              const char *const *p)
+{
+    bool drop;
+    PGresult *res = cqrs__pg_exec_bounded(r->conn, sql, n, p, r->cfg.statement_timeout_ms, &drop);
+    beat(r);
+    if (drop) {
+        ExecStatusType st = PQresultStatus(res);
+        bool unreplicated = cqrs__pg_unreplicated_commit(); /* (said once, here) */
+        /* Negative control (failpoint builds): trust a success, as a client without this
+         * check would. */
+        if ((st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) && !unreplicated &&
+            CQRS_UNSAFE("TRUST_UNREPLICATED_COMMIT"))
+            return res;
+        CQRS_LOG_WARN("relay statement cancelled after its timeout (a commit waiting for a "
+                      "synchronous standby?): not counted; reconnecting",
+                      "statement", what);
+        PQclear(res);
+        drop_pg(r);
+        return NULL;
+    }
+    return res;
 }
 
 /* Runs a statement; NULL when it failed (see statement_failed). */
@@ -496,11 +542,16 @@ static PGresult *exec_params(relay_worker_t *r, const char *what, const char *sq
 {
     if (!r->conn)
         return NULL;
-    PGresult *res = PQexecParams(r->conn, sql, n, NULL, p, NULL, NULL, 0);
-    beat(r);
+    PGresult *res = exec_bounded(r, what, sql, n, p);
+    if (!r->conn)
+        return NULL; /* given up (exec_bounded dropped the connection) */
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         statement_failed(r, res, what);
+        PQclear(res);
+        return NULL;
+    }
+    if (unreplicated(r, what)) {
         PQclear(res);
         return NULL;
     }
@@ -855,11 +906,15 @@ static bool record_writable(relay_worker_t *r)
 {
     if (!r->conn)
         return false;
-    PGresult *res = PQexec(r->conn, CHECK_WRITABLE);
-    beat(r);
+    /* its row locks give it a commit to replicate */
+    PGresult *res = exec_bounded(r, "batch record check", CHECK_WRITABLE, 0, NULL);
+    if (!r->conn)
+        return false;
     bool ok = PQresultStatus(res) == PGRES_TUPLES_OK;
     if (!ok)
         statement_failed(r, res, "batch record check");
+    else if (unreplicated(r, "batch record check"))
+        ok = false;
     PQclear(res);
     return ok;
 }

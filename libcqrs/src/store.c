@@ -12,6 +12,7 @@
 #include "cqrs/store.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <libpq-fe.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -21,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cqrs/failpoint.h"
 #include "cqrs/log.h"
 #include "cqrs/util.h"
 #include "store_int.h"
@@ -62,13 +64,44 @@ struct cqrs_rows {
     PGresult *res;
 };
 
-static void quiet_notices(void *arg, const char *message)
+/* Set on this thread when PostgreSQL cancelled a commit's wait for its synchronous standby
+ * (statement_timeout, a cancel request): the server then reports success, with only a WARNING
+ * saying that the transaction "has already committed locally, but might not have been
+ * replicated to the standby". On a primary whose standby was promoted that commit exists only
+ * on a server about to be fenced, so it must count as failed, not as done. Recognised by the
+ * function that raises it (SyncRepWaitForLSN, PostgreSQL 9.1 to 17), which every notice
+ * carries whatever the server's language. Notices are delivered on the thread that runs the
+ * statement, so a thread-local flag is the statement's own. */
+static _Thread_local bool sync_wait_cancelled;
+
+static void on_notice(void *arg, const PGresult *res)
 {
     (void)arg;
+    const char *fn = PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION);
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     char line[256];
-    snprintf(line, sizeof line, "%s", message);
+    snprintf(line, sizeof line, "%s", msg ? msg : "");
     line[strcspn(line, "\n")] = '\0';
+    if (fn && strcmp(fn, "SyncRepWaitForLSN") == 0) {
+        sync_wait_cancelled = true;
+        CQRS_LOG_WARN("PostgreSQL cancelled a commit's wait for its synchronous standby: the "
+                      "commit is not counted as done",
+                      "detail", line);
+        return;
+    }
     CQRS_LOG_DEBUG("postgres notice", "detail", line);
+}
+
+void cqrs__pg_sync_watch(void)
+{
+    sync_wait_cancelled = false;
+}
+
+bool cqrs__pg_unreplicated_commit(void)
+{
+    bool seen = sync_wait_cancelled;
+    sync_wait_cancelled = false;
+    return seen && !CQRS_UNSAFE("TRUST_UNREPLICATED_COMMIT");
 }
 
 /* libpq's message on one line. It writes a line per host and address it tried, each maybe
@@ -139,7 +172,7 @@ PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect
         PQfinish(c);
         return NULL;
     }
-    PQsetNoticeProcessor(c, quiet_notices, NULL);
+    PQsetNoticeReceiver(c, on_notice, NULL);
     return c;
 }
 
@@ -162,12 +195,24 @@ cqrs_err_t cqrs__pg_error(PGconn *conn, const PGresult *res, cqrs_error_t *err)
     /* serialization_failure, deadlock_detected, lock_not_available */
     if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 || strcmp(state, "55P03") == 0)
         return cqrs_error_set(err, CQRS_ERR_RETRY, "%s", msg);
-    /* class 08 connection exception, 57P01 admin shutdown, 57P03 cannot connect now,
-     * 57014 query canceled (statement timeout) */
+    /* 25006 read_only_sql_transaction: this connection's server is a standby (a DSN without
+     * target_session_attrs=read-write, or a server demoted under it); the caller drops the
+     * connection (cqrs__pg_wrong_server) and the next one finds the primary. */
+    if (strcmp(state, "25006") == 0)
+        return cqrs_error_set_where(err, CQRS_ERR_UNAVAILABLE, state,
+                                    "PostgreSQL server is read-only (a standby?): %s", msg);
+    /* class 08 connection exception, 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot
+     * connect now, 57014 query canceled (statement timeout) */
     if (strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 ||
-        strcmp(state, "57P03") == 0 || strcmp(state, "57014") == 0)
+        strcmp(state, "57P02") == 0 || strcmp(state, "57P03") == 0 || strcmp(state, "57014") == 0)
         return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "%s", msg);
     return cqrs_error_set_where(err, CQRS_ERR_INTERNAL, state, "SQL error %s: %s", state, msg);
+}
+
+bool cqrs__pg_wrong_server(const cqrs_error_t *err)
+{
+    return err && err->code == CQRS_ERR_UNAVAILABLE &&
+           (strcmp(err->where, "25006") == 0 || strcmp(err->where, "unreplicated-commit") == 0);
 }
 
 static void slot_reset(conn_slot_t *slot)
@@ -333,14 +378,134 @@ static void backoff(unsigned attempt)
     usleep((base / 2 + jitter) * 1000u);
 }
 
+/* A COMMIT that reported success after its wait for the synchronous standby was cancelled:
+ * on this server only, which may be a primary whose standby was promoted (then it is lost
+ * once this one is fenced) or may stay the primary (then it holds). Unknown, like a commit
+ * whose answer never came: the caller answers 503 and an Idempotency-Key retry settles it. */
+static cqrs_err_t unreplicated(cqrs_error_t *err)
+{
+    return cqrs_error_set_where(
+        err, CQRS_ERR_UNAVAILABLE, "unreplicated-commit",
+        "PostgreSQL committed on its server only: the wait for the synchronous "
+        "standby was cancelled, so the commit is not known to be durable");
+}
+
+static atomic_int cancels_running;
+
+static void *cancel_main(void *arg)
+{
+    PGcancel *k = arg;
+    char errbuf[256];
+    if (!PQcancel(k, errbuf, sizeof errbuf)) {
+        errbuf[strcspn(errbuf, "\n")] = '\0';
+        CQRS_LOG_WARN("cannot cancel a COMMIT's wait", "error", errbuf);
+    }
+    PQfreeCancel(k);
+    atomic_fetch_sub(&cancels_running, 1);
+    return NULL;
+}
+
+/* Sends a cancel request for c's running statement from a detached thread: PQcancel connects
+ * without a timeout before libpq 17, and no caller may wait on it. At most 4 at once. */
+static void cancel_async(PGconn *c)
+{
+    PGcancel *k = PQgetCancel(c);
+    if (!k)
+        return;
+    if (atomic_fetch_add(&cancels_running, 1) < 4) {
+        pthread_attr_t attr;
+        pthread_t t;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &attr, cancel_main, k);
+        pthread_attr_destroy(&attr);
+        if (rc == 0)
+            return;
+    }
+    atomic_fetch_sub(&cancels_running, 1);
+    PQfreeCancel(k);
+}
+
+PGresult *cqrs__pg_exec_bounded(PGconn *c, const char *sql, int n, const char *const *params,
+                                int timeout_ms, bool *drop)
+{
+    *drop = false;
+    cqrs__pg_sync_watch();
+    int sent =
+        params ? PQsendQueryParams(c, sql, n, NULL, params, NULL, NULL, 0) : PQsendQuery(c, sql);
+    if (!sent)
+        return NULL;
+    /* A second more than the server's own statement_timeout, which ends everything else
+     * first: a cancel from here is never racing one of the server's. 0: no bound, like the
+     * server's. */
+    int64_t wait_ms = (int64_t)timeout_ms + 1000;
+    int64_t deadline = cqrs_monotonic_ms() + wait_ms;
+    while (PQisBusy(c)) {
+        int64_t left = timeout_ms > 0 ? deadline - cqrs_monotonic_ms() : INT32_MAX;
+        if (left <= 0) {
+            if (*drop)
+                return NULL; /* unanswered even after the cancel */
+            CQRS_LOG_WARN("PostgreSQL statement unanswered after its timeout (a commit waiting "
+                          "for a synchronous standby?): cancelling it");
+            cancel_async(c);
+            *drop = true; /* the cancel may land later, on a next statement: never reuse c */
+            deadline = cqrs_monotonic_ms() + wait_ms;
+            continue;
+        }
+        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
+        if (pfd.fd < 0 || (poll(&pfd, 1, (int)left) < 0 && errno != EINTR) || !PQconsumeInput(c))
+            break; /* PQgetResult below reports the broken connection */
+    }
+    /* The first failed result, else the last one (several statements in one string). */
+    PGresult *r, *out = NULL;
+    while ((r = PQgetResult(c)) != NULL) {
+        ExecStatusType st = PQresultStatus(out);
+        if (out && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+            PQclear(r);
+            continue;
+        }
+        PQclear(out);
+        out = r;
+    }
+    return out;
+}
+
+/* COMMIT through cqrs__pg_exec_bounded: statement_timeout itself does not cover a commit's
+ * wait for the synchronous standby (PostgreSQL disables it before committing), which lasts as
+ * long as no standby confirms — forever on a primary whose standby was promoted. Past
+ * statement_timeout a cancel request ends that wait and the answer comes back as a success
+ * with the unreplicated warning; no answer within as long again and the connection is given
+ * up. Either way the outcome is unknown: UNAVAILABLE (503; an Idempotency-Key retry settles
+ * it). *drop: the connection must not be used again. */
+static cqrs_err_t commit_bounded(cqrs_store_t *s, PGconn *c, bool *drop, cqrs_error_t *err)
+{
+    PGresult *r =
+        cqrs__pg_exec_bounded(c, "COMMIT", 0, NULL, (int)s->cfg.statement_timeout_ms, drop);
+    if (!r && *drop)
+        return cqrs_error_set_where(err, CQRS_ERR_UNAVAILABLE, "unreplicated-commit",
+                                    "PostgreSQL did not answer COMMIT, even after a cancel: its "
+                                    "outcome is unknown");
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+        rc = cqrs__pg_error(c, r, err);
+    PQclear(r);
+    if (rc == CQRS_ERR_OK && cqrs__pg_unreplicated_commit())
+        rc = unreplicated(err);
+    return rc;
+}
+
 cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_error_t *err)
 {
+    cqrs_error_t own;
+    if (!err)
+        err = &own; /* its `where` decides whether the connection is dropped */
     int slot = acquire_slot(s);
     if (slot < 0)
         return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "no free PostgreSQL connection");
     cqrs_err_t rc = CQRS_ERR_OK;
     for (unsigned attempt = 0; attempt < s->cfg.max_tx_attempts; attempt++) {
         PGconn *c = NULL;
+        bool drop = false;
         rc = slot_conn(s, slot, &c, err);
         if (rc != CQRS_ERR_OK) {
             observe(s, NULL, rc);
@@ -351,14 +516,19 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
             cqrs_tx_t tx = {c, &s->slots[slot]};
             rc = fn(&tx, ud, err);
             if (rc == CQRS_ERR_OK)
-                rc = exec_simple(c, "COMMIT", err);
+                rc = commit_bounded(s, c, &drop, err);
         }
-        if (rc != CQRS_ERR_OK && PQstatus(c) == CONNECTION_OK &&
-            PQtransactionStatus(c) != PQTRANS_IDLE) {
+        observe(s, c, rc);
+        if (drop || (rc != CQRS_ERR_OK && cqrs__pg_wrong_server(err))) {
+            /* A server that is not (or may no longer be) the primary, or a COMMIT still
+             * unanswered: no ROLLBACK; the next use reconnects, and libpq's
+             * target_session_attrs=read-write finds the primary. */
+            slot_reset(&s->slots[slot]);
+        } else if (rc != CQRS_ERR_OK && PQstatus(c) == CONNECTION_OK &&
+                   PQtransactionStatus(c) != PQTRANS_IDLE) {
             cqrs_error_t ignored;
             exec_simple(c, "ROLLBACK", &ignored);
         }
-        observe(s, c, rc);
         if (rc != CQRS_ERR_RETRY)
             break;
         backoff(attempt);
@@ -593,8 +763,12 @@ cqrs_err_t cqrs_store_migrate(const char *dsn, const cqrs_embedded_file_t *files
                 rc = cqrs__pg_error(c, r, err);
             PQclear(r);
         }
-        if (rc == CQRS_ERR_OK)
+        if (rc == CQRS_ERR_OK) {
+            cqrs__pg_sync_watch();
             rc = exec_simple(c, "COMMIT", err);
+            if (rc == CQRS_ERR_OK && cqrs__pg_unreplicated_commit())
+                rc = unreplicated(err);
+        }
         if (rc != CQRS_ERR_OK) {
             char where[64];
             snprintf(where, sizeof where, "%s", f->name);
