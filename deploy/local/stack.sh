@@ -21,6 +21,9 @@
 #                            (with three brokers: kafka is node 1, kafka-2 and
 #                            kafka-3 the others) (outage tests); `up` starts
 #                            it again
+#   stack.sh start KAFKA     start one Kafka node (kafka, kafka-2, kafka-3) and
+#                            wait until it is registered; nothing else
+#                            (outage tests: one broker back of two down)
 #   stack.sh status          one line per server; exit 0 if all up, 3 if not
 #   stack.sh env             exports for: eval "$(deploy/local/stack.sh env)"
 #
@@ -1174,6 +1177,27 @@ kafka_up() {
     done
 }
 
+# kafka_start_one N: start node N only (formatted by an earlier `up`), wait until it lists itself.
+kafka_start_one() {
+    local wait_s=${KAFKA_WAIT:-60}
+    ((KAFKA_NODES > 1)) && wait_s=${KAFKA_WAIT:-120}
+    kafka_fetch
+    kafka_node "$1"
+    kafka_jvm
+    if ! kafka_start_node; then
+        [[ -f $KAFKA_DATA/meta.properties ]] || die "$KN_NAME: not formatted yet: '$0 up' first"
+        kafka_launch_node
+    fi
+    local deadline=$((SECONDS + wait_s))
+    while ((SECONDS < deadline)); do
+        kafka_answers && break
+        pid_alive "$(kafka_pid)" || die_log "$KN_NAME: broker exited during startup" "$KAFKA_LOGS/server.log"
+        sleep 1
+    done
+    kafka_answers || die_log "$KN_NAME: not in 'kcat -L' on 127.0.0.1:$KN_PORT after ${wait_s}s" "$KAFKA_LOGS/server.log"
+    log "$KN_NAME: ready on 127.0.0.1:$KN_PORT (pid $(kafka_pid))"
+}
+
 # kafka_down [N]: stop node N, or every node (SIGTERM to all at once: a controlled
 # shutdown of the last nodes of a quorum waits for a majority that is stopping too).
 kafka_down() {
@@ -1435,6 +1459,18 @@ main() {
             kafka_down "${1#kafka-}"
             ;;
         *) die "stop what? postgres, redis, redis-replica, kafka (kafka-2, kafka-3 with three brokers)" ;;
+        esac
+        ;;
+    start)
+        lock_stack
+        find_java || die "no Java >= 17"
+        case ${1:-} in
+        kafka) kafka_start_one 1 ;;
+        kafka-2 | kafka-3)
+            ((KAFKA_NODES > 1)) || die "$1: this stack runs one Kafka broker (up --kafka-brokers 3)"
+            kafka_start_one "${1#kafka-}"
+            ;;
+        *) die "start what? kafka (kafka-2, kafka-3 with three brokers); 'up' starts everything" ;;
         esac
         ;;
     status) cmd_status ;;
