@@ -882,9 +882,10 @@ class Run:
         self.wl = None
         self.watchers = []  # watch_readiness threads, stopped when the checker starts
         self.watch_stop = threading.Event()
+        self.env_extra = {}  # settings of a scenario for every daemon and cqrsctl (prepare)
 
     def daemon_env(self):
-        return {"CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
+        return {**self.env_extra, "CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
                 "CQRS_CONSUMER_GROUP": self.prefix, "CQRS_RELAY_LEASE_MS": str(LEASE_MS),
                 "CQRS_RELAY_POLL_MS": "200", "CQRS_KAFKA_MESSAGE_TIMEOUT_MS": str(MSG_TIMEOUT_MS),
                 "CQRS_HTTP_THREADS": "16", "CQRS_PG_POOL_SIZE": "8",
@@ -1668,9 +1669,11 @@ def nem_kafka_below_min_isr(run, sc, opts):
     log("one node back: kafka node %d" % down[0])
     run.stack.start_node(down[0])
     t_one = run.t_heal = time.time()
+    # The backlog of the outage: the rows in the outbox now (the load goes on adding new ones).
+    last = int(run.stack.psql("SELECT coalesce(max(sequence), 0) FROM outbox", run.dbname)[0][0])
     drained = None
     while time.time() - t_one < 150:
-        if run.outbox_backlog() == 0:
+        if int(run.stack.psql("SELECT count(*) FROM outbox WHERE sequence <= %d" % last, run.dbname)[0][0]) == 0:
             drained = time.time() - t_one
             break
         time.sleep(0.5)
@@ -1780,6 +1783,86 @@ def nem_kafka_broker_isolated(run, sc, opts):
         run.stack.wait_isr_full(watch)
     run.info.append("; ".join(notes))
 
+def unclean_prepare(run):
+    """The scenario's topics made with replication factor 2 (cqrsctl migrate and the relay:
+    CQRS_KAFKA_REPLICATION=2), so one paused follower leaves a partition with its leader alone."""
+    replicated_prepare(run)
+    run.env_extra["CQRS_KAFKA_REPLICATION"] = "2"
+
+
+def nem_kafka_unclean_election(run, sc, opts):
+    """Negative control: the durability a user can switch off. The scenario's topics run with
+    replication factor 2, min.insync.replicas=1 and unclean.leader.election.enable=true (altered
+    under load, kafka-configs). The follower F of the partitions a node L leads is SIGSTOPped
+    until those partitions' ISR is L alone; the relay goes on, acknowledged by L alone; L is
+    SIGKILLed, F resumed, and the unclean election the controller would run (every 5 minutes
+    in KRaft) is asked for at once (kafka-leader-election --election-type unclean): F leads
+    without what L acknowledged meanwhile, and L truncates to F when it comes back. The
+    checker must find the events lost (and a read model that never converges)."""
+    st = run.stack
+    topics = event_topics(run)
+    for t in topics:
+        rc, out, err = st.kafka_tool("org.apache.kafka.tools.ConfigCommand", "--bootstrap-server", st.brokers,
+                                     "--entity-type", "topics", "--entity-name", t, "--alter", "--add-config",
+                                     "min.insync.replicas=1,unclean.leader.election.enable=true")
+        if rc != 0:
+            raise SetupError("kafka-configs --alter %s: %s" % (t, (out + err).strip()[-400:]))
+    # (L, F): the leader and the follower of the most partitions of the two topics.
+    pairs = collections.defaultdict(list)
+    for t in topics:
+        r = subprocess.run(["kcat", "-L", "-J", "-m", "5", "-b", st.brokers, "-t", t], capture_output=True,
+                           text=True, timeout=20)
+        for p in json.loads(r.stdout)["topics"][0]["partitions"]:
+            reps = [x["id"] for x in p["replicas"]]
+            if len(reps) != 2:
+                raise SetupError("%s[%d] has replicas %s, not two" % (t, p["partition"], reps))
+            f = [x for x in reps if x != p["leader"]][0]
+            pairs[(p["leader"], f)].append((t, p["partition"]))
+    (lead, fol), parts = max(pairs.items(), key=lambda kv: len(kv[1]))
+    log("NEGATIVE: %d partitions led by node %d, node %d their only follower: SIGSTOP node %d"
+        % (len(parts), lead, fol, fol))
+    time.sleep(1.5)
+    st.signal_node(fol, signal.SIGSTOP)
+    t0 = time.time()
+    shrunk = None
+    while time.time() - t0 < 60:
+        md = st.metadata(topics, avoid=(fol,))
+        if all(md[t][p][1] == [lead] for t, p in parts):
+            shrunk = time.time() - t0
+            break
+        time.sleep(0.5)
+    if shrunk is None:
+        st.signal_node(fol, signal.SIGCONT)
+        run.problems.append("the ISR of %s did not shrink to node %d alone in 60 s" % (parts, lead))
+        return
+    t_alone = time.time()
+    time.sleep(5)  # the relay's writes acknowledged by the leader alone
+    acked = acked_between(run, t_alone, time.time())
+    log("NEGATIVE: ISR shrank to node %d after %.1f s; %d commands acknowledged since; SIGKILL node %d, "
+        "SIGCONT node %d" % (lead, shrunk, acked, lead, fol))
+    st.kill_node(lead)
+    st.signal_node(fol, signal.SIGCONT)
+    elected = set()
+    end = time.time() + 90
+    while time.time() < end and len(elected) < len(parts):
+        for t, p in parts:
+            if (t, p) in elected:
+                continue
+            st.kafka_tool("org.apache.kafka.tools.LeaderElectionCommand", "--bootstrap-server",
+                          ",".join(a for n, a in st.kafka_addr.items() if n != lead), "--election-type", "unclean",
+                          "--topic", t, "--partition", str(p), timeout=30)
+        try:
+            md = st.metadata(topics, avoid=(lead,))
+        except SetupError:
+            continue
+        elected |= {(t, p) for t, p in parts if md[t][p][0] == fol}
+        time.sleep(1)
+    run.info.append("node %d alone in the ISR of %d partitions after %.1f s, %d commands acknowledged while "
+                    "so; unclean election made node %d leader of %d of them"
+                    % (lead, len(parts), shrunk, acked, fol, len(elected)))
+    if not elected:
+        run.problems.append("no unclean election happened")
+
 SCENARIOS = [
     Scenario("commandd-kill-before-commit", "SIGKILL after the writes, before COMMIT (×3)",
              commandd_fp="command-before-commit=kill*1", nemesis=nem_failpoint_commandd),
@@ -1848,6 +1931,10 @@ REPLICATED_KAFKA = [
              prepare=replicated_prepare, nemesis=nem_kafka_controller_kill),
     Scenario("kafka-broker-isolated", "the node leading most busy partitions SIGSTOPped (cut off) until it is "
              "out of every ISR, then resumed", prepare=replicated_prepare, nemesis=nem_kafka_broker_isolated),
+    Scenario("NEGATIVE-unclean-election", "negative control: topics with replication factor 2, "
+             "min.insync.replicas=1 and unclean.leader.election.enable=true; the follower paused until the leader "
+             "is alone in the ISR, the leader SIGKILLed, the stale follower elected", prepare=unclean_prepare,
+             negative=True, nemesis=nem_kafka_unclean_election, bound=30),
 ]
 
 
