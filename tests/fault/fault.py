@@ -1835,11 +1835,19 @@ def nem_kafka_unclean_election(run, sc, opts):
         st.signal_node(fol, signal.SIGCONT)
         run.problems.append("the ISR of %s did not shrink to node %d alone in 60 s" % (parts, lead))
         return
+    # The relay's transactions acknowledged by the leader alone: wait until it committed a few
+    # hundred events to Kafka (deleted from the outbox) since (the paused node's partitions
+    # move first: the relay's transactions wait for them).
     t_alone = time.time()
-    time.sleep(5)  # the relay's writes acknowledged by the leader alone
+    s0 = int(st.psql("SELECT coalesce(max(sequence), 0) FROM events", run.dbname)[0][0])
+    published = 0
+    while time.time() - t_alone < 40 and published < 300:
+        time.sleep(0.5)
+        published = int(st.psql("SELECT count(*) FROM events e WHERE e.sequence > %d AND NOT EXISTS "
+                                 "(SELECT 1 FROM outbox o WHERE o.sequence = e.sequence)" % s0, run.dbname)[0][0])
     acked = acked_between(run, t_alone, time.time())
-    log("NEGATIVE: ISR shrank to node %d after %.1f s; %d commands acknowledged since; SIGKILL node %d, "
-        "SIGCONT node %d" % (lead, shrunk, acked, lead, fol))
+    log("NEGATIVE: ISR shrank to node %d after %.1f s; since, %d commands acknowledged, %d events published; "
+        "SIGKILL node %d, SIGCONT node %d" % (lead, shrunk, acked, published, lead, fol))
     st.kill_node(lead)
     st.signal_node(fol, signal.SIGCONT)
     elected = set()
@@ -1857,9 +1865,12 @@ def nem_kafka_unclean_election(run, sc, opts):
             continue
         elected |= {(t, p) for t, p in parts if md[t][p][0] == fol}
         time.sleep(1)
-    run.info.append("node %d alone in the ISR of %d partitions after %.1f s, %d commands acknowledged while "
-                    "so; unclean election made node %d leader of %d of them"
-                    % (lead, len(parts), shrunk, acked, fol, len(elected)))
+    run.info.append("node %d alone in the ISR of %d partitions after %.1f s; while so %d commands acknowledged, "
+                    "%d events published (of all partitions); unclean election made node %d leader of %d of them"
+                    % (lead, len(parts), shrunk, acked, published, fol, len(elected)))
+    if published < 300:
+        run.problems.append("the relay published only %d events while node %d was alone in the ISR"
+                            % (published, lead))
     if not elected:
         run.problems.append("no unclean election happened")
 
