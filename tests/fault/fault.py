@@ -417,9 +417,9 @@ class Stack:
     def txn_coordinator(self, txn_id):
         """The node hosting txn_id's transaction coordinator: the leader of __transaction_state
         partition abs(txn_id.hashCode()) % its partition count (TransactionStateManager)."""
-        h = 0
-        for c in txn_id.encode("utf-16-be").decode("utf-16-be"):
-            h = (31 * h + ord(c)) & 0xFFFFFFFF
+        h, units = 0, txn_id.encode("utf-16-be")  # String.hashCode: over UTF-16 code units
+        for i in range(0, len(units), 2):
+            h = (31 * h + (units[i] << 8 | units[i + 1])) & 0xFFFFFFFF
         h = h - (1 << 32) if h >= 1 << 31 else h
         h = 0 if h == -(1 << 31) else abs(h)
         parts = self.metadata(["__transaction_state"])["__transaction_state"]
