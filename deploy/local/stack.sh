@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # deploy/local/stack.sh — the native local stack (no Docker) for development
-# and tests: PostgreSQL 15, Redis 7 and a single-node Apache Kafka (KRaft,
-# combined broker+controller), all bound to 127.0.0.1 on non-default ports.
+# and tests: PostgreSQL 15, Redis 7 and Apache Kafka (KRaft, combined
+# broker+controller; one node, or three on request), all bound to 127.0.0.1
+# on non-default ports.
 #
-#   stack.sh up [--redis-replica] [--tls]
+#   stack.sh up [--redis-replica] [--tls] [--kafka-brokers 1|3]
 #                            install missing Debian packages (as root), start
 #                            whatever is not running, wait until each answers;
 #                            --redis-replica (or CQRS_REDIS_REPLICA_PORT set)
 #                            also starts a Redis replica of the Redis server;
 #                            --tls makes this stack the
-#                            TLS-everywhere profile (below), for good
+#                            TLS-everywhere profile (below), for good;
+#                            --kafka-brokers 3 makes it a three-broker Kafka
+#                            cluster (below), for good
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
 #                            Kafka, the Redis replica, Redis, PostgreSQL;
 #                            --purge deletes $STATE
 #   stack.sh purge           same as down --purge
 #   stack.sh stop SERVER     stop one of postgres, redis, redis-replica, kafka
-#                            (outage tests); `up` starts it again
+#                            (with three brokers: kafka is node 1, kafka-2 and
+#                            kafka-3 the others) (outage tests); `up` starts
+#                            it again
+#   stack.sh start KAFKA     start one Kafka node (kafka, kafka-2, kafka-3) and
+#                            wait until it is registered; nothing else
+#                            (outage tests: one broker back of two down)
 #   stack.sh status          one line per server; exit 0 if all up, 3 if not
 #   stack.sh env             exports for: eval "$(deploy/local/stack.sh env)"
 #
@@ -23,7 +31,8 @@
 # ${CQRS_STACK_DIR:-<repo>/.local/stack}.  A second stack with another
 # CQRS_STACK_DIR and other ports (CQRS_PG_PORT, CQRS_REDIS_PORT,
 # CQRS_REDIS_REPLICA_PORT, CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT,
-# CQRS_KAFKA_MTLS_PORT) runs beside the first one.
+# CQRS_KAFKA_MTLS_PORT, and with three brokers CQRS_KAFKA_PORT_2/_3,
+# CQRS_KAFKA_CONTROLLER_PORT_2/_3) runs beside the first one.
 #
 # The Redis replica (tests of a failover: tests/fault/) is a second
 # redis-server on 127.0.0.1:${CQRS_REDIS_REPLICA_PORT:-16380} with
@@ -32,6 +41,28 @@
 # was promoted (REPLICAOF NO ONE) or pointed elsewhere is left as it is.
 # `env` exports CQRS_REDIS_REPLICA_PORT and CQRS_REDIS_REPLICA_URL while it
 # runs, so a later `up` in that environment keeps starting it.
+#
+# Three Kafka brokers (`up --kafka-brokers 3`, remembered in $STATE/.kafka-brokers,
+# so a later plain `up` restarts whichever node is down, in the same topology):
+# nodes 1, 2, 3 in $STATE/kafka, $STATE/kafka-2, $STATE/kafka-3, clients on
+# 127.0.0.1:$CQRS_KAFKA_PORT, $CQRS_KAFKA_PORT_2 (default 19192), $CQRS_KAFKA_PORT_3
+# (19292), controllers on $CQRS_KAFKA_CONTROLLER_PORT, _2 (19193), _3 (19293).
+# Each node is a combined broker+controller and the three form the KRaft quorum
+# (three voters, formatted with --initial-controllers): the smallest setup where
+# a broker *and* the active controller can each be killed while a majority
+# remains. Production separates the roles (dedicated controllers, process.roles=
+# controller, three or five of them, and broker-only nodes); the failure modes
+# the fault suite exercises — a partition leader, a transaction or group
+# coordinator, the active controller, a broker cut off — are the same.
+# Durability settings: every topic and the internal ones (__consumer_offsets,
+# __transaction_state, the share-group state) with replication factor 3 and
+# min.insync.replicas 2, unclean leader election off (said explicitly), so an
+# acks=all write (the relay's idempotent, transactional producer) survives any
+# one broker. replica.lag.time.max.ms is lowered from Kafka's 30 s to
+# ${CQRS_KAFKA_REPLICA_LAG_MS:-10000} ms (CQRS_KAFKA_REPLICA_LAG_MS): a stalled
+# follower leaves the ISR after that long, which the outage tests wait for.
+# Heap per node: CQRS_KAFKA_HEAP, default 384m with three nodes (512m with one).
+# The TLS profile runs one broker only (`--tls --kafka-brokers 3` is refused).
 #
 # Kafka comes as jars from Maven Central (deploy/local/kafka/pom.xml), fetched
 # once with Maven into a cache outside the repo,
@@ -102,12 +133,28 @@ KAFKA_LOGS=$KAFKA_DIR/logs
 KAFKA_CONF=$KAFKA_DIR/server.properties
 KAFKA_PID=$KAFKA_DIR/kafka.pid
 KAFKA_OUT=$KAFKA_LOGS/kafka.out
-KAFKA_HEAP=${CQRS_KAFKA_HEAP:-512m}
-KAFKA_WAIT=${CQRS_KAFKA_WAIT:-60}
+KAFKA_HEAP=${CQRS_KAFKA_HEAP:-}                  # default 512m, 384m with three nodes
+KAFKA_WAIT=${CQRS_KAFKA_WAIT:-}                  # default 60 s, 120 s with three nodes
 KAFKA_MTLS_PORT=${CQRS_KAFKA_MTLS_PORT:-19094}  # TLS profile only: the mutual-TLS listener
 KAFKA_KEYSTORE=$KAFKA_DIR/server-keystore.pem    # TLS profile: server key + certificate
 KAFKA_CLIENT_CONF=$KAFKA_DIR/client.properties   # TLS profile: SASL_SSL client settings
 KAFKA_SCRAM_MARK=$KAFKA_DIR/scram-users          # TLS profile: formatted with SCRAM users
+
+# Three brokers (`up --kafka-brokers 3`): node N's ports; the choice is kept in
+# $STATE/.kafka-brokers. The current node of the kafka_* functions: kafka_node N.
+KAFKA_NODES_FILE=$STATE/.kafka-brokers
+KAFKA_NODES=1
+[[ -r $KAFKA_NODES_FILE ]] && KAFKA_NODES=$(tr -dc '0-9' <"$KAFKA_NODES_FILE")
+[[ $KAFKA_NODES == 3 ]] || KAFKA_NODES=1
+KAFKA_NODES_ASKED=
+KAFKA_PORTS=("" "$KAFKA_PORT" "${CQRS_KAFKA_PORT_2:-19192}" "${CQRS_KAFKA_PORT_3:-19292}")
+KAFKA_CONTROLLER_PORTS=("" "$KAFKA_CONTROLLER_PORT" "${CQRS_KAFKA_CONTROLLER_PORT_2:-19193}"
+    "${CQRS_KAFKA_CONTROLLER_PORT_3:-19293}")
+KAFKA_REPLICA_LAG_MS=${CQRS_KAFKA_REPLICA_LAG_MS:-10000}
+KN=1                     # the current node (kafka_node)
+KN_NAME=kafka
+KN_PORT=$KAFKA_PORT
+KN_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT
 
 TLS_DIR=$STATE/tls           # test PKI (deploy/local/tls.sh)
 SECRETS_DIR=$STATE/secrets   # one password per server and user, 0600
@@ -724,6 +771,54 @@ kafka_fetch() {
     log "kafka: cached $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS"
 }
 
+# kafka_node N: node N (1, 2 or 3) becomes the current node of the kafka_*
+# functions below. Node 1 keeps the single broker's folder and ports.
+kafka_node() {
+    KN=$1
+    KN_PORT=${KAFKA_PORTS[$KN]}
+    KN_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORTS[$KN]}
+    if ((KN == 1)); then
+        KN_NAME=kafka
+        KAFKA_DIR=$STATE/kafka
+    else
+        KN_NAME=kafka-$KN
+        KAFKA_DIR=$STATE/kafka-$KN
+    fi
+    KAFKA_DATA=$KAFKA_DIR/data
+    KAFKA_LOGS=$KAFKA_DIR/logs
+    KAFKA_CONF=$KAFKA_DIR/server.properties
+    KAFKA_PID=$KAFKA_DIR/kafka.pid
+    KAFKA_OUT=$KAFKA_LOGS/kafka.out
+}
+
+# The brokers' client addresses, comma separated (bootstrap list).
+kafka_bootstrap() {
+    local n list=
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        list+=${list:+,}127.0.0.1:${KAFKA_PORTS[$n]}
+    done
+    printf '%s' "$list"
+}
+
+# kafka_topology: the broker count this `up` runs with. --kafka-brokers is for
+# good: a stack made with one broker cannot become three, nor the reverse.
+kafka_topology() {
+    local saved=
+    [[ -r $KAFKA_NODES_FILE ]] && saved=$(tr -dc '0-9' <"$KAFKA_NODES_FILE")
+    if [[ -n $KAFKA_NODES_ASKED ]]; then
+        if [[ -n $saved && $saved != "$KAFKA_NODES_ASKED" ]] ||
+            [[ -z $saved && $KAFKA_NODES_ASKED != 1 && -d $STATE/kafka/data ]]; then
+            die "the stack in $STATE was made with ${saved:-1} Kafka broker(s), not $KAFKA_NODES_ASKED:" \
+                "'$0 down --purge' first, or use another CQRS_STACK_DIR and ports"
+        fi
+        KAFKA_NODES=$KAFKA_NODES_ASKED
+    fi
+    if ((KAFKA_NODES > 1 && TLS)); then
+        die "the TLS profile runs one Kafka broker: --kafka-brokers $KAFKA_NODES with --tls is not supported"
+    fi
+    echo "$KAFKA_NODES" >"$KAFKA_NODES_FILE"
+}
+
 kafka_pid() { read_pid "$KAFKA_PID"; }
 
 kafka_running() {
@@ -748,20 +843,36 @@ kafka_answers() {
             -X ssl.key.location="$TLS_DIR/client.key" -L -m 3 2>/dev/null |
             grep -q "broker 1 at localhost:$KAFKA_MTLS_PORT"
     else
-        timeout 10 kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3 2>/dev/null |
-            grep -q "broker 1 at 127.0.0.1:$KAFKA_PORT"
+        timeout 10 kcat -b "127.0.0.1:$KN_PORT" -L -m 3 2>/dev/null |
+            grep -q "broker $KN at 127.0.0.1:$KN_PORT"
     fi
+}
+
+# Every broker of the cluster is registered (unfenced: in the metadata a client gets).
+kafka_cluster_answers() {
+    local out n
+    ((KAFKA_NODES > 1)) || { kafka_answers; return; }
+    out=$(timeout 10 kcat -b "$(kafka_bootstrap)" -L -m 3 2>/dev/null) || return 1
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        grep -q "broker $n at 127.0.0.1:${KAFKA_PORTS[$n]}" <<<"$out" || return 1
+    done
 }
 
 # The JVM command line shared by the broker and the storage tool.
 kafka_jvm() {
-    KAFKA_JVM=("$JAVA" -Xmx"$KAFKA_HEAP" -Xms"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    local heap=${KAFKA_HEAP:-512m}
+    ((KAFKA_NODES > 1)) && heap=${KAFKA_HEAP:-384m}
+    KAFKA_JVM=("$JAVA" -Xmx"$heap" -Xms"$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
         -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true
         -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_LOGS"
         -cp "$KAFKA_LIBS/*")
 }
 
 kafka_write_conf() {
+    if ((KAFKA_NODES > 1)); then
+        kafka_write_conf_cluster
+        return
+    fi
     local listeners="PLAINTEXT://127.0.0.1:$KAFKA_PORT" advertised="PLAINTEXT://127.0.0.1:$KAFKA_PORT"
     local map=PLAINTEXT:PLAINTEXT inter=PLAINTEXT
     if ((TLS)); then
@@ -827,6 +938,56 @@ EOF
 # The TLS profile's files: the broker's PEM keystore (key, then certificate)
 # and a SASL_SSL client's settings (kcat -F with librdkafka >= 2.6.1, or
 # CQRS_KAFKA_PROPERTIES_FILE).
+
+# Node $KN of three: combined broker+controller, one of the three voters; the
+# replicated durability settings (see the header comment).
+kafka_write_conf_cluster() {
+    local n bootstrap=
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        bootstrap+=${bootstrap:+,}127.0.0.1:${KAFKA_CONTROLLER_PORTS[$n]}
+    done
+    cat >"$KAFKA_CONF" <<EOC
+# Written by deploy/local/stack.sh on every 'up' — edits are overwritten.
+# Kafka $KAFKA_VERSION, KRaft, node $KN of $KAFKA_NODES combined broker+controller nodes on
+# 127.0.0.1 (a three-voter controller quorum; production separates controllers).
+process.roles=broker,controller
+node.id=$KN
+controller.quorum.bootstrap.servers=$bootstrap
+listeners=PLAINTEXT://127.0.0.1:$KN_PORT,CONTROLLER://127.0.0.1:$KN_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KN_PORT,CONTROLLER://127.0.0.1:$KN_CONTROLLER_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DATA
+
+num.partitions=6
+auto.create.topics.enable=false
+group.initial.rebalance.delay.ms=0
+num.recovery.threads.per.data.dir=1
+log.retention.hours=168
+
+# Replicated: every write acknowledged with acks=all is on two brokers at least; no
+# out-of-sync replica ever becomes leader (that would drop acknowledged writes).
+default.replication.factor=3
+min.insync.replicas=2
+unclean.leader.election.enable=false
+offsets.topic.replication.factor=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+# A follower that has not caught up for this long leaves the ISR (Kafka's default: 30 s).
+replica.lag.time.max.ms=$KAFKA_REPLICA_LAG_MS
+
+# KIP-848 groups (cqrs-queryd with CQRS_KAFKA_GROUP_PROTOCOL=consumer): the broker decides
+# how soon a dead member's partitions move. Kafka's 45 s floor is lowered to the classic
+# protocol's 10 s of cqrs-queryd (CQRS_KAFKA_SESSION_TIMEOUT_MS); see the README.
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=2000
+EOC
+}
 kafka_write_tls() {
     ((TLS)) || return 0
     (
@@ -881,61 +1042,183 @@ kafka_format() {
     if ((TLS)); then echo "SCRAM-SHA-512: cqrs broker" >"$KAFKA_SCRAM_MARK"; fi
 }
 
-kafka_up() {
-    kafka_fetch
-    kafka_jvm
-    mkdir -p "$KAFKA_DIR" "$KAFKA_DATA" "$KAFKA_LOGS"
 
-    if kafka_running; then
-        check_port kafka "$(kafka_actual_port)" "$KAFKA_PORT" CQRS_KAFKA_PORT
-        log "kafka: already running (pid $(kafka_pid), port $KAFKA_PORT)"
-    else
-        rm -f "$KAFKA_PID"
-        kafka_write_conf
-        kafka_write_tls
-        local port
-        local -a ports=("$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT")
-        ((TLS)) && ports+=("$KAFKA_MTLS_PORT")
-        for port in "${ports[@]}"; do
-            port_busy "$port" && die "kafka: port 127.0.0.1:$port is already taken by another process"
-        done
-        kafka_format
-        if ((TLS)); then
-            log "kafka: starting Kafka $KAFKA_VERSION, SASL_SSL on localhost:$KAFKA_PORT, mutual TLS on localhost:$KAFKA_MTLS_PORT (controller 127.0.0.1:$KAFKA_CONTROLLER_PORT)"
-        else
-            log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT)"
+# A random Kafka Uuid (16 bytes, URL-safe base64 without padding, not starting with '-',
+# as org.apache.kafka.common.Uuid.randomUuid makes them).
+kafka_uuid() {
+    local u
+    while :; do
+        u=$(openssl rand 16 | base64 | tr '+/' '-_' | tr -d '=\n')
+        if [[ ${#u} == 22 && $u != -* && $u != AAAAAAAAAAAAAAAAAAAAA[AB] ]]; then
+            printf '%s' "$u"
+            return
         fi
-        # setsid: own session, so the broker survives this shell and its
-        # terminal; stdout/stderr only catch JVM-level output (logs go to
-        # server.log through log4j2).
-        setsid nohup "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONF" </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
-        echo $! >"$KAFKA_PID"
-    fi
-
-    local pid deadline=$((SECONDS + KAFKA_WAIT))
-    pid=$(kafka_pid)
-    while ((SECONDS < deadline)); do
-        kafka_answers && break
-        if ! pid_alive "$pid"; then
-            [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
-            die_log "kafka: broker exited during startup" "$KAFKA_LOGS/server.log"
-        fi
-        sleep 1
     done
-    kafka_answers || {
-        [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
-        die_log "kafka: no broker in 'kcat -L' on $( ((TLS)) && echo "localhost:$KAFKA_MTLS_PORT (mutual TLS)" || echo "127.0.0.1:$KAFKA_PORT") after ${KAFKA_WAIT}s" "$KAFKA_LOGS/server.log"
-    }
-    log "kafka: ready on 127.0.0.1:$KAFKA_PORT (pid $pid)"
 }
 
-kafka_down() {
-    local pid
-    kafka_running || { rm -f "$KAFKA_PID"; return 0; }
-    pid=$(kafka_pid)
-    log "kafka: stopping (pid $pid)"
-    stop_pid kafka "$pid" 30
+# Three nodes: format every node once, with one random cluster id and the same three
+# initial voters (id@host:port:directory-id); each node's metadata folder gets its id.
+kafka_format_cluster() {
+    local n formatted=0 voters='' cluster_id
+    local -a dirids=("")
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        kafka_node "$n"
+        [[ -f $KAFKA_DATA/meta.properties ]] && formatted=$((formatted + 1))
+    done
+    ((formatted == KAFKA_NODES)) && return 0
+    if ((formatted)); then
+        die "kafka: only $formatted of $KAFKA_NODES nodes in $STATE are formatted; 'stack.sh down --purge' first"
+    fi
+    cluster_id=$(kafka_uuid)
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        dirids+=("$(kafka_uuid)")
+        voters+=${voters:+,}$n@127.0.0.1:${KAFKA_CONTROLLER_PORTS[$n]}:${dirids[$n]}
+    done
+    log "kafka: formatting $KAFKA_NODES nodes (cluster id $cluster_id, voters $voters)"
+    local -a pids=()
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        kafka_node "$n"
+        "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_CONF" \
+            --initial-controllers "$voters" >>"$KAFKA_DIR/format.log" 2>&1 9>&- &
+        pids+=($!)
+    done
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        kafka_node "$n"
+        wait "${pids[$((n - 1))]}" || die_log "kafka: storage format of node $n failed" "$KAFKA_DIR/format.log"
+    done
+}
+
+# Start node $KN unless it runs (its server.properties written first).
+kafka_start_node() {
+    mkdir -p "$KAFKA_DIR" "$KAFKA_DATA" "$KAFKA_LOGS"
+    if kafka_running; then
+        check_port "$KN_NAME" "$(kafka_actual_port)" "$KN_PORT" \
+            "$( ((KN == 1)) && echo CQRS_KAFKA_PORT || echo "CQRS_KAFKA_PORT_$KN")"
+        log "$KN_NAME: already running (pid $(kafka_pid), port $KN_PORT)"
+        return 0
+    fi
     rm -f "$KAFKA_PID"
+    kafka_write_conf
+    kafka_write_tls
+    local port
+    local -a ports=("$KN_PORT" "$KN_CONTROLLER_PORT")
+    ((TLS)) && ports+=("$KAFKA_MTLS_PORT")
+    for port in "${ports[@]}"; do
+        port_busy "$port" && die "$KN_NAME: port 127.0.0.1:$port is already taken by another process"
+    done
+    return 1 # written, to be formatted and started
+}
+
+kafka_launch_node() {
+    if ((TLS)); then
+        log "kafka: starting Kafka $KAFKA_VERSION, SASL_SSL on localhost:$KAFKA_PORT, mutual TLS on localhost:$KAFKA_MTLS_PORT (controller 127.0.0.1:$KAFKA_CONTROLLER_PORT)"
+    elif ((KAFKA_NODES > 1)); then
+        log "$KN_NAME: starting Kafka $KAFKA_VERSION node $KN on 127.0.0.1:$KN_PORT (controller :$KN_CONTROLLER_PORT)"
+    else
+        log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT)"
+    fi
+    # setsid: own session, so the broker survives this shell and its
+    # terminal; stdout/stderr only catch JVM-level output (logs go to
+    # server.log through log4j2).
+    setsid nohup "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONF" </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+    echo $! >"$KAFKA_PID"
+}
+
+kafka_up() {
+    kafka_fetch
+    local n wait_s=${KAFKA_WAIT:-60}
+    ((KAFKA_NODES > 1)) && wait_s=${KAFKA_WAIT:-120}
+    local -a start=()
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        kafka_node "$n"
+        kafka_jvm
+        kafka_start_node || start+=("$n")
+    done
+    if ((${#start[@]})); then
+        if ((KAFKA_NODES > 1)); then
+            kafka_jvm
+            kafka_format_cluster
+        else
+            kafka_node 1
+            kafka_format
+        fi
+        for n in "${start[@]}"; do
+            kafka_node "$n"
+            kafka_jvm
+            kafka_launch_node
+        done
+    fi
+
+    local deadline=$((SECONDS + wait_s))
+    kafka_node 1
+    while ((SECONDS < deadline)); do
+        kafka_cluster_answers && break
+        for ((n = 1; n <= KAFKA_NODES; n++)); do
+            kafka_node "$n"
+            if ! pid_alive "$(kafka_pid)"; then
+                [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
+                die_log "$KN_NAME: broker exited during startup" "$KAFKA_LOGS/server.log"
+            fi
+        done
+        sleep 1
+    done
+    kafka_node 1
+    if ! kafka_cluster_answers; then
+        [[ -s $KAFKA_OUT ]] && tail -n 20 "$KAFKA_OUT" >&2
+        if ((KAFKA_NODES > 1)); then
+            timeout 10 kcat -b "$(kafka_bootstrap)" -L -m 3 2>&1 | head -n 8 >&2 || true
+            die_log "kafka: not all $KAFKA_NODES brokers in 'kcat -L' on $(kafka_bootstrap) after ${wait_s}s" "$KAFKA_LOGS/server.log"
+        fi
+        die_log "kafka: no broker in 'kcat -L' on $( ((TLS)) && echo "localhost:$KAFKA_MTLS_PORT (mutual TLS)" || echo "127.0.0.1:$KAFKA_PORT") after ${wait_s}s" "$KAFKA_LOGS/server.log"
+    fi
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        kafka_node "$n"
+        log "$KN_NAME: ready on 127.0.0.1:$KN_PORT (pid $(kafka_pid))"
+    done
+}
+
+# kafka_start_one N: start node N only (formatted by an earlier `up`), wait until it lists itself.
+kafka_start_one() {
+    local wait_s=${KAFKA_WAIT:-60}
+    ((KAFKA_NODES > 1)) && wait_s=${KAFKA_WAIT:-120}
+    kafka_fetch
+    kafka_node "$1"
+    kafka_jvm
+    if ! kafka_start_node; then
+        [[ -f $KAFKA_DATA/meta.properties ]] || die "$KN_NAME: not formatted yet: '$0 up' first"
+        kafka_launch_node
+    fi
+    local deadline=$((SECONDS + wait_s))
+    while ((SECONDS < deadline)); do
+        kafka_answers && break
+        pid_alive "$(kafka_pid)" || die_log "$KN_NAME: broker exited during startup" "$KAFKA_LOGS/server.log"
+        sleep 1
+    done
+    kafka_answers || die_log "$KN_NAME: not in 'kcat -L' on 127.0.0.1:$KN_PORT after ${wait_s}s" "$KAFKA_LOGS/server.log"
+    log "$KN_NAME: ready on 127.0.0.1:$KN_PORT (pid $(kafka_pid))"
+}
+
+# kafka_down [N]: stop node N, or every node (SIGTERM to all at once: a controlled
+# shutdown of the last nodes of a quorum waits for a majority that is stopping too).
+kafka_down() {
+    local n pid
+    local -a nodes=("$@") pids=() names=()
+    ((${#nodes[@]})) || for ((n = 1; n <= 3; n++)); do nodes+=("$n"); done
+    for n in "${nodes[@]}"; do
+        kafka_node "$n"
+        if kafka_running; then
+            pid=$(kafka_pid)
+            log "$KN_NAME: stopping (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+            names+=("$KN_NAME")
+        fi
+        rm -f "$KAFKA_PID"
+    done
+    for n in "${!pids[@]}"; do
+        stop_pid "${names[$n]}" "${pids[$n]}" 30
+    done
+    kafka_node 1
 }
 
 # ---------------------------------------------------------- app daemons ---
@@ -983,7 +1266,8 @@ cmd_up() {
     ensure_packages
     find_java || die "no Java >= 17"
     lock_stack
-    log "state folder $STATE$( ((TLS)) && echo ' (TLS profile)')"
+    kafka_topology
+    log "state folder $STATE$( ((TLS)) && echo ' (TLS profile)')$( ((KAFKA_NODES > 1)) && echo " ($KAFKA_NODES Kafka brokers)")"
     tls_prepare
     pg_up
     redis_up
@@ -1048,10 +1332,14 @@ cmd_status() {
         status_line redis-replica "127.0.0.1:$(redis_actual_port replica)" "$(redis_pid replica)" \
             "$r" "$a" || ok=3
     fi
-    r=0 a=0
-    kafka_running && r=1 && kafka_answers && a=1
-    status_line kafka "127.0.0.1:$KAFKA_PORT" "$(kafka_pid)" "$r" "$a" \
-        "$(kafka_actual_port)" "$KAFKA_PORT" || ok=3
+    local n
+    for ((n = 1; n <= KAFKA_NODES; n++)); do
+        kafka_node "$n"
+        r=0 a=0
+        kafka_running && r=1 && kafka_answers && a=1
+        status_line "$KN_NAME" "127.0.0.1:$KN_PORT" "$(kafka_pid)" "$r" "$a" \
+            "$(kafka_actual_port)" "$KN_PORT" || ok=3
+    done
     # App daemons from run.sh: informational, they don't change the exit status.
     for f in "$RUN_DIR"/*.pid; do
         [[ -e $f ]] || continue
@@ -1097,7 +1385,15 @@ cmd_env() {
         printf 'export CQRS_KAFKA_PROPERTY_SSL_CA_LOCATION=%s\n' "$(sq "$TLS_DIR/ca.crt")"
     else
         printf 'export CQRS_REDIS_URL=%s\n' "$(sq "redis://127.0.0.1:$REDIS_PORT/0")"
-        printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "127.0.0.1:$KAFKA_PORT")"
+        printf 'export CQRS_KAFKA_BROKERS=%s\n' "$(sq "$(kafka_bootstrap)")"
+    fi
+    printf 'export CQRS_KAFKA_BROKER_COUNT=%s\n' "$KAFKA_NODES"
+    if ((KAFKA_NODES > 1)); then
+        local n
+        for ((n = 2; n <= KAFKA_NODES; n++)); do
+            printf 'export CQRS_KAFKA_PORT_%s=%s\n' "$n" "$(sq "${KAFKA_PORTS[$n]}")"
+            printf 'export CQRS_KAFKA_CONTROLLER_PORT_%s=%s\n' "$n" "$(sq "${KAFKA_CONTROLLER_PORTS[$n]}")"
+        done
     fi
     if redis_running replica; then
         local port
@@ -1132,7 +1428,12 @@ main() {
             case $1 in
             --redis-replica) REDIS_REPLICA=1 ;;
             --tls) TLS=1 ;;
-            *) die "unknown option for up: $1 (--redis-replica, --tls)" ;;
+            --kafka-brokers)
+                [[ ${2:-} == 1 || ${2:-} == 3 ]] || die "--kafka-brokers takes 1 or 3, not '${2:-}'"
+                KAFKA_NODES_ASKED=$2
+                shift
+                ;;
+            *) die "unknown option for up: $1 (--redis-replica, --tls, --kafka-brokers 1|3)" ;;
             esac
             shift
         done
@@ -1152,8 +1453,24 @@ main() {
         postgres) pg_down ;;
         redis) redis_down ;;
         redis-replica) redis_down replica ;;
-        kafka) kafka_down ;;
-        *) die "stop what? postgres, redis, redis-replica or kafka" ;;
+        kafka) kafka_down 1 ;;
+        kafka-2 | kafka-3)
+            ((KAFKA_NODES > 1)) || die "$1: this stack runs one Kafka broker (up --kafka-brokers 3)"
+            kafka_down "${1#kafka-}"
+            ;;
+        *) die "stop what? postgres, redis, redis-replica, kafka (kafka-2, kafka-3 with three brokers)" ;;
+        esac
+        ;;
+    start)
+        lock_stack
+        find_java || die "no Java >= 17"
+        case ${1:-} in
+        kafka) kafka_start_one 1 ;;
+        kafka-2 | kafka-3)
+            ((KAFKA_NODES > 1)) || die "$1: this stack runs one Kafka broker (up --kafka-brokers 3)"
+            kafka_start_one "${1#kafka-}"
+            ;;
+        *) die "start what? kafka (kafka-2, kafka-3 with three brokers); 'up' starts everything" ;;
         esac
         ;;
     status) cmd_status ;;

@@ -31,7 +31,11 @@ Prints one table. Exit 0 when every scenario is clean and every negative control
 deliberately unsafe build mode) was caught; 1 otherwise; 2 on a setup error (a missing server
 is an error: the suite never skips).
 
-  fault.py --build BUILD_DIR [--scenario NAME ...] [--seed N] [--long]
+  fault.py --build BUILD_DIR [--replicated] [--scenario NAME ...] [--seed N] [--long]
+
+--replicated runs the replicated-Kafka scenarios (REPLICATED_KAFKA) instead of the classic ones,
+on a stack with three Kafka brokers (stack.sh up --kafka-brokers 3; tests/fault/run.sh BUILD
+--replicated); --scenario finds names in both lists.
 """
 import argparse
 import bisect
@@ -77,7 +81,9 @@ class SetupError(Exception):
 def free_port():
     """A port below the ephemeral range (32768+), where no outgoing connection can take it."""
     stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_REDIS_PORT", "CQRS_REDIS_REPLICA_PORT",
-                                         "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT")}
+                                         "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT",
+                                         "CQRS_KAFKA_PORT_2", "CQRS_KAFKA_CONTROLLER_PORT_2",
+                                         "CQRS_KAFKA_PORT_3", "CQRS_KAFKA_CONTROLLER_PORT_3")}
     while True:
         p = random.SystemRandom().randrange(20000, 32000)
         if str(p) in stack:  # a server of the stack may be down right now (a fault)
@@ -275,6 +281,9 @@ class Stack:
         self.dsn = os.environ["CQRS_PG_DSN"]
         self.redis_url = os.environ["CQRS_REDIS_URL"]
         self.brokers = os.environ["CQRS_KAFKA_BROKERS"]
+        # Kafka nodes (stack.sh up --kafka-brokers 3): node n's client address; node 1 is "kafka".
+        self.kafka_nodes = int(os.environ.get("CQRS_KAFKA_BROKER_COUNT") or 1)
+        self.kafka_addr = {n: a for n, a in enumerate(self.brokers.split(","), 1)}
         m = re.match(r"redis://([^:/]+):(\d+)", self.redis_url)
         if not m:
             raise SetupError("CQRS_REDIS_URL %r: expected redis://host:port/db" % self.redis_url)
@@ -300,6 +309,8 @@ class Stack:
 
     def pid(self, server):
         return self._pid({"kafka": os.path.join(self.dir, "kafka", "kafka.pid"),
+                          "kafka-2": os.path.join(self.dir, "kafka-2", "kafka.pid"),
+                          "kafka-3": os.path.join(self.dir, "kafka-3", "kafka.pid"),
                           "redis": os.path.join(self.dir, "redis", "redis.pid"),
                           "postgres": os.path.join(self.dir, "pg", "data", "postmaster.pid")}[server])
 
@@ -322,6 +333,123 @@ class Stack:
     def kill_kafka(self):
         pid = self.signal("kafka", signal.SIGKILL)
         self.wait_gone(pid)
+
+    # ------------------------------------------------ Kafka nodes (three-broker stacks) ---
+
+    @staticmethod
+    def node_name(n):
+        return "kafka" if n == 1 else "kafka-%d" % n
+
+    def kill_node(self, n):
+        """SIGKILL Kafka node n and wait until it is gone."""
+        pid = self.signal(self.node_name(n), signal.SIGKILL)
+        self.wait_gone(pid)
+
+    def signal_node(self, n, sig):
+        return self.signal(self.node_name(n), sig)
+
+    def cont_all(self):
+        """SIGCONT to every Kafka node (a nemesis that paused one and failed must not leave it so)."""
+        for n in range(1, self.kafka_nodes + 1):
+            pid = self.pid(self.node_name(n))
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+    def stop_node(self, n):
+        """A clean stop (SIGTERM: controlled shutdown) of node n, as in a rolling restart."""
+        r = subprocess.run([STACK_SH, "stop", self.node_name(n)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SetupError("stack.sh stop %s failed:\n%s" % (self.node_name(n), r.stderr[-2000:]))
+
+    def start_node(self, n):
+        """Node n alone back (the others stay as they are); waits until it is registered."""
+        r = subprocess.run([STACK_SH, "start", self.node_name(n)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SetupError("stack.sh start %s failed:\n%s" % (self.node_name(n), r.stderr[-2000:]))
+
+    def metadata(self, topics, avoid=()):
+        """kcat -L -J of topics from a node not in avoid: {topic: {partition: (leader, [isr])}}."""
+        boot = ",".join(a for n, a in self.kafka_addr.items() if n not in avoid) or self.brokers
+        last = ""
+        for _ in range(5):
+            out = {}
+            try:
+                for t in topics:
+                    r = subprocess.run(["kcat", "-L", "-J", "-m", "5", "-b", boot, "-t", t],
+                                       capture_output=True, text=True, timeout=20)
+                    j = json.loads(r.stdout) if r.returncode == 0 else None
+                    if j and t.startswith("__") and j.get("topics") and \
+                            "nknown topic" in str(j["topics"][0].get("error")):
+                        continue  # an internal topic made on first use (no group, no transaction yet)
+                    if not j or not j.get("topics") or j["topics"][0].get("error"):
+                        raise ValueError("kcat -L -t %s: %s" % (t, (r.stderr or r.stdout).strip()[:200]))
+                    out[t] = {p["partition"]: (p.get("leader", -1), sorted(i["id"] for i in p.get("isrs", [])))
+                              for p in j["topics"][0]["partitions"]}
+                return out
+            except (ValueError, subprocess.TimeoutExpired) as ex:
+                last = str(ex)
+                time.sleep(1)
+        raise SetupError("metadata of %s: %s" % (", ".join(topics), last))
+
+    def busiest_leader(self, topics, avoid=()):
+        """The node leading the most partitions of topics."""
+        lead = collections.Counter(leader for parts in self.metadata(topics, avoid).values()
+                                   for leader, _ in parts.values() if leader > 0)
+        if not lead:
+            raise SetupError("no partition of %s has a leader" % ", ".join(topics))
+        return lead.most_common(1)[0][0]
+
+    def wait_isr_full(self, topics, seconds=120, avoid=()):
+        """Every partition of topics led and with all nodes in its ISR (the cluster healed)."""
+        end = time.time() + seconds
+        while time.time() < end:
+            md = self.metadata(topics, avoid)
+            short = [(t, p) for t, parts in md.items() for p, (leader, isr) in parts.items()
+                     if leader <= 0 or len(isr) < self.kafka_nodes]
+            if not short:
+                return True
+            time.sleep(1)
+        raise SetupError("partitions not fully in sync after %d s: %s" % (seconds, short[:6]))
+
+    def txn_coordinator(self, txn_id):
+        """The node hosting txn_id's transaction coordinator: the leader of __transaction_state
+        partition abs(txn_id.hashCode()) % its partition count (TransactionStateManager)."""
+        h, units = 0, txn_id.encode("utf-16-be")  # String.hashCode: over UTF-16 code units
+        for i in range(0, len(units), 2):
+            h = (31 * h + (units[i] << 8 | units[i + 1])) & 0xFFFFFFFF
+        h = h - (1 << 32) if h >= 1 << 31 else h
+        h = 0 if h == -(1 << 31) else abs(h)
+        parts = self.metadata(["__transaction_state"])["__transaction_state"]
+        return parts[h % len(parts)][0], h % len(parts)
+
+    def kafka_tool(self, cls, *args, timeout=60):
+        """A Kafka command-line tool class from the cached jars (stack.sh fetched them)."""
+        cache = os.environ.get("CQRS_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cqrs")
+        libs = os.path.join(cache, "kafka-4.4.0", "libs")
+        java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else "java"
+        r = subprocess.run([java, "-Xmx128m", "-Dlog4j2.configurationFile=" +
+                            os.path.join(REPO, "deploy", "local", "kafka", "log4j2.xml"),
+                            "-Dkafka.logs.dir=" + tempfile.gettempdir(), "-cp", os.path.join(libs, "*"), cls,
+                            *args], capture_output=True, text=True, timeout=timeout)
+        return r.returncode, r.stdout, r.stderr
+
+    def active_controller(self, avoid=()):
+        """The active KRaft controller's node id (kafka-metadata-quorum describe --status)."""
+        boot = ",".join(a for n, a in self.kafka_addr.items() if n not in avoid)
+        last = ""
+        for _ in range(10):
+            rc, out, err = self.kafka_tool("org.apache.kafka.tools.MetadataQuorumCommand", "--bootstrap-server",
+                                           boot, "describe", "--status")
+            m = re.search(r"^LeaderId:\s+(-?\d+)", out, re.M)
+            if rc == 0 and m and int(m.group(1)) > 0:
+                return int(m.group(1))
+            last = (out + err).strip()[-300:]
+            time.sleep(1)
+        raise SetupError("no active controller: %s" % last)
 
     def pg_immediate(self):
         # SIGQUIT to the postmaster is `pg_ctl stop -m immediate`: no checkpoint, crash recovery
@@ -754,9 +882,10 @@ class Run:
         self.wl = None
         self.watchers = []  # watch_readiness threads, stopped when the checker starts
         self.watch_stop = threading.Event()
+        self.env_extra = {}  # settings of a scenario for every daemon and cqrsctl (prepare)
 
     def daemon_env(self):
-        return {"CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
+        return {**self.env_extra, "CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
                 "CQRS_CONSUMER_GROUP": self.prefix, "CQRS_RELAY_LEASE_MS": str(LEASE_MS),
                 "CQRS_RELAY_POLL_MS": "200", "CQRS_KAFKA_MESSAGE_TIMEOUT_MS": str(MSG_TIMEOUT_MS),
                 "CQRS_HTTP_THREADS": "16", "CQRS_PG_POOL_SIZE": "8",
@@ -1454,6 +1583,297 @@ def nem_dlq_retry(run, sc, opts):
         run.problems.append("no aggregate was held and released: the race did not happen")
 
 
+# ------------------------------------------------- replicated Kafka (three brokers) ---
+# These run only with --replicated, against stack.sh up --kafka-brokers 3 (tests/fault/run.sh
+# --replicated): three combined broker+controller nodes, replication factor 3 and
+# min.insync.replicas 2 everywhere, unclean leader election off, replica.lag.time.max.ms 10 s.
+# Kafka's broker.session.timeout.ms (9 s) is how long a dead or paused node keeps its
+# partitions before the controller moves their leadership.
+
+
+def event_topics(run):
+    return ["%s.product.events" % run.prefix, "%s.order.events" % run.prefix]
+
+
+def relay_txn_id(run):
+    return "%s-relay" % run.prefix  # cmd/cqrs-commandd: CQRS_RELAY_TRANSACTIONAL_ID, default <prefix>-relay
+
+
+def replicated_prepare(run):
+    run.cleanups.append(run.stack.cont_all)  # never leave a node paused for the next scenario
+
+
+def wait_leaders_moved(run, topics, node, seconds=30):
+    """Seconds until no partition of topics is led by node (the controller fenced it), or None."""
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        md = run.stack.metadata(topics, avoid=(node,))
+        if not any(leader == node for parts in md.values() for leader, _ in parts.values()):
+            return time.time() - t0
+        time.sleep(0.5)
+    return None
+
+
+def acked_between(run, t0, t1):
+    with run.wl.lock:
+        return sum(1 for op in run.wl.ops if op["outcome"] == "ok" and t0 <= op["t1"] <= t1)
+
+
+def nem_kafka_leader_kill(run, sc, opts):
+    """The node leading most of the busy partitions SIGKILLed; restarted once the controller
+    moved its partitions; the next round waits for every replica back in sync."""
+    topics = event_topics(run)
+    moved = []
+    for i in range(opts.rounds + 1):
+        time.sleep(1.5)
+        n = run.stack.busiest_leader(topics)
+        log("kafka node %d (leader of the busy partitions) SIGKILL %d/%d" % (n, i + 1, opts.rounds + 1))
+        run.stack.kill_node(n)
+        m = wait_leaders_moved(run, topics, n)
+        moved.append("%.1f" % m if m is not None else "never")
+        run.stack.up()
+        run.stack.wait_isr_full(topics)
+    run.info.append("leadership moved off the killed node after %s s" % ", ".join(moved))
+
+
+def nem_kafka_rolling_restart(run, sc, opts):
+    """Every node in turn stopped cleanly (SIGTERM, controlled shutdown) and started again, the
+    next one only when every replica is back in sync."""
+    topics = event_topics(run)
+    for n in range(1, run.stack.kafka_nodes + 1):
+        time.sleep(1.5)
+        log("kafka node %d: rolling restart" % n)
+        run.stack.stop_node(n)
+        time.sleep(1)
+        run.stack.up()
+        run.stack.wait_isr_full(topics + ["__transaction_state", "__consumer_offsets"])
+
+
+def nem_kafka_below_min_isr(run, sc, opts):
+    """Two of three nodes SIGKILLed: no partition can have two in-sync replicas (and the
+    controller quorum has no majority): producing fails, commands must go on into the outbox.
+    One node back: the backlog drains in order; the third comes back with the heal."""
+    time.sleep(1.5)
+    rng = random.Random(opts.seed)
+    down = rng.sample(range(1, run.stack.kafka_nodes + 1), 2)
+    log("kafka nodes %s SIGKILLed (below min.insync.replicas)" % down)
+    t_down = time.time()
+    for n in down:
+        run.stack.kill_node(n)
+    outage = MSG_TIMEOUT_MS / 1000 + 7
+    backlog_max = 0
+    while time.time() - t_down < outage:
+        time.sleep(1)
+        backlog_max = max(backlog_max, run.outbox_backlog())
+    acked = acked_between(run, t_down, time.time())
+    log("one node back: kafka node %d" % down[0])
+    run.stack.start_node(down[0])
+    t_one = run.t_heal = time.time()
+    # The backlog of the outage: the rows in the outbox now (the load goes on adding new ones).
+    last = int(run.stack.psql("SELECT coalesce(max(sequence), 0) FROM outbox", run.dbname)[0][0])
+    drained = None
+    while time.time() - t_one < 150:
+        if int(run.stack.psql("SELECT count(*) FROM outbox WHERE sequence <= %d" % last, run.dbname)[0][0]) == 0:
+            drained = time.time() - t_one
+            break
+        time.sleep(0.5)
+    run.info.append("%.0f s with nodes %s down: %d commands acknowledged, outbox backlog up to %d; "
+                    "with one node back the backlog drained in %s"
+                    % (outage, down, acked, backlog_max, "%.1f s" % drained if drained is not None else "— (not in 150 s)"))
+    if not acked:
+        run.problems.append("no command succeeded while Kafka was below min.insync.replicas")
+    if not backlog_max:
+        run.problems.append("the outbox never backed up while Kafka was below min.insync.replicas")
+    if drained is None:
+        run.problems.append("the backlog did not drain with two nodes of three")
+
+
+def nem_kafka_txn_coordinator_kill(run, sc, opts):
+    """The relay holds each transaction open 1 s before committing (failpoint
+    relay-before-commit=delay:1000); right after the failpoint fires, the node hosting the
+    relay's transaction coordinator is SIGKILLed: the commit meets a dead coordinator."""
+    topics = event_topics(run)
+    logf = os.path.join(run.logdir, run.commandds[0].name + ".log")
+
+    def fired():
+        try:
+            with open(logf, errors="replace") as f:
+                return f.read().count("failpoint fired")
+        except OSError:
+            return 0
+    notes = []
+    for i in range(opts.rounds):
+        time.sleep(1.5)
+        n, part = run.stack.txn_coordinator(relay_txn_id(run))
+        if i == 0:  # the computed coordinator, checked against the broker's answer once
+            rc, out, err = run.stack.kafka_tool("org.apache.kafka.tools.TransactionsCommand", "--bootstrap-server",
+                                                run.stack.brokers, "describe", "--transactional-id",
+                                                relay_txn_id(run))
+            rows = [line.split() for line in out.splitlines() if line.strip()]
+            said = rows[1][rows[0].index("CoordinatorId")] if rc == 0 and len(rows) > 1 and \
+                "CoordinatorId" in rows[0] else "?"
+            run.info.append("coordinator of %s: node %d by __transaction_state-%d, node %s by "
+                            "TransactionsCommand describe" % (relay_txn_id(run), n, part, said))
+            if said != "?" and int(said) != n:
+                run.problems.append("computed coordinator %d, Kafka says %s" % (n, said))
+        seen = fired()
+        end = time.time() + 30
+        while fired() == seen and time.time() < end:
+            time.sleep(0.02)
+        if fired() == seen:
+            run.problems.append("relay-before-commit never fired (no relay transaction to interrupt)")
+            return
+        log("kafka node %d (transaction coordinator of %s, __transaction_state-%d) SIGKILL mid-transaction %d/%d"
+            % (n, relay_txn_id(run), part, i + 1, opts.rounds))
+        run.stack.kill_node(n)
+        m = wait_leaders_moved(run, ["__transaction_state"], n)
+        new, _ = run.stack.txn_coordinator(relay_txn_id(run)) if m is not None else (None, None)
+        notes.append("node %d → %s after %s s" % (n, new, "%.1f" % m if m is not None else "never"))
+        run.stack.up()
+        run.stack.wait_isr_full(topics + ["__transaction_state"])
+    run.info.append("transaction coordinator moved: %s" % "; ".join(notes))
+
+
+def nem_kafka_controller_kill(run, sc, opts):
+    """The active KRaft controller (also a broker here) SIGKILLed; a new one is elected."""
+    topics = event_topics(run)
+    notes = []
+    for i in range(opts.rounds):
+        time.sleep(1.5)
+        c = run.stack.active_controller()
+        log("kafka node %d (active controller) SIGKILL %d/%d" % (c, i + 1, opts.rounds))
+        t0 = time.time()
+        run.stack.kill_node(c)
+        new = run.stack.active_controller(avoid=(c,))
+        notes.append("%d → %d in %.1f s" % (c, new, time.time() - t0))
+        time.sleep(1)
+        run.stack.up()
+        run.stack.wait_isr_full(topics)
+    run.info.append("active controller moved: %s" % "; ".join(notes))
+
+
+def nem_kafka_broker_isolated(run, sc, opts):
+    """The node leading most of the busy partitions SIGSTOPped (cut off: its connections stay
+    open, nothing answers) until the controller fenced it and no ISR holds it any more, then
+    resumed: it must find itself a follower and catch up."""
+    topics = event_topics(run)
+    watch = topics + ["__transaction_state", "__consumer_offsets"]
+    notes = []
+    for i in range(max(1, opts.rounds - 1)):
+        time.sleep(1.5)
+        n = run.stack.busiest_leader(topics)
+        log("kafka node %d SIGSTOP until the ISR shrinks %d/%d" % (n, i + 1, max(1, opts.rounds - 1)))
+        t0 = time.time()
+        run.stack.signal_node(n, signal.SIGSTOP)
+        shrunk = None
+        try:
+            while time.time() - t0 < 60:
+                md = run.stack.metadata(watch, avoid=(n,))
+                if not any(n in isr or leader == n for parts in md.values() for leader, isr in parts.values()):
+                    shrunk = time.time() - t0
+                    break
+                time.sleep(0.5)
+            time.sleep(2)
+        finally:
+            run.stack.signal_node(n, signal.SIGCONT)
+        notes.append("node %d out of every ISR after %s s, paused %.1f s"
+                     % (n, "%.1f" % shrunk if shrunk is not None else "— (not in 60 s)", time.time() - t0))
+        if shrunk is None:
+            run.problems.append("node %d was paused 60 s and still in an ISR" % n)
+        run.stack.wait_isr_full(watch)
+    run.info.append("; ".join(notes))
+
+def unclean_prepare(run):
+    """The scenario's topics made with replication factor 2 (cqrsctl migrate and the relay:
+    CQRS_KAFKA_REPLICATION=2), so one paused follower leaves a partition with its leader alone."""
+    replicated_prepare(run)
+    run.env_extra["CQRS_KAFKA_REPLICATION"] = "2"
+
+
+def nem_kafka_unclean_election(run, sc, opts):
+    """Negative control: the durability a user can switch off. The scenario's topics run with
+    replication factor 2, min.insync.replicas=1 and unclean.leader.election.enable=true (altered
+    under load, kafka-configs). The follower F of the partitions a node L leads is SIGSTOPped
+    until those partitions' ISR is L alone; the relay goes on, acknowledged by L alone; L is
+    SIGKILLed, F resumed, and the unclean election the controller would run (every 5 minutes
+    in KRaft) is asked for at once (kafka-leader-election --election-type unclean): F leads
+    without what L acknowledged meanwhile, and L truncates to F when it comes back. The
+    checker must find the events lost (and a read model that never converges)."""
+    st = run.stack
+    topics = event_topics(run)
+    for t in topics:
+        rc, out, err = st.kafka_tool("org.apache.kafka.tools.ConfigCommand", "--bootstrap-server", st.brokers,
+                                     "--entity-type", "topics", "--entity-name", t, "--alter", "--add-config",
+                                     "min.insync.replicas=1,unclean.leader.election.enable=true")
+        if rc != 0:
+            raise SetupError("kafka-configs --alter %s: %s" % (t, (out + err).strip()[-400:]))
+    # (L, F): the leader and the follower of the most partitions of the two topics.
+    pairs = collections.defaultdict(list)
+    for t in topics:
+        r = subprocess.run(["kcat", "-L", "-J", "-m", "5", "-b", st.brokers, "-t", t], capture_output=True,
+                           text=True, timeout=20)
+        for p in json.loads(r.stdout)["topics"][0]["partitions"]:
+            reps = [x["id"] for x in p["replicas"]]
+            if len(reps) != 2:
+                raise SetupError("%s[%d] has replicas %s, not two" % (t, p["partition"], reps))
+            f = [x for x in reps if x != p["leader"]][0]
+            pairs[(p["leader"], f)].append((t, p["partition"]))
+    (lead, fol), parts = max(pairs.items(), key=lambda kv: len(kv[1]))
+    log("NEGATIVE: %d partitions led by node %d, node %d their only follower: SIGSTOP node %d"
+        % (len(parts), lead, fol, fol))
+    time.sleep(1.5)
+    st.signal_node(fol, signal.SIGSTOP)
+    t0 = time.time()
+    shrunk = None
+    while time.time() - t0 < 60:
+        md = st.metadata(topics, avoid=(fol,))
+        if all(md[t][p][1] == [lead] for t, p in parts):
+            shrunk = time.time() - t0
+            break
+        time.sleep(0.5)
+    if shrunk is None:
+        st.signal_node(fol, signal.SIGCONT)
+        run.problems.append("the ISR of %s did not shrink to node %d alone in 60 s" % (parts, lead))
+        return
+    # The relay's transactions acknowledged by the leader alone: wait until it committed a few
+    # hundred events to Kafka (deleted from the outbox) since (the paused node's partitions
+    # move first: the relay's transactions wait for them).
+    t_alone = time.time()
+    s0 = int(st.psql("SELECT coalesce(max(sequence), 0) FROM events", run.dbname)[0][0])
+    published = 0
+    while time.time() - t_alone < 40 and published < 300:
+        time.sleep(0.5)
+        published = int(st.psql("SELECT count(*) FROM events e WHERE e.sequence > %d AND NOT EXISTS "
+                                 "(SELECT 1 FROM outbox o WHERE o.sequence = e.sequence)" % s0, run.dbname)[0][0])
+    acked = acked_between(run, t_alone, time.time())
+    log("NEGATIVE: ISR shrank to node %d after %.1f s; since, %d commands acknowledged, %d events published; "
+        "SIGKILL node %d, SIGCONT node %d" % (lead, shrunk, acked, published, lead, fol))
+    st.kill_node(lead)
+    st.signal_node(fol, signal.SIGCONT)
+    elected = set()
+    end = time.time() + 90
+    while time.time() < end and len(elected) < len(parts):
+        for t, p in parts:
+            if (t, p) in elected:
+                continue
+            st.kafka_tool("org.apache.kafka.tools.LeaderElectionCommand", "--bootstrap-server",
+                          ",".join(a for n, a in st.kafka_addr.items() if n != lead), "--election-type", "unclean",
+                          "--topic", t, "--partition", str(p), timeout=30)
+        try:
+            md = st.metadata(topics, avoid=(lead,))
+        except SetupError:
+            continue
+        elected |= {(t, p) for t, p in parts if md[t][p][0] == fol}
+        time.sleep(1)
+    run.info.append("node %d alone in the ISR of %d partitions after %.1f s; while so %d commands acknowledged, "
+                    "%d events published (of all partitions); unclean election made node %d leader of %d of them"
+                    % (lead, len(parts), shrunk, acked, published, fol, len(elected)))
+    if published < 300:
+        run.problems.append("the relay published only %d events while node %d was alone in the ISR"
+                            % (published, lead))
+    if not elected:
+        run.problems.append("no unclean election happened")
+
 SCENARIOS = [
     Scenario("commandd-kill-before-commit", "SIGKILL after the writes, before COMMIT (×3)",
              commandd_fp="command-before-commit=kill*1", nemesis=nem_failpoint_commandd),
@@ -1502,6 +1922,30 @@ SCENARIOS = [
              "CQRS_UNSAFE_NO_LOSS_DETECTION=1 (the projector does not look for store loss)",
              queryd_env={"CQRS_UNSAFE_NO_LOSS_DETECTION": "1"}, negative=True, prepare=failover_prepare,
              nemesis=nem_failover, bound=20),
+]
+
+# Three Kafka brokers (fault.py --replicated; tests/fault/run.sh BUILD --replicated): see the
+# nemeses above. Each must end with nothing lost, duplicated or out of order.
+REPLICATED_KAFKA = [
+    Scenario("kafka-leader-kill", "the node leading most busy partitions SIGKILLed, its leadership moved, "
+             "restarted; 3 rounds (long 6)", prepare=replicated_prepare, nemesis=nem_kafka_leader_kill),
+    Scenario("kafka-rolling-restart", "rolling restart: each node stopped cleanly and started, one at a time",
+             prepare=replicated_prepare, nemesis=nem_kafka_rolling_restart),
+    Scenario("kafka-below-min-isr", "two of three nodes SIGKILLed (below min.insync.replicas): commands go on "
+             "into the outbox; one node back, the backlog drains in order", prepare=replicated_prepare,
+             nemesis=nem_kafka_below_min_isr),
+    Scenario("kafka-txn-coordinator-kill", "the node hosting the relay's transaction coordinator SIGKILLed while "
+             "the relay holds a produced transaction open (relay-before-commit=delay:1000) (×2)",
+             commandd_fp="relay-before-commit=delay:1000", prepare=replicated_prepare,
+             nemesis=nem_kafka_txn_coordinator_kill),
+    Scenario("kafka-controller-kill", "the active KRaft controller SIGKILLed, a new one elected, restarted (×2)",
+             prepare=replicated_prepare, nemesis=nem_kafka_controller_kill),
+    Scenario("kafka-broker-isolated", "the node leading most busy partitions SIGSTOPped (cut off) until it is "
+             "out of every ISR, then resumed", prepare=replicated_prepare, nemesis=nem_kafka_broker_isolated),
+    Scenario("NEGATIVE-unclean-election", "negative control: topics with replication factor 2, "
+             "min.insync.replicas=1 and unclean.leader.election.enable=true; the follower paused until the leader "
+             "is alone in the ISR, the leader SIGKILLed, the stale follower elected", prepare=unclean_prepare,
+             negative=True, nemesis=nem_kafka_unclean_election, bound=30),
 ]
 
 
@@ -1615,6 +2059,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", required=True, help="build folder of a -DCQRS_ENABLE_FAILPOINTS=ON build")
     ap.add_argument("--scenario", action="append", help="run only these (repeatable)")
+    ap.add_argument("--replicated", action="store_true",
+                    help="the replicated-Kafka scenarios instead of the classic ones (needs three brokers)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the workload and the random mix")
     ap.add_argument("--long", action="store_true", default=os.environ.get("CQRS_FAULT_LONG") == "1",
                     help="more rounds and longer load (also CQRS_FAULT_LONG=1)")
@@ -1635,9 +2081,19 @@ def main():
     except SetupError as ex:
         print("fault suite: %s" % ex, file=sys.stderr)
         return 2
-    chosen = [s for s in SCENARIOS if not opts.scenario or s.name in opts.scenario]
+    if opts.scenario:
+        chosen = [s for s in SCENARIOS + REPLICATED_KAFKA if s.name in opts.scenario]
+    else:
+        chosen = list(REPLICATED_KAFKA if opts.replicated else SCENARIOS)
     if opts.scenario and len(chosen) != len(opts.scenario):
-        print("unknown scenario; known: %s" % ", ".join(s.name for s in SCENARIOS), file=sys.stderr)
+        print("unknown scenario; known: %s" % ", ".join(s.name for s in SCENARIOS + REPLICATED_KAFKA),
+              file=sys.stderr)
+        return 2
+    if (opts.replicated or any(s in REPLICATED_KAFKA for s in chosen)) and stack.kafka_nodes != 3:
+        print("fault suite: %s" % SetupError(
+            "the replicated-Kafka scenarios need three Kafka brokers, this stack has %d (CQRS_KAFKA_BROKER_COUNT): "
+            "stack.sh up --kafka-brokers 3, or tests/fault/run.sh BUILD --replicated" % stack.kafka_nodes),
+            file=sys.stderr)
         return 2
     t0 = time.time()
     rows = [run_scenario(stack, opts, sc, workdir) for sc in chosen]

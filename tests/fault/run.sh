@@ -8,6 +8,8 @@
 # --redis-replica), which the Redis failover scenarios promote.
 #
 #   tests/fault/run.sh BUILD_DIR [fault.py options]     e.g. --scenario kafka-kill --seed 42
+#   tests/fault/run.sh BUILD_DIR --replicated [options] the replicated-Kafka scenarios, on a stack
+#                                                       with three Kafka brokers (up --kafka-brokers 3)
 #   CQRS_FAULT_LONG=1 tests/fault/run.sh BUILD_DIR      more rounds, longer load
 #
 # BUILD_DIR must be a -DCQRS_ENABLE_FAILPOINTS=ON build (tests/run.sh's build-asan is).
@@ -16,6 +18,11 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUILD=${1:?usage: tests/fault/run.sh BUILD_DIR [fault.py options]}
 shift
+# --replicated (first after BUILD_DIR): three Kafka brokers; fault.py gets the option too.
+KAFKA_UP=()
+if [[ ${1:-} == --replicated ]]; then
+    KAFKA_UP=(--kafka-brokers 3)
+fi
 
 # shellcheck source=tests/support/ports.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../support/ports.sh"
@@ -29,6 +36,13 @@ CQRS_REDIS_REPLICA_PORT=$(free_port)
 CQRS_KAFKA_PORT=$(free_port)
 CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_REDIS_REPLICA_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+if ((${#KAFKA_UP[@]})); then
+    CQRS_KAFKA_PORT_2=$(free_port)
+    CQRS_KAFKA_CONTROLLER_PORT_2=$(free_port)
+    CQRS_KAFKA_PORT_3=$(free_port)
+    CQRS_KAFKA_CONTROLLER_PORT_3=$(free_port)
+    export CQRS_KAFKA_PORT_2 CQRS_KAFKA_CONTROLLER_PORT_2 CQRS_KAFKA_PORT_3 CQRS_KAFKA_CONTROLLER_PORT_3
+fi
 
 teardown() {
     local rc=$?
@@ -45,7 +59,7 @@ trap 'exit 130' INT TERM
 
 echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT" \
     "redis-replica=$CQRS_REDIS_REPLICA_PORT kafka=$CQRS_KAFKA_PORT)"
-"$REPO/deploy/local/stack.sh" up --redis-replica
+"$REPO/deploy/local/stack.sh" up --redis-replica "${KAFKA_UP[@]}"
 eval "$("$REPO/deploy/local/stack.sh" env)"
 # The results also go to BUILD/fault-results.txt (tests/run.sh prints them at the end).
 python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$BUILD/fault-results.txt" "$@"
