@@ -1195,11 +1195,15 @@ static int relay_round(relay_worker_t *r)
     if (e) {
         CQRS_LOG_WARN("commit_transaction failed", "error", rd_kafka_error_string(e));
         bool abortable = rd_kafka_error_txn_requires_abort(e);
+        bool retriable = rd_kafka_error_is_retriable(e);
         rd_kafka_error_destroy(e);
         if (abortable)
             abort_txn(r);
         else
-            step_down(r, "fenced or fatal producer error");
+            step_down(r, retriable ? "commit_transaction still unsettled after "
+                                     "CQRS_KAFKA_MESSAGE_TIMEOUT_MS (its transaction coordinator "
+                                     "moving?)"
+                                   : "fenced or fatal producer error");
         /* The record stays; whoever leads next settles it. */
         free(arr);
         rc = 0;
