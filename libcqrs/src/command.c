@@ -2,7 +2,9 @@
  *
  * Transaction layout with an Idempotency-Key:
  *   INSERT key row ON CONFLICT DO NOTHING   (a twin in flight makes this wait on its row lock)
- *     └ conflict → read the stored response (replay) or the other body's hash (422); commit
+ *     └ conflict → read the stored response (replay) or the other body's hash (422); lock the
+ *       row (WAL) so that the COMMIT waits for the synchronous standby (the answer must be
+ *       durable before it is given again); commit
  *   SAVEPOINT cmd
  *   body (rows + events)
  *     └ business 4xx → ROLLBACK TO SAVEPOINT cmd
@@ -228,7 +230,17 @@ static cqrs_err_t claim_key(cqrs_tx_t *tx, run_ctx_t *rc, cqrs_error_t *err)
             return cqrs_error_set(err, CQRS_ERR_INTERNAL, "idempotency key without response");
         }
         cqrs_rows_free(rows);
-        return CQRS_ERR_OK;
+        /* The stored answer may exist on this server only: committed here after a cancelled
+         * wait for the synchronous standby (store.c), on a primary whose standby was
+         * promoted since. Locking its row writes WAL (an xid alone does not), so this
+         * transaction's COMMIT waits for the standby to have everything up to it, the stored
+         * answer included; one that is not confirmed fails the replay (503, like the first
+         * attempt) instead of acknowledging a command the promoted standby never saw. KEY
+         * SHARE: compatible with a twin's update of the answer. */
+        return cqrs_tx_exec(tx,
+                            "SELECT 1 FROM idempotency_keys WHERE scope = $1 AND key = $2"
+                            " FOR KEY SHARE",
+                            2, p, NULL, err);
     }
     return cqrs_error_set(err, CQRS_ERR_RETRY, "idempotency key changed under us");
 }

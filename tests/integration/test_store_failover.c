@@ -28,6 +28,8 @@
 #include <cqrs/store.h>
 #include <cqrs/util.h>
 
+#include "daemons.h"
+#include "httpc.h"
 #include "kafka_check.h"
 #include "testenv.h"
 
@@ -248,6 +250,55 @@ static void test_relay_changes_nothing_on_an_unreplicated_primary(void **state)
 #endif
 }
 
+static int post_product(int port, const char *key, const char *sku)
+{
+    char hdr[128], body[256];
+    snprintf(hdr, sizeof hdr, "Idempotency-Key: %s\r\nContent-Type: application/json\r\n", key);
+    snprintf(body, sizeof body,
+             "{\"sku\":\"%s\",\"name\":\"n\",\"category\":\"c\",\"price_cents\":100,"
+             "\"currency\":\"USD\",\"initial_stock\":1}",
+             sku);
+    httpc_response_t r;
+    int status = httpc_request(port, "POST", "/v1/products", hdr, body, strlen(body), &r) == 0
+                     ? r.status
+                     : -1;
+    httpc_response_free(&r);
+    return status;
+}
+
+static void test_command_and_its_retry_are_not_acknowledged(void **state)
+{
+    (void)state;
+    /* cqrs-commandd on the server whose commits are never confirmed: the command answers 503
+     * (not 201) and so does its retry with the same key (not the stored answer, which exists
+     * on this server only: before the replay took an xid, the retry answered 201 in 1 ms). */
+    daemons_t d = {0};
+    char id[37];
+    cqrs_uuid_v4(id);
+    snprintf(d.prefix, sizeof d.prefix, "sync%.8s", id);
+    snprintf(d.logdir, sizeof d.logdir, "/tmp/cqrs-syncpg-XXXXXX");
+    assert_non_null(mkdtemp(d.logdir));
+    char env[512];
+    snprintf(env, sizeof env, "CQRS_PG_DSN=%s;CQRS_PG_STATEMENT_TIMEOUT_MS=300", sync_dsn);
+    int port = free_port();
+    pid_t pid = daemons_launch_commandd(&d, port, env, "commandd-sync");
+    assert_true(pid > 0);
+    int first = -1;
+    for (int i = 0; i < 100 && first < 0; i++) { /* until it listens */
+        first = post_product(port, id, id);
+        if (first < 0)
+            usleep(100 * 1000);
+    }
+    int retry = post_product(port, id, id);
+    assert_int_equal(daemons_stop_one(&pid), 0);
+    assert_int_equal(first, 503);
+    assert_int_equal(retry, 503);
+    /* The premise: the command did commit there, answer included. */
+    char q[160];
+    snprintf(q, sizeof q, "SELECT count(*) FROM idempotency_keys WHERE key = '%s'", id);
+    assert_int_equal(local_count(q), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -255,6 +306,7 @@ int main(void)
         cmocka_unit_test(test_negative_control_trusts_the_warning),
         cmocka_unit_test(test_read_only_server_drops_the_connection),
         cmocka_unit_test(test_relay_changes_nothing_on_an_unreplicated_primary),
+        cmocka_unit_test(test_command_and_its_retry_are_not_acknowledged),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
