@@ -638,11 +638,14 @@ pg_stop_node() {
         die_log "postgres node $PG_NODE: pg_ctl stop -m $mode failed" "$PG_LOG"
 }
 
+# pg_start_node [try]: pg_ctl start of the selected node; with `try`, a failure is returned.
 pg_start_node() {
     port_busy "$PG_PORT" && die "postgres node $PG_NODE: port 127.0.0.1:$PG_PORT is already taken by another process"
     log "postgres node $PG_NODE: starting on 127.0.0.1:$PG_PORT"
-    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 9>&- ||
-        die_log "postgres node $PG_NODE: pg_ctl start failed" "$PG_LOG"
+    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 9>&- && return 0
+    [[ ${1:-} == try ]] || die_log "postgres node $PG_NODE: pg_ctl start failed" "$PG_LOG"
+    log "postgres node $PG_NODE: pg_ctl start failed: $(grep FATAL "$PG_LOG" | tail -n 1)"
+    return 1
 }
 
 pg_node_dirs() {
@@ -700,13 +703,13 @@ pg_wait_dead() {
     die "postgres node $PG_NODE: process $pid of $PG_DATA/postmaster.pid still exists after 60s"
 }
 
-# Start the selected node as a standby (its data as it is) of the other node.
+# pg_standby_start [try]: start the selected node as a standby (its data as it is) of the other.
 pg_standby_start() {
     pg_write_conf
     local owner=()
     is_root && owner=(-o postgres -g postgres)
     install "${owner[@]}" -m 0600 /dev/null "$PG_DATA/standby.signal"
-    pg_start_node
+    pg_start_node "${1:-}"
 }
 
 # pg_wait_streaming S P SECONDS: node P reports node S streaming.
@@ -762,20 +765,36 @@ pg_rejoin() {
         fi
     fi
     pg_wait_dead
+    # pg_rewind before PG 16 reads the source's timeline in its pg_control, which a promotion
+    # updates only at the next checkpoint (Patroni checkpoints too): one now.
+    pg_select "$p"
+    pg_node_sql 'checkpoint' >/dev/null
+    pg_select "$s"
+    local rewound=0
     if [[ ! -f $PG_DATA/PG_VERSION ]]; then
         pg_basebackup_node "$p"
     elif [[ ! -f $PG_DATA/standby.signal ]]; then
         # a former primary: rewound to the primary's timeline before it starts as a standby
-        pg_rewind_node "$p" || pg_basebackup_node "$p"
+        if pg_rewind_node "$p"; then rewound=1; else pg_basebackup_node "$p"; fi
     fi
-    pg_standby_start
-    if ! pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT"; then
-        log "postgres node $s: not streaming from node $p after ${PG_STANDBY_WAIT}s: rewinding it"
-        pg_stop_node fast
-        pg_rewind_node "$p" || pg_basebackup_node "$p"
+    if ! pg_standby_start try || ! pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT"; then
+        pg_stop_node immediate
+        if ((rewound)); then
+            log "postgres node $s: does not stream from node $p after pg_rewind: a fresh base backup"
+        else
+            log "postgres node $s: does not stream from node $p: rewinding it (a fresh base backup if that fails)"
+            pg_rewind_node "$p" || pg_basebackup_node "$p"
+            if pg_standby_start try && pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT"; then
+                pg_sync_set "$p" on
+                log "postgres node $s: standby of node $p on 127.0.0.1:$PG_PORT, streaming, synchronous (in $((SECONDS - t0))s)"
+                return 0
+            fi
+            pg_stop_node immediate
+        fi
+        pg_basebackup_node "$p"
         pg_standby_start
         pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT" ||
-            die_log "postgres node $s: not streaming from node $p after a rewind" "$PG_LOG"
+            die_log "postgres node $s: not streaming from node $p after a fresh base backup" "$PG_LOG"
     fi
     pg_sync_set "$p" on
     log "postgres node $s: standby of node $p on 127.0.0.1:$PG_PORT, streaming, synchronous (in $((SECONDS - t0))s)"
@@ -847,6 +866,8 @@ cmd_pg_promote() {
     pg_ha_record sync off
     pg_ha_record primary "$s"
     log "postgres node $s: the primary on 127.0.0.1:$PG_PORT (promoted in $((($(date +%s%N) - t0) / 1000000)) ms; synchronous_standby_names '' until a standby rejoins)"
+    # the new timeline into pg_control (pg_rewind of the old primary reads it there before PG 16)
+    pg_node_sql 'checkpoint' >/dev/null
     pg_select "$p"
     if pg_running; then
         log "postgres node $p (the old primary) still runs as a primary: fence it ('stop pg-node$p'), then 'pg-rejoin'"
