@@ -8,6 +8,8 @@
 # --redis-replica), which the Redis failover scenarios promote.
 #
 #   tests/fault/run.sh BUILD_DIR [fault.py options]     e.g. --scenario kafka-kill --seed 42
+#   tests/fault/run.sh BUILD_DIR --replicated [...]     the replicated-server scenarios: the stack
+#                                                       also gets a PostgreSQL standby (--pg-standby)
 #   CQRS_FAULT_LONG=1 tests/fault/run.sh BUILD_DIR      more rounds, longer load
 #
 # BUILD_DIR must be a -DCQRS_ENABLE_FAILPOINTS=ON build (tests/run.sh's build-asan is).
@@ -29,6 +31,12 @@ CQRS_REDIS_REPLICA_PORT=$(free_port)
 CQRS_KAFKA_PORT=$(free_port)
 CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_REDIS_REPLICA_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+UP_OPTS=() # --replicated (passed on to fault.py too): replicas of the servers
+if [[ ${1:-} == --replicated ]]; then
+    CQRS_PG_STANDBY_PORT=$(free_port)
+    export CQRS_PG_STANDBY_PORT
+    UP_OPTS+=(--pg-standby)
+fi
 
 teardown() {
     local rc=$?
@@ -45,7 +53,7 @@ trap 'exit 130' INT TERM
 
 echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT" \
     "redis-replica=$CQRS_REDIS_REPLICA_PORT kafka=$CQRS_KAFKA_PORT)"
-"$REPO/deploy/local/stack.sh" up --redis-replica
+"$REPO/deploy/local/stack.sh" up --redis-replica ${UP_OPTS[@]+"${UP_OPTS[@]}"}
 eval "$("$REPO/deploy/local/stack.sh" env)"
 # The results also go to BUILD/fault-results.txt (tests/run.sh prints them at the end).
 python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$BUILD/fault-results.txt" "$@"
