@@ -1677,9 +1677,9 @@ def nem_pg_split_brain(run, sc, opts):
     """The standby promoted while the old primary keeps running: the daemons' connections stay on
     it (it is first in the DSN and, not in recovery, still read-write). Its commits wait for a
     synchronous standby that no longer follows it; statement_timeout does not end that wait
-    (PostgreSQL disables it before the commit), a cancel (the relay's supervisor, PQcancel after
-    its stall time) does, and then the COMMIT reports success with a WARNING ("already committed
-    locally"). After the window the old primary is fenced (SIGKILL, as Patroni or a managed
+    (PostgreSQL disables it before the commit), a cancel does (the relay's supervisor, PQcancel
+    after its stall time; for the commands, the harness's pg_cancel_backend below), and then the
+    COMMIT reports success with a WARNING ("already committed locally"). After the window the old primary is fenced (SIGKILL, as Patroni or a managed
     service stops it) and rebuilt as the new primary's standby with pg_rewind, which throws away
     whatever it committed alone."""
     st = run.stack
@@ -1688,14 +1688,39 @@ def nem_pg_split_brain(run, sc, opts):
     time.sleep(1.0)
     old = st.pg_primary()
     new = 3 - old
+    old_log = os.path.join(os.path.dirname(st.pg_data(old)), "postgres.log")
+    log_from = os.path.getsize(old_log)
     seconds, _ = st.pg_promote()
     t_promoted = time.time()
-    window = 2.5 * max(PG_STATEMENT_TIMEOUT_MS, PG_RELAY_STALL_MS) / 1000.0
+    # Each write of the relay on the old primary waits a stall time for its cancel; a round
+    # (take the lease, record the batch, commit in Kafka, delete) needs several.
+    window = max(2.5 * PG_STATEMENT_TIMEOUT_MS, 4 * PG_RELAY_STALL_MS) / 1000.0
     log("standby (node %d) promoted in %.2f s while node %d runs on; fencing it in %.0f s" % (new, seconds, old, window))
     run.info.append("standby (node %d) promoted in %.2f s with the old primary (node %d) running; fenced %.0f s later "
-                    "(2.5 × max(statement timeout %d ms, relay stall %d ms))"
+                    "(max(2.5 × statement timeout %d ms, 4 × relay stall %d ms))"
                     % (new, seconds, old, window, PG_STATEMENT_TIMEOUT_MS, PG_RELAY_STALL_MS))
-    time.sleep(window)
+    # statement_timeout never ends a COMMIT's wait for synchronous replication (PostgreSQL
+    # disables it before committing); a cancel does. The cqrs-commandd sends none, so the
+    # harness cancels the waiting COMMITs on the old primary now and then, as a client's request
+    # deadline, a pooler's query_timeout or an operator would (pg_cancel_backend): each then
+    # reports success with a WARNING, committed on the old primary alone.
+    cancelled, end = 0, time.time() + window
+    while time.time() < end:
+        time.sleep(min(2.0, max(0.0, end - time.time())))
+        try:
+            cancelled += int(st.psql_node(old, "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+                                               "WHERE wait_event = 'SyncRep'", "postgres")[0][0])
+        except (SetupError, subprocess.TimeoutExpired) as ex:
+            log("cancel on the old primary: %s" % ex)
+    run.info.append("COMMITs waiting for synchronous replication on the old primary cancelled by the harness "
+                    "(pg_cancel_backend, every 2 s): %d" % cancelled)
+    with open(old_log, errors="replace") as f:
+        f.seek(log_from)
+        text = f.read()
+    run.info.append("old primary's log during the window: %d COMMITs whose synchronous replication wait was cancelled "
+                    "(WARNING: canceling wait for synchronous replication … already committed locally), %d by "
+                    "statement_timeout" % (text.count("canceling wait for synchronous replication"),
+                                           text.count("canceling statement due to statement timeout")))
     # What each node holds at the fence: what the old one committed alone is lost at its rewind.
     q = ("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM outbox), (SELECT epoch FROM relay_leader), "
          "(SELECT count(*) FROM relay_inflight)")
