@@ -1362,6 +1362,9 @@ daemons_down() {
 
 cmd_up() {
     local t0=$SECONDS
+    if ((PG_HA && TLS)); then
+        die "--pg-standby is not available in the TLS profile (no replication over hostssl yet): use a plain stack"
+    fi
     ensure_packages
     find_java || die "no Java >= 17"
     lock_stack
