@@ -4,7 +4,7 @@
 # broker+controller; one node, or three on request), all bound to 127.0.0.1
 # on non-default ports.
 #
-#   stack.sh up [--redis-replica] [--tls] [--kafka-brokers 1|3]
+#   stack.sh up [--redis-replica] [--tls] [--kafka-brokers 1|3] [--pg-standby]
 #                            install missing Debian packages (as root), start
 #                            whatever is not running, wait until each answers;
 #                            --redis-replica (or CQRS_REDIS_REPLICA_PORT set)
@@ -12,18 +12,24 @@
 #                            --tls makes this stack the
 #                            TLS-everywhere profile (below), for good;
 #                            --kafka-brokers 3 makes it a three-broker Kafka
-#                            cluster (below), for good
+#                            cluster (below), for good;
+#                            --pg-standby gives PostgreSQL a synchronous
+#                            streaming standby (below), for good
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
-#                            Kafka, the Redis replica, Redis, PostgreSQL;
-#                            --purge deletes $STATE
+#                            Kafka, the Redis replica, Redis, PostgreSQL
+#                            (both nodes); --purge deletes $STATE
 #   stack.sh purge           same as down --purge
 #   stack.sh stop SERVER     stop one of postgres, redis, redis-replica, kafka
 #                            (with three brokers: kafka is node 1, kafka-2 and
 #                            kafka-3 the others) (outage tests); `up` starts
-#                            it again
+#                            it again. With a standby: postgres is the
+#                            current primary, pg-standby the current standby,
+#                            pg-node1 and pg-node2 a node by number
 #   stack.sh start KAFKA     start one Kafka node (kafka, kafka-2, kafka-3) and
 #                            wait until it is registered; nothing else
 #                            (outage tests: one broker back of two down)
+#   stack.sh pg-promote      promote the PostgreSQL standby (failover)
+#   stack.sh pg-rejoin       make the other node a standby of the primary
 #   stack.sh status          one line per server; exit 0 if all up, 3 if not
 #   stack.sh env             exports for: eval "$(deploy/local/stack.sh env)"
 #
@@ -83,6 +89,15 @@
 # $STATE/kafka/client.properties holds what a client needs for SASL_SSL (kcat
 # -F, or CQRS_KAFKA_PROPERTIES_FILE).
 #
+# The PostgreSQL standby (`up --pg-standby`, remembered in $STATE/pg-ha): node 1 is the
+# usual server ($STATE/pg, CQRS_PG_PORT), node 2 a copy made by pg_basebackup in
+# $STATE/pg-standby on 127.0.0.1:${CQRS_PG_STANDBY_PORT:-15433}, streaming; the primary
+# waits for it at every commit (synchronous_standby_names). `pg-promote` fails over to
+# the standby, `pg-rejoin` rebuilds the other node as its standby (pg_rewind or a fresh
+# base backup); `up` never starts a node that is not the recorded primary as a primary.
+# `env` then gives CQRS_PG_DSN with both nodes (libpq multi-host, node 1 first,
+# target_session_attrs=read-write: the current primary). Not in the TLS profile.
+#
 # PostgreSQL refuses to run as root, so under root its data folder belongs to
 # the `postgres` system user and initdb/pg_ctl run through `runuser`.
 set -euo pipefail
@@ -108,6 +123,19 @@ PG_SOCK=$PG_DIR/sock
 PG_LOG=$PG_DIR/postgres.log
 PG_USER=cqrs
 PG_DB=cqrs
+
+# A streaming standby (`up --pg-standby`): node 1 is the folder and port above, node 2 lives in
+# $STATE/pg-standby on CQRS_PG_STANDBY_PORT. Which node is the primary, and whether it waits
+# for its standby (synchronous_standby_names), is recorded in $PG_HA_DIR; the roles swap on a
+# failover (pg-promote), so the node numbers, not the folder names, say who is who.
+PG_STANDBY_PORT=${CQRS_PG_STANDBY_PORT:-15433}
+PG_HA_DIR=$STATE/pg-ha       # primary (1 or 2), sync (on or off): the topology, for good
+PG_HA=0
+[[ -f $PG_HA_DIR/primary ]] && PG_HA=1
+PG1_DIR=$PG_DIR PG1_PORT=$PG_PORT
+PG2_DIR=$STATE/pg-standby PG2_PORT=$PG_STANDBY_PORT
+PG_NODE=1
+PG_STANDBY_WAIT=${CQRS_PG_STANDBY_WAIT:-60}
 
 REDIS_DIR=$STATE/redis
 REDIS_PID=$REDIS_DIR/redis.pid
@@ -362,6 +390,10 @@ pg_dsn() {
         printf 'host=localhost port=%s dbname=%s user=%s sslmode=verify-full sslrootcert=%s passfile=%s' \
             "$PG_PORT" "$PG_DB" "$PG_USER" "$(pg_conninfo_value "$TLS_DIR/ca.crt")" \
             "$(pg_conninfo_value "$PG_PASSFILE")"
+    elif ((PG_HA)); then
+        # both nodes, node 1 first; libpq keeps the first that accepts writes
+        printf 'host=127.0.0.1,127.0.0.1 port=%s,%s dbname=%s user=%s target_session_attrs=read-write' \
+            "$PG1_PORT" "$PG2_PORT" "$PG_DB" "$PG_USER"
     else
         printf 'host=127.0.0.1 port=%s dbname=%s user=%s' "$PG_PORT" "$PG_DB" "$PG_USER"
     fi
@@ -431,6 +463,7 @@ log_timezone = 'UTC'
 logging_collector = off
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
+    ((PG_HA)) && pg_write_ha_conf
     if ((TLS)); then
         cat >>"$PG_DATA/cqrs_stack.conf" <<EOF
 # TLS profile
@@ -556,6 +589,354 @@ pg_down() {
         pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null 9>&- ||
             die_log "postgres: pg_ctl stop failed" "$PG_LOG"
     fi
+}
+
+# ------------------------------------------------ PostgreSQL standby (HA) ---
+#
+# `up --pg-standby`: two nodes, a primary and a streaming standby made by pg_basebackup from
+# it, each with its own application_name (cqrs_node1, cqrs_node2). The primary lists the other
+# node in synchronous_standby_names (synchronous_commit = on): a COMMIT is acknowledged once the
+# standby flushed it, so an acknowledged command survives the primary's loss. Failover is
+# manual, as an operator or Patroni would do it:
+#   pg-promote  promotes the standby and records it as the primary; like Patroni in non-strict
+#               synchronous mode its synchronous_standby_names is '' while it has no standby
+#               (else every commit would wait for ever). It does not stop the old primary.
+#   pg-rejoin   makes the other node a standby of the primary: stopped if it runs as a
+#               primary (fenced), pg_rewind (which runs crash recovery itself after a kill),
+#               a fresh pg_basebackup when that fails; started, streaming, and then the primary
+#               waits for it again.
+# `up` starts the recorded primary as pg_up always did; the other node only ever as a standby:
+# a node running as a primary that is not the recorded one is fenced (stopped immediately) and
+# rejoined, a former primary that is down is rejoined, never started as it was (split brain).
+# Clients get both nodes in one libpq connection string with target_session_attrs=read-write
+# (`env`): libpq tries them in order and keeps the first that accepts writes.
+
+# pg_select N: the PG_* variables (folder, data, socket, log, port) of node N.
+pg_select() {
+    PG_NODE=$1
+    if (($1 == 1)); then
+        PG_DIR=$PG1_DIR PG_PORT=$PG1_PORT
+    else
+        PG_DIR=$PG2_DIR PG_PORT=$PG2_PORT
+    fi
+    PG_DATA=$PG_DIR/data PG_SOCK=$PG_DIR/sock PG_LOG=$PG_DIR/postgres.log
+}
+
+pg_node_port() { (($1 == 1)) && echo "$PG1_PORT" || echo "$PG2_PORT"; }
+
+pg_app_name() { printf 'cqrs_node%s' "$1"; }
+
+# The recorded primary (1 when none is recorded) and whether it waits for its standby.
+pg_ha_primary() {
+    local n
+    n=$(cat "$PG_HA_DIR/primary" 2>/dev/null || true)
+    [[ $n == 2 ]] && echo 2 || echo 1
+}
+pg_ha_sync() { [[ $(cat "$PG_HA_DIR/sync" 2>/dev/null || true) == off ]] && echo off || echo on; }
+
+# pg_ha_record FILE VALUE: one fact of the topology, replaced atomically.
+pg_ha_record() {
+    mkdir -p "$PG_HA_DIR"
+    printf '%s\n' "$2" >"$PG_HA_DIR/$1.tmp" && mv -f "$PG_HA_DIR/$1.tmp" "$PG_HA_DIR/$1"
+}
+
+# What the selected node's cqrs_stack.conf adds with a standby. PG_HA_PRIMARY and PG_HA_SYNC
+# (set by the caller) override the recorded topology: pg-promote writes the new primary's
+# settings before it records them.
+pg_write_ha_conf() {
+    local primary=${PG_HA_PRIMARY:-$(pg_ha_primary)} sync=${PG_HA_SYNC:-$(pg_ha_sync)}
+    local other=$((3 - PG_NODE)) names=''
+    if ((PG_NODE == primary)) && [[ $sync == on ]]; then
+        names="FIRST 1 ($(pg_app_name "$other"))"
+    fi
+    cat >>"$PG_DATA/cqrs_stack.conf" <<EOF
+# Streaming replication (stack.sh up --pg-standby): node $PG_NODE of 2; node $primary is the primary
+wal_level = replica
+wal_log_hints = on
+max_wal_senders = 10
+wal_keep_size = '512MB'
+hot_standby = on
+synchronous_standby_names = '$names'
+# used while this node is a standby (standby.signal): it follows the other node
+primary_conninfo = 'host=127.0.0.1 port=$(pg_node_port "$other") user=$PG_USER application_name=$(pg_app_name "$PG_NODE")'
+recovery_target_timeline = 'latest'
+EOF
+}
+
+# psql -c SQL on the selected node (plain profile: TCP, trust); empty when it does not answer.
+pg_node_sql() {
+    "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -XtAq -c "$1" 2>/dev/null || true
+}
+
+# pg_is_in_recovery() of the selected node: t (a standby), f (a primary), empty (no answer).
+pg_in_recovery() { pg_node_sql 'select pg_is_in_recovery()'; }
+
+# The selected node's pg_stat_replication.state of standby node N (streaming once caught up).
+pg_replica_state() {
+    pg_node_sql "select state from pg_stat_replication where application_name = '$(pg_app_name "$1")'"
+}
+
+pg_stop_node() {
+    local mode=${1:-fast}
+    pg_running || return 0
+    log "postgres node $PG_NODE: stopping ($mode, pid $(pg_pid))"
+    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m "$mode" -w -t 60 stop >/dev/null 9>&- ||
+        die_log "postgres node $PG_NODE: pg_ctl stop -m $mode failed" "$PG_LOG"
+}
+
+# pg_start_node [try]: pg_ctl start of the selected node; with `try`, a failure is returned.
+pg_start_node() {
+    port_busy "$PG_PORT" && die "postgres node $PG_NODE: port 127.0.0.1:$PG_PORT is already taken by another process"
+    log "postgres node $PG_NODE: starting on 127.0.0.1:$PG_PORT"
+    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 9>&- && return 0
+    [[ ${1:-} == try ]] || die_log "postgres node $PG_NODE: pg_ctl start failed" "$PG_LOG"
+    log "postgres node $PG_NODE: pg_ctl start failed: $(grep FATAL "$PG_LOG" | tail -n 1)"
+    return 1
+}
+
+pg_node_dirs() {
+    mkdir -p "$PG_DIR" "$PG_SOCK"
+    touch "$PG_LOG"
+    if is_root; then
+        chown postgres:postgres "$PG_DIR" "$PG_SOCK" "$PG_LOG"
+        pg_fix_traversal
+    fi
+}
+
+# pg_basebackup_node P: the selected node's data folder, anew: a copy of node P's.
+pg_basebackup_node() {
+    local src_port
+    src_port=$(pg_node_port "$1")
+    log "postgres node $PG_NODE: pg_basebackup from node $1 (127.0.0.1:$src_port)"
+    rm -rf "$PG_DATA"
+    mkdir -p "$PG_DATA"
+    is_root && chown postgres:postgres "$PG_DATA"
+    chmod 700 "$PG_DATA"
+    pg_as_owner "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$src_port" -U "$PG_USER" -D "$PG_DATA" \
+        -X stream -c fast >>"$PG_DIR/basebackup.log" 2>&1 9>&- ||
+        die_log "postgres node $PG_NODE: pg_basebackup from 127.0.0.1:$src_port failed" "$PG_DIR/basebackup.log"
+}
+
+# pg_rewind_node P: the selected (stopped) node's data folder rewound to node P's timeline
+# (pg_rewind copies the configuration files too: pg_write_conf follows). Fails when it cannot.
+pg_rewind_node() {
+    local src_port
+    src_port=$(pg_node_port "$1")
+    log "postgres node $PG_NODE: pg_rewind from node $1 (127.0.0.1:$src_port)"
+    rm -f "$PG_DATA/standby.signal"
+    if pg_as_owner "$PG_BIN/pg_rewind" -D "$PG_DATA" \
+        --source-server="host=127.0.0.1 port=$src_port user=$PG_USER dbname=postgres" \
+        >>"$PG_DIR/rewind.log" 2>&1 9>&-; then
+        log "postgres node $PG_NODE: $(grep -E 'Done!|no rewind required' "$PG_DIR/rewind.log" | tail -n 1)"
+        return 0
+    fi
+    log "postgres node $PG_NODE: pg_rewind failed: $(tail -n 2 "$PG_DIR/rewind.log" | tr '\n' ' ')"
+    return 1
+}
+
+# A killed postmaster stays a zombie until its parent (init) reaps it, and its lock files name
+# it until then: PostgreSQL (pg_rewind's single-user recovery too) refuses to start while the
+# pid in postmaster.pid still exists. Wait (bounded) until it is gone.
+pg_wait_dead() {
+    local pid i
+    pid=$(pg_pid)
+    [[ -n $pid ]] || return 0
+    for ((i = 0; i < 600; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        pg_running && return 0 # a live postmaster after all: the caller sees it
+        sleep 0.1
+    done
+    die "postgres node $PG_NODE: process $pid of $PG_DATA/postmaster.pid still exists after 60s"
+}
+
+# pg_standby_start [try]: start the selected node as a standby (its data as it is) of the other.
+pg_standby_start() {
+    pg_write_conf
+    local owner=()
+    is_root && owner=(-o postgres -g postgres)
+    install "${owner[@]}" -m 0600 /dev/null "$PG_DATA/standby.signal"
+    pg_start_node "${1:-}"
+}
+
+# pg_wait_streaming S P SECONDS: node P reports node S streaming.
+pg_wait_streaming() {
+    local s=$1 p=$2 deadline=$((SECONDS + $3)) node=$PG_NODE
+    pg_select "$p"
+    while ((SECONDS < deadline)); do
+        if [[ $(pg_replica_state "$s") == streaming ]]; then
+            pg_select "$node"
+            return 0
+        fi
+        sleep 0.5
+    done
+    pg_select "$node"
+    return 1
+}
+
+# pg_sync_set P on|off: whether node P waits for its standby (synchronous_standby_names), recorded.
+pg_sync_set() {
+    local p=$1 node=$PG_NODE
+    pg_ha_record sync "$2"
+    pg_select "$p"
+    pg_write_conf
+    if pg_running; then
+        pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" reload >/dev/null 9>&- ||
+            die_log "postgres node $p: pg_ctl reload failed" "$PG_LOG"
+    fi
+    pg_select "$node"
+}
+
+# pg_rejoin S P: node S becomes a streaming standby of the primary node P, whatever it was:
+# stopped when it runs as a primary (fenced) or streams from nothing; pg_rewind when it was a
+# primary or does not stream, a fresh base backup when that fails; then P waits for it.
+pg_rejoin() {
+    local s=$1 p=$2 t0=$SECONDS
+    pg_select "$s"
+    pg_node_dirs
+    if pg_running; then
+        if [[ $(pg_in_recovery) == t ]]; then
+            # reload: primary_conninfo follows the environment (reloadable since PG 13)
+            pg_write_conf
+            pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" reload >/dev/null 9>&- || true
+            if pg_wait_streaming "$s" "$p" 15; then
+                pg_sync_set "$p" on
+                log "postgres node $s: standby of node $p on 127.0.0.1:$PG_PORT, streaming, synchronous"
+                return 0
+            fi
+            log "postgres node $s: a standby, but not streaming from node $p: stopping it to rewind it"
+            pg_stop_node fast
+        else
+            log "postgres node $s: running as a primary while node $p is the recorded primary: fencing it (immediate stop)"
+            pg_stop_node immediate
+        fi
+    fi
+    pg_wait_dead
+    # pg_rewind before PG 16 reads the source's timeline in its pg_control, which a promotion
+    # updates only at the next checkpoint (Patroni checkpoints too): one now.
+    pg_select "$p"
+    pg_node_sql 'checkpoint' >/dev/null
+    pg_select "$s"
+    local rewound=0
+    if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+        pg_basebackup_node "$p"
+    elif [[ ! -f $PG_DATA/standby.signal ]]; then
+        # a former primary: rewound to the primary's timeline before it starts as a standby
+        if pg_rewind_node "$p"; then rewound=1; else pg_basebackup_node "$p"; fi
+    fi
+    if ! pg_standby_start try || ! pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT"; then
+        pg_stop_node immediate
+        if ((rewound)); then
+            log "postgres node $s: does not stream from node $p after pg_rewind: a fresh base backup"
+        else
+            log "postgres node $s: does not stream from node $p: rewinding it (a fresh base backup if that fails)"
+            pg_rewind_node "$p" || pg_basebackup_node "$p"
+            if pg_standby_start try && pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT"; then
+                pg_sync_set "$p" on
+                log "postgres node $s: standby of node $p on 127.0.0.1:$PG_PORT, streaming, synchronous (in $((SECONDS - t0))s)"
+                return 0
+            fi
+            pg_stop_node immediate
+        fi
+        pg_basebackup_node "$p"
+        pg_standby_start
+        pg_wait_streaming "$s" "$p" "$PG_STANDBY_WAIT" ||
+            die_log "postgres node $s: not streaming from node $p after a fresh base backup" "$PG_LOG"
+    fi
+    pg_sync_set "$p" on
+    log "postgres node $s: standby of node $p on 127.0.0.1:$PG_PORT, streaming, synchronous (in $((SECONDS - t0))s)"
+}
+
+# `up` with a standby: the recorded primary as pg_up starts it, the other node as its standby.
+pg_ha_up() {
+    ((TLS)) && die "postgres: --pg-standby is not available in the TLS profile (no replication over hostssl yet): use a plain stack"
+    local p s
+    if [[ ! -f $PG_HA_DIR/primary ]]; then
+        pg_ha_record sync off # until its standby streams (pg_rejoin)
+        pg_ha_record primary 1
+    fi
+    p=$(pg_ha_primary)
+    s=$((3 - p))
+    # Never two primaries: a node running as a primary that is not the recorded one is fenced.
+    pg_select "$s"
+    if pg_running && [[ $(pg_in_recovery) == f ]]; then
+        log "postgres node $s: running as a primary, but node $p is the recorded primary: fencing it (immediate stop)"
+        pg_stop_node immediate
+    fi
+    # No standby running: the primary must not wait for one while this up brings it back
+    # (non-strict, as Patroni: pg_rejoin below makes it synchronous again once it streams).
+    if ! pg_running && [[ $(pg_ha_sync) == on ]]; then
+        log "postgres node $s (the standby) is down: node $p does not wait for it until it streams again"
+        pg_ha_record sync off
+        pg_select "$p"
+        if pg_running; then pg_sync_set "$p" off; fi
+    fi
+    pg_select "$p"
+    if [[ -f $PG_DATA/standby.signal ]]; then
+        die "postgres node $p is the recorded primary ($PG_HA_DIR/primary) but its data is a standby's (standby.signal): finish its promotion by hand"
+    fi
+    ((p == 1)) || [[ -f $PG_DATA/PG_VERSION ]] ||
+        die "postgres node $p is the recorded primary but has no data in $PG_DATA"
+    pg_up
+    # a primary made without these settings (a 1-node stack until now): wal_log_hints needs a restart
+    if [[ $(pg_node_sql 'show wal_log_hints') != on ]]; then
+        log "postgres node $p: restarting for wal_log_hints = on (pg_rewind)"
+        pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -m fast -w -t 60 restart >/dev/null 9>&- ||
+            die_log "postgres node $p: pg_ctl restart failed" "$PG_LOG"
+    fi
+    pg_rejoin "$s" "$p"
+    pg_select 1
+}
+
+# `stack.sh pg-promote`: the standby becomes the primary, recorded; it waits for no standby.
+cmd_pg_promote() {
+    ((PG_HA)) || die "pg-promote: this stack has no standby ('up --pg-standby')"
+    local p s t0 i
+    p=$(pg_ha_primary)
+    s=$((3 - p))
+    pg_select "$s"
+    pg_running || die "pg-promote: node $s (the standby) is not running"
+    [[ $(pg_in_recovery) == t ]] || die "pg-promote: node $s is not in recovery (not a standby)"
+    # its settings as the primary first: no synchronous standby to wait for
+    PG_HA_PRIMARY=$s PG_HA_SYNC=off pg_write_conf
+    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" reload >/dev/null 9>&- ||
+        die_log "pg-promote: pg_ctl reload of node $s failed" "$PG_LOG"
+    t0=$(date +%s%N)
+    log "postgres node $s: promoting"
+    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -t 60 promote >/dev/null 9>&- ||
+        die_log "pg-promote: pg_ctl promote of node $s failed" "$PG_LOG"
+    for ((i = 0; i < 600; i++)); do
+        [[ $(pg_in_recovery) == f ]] && break
+        sleep 0.1
+    done
+    [[ $(pg_in_recovery) == f ]] || die_log "pg-promote: node $s still in recovery after 60s" "$PG_LOG"
+    pg_ha_record sync off
+    pg_ha_record primary "$s"
+    log "postgres node $s: the primary on 127.0.0.1:$PG_PORT (promoted in $((($(date +%s%N) - t0) / 1000000)) ms; synchronous_standby_names '' until a standby rejoins)"
+    # the new timeline into pg_control (pg_rewind of the old primary reads it there before PG 16)
+    pg_node_sql 'checkpoint' >/dev/null
+    pg_select "$p"
+    if pg_running; then
+        log "postgres node $p (the old primary) still runs as a primary: fence it ('stop pg-node$p'), then 'pg-rejoin'"
+    fi
+    pg_select 1
+}
+
+# `stack.sh pg-rejoin`: the node that is not the primary becomes its synchronous standby.
+cmd_pg_rejoin() {
+    ((PG_HA)) || die "pg-rejoin: this stack has no standby ('up --pg-standby')"
+    local p
+    p=$(pg_ha_primary)
+    pg_select "$p"
+    pg_running && [[ $(pg_in_recovery) == f ]] || die "pg-rejoin: node $p (the recorded primary) does not run as a primary"
+    pg_rejoin $((3 - p)) "$p"
+    pg_select 1
+}
+
+# pg_stop_node_n N: a fast stop of node N.
+pg_stop_node_n() {
+    pg_select "$1"
+    pg_stop_node fast
+    pg_select 1
 }
 
 # ---------------------------------------------------------------- Redis ---
@@ -1263,13 +1644,16 @@ daemons_down() {
 
 cmd_up() {
     local t0=$SECONDS
+    if ((PG_HA && TLS)); then
+        die "--pg-standby is not available in the TLS profile (no replication over hostssl yet): use a plain stack"
+    fi
     ensure_packages
     find_java || die "no Java >= 17"
     lock_stack
     kafka_topology
     log "state folder $STATE$( ((TLS)) && echo ' (TLS profile)')$( ((KAFKA_NODES > 1)) && echo " ($KAFKA_NODES Kafka brokers)")"
     tls_prepare
-    pg_up
+    if ((PG_HA)); then pg_ha_up; else pg_up; fi
     redis_up
     ((REDIS_REPLICA)) && redis_up replica
     kafka_up
@@ -1285,6 +1669,7 @@ cmd_down() {
     redis_down replica
     redis_down
     pg_down
+    if ((PG_HA)); then pg_stop_node_n 2; fi
     if [[ $purge == --purge ]]; then
         case $STATE in
         / | "$HOME" | "$REPO_DIR" | "$SCRIPT_DIR"*) die "refusing to delete $STATE" ;;
@@ -1311,13 +1696,56 @@ status_line() {
     [[ $state == running ]]
 }
 
+# With a standby: `postgres` is the recorded primary, `pg-standby` the other node, each with
+# its node number and the role it answers (pg_is_in_recovery); a node in the wrong role, or a
+# standby the primary does not see streaming, is a failure.
+pg_ha_status() {
+    local p s n row want role state addr pid rc=0 repl
+    p=$(pg_ha_primary)
+    s=$((3 - p))
+    for n in "$p" "$s"; do
+        pg_select "$n"
+        if ((n == p)); then row=postgres want=f; else row=pg-standby want=t; fi
+        state=stopped role=- addr="127.0.0.1:$PG_PORT" pid=$(pg_pid)
+        if pg_running; then
+            state=running
+            role=$(pg_in_recovery)
+            if [[ -z $role ]]; then
+                state=no-answer role=-
+            elif [[ $role != "$want" ]]; then
+                state=wrong-role
+            fi
+            [[ $role == t ]] && role=standby
+            [[ $role == f ]] && role=primary
+            if [[ -n $(pg_actual_port) && $(pg_actual_port) != "$PG_PORT" ]]; then
+                state=wrong-port addr="127.0.0.1:$(pg_actual_port) (not $PG_PORT)"
+            fi
+        fi
+        if ((n == s)) && [[ $state == running ]]; then
+            pg_select "$p"
+            repl=$(pg_node_sql "select state || ' ' || sync_state from pg_stat_replication where application_name = '$(pg_app_name "$s")'")
+            pg_select "$n"
+            role="$role, ${repl:-not streaming}"
+            [[ $repl == streaming* ]] || state=no-stream
+        fi
+        printf '%-14s %-10s %-22s %-8s node%s %s\n' "$row" "$state" "$addr" "${pid:--}" "$n" "$role"
+        [[ $state == running ]] || rc=3
+    done
+    pg_select 1
+    return "$rc"
+}
+
 cmd_status() {
     local ok=0 r a pid f
     printf '%-14s %-10s %-22s %s\n' SERVER STATE ADDRESS PID
-    r=0 a=0
-    pg_running && r=1 && pg_answers && a=1
-    status_line postgres "127.0.0.1:$PG_PORT" "$(pg_pid)" "$r" "$a" \
-        "$(pg_actual_port)" "$PG_PORT" || ok=3
+    if ((PG_HA)); then
+        pg_ha_status || ok=3
+    else
+        r=0 a=0
+        pg_running && r=1 && pg_answers && a=1
+        status_line postgres "127.0.0.1:$PG_PORT" "$(pg_pid)" "$r" "$a" \
+            "$(pg_actual_port)" "$PG_PORT" || ok=3
+    fi
     r=0 a=0
     redis_running && r=1 && redis_answers && a=1
     status_line redis "127.0.0.1:$REDIS_PORT" "$(redis_pid)" "$r" "$a" \
@@ -1359,6 +1787,7 @@ cmd_env() {
         printf 'export CQRS_TLS_DIR=%s\n' "$(sq "$TLS_DIR")"
     fi
     printf 'export CQRS_PG_PORT=%s\n' "$(sq "$PG_PORT")"
+    ((PG_HA)) && printf 'export CQRS_PG_STANDBY_PORT=%s\n' "$(sq "$PG_STANDBY_PORT")"
     printf 'export CQRS_REDIS_PORT=%s\n' "$(sq "$REDIS_PORT")"
     printf 'export CQRS_KAFKA_PORT=%s\n' "$(sq "$KAFKA_PORT")"
     printf 'export CQRS_KAFKA_CONTROLLER_PORT=%s\n' "$(sq "$KAFKA_CONTROLLER_PORT")"
@@ -1433,7 +1862,8 @@ main() {
                 KAFKA_NODES_ASKED=$2
                 shift
                 ;;
-            *) die "unknown option for up: $1 (--redis-replica, --tls, --kafka-brokers 1|3)" ;;
+            --pg-standby) PG_HA=1 ;;
+            *) die "unknown option for up: $1 (--redis-replica, --tls, --kafka-brokers 1|3, --pg-standby)" ;;
             esac
             shift
         done
@@ -1450,7 +1880,9 @@ main() {
         # One server, e.g. for outage tests; `up` starts it again.
         lock_stack
         case ${1:-} in
-        postgres) pg_down ;;
+        postgres) if ((PG_HA)); then pg_stop_node_n "$(pg_ha_primary)"; else pg_down; fi ;;
+        pg-standby) ((PG_HA)) || die "this stack has no standby"; pg_stop_node_n $((3 - $(pg_ha_primary))) ;;
+        pg-node1 | pg-node2) ((PG_HA)) || die "this stack has no standby"; pg_stop_node_n "${1#pg-node}" ;;
         redis) redis_down ;;
         redis-replica) redis_down replica ;;
         kafka) kafka_down 1 ;;
@@ -1458,7 +1890,7 @@ main() {
             ((KAFKA_NODES > 1)) || die "$1: this stack runs one Kafka broker (up --kafka-brokers 3)"
             kafka_down "${1#kafka-}"
             ;;
-        *) die "stop what? postgres, redis, redis-replica, kafka (kafka-2, kafka-3 with three brokers)" ;;
+        *) die "stop what? postgres, pg-standby, pg-node1, pg-node2 (with a standby), redis, redis-replica, kafka (kafka-2, kafka-3 with three brokers)" ;;
         esac
         ;;
     start)
@@ -1473,6 +1905,8 @@ main() {
         *) die "start what? kafka (kafka-2, kafka-3 with three brokers); 'up' starts everything" ;;
         esac
         ;;
+    pg-promote) lock_stack && cmd_pg_promote ;;
+    pg-rejoin) lock_stack && cmd_pg_rejoin ;;
     status) cmd_status ;;
     env) cmd_env ;;
     -h | --help | help) usage 0 ;;

@@ -33,9 +33,16 @@ is an error: the suite never skips).
 
   fault.py --build BUILD_DIR [--replicated] [--scenario NAME ...] [--seed N] [--long]
 
---replicated runs the replicated-Kafka scenarios (REPLICATED_KAFKA) instead of the classic ones,
-on a stack with three Kafka brokers (stack.sh up --kafka-brokers 3; tests/fault/run.sh BUILD
---replicated); --scenario finds names in both lists.
+--replicated runs the replicated scenarios (REPLICATED_KAFKA, REPLICATED_PG) instead of the
+classic ones, on a stack with three Kafka brokers and a PostgreSQL standby (stack.sh up
+--kafka-brokers 3 --pg-standby; tests/fault/run.sh BUILD --replicated); --scenario finds names
+in every list.
+
+Replicated PostgreSQL (REPLICATED_PG): a stack with a synchronous streaming standby (stack.sh up
+--pg-standby); the daemons get both nodes in one libpq connection string
+(target_session_attrs=read-write). The primary is SIGKILLed and the standby promoted, or the
+standby is promoted while the old primary runs on (split brain) until it is fenced; the old
+primary is then rebuilt as a standby (stack.sh pg-rejoin: pg_rewind).
 """
 import argparse
 import bisect
@@ -80,8 +87,8 @@ class SetupError(Exception):
 
 def free_port():
     """A port below the ephemeral range (32768+), where no outgoing connection can take it."""
-    stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_REDIS_PORT", "CQRS_REDIS_REPLICA_PORT",
-                                         "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT",
+    stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_PG_STANDBY_PORT", "CQRS_REDIS_PORT",
+                                         "CQRS_REDIS_REPLICA_PORT", "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT",
                                          "CQRS_KAFKA_PORT_2", "CQRS_KAFKA_CONTROLLER_PORT_2",
                                          "CQRS_KAFKA_PORT_3", "CQRS_KAFKA_CONTROLLER_PORT_3")}
     while True:
@@ -291,6 +298,11 @@ class Stack:
         # The replica (stack.sh up --redis-replica), for the failover scenarios.
         m = re.match(r"redis://[^:/]+:(\d+)", os.environ.get("CQRS_REDIS_REPLICA_URL", ""))
         self.replica_port = int(m.group(1)) if m else None
+        # The PostgreSQL standby (stack.sh up --pg-standby): node 1 on CQRS_PG_PORT in pg/, node 2
+        # on CQRS_PG_STANDBY_PORT in pg-standby/; which one is the primary is in pg-ha/primary.
+        self.pg_ports = {1: int(os.environ.get("CQRS_PG_PORT", "0") or 0),
+                         2: int(os.environ.get("CQRS_PG_STANDBY_PORT", "0") or 0)}
+        self.pg_standby = bool(self.pg_ports[2]) and os.path.exists(os.path.join(self.dir, "pg-ha", "primary"))
         out = subprocess.run([STACK_SH, "status"], capture_output=True, text=True)
         if out.returncode != 0:
             raise SetupError("stack.sh status: a server is down:\n" + out.stdout + out.stderr)
@@ -308,11 +320,77 @@ class Stack:
             return None
 
     def pid(self, server):
+        if server == "postgres":  # the current primary
+            return self.pg_pid(self.pg_primary())
         return self._pid({"kafka": os.path.join(self.dir, "kafka", "kafka.pid"),
                           "kafka-2": os.path.join(self.dir, "kafka-2", "kafka.pid"),
                           "kafka-3": os.path.join(self.dir, "kafka-3", "kafka.pid"),
-                          "redis": os.path.join(self.dir, "redis", "redis.pid"),
-                          "postgres": os.path.join(self.dir, "pg", "data", "postmaster.pid")}[server])
+                          "redis": os.path.join(self.dir, "redis", "redis.pid")}[server])
+
+    # ---- PostgreSQL nodes (a stack with a standby; node 1 alone otherwise) ----
+
+    def pg_primary(self):
+        """The node stack.sh records as the primary (1 without a standby)."""
+        try:
+            with open(os.path.join(self.dir, "pg-ha", "primary")) as f:
+                return 2 if f.read().strip() == "2" else 1
+        except OSError:
+            return 1
+
+    def pg_data(self, node):
+        return os.path.join(self.dir, "pg" if node == 1 else "pg-standby", "data")
+
+    def pg_pid(self, node):
+        return self._pid(os.path.join(self.pg_data(node), "postmaster.pid"))
+
+    def pg_kill_node(self, node):
+        """SIGKILL to a node's postmaster and every process of it: its backends would linger
+        after the postmaster alone is killed. Returns (postmaster pid, processes killed)."""
+        pid = self.pg_pid(node)
+        if not pid:
+            raise SetupError("no postmaster.pid for PostgreSQL node %d" % node)
+        victims = {pid}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid or int(fields[2]) == pid:  # ppid or process group
+                    victims.add(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+        for v in [pid] + sorted(victims - {pid}):
+            try:
+                os.kill(v, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for v in victims:
+            self.wait_gone(v)
+        return pid, len(victims)
+
+    def stack_sh(self, *args):
+        """stack.sh ARGS; (seconds it took, its log lines)."""
+        t0 = time.time()
+        r = subprocess.run([STACK_SH, *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SetupError("stack.sh %s failed:\n%s" % (" ".join(args), r.stderr[-2000:]))
+        return time.time() - t0, r.stderr
+
+    def pg_promote(self):
+        return self.stack_sh("pg-promote")
+
+    def pg_rejoin(self):
+        return self.stack_sh("pg-rejoin")
+
+    def psql_node(self, node, sql, dbname):
+        """psql on one node, whatever its role (a short connect timeout; reads only)."""
+        dsn = "host=127.0.0.1 port=%d user=cqrs dbname=%s connect_timeout=3" % (self.pg_ports[node], dbname)
+        r = subprocess.run([os.path.join(PG_BIN, "psql"), "-XAtq", "-F", "\t", "-d", dsn, "-c", sql],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise SetupError("psql on node %d: %s: %s" % (node, sql[:80], r.stderr.strip()))
+        return [line.split("\t") for line in r.stdout.splitlines() if line]
 
     def signal(self, server, sig):
         pid = self.pid(server)
@@ -1158,7 +1236,7 @@ def ready_all(run, seconds=90):
 class Scenario:
     def __init__(self, name, about, commandd_fp="", queryd_fp="", arm=3, long_arm=None, commandds=1,
                  nemesis=None, negative=False, unsafe=None, load_s=2.0, bound=None, queryds=1,
-                 queryd_env=None, prepare=None, check_dlq=False):
+                 queryd_env=None, prepare=None, check_dlq=False, commandd_env=None):
         self.name, self.about = name, about
         self.commandd_fp, self.queryd_fp, self.arm = commandd_fp, queryd_fp, arm
         self.long_arm = long_arm or arm
@@ -1169,6 +1247,7 @@ class Scenario:
         self.queryd_env = queryd_env or {}  # e.g. a CQRS_UNSAFE_* switch of the projector
         self.prepare = prepare  # prepare(run) before the database, daemons and load exist
         self.check_dlq = check_dlq  # the checker also requires that no aggregate is held
+        self.commandd_env = commandd_env or {}  # settings of every cqrs-commandd (unsafe ones: `unsafe`)
 
 
 def nem_failpoint_commandd(run, sc, opts):
@@ -1949,6 +2028,183 @@ REPLICATED_KAFKA = [
 ]
 
 
+# ------------------------------------------------------------------ replicated PostgreSQL ---
+#
+# A stack with a synchronous streaming standby (tests/fault/run.sh --replicated: stack.sh up
+# --pg-standby). The daemons are given stack.sh's multi-host DSN (both nodes, node 1 first,
+# target_session_attrs=read-write): after a failover libpq finds the new primary by itself.
+
+PG_STATEMENT_TIMEOUT_MS = int(os.environ.get("CQRS_PG_STATEMENT_TIMEOUT_MS", "5000") or 5000)
+# The split-brain scenarios run the relay with the shortest stall time, so that its supervisor
+# cancels a statement hung on the old primary (PQcancel) within the window.
+PG_RELAY_STALL_MS = 10000
+
+
+def wait_acked(run, n, seconds=60):
+    """Until the clients have n acknowledged commands (bounded): the load really runs."""
+    end = time.time() + seconds
+    while time.time() < end:
+        with run.wl.lock:
+            if sum(op["outcome"] == "ok" for op in run.wl.ops) >= n:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def window_outcomes(run, what, t_a, t_b):
+    """After the run (a cleanup, so every command has ended): the commands in flight between
+    t_a and t_b, by outcome, and the first acknowledgement of a command sent after t_a."""
+    def fact():
+        ops = list(run.wl.ops) if run.wl else []
+        during = collections.Counter(op["outcome"] for op in ops if op["t0"] < t_b and op["t1"] > t_a)
+        first = min((op["t1"] for op in ops if op["outcome"] == "ok" and op["t0"] > t_a), default=None)
+        run.info.append("%s (%.1f s): %d commands in flight — ok %d, failed %d, unknown %d; first acknowledgement "
+                        "of a command sent after it began: %s"
+                        % (what, t_b - t_a, sum(during.values()), during["ok"], during["failed"], during["unknown"],
+                           "+%.1f s" % (first - t_a) if first else "none"))
+    run.cleanups.append(fact)
+
+
+def rejoin_fact(run, node, seconds, out):
+    how = "a fresh base backup" if "pg_basebackup from" in out else \
+        "pg_rewind" if "pg_rewind: Done" in out else "no rewind needed" if "no rewind required" in out else "?"
+    run.info.append("old primary (node %d) rejoined as a synchronous standby in %.1f s (%s)" % (node, seconds, how))
+
+
+def pg_replicated_prepare(run):
+    st = run.stack
+    if not st.pg_standby:
+        raise SetupError("this scenario needs the stack's PostgreSQL standby (CQRS_PG_STANDBY_PORT, stack.sh up "
+                         "--pg-standby): tests/fault/run.sh --replicated starts one")
+    st.up()
+    primary = st.pg_primary()
+    run.info.append("PostgreSQL: node %d primary, node %d its synchronous standby" % (primary, 3 - primary))
+
+
+def pg_node1_primary_prepare(run):
+    """pg_replicated_prepare, and node 1 (first in the DSN) the primary: a switchover back to it
+    (promote, rejoin) when an earlier scenario left node 2 the primary."""
+    pg_replicated_prepare(run)
+    st = run.stack
+    if st.pg_primary() != 1:
+        st.pg_promote()
+        st.pg_rejoin()
+        run.info.append("switched over to node 1 first (the first host of the DSN)")
+
+
+def nem_pg_kill_promote(run, sc, opts):
+    """The primary SIGKILLed (postmaster and backends) under load, the standby promoted after a
+    second (failure detection), the load goes on against it, then the old primary is rebuilt as
+    its standby (pg_rewind after the crash) and the new primary waits for it again."""
+    st = run.stack
+    if not wait_acked(run, 20):
+        run.problems.append("fewer than 20 acknowledged commands before the fault")
+    time.sleep(1.0)
+    old = st.pg_primary()
+    t_kill = time.time()
+    pid, n = st.pg_kill_node(old)
+    log("postgres node %d (primary) SIGKILLed: postmaster %d and %d processes in all" % (old, pid, n))
+    time.sleep(1.0)  # failure detection
+    seconds, _ = st.pg_promote()
+    t_promoted = time.time()
+    run.t_heal = t_promoted
+    log("standby (node %d) promoted in %.2f s, %.2f s after the kill" % (3 - old, seconds, t_promoted - t_kill))
+    run.info.append("primary (node %d) SIGKILLed (%d processes); standby promoted by stack.sh pg-promote in %.2f s, "
+                    "writable %.2f s after the kill" % (old, n, seconds, t_promoted - t_kill))
+    window_outcomes(run, "from the kill to the promotion", t_kill, t_promoted)
+    time.sleep(3.0)  # load on the new primary, which waits for no standby now
+    seconds, out = st.pg_rejoin()
+    rejoin_fact(run, old, seconds, out)
+    ready_all(run)
+
+
+def nem_pg_split_brain(run, sc, opts):
+    """The standby promoted while the old primary keeps running: the daemons' connections stay on
+    it (it is first in the DSN and, not in recovery, still read-write). Its commits wait for a
+    synchronous standby that no longer follows it; statement_timeout does not end that wait
+    (PostgreSQL disables it before the commit), a cancel does (the relay's supervisor, PQcancel
+    after its stall time; for the commands, the harness's pg_cancel_backend below), and then the
+    COMMIT reports success with a WARNING ("already committed locally"). After the window the old primary is fenced (SIGKILL, as Patroni or a managed
+    service stops it) and rebuilt as the new primary's standby with pg_rewind, which throws away
+    whatever it committed alone."""
+    st = run.stack
+    if not wait_acked(run, 20):
+        run.problems.append("fewer than 20 acknowledged commands before the fault")
+    time.sleep(1.0)
+    old = st.pg_primary()
+    new = 3 - old
+    old_log = os.path.join(os.path.dirname(st.pg_data(old)), "postgres.log")
+    log_from = os.path.getsize(old_log)
+    seconds, _ = st.pg_promote()
+    t_promoted = time.time()
+    # The daemons cancel a COMMIT (and every relay statement) still unanswered a second past
+    # their statement timeout (store.c, cqrs__pg_exec_bounded): the window holds three of those
+    # and a relay round or two (take the lease, record the batch, commit in Kafka, delete).
+    window = max(3 * (PG_STATEMENT_TIMEOUT_MS + 1000), 2 * PG_RELAY_STALL_MS) / 1000.0
+    log("standby (node %d) promoted in %.2f s while node %d runs on; fencing it in %.0f s" % (new, seconds, old, window))
+    run.info.append("standby (node %d) promoted in %.2f s with the old primary (node %d) running; fenced %.0f s later "
+                    "(max(3 × (statement timeout %d ms + 1 s), 2 × relay stall %d ms))"
+                    % (new, seconds, old, window, PG_STATEMENT_TIMEOUT_MS, PG_RELAY_STALL_MS))
+    # statement_timeout never ends a COMMIT's wait for synchronous replication (PostgreSQL
+    # disables it before committing); a cancel does, and the COMMIT then reports success with a
+    # WARNING, committed on the old primary alone. The daemons send their own cancels; the
+    # harness also cancels the waiting COMMITs now and then, as a client's request deadline, a
+    # pooler's query_timeout or an operator would (pg_cancel_backend).
+    cancelled, end = 0, time.time() + window
+    while time.time() < end:
+        time.sleep(min(2.0, max(0.0, end - time.time())))
+        try:
+            cancelled += int(st.psql_node(old, "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+                                               "WHERE wait_event = 'SyncRep'", "postgres")[0][0])
+        except (SetupError, subprocess.TimeoutExpired) as ex:
+            log("cancel on the old primary: %s" % ex)
+    run.info.append("COMMITs waiting for synchronous replication on the old primary cancelled by the harness "
+                    "(pg_cancel_backend, every 2 s): %d" % cancelled)
+    with open(old_log, errors="replace") as f:
+        f.seek(log_from)
+        text = f.read()
+    run.info.append("old primary's log during the window: %d COMMITs whose synchronous replication wait was cancelled "
+                    "(WARNING: canceling wait for synchronous replication … already committed locally), %d by "
+                    "statement_timeout" % (text.count("canceling wait for synchronous replication"),
+                                           text.count("canceling statement due to statement timeout")))
+    # What each node holds at the fence: what the old one committed alone is lost at its rewind.
+    q = ("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM outbox), (SELECT epoch FROM relay_leader), "
+         "(SELECT count(*) FROM relay_inflight)")
+    try:
+        held = {node: st.psql_node(node, q, run.dbname)[0] for node in (old, new)}
+        waiting = st.psql_node(old, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                               "postgres")[0][0]
+        run.info.append("at the fence — old primary: %s events, %s outbox rows, relay epoch %s, %s in-flight records, "
+                        "%s sessions waiting for synchronous replication; new primary: %s events, %s outbox rows, "
+                        "relay epoch %s, %s in-flight records" % (*held[old], waiting, *held[new]))
+    except SetupError as ex:
+        run.info.append("at the fence: %s" % ex)
+    t_fence = time.time()
+    pid, n = st.pg_kill_node(old)
+    run.t_heal = time.time()
+    log("old primary (node %d) fenced: SIGKILL to %d processes" % (old, n))
+    window_outcomes(run, "split-brain window, from the promotion to the fence", t_promoted, t_fence)
+    seconds, out = st.pg_rejoin()
+    rejoin_fact(run, old, seconds, out)
+    ready_all(run)
+
+
+REPLICATED_PG = [
+    Scenario("pg-primary-kill-promote", "PostgreSQL primary SIGKILLed under load, its synchronous standby promoted, "
+             "the old primary rewound and rejoined as a standby", prepare=pg_replicated_prepare,
+             nemesis=nem_pg_kill_promote, bound=90),
+    Scenario("pg-promote-old-primary-alive", "PostgreSQL standby promoted while the old primary runs on and the daemons "
+             "stay connected to it (split brain), then the old primary fenced and rewound",
+             prepare=pg_node1_primary_prepare, nemesis=nem_pg_split_brain, bound=90,
+             commandd_env={"CQRS_RELAY_STALL_MS": str(PG_RELAY_STALL_MS)}),
+    Scenario("NEGATIVE-pg-trust-unreplicated-commit", "negative control: pg-promote-old-primary-alive with "
+             "CQRS_UNSAFE_TRUST_UNREPLICATED_COMMIT=1 (a COMMIT whose synchronous replication wait was cancelled "
+             "counts as done)", prepare=pg_node1_primary_prepare, nemesis=nem_pg_split_brain, bound=60,
+             commandd_env={"CQRS_RELAY_STALL_MS": str(PG_RELAY_STALL_MS)},
+             unsafe={"CQRS_UNSAFE_TRUST_UNREPLICATED_COMMIT": "1"}, negative=True),
+]
+
+
 def run_scenario(stack, opts, sc, workdir):
     log("=== %s: %s" % (sc.name, sc.about))
     run = Run(stack, opts.build, workdir, sc.name)
@@ -1964,7 +2220,7 @@ def run_scenario(stack, opts, sc, workdir):
         run.setup()
         for i in range(sc.commandds):
             fp = sc.commandd_fp if i == 0 else ""
-            run.add("commandd", fp, sc.unsafe, arm=sc.arm if fp else 0)
+            run.add("commandd", fp, dict(sc.commandd_env, **(sc.unsafe or {})), arm=sc.arm if fp else 0)
             if i == 0 and sc.commandds > 1 and not leader(run, 20):
                 raise SetupError("the first commandd did not become the relay leader")
         for i in range(sc.queryds):
@@ -2059,14 +2315,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", required=True, help="build folder of a -DCQRS_ENABLE_FAILPOINTS=ON build")
     ap.add_argument("--scenario", action="append", help="run only these (repeatable)")
-    ap.add_argument("--replicated", action="store_true",
-                    help="the replicated-Kafka scenarios instead of the classic ones (needs three brokers)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the workload and the random mix")
     ap.add_argument("--long", action="store_true", default=os.environ.get("CQRS_FAULT_LONG") == "1",
                     help="more rounds and longer load (also CQRS_FAULT_LONG=1)")
     ap.add_argument("--bound", type=int, default=180, help="seconds allowed to converge after the heal")
     ap.add_argument("--table", default=None, help="also write the results (table and problems) to this file")
     ap.add_argument("--workdir", default=None, help="logs and histories (default: a temp folder)")
+    ap.add_argument("--replicated", action="store_true",
+                    help="the replicated-server scenarios (REPLICATED_KAFKA, REPLICATED_PG) instead of the classic "
+                         "ones; the stack needs the replicas (tests/fault/run.sh BUILD --replicated starts them)")
     opts = ap.parse_args()
     opts.build = os.path.abspath(opts.build)
     if opts.seed is None:
@@ -2081,19 +2338,24 @@ def main():
     except SetupError as ex:
         print("fault suite: %s" % ex, file=sys.stderr)
         return 2
-    if opts.scenario:
-        chosen = [s for s in SCENARIOS + REPLICATED_KAFKA if s.name in opts.scenario]
+    every = SCENARIOS + REPLICATED_KAFKA + REPLICATED_PG
+    if opts.scenario:  # by name, from every list
+        chosen = [s for s in every if s.name in opts.scenario]
     else:
-        chosen = list(REPLICATED_KAFKA if opts.replicated else SCENARIOS)
+        chosen = list(REPLICATED_KAFKA + REPLICATED_PG if opts.replicated else SCENARIOS)
     if opts.scenario and len(chosen) != len(opts.scenario):
-        print("unknown scenario; known: %s" % ", ".join(s.name for s in SCENARIOS + REPLICATED_KAFKA),
-              file=sys.stderr)
+        print("unknown scenario; known: %s" % ", ".join(s.name for s in every), file=sys.stderr)
         return 2
-    if (opts.replicated or any(s in REPLICATED_KAFKA for s in chosen)) and stack.kafka_nodes != 3:
+    if any(s in REPLICATED_KAFKA for s in chosen) and stack.kafka_nodes != 3:
         print("fault suite: %s" % SetupError(
             "the replicated-Kafka scenarios need three Kafka brokers, this stack has %d (CQRS_KAFKA_BROKER_COUNT): "
             "stack.sh up --kafka-brokers 3, or tests/fault/run.sh BUILD --replicated" % stack.kafka_nodes),
             file=sys.stderr)
+        return 2
+    if any(sc in REPLICATED_PG for sc in chosen) and not stack.pg_standby:
+        print("fault suite: %s" % SetupError(
+            "the replicated PostgreSQL scenarios need a stack with a standby (stack.sh up --pg-standby, "
+            "CQRS_PG_STANDBY_PORT): tests/fault/run.sh BUILD --replicated starts one"), file=sys.stderr)
         return 2
     t0 = time.time()
     rows = [run_scenario(stack, opts, sc, workdir) for sc in chosen]

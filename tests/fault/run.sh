@@ -8,8 +8,9 @@
 # --redis-replica), which the Redis failover scenarios promote.
 #
 #   tests/fault/run.sh BUILD_DIR [fault.py options]     e.g. --scenario kafka-kill --seed 42
-#   tests/fault/run.sh BUILD_DIR --replicated [options] the replicated-Kafka scenarios, on a stack
+#   tests/fault/run.sh BUILD_DIR --replicated [options] the replicated-server scenarios, on a stack
 #                                                       with three Kafka brokers (up --kafka-brokers 3)
+#                                                       and a PostgreSQL standby (--pg-standby)
 #   CQRS_FAULT_LONG=1 tests/fault/run.sh BUILD_DIR      more rounds, longer load
 #
 # BUILD_DIR must be a -DCQRS_ENABLE_FAILPOINTS=ON build (tests/run.sh's build-asan is).
@@ -18,10 +19,13 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUILD=${1:?usage: tests/fault/run.sh BUILD_DIR [fault.py options]}
 shift
-# --replicated (first after BUILD_DIR): three Kafka brokers; fault.py gets the option too.
-KAFKA_UP=()
+# --replicated (first after BUILD_DIR): three Kafka brokers and a PostgreSQL standby; fault.py
+# gets the option too.
+UP_OPTS=()
+RESULTS=$BUILD/fault-results.txt
 if [[ ${1:-} == --replicated ]]; then
-    KAFKA_UP=(--kafka-brokers 3)
+    UP_OPTS=(--kafka-brokers 3 --pg-standby)
+    RESULTS=$BUILD/fault-results-replicated.txt
 fi
 
 # shellcheck source=tests/support/ports.sh
@@ -36,12 +40,14 @@ CQRS_REDIS_REPLICA_PORT=$(free_port)
 CQRS_KAFKA_PORT=$(free_port)
 CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_REDIS_REPLICA_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
-if ((${#KAFKA_UP[@]})); then
+if ((${#UP_OPTS[@]})); then
     CQRS_KAFKA_PORT_2=$(free_port)
     CQRS_KAFKA_CONTROLLER_PORT_2=$(free_port)
     CQRS_KAFKA_PORT_3=$(free_port)
     CQRS_KAFKA_CONTROLLER_PORT_3=$(free_port)
+    CQRS_PG_STANDBY_PORT=$(free_port)
     export CQRS_KAFKA_PORT_2 CQRS_KAFKA_CONTROLLER_PORT_2 CQRS_KAFKA_PORT_3 CQRS_KAFKA_CONTROLLER_PORT_3
+    export CQRS_PG_STANDBY_PORT
 fi
 
 teardown() {
@@ -59,7 +65,8 @@ trap 'exit 130' INT TERM
 
 echo "==> fault stack in $STACK_DIR (pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT" \
     "redis-replica=$CQRS_REDIS_REPLICA_PORT kafka=$CQRS_KAFKA_PORT)"
-"$REPO/deploy/local/stack.sh" up --redis-replica "${KAFKA_UP[@]}"
+"$REPO/deploy/local/stack.sh" up --redis-replica ${UP_OPTS[@]+"${UP_OPTS[@]}"}
 eval "$("$REPO/deploy/local/stack.sh" env)"
-# The results also go to BUILD/fault-results.txt (tests/run.sh prints them at the end).
-python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$BUILD/fault-results.txt" "$@"
+# The results also go to BUILD/fault-results.txt (--replicated: fault-results-replicated.txt;
+# tests/run.sh prints them at the end).
+python3 "$REPO/tests/fault/fault.py" --build "$BUILD" --table "$RESULTS" "$@"
