@@ -68,10 +68,12 @@ teardown() {
         CQRS_STACK_DIR=$TLS_STACK_DIR deploy/local/stack.sh down --purge >"$BUILD/stack-down-tls.log" 2>&1 ||
             echo "TLS stack teardown failed, see $BUILD/stack-down-tls.log"
     fi
-    if [ -f "$BUILD/fault-results.txt" ]; then
-        echo
-        cat "$BUILD/fault-results.txt"
-    fi
+    for f in "$BUILD/fault-results.txt" "$BUILD/fault-results-replicated.txt"; do
+        if [ -f "$f" ]; then
+            echo
+            cat "$f"
+        fi
+    done
     if [ -f "$BUILD/ctest-summary.txt" ]; then
         echo
         cat "$BUILD/ctest-summary.txt"
@@ -106,7 +108,7 @@ if [ $# -eq 0 ]; then
 fi
 
 say "ctest $* (all but the tls label)"
-rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt"
+rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt" "$BUILD/fault-results-replicated.txt"
 set +e
 (cd "$BUILD" && ctest --output-on-failure --timeout 300 -LE '^tls$' "$@") | tee "$BUILD/ctest.log"
 rc=${PIPESTATUS[0]}
