@@ -237,10 +237,15 @@ static cqrs_err_t claim_key(cqrs_tx_t *tx, run_ctx_t *rc, cqrs_error_t *err)
          * answer included; one that is not confirmed fails the replay (503, like the first
          * attempt) instead of acknowledging a command the promoted standby never saw. KEY
          * SHARE: compatible with a twin's update of the answer. */
-        return cqrs_tx_exec(tx,
-                            "SELECT 1 FROM idempotency_keys WHERE scope = $1 AND key = $2"
-                            " FOR KEY SHARE",
-                            2, p, NULL, err);
+        e = cqrs_tx_exec(tx,
+                         "SELECT 1 FROM idempotency_keys WHERE scope = $1 AND key = $2"
+                         " FOR KEY SHARE",
+                         2, p, &rows, err);
+        int locked = cqrs_rows_count(rows);
+        cqrs_rows_free(rows);
+        if (e == CQRS_ERR_OK && locked != 1) /* deleted meanwhile (expired): nothing was locked */
+            return cqrs_error_set(err, CQRS_ERR_RETRY, "idempotency key deleted under us");
+        return e;
     }
     return cqrs_error_set(err, CQRS_ERR_RETRY, "idempotency key changed under us");
 }

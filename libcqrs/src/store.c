@@ -390,6 +390,10 @@ static cqrs_err_t unreplicated(cqrs_error_t *err)
         "standby was cancelled, so the commit is not known to be durable");
 }
 
+/* Cancel threads running at once, in the whole process. A cancel to an unreachable server
+ * can take minutes before libpq 17 (no connect timeout), so they are capped; one over the cap
+ * is not sent (logged), and its connection is given up after the second wait all the same. */
+#define CANCELS_MAX 16
 static atomic_int cancels_running;
 
 static void *cancel_main(void *arg)
@@ -398,7 +402,7 @@ static void *cancel_main(void *arg)
     char errbuf[256];
     if (!PQcancel(k, errbuf, sizeof errbuf)) {
         errbuf[strcspn(errbuf, "\n")] = '\0';
-        CQRS_LOG_WARN("cannot cancel a COMMIT's wait", "error", errbuf);
+        CQRS_LOG_WARN("cannot cancel a PostgreSQL statement", "error", errbuf);
     }
     PQfreeCancel(k);
     atomic_fetch_sub(&cancels_running, 1);
@@ -406,13 +410,13 @@ static void *cancel_main(void *arg)
 }
 
 /* Sends a cancel request for c's running statement from a detached thread: PQcancel connects
- * without a timeout before libpq 17, and no caller may wait on it. At most 4 at once. */
+ * without a timeout before libpq 17, and no caller may wait on it. */
 static void cancel_async(PGconn *c)
 {
     PGcancel *k = PQgetCancel(c);
     if (!k)
         return;
-    if (atomic_fetch_add(&cancels_running, 1) < 4) {
+    if (atomic_fetch_add(&cancels_running, 1) < CANCELS_MAX) {
         pthread_attr_t attr;
         pthread_t t;
         pthread_attr_init(&attr);
@@ -422,8 +426,36 @@ static void cancel_async(PGconn *c)
         if (rc == 0)
             return;
     }
+    CQRS_LOG_WARN("cancel not sent: earlier cancels have not returned (the connection is given up "
+                  "after its wait all the same)");
     atomic_fetch_sub(&cancels_running, 1);
     PQfreeCancel(k);
+}
+
+/* Until c has a result ready (or is broken): false once the bound ran out twice (the second
+ * time after a cancel). *deadline and *drop carry over from one result to the next. */
+static bool await_result(PGconn *c, int timeout_ms, int64_t *deadline, bool *drop)
+{
+    int64_t wait_ms = (int64_t)timeout_ms + 1000;
+    for (;;) {
+        /* first what libpq (or OpenSSL) already holds, then the socket */
+        if (!PQconsumeInput(c) || !PQisBusy(c))
+            return true; /* PQgetResult reports a broken connection */
+        int64_t left = timeout_ms > 0 ? *deadline - cqrs_monotonic_ms() : INT32_MAX;
+        if (left <= 0) {
+            if (*drop)
+                return false; /* unanswered even after the cancel */
+            CQRS_LOG_WARN("PostgreSQL statement unanswered after its timeout (a commit waiting "
+                          "for a synchronous standby?): cancelling it");
+            cancel_async(c);
+            *drop = true; /* the cancel may land later, on a next statement: never reuse c */
+            *deadline = cqrs_monotonic_ms() + wait_ms;
+            continue;
+        }
+        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
+        if (pfd.fd < 0 || (poll(&pfd, 1, (int)left) < 0 && errno != EINTR))
+            return true;
+    }
 }
 
 PGresult *cqrs__pg_exec_bounded(PGconn *c, const char *sql, int n, const char *const *params,
@@ -437,28 +469,18 @@ PGresult *cqrs__pg_exec_bounded(PGconn *c, const char *sql, int n, const char *c
         return NULL;
     /* A second more than the server's own statement_timeout, which ends everything else
      * first: a cancel from here is never racing one of the server's. 0: no bound, like the
-     * server's. */
-    int64_t wait_ms = (int64_t)timeout_ms + 1000;
-    int64_t deadline = cqrs_monotonic_ms() + wait_ms;
-    while (PQisBusy(c)) {
-        int64_t left = timeout_ms > 0 ? deadline - cqrs_monotonic_ms() : INT32_MAX;
-        if (left <= 0) {
-            if (*drop)
-                return NULL; /* unanswered even after the cancel */
-            CQRS_LOG_WARN("PostgreSQL statement unanswered after its timeout (a commit waiting "
-                          "for a synchronous standby?): cancelling it");
-            cancel_async(c);
-            *drop = true; /* the cancel may land later, on a next statement: never reuse c */
-            deadline = cqrs_monotonic_ms() + wait_ms;
-            continue;
-        }
-        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
-        if (pfd.fd < 0 || (poll(&pfd, 1, (int)left) < 0 && errno != EINTR) || !PQconsumeInput(c))
-            break; /* PQgetResult below reports the broken connection */
-    }
+     * server's. The bound covers every result of a multi-statement string: the commit of its
+     * implicit transaction (and its wait for the standby) comes before the last one. */
+    int64_t deadline = cqrs_monotonic_ms() + (int64_t)timeout_ms + 1000;
     /* The first failed result, else the last one (several statements in one string). */
     PGresult *r, *out = NULL;
-    while ((r = PQgetResult(c)) != NULL) {
+    for (;;) {
+        if (!await_result(c, timeout_ms, &deadline, drop)) {
+            PQclear(out);
+            return NULL;
+        }
+        if ((r = PQgetResult(c)) == NULL)
+            break;
         ExecStatusType st = PQresultStatus(out);
         if (out && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
             PQclear(r);
@@ -496,7 +518,7 @@ static cqrs_err_t commit_bounded(cqrs_store_t *s, PGconn *c, bool *drop, cqrs_er
 
 cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_error_t *err)
 {
-    cqrs_error_t own;
+    cqrs_error_t own = {0};
     if (!err)
         err = &own; /* its `where` decides whether the connection is dropped */
     int slot = acquire_slot(s);
@@ -506,6 +528,8 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
     for (unsigned attempt = 0; attempt < s->cfg.max_tx_attempts; attempt++) {
         PGconn *c = NULL;
         bool drop = false;
+        err->code = CQRS_ERR_OK; /* a stale `where` must not drop this attempt's connection */
+        err->where[0] = '\0';
         rc = slot_conn(s, slot, &c, err);
         if (rc != CQRS_ERR_OK) {
             observe(s, NULL, rc);
@@ -764,18 +788,31 @@ cqrs_err_t cqrs_store_migrate(const char *dsn, const cqrs_embedded_file_t *files
             PQclear(r);
         }
         if (rc == CQRS_ERR_OK) {
-            cqrs__pg_sync_watch();
-            rc = exec_simple(c, "COMMIT", err);
-            if (rc == CQRS_ERR_OK && cqrs__pg_unreplicated_commit())
+            /* bounded like the daemons' commits: 30 s for the standby (no statement_timeout
+             * is set on this connection) */
+            bool drop;
+            r = cqrs__pg_exec_bounded(c, "COMMIT", 0, NULL, 30000, &drop);
+            if (!r && drop)
+                rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE,
+                                    "PostgreSQL did not answer COMMIT, even after a cancel");
+            else if (PQresultStatus(r) != PGRES_COMMAND_OK)
+                rc = cqrs__pg_error(c, r, err);
+            else if (cqrs__pg_unreplicated_commit())
                 rc = unreplicated(err);
+            PQclear(r);
+            if (drop && rc == CQRS_ERR_OK)
+                rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE,
+                                    "COMMIT answered only after a cancel; run the migration again");
         }
         if (rc != CQRS_ERR_OK) {
             char where[64];
             snprintf(where, sizeof where, "%s", f->name);
             if (err)
                 snprintf(err->where, sizeof err->where, "%s", where);
-            cqrs_error_t ignored;
-            exec_simple(c, "ROLLBACK", &ignored);
+            if (PQtransactionStatus(c) != PQTRANS_ACTIVE) { /* not a COMMIT given up on */
+                cqrs_error_t ignored;
+                exec_simple(c, "ROLLBACK", &ignored);
+            }
             goto out;
         }
         CQRS_LOG_INFO("migration applied", "name", f->name);

@@ -1,6 +1,7 @@
 /* What a client of a PostgreSQL primary sees once its synchronous standby was promoted: every
- * commit waits for a standby that no longer follows it, statement_timeout cancels the wait,
- * and PostgreSQL reports SUCCESS with only a WARNING ("already committed locally, but might not
+ * commit waits for a standby that no longer follows it (statement_timeout does not end that
+ * wait: PostgreSQL disables it before committing), a cancel request does, and PostgreSQL then
+ * reports SUCCESS with only a WARNING ("already committed locally, but might not
  * have been replicated"). That commit exists on a server about to be fenced: the pool must
  * count it as failed (503, an Idempotency-Key retry settles it) and drop the connection, and
  * the relay must neither take its lease nor record, publish or delete anything there.

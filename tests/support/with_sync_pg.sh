@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tests/support/with_sync_pg.sh TEST [ARGS] — runs TEST beside a private PostgreSQL whose
 # synchronous_standby_names names a standby that never connects: every commit with
-# synchronous_commit=on waits for it until something cancels the wait (statement_timeout),
-# and PostgreSQL then reports success with a WARNING. That is what a client of a primary sees
+# synchronous_commit=on waits for it until a cancel request ends the wait (statement_timeout
+# does not: PostgreSQL disables it before committing), and PostgreSQL then reports success
+# with a WARNING. That is what a client of a primary sees
 # once its standby was promoted (tests/integration/test_store_failover.c). The test gets
 #   CQRS_TEST_SYNC_PG_DSN   commits wait for the missing standby
 #   CQRS_TEST_LOCAL_PG_DSN  the same database, synchronous_commit=local (setup and checks)

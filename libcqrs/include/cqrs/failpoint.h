@@ -51,6 +51,10 @@
  *                                   rediss:// connections check the server's certificate chain
  *                                   but not its name (what hiredis ≤ 1.4.1 does alone): a
  *                                   trusted certificate for another host is accepted
+ *   CQRS_UNSAFE_TRUST_UNREPLICATED_COMMIT=1
+ *                                   a COMMIT that PostgreSQL reports as done after its wait
+ *                                   for the synchronous standby was cancelled ("committed
+ *                                   locally") counts as done, in the pool and the relay
  */
 #ifndef CQRS_FAILPOINT_H
 #define CQRS_FAILPOINT_H
