@@ -37,7 +37,8 @@
 # ${CQRS_STACK_DIR:-<repo>/.local/stack}.  A second stack with another
 # CQRS_STACK_DIR and other ports (CQRS_PG_PORT, CQRS_REDIS_PORT,
 # CQRS_REDIS_REPLICA_PORT, CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT,
-# CQRS_KAFKA_MTLS_PORT, and with three brokers CQRS_KAFKA_PORT_2/_3,
+# CQRS_KAFKA_MTLS_PORT, with a standby CQRS_PG_STANDBY_PORT, and with three
+# brokers CQRS_KAFKA_PORT_2/_3,
 # CQRS_KAFKA_CONTROLLER_PORT_2/_3) runs beside the first one.
 #
 # The Redis replica (tests of a failover: tests/fault/) is a second
