@@ -797,6 +797,7 @@ static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t part
     rd_kafka_assign(c, l);
     rd_kafka_topic_partition_list_destroy(l);
     int verdict = -1;
+    int64_t short_end_since = 0; /* when the partition was first seen ending before it */
     int64_t until = cqrs_monotonic_ms() + 15000;
     while (verdict < 0 && cqrs_monotonic_ms() < until && !atomic_load(&r->stop)) {
         beat(r);
@@ -805,8 +806,24 @@ static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t part
         if (!m)
             continue;
         if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-            /* Reached the end without seeing it: the transaction was aborted. */
-            verdict = 0;
+            /* The end without the message: aborted — but only if that end lies beyond it. A
+             * read_committed end (the last stable offset) beyond the check message means its
+             * transaction was decided, and a committed one would have been delivered first.
+             * An end at or before it says nothing yet: a partition leader elected a moment
+             * ago (its broker died) can serve a high watermark still behind the messages it
+             * holds, and taking that for an abort published a committed batch twice (fault
+             * suite, kafka-controller-kill). Then keep polling (below). */
+            if (m->offset > offset) {
+                verdict = 0;
+            } else if (!short_end_since) {
+                short_end_since = cqrs_monotonic_ms();
+                char end[24], chk[24];
+                snprintf(end, sizeof end, "%lld", (long long)m->offset);
+                snprintf(chk, sizeof chk, "%lld", (long long)offset);
+                CQRS_LOG_WARN("last batch lookup: the partition ends before its check message "
+                              "(a new partition leader?); looking again",
+                              "topic", topic, "end", end, "check_offset", chk);
+            }
         } else if (!m->err) {
             rd_kafka_headers_t *h = NULL;
             int64_t got = -1;
@@ -815,6 +832,16 @@ static int committed_in_kafka(relay_worker_t *r, const char *topic, int32_t part
             verdict = (m->offset == offset && got == seq) ? 1 : 0;
         }
         rd_kafka_message_destroy(m);
+    }
+    /* Still ending before the check message 10 s later, with nothing delivered: no leader
+     * lags that long (followers fetch every 500 ms); the log was cut below it (an unclean
+     * leader election, a recreated topic), so the batch is not in Kafka: publish it again. */
+    if (verdict < 0 && short_end_since && cqrs_monotonic_ms() - short_end_since >= 10000) {
+        CQRS_LOG_WARN("last batch lookup: the partition still ends before its check message "
+                      "after 10 s (truncated: an unclean leader election?); the batch is not in "
+                      "Kafka",
+                      "topic", topic);
+        verdict = 0;
     }
     rd_kafka_consumer_close(c);
     rd_kafka_destroy(c);

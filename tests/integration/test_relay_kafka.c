@@ -251,11 +251,11 @@ static void test_relay_keeps_events_while_kafka_is_unreachable(void **state)
 }
 
 /* Inserts one event + outbox row on c (inside whatever transaction c has open). */
-static void raw_append(PGconn *c, const char *agg)
+static void raw_append_to(PGconn *c, const char *agg, const char *to)
 {
     char id[37];
     cqrs_uuid_v4(id);
-    const char *p[] = {id, agg, topic};
+    const char *p[] = {id, agg, to};
     PGresult *r = PQexecParams(c,
                                "WITH e AS (INSERT INTO events(event_id, aggregate_type,"
                                " aggregate_id, version, event_type, occurred_at, data)"
@@ -265,6 +265,55 @@ static void raw_append(PGconn *c, const char *agg)
                                3, NULL, p, NULL, NULL, 0);
     assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
     PQclear(r);
+}
+
+static void raw_append(PGconn *c, const char *agg)
+{
+    raw_append_to(c, agg, topic);
+}
+
+static void test_record_beyond_the_partition_end_is_settled(void **state)
+{
+    (void)state;
+    /* A batch record whose check message lies beyond the partition's end. The lookup no longer
+     * takes such an end for an abort at once (a new partition leader can serve a high
+     * watermark behind what it holds: that published a committed batch twice); but an end
+     * that stays before it means the log was cut below it (an unclean election): after 10 s
+     * the batch counts as not in Kafka and is published — once, not never. */
+    char id[37], t2[96];
+    cqrs_uuid_v4(id);
+    snprintf(t2, sizeof t2, "itest.%.8s.cut", id);
+    const char *topics[] = {t2};
+    cqrs_error_t err;
+    assert_int_equal(cqrs_bus_create_topics(brokers, topics, 1, 1, -1, 10000, &err), CQRS_ERR_OK);
+    PGconn *c = PQconnectdb(dsn);
+    char agg[2][37];
+    cqrs_uuid_v4(agg[0]);
+    cqrs_uuid_v4(agg[1]);
+    raw_append_to(c, agg[0], t2);
+    raw_append_to(c, agg[1], t2);
+    const char *p[] = {t2};
+    PGresult *r = PQexecParams(c,
+                               "INSERT INTO relay_inflight(id, epoch, sequences, check_topic,"
+                               " check_partition, check_offset, check_sequence)"
+                               " SELECT 1, 0, array_agg(sequence ORDER BY sequence), $1, 0, 1000,"
+                               " max(sequence) FROM outbox WHERE topic = $1"
+                               " ON CONFLICT (id) DO UPDATE SET sequences = EXCLUDED.sequences,"
+                               " check_topic = EXCLUDED.check_topic, check_partition = 0,"
+                               " check_offset = 1000, check_sequence = EXCLUDED.check_sequence",
+                               1, NULL, p, NULL, NULL, 0);
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    PQfinish(c);
+    cqrs_relay_t *relay = relay_for(brokers);
+    wait_leader(relay);
+    assert_true(outbox_drained(t2, 60));
+    cqrs_relay_destroy(relay);
+    assert_int_equal(pg_count("SELECT count(*) FROM relay_inflight", NULL), 0);
+    kafka_check_t k;
+    assert_int_equal(kafka_check_topics(brokers, topics, 1, 2, 30, &k), 0);
+    assert_int_equal(k.messages, 2);
+    assert_int_equal(k.duplicates, 0);
 }
 
 static void test_late_commit_is_not_skipped(void **state)
@@ -309,6 +358,7 @@ int main(void)
         cmocka_unit_test(test_relay_publishes_in_order_with_headers),
         cmocka_unit_test(test_relay_keeps_events_while_kafka_is_unreachable),
         cmocka_unit_test(test_late_commit_is_not_skipped),
+        cmocka_unit_test(test_record_beyond_the_partition_end_is_settled),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
