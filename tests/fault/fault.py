@@ -310,7 +310,9 @@ class Stack:
     def up(self):
         r = subprocess.run([STACK_SH, "up"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise SetupError("stack.sh up failed:\n" + r.stderr[-2000:])
+            # stack.sh's own lines (the reason comes first), then the end of the log it quoted
+            said = [line for line in r.stderr.splitlines() if line.startswith("[stack]")]
+            raise SetupError("stack.sh up failed:\n" + "\n".join(said[-12:]) + "\n…\n" + r.stderr[-1500:])
 
     def _pid(self, path):
         try:
