@@ -2037,8 +2037,8 @@ REPLICATED_KAFKA = [
 # target_session_attrs=read-write): after a failover libpq finds the new primary by itself.
 
 PG_STATEMENT_TIMEOUT_MS = int(os.environ.get("CQRS_PG_STATEMENT_TIMEOUT_MS", "5000") or 5000)
-# The split-brain scenarios run the relay with the shortest stall time, so that its supervisor
-# cancels a statement hung on the old primary (PQcancel) within the window.
+# The split-brain scenarios run the relay with the shortest stall time: its supervisor's cancel
+# (PQcancel) is the backstop behind the relay's own bounded statements, within the window.
 PG_RELAY_STALL_MS = 10000
 
 
@@ -2124,11 +2124,12 @@ def nem_pg_split_brain(run, sc, opts):
     """The standby promoted while the old primary keeps running: the daemons' connections stay on
     it (it is first in the DSN and, not in recovery, still read-write). Its commits wait for a
     synchronous standby that no longer follows it; statement_timeout does not end that wait
-    (PostgreSQL disables it before the commit), a cancel does (the relay's supervisor, PQcancel
-    after its stall time; for the commands, the harness's pg_cancel_backend below), and then the
-    COMMIT reports success with a WARNING ("already committed locally"). After the window the old primary is fenced (SIGKILL, as Patroni or a managed
-    service stops it) and rebuilt as the new primary's standby with pg_rewind, which throws away
-    whatever it committed alone."""
+    (PostgreSQL disables it before the commit), a cancel does — the daemons' own, a second past
+    their statement timeout (store.c, cqrs__pg_exec_bounded), and the harness's pg_cancel_backend
+    below — and then the COMMIT reports success with a WARNING ("already committed locally"),
+    which the daemons count as a failure. After the window the old primary is fenced (SIGKILL,
+    as Patroni or a managed service stops it) and rebuilt as the new primary's standby with
+    pg_rewind, which throws away whatever it committed alone."""
     st = run.stack
     if not wait_acked(run, 20):
         run.problems.append("fewer than 20 acknowledged commands before the fault")
