@@ -495,14 +495,13 @@ PGresult *cqrs__pg_exec_bounded(PGconn *c, const char *sql, int n, const char *c
 /* COMMIT through cqrs__pg_exec_bounded: statement_timeout itself does not cover a commit's
  * wait for the synchronous standby (PostgreSQL disables it before committing), which lasts as
  * long as no standby confirms — forever on a primary whose standby was promoted. Past
- * statement_timeout a cancel request ends that wait and the answer comes back as a success
- * with the unreplicated warning; no answer within as long again and the connection is given
- * up. Either way the outcome is unknown: UNAVAILABLE (503; an Idempotency-Key retry settles
- * it). *drop: the connection must not be used again. */
-static cqrs_err_t commit_bounded(cqrs_store_t *s, PGconn *c, bool *drop, cqrs_error_t *err)
+ * timeout_ms (the pool's statement timeout; 30 s for migrations) a cancel request ends that wait
+ * and the answer comes back as a success with the unreplicated warning; no answer within as long
+ * again and the connection is given up. Either way the outcome is unknown: UNAVAILABLE (503; an
+ * Idempotency-Key retry settles it). *drop: the connection must not be used again. */
+static cqrs_err_t commit_bounded(PGconn *c, int timeout_ms, bool *drop, cqrs_error_t *err)
 {
-    PGresult *r =
-        cqrs__pg_exec_bounded(c, "COMMIT", 0, NULL, (int)s->cfg.statement_timeout_ms, drop);
+    PGresult *r = cqrs__pg_exec_bounded(c, "COMMIT", 0, NULL, timeout_ms, drop);
     if (!r && *drop)
         return cqrs_error_set_where(err, CQRS_ERR_UNAVAILABLE, "unreplicated-commit",
                                     "PostgreSQL did not answer COMMIT, even after a cancel: its "
@@ -540,7 +539,7 @@ cqrs_err_t cqrs_store_run_tx(cqrs_store_t *s, cqrs_tx_fn fn, void *ud, cqrs_erro
             cqrs_tx_t tx = {c, &s->slots[slot]};
             rc = fn(&tx, ud, err);
             if (rc == CQRS_ERR_OK)
-                rc = commit_bounded(s, c, &drop, err);
+                rc = commit_bounded(c, (int)s->cfg.statement_timeout_ms, &drop, err);
         }
         observe(s, c, rc);
         if (drop || (rc != CQRS_ERR_OK && cqrs__pg_wrong_server(err))) {
@@ -791,15 +790,7 @@ cqrs_err_t cqrs_store_migrate(const char *dsn, const cqrs_embedded_file_t *files
             /* bounded like the daemons' commits: 30 s for the standby (no statement_timeout
              * is set on this connection) */
             bool drop;
-            r = cqrs__pg_exec_bounded(c, "COMMIT", 0, NULL, 30000, &drop);
-            if (!r && drop)
-                rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE,
-                                    "PostgreSQL did not answer COMMIT, even after a cancel");
-            else if (PQresultStatus(r) != PGRES_COMMAND_OK)
-                rc = cqrs__pg_error(c, r, err);
-            else if (cqrs__pg_unreplicated_commit())
-                rc = unreplicated(err);
-            PQclear(r);
+            rc = commit_bounded(c, 30000, &drop, err);
             if (drop && rc == CQRS_ERR_OK)
                 rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE,
                                     "COMMIT answered only after a cancel; run the migration again");
