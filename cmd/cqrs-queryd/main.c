@@ -209,12 +209,34 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
     cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(app->ctx.pool, 200);
     if (!ds)
         return;
-    const char *index[] = {CQRS_DLQ_INDEX_KEY};
     long long held = 0, undecodable = 0, refilling = 0;
     cqrs_error_t err;
-    bool ok = cqrs_docstore_zcard_many(ds, index, 1, &held, &err) == CQRS_ERR_OK &&
-              cqrs_docstore_undecodable_count(ds, &undecodable, &err) == CQRS_ERR_OK &&
-              cqrs_docstore_refill_count(ds, &refilling, &err) == CQRS_ERR_OK;
+    bool ok = cqrs_docstore_refill_count(ds, &refilling, &err) == CQRS_ERR_OK;
+    /* Every shard of every topic: one pipelined round trip per topic. */
+    static const char *const types[] = {"product", "order"};
+    for (size_t k = 0; ok && k < sizeof types / sizeof types[0]; k++) {
+        int32_t n = 0;
+        cqrs_err_t rc = query_shard_count(ds, types[k], &n, &err);
+        if (rc == CQRS_ERR_NOT_FOUND)
+            continue; /* nothing projected yet */
+        char(*shards)[CQRS_SHARD_MAX] = calloc((size_t)n, sizeof *shards);
+        const char **sp = calloc((size_t)n, sizeof *sp);
+        long long *h = calloc((size_t)n, sizeof *h), *u = calloc((size_t)n, sizeof *u);
+        ok = rc == CQRS_ERR_OK && shards && sp && h && u;
+        for (int32_t i = 0; ok && i < n; i++) {
+            query_shard(ds, types[k], i, shards[i], sizeof shards[i]);
+            sp[i] = shards[i];
+        }
+        ok = ok && cqrs_docstore_dlq_counts(ds, sp, (size_t)n, h, u, &err) == CQRS_ERR_OK;
+        for (int32_t i = 0; ok && i < n; i++) {
+            held += h[i];
+            undecodable += u[i];
+        }
+        free(shards);
+        free(sp);
+        free(h);
+        free(u);
+    }
     cqrs_docstore_pool_release(app->ctx.pool, ds);
     if (!ok)
         return;
@@ -222,11 +244,11 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
                       "Aggregates held by dead letters in the read model (cqrsctl dlq list).",
                       (double)held);
     cqrs_metric_gauge(t, "cqrs_read_model_undecodable_messages",
-                      "Messages kept in " CQRS_UNDECODABLE_KEY " (not CloudEvents).",
+                      "Messages kept in the shards' " CQRS_SHARD_UNDECODABLE " (not CloudEvents).",
                       (double)undecodable);
     cqrs_metric_gauge(t, "cqrs_read_model_partitions_refilling",
-                      "Partitions a projector re-applies after a store loss (" CQRS_REFILL_KEY
-                      "), any instance's.",
+                      "Partitions a projector re-applies after a store loss (<prefix>:refill),"
+                      " any instance's.",
                       (double)refilling);
 }
 
@@ -358,6 +380,7 @@ int main(int argc, char **argv)
     char product_topic[256], order_topic[256];
     snprintf(product_topic, sizeof product_topic, "%s.product.events", S.topic_prefix);
     snprintf(order_topic, sizeof order_topic, "%s.order.events", S.topic_prefix);
+    query_keys_init(S.topic_prefix);
 
     app.ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
     app.ctx.pool = cqrs_docstore_pool_new(&S.redis, (int)S.redis_timeout_ms,

@@ -60,23 +60,98 @@ static void time_text(int64_t ms, char out[CQRS_TIME_LEN + 1])
         snprintf(out + len, CQRS_TIME_LEN + 1 - len, ".%03uZ", (unsigned)((uint64_t)ms % 1000u));
 }
 
+static cqrs_err_t list_shard(cqrs_docstore_t *ds, const char *shard, json_t *list,
+                             cqrs_error_t *err);
+static int print_list(json_t *list, long long undecodable, bool as_json);
+
+cqrs_err_t cqrsctl_all_shards(cqrs_docstore_t *ds, cqrsctl_shard_t **shards, size_t *n,
+                              cqrs_error_t *err)
+{
+    static const char *const types[] = {"product", "order"};
+    int32_t counts[2] = {0, 0};
+    *shards = NULL;
+    *n = 0;
+    for (size_t t = 0; t < 2; t++) {
+        cqrs_err_t rc = query_shard_count(ds, types[t], &counts[t], err);
+        if (rc == CQRS_ERR_NOT_FOUND)
+            counts[t] = 0;
+        else if (rc != CQRS_ERR_OK)
+            return rc;
+    }
+    *shards = calloc((size_t)(counts[0] + counts[1]) + 1, sizeof **shards);
+    if (!*shards)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    for (size_t t = 0; t < 2; t++)
+        for (int32_t i = 0; i < counts[t]; i++)
+            query_shard(ds, types[t], i, (*shards)[(*n)++], CQRS_SHARD_MAX);
+    return CQRS_ERR_OK;
+}
+
+cqrs_err_t cqrsctl_dlq_shard(cqrs_docstore_t *ds, const char *id, char *shard, size_t cap,
+                             cqrs_error_t *err)
+{
+    static const char *const types[] = {"product", "order"};
+    for (size_t t = 0; t < 2; t++) {
+        int32_t n = 0;
+        cqrs_err_t rc = query_shard_count(ds, types[t], &n, err);
+        if (rc == CQRS_ERR_NOT_FOUND)
+            continue;
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        char key[CQRS_KEY_MAX];
+        query_shard(ds, types[t], cqrs_keys_partition(id, n), shard, cap);
+        cqrs_keys_dlq(shard, id, key, sizeof key);
+        cqrs_dead_letter_t *dl = NULL;
+        size_t k = 0;
+        rc = cqrs_docstore_dlq_get(ds, key, &dl, &k, err);
+        cqrs_docstore_dlq_free(dl, k);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        if (k > 0)
+            return CQRS_ERR_OK;
+    }
+    return cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "no dead letters for %s", id);
+}
+
 static int cmd_list(cqrs_docstore_t *ds, bool as_json)
+{
+    long long undecodable = 0;
+    cqrs_error_t err;
+    cqrsctl_shard_t *shards = NULL;
+    size_t n_shards = 0;
+    json_t *list = json_array();
+    cqrs_err_t rc = cqrsctl_all_shards(ds, &shards, &n_shards, &err);
+    for (size_t s = 0; rc == CQRS_ERR_OK && s < n_shards; s++) {
+        long long u = 0;
+        const char *sp = shards[s];
+        rc = cqrs_docstore_dlq_counts(ds, &sp, 1, NULL, &u, &err);
+        undecodable += u;
+        if (rc == CQRS_ERR_OK)
+            rc = list_shard(ds, shards[s], list, &err);
+    }
+    free(shards);
+    if (rc != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl dlq list: %s\n", err.message);
+        json_decref(list);
+        return exit_for(rc);
+    }
+    return print_list(list, undecodable, as_json);
+}
+
+/* Appends the aggregates a shard's dead-letter index holds to list. */
+static cqrs_err_t list_shard(cqrs_docstore_t *ds, const char *shard, json_t *list,
+                             cqrs_error_t *err)
 {
     char **ids = NULL;
     int64_t *since = NULL;
     size_t n = 0;
-    long long undecodable = 0;
-    cqrs_error_t err;
-    cqrs_err_t rc = cqrs_docstore_dlq_index(ds, &ids, &since, &n, &err);
-    if (rc == CQRS_ERR_OK)
-        rc = cqrs_docstore_undecodable_count(ds, &undecodable, &err);
-    json_t *list = json_array();
+    cqrs_err_t rc = cqrs_docstore_dlq_index(ds, shard, &ids, &since, &n, err);
     for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
-        char key[96];
+        char key[CQRS_KEY_MAX];
         cqrs_dead_letter_t *dl = NULL;
         size_t k = 0;
-        cqrs_projector_dlq_key(ids[i], key, sizeof key);
-        rc = cqrs_docstore_dlq_get(ds, key, &dl, &k, &err);
+        cqrs_keys_dlq(shard, ids[i], key, sizeof key);
+        rc = cqrs_docstore_dlq_get(ds, key, &dl, &k, err);
         if (rc != CQRS_ERR_OK || k == 0) {
             cqrs_docstore_dlq_free(dl, k);
             continue; /* released between the two reads */
@@ -96,11 +171,11 @@ static int cmd_list(cqrs_docstore_t *ds, bool as_json)
     }
     cqrs_docstore_strings_free(ids, n);
     free(since);
-    if (rc != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl dlq list: %s\n", err.message);
-        json_decref(list);
-        return exit_for(rc);
-    }
+    return rc;
+}
+
+static int print_list(json_t *list, long long undecodable, bool as_json)
+{
     if (as_json) {
         json_t *out =
             json_pack("{s:o, s:I}", "aggregates", list, "undecodable", (json_int_t)undecodable);
@@ -127,19 +202,25 @@ static int cmd_list(cqrs_docstore_t *ds, bool as_json)
                    json_string_value(json_object_get(e, "type")));
         }
     }
-    printf("undecodable messages (cqrs:dlq:undecodable): %lld\n", undecodable);
+    printf("undecodable messages (the shards' " CQRS_SHARD_UNDECODABLE "): %lld\n", undecodable);
     json_decref(list);
     return 0;
 }
 
 static int cmd_show(cqrs_docstore_t *ds, const char *id, bool as_json)
 {
-    char key[96];
+    char key[CQRS_KEY_MAX];
     cqrs_dead_letter_t *dl = NULL;
     size_t n = 0;
     cqrs_error_t err;
-    cqrs_projector_dlq_key(id, key, sizeof key);
-    cqrs_err_t rc = cqrs_docstore_dlq_get(ds, key, &dl, &n, &err);
+    char shard[CQRS_SHARD_MAX];
+    cqrs_err_t rc = cqrsctl_dlq_shard(ds, id, shard, sizeof shard, &err);
+    if (rc == CQRS_ERR_OK) {
+        cqrs_keys_dlq(shard, id, key, sizeof key);
+        rc = cqrs_docstore_dlq_get(ds, key, &dl, &n, &err);
+    } else if (rc == CQRS_ERR_NOT_FOUND) {
+        rc = CQRS_ERR_OK; /* n = 0: none */
+    }
     if (rc != CQRS_ERR_OK) {
         fprintf(stderr, "cqrsctl dlq show: %s\n", err.message);
         return exit_for(rc);
@@ -186,7 +267,7 @@ static int cmd_show(cqrs_docstore_t *ds, const char *id, bool as_json)
 
 /* Applies one held event; OK with *applied, or a reason in err->message why it cannot be
  * applied (INVALID), or STATE (the document moved: read again), or a Redis failure. */
-static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const char *dlq_key,
+static cqrs_err_t retry_one(cqrs_docstore_t *ds, const char *shard, const char *dlq_key,
                             const cqrs_dead_letter_t *d, bool *applied, cqrs_error_t *err)
 {
     const cqrs_projection_t *proj = &query_projection;
@@ -195,7 +276,7 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const
     char *text = NULL, *next_text = NULL;
     cqrs_index_ops_t ops = {0};
     int64_t cur = 0;
-    char key[256], okey[300], topic[256];
+    char key[CQRS_KEY_MAX];
     cqrs_err_t rc = cqrs_event_from_json(blob, &ev, err);
     *applied = false;
     if (rc != CQRS_ERR_OK)
@@ -205,10 +286,11 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const
                             (long long)d->version, (long long)ev.version);
         goto out;
     }
-    if (!proj->doc_key(&ev, key, sizeof key)) {
+    if (!proj->knows(&ev)) {
         rc = cqrs_error_set(err, CQRS_ERR_INVALID, "unknown aggregate type");
         goto out;
     }
+    cqrs_keys_doc(shard, ev.aggregate_id, key, sizeof key);
     rc = cqrs_docstore_get(ds, key, &text, &cur, err);
     if (rc == CQRS_ERR_NOT_FOUND)
         rc = CQRS_ERR_OK;
@@ -233,13 +315,7 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const
     }
     next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (proj->index)
-        proj->index(key, doc, next, &ops);
-    const char *t = json_string_value(json_object_get(blob, "topic"));
-    if (t)
-        snprintf(topic, sizeof topic, "%s", t);
-    else
-        snprintf(topic, sizeof topic, "%s.%s.events", env->topic_prefix, ev.aggregate_type);
-    cqrs_projector_offsets_key(topic, okey, sizeof okey);
+        proj->index(shard, ev.aggregate_type, key, doc, next, &ops);
     /* The offset was recorded when the event was parked: apply_held leaves offsets alone. The
      * script writes only while the document is still at cur (else STATE: read again). */
     cqrs_apply_t a = {.key = key,
@@ -250,7 +326,7 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const
                       .blob = d->blob,
                       .ops = ops.v,
                       .n_ops = ops.n,
-                      .offsets_key = okey,
+                      .shard = shard,
                       .partition = (int32_t)json_integer_value(json_object_get(blob, "partition")),
                       .next_offset =
                           (int64_t)json_integer_value(json_object_get(blob, "offset")) + 1,
@@ -272,14 +348,19 @@ out:
     return rc;
 }
 
-static int cmd_retry(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const char *id, bool as_json)
+static int cmd_retry(cqrs_docstore_t *ds, const char *id, bool as_json)
 {
-    char key[96];
-    cqrs_projector_dlq_key(id, key, sizeof key);
+    char key[CQRS_KEY_MAX], shard[CQRS_SHARD_MAX];
     json_t *steps = json_array();
     bool released = false, failed = false, any = false;
     cqrs_error_t err;
-    cqrs_err_t rc = CQRS_ERR_OK;
+    cqrs_err_t rc = cqrsctl_dlq_shard(ds, id, shard, sizeof shard, &err);
+    if (rc == CQRS_ERR_NOT_FOUND) {
+        fprintf(stderr, "cqrsctl dlq retry: no dead letters for %s\n", id);
+        json_decref(steps);
+        return 1;
+    }
+    cqrs_keys_dlq(shard, id, key, sizeof key);
     for (int pass = 0; pass < MAX_PASSES && !released && !failed && rc == CQRS_ERR_OK; pass++) {
         cqrs_dead_letter_t *dl = NULL;
         size_t n = 0;
@@ -296,7 +377,7 @@ static int cmd_retry(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const char *
         for (size_t i = 0; i < n && !failed && rc == CQRS_ERR_OK; i++) {
             bool applied = false;
             cqrs_error_t e;
-            cqrs_err_t r = retry_one(ds, env, key, &dl[i], &applied, &e);
+            cqrs_err_t r = retry_one(ds, shard, key, &dl[i], &applied, &e);
             if (r == CQRS_ERR_STATE) {
                 progress = true;
                 break; /* read the store again */
@@ -314,7 +395,7 @@ static int cmd_retry(cqrs_docstore_t *ds, const cqrsctl_env_t *env, const char *
                 err = e;
                 break;
             }
-            rc = cqrs_docstore_dlq_remove(ds, key, id, dl[i].version, &released, &err);
+            rc = cqrs_docstore_dlq_remove(ds, shard, key, id, dl[i].version, &released, &err);
             progress = true;
             json_array_append_new(steps,
                                   json_pack("{s:I, s:s}", "version", (json_int_t)dl[i].version,
@@ -368,11 +449,16 @@ static int cmd_drop(cqrs_docstore_t *ds, const char *id, bool yes, bool as_json)
                 id);
         return 2;
     }
-    char key[96];
+    char key[CQRS_KEY_MAX], shard[CQRS_SHARD_MAX];
     size_t dropped = 0;
     cqrs_error_t err;
-    cqrs_projector_dlq_key(id, key, sizeof key);
-    cqrs_err_t rc = cqrs_docstore_dlq_drop(ds, key, id, &dropped, &err);
+    cqrs_err_t rc = cqrsctl_dlq_shard(ds, id, shard, sizeof shard, &err);
+    if (rc == CQRS_ERR_OK) {
+        cqrs_keys_dlq(shard, id, key, sizeof key);
+        rc = cqrs_docstore_dlq_drop(ds, shard, key, id, &dropped, &err);
+    } else if (rc == CQRS_ERR_NOT_FOUND) {
+        rc = CQRS_ERR_OK; /* dropped = 0: none */
+    }
     if (rc != CQRS_ERR_OK) {
         fprintf(stderr, "cqrsctl dlq drop: %s\n", err.message);
         return exit_for(rc);
@@ -442,7 +528,7 @@ int cqrsctl_dlq(const cqrsctl_env_t *env, int argc, char **argv)
     else if (strcmp(action, "show") == 0)
         status = cmd_show(ds, lid, as_json);
     else if (strcmp(action, "retry") == 0)
-        status = cmd_retry(ds, env, lid, as_json);
+        status = cmd_retry(ds, lid, as_json);
     else
         status = cmd_drop(ds, lid, yes, as_json);
     cqrs_docstore_destroy(ds);

@@ -239,9 +239,14 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
 
     /* Redis: dead letters, then the document (its type from PostgreSQL, else whichever
      * exists). */
-    char dlq_key[96];
-    cqrs_projector_dlq_key(lid, dlq_key, sizeof dlq_key);
-    rc = cqrs_docstore_dlq_get(ds, dlq_key, &dl, &n_dl, &err);
+    char dlq_key[CQRS_KEY_MAX], dlq_shard[CQRS_SHARD_MAX];
+    rc = cqrsctl_dlq_shard(ds, lid, dlq_shard, sizeof dlq_shard, &err);
+    if (rc == CQRS_ERR_OK) {
+        cqrs_keys_dlq(dlq_shard, lid, dlq_key, sizeof dlq_key);
+        rc = cqrs_docstore_dlq_get(ds, dlq_key, &dl, &n_dl, &err);
+    } else if (rc == CQRS_ERR_NOT_FOUND) {
+        rc = CQRS_ERR_OK; /* none */
+    }
     const char *type = n > 0 ? cqrs_rows_get(ev.rows, 0, 4) : NULL;
     char type_buf[32] = "";
     for (size_t i = 0; rc == CQRS_ERR_OK && !type && i < n_dl; i++) {
@@ -253,16 +258,17 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
         if (type_buf[0])
             type = type_buf;
     }
-    char key[256] = "";
+    char key[CQRS_KEY_MAX] = "";
     int64_t doc_version = 0;
     bool have_doc = false;
     static const char *const types[] = {"product", "order"};
     for (size_t t = 0; rc == CQRS_ERR_OK && t < 2 && !have_doc; t++) {
         if (type && strcmp(type, types[t]) != 0)
             continue;
-        char k[256];
-        doc_key(types[t], lid, k, sizeof k);
-        rc = cqrs_docstore_get(ds, k, NULL, &doc_version, &err);
+        char k[CQRS_KEY_MAX];
+        rc = query_doc_key(ds, types[t], lid, k, sizeof k, &err);
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_get(ds, k, NULL, &doc_version, &err);
         if (rc == CQRS_ERR_OK) {
             have_doc = true;
             snprintf(key, sizeof key, "%s", k);
@@ -337,10 +343,10 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
     }
     json_t *applied_offset = json_null();
     if (partition >= 0) {
-        char okey[300];
+        char shard[CQRS_SHARD_MAX];
         int64_t off;
-        cqrs_projector_offsets_key(topic, okey, sizeof okey);
-        rc = cqrs_docstore_offset(ds, okey, partition, &off, &err);
+        cqrs_keys_shard(cqrs_docstore_prefix(ds), topic, partition, shard, sizeof shard);
+        rc = cqrs_docstore_offset(ds, shard, partition, &off, &err);
         if (rc == CQRS_ERR_OK)
             applied_offset = json_integer((json_int_t)off);
         else if (rc != CQRS_ERR_NOT_FOUND) {

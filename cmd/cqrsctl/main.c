@@ -8,6 +8,7 @@
 #include <cqrs/store.h>
 #include <cqrs/version.h>
 #include "ops.h"
+#include "query.h"
 #include "verify.h"
 #include <jansson.h>
 #include <stdbool.h>
@@ -222,6 +223,7 @@ int main(int argc, char **argv)
     }
     if (cqrs_config_load(entries, N_ENTRIES, NULL, NULL, stderr) != 0)
         return 2;
+    query_keys_init(S.topic_prefix);
     if (cqrs_bus_check_properties(stderr) != 0)
         return 2;
     cqrs_error_t dsn_err;

@@ -39,7 +39,6 @@
 #include "ops.h"
 #include "query.h"
 
-#define MARKER_KEY "cqrs:rebuild:marker"
 #define FLUSH_AGGREGATES 2048
 #define PAUSE_MS 10000
 
@@ -133,8 +132,10 @@ static slot_t *vmap_find(vmap_t *m, const char *id, bool add)
 
 typedef struct agg {
     char id[CQRS_UUID_LEN + 1];
-    char key[128];
-    char dlq_key[96];
+    char shard[CQRS_SHARD_MAX];
+    char key[CQRS_KEY_MAX];
+    char dlq_key[CQRS_KEY_MAX];
+    bool is_order;
     json_t *old; /* the document the new generation holds before this fold (NULL: none) */
     json_t *doc; /* after */
     int64_t version, seen;
@@ -149,6 +150,8 @@ typedef struct rebuild {
     cqrs_docstore_t *live, *scratch;
     const char *types; /* "{product,order}" */
     bool products, orders;
+    int32_t shards[2]; /* per type (product, order): the layout's partition count */
+    char marker[CQRS_KEY_MAX];
     vmap_t map;
     agg_t cur;
     bool have_cur;
@@ -235,6 +238,16 @@ static void fold(agg_t *a, const cqrs_event_t *ev)
     a->version = ev->version;
 }
 
+/* The shard and keys of an aggregate of type ("product" or "order"). */
+static void agg_keys(const rebuild_t *r, agg_t *a, const char *type, const char *id)
+{
+    bool order = strcmp(type, "order") == 0;
+    query_shard(r->live, type, cqrs_keys_partition(id, r->shards[order]), a->shard,
+                sizeof a->shard);
+    cqrs_keys_doc(a->shard, id, a->key, sizeof a->key);
+    cqrs_keys_dlq(a->shard, id, a->dlq_key, sizeof a->dlq_key);
+}
+
 static cqrs_err_t flush_done(rebuild_t *r, cqrs_error_t *err)
 {
     cqrs_err_t rc = CQRS_ERR_OK;
@@ -271,10 +284,12 @@ static cqrs_err_t finish_agg(rebuild_t *r, cqrs_error_t *err)
     bool changed = d->doc && d->doc != d->old;
     if (changed) {
         r->texts[i] = json_dumps(d->doc, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        query_projection.index(d->key, d->old, d->doc, &r->ops[i]);
+        query_projection.index(d->shard, d->is_order ? "order" : "product", d->key, d->old, d->doc,
+                               &r->ops[i]);
     }
     r->dead_letters += (long long)d->n_dead;
-    r->docs[i] = (cqrs_bulk_doc_t){.key = d->key,
+    r->docs[i] = (cqrs_bulk_doc_t){.shard = d->shard,
+                                   .key = d->key,
                                    .version = d->version,
                                    .json = r->texts[i],
                                    .ops = r->ops[i].v,
@@ -348,8 +363,8 @@ static cqrs_err_t fold_row(rebuild_t *r, const char *const *v, bool catch_up, cq
         memset(a, 0, sizeof *a);
         r->have_cur = true;
         snprintf(a->id, sizeof a->id, "%s", agg_id);
-        doc_key(v[0], agg_id, a->key, sizeof a->key);
-        cqrs_projector_dlq_key(agg_id, a->dlq_key, sizeof a->dlq_key);
+        a->is_order = strcmp(v[0], "order") == 0;
+        agg_keys(r, a, v[0], agg_id);
         slot_t *s = catch_up ? vmap_find(&r->map, agg_id, false) : NULL;
         if (s) {
             a->version = s->version;
@@ -417,7 +432,8 @@ static cqrs_err_t spill(rebuild_t *r, cqrs_error_t *err)
         if (s && s->used && s->a) {
             agg_t *a = s->a;
             texts[n] = a->doc ? json_dumps(a->doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
-            docs[n] = (cqrs_bulk_doc_t){.key = a->key,
+            docs[n] = (cqrs_bulk_doc_t){.shard = a->shard,
+                                        .key = a->key,
                                         .version = a->version,
                                         .json = texts[n],
                                         .aggregate_id = a->id,
@@ -459,8 +475,8 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
         s->a = a;
         s->is_order = strcmp(v[0], "order") == 0;
         copy_str(a->id, sizeof a->id, v[1]);
-        doc_key(v[0], a->id, a->key, sizeof a->key);
-        cqrs_projector_dlq_key(a->id, a->dlq_key, sizeof a->dlq_key);
+        a->is_order = s->is_order;
+        agg_keys(r, a, v[0], a->id);
         if (s->spilled) { /* seen before a spill: go on from the written document */
             a->version = s->version;
             a->seen = s->seen;
@@ -524,11 +540,10 @@ static cqrs_err_t emit_all(rebuild_t *r, cqrs_error_t *err)
             waiting[n_wait++] = s;
         }
         if (n_wait == GET_BATCH || (!s && n_wait > 0)) {
-            static char kbuf[GET_BATCH][128];
+            static agg_t kagg[GET_BATCH];
             for (size_t k = 0; k < n_wait; k++) {
-                doc_key(waiting[k]->is_order ? "order" : "product", waiting[k]->id, kbuf[k],
-                        sizeof kbuf[k]);
-                keys[k] = kbuf[k];
+                agg_keys(r, &kagg[k], waiting[k]->is_order ? "order" : "product", waiting[k]->id);
+                keys[k] = kagg[k].key;
             }
             rc = cqrs_docstore_get_many(r->scratch, keys, n_wait, jsons, err);
             for (size_t k = 0; k < n_wait && rc == CQRS_ERR_OK; k++) {
@@ -538,8 +553,10 @@ static cqrs_err_t emit_all(rebuild_t *r, cqrs_error_t *err)
                 memset(a, 0, sizeof *a);
                 r->have_cur = true;
                 copy_str(a->id, sizeof a->id, waiting[k]->id);
-                copy_str(a->key, sizeof a->key, kbuf[k]);
-                cqrs_projector_dlq_key(a->id, a->dlq_key, sizeof a->dlq_key);
+                a->is_order = waiting[k]->is_order;
+                memcpy(a->shard, kagg[k].shard, sizeof a->shard);
+                memcpy(a->key, kagg[k].key, sizeof a->key);
+                memcpy(a->dlq_key, kagg[k].dlq_key, sizeof a->dlq_key);
                 a->doc = json_loads(jsons[k], 0, NULL);
                 a->version = a->seen = waiting[k]->version;
                 rc = finish_agg(r, err);
@@ -726,7 +743,8 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         rc = fail(r, &err);
         goto out;
     }
-    cqrs_err_t mrc = cqrs_docstore_string_get(r->scratch, MARKER_KEY, &marker, &err);
+    cqrs_keys_global(cqrs_docstore_prefix(r->live), "rebuild:marker", r->marker, sizeof r->marker);
+    cqrs_err_t mrc = cqrs_docstore_string_get(r->scratch, r->marker, &marker, &err);
     free(marker);
     if (size > 0 && mrc != CQRS_ERR_OK) {
         fprintf(stderr,
@@ -740,11 +758,35 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     snprintf(mark, sizeof mark, "{\"live_db\":%d,\"started_ms\":%lld}", addr.db,
              (long long)cqrs_realtime_ms());
     if (cqrs_docstore_flush(r->scratch, &err) != CQRS_ERR_OK ||
-        cqrs_docstore_string_set(r->scratch, MARKER_KEY, mark, &err) != CQRS_ERR_OK ||
-        cqrs_docstore_ensure_meta(r->scratch, NULL, &err) != CQRS_ERR_OK) {
+        cqrs_docstore_string_set(r->scratch, r->marker, mark, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
         goto out;
     }
+    /* Where each aggregate goes: the shards the live projectors record (keyspace.h). */
+    static const char *const types[2] = {"product", "order"};
+    for (int t = 0; t < 2; t++) {
+        cqrs_err_t lrc = query_shard_count(r->live, types[t], &r->shards[t], &err);
+        if (lrc != CQRS_ERR_OK) {
+            if (lrc == CQRS_ERR_NOT_FOUND)
+                cqrs_error_set(&err, CQRS_ERR_STATE,
+                               "the read model records no layout for %s: start cqrs-queryd once"
+                               " (its projector records each topic's partition count)",
+                               query_topic(types[t]));
+            rc = fail(r, &err);
+            goto out;
+        }
+    }
+    cqrsctl_shard_t *all = NULL;
+    size_t n_all = 0;
+    const char **sp = NULL;
+    if (cqrsctl_all_shards(r->live, &all, &n_all, &err) != CQRS_ERR_OK ||
+        !(sp = calloc(n_all + 1, sizeof *sp))) {
+        free(all);
+        rc = fail(r, &err);
+        goto out;
+    }
+    for (size_t i = 0; i < n_all; i++)
+        sp[i] = all[i];
     query_t count = {SQL_COUNT, 1, {r->types}, NULL};
     if (run_query(r, &count, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
@@ -777,67 +819,76 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
 
     /* Switch. */
     int64_t pause_started = cqrs_monotonic_ms(), pause_token = 0;
-    if (cqrs_docstore_pause_token(r->live, PAUSE_MS, &pause_token, &err) != CQRS_ERR_OK) {
+    if (cqrs_docstore_pause_token(r->live, sp, n_all, PAUSE_MS, &pause_token, &err) !=
+        CQRS_ERR_OK) {
         rc = fail(r, &err);
         goto out;
     }
     /* Every event applied live was committed before the pause: this read sees it. */
     cqrs_err_t src = catch_up(r, &behind, &err);
-    char pattern[320];
+    char pattern[CQRS_KEY_MAX];
     size_t copied = 0, n;
-    /* The applied offsets of every topic (the live projector goes on from them). */
+    const char *prefix = cqrs_docstore_prefix(r->live);
+    /* The layout, and per shard of every topic: the applied offsets (the live projector goes
+     * on from them) and the undecodable messages. */
+    cqrs_keys_global(prefix, "layout", pattern, sizeof pattern);
     if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_copy_keys(r->live, r->scratch, "cqrs:offsets:*", &copied, &err);
-    const char *keep[4] = {"cqrs:dlq:undecodable", NULL, NULL, NULL};
-    if (!r->products) {
-        keep[1] = "cqrs:product:{*}";
-        keep[2] = "cqrs:idx:products:*";
-        keep[3] = "cqrs:idx:word:*";
-    } else if (!r->orders) {
-        keep[1] = "cqrs:order:{*}";
-        keep[2] = "cqrs:idx:customer-orders:*";
+        src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &copied, &err);
+    static const char *const families[] = {CQRS_SHARD_OFFSETS, CQRS_SHARD_UNDECODABLE, "unknown:*"};
+    for (size_t f = 0; src == CQRS_ERR_OK && f < 3; f++) {
+        snprintf(pattern, sizeof pattern, "{%s:*}:%s", prefix, families[f]);
+        src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &n, &err);
+        copied += n;
     }
-    for (int k = 0; src == CQRS_ERR_OK && k < 4; k++)
-        if (keep[k]) {
-            snprintf(pattern, sizeof pattern, "%s", keep[k]);
+    /* The projections not rebuilt: all their shards hold, as they are. */
+    for (int t = 0; src == CQRS_ERR_OK && t < 2; t++)
+        if ((t == 0 && !r->products) || (t == 1 && !r->orders)) {
+            snprintf(pattern, sizeof pattern, "{%s:%s:*", prefix, query_topic(types[t]));
             src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &n, &err);
             copied += n;
         }
-    if (src == CQRS_ERR_OK && !r->products)
-        src = cqrs_docstore_copy_keys(r->live, r->scratch, TOP_PRODUCTS_KEY, &n, &err);
-    if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_copy_keys(r->live, r->scratch, "cqrs:unknown:*", &n, &err);
-    /* Dead letters of the aggregates not rebuilt (the rebuilt ones have their own, recomputed). */
-    if (src == CQRS_ERR_OK && !(r->products && r->orders)) {
+    /* Dead letters of aggregates not rebuilt in the rebuilt shards (an unknown aggregate type;
+     * the rebuilt ones have their own, recomputed). */
+    for (size_t i = 0; src == CQRS_ERR_OK && i < n_all; i++) {
+        bool rebuilt = strncmp(all[i] + 1 + strlen(prefix) + 1, query_topic("order"),
+                               strlen(query_topic("order"))) == 0
+                           ? r->orders
+                           : r->products;
+        if (!rebuilt)
+            continue;
         char **ids = NULL;
         int64_t *since = NULL;
         size_t n_ids = 0;
-        src = cqrs_docstore_dlq_index(r->live, &ids, &since, &n_ids, &err);
-        for (size_t i = 0; src == CQRS_ERR_OK && i < n_ids; i++) {
-            if (vmap_find(&r->map, ids[i], false))
+        src = cqrs_docstore_dlq_index(r->live, all[i], &ids, &since, &n_ids, &err);
+        for (size_t k = 0; src == CQRS_ERR_OK && k < n_ids; k++) {
+            if (vmap_find(&r->map, ids[k], false))
                 continue;
-            char dlq[96];
-            cqrs_projector_dlq_key(ids[i], dlq, sizeof dlq);
+            char dlq[CQRS_KEY_MAX];
+            cqrs_keys_dlq(all[i], ids[k], dlq, sizeof dlq);
             src = cqrs_docstore_copy_keys(r->live, r->scratch, dlq, &n, &err);
             if (src == CQRS_ERR_OK)
-                src = cqrs_docstore_dlq_index_add(r->scratch, ids[i], since[i], &err);
+                src = cqrs_docstore_dlq_index_add(r->scratch, all[i], ids[k], since[k], &err);
         }
         cqrs_docstore_strings_free(ids, n_ids);
         free(since);
     }
-    /* The new generation takes the live incarnation over: it holds exactly the offsets the
-     * paused projectors recorded, so they go on without noticing the switch. */
-    char incarnation[CQRS_INCARNATION_LEN + 1];
+    /* The new generation takes each shard's live incarnation over: it holds exactly the
+     * offsets the paused projectors recorded, so they go on without noticing the switch. Its
+     * shards carry no pause (a copied meta would). */
+    for (size_t i = 0; src == CQRS_ERR_OK && i < n_all; i++) {
+        char incarnation[CQRS_INCARNATION_LEN + 1];
+        src = cqrs_docstore_shard_open(r->live, all[i], 0, incarnation, NULL, &err);
+        if (src == CQRS_ERR_OK)
+            src = cqrs_docstore_set_incarnation(r->scratch, all[i], incarnation, &err);
+    }
     if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_ensure_meta(r->live, incarnation, &err);
-    if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_set_incarnation(r->scratch, incarnation, &err);
+        src = cqrs_docstore_pause(r->scratch, sp, n_all, 0, &err);
     /* The old generation keeps a marker once it sits in the scratch database; the new one
      * carries none. */
     if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_del(r->scratch, MARKER_KEY, &err);
+        src = cqrs_docstore_del(r->scratch, r->marker, &err);
     if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_string_set(r->live, MARKER_KEY, mark, &err);
+        src = cqrs_docstore_string_set(r->live, r->marker, mark, &err);
     int64_t remaining_ms = PAUSE_MS - (cqrs_monotonic_ms() - pause_started);
     if (src == CQRS_ERR_OK && remaining_ms < 1000)
         src = cqrs_error_set(&err, CQRS_ERR_TIMEOUT,
@@ -848,14 +899,14 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         /* Atomic with the check that our pause is still in force: a stall of any length
          * before this point (the remaining-time check above is only the common case) cannot
          * let a live apply slip between the copied offsets and the swap. */
-        src = cqrs_docstore_swap_with(r->live, scratch_db, pause_token, &err);
+        src = cqrs_docstore_swap_with(r->live, sp, n_all, scratch_db, pause_token, &err);
         if (src != CQRS_ERR_OK && src != CQRS_ERR_TIMEOUT) {
             /* Did the swap happen (only its reply lost)? The marker set in the live database
              * just before travels with the old generation. */
             char *m = NULL;
             cqrs_error_t e3;
             for (int t = 0; t < 10; t++) {
-                cqrs_err_t mrc2 = cqrs_docstore_string_get(r->live, MARKER_KEY, &m, &e3);
+                cqrs_err_t mrc2 = cqrs_docstore_string_get(r->live, r->marker, &m, &e3);
                 free(m);
                 m = NULL;
                 if (mrc2 == CQRS_ERR_NOT_FOUND) {
@@ -870,10 +921,10 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     }
     if (src != CQRS_ERR_OK) {
         cqrs_error_t e2;
-        cqrs_docstore_pause(r->live, 0, &e2); /* let the live projector go on */
-        cqrs_docstore_del(r->live, MARKER_KEY, &e2);
+        cqrs_docstore_pause(r->live, sp, n_all, 0, &e2); /* let the live projector go on */
+        cqrs_docstore_del(r->live, r->marker, &e2);
         /* The scratch database stays a rebuild's: the next run flushes and reuses it. */
-        cqrs_docstore_string_set(r->scratch, MARKER_KEY, mark, &e2);
+        cqrs_docstore_string_set(r->scratch, r->marker, mark, &e2);
         rc = fail(r, &err);
         goto out;
     }
@@ -900,8 +951,8 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         fprintf(stderr,
                 "cqrsctl rebuild: switched, but the switch could not be announced (%s): query "
                 "daemons may serve cached documents of the old generation until their change "
-                "feed reconnects; restart them or run PUBLISH %s%d '*'\n",
-                announce_err.message, CQRS_CHANGES_CHANNEL_PREFIX, addr.db);
+                "feed reconnects; restart them or run PUBLISH %s:changes:%d '*'\n",
+                announce_err.message, cqrs_docstore_prefix(r->live), addr.db);
         rc = 1;
     }
 out:

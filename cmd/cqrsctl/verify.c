@@ -77,15 +77,23 @@ static cqrs_err_t compare_docs(cqrs_store_t *store, cqrs_docstore_t *ds, const c
         return rc;
     int n = cqrs_rows_count(r.rows);
     enum { BATCH = 1000 };
-    static char keys[BATCH][96];
+    static char keys[BATCH][CQRS_KEY_MAX];
     const char *kp[BATCH];
     char *jsons[BATCH];
     for (int start = 0; rc == CQRS_ERR_OK && start < n; start += BATCH) {
         int m = n - start < BATCH ? n - start : BATCH;
         for (int i = 0; i < m; i++) {
-            doc_key(type, cqrs_rows_get(r.rows, start + i, 0), keys[i], sizeof keys[i]);
+            rc = query_doc_key(ds, type, cqrs_rows_get(r.rows, start + i, 0), keys[i],
+                               sizeof keys[i], err);
+            if (rc == CQRS_ERR_NOT_FOUND)
+                keys[i][0] = '\0'; /* no layout: nothing projected, the document is missing */
+            else if (rc != CQRS_ERR_OK)
+                break;
+            rc = CQRS_ERR_OK;
             kp[i] = keys[i];
         }
+        if (rc != CQRS_ERR_OK)
+            break;
         rc = cqrs_docstore_get_many(ds, kp, (size_t)m, jsons, err);
         for (int i = 0; rc == CQRS_ERR_OK && i < m; i++) {
             const char *id = cqrs_rows_get(r.rows, start + i, 0);
@@ -130,16 +138,24 @@ static cqrs_err_t check_indexes(cqrs_docstore_t *ds, json_t *products, drift_t *
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    for (size_t i = 0; i < n; i++) {
+    int32_t shards = 0;
+    rc = query_shard_count(ds, "product", &shards, err);
+    if (rc == CQRS_ERR_NOT_FOUND)
+        rc = CQRS_ERR_OK; /* no layout: no product was projected (compare_docs said so) */
+    for (size_t i = 0; rc == CQRS_ERR_OK && shards > 0 && i < n; i++) {
         json_t *p = json_array_get(products, i);
         const char *cat = json_string_value(json_object_get(p, "category"));
         const char *status = json_string_value(json_object_get(p, "status"));
+        char shard[CQRS_SHARD_MAX];
+        const char *id = json_string_value(json_object_get(p, "id"));
+        query_shard(ds, "product", cqrs_keys_partition(id ? id : "", shards), shard, sizeof shard);
         for (int s = 0; s < PRODUCT_SORTS; s++) {
             char member[4608];
             product_sort_member(p, s, member, sizeof member);
             for (int f = 0; f < 4; f++) {
                 char key[4608];
-                product_list_key(s, f & 1 ? cat : NULL, f & 2 ? status : NULL, key, sizeof key);
+                product_list_key(shard, s, f & 1 ? cat : NULL, f & 2 ? status : NULL, key,
+                                 sizeof key);
                 keys[k] = strdup(key);
                 members[k] = strdup(member);
                 k++;
@@ -148,7 +164,9 @@ static cqrs_err_t check_indexes(cqrs_docstore_t *ds, json_t *products, drift_t *
         if (json_integer_value(json_object_get(p, "units_sold")) > 0) {
             char member[128];
             top_member(p, member, sizeof member);
-            keys[k] = strdup(TOP_PRODUCTS_KEY);
+            char top[CQRS_KEY_MAX];
+            top_products_key(shard, top, sizeof top);
+            keys[k] = strdup(top);
             members[k] = strdup(member);
             k++;
         }

@@ -138,7 +138,7 @@ static void handle(cqrs_changefeed_t *f, redisReply *r)
         r->element[2]->type != REDIS_REPLY_STRING)
         return; /* pong and subscription confirmations */
     atomic_fetch_add(&f->messages, 1);
-    char key[256];
+    char key[CQRS_KEY_MAX];
     int64_t version = 0;
     bool reset = false;
     if (!cqrs_changefeed_parse(r->element[2]->str, r->element[2]->len, key, sizeof key, &version,
@@ -242,7 +242,7 @@ cqrs_changefeed_t *cqrs_changefeed_start(const cqrs_redis_config_t *redis, int t
         free(f);
         return NULL;
     }
-    cqrs_docstore_channel(&f->target.addr, f->channel, sizeof f->channel);
+    cqrs_docstore_channel(f->target.prefix, f->target.addr.db, f->channel, sizeof f->channel);
     f->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
     f->h = *h;
     if (pipe2(f->wake, O_CLOEXEC) != 0) {

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cqrs/keyspace.h"
 #include "cqrs/redis.h"
 #include "cqrs/util.h"
 
@@ -110,7 +111,7 @@ struct cqrs_docstore {
     int timeout_ms;
     redisContext *c;
     char sha[41];
-    char channel[64];
+    char channel[CQRS_REDIS_PREFIX_MAX + 32];
     /* bulk writes whose replies are not read yet, and the first error among those read */
     size_t deferred;
     cqrs_err_t deferred_rc;
@@ -131,14 +132,22 @@ cqrs_docstore_t *cqrs_docstore_new(const cqrs_redis_config_t *redis, int timeout
         return NULL;
     }
     ds->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
-    cqrs_docstore_channel(&ds->target.addr, ds->channel, sizeof ds->channel);
+    cqrs_docstore_channel(ds->target.prefix, ds->target.addr.db, ds->channel, sizeof ds->channel);
     return ds;
 }
 
-void cqrs_docstore_channel(const cqrs_redis_addr_t *addr, char *out, size_t cap)
+void cqrs_docstore_channel(const char *prefix, int db, char *out, size_t cap)
 {
-    /* Pub/sub is server-wide: the database number keeps deployments on one server apart. */
-    snprintf(out, cap, "%s%d", CQRS_CHANGES_CHANNEL_PREFIX, addr->db);
+    /* Pub/sub is server-wide (cluster-wide on a cluster): the prefix and the database number
+     * keep deployments apart. */
+    char name[32];
+    snprintf(name, sizeof name, "changes:%d", db);
+    cqrs_keys_global(prefix, name, out, cap);
+}
+
+const char *cqrs_docstore_prefix(const cqrs_docstore_t *ds)
+{
+    return ds->target.prefix;
 }
 
 static void disconnect(cqrs_docstore_t *ds)
@@ -281,15 +290,19 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     snprintf(num[6], 32, "%lld", (long long)(a->prev_offset < 0 ? -1 : a->prev_offset));
     if (a->base_version >= 0)
         snprintf(num[7], 32, "%lld", (long long)a->base_version);
+    char offsets[CQRS_KEY_MAX], dlq_index[CQRS_KEY_MAX], meta[CQRS_KEY_MAX];
+    cqrs_keys_in(a->shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
+    cqrs_keys_in(a->shard, CQRS_SHARD_DLQ_INDEX, dlq_index, sizeof dlq_index);
+    cqrs_keys_in(a->shard, CQRS_SHARD_META, meta, sizeof meta);
     size_t k = 0;
     argv[k++] = "EVALSHA";
     argv[k++] = NULL; /* the script's sha, set below */
     argv[k++] = num[0];
     argv[k++] = a->key;
-    argv[k++] = a->offsets_key;
+    argv[k++] = offsets;
     argv[k++] = a->dlq_key;
-    argv[k++] = CQRS_DLQ_INDEX_KEY;
-    argv[k++] = CQRS_META_KEY;
+    argv[k++] = dlq_index;
+    argv[k++] = meta;
     for (size_t i = 0; i < a->n_ops; i++)
         argv[k++] = a->ops[i].key;
     argv[k++] = dead ? "dead" : "apply";
@@ -358,96 +371,189 @@ cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     return run_apply(ds, a, true, result, err);
 }
 
-/* KEYS: 1 meta. ARGV: 1 a new incarnation, 2 now (s), 3 change channel. Returns the
- * incarnation in force. A store given one was empty (or is new): "*" tells readers to forget
- * what they derived from the old one. */
-static const char ENSURE_META_LUA[] =
+/* KEYS: 1 meta, 2 offsets. ARGV: 1 a new incarnation, 2 now (s), 3 change channel,
+ * 4 partition. Returns {the incarnation in force, the partition's offset or false}. A shard
+ * given one was empty (or is new): "*" tells readers to forget what they derived. */
+static const char SHARD_OPEN_LUA[] =
     "redis.call('HSETNX', KEYS[1], 'created', ARGV[2])\n"
     "if redis.call('HSETNX', KEYS[1], 'incarnation', ARGV[1]) == 1 then\n"
     "  redis.call('PUBLISH', ARGV[3], '*')\n"
-    "  return ARGV[1]\n"
     "end\n"
-    "return redis.call('HGET', KEYS[1], 'incarnation')\n";
+    "return {redis.call('HGET', KEYS[1], 'incarnation'), redis.call('HGET', KEYS[2], ARGV[4])}\n";
 
-cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, char *incarnation, cqrs_error_t *err)
+/* An offset from a reply element: -1 unless a number. */
+static int64_t reply_offset(const redisReply *e)
 {
-    char fresh[CQRS_UUID_LEN + 1], now[32];
+    int64_t v;
+    return e && e->type == REDIS_REPLY_STRING && cqrs_parse_int64(e->str, &v) ? v : -1;
+}
+
+cqrs_err_t cqrs_docstore_shard_open(cqrs_docstore_t *ds, const char *shard, int32_t partition,
+                                    char *incarnation, int64_t *offset, cqrs_error_t *err)
+{
+    char fresh[CQRS_UUID_LEN + 1], now[32], part[12], meta[CQRS_KEY_MAX], offsets[CQRS_KEY_MAX];
     cqrs_uuid_v4(fresh);
     snprintf(now, sizeof now, "%lld", (long long)time(NULL));
-    const char *argv[] = {"EVAL", ENSURE_META_LUA, "1", CQRS_META_KEY, fresh, now, ds->channel};
+    snprintf(part, sizeof part, "%d", partition);
+    cqrs_keys_in(shard, CQRS_SHARD_META, meta, sizeof meta);
+    cqrs_keys_in(shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
+    const char *argv[] = {"EVAL", SHARD_OPEN_LUA, "2", meta, offsets, fresh,
+                          now,    ds->channel,    part};
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 7, argv, NULL, &r, err);
+    cqrs_err_t rc = command(ds, 9, argv, NULL, &r, err);
     if (rc != CQRS_ERR_OK)
         return rc;
-    if (r->type != REDIS_REPLY_STRING || r->len > CQRS_INCARNATION_LEN)
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[0]->len > CQRS_INCARNATION_LEN) {
         rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected incarnation reply");
-    else if (incarnation)
-        snprintf(incarnation, CQRS_INCARNATION_LEN + 1, "%s", r->str);
+    } else {
+        if (incarnation)
+            snprintf(incarnation, CQRS_INCARNATION_LEN + 1, "%s", r->element[0]->str);
+        if (offset)
+            *offset = reply_offset(r->elements > 1 ? r->element[1] : NULL);
+    }
     freeReplyObject(r);
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *offsets_key,
-                                  const int32_t *partitions, size_t n, char *incarnation,
-                                  int64_t *offsets, cqrs_error_t *err)
+/* KEYS: 1 meta, 2 offsets. ARGV: 1 partition. {incarnation or false, offset or false}. */
+static const char PROGRESS_LUA[] =
+    "return {redis.call('HGET', KEYS[1], 'incarnation'), redis.call('HGET', KEYS[2], ARGV[1])}\n";
+
+typedef struct progress_out {
+    char (*incarnations)[CQRS_INCARNATION_LEN + 1];
+    int64_t *offsets;
+} progress_out_t;
+
+static void read_progress(const redisReply *r, size_t i, void *ud)
 {
-    /* One round trip: MULTI/EXEC of HGET meta + HMGET offsets (read-only, so atomic and
-     * cheap). */
-    const char *hget[] = {"HGET", CQRS_META_KEY, "incarnation"};
-    const char **hmget = calloc(n + 2, sizeof *hmget);
-    char(*parts)[12] = calloc(n ? n : 1, sizeof *parts);
-    cqrs_err_t rc = CQRS_ERR_OK;
-    redisReply *r = NULL;
-    if (!hmget || !parts) {
+    progress_out_t *o = ud;
+    o->incarnations[i][0] = '\0';
+    o->offsets[i] = -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+        return;
+    const redisReply *inc = r->element[0];
+    if (inc->type == REDIS_REPLY_STRING && inc->len <= CQRS_INCARNATION_LEN)
+        snprintf(o->incarnations[i], CQRS_INCARNATION_LEN + 1, "%s", inc->str);
+    o->offsets[i] = reply_offset(r->element[1]);
+}
+
+static cqrs_err_t pipeline(cqrs_docstore_t *ds, size_t n, int argc, const char *const *argv,
+                           void (*fn)(const redisReply *r, size_t i, void *ud), void *ud,
+                           cqrs_error_t *err);
+
+cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *const *shards,
+                                  const int32_t *partitions, size_t n,
+                                  char (*incarnations)[CQRS_INCARNATION_LEN + 1], int64_t *offsets,
+                                  cqrs_error_t *err)
+{
+    if (n == 0)
+        return CQRS_ERR_OK;
+    const int argc = 6;
+    const char **argv = calloc(n * (size_t)argc, sizeof *argv);
+    char(*keys)[2][CQRS_KEY_MAX] = calloc(n, sizeof *keys);
+    char(*parts)[12] = calloc(n, sizeof *parts);
+    cqrs_err_t rc;
+    if (!argv || !keys || !parts) {
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    hmget[0] = "HMGET";
-    hmget[1] = offsets_key;
     for (size_t i = 0; i < n; i++) {
+        cqrs_keys_in(shards[i], CQRS_SHARD_META, keys[i][0], sizeof keys[i][0]);
+        cqrs_keys_in(shards[i], CQRS_SHARD_OFFSETS, keys[i][1], sizeof keys[i][1]);
         snprintf(parts[i], sizeof parts[i], "%d", partitions[i]);
-        hmget[2 + i] = parts[i];
+        const char **a = argv + i * (size_t)argc;
+        a[0] = "EVAL";
+        a[1] = PROGRESS_LUA;
+        a[2] = "2";
+        a[3] = keys[i][0];
+        a[4] = keys[i][1];
+        a[5] = parts[i];
     }
-    rc = connect_ds(ds, err);
-    if (rc != CQRS_ERR_OK)
-        goto out;
-    redisAppendCommand(ds->c, "MULTI");
-    redisAppendCommandArgv(ds->c, 3, hget, NULL);
-    if (n > 0)
-        redisAppendCommandArgv(ds->c, (int)n + 2, hmget, NULL);
-    redisAppendCommand(ds->c, "EXEC");
-    size_t replies = n > 0 ? 4 : 3;
-    for (size_t i = 0; i < replies; i++) {
-        freeReplyObject(r);
-        r = NULL;
-        if (redisGetReply(ds->c, (void **)&r) != REDIS_OK || !r) {
-            rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
-            disconnect(ds);
-            goto out;
-        }
-    }
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != (n > 0 ? 2u : 1u)) {
-        rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected EXEC reply");
-        goto out;
-    }
-    const redisReply *inc = r->element[0];
-    if (inc->type == REDIS_REPLY_STRING && inc->len <= CQRS_INCARNATION_LEN)
-        snprintf(incarnation, CQRS_INCARNATION_LEN + 1, "%s", inc->str);
-    else
-        rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "the store has no incarnation");
-    for (size_t i = 0; i < n; i++) {
-        const redisReply *e =
-            r->element[1]->type == REDIS_REPLY_ARRAY && r->element[1]->elements == n
-                ? r->element[1]->element[i]
-                : NULL;
-        if (!e || e->type != REDIS_REPLY_STRING || !cqrs_parse_int64(e->str, &offsets[i]))
-            offsets[i] = -1;
-    }
+    progress_out_t o = {incarnations, offsets};
+    rc = pipeline(ds, n, argc, argv, read_progress, &o, err);
 out:
-    freeReplyObject(r);
-    free(hmget);
+    free(argv);
+    free(keys);
     free(parts);
     return rc;
+}
+
+static cqrs_err_t command_int(cqrs_docstore_t *ds, int argc, const char **argv, long long *out,
+                              cqrs_error_t *err);
+
+cqrs_err_t cqrs_docstore_layout_get(cqrs_docstore_t *ds, const char *topic, int32_t *partitions,
+                                    cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, "layout", key, sizeof key);
+    const char *argv[] = {"HGET", key, topic};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    int64_t v = reply_offset(r);
+    if (v < 1 || v > CQRS_MAX_SHARDS)
+        rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "no layout recorded for %s", topic);
+    else
+        *partitions = (int32_t)v;
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Partition counts learned from layouts, per deployment prefix, database and topic. */
+#define LAYOUT_CACHE 64
+static struct {
+    char key[CQRS_REDIS_PREFIX_MAX + 280];
+    int32_t n;
+} layout_cache[LAYOUT_CACHE];
+static size_t layout_cached;
+static pthread_mutex_t layout_lock = PTHREAD_MUTEX_INITIALIZER;
+
+cqrs_err_t cqrs_docstore_partitions(cqrs_docstore_t *ds, const char *topic, int32_t *partitions,
+                                    cqrs_error_t *err)
+{
+    char key[sizeof layout_cache[0].key];
+    snprintf(key, sizeof key, "%s/%d/%s", ds->target.prefix, ds->target.addr.db, topic);
+    pthread_mutex_lock(&layout_lock);
+    for (size_t i = 0; i < layout_cached; i++)
+        if (strcmp(layout_cache[i].key, key) == 0) {
+            *partitions = layout_cache[i].n;
+            pthread_mutex_unlock(&layout_lock);
+            return CQRS_ERR_OK;
+        }
+    pthread_mutex_unlock(&layout_lock);
+    cqrs_err_t rc = cqrs_docstore_layout_get(ds, topic, partitions, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    pthread_mutex_lock(&layout_lock);
+    if (layout_cached < LAYOUT_CACHE) {
+        snprintf(layout_cache[layout_cached].key, sizeof layout_cache[0].key, "%s", key);
+        layout_cache[layout_cached++].n = *partitions;
+    }
+    pthread_mutex_unlock(&layout_lock);
+    return CQRS_ERR_OK;
+}
+
+cqrs_err_t cqrs_docstore_shard_of(cqrs_docstore_t *ds, const char *topic, const char *aggregate_id,
+                                  char *shard, size_t cap, cqrs_error_t *err)
+{
+    int32_t n = 0;
+    cqrs_err_t rc = cqrs_docstore_partitions(ds, topic, &n, err);
+    if (rc == CQRS_ERR_OK)
+        cqrs_keys_shard(ds->target.prefix, topic, cqrs_keys_partition(aggregate_id, n), shard, cap);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_layout_set(cqrs_docstore_t *ds, const char *topic, int32_t partitions,
+                                    int32_t *recorded, cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX], n[12];
+    cqrs_keys_global(ds->target.prefix, "layout", key, sizeof key);
+    snprintf(n, sizeof n, "%d", partitions);
+    const char *argv[] = {"HSETNX", key, topic, n};
+    cqrs_err_t rc = command_int(ds, 4, argv, NULL, err);
+    return rc == CQRS_ERR_OK ? cqrs_docstore_layout_get(ds, topic, recorded, err) : rc;
 }
 
 /* KEYS: 1 the list, 2 meta, 3 offsets. ARGV: 1 blob, 2 incarnation, 3 offset mode,
@@ -466,12 +572,16 @@ cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     snprintf(part, sizeof part, "%d", a->partition);
     snprintf(prev, sizeof prev, "%lld", (long long)(a->prev_offset < 0 ? -1 : a->prev_offset));
     snprintf(next, sizeof next, "%lld", (long long)a->next_offset);
+    char list[CQRS_KEY_MAX], meta[CQRS_KEY_MAX], offsets[CQRS_KEY_MAX];
+    cqrs_keys_in(a->shard, CQRS_SHARD_UNDECODABLE, list, sizeof list);
+    cqrs_keys_in(a->shard, CQRS_SHARD_META, meta, sizeof meta);
+    cqrs_keys_in(a->shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
     const char *argv[] = {"EVAL",
                           UNDECODABLE_LUA,
                           "3",
-                          CQRS_UNDECODABLE_KEY,
-                          CQRS_META_KEY,
-                          a->offsets_key,
+                          list,
+                          meta,
+                          offsets,
                           a->blob ? a->blob : "{}",
                           a->incarnation ? a->incarnation : "",
                           OFFSET_MODES[a->offset_mode],
@@ -487,11 +597,12 @@ cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, int32_t partition,
+cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *shard, int32_t partition,
                                 int64_t *offset, cqrs_error_t *err)
 {
-    char part[12];
+    char part[12], offsets_key[CQRS_KEY_MAX];
     snprintf(part, sizeof part, "%d", partition);
+    cqrs_keys_in(shard, CQRS_SHARD_OFFSETS, offsets_key, sizeof offsets_key);
     const char *argv[] = {"HGET", offsets_key, part};
     redisReply *r = NULL;
     cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
@@ -600,6 +711,60 @@ cqrs_err_t cqrs_docstore_range(cqrs_docstore_t *ds, const char *key, const char 
     *members = reply_strings(r, 0, n);
     freeReplyObject(r);
     return CQRS_ERR_OK;
+}
+
+typedef struct range_out {
+    char ***members;
+    size_t *counts;
+} range_out_t;
+
+static void read_range(const redisReply *r, size_t i, void *ud)
+{
+    range_out_t *o = ud;
+    o->members[i] = reply_strings(r, 0, &o->counts[i]);
+}
+
+cqrs_err_t cqrs_docstore_range_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
+                                    const char *after, size_t limit, char ***members,
+                                    size_t *counts, cqrs_error_t *err)
+{
+    for (size_t i = 0; i < n; i++) {
+        members[i] = NULL;
+        counts[i] = 0;
+    }
+    if (n == 0)
+        return CQRS_ERR_OK;
+    char *from = NULL, count[24];
+    const char **argv = calloc(7 * n, sizeof *argv);
+    if (after && (from = malloc(strlen(after) + 2)) != NULL)
+        sprintf(from, "(%s", after);
+    if (!argv || (after && !from)) {
+        free(argv);
+        free(from);
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    }
+    snprintf(count, sizeof count, "%zu", limit);
+    for (size_t i = 0; i < n; i++) {
+        const char **a = argv + 7 * i;
+        a[0] = "ZRANGEBYLEX";
+        a[1] = keys[i];
+        a[2] = from ? from : "-";
+        a[3] = "+";
+        a[4] = "LIMIT";
+        a[5] = "0";
+        a[6] = count;
+    }
+    range_out_t o = {members, counts};
+    cqrs_err_t rc = pipeline(ds, n, 7, argv, read_range, &o, err);
+    if (rc != CQRS_ERR_OK)
+        for (size_t i = 0; i < n; i++) {
+            cqrs_docstore_strings_free(members[i], counts[i]);
+            members[i] = NULL;
+            counts[i] = 0;
+        }
+    free(argv);
+    free(from);
+    return rc;
 }
 
 cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
@@ -895,13 +1060,15 @@ void cqrs_docstore_pool_destroy(cqrs_docstore_pool_t *p)
 
 /* ---- dead letters (cqrsctl dlq) -------------------------------------------------------- */
 
-cqrs_err_t cqrs_docstore_dlq_index(cqrs_docstore_t *ds, char ***ids, int64_t **since_ms, size_t *n,
-                                   cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_dlq_index(cqrs_docstore_t *ds, const char *shard, char ***ids,
+                                   int64_t **since_ms, size_t *n, cqrs_error_t *err)
 {
     *ids = NULL;
     *since_ms = NULL;
     *n = 0;
-    const char *argv[] = {"ZRANGE", CQRS_DLQ_INDEX_KEY, "0", "-1", "WITHSCORES"};
+    char index[CQRS_KEY_MAX];
+    cqrs_keys_in(shard, CQRS_SHARD_DLQ_INDEX, index, sizeof index);
+    const char *argv[] = {"ZRANGE", index, "0", "-1", "WITHSCORES"};
     redisReply *r = NULL;
     cqrs_err_t rc = command(ds, 5, argv, NULL, &r, err);
     if (rc != CQRS_ERR_OK)
@@ -1066,14 +1233,14 @@ static cqrs_err_t command_int(cqrs_docstore_t *ds, int argc, const char **argv, 
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_dlq_remove(cqrs_docstore_t *ds, const char *dlq_key,
+cqrs_err_t cqrs_docstore_dlq_remove(cqrs_docstore_t *ds, const char *shard, const char *dlq_key,
                                     const char *aggregate_id, int64_t version, bool *released,
                                     cqrs_error_t *err)
 {
-    char v[24];
+    char v[24], index[CQRS_KEY_MAX];
     snprintf(v, sizeof v, "%lld", (long long)version);
-    const char *argv[] = {"EVAL", DLQ_REMOVE_LUA, "2", dlq_key, CQRS_DLQ_INDEX_KEY,
-                          v,      aggregate_id};
+    cqrs_keys_in(shard, CQRS_SHARD_DLQ_INDEX, index, sizeof index);
+    const char *argv[] = {"EVAL", DLQ_REMOVE_LUA, "2", dlq_key, index, v, aggregate_id};
     long long res = 0;
     cqrs_err_t rc = command_int(ds, 7, argv, &res, err);
     *released = rc == CQRS_ERR_OK && res == 1;
@@ -1089,10 +1256,12 @@ cqrs_err_t cqrs_docstore_dlq_set_reason(cqrs_docstore_t *ds, const char *dlq_key
     return command_int(ds, 6, argv, NULL, err);
 }
 
-cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
+cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *shard, const char *dlq_key,
                                   const char *aggregate_id, size_t *dropped, cqrs_error_t *err)
 {
-    const char *argv[] = {"EVAL", DLQ_DROP_LUA, "2", dlq_key, CQRS_DLQ_INDEX_KEY, aggregate_id};
+    char index[CQRS_KEY_MAX];
+    cqrs_keys_in(shard, CQRS_SHARD_DLQ_INDEX, index, sizeof index);
+    const char *argv[] = {"EVAL", DLQ_DROP_LUA, "2", dlq_key, index, aggregate_id};
     long long n = 0;
     cqrs_err_t rc = command_int(ds, 6, argv, &n, err);
     *dropped = rc == CQRS_ERR_OK && n > 0 ? (size_t)n : 0;
@@ -1104,14 +1273,18 @@ cqrs_err_t cqrs_docstore_refill_set(cqrs_docstore_t *ds, const char *field, int6
 {
     char u[24];
     snprintf(u, sizeof u, "%lld", (long long)until);
-    const char *argv[] = {"HSET", CQRS_REFILL_KEY, field, u};
+    char refill[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, "refill", refill, sizeof refill);
+    const char *argv[] = {"HSET", refill, field, u};
     return command_int(ds, 4, argv, NULL, err);
 }
 
 cqrs_err_t cqrs_docstore_refill_get(cqrs_docstore_t *ds, const char *field, int64_t *until,
                                     cqrs_error_t *err)
 {
-    const char *argv[] = {"HGET", CQRS_REFILL_KEY, field};
+    char refill[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, "refill", refill, sizeof refill);
+    const char *argv[] = {"HGET", refill, field};
     redisReply *r = NULL;
     cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
     if (rc != CQRS_ERR_OK)
@@ -1124,20 +1297,58 @@ cqrs_err_t cqrs_docstore_refill_get(cqrs_docstore_t *ds, const char *field, int6
 
 cqrs_err_t cqrs_docstore_refill_clear(cqrs_docstore_t *ds, const char *field, cqrs_error_t *err)
 {
-    const char *argv[] = {"HDEL", CQRS_REFILL_KEY, field};
+    char refill[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, "refill", refill, sizeof refill);
+    const char *argv[] = {"HDEL", refill, field};
     return command_int(ds, 3, argv, NULL, err);
 }
 
 cqrs_err_t cqrs_docstore_refill_count(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err)
 {
-    const char *argv[] = {"HLEN", CQRS_REFILL_KEY};
+    char refill[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, "refill", refill, sizeof refill);
+    const char *argv[] = {"HLEN", refill};
     return command_int(ds, 2, argv, n, err);
 }
 
-cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count, cqrs_error_t *err)
+typedef struct dlq_counts_out {
+    long long *held, *undecodable;
+} dlq_counts_out_t;
+
+static void read_dlq_count(const redisReply *r, size_t i, void *ud)
 {
-    const char *argv[] = {"LLEN", CQRS_UNDECODABLE_KEY};
-    return command_int(ds, 2, argv, count, err);
+    dlq_counts_out_t *o = ud;
+    long long *to = i % 2 ? o->undecodable : o->held;
+    if (to)
+        to[i / 2] = r->type == REDIS_REPLY_INTEGER ? r->integer : 0;
+}
+
+cqrs_err_t cqrs_docstore_dlq_counts(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                                    long long *held, long long *undecodable, cqrs_error_t *err)
+{
+    if (n == 0)
+        return CQRS_ERR_OK;
+    const char **argv = calloc(4 * n, sizeof *argv);
+    char(*keys)[2][CQRS_KEY_MAX] = calloc(n, sizeof *keys);
+    cqrs_err_t rc;
+    if (!argv || !keys) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        cqrs_keys_in(shards[i], CQRS_SHARD_DLQ_INDEX, keys[i][0], sizeof keys[i][0]);
+        cqrs_keys_in(shards[i], CQRS_SHARD_UNDECODABLE, keys[i][1], sizeof keys[i][1]);
+        argv[4 * i] = "ZCARD";
+        argv[4 * i + 1] = keys[i][0];
+        argv[4 * i + 2] = "LLEN";
+        argv[4 * i + 3] = keys[i][1];
+    }
+    dlq_counts_out_t o = {held, undecodable};
+    rc = pipeline(ds, 2 * n, 2, argv, read_dlq_count, &o, err);
+out:
+    free(argv);
+    free(keys);
+    return rc;
 }
 
 /* ---- rebuilds ---------------------------------------------------------------------------- */
@@ -1149,7 +1360,7 @@ cqrs_docstore_t *cqrs_docstore_new_db(const cqrs_redis_config_t *redis, int db, 
     if (!ds)
         return NULL;
     ds->target.addr.db = db;
-    cqrs_docstore_channel(&ds->target.addr, ds->channel, sizeof ds->channel);
+    cqrs_docstore_channel(ds->target.prefix, db, ds->channel, sizeof ds->channel);
     return ds;
 }
 
@@ -1385,7 +1596,9 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
             snprintf(field, sizeof field, "%s:reason", v);
             const char *a1[] = {"HSETNX", d->dlq_key, v, d->dead[k].blob};
             const char *a2[] = {"HSETNX", d->dlq_key, field, d->dead[k].reason};
-            const char *a3[] = {"ZADD", CQRS_DLQ_INDEX_KEY, "NX", now, d->aggregate_id};
+            char index[CQRS_KEY_MAX];
+            cqrs_keys_in(d->shard, CQRS_SHARD_DLQ_INDEX, index, sizeof index);
+            const char *a3[] = {"ZADD", index, "NX", now, d->aggregate_id};
             pipe_add(&p, 4, a1);
             pipe_add(&p, 4, a2);
             pipe_add(&p, 5, a3);
@@ -1414,41 +1627,73 @@ out:
     return rc;
 }
 
-/* KEYS: 1 meta. ARGV: 1 for how many ms. The deadline in the server's clock, which the apply
- * script compares with; it is also the token the swap checks. */
+/* KEYS: the shards' metas. ARGV: 1 for how many ms (0: clear). The deadline in the server's
+ * clock, which the apply script compares with; it is also the token the swap checks. */
 static const char PAUSE_LUA[] =
     "local t = redis.call('TIME')\n"
     "local u = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])\n"
-    "redis.call('HSET', KEYS[1], 'paused_until', string.format('%d', u))\n"
+    "for _, meta in ipairs(KEYS) do\n"
+    "  if tonumber(ARGV[1]) > 0 then\n"
+    "    redis.call('HSET', meta, 'paused_until', string.format('%d', u))\n"
+    "  else redis.call('HDEL', meta, 'paused_until') end\n"
+    "end\n"
     "return u\n";
 
-cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, int64_t for_ms, int64_t *until_ms,
-                                     cqrs_error_t *err)
+/* argv = {EVAL, script, n, <shard metas>…, extra…}; *keys (free) owns the key texts. */
+static const char **meta_argv(const char *script, const char *const *shards, size_t n, size_t extra,
+                              char **keys, char *nbuf)
+{
+    const char **argv = calloc(3 + n + extra, sizeof *argv);
+    *keys = calloc(n ? n : 1, CQRS_KEY_MAX);
+    if (!argv || !*keys) {
+        free(argv);
+        free(*keys);
+        *keys = NULL;
+        return NULL;
+    }
+    sprintf(nbuf, "%zu", n);
+    argv[0] = "EVAL";
+    argv[1] = script;
+    argv[2] = nbuf;
+    for (size_t i = 0; i < n; i++) {
+        char *k = *keys + i * CQRS_KEY_MAX;
+        cqrs_keys_in(shards[i], CQRS_SHARD_META, k, CQRS_KEY_MAX);
+        argv[3 + i] = k;
+    }
+    return argv;
+}
+
+cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                                     int64_t for_ms, int64_t *until_ms, cqrs_error_t *err)
 {
     *until_ms = 0;
-    if (for_ms <= 0) {
-        const char *argv[] = {"HDEL", CQRS_META_KEY, "paused_until"};
-        return command_int(ds, 3, argv, NULL, err);
-    }
-    char ms[24];
-    snprintf(ms, sizeof ms, "%lld", (long long)for_ms);
-    const char *argv[] = {"EVAL", PAUSE_LUA, "1", CQRS_META_KEY, ms};
+    char ms[24], nbuf[24], *keys = NULL;
+    snprintf(ms, sizeof ms, "%lld", (long long)(for_ms > 0 ? for_ms : 0));
+    const char **argv = meta_argv(PAUSE_LUA, shards, n, 1, &keys, nbuf);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    argv[3 + n] = ms;
     long long until = 0;
-    cqrs_err_t rc = command_int(ds, 5, argv, &until, err);
-    *until_ms = until;
+    cqrs_err_t rc = command_int(ds, (int)(4 + n), argv, &until, err);
+    free(argv);
+    free(keys);
+    *until_ms = for_ms > 0 ? until : 0;
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                               int64_t for_ms, cqrs_error_t *err)
 {
     int64_t until;
-    return cqrs_docstore_pause_token(ds, for_ms, &until, err);
+    return cqrs_docstore_pause_token(ds, shards, n, for_ms, &until, err);
 }
 
-cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *incarnation,
-                                         cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
+                                         const char *incarnation, cqrs_error_t *err)
 {
-    const char *argv[] = {"HSET", CQRS_META_KEY, "incarnation", incarnation};
+    char meta[CQRS_KEY_MAX];
+    cqrs_keys_in(shard, CQRS_SHARD_META, meta, sizeof meta);
+    const char *argv[] = {"HSET", meta, "incarnation", incarnation};
     return command_int(ds, 4, argv, NULL, err);
 }
 
@@ -1506,25 +1751,34 @@ static cqrs_err_t simple(cqrs_docstore_t *ds, int argc, const char **argv, cqrs_
     return rc;
 }
 
-/* KEYS: 1 meta. ARGV: 1 the pause's deadline (token), 2 and 3 the databases. */
+/* KEYS: the shards' metas. ARGV: 1 the pause's deadline (token), 2 and 3 the databases. */
 static const char SWAP_LUA[] =
-    "local p = redis.call('HGET', KEYS[1], 'paused_until')\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-    "if not p or tonumber(p) ~= tonumber(ARGV[1]) or tonumber(p) <= now then return 0 end\n"
+    "for _, meta in ipairs(KEYS) do\n"
+    "  local p = redis.call('HGET', meta, 'paused_until')\n"
+    "  if not p or tonumber(p) ~= tonumber(ARGV[1]) or tonumber(p) <= now then return 0 end\n"
+    "end\n"
     "redis.call('SWAPDB', ARGV[2], ARGV[3])\n"
     "return 1\n";
 
-cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, int64_t until_ms,
-                                   cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                                   int other_db, int64_t until_ms, cqrs_error_t *err)
 {
-    char a[12], b[12], u[24];
+    char a[12], b[12], u[24], nbuf[24], *keys = NULL;
     snprintf(a, sizeof a, "%d", ds->target.addr.db);
     snprintf(b, sizeof b, "%d", other_db);
     snprintf(u, sizeof u, "%lld", (long long)until_ms);
-    const char *argv[] = {"EVAL", SWAP_LUA, "1", CQRS_META_KEY, u, a, b};
+    const char **argv = meta_argv(SWAP_LUA, shards, n, 3, &keys, nbuf);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    argv[3 + n] = u;
+    argv[4 + n] = a;
+    argv[5 + n] = b;
     long long swapped = 0;
-    cqrs_err_t rc = command_int(ds, 7, argv, &swapped, err);
+    cqrs_err_t rc = command_int(ds, (int)(6 + n), argv, &swapped, err);
+    free(argv);
+    free(keys);
     if (rc == CQRS_ERR_OK && swapped != 1)
         rc = cqrs_error_set(err, CQRS_ERR_TIMEOUT,
                             "the projector's pause lapsed before the switch; nothing switched");
@@ -1579,11 +1833,13 @@ cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t 
     return simple(ds, 2, argv, err);
 }
 
-cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *aggregate_id,
-                                       int64_t since_ms, cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *shard,
+                                       const char *aggregate_id, int64_t since_ms,
+                                       cqrs_error_t *err)
 {
-    char score[24];
+    char score[24], index[CQRS_KEY_MAX];
     snprintf(score, sizeof score, "%lld", (long long)since_ms);
-    const char *argv[] = {"ZADD", CQRS_DLQ_INDEX_KEY, "NX", score, aggregate_id};
+    cqrs_keys_in(shard, CQRS_SHARD_DLQ_INDEX, index, sizeof index);
+    const char *argv[] = {"ZADD", index, "NX", score, aggregate_id};
     return simple(ds, 5, argv, err);
 }

@@ -5,13 +5,17 @@
  *  - Redis holds the truth about progress: each apply records the partition's next offset
  *    atomically with the document; assignment seeks there. The Kafka group's committed offsets
  *    (stored after each event) only serve lag monitoring.
- *  - Loss detection: the projector remembers the store's incarnation and, per partition, the
- *    offset it last recorded; every apply checks both in the same script. A store emptied or
- *    replaced (another incarnation) sends every partition back to its recorded offset (none:
- *    the beginning); a partition whose recorded offset is not the one written last (a failover
- *    to a replica that missed writes, a restart that lost its last second) goes back to what
- *    the store holds. The version check makes re-applying harmless. An audit compares both
- *    every AUDIT_MS also when no event arrives, so an idle partition is healed too.
+ *  - Each partition writes into its own shard (keyspace.h): its documents, index entries,
+ *    offset, meta and dead letters share one hash tag, so on a Redis Cluster they live in one
+ *    slot and one apply is one script there.
+ *  - Loss detection, per shard: the projector remembers each shard's incarnation and the
+ *    offset it last recorded there; every apply checks both in the same script. A shard
+ *    emptied or replaced (another incarnation or none: a flushed store, a cluster node that
+ *    came back empty) sends its partition back to the offset it holds (none: the beginning);
+ *    a partition whose recorded offset is not the one written last (a failover to a replica
+ *    that missed writes, a restart that lost its last second) goes back to what the store
+ *    holds. The version check makes re-applying harmless. An audit compares both every
+ *    AUDIT_MS also when no event arrives, so an idle partition is healed too.
  *  - isolation.level=read_committed: a fenced relay's aborted writes are never seen.
  */
 #include "cqrs/projector.h"
@@ -26,18 +30,22 @@
 
 #include "cqrs/bus.h"
 #include "cqrs/failpoint.h"
+#include "cqrs/keyspace.h"
 #include "cqrs/log.h"
 #include "cqrs/metrics.h"
 #include "cqrs/util.h"
 
 #define MAX_MISSING 256
 #define AUDIT_MS 1000
+#define LAYOUT_MS 10000
 
 /* What this projector knows of one assigned partition. */
 typedef struct part_state {
     const char *topic; /* one of the projector's topics (no copy, any length) */
     size_t topic_idx;
     int32_t partition;
+    char shard[CQRS_SHARD_MAX];                 /* its keys' prefix (keyspace.h) */
+    char incarnation[CQRS_INCARNATION_LEN + 1]; /* of its shard; "" until known */
     _Atomic int64_t written; /* the offset last recorded in (or read from) the store; -1: none */
     int64_t refill_until;    /* > 0: re-reading after a loss until the end seen then */
     int64_t refill_started_ms;
@@ -54,13 +62,13 @@ struct cqrs_projector {
     cqrs_projector_config_t cfg;
     char *brokers, *group_id, *client_id;
     char **topics;
-    char **offsets_keys;
+    int32_t *partitions; /* per topic, from Kafka's metadata; 0 until known */
+    int64_t next_layout;
     rd_kafka_t *rk;
     cqrs_docstore_t *ds;
     pthread_t thread;
     bool running;
     bool detect; /* loss detection (off only for the CQRS_UNSAFE_NO_LOSS_DETECTION control) */
-    char incarnation[CQRS_INCARNATION_LEN + 1]; /* of the store; "" until known */
     part_state_t *parts; /* the assigned partitions: changed by the projector thread only, */
     size_t n_parts, cap_parts;
     pthread_mutex_t parts_lock; /* taken there when the array changes and by the metrics */
@@ -77,22 +85,10 @@ struct cqrs_projector {
     int64_t next_missing_check;
 };
 
-void cqrs_projector_offsets_key(const char *topic, char *out, size_t cap)
+static void shard_of(cqrs_projector_t *p, const char *topic, int32_t partition, char *out,
+                     size_t cap)
 {
-    snprintf(out, cap, "cqrs:offsets:{%s}", topic);
-}
-
-void cqrs_projector_dlq_key(const char *aggregate_id, char *out, size_t cap)
-{
-    snprintf(out, cap, "cqrs:dlq:{%s}", aggregate_id);
-}
-
-static const char *offsets_key_for(cqrs_projector_t *p, const char *topic)
-{
-    for (size_t i = 0; i < p->cfg.n_topics; i++)
-        if (strcmp(p->topics[i], topic) == 0)
-            return p->offsets_keys[i];
-    return NULL;
+    cqrs_keys_shard(cqrs_docstore_prefix(p->ds), topic, partition, out, cap);
 }
 
 static void sleep_unless_stopped(cqrs_projector_t *p, unsigned ms)
@@ -104,12 +100,13 @@ static void sleep_unless_stopped(cqrs_projector_t *p, unsigned ms)
 /* The offset Redis recorded for a partition, -1 when none; waits out a Redis outage. */
 static int64_t redis_offset(cqrs_projector_t *p, const char *topic, int32_t partition)
 {
-    const char *key = offsets_key_for(p, topic);
+    char shard[CQRS_SHARD_MAX];
+    shard_of(p, topic, partition, shard, sizeof shard);
     unsigned attempt = 0;
-    while (key && !atomic_load(&p->stop)) {
+    while (!atomic_load(&p->stop)) {
         int64_t off;
         cqrs_error_t e;
-        cqrs_err_t rc = cqrs_docstore_offset(p->ds, key, partition, &off, &e);
+        cqrs_err_t rc = cqrs_docstore_offset(p->ds, shard, partition, &off, &e);
         if (rc == CQRS_ERR_OK)
             return off;
         if (rc == CQRS_ERR_NOT_FOUND)
@@ -134,13 +131,16 @@ static void report_missing(const missing_t *m, int64_t have)
                    "kafka_earliest_offset", low);
 }
 
-/* The store's incarnation (given one when it has none); waits out a Redis outage. */
-static bool learn_incarnation(cqrs_projector_t *p)
+/* A shard's incarnation (given one when it has none) and, read with it, its partition's offset
+ * (-1: none) into *stored; waits out a Redis outage. Offsets read with an incarnation belong
+ * to it (a shard emptied afterwards is caught by the next apply or audit). */
+static bool learn_incarnation(cqrs_projector_t *p, part_state_t *ps, int64_t *stored)
 {
     unsigned attempt = 0;
     while (!atomic_load(&p->stop)) {
         cqrs_error_t e;
-        if (cqrs_docstore_ensure_meta(p->ds, p->incarnation, &e) == CQRS_ERR_OK)
+        if (cqrs_docstore_shard_open(p->ds, ps->shard, ps->partition, ps->incarnation, stored,
+                                     &e) == CQRS_ERR_OK)
             return true;
         atomic_store(&p->redis_up, false);
         if (attempt++ % 20 == 0)
@@ -183,6 +183,7 @@ static part_state_t *part_add(cqrs_projector_t *p, const char *topic, int32_t pa
     ps->topic_idx = t;
     ps->partition = partition;
     ps->written = written;
+    shard_of(p, ps->topic, partition, ps->shard, sizeof ps->shard);
 out:
     pthread_mutex_unlock(&p->parts_lock);
     return ps;
@@ -287,7 +288,7 @@ static void refill_resume(cqrs_projector_t *p, part_state_t *ps)
         cqrs_docstore_refill_clear(p->ds, f, &e);
 }
 
-static void store_reset(cqrs_projector_t *p);
+static void shard_reset(cqrs_projector_t *p, part_state_t *ps);
 
 /* A partition taken away by an incremental rebalance: its state goes, a refill it was running
  * stays marked in the store for the instance that gets it next (refill_resume). */
@@ -315,6 +316,55 @@ static void incremental_result(rd_kafka_error_t *e, const char *what)
     CQRS_LOG_ERROR("Kafka refused a change of assignment", "operation", what, "error",
                    rd_kafka_error_string(e));
     rd_kafka_error_destroy(e);
+}
+
+/* Records each topic's partition count in the store's layout (keyspace.h: how readers find an
+ * aggregate's shard), from Kafka's metadata: the topics of parts, or every topic (parts NULL:
+ * at the start, before the first assignment, so that reads work as soon as the daemon is up;
+ * and every LAYOUT_MS, since the layout goes with a store that is emptied). A count that differs
+ * from the one recorded means the topic was given more partitions: its aggregates moved to other
+ * partitions, and so to other shards — an error an operator must handle (a rebuild), logged each
+ * time. */
+static void record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
+                           const rd_kafka_topic_partition_list_t *parts)
+{
+    for (size_t t = 0; t < p->cfg.n_topics; t++) {
+        bool wanted = !parts;
+        for (int i = 0; parts && i < parts->cnt && !wanted; i++)
+            wanted = strcmp(parts->elems[i].topic, p->topics[t]) == 0;
+        if (!wanted)
+            continue;
+        if (p->partitions[t] <= 0) {
+            rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, p->topics[t], NULL);
+            const struct rd_kafka_metadata *md = NULL;
+            if (rkt && rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+                md->topic_cnt == 1 && !md->topics[0].err)
+                p->partitions[t] = md->topics[0].partition_cnt;
+            if (md)
+                rd_kafka_metadata_destroy(md);
+            if (rkt)
+                rd_kafka_topic_destroy(rkt);
+        }
+        if (p->partitions[t] <= 0 || p->partitions[t] > CQRS_MAX_SHARDS) {
+            CQRS_LOG_WARN("cannot learn a topic's partition count yet", "topic", p->topics[t]);
+            p->partitions[t] = 0;
+            continue;
+        }
+        int32_t recorded = 0;
+        cqrs_error_t e;
+        if (cqrs_docstore_layout_set(p->ds, p->topics[t], p->partitions[t], &recorded, &e) !=
+            CQRS_ERR_OK) {
+            CQRS_LOG_WARN("cannot record the read model's layout yet", "error", e.message);
+        } else if (recorded != p->partitions[t]) {
+            char have[12], rec[12];
+            snprintf(have, sizeof have, "%d", p->partitions[t]);
+            snprintf(rec, sizeof rec, "%d", recorded);
+            CQRS_LOG_ERROR("the topic's partition count differs from the read model's layout:"
+                           " aggregates moved to other partitions; rebuild the read model"
+                           " (cqrsctl rebuild) after deleting <prefix>:layout",
+                           "topic", p->topics[t], "partitions", have, "layout", rec);
+        }
+    }
 }
 
 /* Eager protocols (classic range/roundrobin) take everything away and hand out a whole new
@@ -352,30 +402,26 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         p->n_missing = 0;
         parts_clear(p);
     }
-    /* Resume where Redis says the read model is; with no record, from the beginning. The
-     * incarnation is read first: offsets read after it belong to it (a store emptied in
-     * between is caught by the first apply or audit). */
-    if (p->detect) {
-        char before[CQRS_INCARNATION_LEN + 1];
-        snprintf(before, sizeof before, "%s", p->incarnation);
-        learn_incarnation(p);
-        /* Incremental: the partitions this instance keeps were written to the store it knew;
-         * a store emptied or replaced meanwhile is a reset for them (counted, logged, re-read),
-         * not an incarnation to adopt quietly. */
-        if (incremental && before[0] && strcmp(before, p->incarnation) != 0) {
-            snprintf(p->incarnation, sizeof p->incarnation, "%s", before);
-            store_reset(p);
-        }
-    }
+    /* Resume where Redis says the read model is; with no record, from the beginning. Each
+     * new partition learns its shard's incarnation with its offset; the partitions this
+     * instance keeps (incremental) keep theirs: a shard emptied meanwhile is a reset for them
+     * (counted, logged, re-read) found by the next apply or audit, not one to adopt quietly. */
+    record_layouts(p, rk, parts);
     /* A partition paused for want of history keeps librdkafka's pause flag across a revoke:
      * one that comes back with its history there (a rebuild since) is resumed. */
     rd_kafka_topic_partition_list_t *paused = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_t *running = rd_kafka_topic_partition_list_new(parts->cnt);
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
-        int64_t have = redis_offset(p, tp->topic, tp->partition);
+        int64_t have = -1;
+        part_state_t *ps = part_add(p, tp->topic, tp->partition, -1);
+        if (ps && p->detect)
+            learn_incarnation(p, ps, &have);
+        else
+            have = redis_offset(p, tp->topic, tp->partition);
+        if (ps)
+            ps->written = have;
         tp->offset = have >= 0 ? have : RD_KAFKA_OFFSET_BEGINNING;
-        part_state_t *ps = part_add(p, tp->topic, tp->partition, have);
         if (ps && p->detect)
             refill_resume(p, ps);
         if (check_history(p, rk, tp->topic, tp->partition, have))
@@ -446,28 +492,25 @@ static bool rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stor
     return true;
 }
 
-/* The store was emptied or replaced (its incarnation changed): learn the new one and send
- * every partition whose record differs back to it. */
-static void store_reset(cqrs_projector_t *p)
+/* A shard was emptied or replaced (its incarnation changed or is gone): learn the one in force
+ * and send its partition back to the offset the shard holds, if that is not what this
+ * projector recorded last. */
+static void shard_reset(cqrs_projector_t *p, part_state_t *ps)
 {
     atomic_fetch_add(&p->resets, 1);
     char before[CQRS_INCARNATION_LEN + 1];
-    snprintf(before, sizeof before, "%s", p->incarnation);
-    if (!learn_incarnation(p))
+    snprintf(before, sizeof before, "%s", ps->incarnation);
+    int64_t stored = -1;
+    if (!learn_incarnation(p, ps, &stored))
         return;
-    CQRS_LOG_WARN("the read model store was emptied or replaced (its incarnation changed);"
-                  " re-reading every partition from the offset it holds",
-                  "incarnation_before", before, "incarnation", p->incarnation);
-    for (size_t i = 0; i < p->n_parts; i++) {
-        part_state_t *ps = &p->parts[i];
-        if (paused_for_history(p, ps->topic, ps->partition))
-            continue;
-        int64_t stored = redis_offset(p, ps->topic, ps->partition);
-        if (atomic_load(&p->stop))
-            return; /* redis_offset gave up: its -1 means nothing */
-        if (stored != ps->written)
-            rewind_partition(p, ps, stored, true);
-    }
+    char part[12];
+    snprintf(part, sizeof part, "%d", ps->partition);
+    CQRS_LOG_WARN("a shard of the read model was emptied or replaced (its incarnation changed);"
+                  " re-reading its partition from the offset it holds",
+                  "topic", ps->topic, "partition", part, "incarnation_before", before,
+                  "incarnation", ps->incarnation);
+    if (!paused_for_history(p, ps->topic, ps->partition) && stored != ps->written)
+        rewind_partition(p, ps, stored, true);
 }
 
 /* The store records another offset for ps than this projector wrote last; true when the
@@ -494,47 +537,47 @@ static bool offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
     return rewind_partition(p, ps, stored, loss);
 }
 
-/* Every AUDIT_MS: the incarnation and each assigned partition's offset as the store holds
- * them, compared with what this projector knows — a loss is found even on a partition where
- * nothing new arrives. */
+/* Every AUDIT_MS: each assigned partition's shard incarnation and offset as the store holds
+ * them (one pipelined round trip), compared with what this projector knows — a loss is found
+ * even on a partition where nothing new arrives. */
 static void audit(cqrs_projector_t *p)
 {
     if (!p->detect || p->n_parts == 0 || cqrs_monotonic_ms() < p->next_audit)
         return;
     p->next_audit = cqrs_monotonic_ms() + AUDIT_MS;
-    int32_t *parts = malloc(p->n_parts * sizeof *parts);
-    int64_t *offs = malloc(p->n_parts * sizeof *offs);
-    size_t *idx = malloc(p->n_parts * sizeof *idx);
-    for (size_t t = 0; parts && offs && idx && t < p->cfg.n_topics; t++) {
-        size_t n = 0;
-        for (size_t i = 0; i < p->n_parts; i++)
-            if (p->parts[i].topic_idx == t) {
-                idx[n] = i;
-                parts[n++] = p->parts[i].partition;
-            }
-        if (n == 0)
-            continue;
-        char inc[CQRS_INCARNATION_LEN + 1] = "";
+    size_t n = p->n_parts;
+    const char **shards = malloc(n * sizeof *shards);
+    int32_t *parts = malloc(n * sizeof *parts);
+    int64_t *offs = malloc(n * sizeof *offs);
+    char(*incs)[CQRS_INCARNATION_LEN + 1] = malloc(n * sizeof *incs);
+    if (shards && parts && offs && incs) {
+        for (size_t i = 0; i < n; i++) {
+            shards[i] = p->parts[i].shard;
+            parts[i] = p->parts[i].partition;
+        }
         cqrs_error_t e;
-        cqrs_err_t rc = cqrs_docstore_progress(p->ds, p->offsets_keys[t], parts, n, inc, offs, &e);
-        if (rc == CQRS_ERR_NOT_FOUND || (rc == CQRS_ERR_OK && strcmp(inc, p->incarnation) != 0)) {
-            store_reset(p);
-            break;
-        }
-        if (rc != CQRS_ERR_OK) {
+        if (cqrs_docstore_progress(p->ds, shards, parts, n, incs, offs, &e) != CQRS_ERR_OK) {
             atomic_store(&p->redis_up, false);
-            break;
-        }
-        atomic_store(&p->redis_up, true);
-        for (size_t j = 0; j < n; j++) {
-            part_state_t *ps = &p->parts[idx[j]];
-            if (offs[j] != ps->written && !paused_for_history(p, ps->topic, ps->partition))
-                offset_moved(p, ps, offs[j]);
+        } else {
+            atomic_store(&p->redis_up, true);
+            for (size_t i = 0; i < n && i < p->n_parts; i++) {
+                part_state_t *ps = &p->parts[i];
+                if (!incs[i][0] || strcmp(incs[i], ps->incarnation) != 0)
+                    shard_reset(p, ps);
+                else if (offs[i] != ps->written && !paused_for_history(p, ps->topic, ps->partition))
+                    offset_moved(p, ps, offs[i]);
+            }
         }
     }
+    free(shards);
     free(parts);
     free(offs);
-    free(idx);
+    free(incs);
+    if (cqrs_monotonic_ms() >= p->next_layout && p->rk) {
+        /* The layout goes with a store that is emptied: written again within LAYOUT_MS. */
+        p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
+        record_layouts(p, p->rk, NULL);
+    }
 }
 
 /* Paused partitions come back once a rebuild recorded an offset Kafka still holds. */
@@ -585,8 +628,8 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     p->client_id = strdup(cfg->client_id ? cfg->client_id : "cqrs-projector");
     p->topics = calloc(cfg->n_topics, sizeof *p->topics);
     p->latency = calloc(cfg->n_topics, sizeof *p->latency);
-    p->offsets_keys = calloc(cfg->n_topics, sizeof *p->offsets_keys);
-    if (!p->brokers || !p->group_id || !p->client_id || !p->topics || !p->offsets_keys ||
+    p->partitions = calloc(cfg->n_topics, sizeof *p->partitions);
+    if (!p->brokers || !p->group_id || !p->client_id || !p->topics || !p->partitions ||
         !p->latency) {
         cqrs_projector_destroy(p);
         cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
@@ -594,13 +637,8 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     }
     p->cfg.topics = NULL;
     p->cfg.redis = NULL; /* borrowed for this call only */
-    for (size_t i = 0; i < cfg->n_topics; i++) {
+    for (size_t i = 0; i < cfg->n_topics; i++)
         p->topics[i] = strdup(cfg->topics[i]);
-        size_t len = strlen(cfg->topics[i]) + 32;
-        p->offsets_keys[i] = malloc(len);
-        if (p->offsets_keys[i])
-            cqrs_projector_offsets_key(cfg->topics[i], p->offsets_keys[i], len);
-    }
     p->ds = cqrs_docstore_new(cfg->redis, cfg->redis_timeout_ms, err);
     if (!p->ds) {
         cqrs_projector_destroy(p);
@@ -704,14 +742,25 @@ static part_state_t *part_of(cqrs_projector_t *p, const rd_kafka_message_t *m)
 {
     const char *topic = rd_kafka_topic_name(m->rkt);
     part_state_t *ps = part_find(p, topic, m->partition);
-    return ps ? ps : part_add(p, topic, m->partition, redis_offset(p, topic, m->partition));
+    if (ps)
+        return ps;
+    int64_t have = -1;
+    ps = part_add(p, topic, m->partition, -1);
+    if (ps && p->detect)
+        learn_incarnation(p, ps, &have);
+    else if (ps)
+        have = redis_offset(p, topic, m->partition);
+    if (ps)
+        ps->written = have;
+    return ps;
 }
 
 /* Fills in what every write of a projector checks: the store's incarnation and the offset this
  * projector recorded last. */
 static void set_checks(cqrs_projector_t *p, const part_state_t *ps, cqrs_apply_t *a)
 {
-    a->incarnation = p->detect ? p->incarnation : NULL;
+    a->shard = ps->shard;
+    a->incarnation = p->detect ? ps->incarnation : NULL;
     a->offset_mode = p->detect ? CQRS_OFFSET_EXPECT : CQRS_OFFSET_RAISE;
     a->prev_offset = ps->written;
 }
@@ -731,7 +780,7 @@ static verdict_t recorded(cqrs_projector_t *p, part_state_t *ps, cqrs_apply_resu
 {
     uint64_t seeks = ps->seeks;
     if (res == CQRS_APPLY_RESET) {
-        store_reset(p);
+        shard_reset(p, ps);
         return atomic_load(&p->stop) || ps->seeks != seeks ? DROPPED : AGAIN;
     }
     if (res == CQRS_APPLY_OFFSET_MOVED) {
@@ -785,10 +834,7 @@ static bool keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, c
     bool done = false;
     unsigned attempt = 0;
     while (text && ps && !done && !atomic_load(&p->stop)) {
-        cqrs_apply_t a = {.offsets_key = offsets_key_for(p, rd_kafka_topic_name(m->rkt)),
-                          .partition = m->partition,
-                          .next_offset = m->offset + 1,
-                          .blob = text};
+        cqrs_apply_t a = {.partition = m->partition, .next_offset = m->offset + 1, .blob = text};
         set_checks(p, ps, &a);
         cqrs_apply_result_t res = CQRS_APPLY_APPLIED;
         cqrs_error_t err;
@@ -810,17 +856,19 @@ static bool keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, c
 /* Applies one event; returns false when the message must be handled again (stop, reset). */
 static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const cqrs_event_t *ev)
 {
-    char key[256], dlq[96], part_s[12], offset_s[24];
+    char key[CQRS_KEY_MAX], dlq[CQRS_KEY_MAX], part_s[12], offset_s[24];
     const char *topic = rd_kafka_topic_name(m->rkt);
     snprintf(part_s, sizeof part_s, "%d", m->partition);
     snprintf(offset_s, sizeof offset_s, "%lld", (long long)m->offset);
-    cqrs_projector_dlq_key(ev->aggregate_id, dlq, sizeof dlq);
-    bool known = p->cfg.projection->doc_key(ev, key, sizeof key);
-    if (!known)
-        snprintf(key, sizeof key, "cqrs:unknown:{%s}", ev->aggregate_id);
     part_state_t *ps = part_of(p, m);
     if (!ps)
         return false;
+    cqrs_keys_dlq(ps->shard, ev->aggregate_id, dlq, sizeof dlq);
+    bool known = p->cfg.projection->knows(ev);
+    if (known)
+        cqrs_keys_doc(ps->shard, ev->aggregate_id, key, sizeof key);
+    else
+        cqrs_keys_unknown(ps->shard, ev->aggregate_id, key, sizeof key);
 
     json_t *blob = cqrs_event_to_json(ev);
     json_object_set_new(blob, "topic", json_string(topic));
@@ -834,7 +882,6 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
                       .dlq_key = dlq,
                       .aggregate_id = ev->aggregate_id,
                       .blob = blob_text,
-                      .offsets_key = offsets_key_for(p, topic),
                       .partition = m->partition,
                       .next_offset = m->offset + 1};
     bool done = false, dropped = false;
@@ -867,7 +914,7 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
                     dead = true;
                     snprintf(reason, sizeof reason, "the projection produced no document");
                 } else if (p->cfg.projection->index) {
-                    p->cfg.projection->index(key, doc, next, &ops);
+                    p->cfg.projection->index(ps->shard, ev->aggregate_type, key, doc, next, &ops);
                 }
             }
         }
@@ -963,7 +1010,7 @@ static void handle(cqrs_projector_t *p, const rd_kafka_message_t *m)
         char part[12], off[24];
         snprintf(part, sizeof part, "%d", m->partition);
         snprintf(off, sizeof off, "%lld", (long long)m->offset);
-        CQRS_LOG_ERROR("undecodable message kept in " CQRS_UNDECODABLE_KEY, "topic",
+        CQRS_LOG_ERROR("undecodable message kept in its shard's " CQRS_SHARD_UNDECODABLE, "topic",
                        rd_kafka_topic_name(m->rkt), "partition", part, "offset", off, "error",
                        err.message);
         if (keep_undecodable(p, m, err.message))
@@ -1063,13 +1110,11 @@ static void *projector_main(void *arg)
 
 cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err)
 {
-    /* A fresh store gets its incarnation before the first apply (a store without one is taken
-     * for one that lost its data). */
-    if (cqrs_docstore_ensure_meta(p->ds, p->incarnation, err) != CQRS_ERR_OK)
-        CQRS_LOG_WARN("Redis is not reachable yet; the projector will wait for it");
     p->rk = consumer_new(p, err);
     if (!p->rk)
         return err ? err->code : CQRS_ERR_CONFIG;
+    record_layouts(p, p->rk, NULL);
+    p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
     atomic_store(&p->stop, false);
     if (pthread_create(&p->thread, NULL, projector_main, p) != 0) {
         consumer_close(p);
@@ -1111,13 +1156,10 @@ void cqrs_projector_destroy(cqrs_projector_t *p)
     if (!p)
         return;
     cqrs_projector_stop(p);
-    for (size_t i = 0; p->topics && i < p->cfg.n_topics; i++) {
+    for (size_t i = 0; p->topics && i < p->cfg.n_topics; i++)
         free(p->topics[i]);
-        if (p->offsets_keys)
-            free(p->offsets_keys[i]);
-    }
     free(p->topics);
-    free(p->offsets_keys);
+    free(p->partitions);
     free(p->parts);
     free(p->latency);
     cqrs_docstore_destroy(p->ds);

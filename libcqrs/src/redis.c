@@ -20,6 +20,8 @@
 #define _GNU_SOURCE
 #include "cqrs/redis.h"
 
+#include "cqrs/keyspace.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <hiredis/hiredis.h>
@@ -188,6 +190,11 @@ cqrs_err_t cqrs_redis_target_init(cqrs_redis_target_t *t, const cqrs_redis_confi
                                   cqrs_error_t *err)
 {
     memset(t, 0, sizeof *t);
+    const char *prefix = set(c->prefix) ? c->prefix : "cqrs";
+    if (!cqrs_keys_prefix_valid(prefix))
+        return cqrs_error_set(err, CQRS_ERR_CONFIG,
+                              "CQRS_REDIS_PREFIX must be 1 to 32 of A-Z a-z 0-9 . _ -");
+    strcpy(t->prefix, prefix);
     cqrs_error_t perr;
     if (cqrs_redis_url_parse(c->url, &t->addr, &perr) != CQRS_ERR_OK)
         return cqrs_error_set(err, CQRS_ERR_CONFIG, "CQRS_REDIS_URL: %s", perr.message);

@@ -8,9 +8,10 @@
  *   -updated  13-digit (10^13-1 - updated_at in ms), id
  * Product lists exist per filter: all, status, category, category + status (4 × 4 sorted
  * sets); a product's members for each sort order are also kept in its document hash (k:<sort>)
- * for search. Words of name and description: one set of product ids per word. Top products:
- * one sorted set by units sold (descending), products with units sold only. Customer orders:
- * one sorted set per customer by placed_at (descending).
+ * for search. Every index lives in the shard of the documents it lists (query.h, keys). Words of
+ * name and description: one set of product ids per word. Top products: one sorted set by units sold
+ * (descending), products with units sold only. Customer orders: one sorted set per customer by
+ * placed_at (descending).
  */
 #include <ctype.h>
 #include <stdio.h>
@@ -78,22 +79,28 @@ void product_sort_member(const json_t *doc, int sort, char *out, size_t cap)
     }
 }
 
-void product_list_key(int sort, const char *category, const char *status, char *out, size_t cap)
+void product_list_key(const char *shard, int sort, const char *category, const char *status,
+                      char *out, size_t cap)
 {
+    const char *s = product_sort_names[sort];
     if (category && status)
-        snprintf(out, cap, "cqrs:idx:products:%s:c=%s|s=%s", product_sort_names[sort], category,
-                 status);
+        snprintf(out, cap, "%sidx:products:%s:c=%s|s=%s", shard, s, category, status);
     else if (category)
-        snprintf(out, cap, "cqrs:idx:products:%s:c=%s", product_sort_names[sort], category);
+        snprintf(out, cap, "%sidx:products:%s:c=%s", shard, s, category);
     else if (status)
-        snprintf(out, cap, "cqrs:idx:products:%s:s=%s", product_sort_names[sort], status);
+        snprintf(out, cap, "%sidx:products:%s:s=%s", shard, s, status);
     else
-        snprintf(out, cap, "cqrs:idx:products:%s:all", product_sort_names[sort]);
+        snprintf(out, cap, "%sidx:products:%s:all", shard, s);
 }
 
-void word_key(const char *word, char *out, size_t cap)
+void word_key(const char *shard, const char *word, char *out, size_t cap)
 {
-    snprintf(out, cap, "cqrs:idx:word:%.64s", word);
+    snprintf(out, cap, "%sidx:word:%.64s", shard, word);
+}
+
+void top_products_key(const char *shard, char *out, size_t cap)
+{
+    snprintf(out, cap, "%sidx:top-products", shard);
 }
 
 size_t split_words(const char *text, char words[][MAX_WORD + 1], size_t max)
@@ -139,9 +146,9 @@ void top_member(const json_t *doc, char *out, size_t cap)
     snprintf(out, cap, "%013lld%s", MAXV - key13(num(doc, "units_sold")), str(doc, "id"));
 }
 
-void customer_orders_key(const char *customer_id, char *out, size_t cap)
+void customer_orders_key(const char *shard, const char *customer_id, char *out, size_t cap)
 {
-    snprintf(out, cap, "cqrs:idx:customer-orders:{%s}", customer_id);
+    snprintf(out, cap, "%sidx:customer-orders:%s", shard, customer_id);
 }
 
 void customer_order_member(const json_t *doc, char *out, size_t cap)
@@ -162,7 +169,7 @@ static void move(cqrs_index_ops_t *ops, const char *old_key, const char *old_mem
         cqrs_index_ops_add(ops, CQRS_INDEX_ZADD, new_key, 0, new_member, NULL);
 }
 
-static void product_index(const char *key, const json_t *old, const json_t *next,
+static void product_index(const char *shard, const char *key, const json_t *old, const json_t *next,
                           cqrs_index_ops_t *ops)
 {
     char ok[4608], nk[4608], om[4608], nm[4608];
@@ -173,9 +180,9 @@ static void product_index(const char *key, const json_t *old, const json_t *next
         for (int f = 0; f < 4; f++) {
             bool by_cat = f & 1, by_status = f & 2;
             if (old)
-                product_list_key(s, by_cat ? str(old, "category") : NULL,
+                product_list_key(shard, s, by_cat ? str(old, "category") : NULL,
                                  by_status ? str(old, "status") : NULL, ok, sizeof ok);
-            product_list_key(s, by_cat ? str(next, "category") : NULL,
+            product_list_key(shard, s, by_cat ? str(next, "category") : NULL,
                              by_status ? str(next, "status") : NULL, nk, sizeof nk);
             move(ops, old ? ok : NULL, om, nk, nm);
         }
@@ -194,7 +201,7 @@ static void product_index(const char *key, const json_t *old, const json_t *next
         for (size_t k = 0; k < nn && !kept; k++)
             kept = strcmp(ow[i], nw[k]) == 0;
         if (!kept) {
-            word_key(ow[i], ok, sizeof ok);
+            word_key(shard, ow[i], ok, sizeof ok);
             cqrs_index_ops_add(ops, CQRS_INDEX_SREM, ok, 0, id, NULL);
         }
     }
@@ -203,7 +210,7 @@ static void product_index(const char *key, const json_t *old, const json_t *next
         for (size_t i = 0; i < no && !had; i++)
             had = strcmp(ow[i], nw[k]) == 0;
         if (!had) {
-            word_key(nw[k], nk, sizeof nk);
+            word_key(shard, nw[k], nk, sizeof nk);
             cqrs_index_ops_add(ops, CQRS_INDEX_SADD, nk, 0, id, NULL);
         }
     }
@@ -213,23 +220,27 @@ static void product_index(const char *key, const json_t *old, const json_t *next
         top_member(old, om, sizeof om);
     if (is)
         top_member(next, nm, sizeof nm);
-    move(ops, was ? TOP_PRODUCTS_KEY : NULL, om, is ? TOP_PRODUCTS_KEY : NULL, nm);
+    char top[CQRS_KEY_MAX];
+    top_products_key(shard, top, sizeof top);
+    move(ops, was ? top : NULL, om, is ? top : NULL, nm);
 }
 
-static void order_index(const json_t *old, const json_t *next, cqrs_index_ops_t *ops)
+static void order_index(const char *shard, const json_t *old, const json_t *next,
+                        cqrs_index_ops_t *ops)
 {
     if (old)
         return; /* customer and placed_at never change */
-    char k[128], m[128];
-    customer_orders_key(str(next, "customer_id"), k, sizeof k);
+    char k[CQRS_KEY_MAX], m[128];
+    customer_orders_key(shard, str(next, "customer_id"), k, sizeof k);
     customer_order_member(next, m, sizeof m);
     cqrs_index_ops_add(ops, CQRS_INDEX_ZADD, k, 0, m, NULL);
 }
 
-void query_index(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops)
+void query_index(const char *shard, const char *aggregate_type, const char *key, const json_t *old,
+                 const json_t *next, cqrs_index_ops_t *ops)
 {
-    if (strncmp(key, "cqrs:product:", 13) == 0)
-        product_index(key, old, next, ops);
-    else if (strncmp(key, "cqrs:order:", 11) == 0)
-        order_index(old, next, ops);
+    if (strcmp(aggregate_type, "product") == 0)
+        product_index(shard, key, old, next, ops);
+    else if (strcmp(aggregate_type, "order") == 0)
+        order_index(shard, old, next, ops);
 }

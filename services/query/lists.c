@@ -1,13 +1,19 @@
 /* lists.c — GET /v1/products (filters, search, sort, keyset paging),
  * GET /v1/customers/{id}/orders and GET /v1/reports/top-products. Redis only.
  *
- * Cost: without q, one ZRANGEBYLEX of limit + 1 members and one pipelined read of the page's
- * documents — proportional to the page. With q, see cqrs_docstore_search: proportional to the
- * rarest word's products when it is rare (≤ SEARCH_SMALL), else a walk of at most
- * SEARCH_BUDGET index entries per request (a shorter page, with a cursor to continue).
+ * Every list is kept per shard (query.h, keys) and read from all shards of its topic, merged
+ * by member: members are unique (they end with the id) and totally ordered, so "after the
+ * last member" is a cursor valid across shards — no duplicates, no holes.
+ *
+ * Cost: without q, one pipelined ZRANGEBYLEX of limit + 1 members per shard (one round trip;
+ * S × (limit + 1) members read for a page of limit) and one pipelined read of the page's
+ * documents. With q, cqrs_docstore_search per shard: proportional to the rarest word's
+ * products when it is rare (≤ SEARCH_SMALL), else a walk of at most SEARCH_BUDGET / S index
+ * entries per shard and request (a shorter page, with a cursor to continue).
  *
  * Cursors are opaque: base64url("v1|<sort>|<last member>").
  */
+#include <cqrs/keyspace.h>
 #include <cqrs/metrics.h>
 #include <cqrs/util.h>
 #include <ctype.h>
@@ -85,13 +91,15 @@ static cqrs_docstore_t *acquire(cqrs_http_request_t *req, query_ctx_t *ctx)
     return ds;
 }
 
-/* The documents of members (id = their last 36 characters), in order; missing ones skipped.
- * With raw set, the stored JSON texts are appended to it as array elements, as they are (no
- * parsing: a page costs what its bytes cost); otherwise parsed into items. */
-static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **members, size_t n,
-                                 json_t *items, cqrs_text_t *raw, cqrs_error_t *err)
+/* The documents of members (id = their last 36 characters; shards[i] the shard member i came
+ * from), in order; missing ones skipped. With raw set, the stored JSON texts are appended to it
+ * as array elements, as they are (no parsing: a page costs what its bytes cost); otherwise
+ * parsed into items. */
+static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **members,
+                                 const int32_t *shards, size_t n, json_t *items, cqrs_text_t *raw,
+                                 cqrs_error_t *err)
 {
-    char(*keys)[96] = calloc(n ? n : 1, sizeof *keys);
+    char(*keys)[CQRS_KEY_MAX] = calloc(n ? n : 1, sizeof *keys);
     const char **kp = calloc(n ? n : 1, sizeof *kp);
     char **jsons = calloc(n ? n : 1, sizeof *jsons);
     cqrs_err_t rc = CQRS_ERR_OK;
@@ -101,7 +109,9 @@ static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **m
     }
     for (size_t i = 0; i < n; i++) {
         size_t len = strlen(members[i]);
-        doc_key(type, len >= 36 ? members[i] + len - 36 : "", keys[i], sizeof keys[i]);
+        char shard[CQRS_SHARD_MAX];
+        query_shard(ds, type, shards[i], shard, sizeof shard);
+        cqrs_keys_doc(shard, len >= 36 ? members[i] + len - 36 : "", keys[i], sizeof keys[i]);
         kp[i] = keys[i];
     }
     rc = cqrs_docstore_get_many(ds, kp, n, jsons, err);
@@ -143,30 +153,193 @@ static void reply_items(cqrs_http_request_t *req, cqrs_err_t rc, const cqrs_erro
     cqrs_text_free(body);
 }
 
+/* A merged page: the members of every shard's list, in order. */
+typedef struct page {
+    char **members; /* borrowed from the per-shard arrays */
+    int32_t *shards;
+    size_t n;
+    char ***per; /* per shard: its members (owned) */
+    size_t *counts;
+    int32_t n_shards;
+} page_t;
+
+static void page_free(page_t *p)
+{
+    for (int32_t i = 0; p->per && i < p->n_shards; i++)
+        cqrs_docstore_strings_free(p->per[i], p->counts[i]);
+    free(p->per);
+    free(p->counts);
+    free(p->members);
+    free(p->shards);
+    memset(p, 0, sizeof *p);
+}
+
+/* Merges the per-shard arrays (each sorted) into p->members, at most max of them, only those
+ * not past `upto` (NULL: no bound). */
+static void page_merge(page_t *p, size_t max, const char *upto)
+{
+    size_t total = 0;
+    for (int32_t i = 0; i < p->n_shards; i++)
+        total += p->counts[i];
+    p->members = calloc(total + 1, sizeof *p->members);
+    p->shards = calloc(total + 1, sizeof *p->shards);
+    size_t *at = calloc((size_t)p->n_shards + 1, sizeof *at);
+    p->n = 0;
+    while (p->members && p->shards && at && p->n < max) {
+        int32_t best = -1;
+        for (int32_t i = 0; i < p->n_shards; i++)
+            if (at[i] < p->counts[i] &&
+                (best < 0 || strcmp(p->per[i][at[i]], p->per[best][at[best]]) < 0))
+                best = i;
+        if (best < 0 || (upto && strcmp(p->per[best][at[best]], upto) > 0))
+            break;
+        p->members[p->n] = p->per[best][at[best]++];
+        p->shards[p->n++] = best;
+    }
+    free(at);
+}
+
+/* Reads up to limit members after `after` of the list that key_of names in every shard of
+ * type, merged: p->n ≤ limit. */
+static cqrs_err_t
+read_merged(cqrs_docstore_t *ds, const char *type,
+            void (*key_of)(const char *shard, const void *arg, char *out, size_t cap),
+            const void *arg, const char *after, size_t limit, page_t *p, cqrs_error_t *err)
+{
+    memset(p, 0, sizeof *p);
+    cqrs_err_t rc = query_shard_count(ds, type, &p->n_shards, err);
+    if (rc == CQRS_ERR_NOT_FOUND)
+        return CQRS_ERR_OK; /* nothing projected yet: an empty list */
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    size_t n = (size_t)p->n_shards;
+    char(*keys)[4608] = calloc(n, sizeof *keys);
+    const char **kp = calloc(n, sizeof *kp);
+    p->per = calloc(n, sizeof *p->per);
+    p->counts = calloc(n, sizeof *p->counts);
+    if (!keys || !kp || !p->per || !p->counts) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char shard[CQRS_SHARD_MAX];
+        query_shard(ds, type, (int32_t)i, shard, sizeof shard);
+        key_of(shard, arg, keys[i], sizeof keys[i]);
+        kp[i] = keys[i];
+    }
+    rc = cqrs_docstore_range_many(ds, kp, n, after, limit, p->per, p->counts, err);
+    if (rc == CQRS_ERR_OK)
+        page_merge(p, limit, NULL);
+out:
+    free(keys);
+    free(kp);
+    return rc;
+}
+
 /* A page of a plain (lexicographic) index: limit + 1 members tell whether more follow. */
 static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type,
-                       const char *index, const char *tag, size_t limit, const char *after)
+                       void (*key_of)(const char *shard, const void *arg, char *out, size_t cap),
+                       const void *arg, const char *tag, size_t limit, const char *after)
 {
     cqrs_docstore_t *ds = acquire(req, ctx);
     if (!ds)
         return;
-    char **members = NULL;
-    size_t n = 0;
+    page_t p;
     cqrs_error_t err;
     cqrs_text_t body = {0};
     cqrs_text_printf(&body, "{\"items\":[");
-    cqrs_err_t rc = cqrs_docstore_range(ds, index, after, limit + 1, &members, &n, &err);
+    cqrs_err_t rc = read_merged(ds, type, key_of, arg, after, limit + 1, &p, &err);
     char *next = NULL;
     if (rc == CQRS_ERR_OK) {
-        size_t page = n > limit ? limit : n;
-        if (n > limit)
-            next = encode_cursor(tag, members[limit - 1]);
-        rc = load_documents(ds, type, members, page, NULL, &body, &err);
+        size_t page = p.n > limit ? limit : p.n;
+        if (p.n > limit)
+            next = encode_cursor(tag, p.members[limit - 1]);
+        rc = load_documents(ds, type, p.members, p.shards, page, NULL, &body, &err);
     }
     cqrs_docstore_pool_release(ctx->pool, ds);
-    cqrs_docstore_strings_free(members, n);
+    page_free(&p);
     reply_items(req, rc, &err, &body, next);
     free(next);
+}
+
+typedef struct list_arg {
+    int sort;
+    const char *category, *status;
+} list_arg_t;
+
+static void list_key_of(const char *shard, const void *arg, char *out, size_t cap)
+{
+    const list_arg_t *a = arg;
+    product_list_key(shard, a->sort, a->category, a->status, out, cap);
+}
+
+static void customer_key_of(const char *shard, const void *arg, char *out, size_t cap)
+{
+    customer_orders_key(shard, arg, out, cap);
+}
+
+static void top_key_of(const char *shard, const void *arg, char *out, size_t cap)
+{
+    (void)arg;
+    top_products_key(shard, out, cap);
+}
+
+/* Search in every shard, merged. A shard whose walk stopped early (its budget spent) is
+ * complete only up to where it stopped (its next): the page holds no member past the lowest
+ * such point, and the cursor continues from there — so no member is skipped. */
+static cqrs_err_t search_merged(cqrs_docstore_t *ds, const cqrs_search_t *base,
+                                char *const *word_of, size_t n_words, const list_arg_t *la,
+                                page_t *p, char **next_member, cqrs_error_t *err)
+{
+    memset(p, 0, sizeof *p);
+    *next_member = NULL;
+    cqrs_err_t rc = query_shard_count(ds, "product", &p->n_shards, err);
+    if (rc == CQRS_ERR_NOT_FOUND)
+        return CQRS_ERR_OK;
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    size_t n = (size_t)p->n_shards;
+    p->per = calloc(n, sizeof *p->per);
+    p->counts = calloc(n, sizeof *p->counts);
+    if (!p->per || !p->counts)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    char *frontier = NULL; /* the lowest point where a shard stopped early */
+    size_t budget = base->budget / n > 100 ? base->budget / n : 100;
+    for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
+        char shard[CQRS_SHARD_MAX], index[4608], prefix[CQRS_KEY_MAX];
+        char set_keys[MAX_Q_WORDS][CQRS_KEY_MAX];
+        const char *sets[MAX_Q_WORDS];
+        query_shard(ds, "product", (int32_t)i, shard, sizeof shard);
+        product_list_key(shard, la->sort, la->category, la->status, index, sizeof index);
+        for (size_t w = 0; w < n_words; w++) {
+            word_key(shard, word_of[w], set_keys[w], sizeof set_keys[w]);
+            sets[w] = set_keys[w];
+        }
+        cqrs_keys_doc(shard, "", prefix, sizeof prefix);
+        cqrs_search_t q = *base;
+        q.index = index;
+        q.sets = sets;
+        q.budget = budget;
+        q.doc_prefix = prefix;
+        q.doc_suffix = "";
+        char *stop = NULL;
+        rc = cqrs_docstore_search(ds, &q, &p->per[i], &p->counts[i], &stop, err);
+        if (stop && (!frontier || strcmp(stop, frontier) < 0)) {
+            free(frontier);
+            frontier = stop;
+        } else {
+            free(stop);
+        }
+    }
+    if (rc == CQRS_ERR_OK) {
+        page_merge(p, base->limit, frontier);
+        if (p->n == base->limit)
+            *next_member = strdup(p->members[p->n - 1]);
+        else if (frontier)
+            *next_member = strdup(frontier);
+    }
+    free(frontier);
+    return rc;
 }
 
 void product_list_handler(cqrs_http_request_t *req, void *ud)
@@ -211,48 +384,40 @@ void product_list_handler(cqrs_http_request_t *req, void *ud)
     char *after = NULL;
     if (!decode_cursor(req, product_sort_names[sort], &after))
         return;
-    char index[4608];
-    product_list_key(sort, category, status, index, sizeof index);
+    list_arg_t la = {sort, category, status};
     if (!q) {
-        reply_page(req, ctx, "product", index, product_sort_names[sort], limit, after);
+        reply_page(req, ctx, "product", list_key_of, &la, product_sort_names[sort], limit, after);
         free(after);
         return;
     }
-    char set_keys[MAX_Q_WORDS][96];
-    const char *sets[MAX_Q_WORDS];
-    for (size_t i = 0; i < n_words; i++) {
-        word_key(words[i], set_keys[i], sizeof set_keys[i]);
-        sets[i] = set_keys[i];
-    }
+    char *word_of[MAX_Q_WORDS];
+    for (size_t i = 0; i < n_words; i++)
+        word_of[i] = words[i];
     char field[16];
     snprintf(field, sizeof field, "k:%s", product_sort_names[sort]);
-    cqrs_search_t s = {.index = index,
-                       .sets = sets,
-                       .n_sets = n_words,
+    cqrs_search_t s = {.n_sets = n_words,
                        .after = after,
                        .limit = limit,
                        .budget = SEARCH_BUDGET,
                        .small_max = SEARCH_SMALL,
-                       .doc_prefix = "cqrs:product:{",
-                       .doc_suffix = "}",
                        .sort_field = field};
     cqrs_docstore_t *ds = acquire(req, ctx);
     if (!ds) {
         free(after);
         return;
     }
-    char **members = NULL, *next_member = NULL, *next = NULL;
-    size_t n = 0;
+    char *next_member = NULL, *next = NULL;
+    page_t p;
     cqrs_error_t err;
     cqrs_text_t body = {0};
     cqrs_text_printf(&body, "{\"items\":[");
-    cqrs_err_t rc = cqrs_docstore_search(ds, &s, &members, &n, &next_member, &err);
+    cqrs_err_t rc = search_merged(ds, &s, word_of, n_words, &la, &p, &next_member, &err);
     if (rc == CQRS_ERR_OK)
-        rc = load_documents(ds, "product", members, n, NULL, &body, &err);
+        rc = load_documents(ds, "product", p.members, p.shards, p.n, NULL, &body, &err);
     cqrs_docstore_pool_release(ctx->pool, ds);
     if (next_member)
         next = encode_cursor(product_sort_names[sort], next_member);
-    cqrs_docstore_strings_free(members, n);
+    page_free(&p);
     free(next_member);
     free(after);
     reply_items(req, rc, &err, &body, next);
@@ -274,9 +439,7 @@ void customer_orders_handler(cqrs_http_request_t *req, void *ud)
     char *after = NULL;
     if (!decode_cursor(req, "orders", &after))
         return;
-    char index[128];
-    customer_orders_key(id, index, sizeof index);
-    reply_page(req, ctx, "order", index, "orders", limit, after);
+    reply_page(req, ctx, "order", customer_key_of, id, "orders", limit, after);
     free(after);
 }
 
@@ -292,15 +455,14 @@ void top_products_handler(cqrs_http_request_t *req, void *ud)
     cqrs_docstore_t *ds = acquire(req, ctx);
     if (!ds)
         return;
-    char **members = NULL;
-    size_t n = 0;
+    page_t p;
     cqrs_error_t err;
     json_t *docs = json_array();
-    cqrs_err_t rc = cqrs_docstore_range(ds, TOP_PRODUCTS_KEY, NULL, limit, &members, &n, &err);
+    cqrs_err_t rc = read_merged(ds, "product", top_key_of, NULL, NULL, limit, &p, &err);
     if (rc == CQRS_ERR_OK)
-        rc = load_documents(ds, "product", members, n, docs, NULL, &err);
+        rc = load_documents(ds, "product", p.members, p.shards, p.n, docs, NULL, &err);
     cqrs_docstore_pool_release(ctx->pool, ds);
-    cqrs_docstore_strings_free(members, n);
+    page_free(&p);
     if (rc != CQRS_ERR_OK) {
         json_decref(docs);
         cqrs_http_reply_error(req, &err);

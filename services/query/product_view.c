@@ -13,11 +13,6 @@
 
 #include "query.h"
 
-void doc_key(const char *aggregate_type, const char *id, char *out, size_t cap)
-{
-    snprintf(out, cap, "cqrs:%s:{%s}", aggregate_type, id);
-}
-
 static bool data_string(const json_t *data, const char *field, const char **out)
 {
     const json_t *v = json_object_get(data, field);
@@ -170,12 +165,9 @@ cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **
     return cqrs_error_set(err, CQRS_ERR_INVALID, "unknown order event type %s", ev->type);
 }
 
-static bool query_doc_key(const cqrs_event_t *ev, char *out, size_t cap)
+static bool query_knows(const cqrs_event_t *ev)
 {
-    if (strcmp(ev->aggregate_type, "product") != 0 && strcmp(ev->aggregate_type, "order") != 0)
-        return false;
-    doc_key(ev->aggregate_type, ev->aggregate_id, out, cap);
-    return true;
+    return strcmp(ev->aggregate_type, "product") == 0 || strcmp(ev->aggregate_type, "order") == 0;
 }
 
 static cqrs_err_t query_apply(const json_t *doc, const cqrs_event_t *ev, json_t **next,
@@ -204,5 +196,5 @@ static cqrs_err_t query_apply_owned(json_t *doc, const cqrs_event_t *ev, json_t 
     return rc;
 }
 
-const cqrs_projection_t query_projection = {query_doc_key, query_apply, query_index,
+const cqrs_projection_t query_projection = {query_knows, query_apply, query_index,
                                             query_apply_owned};

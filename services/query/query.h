@@ -26,8 +26,31 @@ typedef struct query_ctx {
 cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *key, int64_t min_version, char **json,
                           int64_t *version, cqrs_error_t *err);
 
-/* Key of a document in Redis: "cqrs:<type>:{<id>}" (hash tag = the id). */
-void doc_key(const char *aggregate_type, const char *id, char *out, size_t cap);
+/* ---- keys (keys.c): where the domain's documents and indexes live ----
+ * Products and orders come from their own topics, "<topic prefix>.product.events" and
+ * "<topic prefix>.order.events"; the read model of each is sharded by partition (keyspace.h).
+ * A document is <shard>doc:<id> in its aggregate's shard; the index families, all inside a
+ * shard, are (index.c): <shard>idx:products:<sort>:<filter> (lists), <shard>idx:word:<word>,
+ * <shard>idx:top-products, <shard>idx:customer-orders:<customer id>. A list read reads every
+ * shard of its topic and merges. */
+#define QUERY_TYPES 2 /* product, order */
+/* Sets the topic prefix (CQRS_TOPIC_PREFIX) once, before any other call. */
+void query_keys_init(const char *topic_prefix);
+/* The topic of an aggregate type (product, order); NULL for another type. */
+const char *query_topic(const char *aggregate_type);
+/* How many shards the type's read model has (its topic's partitions, from the layout the
+ * projector records): NOT_FOUND when none is recorded yet (no projector has started). */
+cqrs_err_t query_shard_count(cqrs_docstore_t *ds, const char *aggregate_type, int32_t *n,
+                             cqrs_error_t *err);
+/* The prefix of shard i of a type (cap ≥ CQRS_SHARD_MAX). */
+void query_shard(cqrs_docstore_t *ds, const char *aggregate_type, int32_t i, char *out, size_t cap);
+/* The key of an aggregate's document (cap ≥ CQRS_KEY_MAX): NOT_FOUND as query_shard_count. */
+cqrs_err_t query_doc_key(cqrs_docstore_t *ds, const char *aggregate_type, const char *id, char *out,
+                         size_t cap, cqrs_error_t *err);
+/* The same with a connection of ctx's pool (answers 503 and returns false when there is none
+ * or no layout is recorded yet). */
+bool query_doc_key_req(cqrs_http_request_t *req, query_ctx_t *ctx, const char *aggregate_type,
+                       const char *id, char *out, size_t cap);
 
 /* Applies one product event to the current document (NULL when none) and returns the new
  * document (new reference) in *out. INVALID when the event type is unknown, its data does not
@@ -48,22 +71,24 @@ enum { SORT_NAME, SORT_PRICE, SORT_PRICE_DESC, SORT_UPDATED_DESC, PRODUCT_SORTS 
 extern const char *const product_sort_names[PRODUCT_SORTS];
 #define MAX_WORD 64
 #define MAX_DOC_WORDS 256
-#define TOP_PRODUCTS_KEY "cqrs:idx:top-products"
 
 /* -1 when not one of name, price, -price, -updated. */
 int product_sort_parse(const char *s);
 void product_sort_member(const json_t *doc, int sort, char *out, size_t cap);
-/* category / status NULL: not filtered by it. */
-void product_list_key(int sort, const char *category, const char *status, char *out, size_t cap);
-void word_key(const char *word, char *out, size_t cap);
+/* Index keys of a shard (shard: its prefix). category / status NULL: not filtered by it. */
+void product_list_key(const char *shard, int sort, const char *category, const char *status,
+                      char *out, size_t cap);
+void word_key(const char *shard, const char *word, char *out, size_t cap);
+void top_products_key(const char *shard, char *out, size_t cap);
 /* Distinct lower-cased words (ASCII letters and digits, and any non-ASCII byte, are word
  * characters; at most MAX_WORD bytes kept of each); returns how many, at most max. */
 size_t split_words(const char *text, char words[][MAX_WORD + 1], size_t max);
 void top_member(const json_t *doc, char *out, size_t cap);
-void customer_orders_key(const char *customer_id, char *out, size_t cap);
+void customer_orders_key(const char *shard, const char *customer_id, char *out, size_t cap);
 void customer_order_member(const json_t *doc, char *out, size_t cap);
 /* The index changes from old to next for the document at key (cqrs_projection_t.index). */
-void query_index(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops);
+void query_index(const char *shard, const char *aggregate_type, const char *key, const json_t *old,
+                 const json_t *next, cqrs_index_ops_t *ops);
 
 /* Answers 400 and returns false when the request has a query parameter not in allowed
  * (NULL-terminated), or one that is not valid UTF-8. */

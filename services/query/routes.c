@@ -74,7 +74,7 @@ cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *key, int64_t min_version
 typedef struct doc_read {
     query_ctx_t *ctx;
     const char *type;
-    char key[96];
+    char key[CQRS_KEY_MAX];
     int64_t min_version;
     int64_t deadline_ms;
     bool parked; /* a wait is registered with the hub */
@@ -209,7 +209,10 @@ static void get_document(cqrs_http_request_t *req, query_ctx_t *ctx, const char 
     }
     r->ctx = ctx;
     r->type = type;
-    doc_key(type, id, r->key, sizeof r->key);
+    if (!query_doc_key_req(req, ctx, type, id, r->key, sizeof r->key)) {
+        free(r);
+        return;
+    }
     r->min_version = min_version;
     r->deadline_ms = cqrs_monotonic_ms() + wait_ms;
     r->req = req;

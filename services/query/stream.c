@@ -16,7 +16,7 @@
 typedef struct stream {
     query_ctx_t *ctx;
     cqrs_watch_t *watch;
-    char key[96];
+    char key[CQRS_KEY_MAX];
     int64_t sent;   /* version the client has */
     bool need_read; /* read the store at the next call */
     char *out;      /* pending bytes */
@@ -104,7 +104,10 @@ void product_stream_handler(cqrs_http_request_t *req, void *ud)
         return;
     }
     st->ctx = ctx;
-    doc_key("product", id, st->key, sizeof st->key);
+    if (!query_doc_key_req(req, ctx, "product", id, st->key, sizeof st->key)) {
+        free(st);
+        return;
+    }
     st->need_read = true;
     /* Last-Event-ID: the version the client already has (anything else is ignored). */
     const char *last = cqrs_http_header(req, "Last-Event-ID");

@@ -78,9 +78,11 @@ for _ in $(seq 300); do
 done
 echo "   projected: ${applied:-0}"
 
-# The ids, for wrk to pick from; one document for nginx and webdis.
-redis-cli -u "$CQRS_REDIS_URL" --scan --pattern 'cqrs:product:{*}' >"$OUT/keys.txt"
-head -n "$PRODUCTS" "$OUT/keys.txt" | sed -e 's/^cqrs:product:{//' -e 's/}$//' >"$OUT/ids.txt"
+# The ids, for wrk to pick from; one document for nginx and webdis. Documents are
+# {cqrs:<topic>:<partition>}:doc:<id> (keyspace.h); webdis gets the key, URL-encoded.
+redis-cli -u "$CQRS_REDIS_URL" --scan --pattern '{cqrs:*.product.events:*}:doc:*' | head -n "$PRODUCTS" >"$OUT/keys.txt"
+sed -e 's/.*:doc://' "$OUT/keys.txt" >"$OUT/ids.txt"
+sed -e 's/{/%7B/g' -e 's/}/%7D/g' "$OUT/keys.txt" >"$OUT/keys-enc.txt"
 ID=$(head -n 1 "$OUT/ids.txt")
 mkdir -p "$OUT/www"
 curl -fs "http://127.0.0.1:$QPORT/v1/products/$ID" >"$OUT/www/product.json"
@@ -124,10 +126,10 @@ request = function()
     return wrk.format("GET", string.format(fmt, ids[math.random(#ids)]))
 end
 LUA
-run() { # name url [fmt]
+run() { # name url [fmt [ids file]]
     local rps
     if [ -n "${3:-}" ]; then
-        rps=$(IDS=$OUT/ids.txt FMT=$3 wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -s "$OUT/ids.lua" "$2" | tee -a "$OUT/wrk.txt" | awk '/^Requests\/sec/ {print $2}')
+        rps=$(IDS=${4:-$OUT/ids.txt} FMT=$3 wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -s "$OUT/ids.lua" "$2" | tee -a "$OUT/wrk.txt" | awk '/^Requests\/sec/ {print $2}')
     else
         rps=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" "$2" | tee -a "$OUT/wrk.txt" | awk '/^Requests\/sec/ {print $2}')
     fi
@@ -136,7 +138,7 @@ run() { # name url [fmt]
 }
 echo "== $DURATION s each, wrk -t$THREADS -c$CONNS"
 run "nginx, the document as a static file (baseline)" "http://127.0.0.1:$NPORT" '/v1/products/%s'
-run "webdis, HGET of the document from Redis" "http://127.0.0.1:$WPORT" '/HGET/cqrs:product:%%7B%s%%7D/json'
+run "webdis, HGET of the document from Redis" "http://127.0.0.1:$WPORT" '/HGET/%s/json' "$OUT/keys-enc.txt"
 # Under the read load: the daemon's RSS is sampled in the middle of the run.
 ( sleep $((DURATION / 2)); echo "loaded RSS: cqrs-queryd $(rss $Q) MB" >>"$OUT/rss.txt" ) &
 SAMPLER=$!

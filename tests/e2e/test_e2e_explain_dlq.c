@@ -248,7 +248,7 @@ static void restart_commandd(const char *extra_env, const char *name)
     assert_true(D.commandd > 0);
 }
 
-static char redis_doc_key[128];
+static char redis_doc_key[CQRS_KEY_MAX];
 
 /* A store-wide gauge from cqrs-queryd's /metrics; -1 when absent. */
 static long long store_gauge(const char *name)
@@ -337,13 +337,15 @@ static void test_explain_journey_and_retry(void **state)
 
     /* dead-lettered: the stored document is corrupted, so the projection rejects v3, and v4
      * is parked behind it */
-    snprintf(redis_doc_key, sizeof redis_doc_key, "cqrs:product:{%s}", id);
+    assert_int_equal(
+        redisdb_doc_key(redis_url, D.prefix, "product", id, redis_doc_key, sizeof redis_doc_key),
+        0);
     redisReply *r = redisdb_cmd(redis_url, "HGET %s json", redis_doc_key);
     assert_non_null(r);
     assert_int_equal(r->type, REDIS_REPLY_STRING);
     char *saved = strdup(r->str);
     freeReplyObject(r);
-    char hset[256];
+    char hset[CQRS_KEY_MAX + 32];
     snprintf(hset, sizeof hset, "HSET %s json %%s", redis_doc_key);
     freeReplyObject(redisdb_cmd(redis_url, hset, "not json"));
     adjust(id, 3);

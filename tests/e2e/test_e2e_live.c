@@ -500,8 +500,8 @@ static void *hammer_main(void *arg)
 
 static long long redis_version(const char *id)
 {
-    char key[96];
-    snprintf(key, sizeof key, "cqrs:product:{%s}", id);
+    char key[CQRS_KEY_MAX];
+    assert_int_equal(redisdb_doc_key(redis_url, D.prefix, "product", id, key, sizeof key), 0);
     redisContext *c = redisdb_connect(redis_url);
     assert_non_null(c);
     redisReply *r = redisCommand(c, "HGET %s v", key);
@@ -557,7 +557,7 @@ static void test_cache_never_goes_backwards(void **state)
 static void test_feed_reconnect_flushes_cache(void **state)
 {
     (void)state;
-    char id[37], path[160], key[96];
+    char id[37], path[160], key[CQRS_KEY_MAX];
     create_product("CACHE-FLUSH", id);
     snprintf(path, sizeof path, "/v1/products/%s?min_version=1", id);
     httpc_response_t r;
@@ -576,7 +576,7 @@ static void test_feed_reconnect_flushes_cache(void **state)
     json_object_set_new(j, "name", json_string("Changed behind the cache"));
     char *changed = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(j);
-    snprintf(key, sizeof key, "cqrs:product:{%s}", id);
+    assert_int_equal(redisdb_doc_key(redis_url, D.prefix, "product", id, key, sizeof key), 0);
     redisContext *c = redisdb_connect(redis_url);
     assert_non_null(c);
     freeReplyObject(redisCommand(c, "HSET %s json %s", key, changed));

@@ -181,14 +181,19 @@ static void test_redelivery_changes_nothing(void **state)
 {
     (void)state;
     assert_int_equal(daemons_stop_one(&D.queryd), 0);
-    char url[1024], key[160];
+    char url[1024], key[CQRS_KEY_MAX + 8], pattern[320];
     const char *base = getenv("CQRS_REDIS_URL");
     assert_int_equal(redisdb_url(base, 0, url, sizeof url), 0);
-    const char *topics[] = {"product", "order"};
-    for (int i = 0; i < 2; i++) {
-        snprintf(key, sizeof key, "DEL cqrs:offsets:{%s.%s.events}", D.prefix, topics[i]);
+    /* every shard's offsets of this run's topics */
+    snprintf(pattern, sizeof pattern, "{cqrs:%s.*}:" CQRS_SHARD_OFFSETS, D.prefix);
+    redisReply *keys = redisdb_cmd(url, "KEYS %s", pattern);
+    assert_non_null(keys);
+    assert_true(keys->elements > 0);
+    for (size_t i = 0; i < keys->elements; i++) {
+        snprintf(key, sizeof key, "DEL %s", keys->element[i]->str);
         freeReplyObject(redisdb_cmd(url, key, NULL));
     }
+    freeReplyObject(keys);
     D.queryd = daemons_spawn_queryd(&D, D.qport, NULL, "queryd");
     assert_true(D.queryd > 0);
     long long dups = 0;

@@ -177,8 +177,9 @@ static void test_rebuild_under_load(void **state)
     assert_int_equal(verify_until_match(120), 0);
 
     /* Drift the live read model: a wrong name (same version) and a stray list entry. */
-    char key[96];
-    snprintf(key, sizeof key, "cqrs:product:{%s}", ids[0]);
+    char key[CQRS_KEY_MAX], shard[CQRS_SHARD_MAX];
+    assert_int_equal(redisdb_shard(live_url, D.prefix, "product", ids[0], shard, sizeof shard), 0);
+    cqrs_keys_doc(shard, ids[0], key, sizeof key);
     redisContext *c = redisdb_connect(live_url);
     assert_non_null(c);
     redisReply *rj = redisCommand(c, "HGET %s json", key);
@@ -190,7 +191,7 @@ static void test_rebuild_under_load(void **state)
     json_decref(doc);
     freeReplyObject(redisCommand(c, "HSET %s json %s", key, drifted));
     free(drifted);
-    freeReplyObject(redisCommand(c, "ZADD cqrs:idx:products:name:all 0 stray-entry"));
+    freeReplyObject(redisCommand(c, "ZADD %sidx:products:name:all 0 stray-entry", shard));
     static char out[65536];
     assert_int_equal(ctl("verify", out, sizeof out), 1);
 

@@ -60,8 +60,9 @@ static json_t *call(const char *method, const char *path, const char *body, int 
 static int verify(json_t **report)
 {
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' %s verify --json", DB.dsn,
-             redis_url, CQRS_CTL);
+    snprintf(cmd, sizeof cmd,
+             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s verify --json", DB.dsn,
+             redis_url, D.prefix, CQRS_CTL);
     FILE *p = popen(cmd, "r");
     static char buf[65536];
     size_t n = fread(buf, 1, sizeof buf - 1, p);
@@ -145,21 +146,22 @@ static void test_verify_after_workload_and_drift(void **state)
     json_decref(report);
 
     /* drift, one kind per product */
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "DEL cqrs:product:{%s}", ids[11]);
+    char cmd[CQRS_KEY_MAX + 16], key[CQRS_KEY_MAX];
+    assert_int_equal(redisdb_doc_key(redis_url, D.prefix, "product", ids[11], key, sizeof key), 0);
+    snprintf(cmd, sizeof cmd, "DEL %s", key);
     freeReplyObject(redisdb_cmd(redis_url, cmd, NULL));
-    snprintf(cmd, sizeof cmd, "cqrs:product:{%s}", ids[12]);
+    assert_int_equal(redisdb_doc_key(redis_url, D.prefix, "product", ids[12], cmd, sizeof cmd), 0);
     redisReply *r = redisdb_cmd(redis_url, "HGET %s json", cmd);
     json_t *doc = json_loads(r->str, 0, NULL);
     freeReplyObject(r);
     json_object_set_new(doc, "name", json_string("tampered"));
     char *text = json_dumps(doc, JSON_COMPACT);
-    char hset[1024];
+    char hset[CQRS_KEY_MAX + 32];
     snprintf(hset, sizeof hset, "HSET %s json %%s", cmd);
     freeReplyObject(redisdb_cmd(redis_url, hset, text));
     free(text);
     json_decref(doc);
-    snprintf(cmd, sizeof cmd, "cqrs:product:{%s}", ids[13]);
+    assert_int_equal(redisdb_doc_key(redis_url, D.prefix, "product", ids[13], cmd, sizeof cmd), 0);
     r = redisdb_cmd(redis_url, "HGET %s json", cmd);
     doc = json_loads(r->str, 0, NULL);
     freeReplyObject(r);
@@ -169,7 +171,12 @@ static void test_verify_after_workload_and_drift(void **state)
     freeReplyObject(redisdb_cmd(redis_url, hset, text));
     free(text);
     json_decref(doc);
-    freeReplyObject(redisdb_cmd(redis_url, "ZADD cqrs:idx:products:name:all 0 %s",
+    /* a stray entry in the list of the shard product 0 lives in */
+    char shard[CQRS_SHARD_MAX], list[CQRS_KEY_MAX], zadd[CQRS_KEY_MAX + 32];
+    assert_int_equal(redisdb_shard(redis_url, D.prefix, "product", ids[0], shard, sizeof shard), 0);
+    snprintf(list, sizeof list, "%sidx:products:name:all", shard);
+    snprintf(zadd, sizeof zadd, "ZADD %s 0 %%s", list);
+    freeReplyObject(redisdb_cmd(redis_url, zadd,
                                 "stray\x01"
                                 "00000000-0000-4000-8000-000000000000"));
 
@@ -183,7 +190,7 @@ static void test_verify_after_workload_and_drift(void **state)
     assert_non_null(k = kind(report, "wrong version"));
     assert_true(names(k, ids[13]));
     assert_non_null(k = kind(report, "index size differs (stray or missing entries)"));
-    assert_true(names(k, "cqrs:idx:products:name:all"));
+    assert_true(names(k, list));
     json_decref(report);
 }
 

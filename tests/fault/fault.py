@@ -1333,14 +1333,16 @@ def nem_offsets_and_dups(run, sc, opts):
     wait_offsets_applied(run, run.stack.redis_port, pause=0.5)
     q.stop()
     redelivered = 0  # messages already applied: each must come back as a skipped duplicate
-    for t in ("product", "order"):
-        key = "cqrs:offsets:{%s.%s.events}" % (run.prefix, t)
-        applied = run.stack.hgetall(run.stack.redis_port, run.redis_db, key)
+    for t, keys in offsets_keys(run).items():
+        key = "%s.%s.events" % (run.prefix, t)
+        applied, where = {}, {}
+        for k in keys:  # one partition per shard
+            for p, o in run.stack.hgetall(run.stack.redis_port, run.redis_db, k).items():
+                applied[p], where[p] = o, k
         fields = list(applied)
-        redelivered += len(run.stack.kafka_read("%s.%s.events" % (run.prefix, t),
-                                                snapshot={int(p): int(o) for p, o in applied.items()}))
+        redelivered += len(run.stack.kafka_read(key, snapshot={int(p): int(o) for p, o in applied.items()}))
         for f in fields:
-            run.stack.redis(run.redis_db, "HSET", key, f, "0")
+            run.stack.redis(run.redis_db, "HSET", where[f], f, "0")
         log("rewound %d partitions of %s to offset 0" % (len(fields), key))
         if not fields:
             run.problems.append("no applied offsets in Redis under %s" % key)
@@ -1419,15 +1421,58 @@ def nem_random(run, sc, opts):
     ready_all(run)
 
 
-def offsets_keys(run):
-    return ["cqrs:offsets:{%s.%s.events}" % (run.prefix, t) for t in ("product", "order")]
+def murmur2(data):
+    """Kafka's murmur2 (the relay's partitioner; libcqrs/src/keyspace.c)."""
+    m, h = 0x5bd1e995, (0x9747b28c ^ len(data)) & 0xffffffff
+    n4 = len(data) // 4
+    for i in range(n4):
+        k = int.from_bytes(data[4 * i:4 * i + 4], "little")
+        k = (k * m) & 0xffffffff
+        k ^= k >> 24
+        k = (k * m) & 0xffffffff
+        h = ((h * m) & 0xffffffff) ^ k
+    tail = data[4 * n4:]
+    if len(tail) >= 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h ^= tail[0]
+        h = (h * m) & 0xffffffff
+    h ^= h >> 13
+    h = (h * m) & 0xffffffff
+    h ^= h >> 15
+    return h
+
+
+def layout(run, t, port=None):
+    """The partition count of topic type t that the projector recorded (0: none yet)."""
+    topic = "%s.%s.events" % (run.prefix, t)
+    port = port or run.stack.redis_port
+    v = run.stack.redis_at(port, run.redis_db, "HGET", "cqrs:layout", topic).strip()
+    return int(v) if v.isdigit() else 0
+
+
+def shard_of(run, t, agg_id):
+    """The key prefix of an aggregate's shard (keyspace.h): its partition's."""
+    n = layout(run, t)
+    if not n:
+        raise SetupError("no layout recorded for %s.%s.events" % (run.prefix, t))
+    return "{cqrs:%s.%s.events:%d}:" % (run.prefix, t, (murmur2(agg_id.encode()) & 0x7fffffff) % n)
+
+
+def offsets_keys(run, port=None):
+    """Every shard's offsets hash of both topics, by topic type."""
+    return {t: ["{cqrs:%s.%s.events:%d}:offsets" % (run.prefix, t, p) for p in range(layout(run, t, port))]
+            for t in ("product", "order")}
 
 
 def wait_offsets_applied(run, port, pause, seconds=60):
     """Until the Redis at port holds applied offsets of both topics (bounded)."""
     end = time.time() + seconds
-    while time.time() < end and not all(run.stack.redis_at(port, run.redis_db, "HLEN", k).strip() not in ("", "0")
-                                        for k in offsets_keys(run)):
+    while time.time() < end and not all(any(run.stack.redis_at(port, run.redis_db, "HLEN", k).strip() not in ("", "0")
+                                            for k in keys)
+                                        for keys in offsets_keys(run, port).values()):
         time.sleep(pause)
 
 
@@ -1501,14 +1546,15 @@ def nem_failover(run, sc, opts):
     run.link.hold()
     log("replication link stalled: the replica stops receiving while the load goes on")
     time.sleep(3)
-    before = {k: st.hgetall(primary, run.redis_db, k) for k in offsets_keys(run)}
+    shards = [k for keys in offsets_keys(run, primary).values() for k in keys]
+    before = {k: st.hgetall(primary, run.redis_db, k) for k in shards}
     p_off = st.replication(primary).get("master_repl_offset")
     pid = st.signal("redis", signal.SIGKILL)
     st.wait_gone(pid)
     run.link.cut()
     st.redis_at(replica, 0, "REPLICAOF", "NO", "ONE")
     r_off = st.replication(replica).get("master_repl_offset")
-    after = {k: st.hgetall(replica, run.redis_db, k) for k in offsets_keys(run)}
+    after = {k: st.hgetall(replica, run.redis_db, k) for k in shards}
     behind, lost = [], 0
     for k, parts in before.items():
         for part, off in parts.items():
@@ -1599,7 +1645,9 @@ def nem_dlq_retry(run, sc, opts):
         time.sleep(1)
         with wl.lock:
             candidates = list(wl.products[-30:])
-        hot = [pid for pid in candidates if st.redis(run.redis_db, "HGET", "cqrs:product:{%s}" % pid, "v").strip()][-3:]
+        hot = [pid for pid in candidates
+               if layout(run, "product")
+               and st.redis(run.redis_db, "HGET", shard_of(run, "product", pid) + "doc:" + pid, "v").strip()][-3:]
     if len(hot) < 3:
         raise SetupError("fewer than 3 products with a document after 60 s of load")
     with wl.lock:
@@ -1610,7 +1658,8 @@ def nem_dlq_retry(run, sc, opts):
     race_end = time.time() + RACE_S
 
     def race(pid):
-        key, dlq = "cqrs:product:{%s}" % pid, "cqrs:dlq:{%s}" % pid
+        shard = shard_of(run, "product", pid)
+        key, dlq = shard + "doc:" + pid, shard + "dlq:" + pid
         while time.time() < race_end:
             out = st.redis(run.redis_db, "EVAL", CORRUPT_LUA, "1", key).split("\n", 1)
             if len(out) < 2 or not out[0].strip():

@@ -25,8 +25,12 @@
 static char url[1024];
 static cqrs_redis_config_t redis; /* the environment's Redis settings with url */
 static cqrs_docstore_t *ds;
-static char agg[37], key[96], offsets[96], dlq[96];
-/* What a projector remembers: the store's incarnation, the offset it recorded last. */
+/* Each test writes into a shard of its own (keyspace.h): its document, dead letters, meta,
+ * offsets and index keys share one hash tag. */
+static char agg[37], shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX], offsets[CQRS_KEY_MAX],
+    dlq[CQRS_KEY_MAX], meta[CQRS_KEY_MAX], idx_a[CQRS_KEY_MAX], idx_b[CQRS_KEY_MAX],
+    idx_c[CQRS_KEY_MAX], dlq_index[CQRS_KEY_MAX], undecodable[CQRS_KEY_MAX];
+/* What a projector remembers: the shard's incarnation, the offset it recorded last. */
 static char incarnation[CQRS_INCARNATION_LEN + 1];
 static int64_t written;
 
@@ -39,7 +43,7 @@ static int setup(void **state)
     cqrs_error_t err;
     redis = redisdb_config(url);
     ds = cqrs_docstore_new(&redis, 2000, &err);
-    return ds && cqrs_docstore_ensure_meta(ds, incarnation, &err) == CQRS_ERR_OK ? 0 : -1;
+    return ds ? 0 : -1;
 }
 
 static int teardown(void **state)
@@ -53,10 +57,24 @@ static int fresh_keys(void **state)
 {
     (void)state;
     cqrs_uuid_v4(agg);
-    snprintf(key, sizeof key, "cqrs:itest:doc:{%s}", agg);
-    snprintf(offsets, sizeof offsets, "cqrs:itest:offsets:{%s}", agg);
-    snprintf(dlq, sizeof dlq, "cqrs:dlq:{%s}", agg);
+    char topic[64];
+    snprintf(topic, sizeof topic, "itest-%s", agg);
+    cqrs_keys_shard("cqrs", topic, 0, shard, sizeof shard);
+    cqrs_keys_doc(shard, agg, key, sizeof key);
+    cqrs_keys_dlq(shard, agg, dlq, sizeof dlq);
+    cqrs_keys_in(shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
+    cqrs_keys_in(shard, CQRS_SHARD_META, meta, sizeof meta);
+    cqrs_keys_in(shard, CQRS_SHARD_DLQ_INDEX, dlq_index, sizeof dlq_index);
+    cqrs_keys_in(shard, CQRS_SHARD_UNDECODABLE, undecodable, sizeof undecodable);
+    cqrs_keys_in(shard, "idx:a", idx_a, sizeof idx_a);
+    cqrs_keys_in(shard, "idx:b", idx_b, sizeof idx_b);
+    cqrs_keys_in(shard, "idx:c", idx_c, sizeof idx_c);
     written = -1;
+    cqrs_error_t err;
+    int64_t stored = 0;
+    if (cqrs_docstore_shard_open(ds, shard, 0, incarnation, &stored, &err) != CQRS_ERR_OK ||
+        stored != -1)
+        return -1;
     return 0;
 }
 
@@ -79,7 +97,7 @@ static cqrs_apply_result_t apply_ops(const char *k, const char *d, int64_t v, co
                       .reason = "rejected by the projection",
                       .ops = ops,
                       .n_ops = n_ops,
-                      .offsets_key = offsets,
+                      .shard = shard,
                       .partition = 0,
                       .next_offset = next_offset,
                       .incarnation = incarnation,
@@ -115,7 +133,7 @@ static int64_t offset(void)
 {
     int64_t off = -1;
     cqrs_error_t err;
-    assert_int_equal(cqrs_docstore_offset(ds, offsets, 0, &off, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_offset(ds, shard, 0, &off, &err), CQRS_ERR_OK);
     return off;
 }
 
@@ -136,28 +154,28 @@ static void test_absent_document(void **state)
     int64_t v;
     cqrs_error_t err;
     assert_int_equal(cqrs_docstore_get(ds, key, NULL, &v, &err), CQRS_ERR_NOT_FOUND);
-    assert_int_equal(cqrs_docstore_offset(ds, offsets, 0, &v, &err), CQRS_ERR_NOT_FOUND);
+    assert_int_equal(cqrs_docstore_offset(ds, shard, 0, &v, &err), CQRS_ERR_NOT_FOUND);
 }
 
 static void test_document_index_and_offset_change_together(void **state)
 {
     (void)state;
-    cqrs_index_op_t add[] = {{CQRS_INDEX_ZADD, "cqrs:itest:idx:a", 5, agg, NULL},
-                             {CQRS_INDEX_ZADD, "cqrs:itest:idx:b", 7, agg, NULL}};
+    cqrs_index_op_t add[] = {{CQRS_INDEX_ZADD, idx_a, 5, agg, NULL},
+                             {CQRS_INDEX_ZADD, idx_b, 7, agg, NULL}};
     assert_int_equal(apply_ops(key, dlq, 1, "{\"v\":1}", 11, add, 2, false), CQRS_APPLY_APPLIED);
     expect_doc(key, 1, "{\"v\":1}");
     assert_int_equal(offset(), 11);
-    char cmd[160];
-    snprintf(cmd, sizeof cmd, "ZSCORE cqrs:itest:idx:a %s", agg);
+    char cmd[CQRS_KEY_MAX + 64];
+    snprintf(cmd, sizeof cmd, "ZSCORE %s %s", idx_a, agg);
     assert_int_equal(integer(cmd, NULL), 5);
     /* A duplicate changes no index. */
-    cqrs_index_op_t move[] = {{CQRS_INDEX_ZREM, "cqrs:itest:idx:a", 0, agg, NULL},
-                              {CQRS_INDEX_ZADD, "cqrs:itest:idx:c", 9, agg, NULL}};
+    cqrs_index_op_t move[] = {{CQRS_INDEX_ZREM, idx_a, 0, agg, NULL},
+                              {CQRS_INDEX_ZADD, idx_c, 9, agg, NULL}};
     assert_int_equal(apply_ops(key, dlq, 1, "{\"v\":9}", 11, move, 2, false), CQRS_APPLY_DUPLICATE);
     assert_int_equal(integer(cmd, NULL), 5);
     assert_int_equal(apply_ops(key, dlq, 2, "{\"v\":2}", 12, move, 2, false), CQRS_APPLY_APPLIED);
     assert_int_equal(integer(cmd, NULL), -1); /* removed: nil */
-    snprintf(cmd, sizeof cmd, "ZSCORE cqrs:itest:idx:c %s", agg);
+    snprintf(cmd, sizeof cmd, "ZSCORE %s %s", idx_c, agg);
     assert_int_equal(integer(cmd, NULL), 9);
     assert_int_equal(offset(), 12);
 }
@@ -193,12 +211,15 @@ static void test_gap_is_held_not_papered_over(void **state)
 static void test_dead_letter_holds_back_its_aggregate_only(void **state)
 {
     (void)state;
-    char other_key[96], other_dlq[96];
-    snprintf(other_key, sizeof other_key, "cqrs:itest:doc:{%s-other}", agg);
-    snprintf(other_dlq, sizeof other_dlq, "cqrs:dlq:{%s-other}", agg);
+    char other_key[CQRS_KEY_MAX], other_dlq[CQRS_KEY_MAX], other[64];
+    snprintf(other, sizeof other, "%s-other", agg);
+    cqrs_keys_doc(shard, other, other_key, sizeof other_key);
+    cqrs_keys_dlq(shard, other, other_dlq, sizeof other_dlq);
     assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
     assert_int_equal(apply_ops(key, dlq, 2, NULL, 2, NULL, 0, true), CQRS_APPLY_DEAD);
-    assert_int_equal(integer("ZSCORE cqrs:dlq:index %s", agg) > 0, 1);
+    char zs[CQRS_KEY_MAX + 64];
+    snprintf(zs, sizeof zs, "ZSCORE %s %s", dlq_index, agg);
+    assert_int_equal(integer(zs, NULL) > 0, 1);
     assert_int_equal(apply(3, "{\"v\":3}", 3), CQRS_APPLY_HELD);
     expect_doc(key, 1, "{\"v\":1}");
     /* another aggregate on the same partition goes on */
@@ -213,16 +234,20 @@ static void test_dead_letter_holds_back_its_aggregate_only(void **state)
 static void test_lost_store_is_detected(void **state)
 {
     (void)state;
-    freeReplyObject(redisdb_cmd(url, "DEL " CQRS_META_KEY, NULL));
+    freeReplyObject(redisdb_cmd(url, "DEL %s", meta));
     assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_RESET);
     int64_t v;
     cqrs_error_t err;
     assert_int_equal(cqrs_docstore_get(ds, key, NULL, &v, &err), CQRS_ERR_NOT_FOUND);
-    assert_int_equal(cqrs_docstore_offset(ds, offsets, 0, &v, &err), CQRS_ERR_NOT_FOUND);
+    assert_int_equal(cqrs_docstore_offset(ds, shard, 0, &v, &err), CQRS_ERR_NOT_FOUND);
     char before[CQRS_INCARNATION_LEN + 1];
     snprintf(before, sizeof before, "%s", incarnation);
-    assert_int_equal(cqrs_docstore_ensure_meta(ds, incarnation, &err), CQRS_ERR_OK);
+    int64_t stored = 0;
+    assert_int_equal(cqrs_docstore_shard_open(ds, shard, 0, incarnation, &stored, &err),
+                     CQRS_ERR_OK);
     assert_string_not_equal(incarnation, before); /* a new store, a new incarnation */
+    assert_int_equal(stored, -1);
+    written = -1;
     assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
 }
 
@@ -235,14 +260,16 @@ static void test_other_incarnation_is_refused(void **state)
     assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
     char mine[CQRS_INCARNATION_LEN + 1];
     snprintf(mine, sizeof mine, "%s", incarnation);
-    freeReplyObject(redisdb_cmd(url, "HSET " CQRS_META_KEY " incarnation someone-else", NULL));
+    freeReplyObject(redisdb_cmd(url, "HSET %s incarnation someone-else", meta));
     assert_int_equal(apply(2, "{\"v\":2}", 2), CQRS_APPLY_RESET);
     expect_doc(key, 1, "{\"v\":1}");
     assert_int_equal(offset(), 1);
     /* a gap would have been held as a dead letter: nothing is */
     assert_int_equal(apply(5, "{\"v\":5}", 3), CQRS_APPLY_RESET);
     assert_int_equal(integer("EXISTS %s", dlq), 0);
-    freeReplyObject(redisdb_cmd(url, "HSET " CQRS_META_KEY " incarnation %s", mine));
+    char restore[CQRS_KEY_MAX + 64];
+    snprintf(restore, sizeof restore, "HSET %s incarnation %%s", meta);
+    freeReplyObject(redisdb_cmd(url, restore, mine));
 }
 
 /* Issue 16, defect 3: a store that lost its last writes (an asynchronous failover, a restart
@@ -288,7 +315,7 @@ static void test_document_of_another_base_is_refused(void **state)
                       .dlq_key = dlq,
                       .aggregate_id = agg,
                       .blob = "{}",
-                      .offsets_key = offsets,
+                      .shard = shard,
                       .next_offset = 2,
                       .incarnation = incarnation,
                       .offset_mode = CQRS_OFFSET_EXPECT,
@@ -318,8 +345,9 @@ static void test_document_of_another_base_is_refused(void **state)
 static void test_undecodable_records_its_offset(void **state)
 {
     (void)state;
-    freeReplyObject(redisdb_cmd(url, "DEL " CQRS_UNDECODABLE_KEY, NULL));
-    cqrs_apply_t a = {.offsets_key = offsets,
+    char llen[CQRS_KEY_MAX + 64];
+    snprintf(llen, sizeof llen, "LLEN %s", undecodable);
+    cqrs_apply_t a = {.shard = shard,
                       .partition = 0,
                       .next_offset = 8,
                       .blob = "{\"payload\":\"junk\"}",
@@ -331,11 +359,11 @@ static void test_undecodable_records_its_offset(void **state)
     assert_int_equal(cqrs_docstore_undecodable(ds, &a, &res, &err), CQRS_ERR_OK);
     assert_int_equal(res, CQRS_APPLY_APPLIED);
     assert_int_equal(offset(), 8);
-    assert_int_equal(integer("LLEN " CQRS_UNDECODABLE_KEY, NULL), 1);
+    assert_int_equal(integer(llen, NULL), 1);
     /* a projector that does not know it was recorded (prev -1) is refused: not kept twice */
     assert_int_equal(cqrs_docstore_undecodable(ds, &a, &res, &err), CQRS_ERR_OK);
     assert_int_equal(res, CQRS_APPLY_OFFSET_MOVED);
-    assert_int_equal(integer("LLEN " CQRS_UNDECODABLE_KEY, NULL), 1);
+    assert_int_equal(integer(llen, NULL), 1);
 }
 
 /* Issue 16, defect 7: the rebuild's SWAPDB happens only while its pause is still in force. */
@@ -349,26 +377,120 @@ static void test_swap_refused_once_the_pause_lapsed(void **state)
     freeReplyObject(redisdb_cmd(url, "SET cqrs:itest:generation old", NULL));
     cqrs_error_t err;
     int64_t token = 0;
-    assert_int_equal(cqrs_docstore_pause_token(ds, 50, &token, &err), CQRS_ERR_OK);
+    const char *shards[] = {shard};
+    assert_int_equal(cqrs_docstore_pause_token(ds, shards, 1, 50, &token, &err), CQRS_ERR_OK);
     assert_true(token > 0);
     usleep(200 * 1000); /* a stall longer than the pause */
-    assert_int_equal(cqrs_docstore_swap_with(ds, 14, token, &err), CQRS_ERR_TIMEOUT);
+    assert_int_equal(cqrs_docstore_swap_with(ds, shards, 1, 14, token, &err), CQRS_ERR_TIMEOUT);
     redisReply *r = redisdb_cmd(url, "GET cqrs:itest:generation", NULL);
     assert_string_equal(r->str, "old");
     freeReplyObject(r);
     /* another pause than ours does not count either */
     int64_t theirs = 0;
-    assert_int_equal(cqrs_docstore_pause_token(ds, 10000, &theirs, &err), CQRS_ERR_OK);
-    assert_int_equal(cqrs_docstore_swap_with(ds, 14, token, &err), CQRS_ERR_TIMEOUT);
+    assert_int_equal(cqrs_docstore_pause_token(ds, shards, 1, 10000, &theirs, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_swap_with(ds, shards, 1, 14, token, &err), CQRS_ERR_TIMEOUT);
     /* within our pause it swaps */
-    assert_int_equal(cqrs_docstore_swap_with(ds, 14, theirs, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_swap_with(ds, shards, 1, 14, theirs, &err), CQRS_ERR_OK);
     r = redisdb_cmd(url, "GET cqrs:itest:generation", NULL);
     assert_string_equal(r->str, "new");
     freeReplyObject(r);
     /* put the test database back */
     freeReplyObject(redisdb_cmd(url, "SWAPDB 15 14", NULL));
-    assert_int_equal(cqrs_docstore_pause(ds, 0, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_pause(ds, shards, 1, 0, &err), CQRS_ERR_OK);
     freeReplyObject(redisdb_cmd(other, "FLUSHDB", NULL));
+}
+
+/* Issue 18: one shard that lost its data (a cluster node that came back empty) is a reset for
+ * its own partition only: another shard's writes go on under the incarnation they know. */
+static void test_a_lost_shard_resets_alone(void **state)
+{
+    (void)state;
+    assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
+    char other_shard[CQRS_SHARD_MAX], other_key[CQRS_KEY_MAX], other_dlq[CQRS_KEY_MAX];
+    char other_inc[CQRS_INCARNATION_LEN + 1], topic[64];
+    snprintf(topic, sizeof topic, "itest-%s", agg);
+    cqrs_keys_shard("cqrs", topic, 1, other_shard, sizeof other_shard);
+    cqrs_keys_doc(other_shard, agg, other_key, sizeof other_key);
+    cqrs_keys_dlq(other_shard, agg, other_dlq, sizeof other_dlq);
+    cqrs_error_t err;
+    int64_t stored = 0;
+    assert_int_equal(cqrs_docstore_shard_open(ds, other_shard, 1, other_inc, &stored, &err),
+                     CQRS_ERR_OK);
+    assert_string_not_equal(other_inc, incarnation);   /* each shard has its own */
+    freeReplyObject(redisdb_cmd(url, "DEL %s", meta)); /* shard 0 lost its data */
+    assert_int_equal(apply(2, "{\"v\":2}", 2), CQRS_APPLY_RESET);
+    cqrs_apply_t a = {.key = other_key,
+                      .version = 1,
+                      .json = "{\"o\":1}",
+                      .dlq_key = other_dlq,
+                      .aggregate_id = agg,
+                      .blob = "{}",
+                      .shard = other_shard,
+                      .partition = 1,
+                      .next_offset = 5,
+                      .incarnation = other_inc,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = -1,
+                      .base_version = 0};
+    cqrs_apply_result_t res = 99;
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    /* progress reads both in one round trip: shard 0 without incarnation, shard 1 at 5 */
+    const char *shards[] = {shard, other_shard};
+    int32_t parts[] = {0, 1};
+    char incs[2][CQRS_INCARNATION_LEN + 1];
+    int64_t offs[2];
+    assert_int_equal(cqrs_docstore_progress(ds, shards, parts, 2, incs, offs, &err), CQRS_ERR_OK);
+    assert_string_equal(incs[0], "");
+    assert_int_equal(offs[0], 1); /* the document and offset survive in this simulation */
+    assert_string_equal(incs[1], other_inc);
+    assert_int_equal(offs[1], 5);
+}
+
+/* The layout: recorded once per topic, never overwritten; readers cache it. */
+static void test_layout_is_recorded_once(void **state)
+{
+    (void)state;
+    char topic[64];
+    snprintf(topic, sizeof topic, "itest-%s", agg);
+    int32_t n = 0, rec = 0;
+    cqrs_error_t err;
+    assert_int_equal(cqrs_docstore_layout_get(ds, topic, &n, &err), CQRS_ERR_NOT_FOUND);
+    assert_int_equal(cqrs_docstore_partitions(ds, topic, &n, &err), CQRS_ERR_NOT_FOUND);
+    assert_int_equal(cqrs_docstore_layout_set(ds, topic, 6, &rec, &err), CQRS_ERR_OK);
+    assert_int_equal(rec, 6);
+    assert_int_equal(cqrs_docstore_layout_set(ds, topic, 12, &rec, &err), CQRS_ERR_OK);
+    assert_int_equal(rec, 6); /* the first count stays: a change is reported, not taken */
+    char sh[CQRS_SHARD_MAX], want[CQRS_SHARD_MAX];
+    assert_int_equal(cqrs_docstore_shard_of(ds, topic, agg, sh, sizeof sh, &err), CQRS_ERR_OK);
+    cqrs_keys_shard("cqrs", topic, cqrs_keys_partition(agg, 6), want, sizeof want);
+    assert_string_equal(sh, want);
+    /* cached: answers with the layout gone */
+    freeReplyObject(redisdb_cmd(url, "DEL cqrs:layout", NULL));
+    assert_int_equal(cqrs_docstore_partitions(ds, topic, &n, &err), CQRS_ERR_OK);
+    assert_int_equal(n, 6);
+}
+
+/* Lists of several shards in one round trip, each from a cursor. */
+static void test_range_many(void **state)
+{
+    (void)state;
+    freeReplyObject(redisdb_cmd(url, "ZADD %s 0 a 0 c 0 e", idx_a));
+    freeReplyObject(redisdb_cmd(url, "ZADD %s 0 b 0 d", idx_b));
+    const char *keys[] = {idx_a, idx_b, idx_c};
+    char **members[3];
+    size_t counts[3];
+    cqrs_error_t err;
+    assert_int_equal(cqrs_docstore_range_many(ds, keys, 3, "a", 2, members, counts, &err),
+                     CQRS_ERR_OK);
+    assert_int_equal(counts[0], 2);
+    assert_string_equal(members[0][0], "c");
+    assert_string_equal(members[0][1], "e");
+    assert_int_equal(counts[1], 2);
+    assert_string_equal(members[1][0], "b");
+    assert_int_equal(counts[2], 0);
+    for (int i = 0; i < 3; i++)
+        cqrs_docstore_strings_free(members[i], counts[i]);
 }
 
 static void test_script_cache_flush_is_survived(void **state)
@@ -392,7 +514,7 @@ static void test_unreachable_redis_is_unavailable(void **state)
     int64_t v;
     assert_int_equal(cqrs_docstore_get(dead, "k", NULL, &v, &err), CQRS_ERR_UNAVAILABLE);
     cqrs_apply_result_t res;
-    cqrs_apply_t a = {.key = "k", .version = 1, .json = "{}", .dlq_key = "d", .offsets_key = "o"};
+    cqrs_apply_t a = {.key = "k", .version = 1, .json = "{}", .dlq_key = "d", .shard = "{s}:"};
     assert_int_equal(cqrs_docstore_apply(dead, &a, &res, &err), CQRS_ERR_UNAVAILABLE);
     cqrs_docstore_destroy(dead);
 }
@@ -401,6 +523,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_absent_document, fresh_keys),
+        cmocka_unit_test_setup(test_a_lost_shard_resets_alone, fresh_keys),
+        cmocka_unit_test_setup(test_layout_is_recorded_once, fresh_keys),
+        cmocka_unit_test_setup(test_range_many, fresh_keys),
         cmocka_unit_test_setup(test_document_index_and_offset_change_together, fresh_keys),
         cmocka_unit_test_setup(test_duplicates_are_skipped, fresh_keys),
         cmocka_unit_test_setup(test_gap_is_held_not_papered_over, fresh_keys),

@@ -31,12 +31,39 @@ static cqrs_redis_config_t redis; /* the environment's Redis settings with url *
 static rd_kafka_t *producer;
 
 /* The test projection: a counter per aggregate. */
-static bool counter_key(const cqrs_event_t *ev, char *out, size_t cap)
+static bool counter_knows(const cqrs_event_t *ev)
 {
-    if (strcmp(ev->aggregate_type, "counter") != 0)
-        return false;
-    snprintf(out, cap, "cqrs:itest:counter:{%s}", ev->aggregate_id);
-    return true;
+    return strcmp(ev->aggregate_type, "counter") == 0;
+}
+
+/* The shard of an aggregate (the test topic has 3 partitions; the producer partitions by
+ * murmur2, as the relay does) and keys in it. */
+static void shard_of(const char *agg, char *out, size_t cap)
+{
+    cqrs_keys_shard("cqrs", topic, cqrs_keys_partition(agg, 3), out, cap);
+}
+
+static void doc_of(const char *agg, char *out, size_t cap)
+{
+    char shard[CQRS_SHARD_MAX];
+    shard_of(agg, shard, sizeof shard);
+    cqrs_keys_doc(shard, agg, out, cap);
+}
+
+/* The sum over the topic's 3 shards of an integer command on a family of each ("LLEN %s"). */
+static long long over_shards(const char *fmt, const char *family)
+{
+    long long total = 0;
+    for (int p = 0; p < 3; p++) {
+        char shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX];
+        cqrs_keys_shard("cqrs", topic, p, shard, sizeof shard);
+        cqrs_keys_in(shard, family, key, sizeof key);
+        redisReply *r = redisdb_cmd(url, fmt, key);
+        if (r && r->type == REDIS_REPLY_INTEGER)
+            total += r->integer;
+        freeReplyObject(r);
+    }
+    return total;
 }
 
 static cqrs_err_t counter_apply(const json_t *doc, const cqrs_event_t *ev, json_t **next,
@@ -50,7 +77,7 @@ static cqrs_err_t counter_apply(const json_t *doc, const cqrs_event_t *ev, json_
     return CQRS_ERR_OK;
 }
 
-static const cqrs_projection_t counter = {counter_key, counter_apply, NULL, NULL};
+static const cqrs_projection_t counter = {counter_knows, counter_apply, NULL, NULL};
 
 static int setup(void **state)
 {
@@ -61,7 +88,8 @@ static int setup(void **state)
     redis = redisdb_config(url);
     freeReplyObject(redisdb_cmd(url, "FLUSHDB", NULL));
     cqrs_error_t err;
-    static const char *const own[][2] = {{"enable.idempotence", "true"}, {NULL, NULL}};
+    static const char *const own[][2] = {
+        {"enable.idempotence", "true"}, {"partitioner", "murmur2_random"}, {NULL, NULL}};
     rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "itest-producer", own, &err);
     producer = conf ? cqrs_bus_client_new(RD_KAFKA_PRODUCER, conf, "producer", &err) : NULL;
     return producer ? 0 : -1;
@@ -133,8 +161,8 @@ static cqrs_projector_t *start_projector(void)
 /* The counter document of agg: n and version (-1 when absent). */
 static void counter_of(const char *agg, long long *n, long long *version)
 {
-    char key[96];
-    snprintf(key, sizeof key, "cqrs:itest:counter:{%s}", agg);
+    char key[CQRS_KEY_MAX];
+    doc_of(agg, key, sizeof key);
     redisReply *r = redisdb_cmd(url, "HGET %s json", key);
     *n = *version = -1;
     if (r && r->type == REDIS_REPLY_STRING) {
@@ -179,20 +207,35 @@ static void test_events_reach_documents_in_order(void **state)
     cqrs_projector_stats(p, &st);
     assert_int_equal(st.applied, 15);
     assert_int_equal(st.dead_letters, 0);
-    /* Redis recorded, per partition, the offset after the last applied event. */
-    char key[160];
-    cqrs_projector_offsets_key(topic, key, sizeof key);
-    redisReply *r = redisdb_cmd(url, "HVALS %s", key);
+    /* Redis recorded, per partition, in its shard, the offset after the last applied event. */
     long long total = 0;
-    for (size_t i = 0; r && i < r->elements; i++)
-        total += atoll(r->element[i]->str);
-    freeReplyObject(r);
+    for (int part = 0; part < 3; part++) {
+        char shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX], field[12];
+        cqrs_keys_shard("cqrs", topic, part, shard, sizeof shard);
+        cqrs_keys_in(shard, CQRS_SHARD_OFFSETS, key, sizeof key);
+        char cmd[CQRS_KEY_MAX + 32];
+        snprintf(field, sizeof field, "%d", part);
+        snprintf(cmd, sizeof cmd, "HGET %s %%s", key);
+        redisReply *r = redisdb_cmd(url, cmd, field);
+        if (r && r->type == REDIS_REPLY_STRING)
+            total += atoll(r->str);
+        freeReplyObject(r);
+    }
     assert_int_equal(total, 15);
+    /* and the topic's partition count, where readers find an aggregate's shard */
+    redisReply *r = redisdb_cmd(url, "HGET cqrs:layout %s", topic);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "3");
+    freeReplyObject(r);
 
     /* Offsets moved backwards: everything is delivered again, and no document changes. */
     cqrs_projector_destroy(p);
-    r = redisdb_cmd(url, "DEL %s", key);
-    freeReplyObject(r);
+    for (int part = 0; part < 3; part++) {
+        char shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX];
+        cqrs_keys_shard("cqrs", topic, part, shard, sizeof shard);
+        cqrs_keys_in(shard, CQRS_SHARD_OFFSETS, key, sizeof key);
+        freeReplyObject(redisdb_cmd(url, "DEL %s", key));
+    }
     p = start_projector();
     WAIT_STATS(p, st, st.duplicates == 15);
     assert_int_equal(st.duplicates, 15);
@@ -233,8 +276,10 @@ static void test_dead_letter_holds_back_only_its_aggregate(void **state)
     counter_of(bad, &n, &v);
     assert_int_equal(v, 1);
     /* The dead letter keeps the whole event and the reason, the parked one waits with it. */
-    char dlq[96];
-    cqrs_projector_dlq_key(bad, dlq, sizeof dlq);
+    char dlq[CQRS_KEY_MAX], bad_shard[CQRS_SHARD_MAX], index[CQRS_KEY_MAX];
+    shard_of(bad, bad_shard, sizeof bad_shard);
+    cqrs_keys_dlq(bad_shard, bad, dlq, sizeof dlq);
+    cqrs_keys_in(bad_shard, CQRS_SHARD_DLQ_INDEX, index, sizeof index);
     redisReply *r = redisdb_cmd(url, "HGET %s 2:reason", dlq);
     assert_non_null(r);
     assert_int_equal(r->type, REDIS_REPLY_STRING);
@@ -248,7 +293,9 @@ static void test_dead_letter_holds_back_only_its_aggregate(void **state)
     assert_non_null(json_object_get(blob, "offset"));
     json_decref(blob);
     freeReplyObject(r);
-    r = redisdb_cmd(url, "ZSCORE cqrs:dlq:index %s", bad);
+    char zscore[CQRS_KEY_MAX + 32];
+    snprintf(zscore, sizeof zscore, "ZSCORE %s %%s", index);
+    r = redisdb_cmd(url, zscore, bad);
     assert_int_equal(r->type, REDIS_REPLY_STRING);
     freeReplyObject(r);
 
@@ -263,9 +310,7 @@ static void test_dead_letter_holds_back_only_its_aggregate(void **state)
     assert_true(wait_counter(good, 6, 3));
     cqrs_projector_stats(p, &st);
     assert_int_equal(st.undecodable, 1);
-    r = redisdb_cmd(url, "LLEN cqrs:dlq:undecodable", NULL);
-    assert_int_equal(r->integer, 1);
-    freeReplyObject(r);
+    assert_int_equal(over_shards("LLEN %s", CQRS_SHARD_UNDECODABLE), 1);
     cqrs_projector_destroy(p);
 }
 
@@ -322,7 +367,7 @@ static void snapshot_restore(snapshot_t *s)
 
 static long long dlq_keys(void)
 {
-    redisReply *r = redisdb_cmd(url, "KEYS cqrs:dlq:*", NULL);
+    redisReply *r = redisdb_cmd(url, "KEYS *}:dlq:*", NULL);
     long long n = r ? (long long)r->elements : -1;
     freeReplyObject(r);
     return n;
@@ -365,7 +410,7 @@ static void test_store_rolled_back_is_refilled(void **state)
         cqrs_projector_stats(p, &st);
         seen_refilling = seen_refilling || st.refilling > 0;
         /* marked in Redis too, where serving-only instances' readiness reads it */
-        redisReply *h = redisdb_cmd(url, "HLEN " CQRS_REFILL_KEY, NULL);
+        redisReply *h = redisdb_cmd(url, "HLEN cqrs:refill", NULL);
         seen_mark = seen_mark || (h && h->type == REDIS_REPLY_INTEGER && h->integer > 0);
         freeReplyObject(h);
         usleep(10 * 1000);
@@ -386,7 +431,7 @@ static void test_store_rolled_back_is_refilled(void **state)
     assert_true(wait_counter(a[1], 15, 11));
     WAIT_STATS(p, st, st.refilling == 0);
     assert_int_equal(st.refilling, 0);
-    redisReply *h = redisdb_cmd(url, "HLEN " CQRS_REFILL_KEY, NULL);
+    redisReply *h = redisdb_cmd(url, "HLEN cqrs:refill", NULL);
     assert_int_equal(h->integer, 0);
     freeReplyObject(h);
     cqrs_projector_destroy(p);
@@ -484,7 +529,7 @@ static void test_undecodable_is_kept_once(void **state)
     (void)state;
     char agg[37];
     cqrs_uuid_v4(agg);
-    freeReplyObject(redisdb_cmd(url, "DEL cqrs:dlq:undecodable", NULL));
+    /* the topic is new: no shard of it holds any undecodable message */
     produce(agg, 1, "counter.incremented.v1", 1);
     assert_int_equal(rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(topic),
                                        RD_KAFKA_V_KEY(agg, strlen(agg)),
@@ -498,9 +543,7 @@ static void test_undecodable_is_kept_once(void **state)
             assert_true(wait_counter(agg, 1, 1));
         wait_caught_up(p);
         cqrs_projector_destroy(p);
-        redisReply *r = redisdb_cmd(url, "LLEN cqrs:dlq:undecodable", NULL);
-        assert_int_equal(r->integer, 1);
-        freeReplyObject(r);
+        assert_int_equal(over_shards("LLEN %s", CQRS_SHARD_UNDECODABLE), 1);
     }
 }
 
@@ -515,11 +558,11 @@ static void test_document_moved_by_dlq_retry_is_recomputed(void **state)
 #ifndef CQRS_ENABLE_FAILPOINTS
     fail_msg("needs a build with -DCQRS_ENABLE_FAILPOINTS=ON (tests/run.sh makes one)");
 #endif
-    char agg[37], key[96], dlq[96], okey[160];
+    char agg[37], key[CQRS_KEY_MAX], dlq[CQRS_KEY_MAX], shard[CQRS_SHARD_MAX];
     cqrs_uuid_v4(agg);
-    snprintf(key, sizeof key, "cqrs:itest:counter:{%s}", agg);
-    cqrs_projector_dlq_key(agg, dlq, sizeof dlq);
-    cqrs_projector_offsets_key(topic, okey, sizeof okey);
+    shard_of(agg, shard, sizeof shard);
+    cqrs_keys_doc(shard, agg, key, sizeof key);
+    cqrs_keys_dlq(shard, agg, dlq, sizeof dlq);
     cqrs_projector_t *p = start_projector();
     produce(agg, 1, "counter.incremented.v1", 1);
     produce(agg, 2, "counter.exploded.v1", 1);    /* dead letter */
@@ -541,13 +584,14 @@ static void test_document_moved_by_dlq_retry_is_recomputed(void **state)
                           .dlq_key = dlq,
                           .aggregate_id = agg,
                           .blob = "{}",
-                          .offsets_key = okey,
+                          .shard = shard,
                           .base_version = v - 1};
         cqrs_apply_result_t res;
         assert_int_equal(cqrs_docstore_apply_held(ds, &a, &res, &err), CQRS_ERR_OK);
         assert_int_equal(res, CQRS_APPLY_APPLIED);
         bool released = false;
-        assert_int_equal(cqrs_docstore_dlq_remove(ds, dlq, agg, v, &released, &err), CQRS_ERR_OK);
+        assert_int_equal(cqrs_docstore_dlq_remove(ds, shard, dlq, agg, v, &released, &err),
+                         CQRS_ERR_OK);
         assert_int_equal(released, v == 3);
     }
     cqrs_docstore_destroy(ds);

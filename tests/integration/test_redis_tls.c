@@ -115,7 +115,7 @@ static redisContext *admin_connect(const server_t *s)
     snprintf(key, sizeof key, "%s/client.key", pki);
     /* the wrong server's certificate is not for 127.0.0.1: ask for the name it has */
     char name[] = "not-this-host.invalid", none[] = "";
-    cqrs_redis_config_t c = {url, admin_password, ca, cert, key, s == &wrong ? name : none};
+    cqrs_redis_config_t c = {url, admin_password, ca, cert, key, s == &wrong ? name : none, NULL};
     cqrs_redis_target_t t;
     cqrs_error_t err;
     redisContext *ctx = NULL;
@@ -235,7 +235,7 @@ static void settings_for(settings_t *s, const server_t *srv, const char *host)
 
 static cqrs_redis_config_t config_of(settings_t *s)
 {
-    return (cqrs_redis_config_t){s->url, s->password, s->ca, s->cert, s->key, s->name};
+    return (cqrs_redis_config_t){s->url, s->password, s->ca, s->cert, s->key, s->name, NULL};
 }
 
 /* Connects as s says: the context (caller frees) or NULL with the reason in err. */
@@ -302,25 +302,26 @@ static void on_other(void *ud)
 
 /* The docstore and the change feed over TLS as the ACL user: an apply, a read, the
  * announcement. */
-/* Version 1 of aggregate `id`, applied as the first offset of its own offsets key (the store's
+/* Version 1 of aggregate `id`, applied as the first offset of a shard of its own (the shard's
  * incarnation learnt first); the document's key into key. */
 static void apply_first(cqrs_docstore_t *ds, const char *id, const char *json, char *key,
                         size_t cap)
 {
     cqrs_error_t err;
-    char inc[CQRS_INCARNATION_LEN + 1], dlq[96], offsets[96];
-    if (cqrs_docstore_ensure_meta(ds, inc, &err) != CQRS_ERR_OK)
-        fail_msg("ensure_meta: %s", err.message);
-    snprintf(key, cap, "cqrs:itest:doc:{%s}", id);
-    snprintf(dlq, sizeof dlq, "cqrs:dlq:{%s}", id);
-    snprintf(offsets, sizeof offsets, "cqrs:itest:offsets:{%s}", id);
+    char inc[CQRS_INCARNATION_LEN + 1], dlq[CQRS_KEY_MAX], shard[CQRS_SHARD_MAX], topic[64];
+    snprintf(topic, sizeof topic, "itest-%s", id);
+    cqrs_keys_shard("cqrs", topic, 0, shard, sizeof shard);
+    if (cqrs_docstore_shard_open(ds, shard, 0, inc, NULL, &err) != CQRS_ERR_OK)
+        fail_msg("shard_open: %s", err.message);
+    cqrs_keys_doc(shard, id, key, cap);
+    cqrs_keys_dlq(shard, id, dlq, sizeof dlq);
     cqrs_apply_t a = {.key = key,
                       .version = 1,
                       .json = json,
                       .dlq_key = dlq,
                       .aggregate_id = id,
                       .blob = "{}",
-                      .offsets_key = offsets,
+                      .shard = shard,
                       .partition = 0,
                       .next_offset = 1,
                       .incarnation = inc,
@@ -354,7 +355,7 @@ static void test_docstore_over_tls_as_the_acl_user(void **state)
     }
     assert_true(st.connected);
 
-    char agg[CQRS_UUID_LEN + 1], key[96];
+    char agg[CQRS_UUID_LEN + 1], key[CQRS_KEY_MAX];
     cqrs_uuid_v4(agg);
     apply_first(ds, agg, "{\"over\":\"tls\"}", key, sizeof key);
     char *json = NULL;
@@ -623,7 +624,7 @@ static bool apply_survives_a_restart(server_t *s)
     cqrs_error_t err;
     cqrs_docstore_t *ds = cqrs_docstore_new(&c, 2000, &err);
     assert_non_null(ds);
-    char key[96];
+    char key[CQRS_KEY_MAX];
     apply_first(ds, "aof", "{\"kept\":true}", key, sizeof key);
     cqrs_docstore_destroy(ds);
     server_stop(s); /* SIGTERM: the AOF is flushed */
@@ -675,7 +676,7 @@ static void test_the_stacks_redis(void **state)
     }
     cqrs_docstore_t *ds = cqrs_docstore_new(&c, 2000, &err);
     assert_non_null(ds);
-    char key[96];
+    char key[CQRS_KEY_MAX];
     apply_first(ds, "stack", "{\"on\":\"the stack\"}", key, sizeof key);
     int64_t v = 0;
     assert_int_equal(cqrs_docstore_get(ds, key, NULL, &v, &err), CQRS_ERR_OK);

@@ -23,6 +23,7 @@
 
 #include <cqrs/config.h>
 #include <cqrs/docstore.h>
+#include <cqrs/keyspace.h>
 #include <cqrs/redis.h>
 
 static cqrs_redis_config_t redisdb_env_config;
@@ -161,6 +162,34 @@ static inline redisReply *redisdb_cmd(const char *url, const char *fmt, const ch
     redisReply *r = arg ? redisCommand(c, fmt, arg) : redisCommand(c, fmt);
     redisFree(c);
     return r;
+}
+
+/* The shard of an aggregate of type in the read model at url (keyspace.h; default prefix
+ * "cqrs"): its topic "<topic_prefix>.<type>.events" has the partition count the projector
+ * recorded in cqrs:layout. 0, or -1 when none is recorded. */
+static inline int redisdb_shard(const char *url, const char *topic_prefix, const char *type,
+                                const char *id, char *shard, size_t cap)
+{
+    char topic[256];
+    snprintf(topic, sizeof topic, "%s.%s.events", topic_prefix, type);
+    redisReply *r = redisdb_cmd(url, "HGET cqrs:layout %s", topic);
+    int n = r && r->type == REDIS_REPLY_STRING ? atoi(r->str) : 0;
+    freeReplyObject(r);
+    if (n <= 0)
+        return -1;
+    cqrs_keys_shard("cqrs", topic, cqrs_keys_partition(id, n), shard, cap);
+    return 0;
+}
+
+/* The key of an aggregate's document (cap ≥ CQRS_KEY_MAX); -1 as redisdb_shard. */
+static inline int redisdb_doc_key(const char *url, const char *topic_prefix, const char *type,
+                                  const char *id, char *out, size_t cap)
+{
+    char shard[CQRS_SHARD_MAX];
+    if (redisdb_shard(url, topic_prefix, type, id, shard, sizeof shard) != 0)
+        return -1;
+    cqrs_keys_doc(shard, id, out, cap);
+    return 0;
 }
 
 #endif

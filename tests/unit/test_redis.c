@@ -136,8 +136,8 @@ static cqrs_err_t target(const char *url, const char *password, const char *ca, 
                          const char *key, const char *name, cqrs_redis_target_t *t,
                          cqrs_error_t *err)
 {
-    cqrs_redis_config_t c = {(char *)url,  (char *)password, (char *)ca,
-                             (char *)cert, (char *)key,      (char *)name};
+    cqrs_redis_config_t c = {(char *)url, (char *)password, (char *)ca, (char *)cert,
+                             (char *)key, (char *)name,     NULL};
     cqrs_err_t rc = cqrs_redis_target_init(t, &c, err);
     if (rc != CQRS_ERR_OK)
         cqrs_redis_target_close(t);
@@ -214,8 +214,9 @@ static void test_bad_combinations_name_the_setting(void **state)
         if (strstr(err.message, SECRET))
             fail_msg("case %zu quotes the password: %s", i, err.message);
         /* cqrs_redis_config_check refuses the same */
-        cqrs_redis_config_t c = {(char *)b->url,  (char *)b->password, (char *)b->ca,
-                                 (char *)b->cert, (char *)b->key,      (char *)b->name};
+        cqrs_redis_config_t c = {
+            (char *)b->url, (char *)b->password, (char *)b->ca, (char *)b->cert,
+            (char *)b->key, (char *)b->name,     NULL};
         assert_int_equal(cqrs_redis_config_check(&c, &err), CQRS_ERR_CONFIG);
     }
 }
@@ -226,7 +227,7 @@ static void test_unreadable_tls_files_are_configuration_errors(void **state)
     (void)state;
     cqrs_error_t err;
     char url[] = "rediss://h", none[] = "/nonexistent/ca.pem", empty[] = "";
-    cqrs_redis_config_t c = {url, empty, none, empty, empty, empty};
+    cqrs_redis_config_t c = {url, empty, none, empty, empty, empty, NULL};
     assert_int_equal(cqrs_redis_config_check(&c, &err), CQRS_ERR_CONFIG);
     assert_non_null(strstr(err.message, "CQRS_REDIS_TLS_CA_FILE: cannot read /nonexistent/ca.pem: "
                                         "No such file or directory"));
@@ -244,8 +245,35 @@ static void test_unreadable_tls_files_are_configuration_errors(void **state)
     assert_non_null(strstr(err.message, "CQRS_REDIS_TLS_CERT_FILE: cannot read"));
     /* plain text needs no files at all */
     char plain[] = "redis://h";
-    cqrs_redis_config_t p = {plain, NULL, NULL, NULL, NULL, NULL};
+    cqrs_redis_config_t p = {plain, NULL, NULL, NULL, NULL, NULL, NULL};
     assert_int_equal(cqrs_redis_config_check(&p, &err), CQRS_ERR_OK);
+}
+
+/* CQRS_REDIS_PREFIX: unset means "cqrs"; anything that could break a key or a hash tag (":",
+ * "{", "}", spaces, glob characters) or is too long is a configuration error. */
+static void test_key_prefix_is_checked(void **state)
+{
+    (void)state;
+    cqrs_error_t err;
+    cqrs_redis_target_t t;
+    char url[] = "redis://h";
+    cqrs_redis_config_t c = {url, NULL, NULL, NULL, NULL, NULL, NULL};
+    assert_int_equal(cqrs_redis_target_init(&t, &c, &err), CQRS_ERR_OK);
+    assert_string_equal(t.prefix, "cqrs");
+    cqrs_redis_target_close(&t);
+    char good[] = "shop-eu_1.prod";
+    c.prefix = good;
+    assert_int_equal(cqrs_redis_target_init(&t, &c, &err), CQRS_ERR_OK);
+    assert_string_equal(t.prefix, good);
+    cqrs_redis_target_close(&t);
+    const char *bad[] = {"a:b", "a{b", "a}b",  "a b",
+                         "a*",  "a?",  "a[b]", "123456789012345678901234567890123"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        c.prefix = (char *)bad[i];
+        assert_int_equal(cqrs_redis_target_init(&t, &c, &err), CQRS_ERR_CONFIG);
+        assert_non_null(strstr(err.message, "CQRS_REDIS_PREFIX"));
+        cqrs_redis_target_close(&t);
+    }
 }
 
 int main(void)
@@ -258,6 +286,7 @@ int main(void)
         cmocka_unit_test(test_tls_settings_are_kept),
         cmocka_unit_test(test_bad_combinations_name_the_setting),
         cmocka_unit_test(test_unreadable_tls_files_are_configuration_errors),
+        cmocka_unit_test(test_key_prefix_is_checked),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

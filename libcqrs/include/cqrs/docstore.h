@@ -1,5 +1,9 @@
 /* docstore.h — the read model in Redis: versioned documents and per-partition applied offsets.
  *
+ * Keys are named by keyspace.h: every write of an event touches one shard (its partition's)
+ * only — its document, index entries, offset, meta and dead letters — so it is one script on
+ * one slot of a Redis Cluster.
+ *
  * A document is a hash {v: version, json: document}. cqrs_docstore_apply runs one Lua script
  * that, atomically, writes the document only when its version is exactly the stored version + 1
  * and records the partition's applied offset with it. The script is loaded once per connection
@@ -16,16 +20,19 @@
 #include <stdint.h>
 
 #include "cqrs/err.h"
+#include "cqrs/keyspace.h"
 #include "cqrs/redis.h"
 
 typedef struct cqrs_docstore cqrs_docstore_t;
 typedef struct cqrs_docstore_pool cqrs_docstore_pool_t;
 
-/* Every applied document is announced with PUBLISH on the change channel of its database,
- * "cqrs:changes:<db>", as "<document key> <version>"; "*" means the store was found empty (a
- * listener must forget what it knew). See changefeed.h. */
-#define CQRS_CHANGES_CHANNEL_PREFIX "cqrs:changes:"
-void cqrs_docstore_channel(const cqrs_redis_addr_t *addr, char *out, size_t cap);
+/* Every applied document is announced with PUBLISH on the change channel of its deployment
+ * and database, "<prefix>:changes:<db>", as "<document key> <version>"; "*" means a shard was
+ * found empty (a listener must forget what it knew). See changefeed.h. */
+void cqrs_docstore_channel(const char *prefix, int db, char *out, size_t cap);
+
+/* The deployment's key prefix (CQRS_REDIS_PREFIX; keyspace.h). */
+const char *cqrs_docstore_prefix(const cqrs_docstore_t *ds);
 
 /* Does not connect; the first call does (redis.h: TLS, AUTH, SELECT). redis is borrowed for
  * the call only. NULL with err on bad Redis settings. */
@@ -91,14 +98,12 @@ void cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const ch
                         double score, const char *member, const char *value);
 void cqrs_index_ops_free(cqrs_index_ops_t *ops);
 
-/* The meta hash: "incarnation" (a random id given to a store when it is found without one: a
- * fresh or emptied store, or a rebuild's new generation), "created", and "paused_until" while a
- * rebuild switches. Every projector remembers the incarnation it works on; a write that finds
- * another one (or none) is refused with RESET. */
-#define CQRS_META_KEY "cqrs:meta"
+/* Each shard's meta hash (keyspace.h): "incarnation" (a random id given to a shard when it is
+ * found without one: fresh or emptied — a cluster node that lost its data loses its shards'
+ * metas with them — or a rebuild's new generation), "created", and "paused_until" while a
+ * rebuild switches. Every projector remembers the incarnation of each shard it writes; a write
+ * that finds another one (or none) is refused with RESET. */
 #define CQRS_INCARNATION_LEN 36
-#define CQRS_DLQ_INDEX_KEY "cqrs:dlq:index"
-#define CQRS_UNDECODABLE_KEY "cqrs:dlq:undecodable"
 
 /* Everything one apply writes. Strings are borrowed for the call. */
 typedef struct cqrs_apply {
@@ -111,7 +116,7 @@ typedef struct cqrs_apply {
     const char *reason; /* why, for a dead letter (mode DEAD) */
     const cqrs_index_op_t *ops;
     size_t n_ops;
-    const char *offsets_key; /* hash partition → next offset */
+    const char *shard; /* the shard prefix (keyspace.h): its meta, offsets, dead-letter index */
     int32_t partition;
     int64_t next_offset; /* the offset after the event's message */
     /* The store incarnation the caller works on; NULL: any (only its presence is checked). */
@@ -140,22 +145,46 @@ cqrs_err_t cqrs_docstore_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a,
 cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                      cqrs_apply_result_t *result, cqrs_error_t *err);
 
-/* Gives the store an incarnation when it has none (a fresh, emptied or legacy store) and
- * writes the current one into incarnation (may be NULL) — NUL-terminated,
- * CQRS_INCARNATION_LEN + 1 bytes. */
-cqrs_err_t cqrs_docstore_ensure_meta(cqrs_docstore_t *ds, char *incarnation, cqrs_error_t *err);
+/* Gives a shard an incarnation when it has none (fresh or emptied) and writes the one in force
+ * into incarnation (may be NULL; CQRS_INCARNATION_LEN + 1 bytes) and, read in the same script,
+ * the partition's recorded offset into *offset (may be NULL; -1 when none). */
+cqrs_err_t cqrs_docstore_shard_open(cqrs_docstore_t *ds, const char *shard, int32_t partition,
+                                    char *incarnation, int64_t *offset, cqrs_error_t *err);
 
-/* The store's incarnation (NOT_FOUND when it has none) and, in the same round trip, the
- * recorded offsets of n partitions of one offsets hash (-1 where none). Read-only. */
-cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *offsets_key,
-                                  const int32_t *partitions, size_t n, char *incarnation,
-                                  int64_t *offsets, cqrs_error_t *err);
+/* For each of n shards, in one round trip (pipelined; per node on a cluster), atomically per
+ * shard: its incarnation ("" when it has none) and the recorded offset of partitions[i]
+ * (-1 when none). Read-only. */
+cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *const *shards,
+                                  const int32_t *partitions, size_t n,
+                                  char (*incarnations)[CQRS_INCARNATION_LEN + 1], int64_t *offsets,
+                                  cqrs_error_t *err);
 
-/* Partitions re-reading what the store lost: hash CQRS_REFILL_KEY, "<topic>:<partition>" →
+/* The partition count of a topic as the projector recorded it in <prefix>:layout (how a reader
+ * finds an aggregate's shard); NOT_FOUND when none is recorded (nothing projected yet). */
+cqrs_err_t cqrs_docstore_layout_get(cqrs_docstore_t *ds, const char *topic, int32_t *partitions,
+                                    cqrs_error_t *err);
+/* The same, cached for the process (a topic's partition count never changes under a running
+ * deployment): Redis is read only until it is known. */
+cqrs_err_t cqrs_docstore_partitions(cqrs_docstore_t *ds, const char *topic, int32_t *partitions,
+                                    cqrs_error_t *err);
+/* The shard prefix of an aggregate of topic (keyspace.h) into shard (cap ≥ CQRS_SHARD_MAX);
+ * NOT_FOUND when no layout is recorded for the topic. */
+cqrs_err_t cqrs_docstore_shard_of(cqrs_docstore_t *ds, const char *topic, const char *aggregate_id,
+                                  char *shard, size_t cap, cqrs_error_t *err);
+/* Up to limit members after `after` (NULL: from the start) of each of n lexicographic indexes,
+ * in one round trip: members[i] (free each with cqrs_docstore_strings_free) holds counts[i]. */
+cqrs_err_t cqrs_docstore_range_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
+                                    const char *after, size_t limit, char ***members,
+                                    size_t *counts, cqrs_error_t *err);
+/* Records it unless one is recorded; *recorded gets the one in force (compare: a topic whose
+ * partition count changed moved its aggregates to other partitions). */
+cqrs_err_t cqrs_docstore_layout_set(cqrs_docstore_t *ds, const char *topic, int32_t partitions,
+                                    int32_t *recorded, cqrs_error_t *err);
+
+/* Partitions re-reading what the store lost: hash <prefix>:refill, "<topic>:<partition>" →
  * the offset the refill runs to. Written by the projector that found the loss, removed when it
  * got there; every cqrs-queryd's readiness reads it. A store emptied again loses the markers
  * with everything else (and the projector marks its partitions again). */
-#define CQRS_REFILL_KEY "cqrs:refill"
 cqrs_err_t cqrs_docstore_refill_set(cqrs_docstore_t *ds, const char *field, int64_t until,
                                     cqrs_error_t *err);
 /* NOT_FOUND when the partition is not refilling. */
@@ -165,10 +194,10 @@ cqrs_err_t cqrs_docstore_refill_clear(cqrs_docstore_t *ds, const char *field, cq
 /* How many partitions are refilling (one round trip; also a liveness check). */
 cqrs_err_t cqrs_docstore_refill_count(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err);
 
-/* Appends a message that could not even be decoded to the list "cqrs:dlq:undecodable" and
- * records a->next_offset for a->partition as the apply does (same store and offset checks;
- * only offsets_key, partition, next_offset, incarnation, offset_mode, prev_offset and blob
- * are used). *result: APPLIED, RESET or OFFSET_MOVED. */
+/* Appends a message that could not even be decoded to its shard's list <shard>dlq:undecodable
+ * and records a->next_offset for a->partition as the apply does (same store and offset checks;
+ * only shard, partition, next_offset, incarnation, offset_mode, prev_offset and blob are
+ * used). *result: APPLIED, RESET or OFFSET_MOVED. */
 cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                      cqrs_apply_result_t *result, cqrs_error_t *err);
 
@@ -213,8 +242,8 @@ cqrs_err_t cqrs_docstore_zcontains_many(cqrs_docstore_t *ds, const char *const *
 cqrs_err_t cqrs_docstore_zcard_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
                                     long long *counts, cqrs_error_t *err);
 
-/* Applied offset (next offset to read) of a partition; NOT_FOUND when none is stored. */
-cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *offsets_key, int32_t partition,
+/* Applied offset (next offset to read) of a partition in its shard; NOT_FOUND when none. */
+cqrs_err_t cqrs_docstore_offset(cqrs_docstore_t *ds, const char *shard, int32_t partition,
                                 int64_t *offset, cqrs_error_t *err);
 
 cqrs_docstore_pool_t *cqrs_docstore_pool_new(const cqrs_redis_config_t *redis, int timeout_ms,
@@ -226,8 +255,8 @@ void cqrs_docstore_pool_destroy(cqrs_docstore_pool_t *pool);
 
 /* ---- dead letters (cqrsctl dlq) ----------------------------------------------------------
  * An aggregate's dead letters live in one hash (version → the event as the projector stored
- * it, "<version>:reason" → why) indexed in CQRS_DLQ_INDEX_KEY (score: when it was first held,
- * ms). While the hash exists the apply script parks the aggregate's events in it. */
+ * it, "<version>:reason" → why) indexed in its shard's <shard>dlq:index (score: when it was
+ * first held, ms). While the hash exists the apply script parks the aggregate's events in it. */
 
 typedef struct cqrs_dead_letter {
     int64_t version;
@@ -235,10 +264,10 @@ typedef struct cqrs_dead_letter {
     char *reason; /* NULL when none was stored */
 } cqrs_dead_letter_t;
 
-/* The aggregates with dead letters, oldest first: *ids (free with cqrs_docstore_strings_free)
- * and *since_ms (free) hold *n entries. */
-cqrs_err_t cqrs_docstore_dlq_index(cqrs_docstore_t *ds, char ***ids, int64_t **since_ms, size_t *n,
-                                   cqrs_error_t *err);
+/* The aggregates of a shard with dead letters, oldest first: *ids (free with
+ * cqrs_docstore_strings_free) and *since_ms (free) hold *n entries. */
+cqrs_err_t cqrs_docstore_dlq_index(cqrs_docstore_t *ds, const char *shard, char ***ids,
+                                   int64_t **since_ms, size_t *n, cqrs_error_t *err);
 
 /* One aggregate's dead letters in version order (*n = 0 when none); free with
  * cqrs_docstore_dlq_free. */
@@ -256,7 +285,7 @@ cqrs_err_t cqrs_docstore_apply_held(cqrs_docstore_t *ds, const cqrs_apply_t *a,
 
 /* Removes one version (and its reason); when none is left the aggregate is released (its
  * hash is gone and it leaves the index) and *released is true. Atomic. */
-cqrs_err_t cqrs_docstore_dlq_remove(cqrs_docstore_t *ds, const char *dlq_key,
+cqrs_err_t cqrs_docstore_dlq_remove(cqrs_docstore_t *ds, const char *shard, const char *dlq_key,
                                     const char *aggregate_id, int64_t version, bool *released,
                                     cqrs_error_t *err);
 
@@ -266,12 +295,13 @@ cqrs_err_t cqrs_docstore_dlq_set_reason(cqrs_docstore_t *ds, const char *dlq_key
 
 /* Deletes all of an aggregate's dead letters and releases it; *dropped = how many versions.
  * Atomic. */
-cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *dlq_key,
+cqrs_err_t cqrs_docstore_dlq_drop(cqrs_docstore_t *ds, const char *shard, const char *dlq_key,
                                   const char *aggregate_id, size_t *dropped, cqrs_error_t *err);
 
-/* Length of the list of undecodable messages ("cqrs:dlq:undecodable"). */
-cqrs_err_t cqrs_docstore_undecodable_count(cqrs_docstore_t *ds, long long *count,
-                                           cqrs_error_t *err);
+/* For each of n shards, in one round trip: the aggregates its dead-letter index holds and the
+ * length of its list of undecodable messages (either array may be NULL). */
+cqrs_err_t cqrs_docstore_dlq_counts(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                                    long long *held, long long *undecodable, cqrs_error_t *err);
 
 /* ---- rebuilds (cqrsctl rebuild) ----
  * A rebuild writes a new generation of the read model into a scratch database of the same
@@ -292,6 +322,7 @@ typedef struct cqrs_dead_letter_put {
 /* One aggregate's final state for a bulk write: the document (json NULL: none), the index
  * changes, and events that could not be applied (dead letters, holding the aggregate). */
 typedef struct cqrs_bulk_doc {
+    const char *shard; /* of the aggregate (its dead-letter index) */
     const char *key;
     int64_t version;
     const char *json;
@@ -312,9 +343,11 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
 /* Reads every outstanding reply; the first error of the bulk writes since the last sync. */
 cqrs_err_t cqrs_docstore_bulk_sync(cqrs_docstore_t *ds, cqrs_error_t *err);
 
-/* Sets (until_ms > 0: for that many ms of the server's clock from now) or clears (0) the pause
- * the apply script honours. */
-cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, int64_t for_ms, cqrs_error_t *err);
+/* Sets (for_ms > 0: for that many ms of the server's clock from now) or clears (0) the pause
+ * the apply script honours, in the meta of each of n shards, in one script: a single Redis
+ * only (a rebuild's switch; keys of many slots). */
+cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                               int64_t for_ms, cqrs_error_t *err);
 
 /* Copies every key matching pattern (SCAN MATCH) from src to dst (DUMP/RESTORE REPLACE);
  * *copied counts them. src and dst are databases of the same server. */
@@ -323,19 +356,20 @@ cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, c
 
 /* Sets the pause like cqrs_docstore_pause and returns its deadline (the token the swap
  * checks) in *until_ms. */
-cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, int64_t for_ms, int64_t *until_ms,
-                                     cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                                     int64_t for_ms, int64_t *until_ms, cqrs_error_t *err);
 
-/* Sets the store's incarnation (a rebuild's new generation takes over the live one's, so the
+/* Sets a shard's incarnation (a rebuild's new generation takes over the live one's, so the
  * projectors go on without re-reading: it holds what they recorded). */
-cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *incarnation,
-                                         cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
+                                         const char *incarnation, cqrs_error_t *err);
 
 /* SWAPDB <ds's database> <other_db>, atomically only while the pause set with deadline
- * until_ms is still the one in force and still ahead in the server's clock: TIMEOUT (nothing
- * swapped) otherwise — so no live apply can have slipped in since the pause began. */
-cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, int other_db, int64_t until_ms,
-                                   cqrs_error_t *err);
+ * until_ms on the n shards is still the one in force on each and still ahead in the server's
+ * clock: TIMEOUT (nothing swapped) otherwise — so no live apply can have slipped in since the
+ * pause began. */
+cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, const char *const *shards, size_t n,
+                                   int other_db, int64_t until_ms, cqrs_error_t *err);
 /* PUBLISHes "*" on ds's change channel: listeners forget what they derived. */
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err);
 /* FLUSHDB ASYNC of ds's database. */
@@ -347,8 +381,9 @@ cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char *
 cqrs_err_t cqrs_docstore_string_set(cqrs_docstore_t *ds, const char *key, const char *value,
                                     cqrs_error_t *err);
 cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t *err);
-/* Adds an aggregate to the dead-letter index (held since since_ms) unless it is there. */
-cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *aggregate_id,
-                                       int64_t since_ms, cqrs_error_t *err);
+/* Adds an aggregate to its shard's dead-letter index (held since since_ms) unless it is there. */
+cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *shard,
+                                       const char *aggregate_id, int64_t since_ms,
+                                       cqrs_error_t *err);
 
 #endif

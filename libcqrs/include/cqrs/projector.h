@@ -12,10 +12,14 @@
  * its reason in Redis and holds back its own aggregate only (later events of that aggregate
  * are parked behind it); all other aggregates go on.
  *
- * Store loss: the projector remembers the store's incarnation (cqrs:meta) and each partition's
- * offset it recorded last, and every write checks both atomically (docstore.h). A store found
+ * Shards: each partition writes into its own shard of the read model (keyspace.h) — one slot
+ * of a Redis Cluster — and records each topic's partition count in the layout, so readers
+ * find an aggregate's shard.
+ *
+ * Store loss: the projector remembers each shard's incarnation (<shard>meta) and the offset it
+ * recorded there last, and every write checks both atomically (docstore.h). A shard found
  * emptied or replaced, or a partition whose offset went back (a failover to a replica that
- * missed writes), sends the partition back to the offset the store holds; an audit every
+ * missed writes), sends the partition back to the offset the shard holds; an audit every
  * second finds the same on partitions where nothing new arrives. While such a partition
  * re-reads up to the end it had when the loss was found, it counts as refilling (readiness
  * fails).
@@ -40,14 +44,16 @@ typedef struct cqrs_projector cqrs_projector_t;
 
 /* The domain part of a projection: pure functions. */
 typedef struct cqrs_projection {
-    /* Writes the key of the document ev changes; false when the aggregate type is unknown. */
-    bool (*doc_key)(const cqrs_event_t *ev, char *out, size_t cap);
+    /* Whether the projection knows ev's aggregate type (else: a dead letter). The document's
+     * key is the platform's: <shard>doc:<aggregate id> (keyspace.h). */
+    bool (*knows)(const cqrs_event_t *ev);
     /* The new document from the current one (NULL when none); INVALID → dead letter. */
     cqrs_err_t (*apply)(const json_t *doc, const cqrs_event_t *ev, json_t **next,
                         cqrs_error_t *err);
     /* Optional: the index changes from old (NULL when none) to next, written atomically with
-     * the document. key is the document's key. */
-    void (*index)(const char *key, const json_t *old, const json_t *next, cqrs_index_ops_t *ops);
+     * the document: keys of the shard only (shard is its prefix). key is the document's key. */
+    void (*index)(const char *shard, const char *aggregate_type, const char *key, const json_t *old,
+                  const json_t *next, cqrs_index_ops_t *ops);
     /* Optional: as apply, but the caller hands doc over (NULL or a reference no one else
      * holds): it may be changed in place and returned as *next. On failure doc is unchanged
      * and still the caller's. Rebuilds fold long histories with it without copying. */
@@ -85,12 +91,6 @@ typedef struct cqrs_projector_stats {
     uint64_t regressions; /* times a partition's offset in the store was found behind */
     unsigned refilling;   /* partitions re-reading what the store lost */
 } cqrs_projector_stats_t;
-
-/* Key of the Redis hash holding a topic's applied offsets: "cqrs:offsets:{<topic>}". */
-void cqrs_projector_offsets_key(const char *topic, char *out, size_t cap);
-
-/* Key of an aggregate's dead letters: "cqrs:dlq:{<aggregate id>}". */
-void cqrs_projector_dlq_key(const char *aggregate_id, char *out, size_t cap);
 
 cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_error_t *err);
 cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err);

@@ -49,12 +49,13 @@ typedef struct cqrs_redis_config {
     char *tls_cert_file;   /* client certificate (PEM, may hold the chain)… */
     char *tls_key_file;    /* …and its key: both or neither */
     char *tls_server_name; /* SNI and the name checked; unset: the URL's host */
+    char *prefix;          /* of every key of the read model (keyspace.h); unset: "cqrs" */
 } cqrs_redis_config_t;
 
 /* The Redis settings' rows of a daemon's config table (config.h), writing into CFG (an lvalue
  * of type cqrs_redis_config_t with static storage); URL_HELP is the daemon's own help line of
  * CQRS_REDIS_URL. One definition of the names, types and defaults for every table. */
-#define CQRS_REDIS_SETTINGS_N 6
+#define CQRS_REDIS_SETTINGS_N 7
 // clang-format off
 #define CQRS_REDIS_SETTINGS(CFG, URL_HELP)                                                         \
     {"CQRS_REDIS_URL", CQRS_CONFIG_SECRET, "redis://127.0.0.1:6379/0", 0, 0, URL_HELP,             \
@@ -71,7 +72,10 @@ typedef struct cqrs_redis_config {
      "rediss://: private key (PEM) of the client certificate", &(CFG).tls_key_file, NULL},        \
     {"CQRS_REDIS_TLS_SERVER_NAME", CQRS_CONFIG_STRING, "", 0, 0,                                   \
      "rediss://: name sent as SNI and required in the server's certificate; empty: the URL's"      \
-     " host", &(CFG).tls_server_name, NULL}
+     " host", &(CFG).tls_server_name, NULL},                                                      \
+    {"CQRS_REDIS_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,                                        \
+     "prefix of every key of the read model (1-32 of A-Z a-z 0-9 . _ -): deployments sharing a"    \
+     " Redis or a cluster each take their own", &(CFG).prefix, NULL}
 // clang-format on
 
 /* Everything a start-up can check without a server: the URL, the combination of settings
@@ -86,6 +90,7 @@ typedef struct cqrs_redis_target {
     cqrs_redis_addr_t addr;
     char server_name[256]; /* the name checked (and sent as SNI unless an IP address) */
     char *tls_ca_file, *tls_cert_file, *tls_key_file; /* NULL: unset */
+    char prefix[33];                                  /* keyspace.h; "cqrs" when unset */
 } cqrs_redis_target_t;
 
 /* Parses and checks the combination of settings (not the files: cqrs_redis_config_check). */

@@ -1,0 +1,89 @@
+/* test_keyspace.c — key names of the read model and the partition of an aggregate (keyspace.h).
+ *
+ * The shard of an aggregate must be the partition the relay's producer picks for its key, or
+ * a reader looks for a document in another shard than the projector wrote it to: checked
+ * against librdkafka's own murmur2 partitioner on many keys and partition counts.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <librdkafka/rdkafka.h>
+
+#include <cqrs/keyspace.h>
+#include <cqrs/util.h>
+
+static void test_partition_is_the_producers(void **state)
+{
+    (void)state;
+    static const int32_t counts[] = {1, 2, 3, 6, 7, 12, 16, 64, 1000};
+    for (int i = 0; i < 2000; i++) {
+        char id[CQRS_UUID_LEN + 1];
+        cqrs_uuid_v4(id);
+        if (i % 7 == 0) /* other lengths too: every tail length of the hash */
+            id[i % 36] = '\0';
+        for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+            int32_t want =
+                rd_kafka_msg_partitioner_murmur2(NULL, id, strlen(id), counts[c], NULL, NULL);
+            if (cqrs_keys_partition(id, counts[c]) != want)
+                fail_msg("key '%s' among %d: %d, librdkafka %d", id, counts[c],
+                         cqrs_keys_partition(id, counts[c]), want);
+        }
+    }
+    /* Kafka's reference value (Java Utils.murmur2("21") = -973932308) */
+    assert_int_equal((int32_t)cqrs_murmur2("21", 2), -973932308);
+}
+
+static void test_every_shard_key_carries_its_hash_tag(void **state)
+{
+    (void)state;
+    char shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX];
+    cqrs_keys_shard("cqrs", "cqrs.product.events", 3, shard, sizeof shard);
+    assert_string_equal(shard, "{cqrs:cqrs.product.events:3}:");
+    cqrs_keys_in(shard, CQRS_SHARD_META, key, sizeof key);
+    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:meta");
+    cqrs_keys_doc(shard, "80dd89dc-825b-49fd-bcf9-5526540bbf6f", key, sizeof key);
+    assert_string_equal(key,
+                        "{cqrs:cqrs.product.events:3}:doc:80dd89dc-825b-49fd-bcf9-5526540bbf6f");
+    assert_string_equal(cqrs_keys_id(key), "80dd89dc-825b-49fd-bcf9-5526540bbf6f");
+    cqrs_keys_dlq(shard, "x", key, sizeof key);
+    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:dlq:x");
+    cqrs_keys_unknown(shard, "x", key, sizeof key);
+    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:unknown:x");
+    cqrs_keys_global("shop", "layout", key, sizeof key);
+    assert_string_equal(key, "shop:layout");
+    /* the longest prefix and topic fit */
+    char topic[250];
+    memset(topic, 't', 249);
+    topic[249] = '\0';
+    cqrs_keys_shard("12345678901234567890123456789012", topic, 1023, shard, sizeof shard);
+    cqrs_keys_in(shard, CQRS_SHARD_UNDECODABLE, key, sizeof key);
+    assert_int_equal(strlen(shard), 1 + 32 + 1 + 249 + 1 + 4 + 2);
+    assert_non_null(strstr(key, "}:dlq:undecodable"));
+}
+
+static void test_prefixes(void **state)
+{
+    (void)state;
+    assert_true(cqrs_keys_prefix_valid("cqrs"));
+    assert_true(cqrs_keys_prefix_valid("A-z_0.9"));
+    assert_false(cqrs_keys_prefix_valid(""));
+    assert_false(cqrs_keys_prefix_valid(NULL));
+    assert_false(cqrs_keys_prefix_valid("a:b"));
+    assert_false(cqrs_keys_prefix_valid("a{b}"));
+    assert_false(cqrs_keys_prefix_valid("123456789012345678901234567890123"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_partition_is_the_producers),
+        cmocka_unit_test(test_every_shard_key_carries_its_hash_tag),
+        cmocka_unit_test(test_prefixes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
