@@ -8,10 +8,13 @@
  * sorted by address, so that per-node indices are the same on every client) and slot[s] the
  * index of the one serving slot s. Indices change only in refresh(), which callers never run
  * while holding one (ASK targets, pipeline owners are re-derived after it). A MOVED updates its
- * slot at once (the next attempt goes to the right node) and marks the map stale; the next
- * attempt refreshes the whole of it first, since a MOVED usually means a reshard or a failover
- * that moved more than one slot. ASK never touches the map: the slot is still the old node's
- * until the migration ends, and that node says so with MOVED.
+ * slot at once, so the retry goes to the right node, and schedules a refresh of the whole map
+ * for the start of the next call, since a MOVED usually means a reshard or a failover that
+ * moved more than one slot. Not before the retry: the node asked for the map may not have heard
+ * of the move yet, and its map would send the retry back to the old owner. A failed attempt
+ * (connection, CLUSTERDOWN, MASTERDOWN) refreshes before the next one. ASK never touches the
+ * map: the slot is still the old node's until the migration ends, and that node says so with
+ * MOVED.
  *
  * Every call has one deadline (timeout_ms from its start). Every wait is cut to what is left:
  * connects, the socket timeout of each exchange, the backoff between attempts. Nothing loops
@@ -514,6 +517,8 @@ static cqrs_err_t routed(cqrs_rconn_t *rc, call_t *cl, const char *key, int argc
 {
     unsigned slot = key ? cqrs_redis_key_slot(key, strlen(key)) : 0;
     int ask = -1;
+    bool moved = false; /* the map is refreshed at the next call, not before the retry */
+    cqrs_err_t code = CQRS_ERR_OK;
     while (left_ms(cl) > 0) {
         if (rc->stale && ask < 0)
             refresh(rc, cl);
@@ -535,7 +540,7 @@ static cqrs_err_t routed(cqrs_rconn_t *rc, call_t *cl, const char *key, int argc
         int kind = classify(r);
         if (kind == R_DONE) {
             *out = r;
-            return CQRS_ERR_OK;
+            goto out;
         }
         note(cl, &rc->nodes[i], r);
         if (kind == R_RETRY) {
@@ -547,11 +552,11 @@ static cqrs_err_t routed(cqrs_rconn_t *rc, call_t *cl, const char *key, int argc
             int to = redirect_target(rc, r, i, &s);
             if (to < 0) { /* not a redirection we understand: the caller's to read */
                 *out = r;
-                return CQRS_ERR_OK;
+                goto out;
             }
             if (kind == R_MOVED) {
                 set_slot(rc, s, to);
-                rc->stale = true;
+                moved = true;
             } else {
                 ask = to;
             }
@@ -560,7 +565,10 @@ static cqrs_err_t routed(cqrs_rconn_t *rc, call_t *cl, const char *key, int argc
         }
         freeReplyObject(r);
     }
-    return give_up(rc, cl, err);
+    code = give_up(rc, cl, err);
+out:
+    rc->stale |= moved;
+    return code;
 }
 
 /* ---- public ---------------------------------------------------------------------------- */
@@ -693,7 +701,7 @@ cqrs_err_t cqrs_rconn_pipeline(cqrs_rconn_t *rc, size_t n, const cqrs_rcmd_t *cm
     cqrs_err_t code = ready(rc, &cl, err);
     if (code != CQRS_ERR_OK)
         return code;
-    bool cluster = rc->mode == MODE_CLUSTER;
+    bool cluster = rc->mode == MODE_CLUSTER, moved = false;
     if (cluster && rc->stale)
         refresh(rc, &cl);
     int *owner = malloc(n * sizeof *owner);
@@ -716,14 +724,15 @@ cqrs_err_t cqrs_rconn_pipeline(cqrs_rconn_t *rc, size_t n, const cqrs_rcmd_t *cm
                 goto broken;
         goto out;
     }
-    /* the map first, so that no redone command needs its own MOVED */
+    /* the map first, so that no redone command needs its own MOVED; the refresh waits for
+     * the next call (a node that has not heard of the move yet would undo it) */
     for (size_t k = 0; k < n; k++) {
         unsigned s;
         int to;
         if (replies[k] && classify(replies[k]) == R_MOVED &&
             (to = redirect_target(rc, replies[k], owner[k], &s)) >= 0) {
             set_slot(rc, s, to);
-            rc->stale = true;
+            moved = true;
         }
     }
     for (size_t k = 0; k < n; k++) {
@@ -739,6 +748,7 @@ cqrs_err_t cqrs_rconn_pipeline(cqrs_rconn_t *rc, size_t n, const cqrs_rcmd_t *cm
             goto fail;
     }
 out:
+    rc->stale |= moved;
     free(owner);
     return code;
 broken:
