@@ -281,6 +281,9 @@ static int redirect_target(cqrs_rconn_t *rc, const redisReply *r, int from, unsi
 
 static void set_slot(cqrs_rconn_t *rc, unsigned s, int i)
 {
+    if (rc->slot[s] == i)
+        return;
+    rc->epoch++;
     if (rc->slot[s] >= 0)
         rc->nodes[rc->slot[s]].n_slots--;
     rc->slot[s] = i;

@@ -88,7 +88,7 @@ cqrs_err_t cqrs_rconn_pipeline(cqrs_rconn_t *rc, size_t n, const cqrs_rcmd_t *cm
  * every node (a SCAN copy) can start over when the keys moved under it. */
 size_t cqrs_rconn_nodes(cqrs_rconn_t *rc, cqrs_error_t *err);
 
-/* Increases whenever a refresh changed the map (0 until the first one). */
+/* Increases whenever the map changes: a MOVED, or a refresh that found it changed. */
 uint64_t cqrs_rconn_map_epoch(const cqrs_rconn_t *rc);
 
 /* Writes primary i's "host:port" into out (cap bytes); false when i is out of range. */
