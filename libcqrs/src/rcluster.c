@@ -644,6 +644,11 @@ cqrs_err_t cqrs_rconn_command(cqrs_rconn_t *rc, const char *route_key, int argc,
 static bool send_share(cqrs_rconn_t *rc, call_t *cl, int i, size_t n, const cqrs_rcmd_t *cmds,
                        const int *owner)
 {
+    size_t mine = 0;
+    while (mine < n && owner[mine] != i)
+        mine++;
+    if (mine == n)
+        return true; /* nothing for this node: no connection made */
     redisContext *c = node_ctx(rc, i, cl);
     if (!c)
         return false;

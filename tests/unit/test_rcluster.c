@@ -697,6 +697,36 @@ static void test_pipeline_failure_returns_no_replies(void **state)
     cqrs_rconn_free(rc);
 }
 
+static void seed_is_a_replica(void)
+{
+    set_map(2, (range_t[]){{0, 8191, 1}, {8192, 16383, 2}});
+}
+
+static void test_seed_that_serves_no_slot_is_left_alone(void **state)
+{
+    (void)state;
+    with_fake(seed_is_a_replica);
+    cqrs_rconn_t *rc = client(0, 1000);
+    cqrs_error_t err;
+    assert_int_equal(cqrs_rconn_nodes(rc, &err), 2);
+    expect_get(rc, "bar", "node1:bar");
+    expect_get(rc, "foo", "node2:foo");
+    const char *a[] = {"GET", "foo"}, *b[] = {"GET", "bar"}, *c[] = {"PING"};
+    cqrs_rcmd_t cmds[] = {{"foo", 2, a, NULL}, {"bar", 2, b, NULL}, {NULL, 1, c, NULL}};
+    redisReply *rs[3];
+    assert_int_equal(cqrs_rconn_pipeline(rc, 3, cmds, rs, &err), CQRS_ERR_OK);
+    assert_string_equal(rs[0]->str, "node2:foo");
+    assert_string_equal(rs[1]->str, "node1:bar");
+    assert_string_equal(rs[2]->str, "PONG");
+    for (int i = 0; i < 3; i++)
+        freeReplyObject(rs[i]);
+    pthread_mutex_lock(&F.mu);
+    int to_seed = F.received[0];
+    pthread_mutex_unlock(&F.mu);
+    assert_int_equal(to_seed, 1); /* CLUSTER SLOTS, nothing else */
+    cqrs_rconn_free(rc);
+}
+
 static void test_per_node_commands_and_close(void **state)
 {
     (void)state;
@@ -749,6 +779,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pipeline_redoes_redirected_commands, fake_start,
                                         fake_stop),
         cmocka_unit_test_setup_teardown(test_pipeline_failure_returns_no_replies, fake_start,
+                                        fake_stop),
+        cmocka_unit_test_setup_teardown(test_seed_that_serves_no_slot_is_left_alone, fake_start,
                                         fake_stop),
         cmocka_unit_test_setup_teardown(test_per_node_commands_and_close, fake_start, fake_stop),
     };
