@@ -1378,7 +1378,7 @@ rc_up() {
     for ((n = 1; n <= RC_COUNT; n++)); do
         log "redis-cluster-$n: $(rc_role "$n")"
     done
-    log "redis-cluster: ok on 127.0.0.1:${RC_PORTS[1]}…${RC_PORTS[6]}"
+    log "redis-cluster: ok on 127.0.0.1, ports ${RC_PORTS[*]:1}"
 }
 
 # rc_start_one N: start node N only (`start redis-cluster-N`), wait until it sees the cluster
