@@ -8,7 +8,10 @@
 # server is missing: CI=true is set for them. The tests labelled tls need the TLS profile of
 # the stack: they run last, on a second stack (stack.sh up --tls) started after the first one
 # is torn down, and only when the ctest arguments select any of them; the e2e tests run there
-# again (label e2e-tls), over TLS with authentication to all three servers.
+# again (label e2e-tls), over TLS with authentication to all three servers. The first stack also
+# runs a Redis Cluster (stack.sh up --redis-cluster: three primaries, three replicas, on twelve
+# free ports listed in CQRS_REDIS_CLUSTER_PORTS and CQRS_REDIS_CLUSTER_BUS_PORTS); tests reach it
+# through CQRS_REDIS_CLUSTER_URL (a seed node) while CQRS_REDIS_URL stays the single Redis.
 #
 #   tests/run.sh                 everything
 #   tests/run.sh -L unit         extra arguments go to ctest (the tls label runs only on the
@@ -53,6 +56,12 @@ CQRS_REDIS_PORT=$(free_port)
 CQRS_KAFKA_PORT=$(free_port)
 CQRS_KAFKA_CONTROLLER_PORT=$(free_port)
 export CQRS_PG_PORT CQRS_REDIS_PORT CQRS_KAFKA_PORT CQRS_KAFKA_CONTROLLER_PORT
+# six client ports and six cluster bus ports, no two alike (six consecutive free ports are not
+# to be had for sure)
+read -r -a cluster_ports <<<"$(free_ports 12 "$CQRS_PG_PORT" "$CQRS_REDIS_PORT" "$CQRS_KAFKA_PORT" \
+    "$CQRS_KAFKA_CONTROLLER_PORT")"
+export CQRS_REDIS_CLUSTER_PORTS="${cluster_ports[*]:0:6}"
+export CQRS_REDIS_CLUSTER_BUS_PORTS="${cluster_ports[*]:6:6}"
 chmod 755 "$STACK_DIR" # PostgreSQL runs as its own user under root
 
 TLS_STACK_DIR=
@@ -84,8 +93,8 @@ teardown() {
 trap teardown EXIT
 trap 'exit 130' INT TERM
 
-say "test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT"
-deploy/local/stack.sh up
+say "test stack on ports pg=$CQRS_PG_PORT redis=$CQRS_REDIS_PORT kafka=$CQRS_KAFKA_PORT redis-cluster=$CQRS_REDIS_CLUSTER_PORTS"
+deploy/local/stack.sh up --redis-cluster
 eval "$(deploy/local/stack.sh env)"
 
 export CI=true
@@ -127,6 +136,8 @@ if [ "${n_tls:-0}" != 0 ]; then
     (
         set -e
         export CQRS_STACK_DIR=$TLS_STACK_DIR
+        # no cluster in the TLS profile; the first stack's is gone
+        unset CQRS_REDIS_CLUSTER_URL CQRS_REDIS_CLUSTER_PORT CQRS_REDIS_CLUSTER_PORTS CQRS_REDIS_CLUSTER_BUS_PORTS
         CQRS_PG_PORT=$(free_port)
         CQRS_REDIS_PORT=$(free_port)
         CQRS_KAFKA_PORT=$(free_port)

@@ -12,18 +12,25 @@
 #                    Redis and Kafka reached over TLS with authentication only; the daemons' own
 #                    HTTP is unchanged. A stack keeps the profile it was made with: use another
 #                    CQRS_STACK_DIR (and ports) than a plain one, or `stack.sh down --purge` it.
+#   run.sh --redis-cluster
+#                    the same with cqrs-queryd and cqrsctl on the stack's Redis Cluster
+#                    (stack.sh up --redis-cluster: three primaries, three replicas) instead of
+#                    its single Redis: CQRS_REDIS_URL=$CQRS_REDIS_CLUSTER_URL, a seed node. The
+#                    stack keeps the cluster; a later plain run.sh uses the single Redis again.
 set -euo pipefail
 
 UP_ARGS=()
+REDIS_CLUSTER=0
 case ${1:-} in
 "") ;;
 --tls) UP_ARGS=(--tls) ;;
+--redis-cluster) UP_ARGS=(--redis-cluster) REDIS_CLUSTER=1 ;;
 -h | --help)
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
     exit 0
     ;;
 *)
-    echo "usage: $0 [--tls]" >&2
+    echo "usage: $0 [--tls | --redis-cluster]" >&2
     exit 2
     ;;
 esac
@@ -45,6 +52,10 @@ ninja -C "$BUILD" >"$BUILD/ninja.log" 2>&1 || { tail -n 40 "$BUILD/ninja.log" >&
 
 deploy/local/stack.sh up "${UP_ARGS[@]}"
 eval "$(deploy/local/stack.sh env)"
+if ((REDIS_CLUSTER)); then
+    say "the query side on the Redis Cluster: CQRS_REDIS_URL=$CQRS_REDIS_CLUSTER_URL"
+    export CQRS_REDIS_URL=$CQRS_REDIS_CLUSTER_URL
+fi
 RUN=$CQRS_STACK_DIR/run
 mkdir -p "$RUN"
 

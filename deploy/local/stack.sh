@@ -4,11 +4,14 @@
 # broker+controller; one node, or three on request), all bound to 127.0.0.1
 # on non-default ports.
 #
-#   stack.sh up [--redis-replica] [--tls] [--kafka-brokers 1|3] [--pg-standby]
+#   stack.sh up [--redis-replica] [--redis-cluster] [--tls] [--kafka-brokers 1|3]
+#               [--pg-standby]
 #                            install missing Debian packages (as root), start
 #                            whatever is not running, wait until each answers;
 #                            --redis-replica (or CQRS_REDIS_REPLICA_PORT set)
 #                            also starts a Redis replica of the Redis server;
+#                            --redis-cluster also runs a six-node Redis
+#                            Cluster (below), for good;
 #                            --tls makes this stack the
 #                            TLS-everywhere profile (below), for good;
 #                            --kafka-brokers 3 makes it a three-broker Kafka
@@ -16,8 +19,9 @@
 #                            --pg-standby gives PostgreSQL a synchronous
 #                            streaming standby (below), for good
 #   stack.sh down [--purge]  stop the app daemons in $STATE/run/*.pid, then
-#                            Kafka, the Redis replica, Redis, PostgreSQL
-#                            (both nodes); --purge deletes $STATE
+#                            Kafka, the Redis Cluster, the Redis replica,
+#                            Redis, PostgreSQL (both nodes); --purge deletes
+#                            $STATE
 #   stack.sh purge           same as down --purge
 #   stack.sh stop SERVER     stop one of postgres, redis, redis-replica, kafka
 #                            (with three brokers: kafka is node 1, kafka-2 and
@@ -25,9 +29,15 @@
 #                            it again. With a standby: postgres is the
 #                            current primary, pg-standby the current standby,
 #                            pg-node1 and pg-node2 a node by number
-#   stack.sh start KAFKA     start one Kafka node (kafka, kafka-2, kafka-3) and
-#                            wait until it is registered; nothing else
-#                            (outage tests: one broker back of two down)
+#                            With the Redis Cluster: redis-cluster-1 … -6
+#   stack.sh start SERVER    start one Kafka node (kafka, kafka-2, kafka-3) and
+#                            wait until it is registered, or one Redis Cluster
+#                            node (redis-cluster-N) and wait until it sees the
+#                            cluster ok; nothing else (outage tests: one broker
+#                            back of two down)
+#   stack.sh redis-cluster-failover N [force|takeover]
+#                            CLUSTER FAILOVER on a replica of the primary node
+#                            N is; waits until the replica is the primary
 #   stack.sh pg-promote      promote the PostgreSQL standby (failover)
 #   stack.sh pg-rejoin       make the other node a standby of the primary
 #   stack.sh status          one line per server; exit 0 if all up, 3 if not
@@ -37,9 +47,10 @@
 # ${CQRS_STACK_DIR:-<repo>/.local/stack}.  A second stack with another
 # CQRS_STACK_DIR and other ports (CQRS_PG_PORT, CQRS_REDIS_PORT,
 # CQRS_REDIS_REPLICA_PORT, CQRS_KAFKA_PORT, CQRS_KAFKA_CONTROLLER_PORT,
-# CQRS_KAFKA_MTLS_PORT, with a standby CQRS_PG_STANDBY_PORT, and with three
+# CQRS_KAFKA_MTLS_PORT, with a standby CQRS_PG_STANDBY_PORT, with three
 # brokers CQRS_KAFKA_PORT_2/_3,
-# CQRS_KAFKA_CONTROLLER_PORT_2/_3) runs beside the first one.
+# CQRS_KAFKA_CONTROLLER_PORT_2/_3, with the Redis Cluster
+# CQRS_REDIS_CLUSTER_PORT or CQRS_REDIS_CLUSTER_PORTS) runs beside the first one.
 #
 # The Redis replica (tests of a failover: tests/fault/) is a second
 # redis-server on 127.0.0.1:${CQRS_REDIS_REPLICA_PORT:-16380} with
@@ -48,6 +59,22 @@
 # was promoted (REPLICAOF NO ONE) or pointed elsewhere is left as it is.
 # `env` exports CQRS_REDIS_REPLICA_PORT and CQRS_REDIS_REPLICA_URL while it
 # runs, so a later `up` in that environment keeps starting it.
+#
+# The Redis Cluster (`up --redis-cluster`, remembered with its ports in
+# $STATE/.redis-cluster, so a later plain `up` restarts a missing node without
+# making the cluster again) runs beside the Redis server, which stays the
+# daemons' default: six redis-servers (cluster-enabled, the same persistence),
+# three primaries and three replicas made once by `redis-cli --cluster create
+# --cluster-replicas 1`, node N in $STATE/redis-cluster-N (its nodes.conf
+# there too, kept across restarts). Client ports: CQRS_REDIS_CLUSTER_PORT
+# (default 17000) and the next five, or six ports listed in
+# CQRS_REDIS_CLUSTER_PORTS; cluster bus ports: each client port + 100, or six
+# listed in CQRS_REDIS_CLUSTER_BUS_PORTS. cluster-node-timeout
+# ${CQRS_REDIS_CLUSTER_NODE_TIMEOUT_MS:-2000} ms (CQRS_REDIS_CLUSTER_NODE_TIMEOUT_MS).
+# `up` waits until every node says cluster_state:ok with all 16384 slots
+# served and every replica linked. `env` exports CQRS_REDIS_CLUSTER_URL (node
+# 1, a seed), CQRS_REDIS_CLUSTER_PORT(S) and CQRS_REDIS_CLUSTER_BUS_PORTS while
+# a node runs. Not in the TLS profile (`--tls --redis-cluster` is refused).
 #
 # Three Kafka brokers (`up --kafka-brokers 3`, remembered in $STATE/.kafka-brokers,
 # so a later plain `up` restarts whichever node is down, in the same topology):
@@ -150,6 +177,19 @@ REPLICA_DIR=$STATE/redis-replica
 REPLICA_PID=$REPLICA_DIR/redis.pid
 REPLICA_LOG=$REPLICA_DIR/redis.log
 REPLICA_WAIT=${CQRS_REDIS_REPLICA_WAIT:-60}
+
+# The Redis Cluster (`up --redis-cluster`): six nodes, node N's ports RC_PORTS[N] and
+# RC_BUS_PORTS[N] (rc_load: from $RC_FILE once made, else from the environment).
+RC_FILE=$STATE/.redis-cluster
+RC=0
+[[ -f $RC_FILE ]] && RC=1
+RC_ASKED=0
+RC_NAMED=
+RC_COUNT=6
+RC_PORTS=()
+RC_BUS_PORTS=()
+RC_NODE_TIMEOUT=${CQRS_REDIS_CLUSTER_NODE_TIMEOUT_MS:-2000}
+RC_WAIT=${CQRS_REDIS_CLUSTER_WAIT:-60}   # up, start, failover: how long to wait for cluster_state:ok
 
 CACHE_DIR=${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}
 KAFKA_HOME=$CACHE_DIR/kafka-$KAFKA_VERSION
@@ -942,9 +982,10 @@ pg_stop_node_n() {
 
 # ---------------------------------------------------------------- Redis ---
 
-# Two instances share these functions: WHICH is `redis` (the server the
-# daemons use) or `replica` (its replica, on request).  redis_vars sets
-# R_NAME, R_PORT, R_VAR, R_DIR, R_PID, R_LOG for one of them.
+# Several instances share these functions: WHICH is `redis` (the server the
+# daemons use), `replica` (its replica, on request) or `cluster-N` (node N of
+# the Redis Cluster, on request).  redis_vars sets R_NAME, R_PORT, R_VAR,
+# R_DIR, R_PID, R_LOG for one of them.
 #
 # In the TLS profile both listen with TLS only (`port 0`, `tls-port`), every
 # client must present a certificate of the test CA (`tls-auth-clients yes`:
@@ -962,6 +1003,10 @@ redis_vars() {
     if [[ $1 == replica ]]; then
         R_NAME=redis-replica R_PORT=$REPLICA_PORT R_VAR=CQRS_REDIS_REPLICA_PORT
         R_DIR=$REPLICA_DIR R_PID=$REPLICA_PID R_LOG=$REPLICA_LOG
+    elif [[ $1 == cluster-[1-6] ]]; then
+        R_NAME=redis-$1 R_PORT=${RC_PORTS[${1#cluster-}]} R_VAR=CQRS_REDIS_CLUSTER_PORTS
+        R_DIR=$STATE/redis-$1
+        R_PID=$R_DIR/redis.pid R_LOG=$R_DIR/redis.log
     else
         R_NAME=redis R_PORT=$REDIS_PORT R_VAR=CQRS_REDIS_PORT
         R_DIR=$REDIS_DIR R_PID=$REDIS_PID R_LOG=$REDIS_LOG
@@ -1055,8 +1100,30 @@ redis_up() {
     local R_NAME R_PORT R_VAR R_DIR R_PID R_LOG
     redis_vars "$which"
     local -a extra=()
+    local note=
     # The same persistence as the primary; a replica of it (read-only, the default).
-    [[ $which == replica ]] && extra=(--replicaof 127.0.0.1 "$REDIS_PORT")
+    if [[ $which == replica ]]; then
+        extra=(--replicaof 127.0.0.1 "$REDIS_PORT")
+        note=" (replica of 127.0.0.1:$REDIS_PORT)"
+    fi
+    # A Redis Cluster node: the same persistence; its cluster state (node ids, epochs, who
+    # serves which slot) in nodes.conf of its own folder, which a restart keeps.
+    # cluster-node-timeout: a node silent that long is suspected (PFAIL), FAIL once a
+    # majority of primaries agree; its replica then waits 0.5-1 s plus 1 s per rank before
+    # its election. Redis's 15 s default makes every primary killed by a fault test a ~17 s
+    # outage; 2 s (the default here) makes it 2-4 s (2.2 s measured from a stopped primary to
+    # its replica's promotion). Much lower, a node stalled for a moment
+    # (fork for an AOF rewrite, a 2-core machine busy with ASan builds) would be failed over
+    # for nothing.
+    if [[ $which == cluster-* ]]; then
+        local bus=${RC_BUS_PORTS[${which#cluster-}]}
+        extra=(--cluster-enabled yes --cluster-config-file "$R_DIR/nodes.conf"
+            --cluster-port "$bus" --cluster-node-timeout "$RC_NODE_TIMEOUT")
+        note=" (Redis Cluster node, bus port $bus)"
+        if ! redis_running "$which" && port_busy "$bus"; then
+            die "$R_NAME: port 127.0.0.1:$bus (cluster bus) is already taken by another process"
+        fi
+    fi
     mkdir -p "$R_DIR"
     if redis_running "$which"; then
         check_port "$R_NAME" "$(redis_actual_port "$which")" "$R_PORT" "$R_VAR"
@@ -1064,7 +1131,7 @@ redis_up() {
     else
         rm -f "$R_PID"
         port_busy "$R_PORT" && die "$R_NAME: port 127.0.0.1:$R_PORT is already taken by another process"
-        log "$R_NAME: starting on 127.0.0.1:$R_PORT$( ((TLS)) && echo ' (TLS only, ACL users)')${extra:+ (replica of 127.0.0.1:$REDIS_PORT)}"
+        log "$R_NAME: starting on 127.0.0.1:$R_PORT$( ((TLS)) && echo ' (TLS only, ACL users)')$note"
         local -a listen=(--port "$R_PORT")
         ((TLS)) && listen=("$(redis_tls_conf "$which")")
         redis-server "${listen[@]}" --bind 127.0.0.1 --protected-mode yes \
@@ -1107,6 +1174,298 @@ redis_down() {
     # `redis-cli -p PORT shutdown`, can never hit another stack's server.
     stop_pid "$R_NAME" "$pid" 20
     rm -f "$R_PID"
+}
+
+# -------------------------------------------------------- Redis Cluster ---
+#
+# Six redis-servers (redis_up cluster-N), three primaries and three replicas, made once by
+# `redis-cli --cluster create` and remembered in $RC_FILE: the nodes' client and bus ports,
+# and `created` once the cluster was made. Once made, the ports are the file's: an
+# environment asking for others is refused (the nodes know each other by address).
+
+# rc_ports_parse VAR LIST: six distinct ports 1..65535 from a space- or comma-separated LIST
+# into the array VAR[1..6].
+rc_ports_parse() {
+    local -n out=$1
+    local -a words
+    local p
+    read -r -a words <<<"${2//,/ }"
+    ((${#words[@]} == RC_COUNT)) || return 1
+    out=("")
+    for p in "${words[@]}"; do
+        [[ $p =~ ^[1-9][0-9]{0,4}$ ]] && ((p <= 65535)) || return 1
+        out+=("$p")
+    done
+}
+
+# rc_ports_asked: the ports the environment asks for, into RC_PORTS and RC_BUS_PORTS; which
+# of them it names explicitly ("ports", "bus") into RC_NAMED.
+rc_ports_asked() {
+    local base=${CQRS_REDIS_CLUSTER_PORT:-17000} n
+    if [[ -n ${CQRS_REDIS_CLUSTER_PORTS:-} ]]; then
+        rc_ports_parse RC_PORTS "$CQRS_REDIS_CLUSTER_PORTS" ||
+            die "CQRS_REDIS_CLUSTER_PORTS='$CQRS_REDIS_CLUSTER_PORTS': expected six ports"
+    else
+        [[ $base =~ ^[1-9][0-9]{0,4}$ ]] && ((base + 5 <= 65535)) ||
+            die "CQRS_REDIS_CLUSTER_PORT='$base': expected a port (it and the next five)"
+        RC_PORTS=("")
+        for ((n = 0; n < RC_COUNT; n++)); do RC_PORTS+=($((base + n))); done
+    fi
+    if [[ -n ${CQRS_REDIS_CLUSTER_BUS_PORTS:-} ]]; then
+        rc_ports_parse RC_BUS_PORTS "$CQRS_REDIS_CLUSTER_BUS_PORTS" ||
+            die "CQRS_REDIS_CLUSTER_BUS_PORTS='$CQRS_REDIS_CLUSTER_BUS_PORTS': expected six ports"
+    else
+        # Not Redis's own default (client port + 10000): it puts ports above 22767 in
+        # Linux's ephemeral range (32768+), where an outgoing connection can take them.
+        RC_BUS_PORTS=("")
+        for ((n = 1; n <= RC_COUNT; n++)); do
+            ((RC_PORTS[n] + 100 <= 65535)) || die "cluster bus port ${RC_PORTS[n]} + 100: out of range"
+            RC_BUS_PORTS+=($((RC_PORTS[n] + 100)))
+        done
+    fi
+    if [[ $(printf '%s\n' "${RC_PORTS[@]:1}" "${RC_BUS_PORTS[@]:1}" | sort -u | wc -l) != $((2 * RC_COUNT)) ]]; then
+        die "the Redis Cluster's ports are not twelve distinct ones: clients ${RC_PORTS[*]:1}, bus ${RC_BUS_PORTS[*]:1}"
+    fi
+    RC_NAMED=
+    [[ -n ${CQRS_REDIS_CLUSTER_PORTS:-}${CQRS_REDIS_CLUSTER_PORT:-} ]] && RC_NAMED+=" ports"
+    [[ -n ${CQRS_REDIS_CLUSTER_BUS_PORTS:-} ]] && RC_NAMED+=" bus"
+    return 0
+}
+
+# rc_load: a stack with a cluster takes the nodes' ports from $RC_FILE.
+rc_load() {
+    ((RC)) || return 0
+    rc_ports_parse RC_PORTS "$(sed -n 's/^ports //p' "$RC_FILE")" &&
+        rc_ports_parse RC_BUS_PORTS "$(sed -n 's/^bus-ports //p' "$RC_FILE")" ||
+        die "$RC_FILE: no six ports and six bus ports in it; 'down --purge' the stack"
+}
+
+rc_created() { ((RC)) && grep -qx created "$RC_FILE"; }
+
+# rc_topology: whether this `up` runs the cluster, on which ports. --redis-cluster is for
+# good, on the ports it was made with.
+rc_topology() {
+    ((RC || RC_ASKED)) || return 0
+    local -a asked_p asked_b
+    rc_ports_asked
+    if ((!RC)); then
+        printf '# Redis Cluster of this stack (stack.sh up --redis-cluster); "created" once made\n' >"$RC_FILE"
+        printf 'ports %s\nbus-ports %s\n' "${RC_PORTS[*]:1}" "${RC_BUS_PORTS[*]:1}" >>"$RC_FILE"
+        RC=1
+        return 0
+    fi
+    asked_p=("${RC_PORTS[@]}") asked_b=("${RC_BUS_PORTS[@]}")
+    rc_load
+    if [[ $RC_NAMED == *ports* && ${asked_p[*]} != "${RC_PORTS[*]}" ]] ||
+        [[ $RC_NAMED == *bus* && ${asked_b[*]} != "${RC_BUS_PORTS[*]}" ]]; then
+        die "the Redis Cluster of $STATE was made on ports ${RC_PORTS[*]:1} (bus ${RC_BUS_PORTS[*]:1}), not" \
+            "${asked_p[*]:1} (bus ${asked_b[*]:1}): fix CQRS_REDIS_CLUSTER_PORT(S), CQRS_REDIS_CLUSTER_BUS_PORTS," \
+            "or '$0 down --purge' first"
+    fi
+}
+
+# rc_info N FIELD: FIELD of `cluster info` (or of `info replication`) on node N.
+rc_info() {
+    local what=cluster
+    [[ $2 == role || $2 == master_link_status ]] && what=replication
+    if [[ $what == cluster ]]; then
+        redis_cli "${RC_PORTS[$1]}" cluster info 2>/dev/null
+    else
+        redis_cli "${RC_PORTS[$1]}" info replication 2>/dev/null
+    fi | tr -d '\r' | sed -n "s/^$2://p"
+}
+
+# rc_node_ok N [all]: node N sees the cluster ok: every slot served by a live primary, all six
+# nodes known; with `all`, also its link to its primary up if it is a replica.
+rc_node_ok() {
+    local info
+    info=$(redis_cli "${RC_PORTS[$1]}" cluster info 2>/dev/null | tr -d '\r') || return 1
+    grep -qx 'cluster_state:ok' <<<"$info" && grep -qx 'cluster_slots_ok:16384' <<<"$info" &&
+        grep -qx "cluster_known_nodes:$RC_COUNT" <<<"$info" || return 1
+    [[ ${2:-} == all && $(rc_info "$1" role) == slave ]] || return 0
+    [[ $(rc_info "$1" master_link_status) == up ]]
+}
+
+# rc_wait_ok SECONDS all|running: wait until every node (all: every node must run, each replica
+# linked; running: the nodes running now) sees the cluster ok; fails after SECONDS.
+rc_wait_ok() {
+    local deadline=$((SECONDS + $1)) n ok
+    while :; do
+        ok=1
+        for ((n = 1; n <= RC_COUNT; n++)); do
+            if ! redis_running "cluster-$n"; then
+                [[ $2 == all ]] && die_log "redis-cluster-$n: exited" "$STATE/redis-cluster-$n/redis.log"
+                continue
+            fi
+            rc_node_ok "$n" "$2" || { ok=0 && break; }
+        done
+        ((ok)) && return 0
+        ((SECONDS < deadline)) || break
+        sleep 0.5
+    done
+    redis_cli "${RC_PORTS[$n]}" cluster info 2>&1 | head -n 8 >&2 || true
+    die_log "redis-cluster-$n: no cluster_state:ok with all 16384 slots served$([[ $2 == all ]] &&
+        echo ' and its primary linked') after $1s" "$STATE/redis-cluster-$n/redis.log"
+}
+
+# rc_nodes [N]: `cluster nodes` as node N sees it (default: the first node that answers).
+rc_nodes() {
+    local n out
+    for n in ${1:-1 2 3 4 5 6}; do
+        redis_running "cluster-$n" || continue
+        out=$(redis_cli "${RC_PORTS[$n]}" cluster nodes 2>/dev/null | tr -d '\r') || continue
+        [[ -n $out ]] && printf '%s\n' "$out" && return 0
+    done
+    return 1
+}
+
+# rc_name ADDR: redis-cluster-N for an address ip:port[@bus], else the address.
+rc_name() {
+    local port=${1%%@*} n
+    port=${port##*:}
+    for ((n = 1; n <= RC_COUNT; n++)); do
+        [[ ${RC_PORTS[$n]} == "$port" ]] && { echo "redis-cluster-$n"; return 0; }
+    done
+    echo "${1%%@*}"
+}
+
+# rc_role N: how node N sees itself: "primary, slots …" or "replica of redis-cluster-M".
+rc_role() {
+    local nodes me master
+    nodes=$(rc_nodes "$1") || return 0
+    read -r -a me <<<"$(awk '$3 ~ /myself/' <<<"$nodes")"
+    ((${#me[@]} >= 8)) || return 0
+    if [[ ${me[2]} == *master* ]]; then
+        printf 'primary, slots %s' "${me[*]:8}"
+    else
+        master=$(awk -v id="${me[3]}" '$1 == id { print $2 }' <<<"$nodes")
+        printf 'replica of %s' "$(rc_name "$master")"
+    fi
+}
+
+# rc_create: the cluster, once, from six fresh nodes (no other node known, no slot).
+rc_create() {
+    local n fresh=0 made=0 log=$STATE/redis-cluster-1/create.log
+    local -a addrs=()
+    for ((n = 1; n <= RC_COUNT; n++)); do
+        addrs+=("127.0.0.1:${RC_PORTS[$n]}")
+        if [[ $(rc_info "$n" cluster_known_nodes) == 1 && $(rc_info "$n" cluster_slots_assigned) == 0 ]]; then
+            fresh=$((fresh + 1))
+        elif [[ $(rc_info "$n" cluster_known_nodes) == "$RC_COUNT" &&
+            $(rc_info "$n" cluster_slots_assigned) == 16384 ]]; then
+            made=$((made + 1))
+        fi
+    done
+    if ((made == RC_COUNT)); then # made by an earlier `up` cut short before recording it
+        echo created >>"$RC_FILE"
+        return 0
+    fi
+    ((fresh == RC_COUNT)) ||
+        die "redis-cluster: $fresh of $RC_COUNT nodes are fresh, $made joined: a half-made cluster; '$0 down --purge' first"
+    log "redis-cluster: creating (redis-cli --cluster create ${addrs[*]} --cluster-replicas 1)"
+    timeout 120 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+        </dev/null >"$log" 2>&1 9>&- || die_log "redis-cluster: redis-cli --cluster create failed" "$log"
+    echo created >>"$RC_FILE"
+}
+
+rc_up() {
+    local n
+    for ((n = 1; n <= RC_COUNT; n++)); do
+        redis_up "cluster-$n"
+    done
+    rc_created || rc_create
+    rc_wait_ok "$RC_WAIT" all
+    for ((n = 1; n <= RC_COUNT; n++)); do
+        log "redis-cluster-$n: $(rc_role "$n")"
+    done
+    log "redis-cluster: ok on 127.0.0.1, ports ${RC_PORTS[*]:1}"
+}
+
+# rc_start_one N: start node N only (`start redis-cluster-N`), wait until it sees the cluster
+# ok and, a replica, is linked to its primary (synced: ready to be failed over to).
+rc_start_one() {
+    rc_created || die "the Redis Cluster of $STATE is not made yet: '$0 up' first"
+    redis_up "cluster-$1"
+    local deadline=$((SECONDS + RC_WAIT))
+    while ((SECONDS < deadline)) && ! rc_node_ok "$1" all; do
+        sleep 0.5
+    done
+    rc_node_ok "$1" all ||
+        die_log "redis-cluster-$1: no cluster_state:ok with all 16384 slots served (a replica: linked) after ${RC_WAIT}s" \
+            "$STATE/redis-cluster-$1/redis.log"
+    log "redis-cluster-$1: $(rc_role "$1")"
+}
+
+# rc_down [N...]: stop node N, or every node; SIGTERM to all at once (one by one, a replica
+# could be promoted in between).
+rc_down() {
+    local n i pid
+    local -a nodes=("$@") pids=() names=()
+    ((${#nodes[@]})) || for ((n = 1; n <= RC_COUNT; n++)); do nodes+=("$n"); done
+    for n in "${nodes[@]}"; do
+        if redis_running "cluster-$n"; then
+            pid=$(redis_pid "cluster-$n")
+            log "redis-cluster-$n: stopping (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+            names+=("redis-cluster-$n")
+        fi
+        rm -f "$STATE/redis-cluster-$n/redis.pid"
+    done
+    for i in "${!pids[@]}"; do
+        stop_pid "${names[$i]}" "${pids[$i]}" 20
+    done
+}
+
+# cmd_rc_failover N [force|takeover]: CLUSTER FAILOVER on a replica of node N (a primary);
+# waits until that replica is the primary and every running node sees the cluster ok.
+# Without an option the replica first catches up with the primary (no write lost), which
+# needs the primary up; force: without the primary (a majority of primaries must vote);
+# takeover: without any vote.
+cmd_rc_failover() {
+    local n=${1:-} mode=${2:-} nodes id flags replica m deadline reply
+    ((RC)) || die "this stack has no Redis Cluster (up --redis-cluster)"
+    [[ $n =~ ^[1-6]$ ]] || die "redis-cluster-failover N [force|takeover]: N is a node, 1 to 6"
+    case $mode in
+    "" | force | takeover) ;;
+    *) die "redis-cluster-failover: '$mode'? force or takeover, or nothing" ;;
+    esac
+    nodes=$(rc_nodes) || die "redis-cluster: no node answers"
+    read -r id _ flags _ < <(awk -v a="127.0.0.1:${RC_PORTS[$n]}@" 'index($2, a) == 1' <<<"$nodes")
+    [[ -n ${id:-} ]] || die "redis-cluster-$n: not in CLUSTER NODES of the cluster"
+    [[ $flags == *master* ]] || die "redis-cluster-$n is not a primary (${flags#myself,}): give the node of its primary"
+    [[ $flags == *fail* && -z $mode ]] &&
+        log "redis-cluster-$n is down ($flags): without force, the failover waits for it in vain"
+
+    replica=$(awk -v id="$id" '$4 == id && $3 !~ /fail|noaddr|handshake/ { print $2; exit }' <<<"$nodes")
+    [[ -n $replica ]] || die "redis-cluster-$n has no replica that is up"
+    m=$(rc_name "$replica")
+    m=${m#redis-cluster-}
+    [[ $m =~ ^[1-6]$ ]] || die "redis-cluster-$n: its replica $replica is not a node of this stack"
+    log "redis-cluster-$m: CLUSTER FAILOVER${mode:+ ${mode^^}} (replica of redis-cluster-$n)"
+    local -a args=(cluster failover)
+    [[ -n $mode ]] && args+=("${mode^^}")
+    reply=$(redis_cli "${RC_PORTS[$m]}" "${args[@]}" 2>&1 || true)
+    [[ $reply == OK ]] || die "redis-cluster-$m: CLUSTER FAILOVER refused: $reply"
+    deadline=$((SECONDS + RC_WAIT))
+    while ((SECONDS < deadline)) && [[ $(rc_info "$m" role) != master ]]; do
+        sleep 0.2
+    done
+    [[ $(rc_info "$m" role) == master ]] ||
+        die_log "redis-cluster-$m: not a primary ${RC_WAIT}s after CLUSTER FAILOVER$([[ -z $mode ]] &&
+            echo " (is redis-cluster-$n down? then: force)")" "$STATE/redis-cluster-$m/redis.log"
+    rc_wait_ok "$RC_WAIT" running
+    # The old primary, when up, follows the new one: linked before the next failover test.
+    if redis_running "cluster-$n"; then
+        deadline=$((SECONDS + RC_WAIT))
+        while ((SECONDS < deadline)) && ! [[ $(rc_info "$n" role) == slave &&
+            $(rc_info "$n" master_link_status) == up ]]; do
+            sleep 0.2
+        done
+        [[ $(rc_info "$n" master_link_status) == up ]] ||
+            die_log "redis-cluster-$n: not linked to its new primary redis-cluster-$m" "$STATE/redis-cluster-$n/redis.log"
+    fi
+    log "redis-cluster-$m: $(rc_role "$m")"
 }
 
 # ---------------------------------------------------------------- Kafka ---
@@ -1648,15 +2007,20 @@ cmd_up() {
     if ((PG_HA && TLS)); then
         die "--pg-standby is not available in the TLS profile (no replication over hostssl yet): use a plain stack"
     fi
+    if (((RC || RC_ASKED) && TLS)); then
+        die "the TLS profile has no Redis Cluster (yet): --redis-cluster with --tls is not supported"
+    fi
     ensure_packages
     find_java || die "no Java >= 17"
     lock_stack
     kafka_topology
-    log "state folder $STATE$( ((TLS)) && echo ' (TLS profile)')$( ((KAFKA_NODES > 1)) && echo " ($KAFKA_NODES Kafka brokers)")"
+    rc_topology
+    log "state folder $STATE$( ((TLS)) && echo ' (TLS profile)')$( ((KAFKA_NODES > 1)) && echo " ($KAFKA_NODES Kafka brokers)")$( ((RC)) && echo ' (Redis Cluster)')"
     tls_prepare
     if ((PG_HA)); then pg_ha_up; else pg_up; fi
     redis_up
     ((REDIS_REPLICA)) && redis_up replica
+    ((RC)) && rc_up
     kafka_up
     log "stack is up in $((SECONDS - t0))s — eval \"\$($0 env)\" to use it"
 }
@@ -1667,6 +2031,7 @@ cmd_down() {
     lock_stack
     daemons_down
     kafka_down
+    ((RC)) && rc_down
     redis_down replica
     redis_down
     pg_down
@@ -1693,7 +2058,7 @@ status_line() {
             address="127.0.0.1:$6 (not ${7:-})"
         fi
     fi
-    printf '%-14s %-10s %-22s %s\n' "$1" "$state" "$address" "${3:--}"
+    printf '%-16s %-10s %-22s %s\n' "$1" "$state" "$address" "${3:--}"
     [[ $state == running ]]
 }
 
@@ -1729,16 +2094,40 @@ pg_ha_status() {
             role="$role, ${repl:-not streaming}"
             [[ $repl == streaming* ]] || state=no-stream
         fi
-        printf '%-14s %-10s %-22s %-8s node%s %s\n' "$row" "$state" "$addr" "${pid:--}" "$n" "$role"
+        printf '%-16s %-10s %-22s %-8s node%s %s\n' "$row" "$state" "$addr" "${pid:--}" "$n" "$role"
         [[ $state == running ]] || rc=3
     done
     pg_select 1
     return "$rc"
 }
 
+# The Redis Cluster: a row per node with its role as it sees itself; a node that does not
+# see the cluster ok (a slot not served, a node it does not know) is a failure.
+rc_status() {
+    local n rc=0 state addr pid role
+    for ((n = 1; n <= RC_COUNT; n++)); do
+        state=stopped addr="127.0.0.1:${RC_PORTS[$n]}" pid=$(redis_pid "cluster-$n") role=
+        if redis_running "cluster-$n"; then
+            state=running
+            if ! redis_answers "cluster-$n"; then
+                state=no-answer
+            else
+                role=$(rc_role "$n")
+                rc_node_ok "$n" || state=cluster-$(rc_info "$n" cluster_state)
+            fi
+            if [[ -n $(redis_actual_port "cluster-$n") && $(redis_actual_port "cluster-$n") != "${RC_PORTS[$n]}" ]]; then
+                state=wrong-port addr="127.0.0.1:$(redis_actual_port "cluster-$n") (not ${RC_PORTS[$n]})"
+            fi
+        fi
+        printf '%-16s %-10s %-22s %-8s %s\n' "redis-cluster-$n" "$state" "$addr" "${pid:--}" "$role"
+        [[ $state == running ]] || rc=3
+    done
+    return "$rc"
+}
+
 cmd_status() {
     local ok=0 r a pid f
-    printf '%-14s %-10s %-22s %s\n' SERVER STATE ADDRESS PID
+    printf '%-16s %-10s %-22s %s\n' SERVER STATE ADDRESS PID
     if ((PG_HA)); then
         pg_ha_status || ok=3
     else
@@ -1761,6 +2150,7 @@ cmd_status() {
         status_line redis-replica "127.0.0.1:$(redis_actual_port replica)" "$(redis_pid replica)" \
             "$r" "$a" || ok=3
     fi
+    ((RC)) && { rc_status || ok=3; }
     local n
     for ((n = 1; n <= KAFKA_NODES; n++)); do
         kafka_node "$n"
@@ -1836,6 +2226,16 @@ cmd_env() {
             printf 'export CQRS_REDIS_REPLICA_URL=%s\n' "$(sq "redis://127.0.0.1:$port/0")"
         fi
     fi
+    local n
+    for ((n = 1; n <= RC_COUNT && RC; n++)); do
+        redis_running "cluster-$n" || continue
+        # A seed: node 1 (the client learns the others from it: CLUSTER SLOTS).
+        printf 'export CQRS_REDIS_CLUSTER_URL=%s\n' "$(sq "redis://127.0.0.1:${RC_PORTS[1]}/0")"
+        printf 'export CQRS_REDIS_CLUSTER_PORT=%s\n' "$(sq "${RC_PORTS[1]}")"
+        printf 'export CQRS_REDIS_CLUSTER_PORTS=%s\n' "$(sq "${RC_PORTS[*]:1}")"
+        printf 'export CQRS_REDIS_CLUSTER_BUS_PORTS=%s\n' "$(sq "${RC_BUS_PORTS[*]:1}")"
+        break
+    done
 }
 
 # usage [STATUS]: the header comment; to stderr (exit 2) for a bad command.
@@ -1852,11 +2252,13 @@ usage() {
 main() {
     local cmd=${1:-}
     shift || true
+    rc_load
     case $cmd in
     up)
         while (($#)); do
             case $1 in
             --redis-replica) REDIS_REPLICA=1 ;;
+            --redis-cluster) RC_ASKED=1 ;;
             --tls) TLS=1 ;;
             --kafka-brokers)
                 [[ ${2:-} == 1 || ${2:-} == 3 ]] || die "--kafka-brokers takes 1 or 3, not '${2:-}'"
@@ -1864,7 +2266,7 @@ main() {
                 shift
                 ;;
             --pg-standby) PG_HA=1 ;;
-            *) die "unknown option for up: $1 (--redis-replica, --tls, --kafka-brokers 1|3, --pg-standby)" ;;
+            *) die "unknown option for up: $1 (--redis-replica, --redis-cluster, --tls, --kafka-brokers 1|3, --pg-standby)" ;;
             esac
             shift
         done
@@ -1886,26 +2288,35 @@ main() {
         pg-node1 | pg-node2) ((PG_HA)) || die "this stack has no standby"; pg_stop_node_n "${1#pg-node}" ;;
         redis) redis_down ;;
         redis-replica) redis_down replica ;;
+        redis-cluster-[1-6])
+            ((RC)) || die "$1: this stack has no Redis Cluster (up --redis-cluster)"
+            rc_down "${1#redis-cluster-}"
+            ;;
         kafka) kafka_down 1 ;;
         kafka-2 | kafka-3)
             ((KAFKA_NODES > 1)) || die "$1: this stack runs one Kafka broker (up --kafka-brokers 3)"
             kafka_down "${1#kafka-}"
             ;;
-        *) die "stop what? postgres, pg-standby, pg-node1, pg-node2 (with a standby), redis, redis-replica, kafka (kafka-2, kafka-3 with three brokers)" ;;
+        *) die "stop what? postgres, pg-standby, pg-node1, pg-node2 (with a standby), redis, redis-replica, redis-cluster-1 … -6 (with the cluster), kafka (kafka-2, kafka-3 with three brokers)" ;;
         esac
         ;;
     start)
         lock_stack
-        find_java || die "no Java >= 17"
         case ${1:-} in
-        kafka) kafka_start_one 1 ;;
+        kafka) find_java || die "no Java >= 17"; kafka_start_one 1 ;;
         kafka-2 | kafka-3)
             ((KAFKA_NODES > 1)) || die "$1: this stack runs one Kafka broker (up --kafka-brokers 3)"
+            find_java || die "no Java >= 17"
             kafka_start_one "${1#kafka-}"
             ;;
-        *) die "start what? kafka (kafka-2, kafka-3 with three brokers); 'up' starts everything" ;;
+        redis-cluster-[1-6])
+            ((RC)) || die "$1: this stack has no Redis Cluster (up --redis-cluster)"
+            rc_start_one "${1#redis-cluster-}"
+            ;;
+        *) die "start what? kafka (kafka-2, kafka-3 with three brokers), redis-cluster-1 … -6 (with the cluster); 'up' starts everything" ;;
         esac
         ;;
+    redis-cluster-failover) lock_stack && cmd_rc_failover "$@" ;;
     pg-promote) lock_stack && cmd_pg_promote ;;
     pg-rejoin) lock_stack && cmd_pg_rejoin ;;
     status) cmd_status ;;

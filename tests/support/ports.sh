@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # tests/support/ports.sh — sourced by the test scripts.
 # free_port: a TCP port on 127.0.0.1 that nothing answers on now, below Linux's ephemeral range
 # (32768+): a port inside it can be taken at any moment by an outgoing connection, and a
@@ -11,4 +12,20 @@ free_port() {
             return
         fi
     done
+}
+
+# free_ports N [TAKEN...]: N free ports (free_port), distinct and none of TAKEN, on one line.
+free_ports() {
+    local n=$1 p taken
+    shift
+    taken=" $* "
+    while ((n > 0)); do
+        p=$(free_port)
+        [[ $taken == *" $p "* ]] && continue
+        taken+="$p "
+        printf '%s' "$p"
+        n=$((n - 1))
+        ((n > 0)) && printf ' '
+    done
+    echo
 }
