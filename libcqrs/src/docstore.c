@@ -4,9 +4,12 @@
  * partition's recorded offset only ever grows; both change in the same Lua script call, so a
  * crash can never leave one without the other.
  *
- * Each connection is used by one thread at a time. After any error hiredis marks the context
- * dead; we free it and reconnect on the next call (the apply is idempotent, so redoing it is
- * safe).
+ * Each connection is used by one thread at a time. Commands go through rcluster.h: to the one
+ * server, or on a Redis Cluster to the node serving the slot of their first key (every write
+ * touches the keys of one shard: one slot). After a transport error the connection is dropped
+ * and made again on the next call (the apply is idempotent, so redoing it is safe). The bulk
+ * writes of a rebuild use a connection of their own, to a single server only (their replies
+ * are read later; every other call reads them first, so order is kept).
  */
 #include "cqrs/docstore.h"
 
@@ -16,9 +19,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
+#include <openssl/evp.h>
+
 #include "cqrs/keyspace.h"
+#include "cqrs/rcluster.h"
 #include "cqrs/redis.h"
 #include "cqrs/util.h"
 
@@ -109,8 +116,9 @@ static const char *const OFFSET_MODES[] = {"none", "expect", "raise"};
 struct cqrs_docstore {
     cqrs_redis_target_t target; /* where and how to connect (redis.h) */
     int timeout_ms;
-    redisContext *c;
-    char sha[41];
+    cqrs_rconn_t *rc;   /* the commands' connection (one server or a cluster) */
+    redisContext *bulk; /* bulk writes (single server only); NULL: not connected */
+    char sha[41];       /* of APPLY_LUA */
     char channel[CQRS_REDIS_PREFIX_MAX + 32];
     /* bulk writes whose replies are not read yet, and the first error among those read */
     size_t deferred;
@@ -133,6 +141,20 @@ cqrs_docstore_t *cqrs_docstore_new(const cqrs_redis_config_t *redis, int timeout
     }
     ds->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
     cqrs_docstore_channel(ds->target.prefix, ds->target.addr.db, ds->channel, sizeof ds->channel);
+    ds->rc = cqrs_rconn_new(&ds->target, ds->timeout_ms);
+    /* EVALSHA names the script by its SHA-1; on NOSCRIPT the script itself is sent (EVAL, to
+     * the node of its keys, which caches it): no SCRIPT LOAD, which a cluster would run on
+     * one node only. */
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    if (!ds->rc || !EVP_Digest(APPLY_LUA, strlen(APPLY_LUA), md, &mdlen, EVP_sha1(), NULL) ||
+        mdlen != 20) {
+        cqrs_docstore_destroy(ds);
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    for (unsigned i = 0; i < mdlen; i++)
+        snprintf(ds->sha + 2 * i, 3, "%02x", md[i]);
     return ds;
 }
 
@@ -150,20 +172,20 @@ const char *cqrs_docstore_prefix(const cqrs_docstore_t *ds)
     return ds->target.prefix;
 }
 
-static void disconnect(cqrs_docstore_t *ds)
+static void bulk_disconnect(cqrs_docstore_t *ds)
 {
-    if (ds->c) {
-        redisFree(ds->c);
-        ds->c = NULL;
+    if (ds->bulk) {
+        redisFree(ds->bulk);
+        ds->bulk = NULL;
     }
-    ds->sha[0] = '\0';
 }
 
 void cqrs_docstore_destroy(cqrs_docstore_t *ds)
 {
     if (!ds)
         return;
-    disconnect(ds);
+    bulk_disconnect(ds);
+    cqrs_rconn_free(ds->rc);
     cqrs_redis_target_close(&ds->target);
     free(ds);
 }
@@ -174,29 +196,35 @@ static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, cons
 
 static void settle(cqrs_docstore_t *ds);
 
-static cqrs_err_t connect_ds(cqrs_docstore_t *ds, cqrs_error_t *err)
+static void connect_ds(cqrs_docstore_t *ds)
 {
     if (ds->deferred)
         settle(ds); /* replies of earlier bulk writes come before anything else */
-    if (ds->c)
-        return CQRS_ERR_OK;
-    ds->c = cqrs_redis_connect(&ds->target, ds->timeout_ms, err);
-    return ds->c ? CQRS_ERR_OK : CQRS_ERR_UNAVAILABLE;
+}
+
+/* The key a command is routed by (cluster): the first key of a script, the key of the others;
+ * NULL for commands of no key (PUBLISH, SCAN, DBSIZE, FLUSHDB, SWAPDB: any node). */
+static const char *route_of(int argc, const char *const *argv)
+{
+    const char *c = argv[0];
+    if (strcasecmp(c, "EVAL") == 0 || strcasecmp(c, "EVALSHA") == 0)
+        return argc > 3 && strcmp(argv[2], "0") != 0 ? argv[3] : NULL;
+    if (strcasecmp(c, "PUBLISH") == 0 || strcasecmp(c, "SCAN") == 0 ||
+        strcasecmp(c, "DBSIZE") == 0 || strcasecmp(c, "FLUSHDB") == 0 ||
+        strcasecmp(c, "SWAPDB") == 0 || argc < 2)
+        return NULL;
+    return argv[1];
 }
 
 static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, const size_t *lens,
                           redisReply **out, cqrs_error_t *err)
 {
     *out = NULL;
-    cqrs_err_t rc = connect_ds(ds, err);
+    connect_ds(ds);
+    redisReply *r = NULL;
+    cqrs_err_t rc = cqrs_rconn_command(ds->rc, route_of(argc, argv), argc, argv, lens, &r, err);
     if (rc != CQRS_ERR_OK)
         return rc;
-    redisReply *r = redisCommandArgv(ds->c, argc, argv, lens);
-    if (!r) {
-        cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
-        disconnect(ds);
-        return CQRS_ERR_UNAVAILABLE;
-    }
     if (r->type == REDIS_REPLY_ERROR) {
         /* LOADING, BUSY, MASTERDOWN, READONLY are transient states of a healthy server;
          * NOSCRIPT is handled by the caller. */
@@ -236,21 +264,6 @@ cqrs_err_t cqrs_docstore_get(cqrs_docstore_t *ds, const char *key, char **json, 
         if (!*json)
             rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
     }
-    freeReplyObject(r);
-    return rc;
-}
-
-static cqrs_err_t load_script(cqrs_docstore_t *ds, cqrs_error_t *err)
-{
-    const char *argv[] = {"SCRIPT", "LOAD", APPLY_LUA};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    if (r->type == REDIS_REPLY_STRING && r->len == 40)
-        memcpy(ds->sha, r->str, 41);
-    else
-        rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected SCRIPT LOAD reply");
     freeReplyObject(r);
     return rc;
 }
@@ -331,28 +344,18 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
         argv[k++] = a->ops[i].member;
         argv[k++] = a->ops[i].value ? a->ops[i].value : "";
     }
-    cqrs_err_t rc = CQRS_ERR_OK;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        if (!ds->sha[0] || !ds->c) {
-            rc = connect_ds(ds, err);
-            if (rc == CQRS_ERR_OK)
-                rc = load_script(ds, err);
-            if (rc != CQRS_ERR_OK)
-                break;
-        }
-        argv[1] = ds->sha;
-        redisReply *r = NULL;
+    argv[1] = ds->sha;
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, (int)k, argv, NULL, &r, err);
+    if (rc == CQRS_ERR_STATE) {
+        /* NOSCRIPT: this node never ran it, restarted or flushed its script cache. */
+        argv[0] = "EVAL";
+        argv[1] = APPLY_LUA;
         rc = command(ds, (int)k, argv, NULL, &r, err);
-        if (rc == CQRS_ERR_STATE) {
-            /* NOSCRIPT: the server restarted or flushed its script cache. */
-            ds->sha[0] = '\0';
-            continue;
-        }
-        if (rc != CQRS_ERR_OK)
-            break;
+    }
+    if (rc == CQRS_ERR_OK) {
         rc = script_result(r, result, err);
         freeReplyObject(r);
-        break;
     }
     free(argv);
     free(num);
@@ -767,6 +770,12 @@ cqrs_err_t cqrs_docstore_range_many(cqrs_docstore_t *ds, const char *const *keys
     return rc;
 }
 
+static void read_json(const redisReply *r, size_t i, void *ud)
+{
+    if (r->type == REDIS_REPLY_STRING)
+        ((char **)ud)[i] = strndup(r->str, r->len);
+}
+
 cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
                                   char **jsons, cqrs_error_t *err)
 {
@@ -774,34 +783,22 @@ cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, 
         jsons[i] = NULL;
     if (n == 0)
         return CQRS_ERR_OK;
-    cqrs_err_t rc = connect_ds(ds, err);
+    const char **argv = calloc(3 * n, sizeof *argv);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        argv[3 * i] = "HGET";
+        argv[3 * i + 1] = keys[i];
+        argv[3 * i + 2] = "json";
+    }
+    cqrs_err_t rc = pipeline(ds, n, 3, argv, read_json, jsons, err);
+    free(argv);
     if (rc != CQRS_ERR_OK)
-        return rc;
-    /* pipelined: n commands, then n replies */
-    for (size_t i = 0; i < n; i++) {
-        const char *argv[] = {"HGET", keys[i], "json"};
-        if (redisAppendCommandArgv(ds->c, 3, argv, NULL) != REDIS_OK) {
-            disconnect(ds);
-            return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: pipeline failed");
+        for (size_t i = 0; i < n; i++) {
+            free(jsons[i]);
+            jsons[i] = NULL;
         }
-    }
-    for (size_t i = 0; i < n; i++) {
-        void *reply = NULL;
-        if (redisGetReply(ds->c, &reply) != REDIS_OK || !reply) {
-            cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
-            disconnect(ds);
-            for (size_t k = 0; k < i; k++) {
-                free(jsons[k]);
-                jsons[k] = NULL;
-            }
-            return CQRS_ERR_UNAVAILABLE;
-        }
-        redisReply *r = reply;
-        if (r->type == REDIS_REPLY_STRING)
-            jsons[i] = strndup(r->str, r->len);
-        freeReplyObject(r);
-    }
-    return CQRS_ERR_OK;
+    return rc;
 }
 
 /* KEYS: 1 index, 2… sets. ARGV: 1 after ('' = start), 2 limit, 3 budget, 4 small_max,
@@ -897,31 +894,33 @@ cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, cha
     return CQRS_ERR_OK;
 }
 
-/* n pipelined commands of argc arguments each (argv row-major); fn reads each reply. */
+/* n pipelined commands of argc arguments each (argv row-major), per node on a cluster; fn
+ * reads each reply (error replies included), in order. */
 static cqrs_err_t pipeline(cqrs_docstore_t *ds, size_t n, int argc, const char *const *argv,
                            void (*fn)(const redisReply *r, size_t i, void *ud), void *ud,
                            cqrs_error_t *err)
 {
-    cqrs_err_t rc = connect_ds(ds, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    for (size_t i = 0; i < n; i++)
-        if (redisAppendCommandArgv(ds->c, argc, (const char **)(argv + i * (size_t)argc), NULL) !=
-            REDIS_OK) {
-            disconnect(ds);
-            return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: pipeline failed");
-        }
-    for (size_t i = 0; i < n; i++) {
-        void *reply = NULL;
-        if (redisGetReply(ds->c, &reply) != REDIS_OK || !reply) {
-            cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
-            disconnect(ds);
-            return CQRS_ERR_UNAVAILABLE;
-        }
-        fn(reply, i, ud);
-        freeReplyObject(reply);
+    connect_ds(ds);
+    cqrs_rcmd_t *cmds = calloc(n ? n : 1, sizeof *cmds);
+    redisReply **replies = calloc(n ? n : 1, sizeof *replies);
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (!cmds || !replies) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
     }
-    return CQRS_ERR_OK;
+    for (size_t i = 0; i < n; i++) {
+        const char **a = (const char **)(argv + i * (size_t)argc);
+        cmds[i] = (cqrs_rcmd_t){route_of(argc, a), argc, a, NULL};
+    }
+    rc = cqrs_rconn_pipeline(ds->rc, n, cmds, replies, err);
+    for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++)
+        fn(replies[i], i, ud);
+out:
+    for (size_t i = 0; replies && i < n; i++)
+        freeReplyObject(replies[i]);
+    free(cmds);
+    free(replies);
+    return rc;
 }
 
 static void read_present(const redisReply *r, size_t i, void *ud)
@@ -1361,6 +1360,13 @@ cqrs_docstore_t *cqrs_docstore_new_db(const cqrs_redis_config_t *redis, int db, 
         return NULL;
     ds->target.addr.db = db;
     cqrs_docstore_channel(ds->target.prefix, db, ds->channel, sizeof ds->channel);
+    cqrs_rconn_free(ds->rc); /* it copied the target: made again for this database */
+    ds->rc = cqrs_rconn_new(&ds->target, ds->timeout_ms);
+    if (!ds->rc) {
+        cqrs_docstore_destroy(ds);
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
     return ds;
 }
 
@@ -1381,10 +1387,11 @@ static void pipe_drain(pipe_t *p)
 {
     for (; p->pending > 0; p->pending--) {
         void *reply = NULL;
-        if (redisGetReply(p->ds->c, &reply) != REDIS_OK || !reply) {
+        if (redisGetReply(p->ds->bulk, &reply) != REDIS_OK || !reply) {
             if (p->rc == CQRS_ERR_OK)
-                p->rc = cqrs_error_set(p->err, CQRS_ERR_UNAVAILABLE, "Redis: %s", p->ds->c->errstr);
-            disconnect(p->ds);
+                p->rc =
+                    cqrs_error_set(p->err, CQRS_ERR_UNAVAILABLE, "Redis: %s", p->ds->bulk->errstr);
+            bulk_disconnect(p->ds);
             p->pending = 0;
             return;
         }
@@ -1397,9 +1404,9 @@ static void pipe_drain(pipe_t *p)
 
 static void pipe_add(pipe_t *p, int argc, const char **argv)
 {
-    if (p->rc != CQRS_ERR_OK || !p->ds->c)
+    if (p->rc != CQRS_ERR_OK || !p->ds->bulk)
         return;
-    if (redisAppendCommandArgv(p->ds->c, argc, argv, NULL) != REDIS_OK) {
+    if (redisAppendCommandArgv(p->ds->bulk, argc, argv, NULL) != REDIS_OK) {
         p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "Redis: cannot queue a command");
         return;
     }
@@ -1411,7 +1418,7 @@ static void settle(cqrs_docstore_t *ds)
 {
     size_t n = ds->deferred;
     ds->deferred = 0;
-    if (!ds->c) {
+    if (!ds->bulk) {
         if (ds->deferred_rc == CQRS_ERR_OK)
             ds->deferred_rc = cqrs_error_set(&ds->deferred_err, CQRS_ERR_UNAVAILABLE,
                                              "Redis: the connection was lost before the bulk "
@@ -1519,10 +1526,14 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
                                     cqrs_error_t *err)
 {
     cqrs_err_t rc = cqrs_docstore_bulk_sync(ds, err);
-    if (rc == CQRS_ERR_OK)
-        rc = connect_ds(ds, err);
     if (rc != CQRS_ERR_OK)
         return rc;
+    if (cqrs_rconn_is_cluster(ds->rc))
+        return cqrs_error_set(err, CQRS_ERR_CONFIG,
+                              "bulk writes (cqrsctl rebuild) need a single Redis server, not a "
+                              "Redis Cluster");
+    if (!ds->bulk && !(ds->bulk = cqrs_redis_connect(&ds->target, ds->timeout_ms, err)))
+        return CQRS_ERR_UNAVAILABLE;
     enum { G_HSET = 10, G_HSETNX_DEAD = 11 };
     groups_t g = {0};
     size_t n_scores = 0;
@@ -1578,7 +1589,7 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
                 const char **argv = malloc((take + 2) * sizeof *argv);
                 if (!argv) {
                     rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-                    disconnect(ds);
+                    bulk_disconnect(ds);
                     goto out;
                 }
                 argv[0] = name;
@@ -1607,15 +1618,15 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
     /* Send everything now, read the replies later (the next bulk write, a sync, or any other
      * command): Redis works on this batch while the caller prepares the next. */
     int done = 0;
-    while (ds->c && p.rc == CQRS_ERR_OK && !done)
-        if (redisBufferWrite(ds->c, &done) != REDIS_OK) {
-            p.rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->c->errstr);
-            disconnect(ds);
+    while (ds->bulk && p.rc == CQRS_ERR_OK && !done)
+        if (redisBufferWrite(ds->bulk, &done) != REDIS_OK) {
+            p.rc = cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "Redis: %s", ds->bulk->errstr);
+            bulk_disconnect(ds);
         }
     if (p.rc == CQRS_ERR_OK)
         ds->deferred = p.pending;
-    else if (ds->c)
-        disconnect(ds); /* appended commands must not be taken for the next call's */
+    else if (ds->bulk)
+        bulk_disconnect(ds); /* appended commands must not be taken for the next call's */
     rc = p.rc;
 out:
     for (size_t i = 0; i < g.n; i++)

@@ -5,6 +5,7 @@
 #include <libpq-fe.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 
 #include "httpc.h"
 #include "redisdb.h"
+#include "testenv.h"
 
 int free_port(void)
 {
@@ -28,6 +30,15 @@ int free_port(void)
     return ntohs(a.sin_port);
 }
 
+/* CQRS_TEST_REDIS_CLUSTER=1: the run's read model lives on the stack's Redis Cluster
+ * (CQRS_REDIS_CLUSTER_URL, database 0) under a key prefix of its own (its topic prefix), which
+ * keeps runs apart as the database number does on a single Redis. */
+bool daemons_on_cluster(void)
+{
+    const char *v = getenv("CQRS_TEST_REDIS_CLUSTER");
+    return v && strcmp(v, "1") == 0;
+}
+
 static pid_t spawn(const daemons_t *d, const char *path, int port, const char *log,
                    const char *role, const char *extra_env)
 {
@@ -39,7 +50,10 @@ static pid_t spawn(const daemons_t *d, const char *path, int port, const char *l
         if (role)
             setenv("CQRS_QUERY_ROLE", role, 1);
         setenv("CQRS_RELAY_LEASE_MS", "2000", 0);
-        if (d->redis_db) {
+        if (daemons_on_cluster()) {
+            setenv("CQRS_REDIS_URL", testenv_require("CQRS_REDIS_CLUSTER_URL"), 1);
+            setenv("CQRS_REDIS_PREFIX", d->prefix, 1);
+        } else if (d->redis_db) {
             char url[1024];
             if (redisdb_url(getenv("CQRS_REDIS_URL"), d->redis_db, url, sizeof url) == 0)
                 setenv("CQRS_REDIS_URL", url, 1);
@@ -111,7 +125,7 @@ int daemons_start(daemons_t *d)
         daemons_dump_logs(d);
         return -1;
     }
-    if (d->redis_db) {
+    if (d->redis_db && !daemons_on_cluster()) { /* on a cluster: a fresh key prefix */
         char url[1024];
         if (redisdb_url(getenv("CQRS_REDIS_URL"), d->redis_db, url, sizeof url) != 0)
             return -1;

@@ -7,6 +7,7 @@
 #ifndef CQRS_TEST_DAEMONS_H
 #define CQRS_TEST_DAEMONS_H
 
+#include <stdbool.h>
 #include <sys/types.h>
 
 typedef struct daemons {
@@ -16,6 +17,11 @@ typedef struct daemons {
     char prefix[32];
     char logdir[64];
 } daemons_t;
+
+/* True when CQRS_TEST_REDIS_CLUSTER=1: the daemons' read model is on the stack's Redis Cluster
+ * (CQRS_REDIS_CLUSTER_URL) under the run's own key prefix (CQRS_REDIS_PREFIX = the topic
+ * prefix) instead of a database of the single Redis. */
+bool daemons_on_cluster(void);
 
 /* 0 on success; on failure prints the logs and returns -1. A run with redis_db ≠ 0 starts
  * from an empty Redis database (FLUSHDB) of its own. */
