@@ -103,6 +103,9 @@ static void feed_change(void *ud, const char *key, int64_t version)
 static void feed_reset(void *ud)
 {
     app_t *app = ud;
+    /* "*": a shard found empty, or a rebuild switched generations: the next read learns the
+     * generation to follow again. */
+    cqrs_docstore_generations_forget();
     if (app->ctx.cache)
         cqrs_doccache_reset(app->ctx.cache, true);
     cqrs_waiters_feed_up(app->ctx.waiters, true);

@@ -151,6 +151,7 @@ typedef struct rebuild {
     const char *types; /* "{product,order}" */
     bool products, orders;
     int32_t shards[2]; /* per type (product, order): the layout's partition count */
+    int64_t gen[2];    /* per type: the generation this rebuild writes (0: not rebuilt) */
     char marker[CQRS_KEY_MAX];
     vmap_t map;
     agg_t cur;
@@ -242,8 +243,9 @@ static void fold(agg_t *a, const cqrs_event_t *ev)
 static void agg_keys(const rebuild_t *r, agg_t *a, const char *type, const char *id)
 {
     bool order = strcmp(type, "order") == 0;
-    query_shard(r->live, type, cqrs_keys_partition(id, r->shards[order]), a->shard,
-                sizeof a->shard);
+    cqrs_keys_shard_gen(cqrs_docstore_prefix(r->live), query_topic(type),
+                        cqrs_keys_partition(id, r->shards[order]), r->gen[order], a->shard,
+                        sizeof a->shard);
     cqrs_keys_doc(a->shard, id, a->key, sizeof a->key);
     cqrs_keys_dlq(a->shard, id, a->dlq_key, sizeof a->dlq_key);
 }
@@ -653,17 +655,16 @@ static cqrs_err_t catch_up(rebuild_t *r, long long *behind, cqrs_error_t *err)
 
 static int usage(FILE *f)
 {
-    fprintf(f, "usage: cqrsctl rebuild [--projection products|orders|all] [--scratch-db N]\n"
+    fprintf(f, "usage: cqrsctl rebuild [--projection products|orders|all]\n"
                "                       [--max-in-memory AGGREGATES]\n\n"
-               "Rebuilds the read model from the PostgreSQL event log into a scratch database of\n"
-               "the same Redis server while the live one keeps serving, then switches atomically\n"
-               "(SWAPDB) and drops the old generation. The projections not chosen are copied as\n"
-               "they are. --scratch-db defaults to the live database + 1 (0 when the live one is\n"
-               "15); it must be empty or a previous rebuild's scratch database.\n"
-               "--max-in-memory (default 500000, about 1 GB) bounds the aggregates folded in\n"
-               "memory; past it they are written out and read back when needed.\n"
+               "Rebuilds the read model from the PostgreSQL event log into a new generation of\n"
+               "the chosen projections' shards, beside the live one (same Redis or cluster),\n"
+               "while the live one keeps serving; then switches each shard to it, points the\n"
+               "readers at it and deletes the old generation. The projections not chosen stay\n"
+               "as they are. --max-in-memory (default 500000, about 1 GB) bounds the aggregates\n"
+               "folded in memory; past it they are written out and read back when needed.\n"
                "Exit codes: 0 switched, 1 failed (the live read model is untouched), 2 usage,\n"
-               "3 a dependency is unavailable.\n");
+               "3 a dependency is unavailable or the switch was too slow (nothing switched).\n");
     return f == stdout ? 0 : 2;
 }
 
@@ -675,10 +676,96 @@ static int fail(rebuild_t *r, const cqrs_error_t *err)
     return err->code == CQRS_ERR_UNAVAILABLE || err->code == CQRS_ERR_TIMEOUT ? 3 : 1;
 }
 
+/* The shards of the rebuilt topics: old[i] (the live generation) and new[i] (this rebuild's). */
+typedef struct shard_pair {
+    char old[CQRS_SHARD_MAX], new[CQRS_SHARD_MAX];
+    bool is_order;
+} shard_pair_t;
+
+/* A switch a run before this one left half done (it died between two shards' switches): the
+ * generation some shards point at is complete in every shard (switching is the last step), so
+ * the rest follow it, then the readers. */
+static cqrs_err_t finish_interrupted_switch(rebuild_t *r, const char *topic, int32_t shards,
+                                            int64_t *live, cqrs_error_t *err)
+{
+    const char *prefix = cqrs_docstore_prefix(r->live);
+    int64_t top = *live;
+    for (int32_t p = 0; p < shards; p++) {
+        char shard[CQRS_SHARD_MAX];
+        int64_t g = 0;
+        cqrs_err_t rc = cqrs_docstore_current_shard(r->live, topic, p, shard, sizeof shard, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+        cqrs_keys_shard_parse(shard, NULL, 0, &g);
+        if (g > top)
+            top = g;
+    }
+    if (top == *live)
+        return CQRS_ERR_OK;
+    fprintf(stderr, "finishing the switch of %s to generation %lld a rebuild left half done\n",
+            topic, (long long)top);
+    for (int32_t p = 0; p < shards; p++) {
+        char from[CQRS_SHARD_MAX], to[CQRS_SHARD_MAX];
+        cqrs_err_t rc = cqrs_docstore_current_shard(r->live, topic, p, from, sizeof from, err);
+        cqrs_keys_shard_gen(prefix, topic, p, top, to, sizeof to);
+        if (rc == CQRS_ERR_OK && strcmp(from, to) != 0)
+            rc = cqrs_docstore_switch_shard(r->live, from, to, 0, true, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+    }
+    cqrs_err_t rc = cqrs_docstore_set_generation(r->live, topic, top, err);
+    if (rc == CQRS_ERR_OK)
+        rc = cqrs_docstore_announce_reset(r->live, err);
+    *live = top;
+    return rc;
+}
+
+/* Deletes a generation of a topic's shards; *n counts the keys. */
+static cqrs_err_t delete_generation(rebuild_t *r, const char *topic, int64_t gen, size_t *n,
+                                    cqrs_error_t *err)
+{
+    char pattern[CQRS_KEY_MAX];
+    snprintf(pattern, sizeof pattern, "{%s:%s:*}:g%lld:*", cqrs_docstore_prefix(r->live), topic,
+             (long long)gen);
+    return cqrs_docstore_delete_keys(r->live, pattern, n, err);
+}
+
+/* What the live generation of a rebuilt shard holds that the build does not make: the
+ * partition's offset (the projector goes on from it), undecodable messages, documents of
+ * unknown aggregate types, and dead letters of aggregates the log does not know. */
+static cqrs_err_t carry_over(rebuild_t *r, const shard_pair_t *s, size_t *copied, cqrs_error_t *err)
+{
+    static const char *const families[] = {CQRS_SHARD_OFFSETS, CQRS_SHARD_UNDECODABLE, "unknown:*"};
+    cqrs_err_t rc = CQRS_ERR_OK;
+    for (size_t f = 0; rc == CQRS_ERR_OK && f < 3; f++) {
+        size_t n = 0;
+        rc = cqrs_docstore_copy_shard_keys(r->live, s->old, s->new, families[f], &n, err);
+        *copied += n;
+    }
+    char **ids = NULL;
+    int64_t *since = NULL;
+    size_t n_ids = 0;
+    if (rc == CQRS_ERR_OK)
+        rc = cqrs_docstore_dlq_index(r->live, s->old, &ids, &since, &n_ids, err);
+    for (size_t k = 0; rc == CQRS_ERR_OK && k < n_ids; k++) {
+        if (vmap_find(&r->map, ids[k], false))
+            continue; /* rebuilt: its dead letters were recomputed */
+        char glob[CQRS_KEY_MAX];
+        size_t n = 0;
+        snprintf(glob, sizeof glob, "dlq:%s", ids[k]);
+        rc = cqrs_docstore_copy_shard_keys(r->live, s->old, s->new, glob, &n, err);
+        *copied += n;
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_dlq_index_add(r->live, s->new, ids[k], since[k], err);
+    }
+    cqrs_docstore_strings_free(ids, n_ids);
+    free(since);
+    return rc;
+}
+
 int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
 {
     const char *projection = "all";
-    int scratch_db = -1;
     size_t max_in_memory = 500000; /* ≈ 1 GB of folded documents; past it, spill */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
@@ -690,11 +777,10 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
             if (!cqrs_parse_int64(argv[++i], &v) || v < 1)
                 return usage(stderr);
             max_in_memory = (size_t)v;
-        } else if (strcmp(argv[i], "--scratch-db") == 0 && i + 1 < argc) {
-            int64_t v;
-            if (!cqrs_parse_int64(argv[++i], &v) || v < 0 || v > 1000000)
-                return usage(stderr);
-            scratch_db = (int)v;
+        } else if (strcmp(argv[i], "--scratch-db") == 0) {
+            fprintf(stderr, "cqrsctl rebuild: --scratch-db is gone: a rebuild writes a new "
+                            "generation beside the live one (README, Redis keys)\n");
+            return 2;
         } else {
             return usage(stderr);
         }
@@ -710,18 +796,6 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     r->tty = isatty(2);
     r->max_in_memory = max_in_memory;
     cqrs_error_t err;
-    cqrs_redis_addr_t addr;
-    if (cqrs_redis_url_parse(env->redis->url, &addr, &err) != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl rebuild: CQRS_REDIS_URL: %s\n", err.message);
-        return 2;
-    }
-    if (scratch_db < 0)
-        scratch_db = addr.db == 15 ? 0 : addr.db + 1;
-    if (scratch_db == addr.db) {
-        fprintf(stderr, "cqrsctl rebuild: the scratch database must not be the live one (%d)\n",
-                addr.db);
-        return 2;
-    }
     cqrs_store_config_t sc = {.dsn = env->pg_dsn,
                               .pool_size = 1,
                               .connect_timeout_s = 5,
@@ -729,64 +803,97 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
                               .application_name = "cqrsctl-rebuild"};
     r->store = cqrs_store_new(&sc);
     r->live = cqrs_docstore_new(env->redis, 5000, &err);
-    r->scratch = r->live ? cqrs_docstore_new_db(env->redis, scratch_db, 5000, &err) : NULL;
+    r->scratch = r->live; /* the new generation lives beside the old one */
+    shard_pair_t *pairs = NULL;
+    const char **old_shards = NULL;
+    int64_t *tokens = NULL;
+    size_t n_pairs = 0;
     int rc = 1;
-    if (!r->store || !r->live || !r->scratch) {
+    if (!r->store || !r->live) {
         fprintf(stderr, "cqrsctl rebuild: %s\n", r->store ? err.message : "out of memory");
         rc = 2;
         goto out;
     }
-    /* The scratch database: empty, or a previous rebuild's. */
-    long long size = 0;
-    char *marker = NULL;
-    if (cqrs_docstore_dbsize(r->scratch, &size, &err) != CQRS_ERR_OK) {
-        rc = fail(r, &err);
-        goto out;
-    }
-    cqrs_keys_global(cqrs_docstore_prefix(r->live), "rebuild:marker", r->marker, sizeof r->marker);
-    cqrs_err_t mrc = cqrs_docstore_string_get(r->scratch, r->marker, &marker, &err);
-    free(marker);
-    if (size > 0 && mrc != CQRS_ERR_OK) {
-        fprintf(stderr,
-                "cqrsctl rebuild: database %d is not empty and not a rebuild's scratch database;"
-                " choose another with --scratch-db\n",
-                scratch_db);
-        rc = 2;
-        goto out;
-    }
-    char mark[128];
-    snprintf(mark, sizeof mark, "{\"live_db\":%d,\"started_ms\":%lld}", addr.db,
-             (long long)cqrs_realtime_ms());
-    if (cqrs_docstore_flush(r->scratch, &err) != CQRS_ERR_OK ||
-        cqrs_docstore_string_set(r->scratch, r->marker, mark, &err) != CQRS_ERR_OK) {
-        rc = fail(r, &err);
-        goto out;
-    }
-    /* Where each aggregate goes: the shards the live projectors record (keyspace.h). */
+    const char *prefix = cqrs_docstore_prefix(r->live);
     static const char *const types[2] = {"product", "order"};
+    /* Where each aggregate goes (the layout the projectors record) and the generations. */
+    int64_t live_gen[2] = {0, 0};
     for (int t = 0; t < 2; t++) {
+        if ((t == 0 && !r->products) || (t == 1 && !r->orders))
+            continue;
         cqrs_err_t lrc = query_shard_count(r->live, types[t], &r->shards[t], &err);
+        if (lrc == CQRS_ERR_NOT_FOUND)
+            cqrs_error_set(&err, CQRS_ERR_STATE,
+                           "the read model records no layout for %s: start cqrs-queryd once"
+                           " (its projector records each topic's partition count)",
+                           query_topic(types[t]));
+        if (lrc == CQRS_ERR_OK)
+            lrc = cqrs_docstore_generation(r->live, query_topic(types[t]), &live_gen[t], &err);
+        if (lrc == CQRS_ERR_OK)
+            lrc = finish_interrupted_switch(r, query_topic(types[t]), r->shards[t], &live_gen[t],
+                                            &err);
         if (lrc != CQRS_ERR_OK) {
-            if (lrc == CQRS_ERR_NOT_FOUND)
-                cqrs_error_set(&err, CQRS_ERR_STATE,
-                               "the read model records no layout for %s: start cqrs-queryd once"
-                               " (its projector records each topic's partition count)",
-                               query_topic(types[t]));
+            rc = fail(r, &err);
+            goto out;
+        }
+        r->gen[t] = live_gen[t] + 1;
+        n_pairs += (size_t)r->shards[t];
+    }
+    /* A generation an interrupted run was building (never switched to) is garbage. */
+    cqrs_keys_global(prefix, "rebuild:marker", r->marker, sizeof r->marker);
+    char *marker = NULL;
+    if (cqrs_docstore_string_get(r->live, r->marker, &marker, &err) == CQRS_ERR_OK) {
+        json_t *m = json_loads(marker, 0, NULL);
+        for (int t = 0; t < 2; t++) {
+            json_int_t g = json_integer_value(json_object_get(m, types[t]));
+            size_t n = 0;
+            if (g > live_gen[t] || (g > 0 && g < live_gen[t])) {
+                if (delete_generation(r, query_topic(types[t]), g, &n, &err) != CQRS_ERR_OK) {
+                    json_decref(m);
+                    free(marker);
+                    rc = fail(r, &err);
+                    goto out;
+                }
+                fprintf(stderr, "deleted %zu keys of generation %lld of %s (an earlier run's)\n", n,
+                        (long long)g, query_topic(types[t]));
+            }
+        }
+        json_decref(m);
+    }
+    free(marker);
+    /* Leftovers of this rebuild's generation (an earlier run that got as far) go too. */
+    for (int t = 0; t < 2; t++) {
+        size_t n = 0;
+        if (r->gen[t] &&
+            delete_generation(r, query_topic(types[t]), r->gen[t], &n, &err) != CQRS_ERR_OK) {
             rc = fail(r, &err);
             goto out;
         }
     }
-    cqrsctl_shard_t *all = NULL;
-    size_t n_all = 0;
-    const char **sp = NULL;
-    if (cqrsctl_all_shards(r->live, &all, &n_all, &err) != CQRS_ERR_OK ||
-        !(sp = calloc(n_all + 1, sizeof *sp))) {
-        free(all);
+    char mark[256];
+    snprintf(mark, sizeof mark, "{\"product\":%lld,\"order\":%lld,\"started_ms\":%lld}",
+             (long long)r->gen[0], (long long)r->gen[1], (long long)cqrs_realtime_ms());
+    if (cqrs_docstore_string_set(r->live, r->marker, mark, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
         goto out;
     }
-    for (size_t i = 0; i < n_all; i++)
-        sp[i] = all[i];
+    pairs = calloc(n_pairs + 1, sizeof *pairs);
+    old_shards = calloc(n_pairs + 1, sizeof *old_shards);
+    tokens = calloc(n_pairs + 1, sizeof *tokens);
+    if (!pairs || !old_shards || !tokens) {
+        fprintf(stderr, "cqrsctl rebuild: out of memory\n");
+        goto out;
+    }
+    n_pairs = 0;
+    for (int t = 0; t < 2; t++)
+        for (int32_t p = 0; r->gen[t] && p < r->shards[t]; p++) {
+            shard_pair_t *s = &pairs[n_pairs];
+            cqrs_keys_shard_gen(prefix, query_topic(types[t]), p, live_gen[t], s->old,
+                                sizeof s->old);
+            cqrs_keys_shard_gen(prefix, query_topic(types[t]), p, r->gen[t], s->new, sizeof s->new);
+            s->is_order = t == 1;
+            old_shards[n_pairs++] = s->old;
+        }
     query_t count = {SQL_COUNT, 1, {r->types}, NULL};
     if (run_query(r, &count, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
@@ -794,8 +901,9 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     }
     r->total = atoll(cqrs_rows_get(count.rows, 0, 0) ? cqrs_rows_get(count.rows, 0, 0) : "0");
     cqrs_rows_free(count.rows);
-    fprintf(stderr, "rebuilding %s from %lld events into Redis database %d (live: %d)\n",
-            projection, r->total, scratch_db, addr.db);
+    fprintf(stderr, "rebuilding %s from %lld events into generation %lld (live: %lld)\n",
+            projection, r->total, (long long)(r->gen[0] ? r->gen[0] : r->gen[1]),
+            (long long)(r->gen[0] ? live_gen[0] : live_gen[1]));
     r->started_ms = r->last_report_ms = cqrs_monotonic_ms();
     if (build(r, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
@@ -817,143 +925,105 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
             break;
     }
 
-    /* Switch. */
-    int64_t pause_started = cqrs_monotonic_ms(), pause_token = 0;
-    if (cqrs_docstore_pause_token(r->live, sp, n_all, PAUSE_MS, &pause_token, &err) !=
-        CQRS_ERR_OK) {
+    /* Switch: pause the live generation's shards, catch up once more, carry over, switch. */
+    int64_t pause_started = cqrs_monotonic_ms();
+    if (cqrs_docstore_pause(r->live, old_shards, n_pairs, PAUSE_MS, tokens, &err) != CQRS_ERR_OK) {
+        cqrs_error_t e2;
+        cqrs_docstore_pause(r->live, old_shards, n_pairs, 0, NULL, &e2);
         rc = fail(r, &err);
         goto out;
     }
     /* Every event applied live was committed before the pause: this read sees it. */
     cqrs_err_t src = catch_up(r, &behind, &err);
-    char pattern[CQRS_KEY_MAX];
-    size_t copied = 0, n;
-    const char *prefix = cqrs_docstore_prefix(r->live);
-    /* The layout, and per shard of every topic: the applied offsets (the live projector goes
-     * on from them) and the undecodable messages. */
-    cqrs_keys_global(prefix, "layout", pattern, sizeof pattern);
-    if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &copied, &err);
-    static const char *const families[] = {CQRS_SHARD_OFFSETS, CQRS_SHARD_UNDECODABLE, "unknown:*"};
-    for (size_t f = 0; src == CQRS_ERR_OK && f < 3; f++) {
-        snprintf(pattern, sizeof pattern, "{%s:*}:%s", prefix, families[f]);
-        src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &n, &err);
-        copied += n;
-    }
-    /* The projections not rebuilt: all their shards hold, as they are. */
-    for (int t = 0; src == CQRS_ERR_OK && t < 2; t++)
-        if ((t == 0 && !r->products) || (t == 1 && !r->orders)) {
-            snprintf(pattern, sizeof pattern, "{%s:%s:*", prefix, query_topic(types[t]));
-            src = cqrs_docstore_copy_keys(r->live, r->scratch, pattern, &n, &err);
-            copied += n;
-        }
-    /* Dead letters of aggregates not rebuilt in the rebuilt shards (an unknown aggregate type;
-     * the rebuilt ones have their own, recomputed). */
-    for (size_t i = 0; src == CQRS_ERR_OK && i < n_all; i++) {
-        bool rebuilt = strncmp(all[i] + 1 + strlen(prefix) + 1, query_topic("order"),
-                               strlen(query_topic("order"))) == 0
-                           ? r->orders
-                           : r->products;
-        if (!rebuilt)
-            continue;
-        char **ids = NULL;
-        int64_t *since = NULL;
-        size_t n_ids = 0;
-        src = cqrs_docstore_dlq_index(r->live, all[i], &ids, &since, &n_ids, &err);
-        for (size_t k = 0; src == CQRS_ERR_OK && k < n_ids; k++) {
-            if (vmap_find(&r->map, ids[k], false))
-                continue;
-            char dlq[CQRS_KEY_MAX];
-            cqrs_keys_dlq(all[i], ids[k], dlq, sizeof dlq);
-            src = cqrs_docstore_copy_keys(r->live, r->scratch, dlq, &n, &err);
-            if (src == CQRS_ERR_OK)
-                src = cqrs_docstore_dlq_index_add(r->scratch, all[i], ids[k], since[k], &err);
-        }
-        cqrs_docstore_strings_free(ids, n_ids);
-        free(since);
-    }
-    /* The new generation takes each shard's live incarnation over: it holds exactly the
-     * offsets the paused projectors recorded, so they go on without noticing the switch. Its
-     * shards carry no pause (a copied meta would). */
-    for (size_t i = 0; src == CQRS_ERR_OK && i < n_all; i++) {
-        char incarnation[CQRS_INCARNATION_LEN + 1];
-        src = cqrs_docstore_shard_open(r->live, all[i], 0, incarnation, NULL, &err);
-        if (src == CQRS_ERR_OK)
-            src = cqrs_docstore_set_incarnation(r->scratch, all[i], incarnation, &err);
-    }
-    if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_pause(r->scratch, sp, n_all, 0, &err);
-    /* The old generation keeps a marker once it sits in the scratch database; the new one
-     * carries none. */
-    if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_del(r->scratch, r->marker, &err);
-    if (src == CQRS_ERR_OK)
-        src = cqrs_docstore_string_set(r->live, r->marker, mark, &err);
+    size_t copied = 0;
+    for (size_t i = 0; src == CQRS_ERR_OK && i < n_pairs; i++)
+        src = carry_over(r, &pairs[i], &copied, &err);
     int64_t remaining_ms = PAUSE_MS - (cqrs_monotonic_ms() - pause_started);
     if (src == CQRS_ERR_OK && remaining_ms < 1000)
         src = cqrs_error_set(&err, CQRS_ERR_TIMEOUT,
                              "the switch took longer than the pause allows; nothing switched");
     if (src == CQRS_ERR_OK && CQRS_FAILPOINT("rebuild-before-swap"))
         src = cqrs_error_set(&err, CQRS_ERR_INTERNAL, "failpoint rebuild-before-swap");
-    if (src == CQRS_ERR_OK) {
-        /* Atomic with the check that our pause is still in force: a stall of any length
-         * before this point (the remaining-time check above is only the common case) cannot
-         * let a live apply slip between the copied offsets and the swap. */
-        src = cqrs_docstore_swap_with(r->live, sp, n_all, scratch_db, pause_token, &err);
-        if (src != CQRS_ERR_OK && src != CQRS_ERR_TIMEOUT) {
-            /* Did the swap happen (only its reply lost)? The marker set in the live database
-             * just before travels with the old generation. */
-            char *m = NULL;
-            cqrs_error_t e3;
-            for (int t = 0; t < 10; t++) {
-                cqrs_err_t mrc2 = cqrs_docstore_string_get(r->live, r->marker, &m, &e3);
-                free(m);
-                m = NULL;
-                if (mrc2 == CQRS_ERR_NOT_FOUND) {
-                    src = CQRS_ERR_OK; /* swapped */
-                    break;
-                }
-                if (mrc2 == CQRS_ERR_OK)
-                    break; /* not swapped */
-                usleep(200 * 1000);
-            }
-        }
+    /* Each shard switches only while its pause is in force (checked in the script that
+     * switches, in Redis's clock): a rebuild stalled past the pause switches nothing. Once one
+     * shard switched the others must follow (force): one whose pause lapsed in between took
+     * live writes after its offset was copied, so the new generation's offset is behind and
+     * its projector re-applies from there. */
+    size_t switched = 0;
+    for (size_t i = 0; src == CQRS_ERR_OK && i < n_pairs; i++) {
+        cqrs_err_t s = cqrs_docstore_switch_shard(r->live, pairs[i].old, pairs[i].new, tokens[i],
+                                                  switched > 0, &err);
+        if (s == CQRS_ERR_OK)
+            switched++;
+        else if (s != CQRS_ERR_TIMEOUT || switched == 0)
+            src = s;
     }
-    if (src != CQRS_ERR_OK) {
+    if (src != CQRS_ERR_OK && switched == 0) {
         cqrs_error_t e2;
-        cqrs_docstore_pause(r->live, sp, n_all, 0, &e2); /* let the live projector go on */
-        cqrs_docstore_del(r->live, r->marker, &e2);
-        /* The scratch database stays a rebuild's: the next run flushes and reuses it. */
-        cqrs_docstore_string_set(r->scratch, r->marker, mark, &e2);
+        cqrs_docstore_pause(r->live, old_shards, n_pairs, 0, NULL, &e2); /* go on live */
         rc = fail(r, &err);
         goto out;
     }
+    if (src != CQRS_ERR_OK) {
+        /* Some shards switched and a failure (Redis) stopped the rest: the next run finishes
+         * the switch (finish_interrupted_switch). */
+        fprintf(stderr,
+                "cqrsctl rebuild: %s; %zu of %zu shards switched: run cqrsctl rebuild "
+                "again to finish the switch\n",
+                err.message, switched, n_pairs);
+        rc = 3;
+        goto out;
+    }
     int64_t pause_ms = cqrs_monotonic_ms() - pause_started;
-    /* The live database now holds the new generation: caches of the old one go. */
+    /* Readers follow: the topics' generation, then "*" so that every cqrs-queryd drops what
+     * it cached and reads the generation again (at most CQRS_GENERATION_TTL_MS without it). */
     cqrs_error_t e2;
+    for (int t = 0; t < 2; t++)
+        if (r->gen[t] && cqrs_docstore_set_generation(r->live, query_topic(types[t]), r->gen[t],
+                                                      &e2) != CQRS_ERR_OK) {
+            fprintf(stderr,
+                    "cqrsctl rebuild: shards switched, readers not yet (%s): run "
+                    "cqrsctl rebuild again to finish the switch\n",
+                    e2.message);
+            rc = 3;
+            goto out;
+        }
     cqrs_err_t arc = CQRS_ERR_UNAVAILABLE;
     for (int t = 0; t < 10 && arc != CQRS_ERR_OK; t++) {
         arc = cqrs_docstore_announce_reset(r->live, &e2);
         if (arc != CQRS_ERR_OK)
             usleep(300 * 1000);
     }
-    cqrs_error_t announce_err = e2;
-    if (cqrs_docstore_flush(r->scratch, &e2) != CQRS_ERR_OK)
-        fprintf(stderr, "warning: the old generation in database %d was not flushed (%s)\n",
-                scratch_db, e2.message);
+    cqrs_docstore_del(r->live, r->marker, &e2);
     double build_s = (double)(built_ms - r->started_ms) / 1000.0;
     printf("switched: %lld events (%lld in the build at %.0f events/s, %lld caught up), %zu "
-           "aggregates, %lld dead letters, %zu keys copied, projector paused %lld ms\n",
+           "aggregates, %lld dead letters, %zu keys carried over, %zu shards, projector paused "
+           "%lld ms\n",
            r->events, built_events, build_s > 0 ? (double)built_events / build_s : 0.0,
-           r->events - built_events, r->map.n, r->dead_letters, copied, (long long)pause_ms);
+           r->events - built_events, r->map.n, r->dead_letters, copied, n_pairs,
+           (long long)pause_ms);
+    fflush(stdout);
+    /* The old generation goes once no reader can still be on it (they follow within the
+     * generation cache's lifetime even without the announcement). */
+    usleep((CQRS_GENERATION_TTL_MS + 1000) * 1000);
+    size_t deleted = 0;
+    for (int t = 0; t < 2; t++) {
+        size_t n = 0;
+        if (r->gen[t] &&
+            delete_generation(r, query_topic(types[t]), live_gen[t], &n, &e2) != CQRS_ERR_OK)
+            fprintf(stderr,
+                    "warning: the old generation of %s was not deleted (%s); the next "
+                    "rebuild deletes it\n",
+                    query_topic(types[t]), e2.message);
+        deleted += n;
+    }
+    fprintf(stderr, "old generation deleted: %zu keys\n", deleted);
     rc = 0;
     if (arc != CQRS_ERR_OK) {
         fprintf(stderr,
-                "cqrsctl rebuild: switched, but the switch could not be announced (%s): query "
-                "daemons may serve cached documents of the old generation until their change "
-                "feed reconnects; restart them or run PUBLISH %s:changes:%d '*'\n",
-                announce_err.message, cqrs_docstore_prefix(r->live), addr.db);
-        rc = 1;
+                "cqrsctl rebuild: switched, but the switch could not be announced: query daemons "
+                "follow within %d ms (their generation cache)\n",
+                CQRS_GENERATION_TTL_MS);
     }
 out:
     if (r->have_cur)
@@ -964,7 +1034,9 @@ out:
         agg_free(&r->done[i]);
     }
     free(r->map.v);
-    cqrs_docstore_destroy(r->scratch);
+    free(pairs);
+    free(old_shards);
+    free(tokens);
     cqrs_docstore_destroy(r->live);
     cqrs_store_destroy(r->store);
     return rc;

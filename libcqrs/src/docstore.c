@@ -63,17 +63,23 @@
     "  end\n"                                                                                      \
     "end\n"
 
+/* Lua: -6 when the shard's generation pointer (PTR, absent: 1) is not GEN — a rebuild
+ * switched the shard to another generation: the caller learns the new one (keyspace.h). */
+#define GENERATION_CHECK_LUA(PTR, GEN)                                                             \
+    "if (redis.call('GET', " PTR ") or '1') ~= " GEN " then return -6 end\n"
+
 /* KEYS: 1 document, 2 offsets, 3 dead letters of the aggregate, 4 dead-letter index,
- *       5 meta, 6… index keys
+ *       5 meta, 6 the shard's generation pointer, 7… index keys
  * ARGV: 1 mode (apply|dead), 2 version, 3 document, 4 partition, 5 next offset, 6 event blob,
  *       7 aggregate id, 8 now (ms), 9 reason, 10 number of index ops, 11 change channel,
  *       12 incarnation, 13 offset mode, 14 expected offset, 15 base version ('' none),
+ *       16 the generation the keys belong to, 17 the document's name (keyspace.h, announced),
  *       then per op: op (ZADD|ZREM|SADD|SREM|HSET), key number, score, member, value
  * An applied document is announced on the change channel as "<key> <version>". While the meta
  * hash's paused_until (ms, Redis clock) lies ahead, nothing is applied (-3): a rebuild is
  * switching generations. A document (or a dead letter's reason) computed from another version
  * than the stored one is refused (-5): the caller recomputes. */
-static const char APPLY_LUA[] =
+static const char APPLY_LUA[] = GENERATION_CHECK_LUA("KEYS[6]", "ARGV[16]")
     STORE_CHECK_LUA("KEYS[5]", "ARGV[12]", "ARGV[11]") PAUSE_CHECK_LUA("KEYS[5]") OFFSET_CHECK_LUA(
         "KEYS[2]", "ARGV[4]", "ARGV[13]", "ARGV[14]",
         "ARGV[5]") "local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')\n"
@@ -99,7 +105,7 @@ static const char APPLY_LUA[] =
                    "  return code\n"
                    "end\n"
                    "redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3])\n"
-                   "local i = 16\n"
+                   "local i = 18\n"
                    "for _ = 1, tonumber(ARGV[10]) do\n"
                    "  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]\n"
                    "  if op == 'ZADD' then redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])\n"
@@ -108,7 +114,7 @@ static const char APPLY_LUA[] =
                    "  i = i + 5\n"
                    "end\n"
                    "mark()\n"
-                   "redis.call('PUBLISH', ARGV[11], KEYS[1] .. ' ' .. ARGV[2])\n"
+                   "redis.call('PUBLISH', ARGV[11], ARGV[17] .. ' ' .. ARGV[2])\n"
                    "return 1\n";
 
 static const char *const OFFSET_MODES[] = {"none", "expect", "raise"};
@@ -274,7 +280,7 @@ static cqrs_err_t script_result(const redisReply *r, cqrs_apply_result_t *result
     if (r->type == REDIS_REPLY_INTEGER && r->integer == -3)
         return cqrs_error_set(err, CQRS_ERR_RETRY,
                               "the read model is paused while a rebuild switches generations");
-    if (r->type != REDIS_REPLY_INTEGER || r->integer < -5 || r->integer > 3)
+    if (r->type != REDIS_REPLY_INTEGER || r->integer < -6 || r->integer > 3)
         return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected script reply");
     *result = (cqrs_apply_result_t)r->integer;
     return CQRS_ERR_OK;
@@ -283,7 +289,7 @@ static cqrs_err_t script_result(const redisReply *r, cqrs_apply_result_t *result
 static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dead,
                             cqrs_apply_result_t *result, cqrs_error_t *err)
 {
-    size_t nkeys = 5 + a->n_ops, nargs = 15 + 5 * a->n_ops;
+    size_t nkeys = 6 + a->n_ops, nargs = 17 + 5 * a->n_ops;
     size_t argc = 3 + nkeys + nargs;
     const char **argv = calloc(argc, sizeof *argv);
     char(*num)[32] = calloc(8 + 2 * a->n_ops, sizeof *num);
@@ -303,7 +309,23 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     snprintf(num[6], 32, "%lld", (long long)(a->prev_offset < 0 ? -1 : a->prev_offset));
     if (a->base_version >= 0)
         snprintf(num[7], 32, "%lld", (long long)a->base_version);
-    char offsets[CQRS_KEY_MAX], dlq_index[CQRS_KEY_MAX], meta[CQRS_KEY_MAX];
+    char offsets[CQRS_KEY_MAX], dlq_index[CQRS_KEY_MAX], meta[CQRS_KEY_MAX], ptr[CQRS_KEY_MAX];
+    char gen[24], name[CQRS_KEY_MAX];
+    int64_t g = 0;
+    cqrs_keys_name(a->key ? a->key : "", name, sizeof name);
+    size_t sl = strlen(a->shard);
+    /* Every key of one apply in the shard (and generation) whose checks it runs. */
+    bool inside = a->key && strncmp(a->key, a->shard, sl) == 0 && a->dlq_key &&
+                  strncmp(a->dlq_key, a->shard, sl) == 0;
+    for (size_t i = 0; inside && i < a->n_ops; i++)
+        inside = strncmp(a->ops[i].key, a->shard, sl) == 0;
+    if (!inside || !cqrs_keys_shard_parse(a->shard, ptr, sizeof ptr, &g)) {
+        free(argv);
+        free(num);
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL,
+                              "an apply's keys must all be of its shard %.80s", a->shard);
+    }
+    snprintf(gen, sizeof gen, "%lld", (long long)g);
     cqrs_keys_in(a->shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
     cqrs_keys_in(a->shard, CQRS_SHARD_DLQ_INDEX, dlq_index, sizeof dlq_index);
     cqrs_keys_in(a->shard, CQRS_SHARD_META, meta, sizeof meta);
@@ -316,6 +338,7 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     argv[k++] = a->dlq_key;
     argv[k++] = dlq_index;
     argv[k++] = meta;
+    argv[k++] = ptr;
     for (size_t i = 0; i < a->n_ops; i++)
         argv[k++] = a->ops[i].key;
     argv[k++] = dead ? "dead" : "apply";
@@ -333,9 +356,11 @@ static cqrs_err_t run_apply(cqrs_docstore_t *ds, const cqrs_apply_t *a, bool dea
     argv[k++] = OFFSET_MODES[a->offset_mode];
     argv[k++] = num[6];
     argv[k++] = num[7]; /* '' when no base */
+    argv[k++] = gen;
+    argv[k++] = name;
     for (size_t i = 0; i < a->n_ops; i++) {
         char *keyno = num[8 + 2 * i], *score = num[9 + 2 * i];
-        snprintf(keyno, 32, "%zu", 6 + i);
+        snprintf(keyno, 32, "%zu", 7 + i);
         snprintf(score, 32, "%.17g", a->ops[i].score);
         static const char *const names[] = {"ZADD", "ZREM", "SADD", "SREM", "HSET"};
         argv[k++] = names[a->ops[i].op];
@@ -374,15 +399,17 @@ cqrs_err_t cqrs_docstore_dead_letter(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     return run_apply(ds, a, true, result, err);
 }
 
-/* KEYS: 1 meta, 2 offsets. ARGV: 1 a new incarnation, 2 now (s), 3 change channel,
- * 4 partition. Returns {the incarnation in force, the partition's offset or false}. A shard
- * given one was empty (or is new): "*" tells readers to forget what they derived. */
-static const char SHARD_OPEN_LUA[] =
-    "redis.call('HSETNX', KEYS[1], 'created', ARGV[2])\n"
-    "if redis.call('HSETNX', KEYS[1], 'incarnation', ARGV[1]) == 1 then\n"
-    "  redis.call('PUBLISH', ARGV[3], '*')\n"
-    "end\n"
-    "return {redis.call('HGET', KEYS[1], 'incarnation'), redis.call('HGET', KEYS[2], ARGV[4])}\n";
+/* KEYS: 1 meta, 2 offsets, 3 generation pointer. ARGV: 1 a new incarnation, 2 now (s),
+ * 3 change channel, 4 partition, 5 generation. Returns {the incarnation in force, the
+ * partition's offset or false}, or -6 when the shard is at another generation. A shard given
+ * one was empty (or is new): "*" tells readers to forget what they derived. */
+static const char SHARD_OPEN_LUA[] = GENERATION_CHECK_LUA(
+    "KEYS[3]", "ARGV[5]") "redis.call('HSETNX', KEYS[1], 'created', ARGV[2])\n"
+                          "if redis.call('HSETNX', KEYS[1], 'incarnation', ARGV[1]) == 1 then\n"
+                          "  redis.call('PUBLISH', ARGV[3], '*')\n"
+                          "end\n"
+                          "return {redis.call('HGET', KEYS[1], 'incarnation'), redis.call('HGET', "
+                          "KEYS[2], ARGV[4])}\n";
 
 /* An offset from a reply element: -1 unless a number. */
 static int64_t reply_offset(const redisReply *e)
@@ -395,19 +422,27 @@ cqrs_err_t cqrs_docstore_shard_open(cqrs_docstore_t *ds, const char *shard, int3
                                     char *incarnation, int64_t *offset, cqrs_error_t *err)
 {
     char fresh[CQRS_UUID_LEN + 1], now[32], part[12], meta[CQRS_KEY_MAX], offsets[CQRS_KEY_MAX];
+    char ptr[CQRS_KEY_MAX], gen[24];
+    int64_t g = 0;
+    if (!cqrs_keys_shard_parse(shard, ptr, sizeof ptr, &g))
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "not a shard prefix: %.80s", shard);
+    snprintf(gen, sizeof gen, "%lld", (long long)g);
     cqrs_uuid_v4(fresh);
     snprintf(now, sizeof now, "%lld", (long long)time(NULL));
     snprintf(part, sizeof part, "%d", partition);
     cqrs_keys_in(shard, CQRS_SHARD_META, meta, sizeof meta);
     cqrs_keys_in(shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
-    const char *argv[] = {"EVAL", SHARD_OPEN_LUA, "2", meta, offsets, fresh,
-                          now,    ds->channel,    part};
+    const char *argv[] = {"EVAL", SHARD_OPEN_LUA, "3",  meta, offsets, ptr, fresh,
+                          now,    ds->channel,    part, gen};
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 9, argv, NULL, &r, err);
+    cqrs_err_t rc = command(ds, 11, argv, NULL, &r, err);
     if (rc != CQRS_ERR_OK)
         return rc;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
-        r->element[0]->type != REDIS_REPLY_STRING || r->element[0]->len > CQRS_INCARNATION_LEN) {
+    if (r->type == REDIS_REPLY_INTEGER && r->integer == -6)
+        rc = cqrs_error_set(err, CQRS_ERR_STATE, "the shard moved to another generation");
+    else if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+             r->element[0]->type != REDIS_REPLY_STRING ||
+             r->element[0]->len > CQRS_INCARNATION_LEN) {
         rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected incarnation reply");
     } else {
         if (incarnation)
@@ -419,13 +454,15 @@ cqrs_err_t cqrs_docstore_shard_open(cqrs_docstore_t *ds, const char *shard, int3
     return rc;
 }
 
-/* KEYS: 1 meta, 2 offsets. ARGV: 1 partition. {incarnation or false, offset or false}. */
+/* KEYS: 1 meta, 2 offsets, 3 generation pointer. ARGV: 1 partition.
+ * {incarnation or false, offset or false, generation or false}. */
 static const char PROGRESS_LUA[] =
-    "return {redis.call('HGET', KEYS[1], 'incarnation'), redis.call('HGET', KEYS[2], ARGV[1])}\n";
+    "return {redis.call('HGET', KEYS[1], 'incarnation'), redis.call('HGET', KEYS[2], ARGV[1]),"
+    " redis.call('GET', KEYS[3])}\n";
 
 typedef struct progress_out {
     char (*incarnations)[CQRS_INCARNATION_LEN + 1];
-    int64_t *offsets;
+    int64_t *offsets, *gens;
 } progress_out_t;
 
 static void read_progress(const redisReply *r, size_t i, void *ud)
@@ -433,8 +470,12 @@ static void read_progress(const redisReply *r, size_t i, void *ud)
     progress_out_t *o = ud;
     o->incarnations[i][0] = '\0';
     o->offsets[i] = -1;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+    if (o->gens)
+        o->gens[i] = 1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3)
         return;
+    if (o->gens && reply_offset(r->element[2]) >= 1)
+        o->gens[i] = reply_offset(r->element[2]);
     const redisReply *inc = r->element[0];
     if (inc->type == REDIS_REPLY_STRING && inc->len <= CQRS_INCARNATION_LEN)
         snprintf(o->incarnations[i], CQRS_INCARNATION_LEN + 1, "%s", inc->str);
@@ -448,13 +489,13 @@ static cqrs_err_t pipeline(cqrs_docstore_t *ds, size_t n, int argc, const char *
 cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *const *shards,
                                   const int32_t *partitions, size_t n,
                                   char (*incarnations)[CQRS_INCARNATION_LEN + 1], int64_t *offsets,
-                                  cqrs_error_t *err)
+                                  int64_t *gens, cqrs_error_t *err)
 {
     if (n == 0)
         return CQRS_ERR_OK;
-    const int argc = 6;
+    const int argc = 7;
     const char **argv = calloc(n * (size_t)argc, sizeof *argv);
-    char(*keys)[2][CQRS_KEY_MAX] = calloc(n, sizeof *keys);
+    char(*keys)[3][CQRS_KEY_MAX] = calloc(n, sizeof *keys);
     char(*parts)[12] = calloc(n, sizeof *parts);
     cqrs_err_t rc;
     if (!argv || !keys || !parts) {
@@ -464,16 +505,19 @@ cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *const *shards
     for (size_t i = 0; i < n; i++) {
         cqrs_keys_in(shards[i], CQRS_SHARD_META, keys[i][0], sizeof keys[i][0]);
         cqrs_keys_in(shards[i], CQRS_SHARD_OFFSETS, keys[i][1], sizeof keys[i][1]);
+        if (!cqrs_keys_shard_parse(shards[i], keys[i][2], sizeof keys[i][2], NULL))
+            snprintf(keys[i][2], sizeof keys[i][2], "%s", keys[i][0]); /* not a shard: no gen */
         snprintf(parts[i], sizeof parts[i], "%d", partitions[i]);
         const char **a = argv + i * (size_t)argc;
         a[0] = "EVAL";
         a[1] = PROGRESS_LUA;
-        a[2] = "2";
+        a[2] = "3";
         a[3] = keys[i][0];
         a[4] = keys[i][1];
-        a[5] = parts[i];
+        a[5] = keys[i][2];
+        a[6] = parts[i];
     }
-    progress_out_t o = {incarnations, offsets};
+    progress_out_t o = {incarnations, offsets, gens};
     rc = pipeline(ds, n, argc, argv, read_progress, &o, err);
 out:
     free(argv);
@@ -542,10 +586,108 @@ cqrs_err_t cqrs_docstore_shard_of(cqrs_docstore_t *ds, const char *topic, const 
                                   char *shard, size_t cap, cqrs_error_t *err)
 {
     int32_t n = 0;
+    int64_t gen = 1;
     cqrs_err_t rc = cqrs_docstore_partitions(ds, topic, &n, err);
     if (rc == CQRS_ERR_OK)
-        cqrs_keys_shard(ds->target.prefix, topic, cqrs_keys_partition(aggregate_id, n), shard, cap);
+        rc = cqrs_docstore_generation(ds, topic, &gen, err);
+    if (rc == CQRS_ERR_OK)
+        cqrs_keys_shard_gen(ds->target.prefix, topic, cqrs_keys_partition(aggregate_id, n), gen,
+                            shard, cap);
     return rc;
+}
+
+cqrs_err_t cqrs_docstore_current_shard(cqrs_docstore_t *ds, const char *topic, int32_t partition,
+                                       char *shard, size_t cap, cqrs_error_t *err)
+{
+    char base[CQRS_SHARD_MAX], ptr[CQRS_KEY_MAX];
+    cqrs_keys_shard(ds->target.prefix, topic, partition, base, sizeof base);
+    cqrs_keys_shard_parse(base, ptr, sizeof ptr, NULL);
+    const char *argv[] = {"GET", ptr};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 2, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    int64_t gen = 1;
+    if (r->type == REDIS_REPLY_STRING && (!cqrs_parse_int64(r->str, &gen) || gen < 1))
+        rc = cqrs_error_set(err, CQRS_ERR_INTERNAL, "bad generation pointer %s", ptr);
+    freeReplyObject(r);
+    if (rc == CQRS_ERR_OK)
+        cqrs_keys_shard_gen(ds->target.prefix, topic, partition, gen, shard, cap);
+    return rc;
+}
+
+/* Generations readers follow, per deployment prefix, database and topic. */
+static struct {
+    char key[CQRS_REDIS_PREFIX_MAX + 280];
+    int64_t gen, read_ms;
+    uint64_t epoch; /* gen_epoch when read: an older one is read again */
+} gen_cache[LAYOUT_CACHE];
+static size_t gen_cached;
+static uint64_t gen_epoch = 1; /* bumped by forget */
+
+void cqrs_docstore_generations_forget(void)
+{
+    pthread_mutex_lock(&layout_lock);
+    gen_epoch++;
+    pthread_mutex_unlock(&layout_lock);
+}
+
+cqrs_err_t cqrs_docstore_generation(cqrs_docstore_t *ds, const char *topic, int64_t *gen,
+                                    cqrs_error_t *err)
+{
+    char key[sizeof gen_cache[0].key];
+    snprintf(key, sizeof key, "%s/%d/%s", ds->target.prefix, ds->target.addr.db, topic);
+    int64_t now = cqrs_monotonic_ms(), known = 0;
+    size_t slot = LAYOUT_CACHE;
+    pthread_mutex_lock(&layout_lock);
+    uint64_t epoch = gen_epoch;
+    for (size_t i = 0; i < gen_cached && slot == LAYOUT_CACHE; i++)
+        if (strcmp(gen_cache[i].key, key) == 0) {
+            slot = i;
+            known = gen_cache[i].epoch == epoch ? gen_cache[i].gen : 0;
+        }
+    if (known && now - gen_cache[slot].read_ms < CQRS_GENERATION_TTL_MS) {
+        *gen = known;
+        pthread_mutex_unlock(&layout_lock);
+        return CQRS_ERR_OK;
+    }
+    pthread_mutex_unlock(&layout_lock);
+    char hkey[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, "generation", hkey, sizeof hkey);
+    const char *argv[] = {"HGET", hkey, topic};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    int64_t g = 1;
+    if (r->type == REDIS_REPLY_STRING && (!cqrs_parse_int64(r->str, &g) || g < 1))
+        g = 1;
+    freeReplyObject(r);
+    if (g < known)
+        g = known; /* never back to an older generation than one used since the last forget */
+    pthread_mutex_lock(&layout_lock);
+    if (slot == LAYOUT_CACHE && gen_cached < LAYOUT_CACHE) {
+        slot = gen_cached++;
+        snprintf(gen_cache[slot].key, sizeof gen_cache[slot].key, "%s", key);
+    }
+    if (slot < LAYOUT_CACHE) {
+        gen_cache[slot].gen = g;
+        gen_cache[slot].read_ms = now;
+        gen_cache[slot].epoch = epoch;
+    }
+    pthread_mutex_unlock(&layout_lock);
+    *gen = g;
+    return CQRS_ERR_OK;
+}
+
+cqrs_err_t cqrs_docstore_set_generation(cqrs_docstore_t *ds, const char *topic, int64_t gen,
+                                        cqrs_error_t *err)
+{
+    char hkey[CQRS_KEY_MAX], g[24];
+    cqrs_keys_global(ds->target.prefix, "generation", hkey, sizeof hkey);
+    snprintf(g, sizeof g, "%lld", (long long)gen);
+    const char *argv[] = {"HSET", hkey, topic, g};
+    return command_int(ds, 4, argv, NULL, err);
 }
 
 cqrs_err_t cqrs_docstore_layout_set(cqrs_docstore_t *ds, const char *topic, int32_t partitions,
@@ -559,14 +701,16 @@ cqrs_err_t cqrs_docstore_layout_set(cqrs_docstore_t *ds, const char *topic, int3
     return rc == CQRS_ERR_OK ? cqrs_docstore_layout_get(ds, topic, recorded, err) : rc;
 }
 
-/* KEYS: 1 the list, 2 meta, 3 offsets. ARGV: 1 blob, 2 incarnation, 3 offset mode,
- * 4 partition, 5 expected offset, 6 next offset, 7 change channel. The message's offset is
- * recorded with it, so a restart or rebalance does not keep it a second time. */
-static const char UNDECODABLE_LUA[] = STORE_CHECK_LUA("KEYS[2]", "ARGV[2]", "ARGV[7]")
-    PAUSE_CHECK_LUA("KEYS[2]") OFFSET_CHECK_LUA("KEYS[3]", "ARGV[4]", "ARGV[3]", "ARGV[5]",
-                                                "ARGV[6]") "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
-                                                           "mark()\n"
-                                                           "return 1\n";
+/* KEYS: 1 the list, 2 meta, 3 offsets, 4 generation pointer. ARGV: 1 blob, 2 incarnation,
+ * 3 offset mode, 4 partition, 5 expected offset, 6 next offset, 7 change channel,
+ * 8 generation. The message's offset is recorded with it, so a restart or rebalance does not
+ * keep it a second time. */
+static const char UNDECODABLE_LUA[] = GENERATION_CHECK_LUA("KEYS[4]", "ARGV[8]")
+    STORE_CHECK_LUA("KEYS[2]", "ARGV[2]", "ARGV[7]") PAUSE_CHECK_LUA("KEYS[2]")
+        OFFSET_CHECK_LUA("KEYS[3]", "ARGV[4]", "ARGV[3]", "ARGV[5]",
+                         "ARGV[6]") "redis.call('RPUSH', KEYS[1], ARGV[1])\n"
+                                    "mark()\n"
+                                    "return 1\n";
 
 cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                      cqrs_apply_result_t *result, cqrs_error_t *err)
@@ -575,25 +719,32 @@ cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
     snprintf(part, sizeof part, "%d", a->partition);
     snprintf(prev, sizeof prev, "%lld", (long long)(a->prev_offset < 0 ? -1 : a->prev_offset));
     snprintf(next, sizeof next, "%lld", (long long)a->next_offset);
-    char list[CQRS_KEY_MAX], meta[CQRS_KEY_MAX], offsets[CQRS_KEY_MAX];
+    char list[CQRS_KEY_MAX], meta[CQRS_KEY_MAX], offsets[CQRS_KEY_MAX], ptr[CQRS_KEY_MAX];
+    char gen[24];
+    int64_t g = 0;
+    if (!cqrs_keys_shard_parse(a->shard, ptr, sizeof ptr, &g))
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "not a shard prefix: %.80s", a->shard);
+    snprintf(gen, sizeof gen, "%lld", (long long)g);
     cqrs_keys_in(a->shard, CQRS_SHARD_UNDECODABLE, list, sizeof list);
     cqrs_keys_in(a->shard, CQRS_SHARD_META, meta, sizeof meta);
     cqrs_keys_in(a->shard, CQRS_SHARD_OFFSETS, offsets, sizeof offsets);
     const char *argv[] = {"EVAL",
                           UNDECODABLE_LUA,
-                          "3",
+                          "4",
                           list,
                           meta,
                           offsets,
+                          ptr,
                           a->blob ? a->blob : "{}",
                           a->incarnation ? a->incarnation : "",
                           OFFSET_MODES[a->offset_mode],
                           part,
                           prev,
                           next,
-                          ds->channel};
+                          ds->channel,
+                          gen};
     redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 13, argv, NULL, &r, err);
+    cqrs_err_t rc = command(ds, 15, argv, NULL, &r, err);
     if (rc == CQRS_ERR_OK)
         rc = script_result(r, result, err);
     freeReplyObject(r);
@@ -1352,36 +1503,43 @@ out:
 
 /* ---- rebuilds ---------------------------------------------------------------------------- */
 
-cqrs_docstore_t *cqrs_docstore_new_db(const cqrs_redis_config_t *redis, int db, int timeout_ms,
-                                      cqrs_error_t *err)
-{
-    cqrs_docstore_t *ds = cqrs_docstore_new(redis, timeout_ms, err);
-    if (!ds)
-        return NULL;
-    ds->target.addr.db = db;
-    cqrs_docstore_channel(ds->target.prefix, db, ds->channel, sizeof ds->channel);
-    cqrs_rconn_free(ds->rc); /* it copied the target: made again for this database */
-    ds->rc = cqrs_rconn_new(&ds->target, ds->timeout_ms);
-    if (!ds->rc) {
-        cqrs_docstore_destroy(ds);
-        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-        return NULL;
-    }
-    return ds;
-}
-
-int cqrs_docstore_db(const cqrs_docstore_t *ds)
-{
-    return ds->target.addr.db;
-}
-
-/* A pipeline: commands are appended, and every `window` of them the replies are read. */
+/* A pipeline: commands are appended, and every `window` of them the replies are read. On a
+ * cluster (cluster set) the commands are copied into a batch sent per node when it is full or
+ * at the end (pipe_flush). */
 typedef struct pipe {
     cqrs_docstore_t *ds;
     size_t pending;
     cqrs_err_t rc;
     cqrs_error_t *err;
+    bool cluster;
+    cqrs_rcmd_t *batch;
+    size_t n_batch;
 } pipe_t;
+
+#define PIPE_BATCH 4096
+
+static void pipe_flush(pipe_t *p)
+{
+    if (p->n_batch > 0 && p->rc == CQRS_ERR_OK) {
+        redisReply **replies = calloc(p->n_batch, sizeof *replies);
+        if (!replies)
+            p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "out of memory");
+        else
+            p->rc = cqrs_rconn_pipeline(p->ds->rc, p->n_batch, p->batch, replies, p->err);
+        for (size_t i = 0; replies && i < p->n_batch; i++) {
+            if (p->rc == CQRS_ERR_OK && replies[i]->type == REDIS_REPLY_ERROR)
+                p->rc = cqrs_error_set(p->err, CQRS_ERR_INTERNAL, "Redis: %s", replies[i]->str);
+            freeReplyObject(replies[i]);
+        }
+        free(replies);
+    }
+    for (size_t i = 0; i < p->n_batch; i++) {
+        for (int k = 0; p->batch[i].argv && k < p->batch[i].argc; k++)
+            free((char *)p->batch[i].argv[k]);
+        free(p->batch[i].argv);
+    }
+    p->n_batch = 0;
+}
 
 static void pipe_drain(pipe_t *p)
 {
@@ -1404,7 +1562,24 @@ static void pipe_drain(pipe_t *p)
 
 static void pipe_add(pipe_t *p, int argc, const char **argv)
 {
-    if (p->rc != CQRS_ERR_OK || !p->ds->bulk)
+    if (p->rc != CQRS_ERR_OK)
+        return;
+    if (p->cluster) {
+        if (!p->batch && !(p->batch = calloc(PIPE_BATCH, sizeof *p->batch))) {
+            p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "out of memory");
+            return;
+        }
+        const char **copy = calloc((size_t)argc, sizeof *copy);
+        for (int k = 0; copy && k < argc; k++)
+            copy[k] = strdup(argv[k]);
+        p->batch[p->n_batch++] = (cqrs_rcmd_t){copy ? copy[1] : NULL, argc, copy, NULL};
+        if (!copy || !copy[argc - 1])
+            p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "out of memory");
+        if (p->n_batch == PIPE_BATCH)
+            pipe_flush(p);
+        return;
+    }
+    if (!p->ds->bulk)
         return;
     if (redisAppendCommandArgv(p->ds->bulk, argc, argv, NULL) != REDIS_OK) {
         p->rc = cqrs_error_set(p->err, CQRS_ERR_NOMEM, "Redis: cannot queue a command");
@@ -1425,7 +1600,7 @@ static void settle(cqrs_docstore_t *ds)
                                              "write was confirmed");
         return;
     }
-    pipe_t p = {ds, n, CQRS_ERR_OK, &ds->deferred_err};
+    pipe_t p = {ds, n, CQRS_ERR_OK, &ds->deferred_err, false, NULL, 0};
     if (ds->deferred_rc != CQRS_ERR_OK) {
         cqrs_error_t ignored;
         p.err = &ignored;
@@ -1528,11 +1703,10 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
     cqrs_err_t rc = cqrs_docstore_bulk_sync(ds, err);
     if (rc != CQRS_ERR_OK)
         return rc;
-    if (cqrs_rconn_is_cluster(ds->rc))
-        return cqrs_error_set(err, CQRS_ERR_CONFIG,
-                              "bulk writes (cqrsctl rebuild) need a single Redis server, not a "
-                              "Redis Cluster");
-    if (!ds->bulk && !(ds->bulk = cqrs_redis_connect(&ds->target, ds->timeout_ms, err)))
+    /* A cluster: batches per node through the cluster client; one server: a connection of
+     * its own whose replies are read later. */
+    bool cluster = cqrs_rconn_is_cluster(ds->rc);
+    if (!cluster && !ds->bulk && !(ds->bulk = cqrs_redis_connect(&ds->target, ds->timeout_ms, err)))
         return CQRS_ERR_UNAVAILABLE;
     enum { G_HSET = 10, G_HSETNX_DEAD = 11 };
     groups_t g = {0};
@@ -1573,7 +1747,7 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
         goto out;
     }
     static const char *const names[] = {"ZADD", "ZREM", "SADD", "SREM", "HSET"};
-    pipe_t p = {ds, 0, CQRS_ERR_OK, err};
+    pipe_t p = {ds, 0, CQRS_ERR_OK, err, cluster, NULL, 0};
     /* Removals first: a batch never removes and adds one member of one key, but order them
      * the way the apply script would anyway. */
     for (int pass = 0; pass < 2; pass++)
@@ -1615,6 +1789,12 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
             pipe_add(&p, 5, a3);
         }
     (void)n_dead;
+    if (cluster) {
+        pipe_flush(&p);
+        free(p.batch);
+        rc = p.rc;
+        goto out;
+    }
     /* Send everything now, read the replies later (the next bulk write, a sync, or any other
      * command): Redis works on this batch while the caller prepares the next. */
     int done = 0;
@@ -1638,65 +1818,32 @@ out:
     return rc;
 }
 
-/* KEYS: the shards' metas. ARGV: 1 for how many ms (0: clear). The deadline in the server's
- * clock, which the apply script compares with; it is also the token the swap checks. */
+/* KEYS: 1 the shard's meta. ARGV: 1 for how many ms (0: clear). The deadline in the server's
+ * clock, which the write scripts compare with; it is also the token the switch checks. */
 static const char PAUSE_LUA[] =
     "local t = redis.call('TIME')\n"
     "local u = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])\n"
-    "for _, meta in ipairs(KEYS) do\n"
-    "  if tonumber(ARGV[1]) > 0 then\n"
-    "    redis.call('HSET', meta, 'paused_until', string.format('%d', u))\n"
-    "  else redis.call('HDEL', meta, 'paused_until') end\n"
-    "end\n"
+    "if tonumber(ARGV[1]) > 0 then\n"
+    "  redis.call('HSET', KEYS[1], 'paused_until', string.format('%d', u))\n"
+    "else redis.call('HDEL', KEYS[1], 'paused_until') end\n"
     "return u\n";
 
-/* argv = {EVAL, script, n, <shard metas>…, extra…}; *keys (free) owns the key texts. */
-static const char **meta_argv(const char *script, const char *const *shards, size_t n, size_t extra,
-                              char **keys, char *nbuf)
-{
-    const char **argv = calloc(3 + n + extra, sizeof *argv);
-    *keys = calloc(n ? n : 1, CQRS_KEY_MAX);
-    if (!argv || !*keys) {
-        free(argv);
-        free(*keys);
-        *keys = NULL;
-        return NULL;
-    }
-    sprintf(nbuf, "%zu", n);
-    argv[0] = "EVAL";
-    argv[1] = script;
-    argv[2] = nbuf;
-    for (size_t i = 0; i < n; i++) {
-        char *k = *keys + i * CQRS_KEY_MAX;
-        cqrs_keys_in(shards[i], CQRS_SHARD_META, k, CQRS_KEY_MAX);
-        argv[3 + i] = k;
-    }
-    return argv;
-}
-
-cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, const char *const *shards, size_t n,
-                                     int64_t for_ms, int64_t *until_ms, cqrs_error_t *err)
-{
-    *until_ms = 0;
-    char ms[24], nbuf[24], *keys = NULL;
-    snprintf(ms, sizeof ms, "%lld", (long long)(for_ms > 0 ? for_ms : 0));
-    const char **argv = meta_argv(PAUSE_LUA, shards, n, 1, &keys, nbuf);
-    if (!argv)
-        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-    argv[3 + n] = ms;
-    long long until = 0;
-    cqrs_err_t rc = command_int(ds, (int)(4 + n), argv, &until, err);
-    free(argv);
-    free(keys);
-    *until_ms = for_ms > 0 ? until : 0;
-    return rc;
-}
-
 cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, const char *const *shards, size_t n,
-                               int64_t for_ms, cqrs_error_t *err)
+                               int64_t for_ms, int64_t *tokens, cqrs_error_t *err)
 {
-    int64_t until;
-    return cqrs_docstore_pause_token(ds, shards, n, for_ms, &until, err);
+    char ms[24];
+    snprintf(ms, sizeof ms, "%lld", (long long)(for_ms > 0 ? for_ms : 0));
+    cqrs_err_t rc = CQRS_ERR_OK;
+    for (size_t i = 0; i < n && rc == CQRS_ERR_OK; i++) {
+        char meta[CQRS_KEY_MAX];
+        cqrs_keys_in(shards[i], CQRS_SHARD_META, meta, sizeof meta);
+        const char *argv[] = {"EVAL", PAUSE_LUA, "1", meta, ms};
+        long long until = 0;
+        rc = command_int(ds, 5, argv, &until, err);
+        if (tokens)
+            tokens[i] = for_ms > 0 ? until : 0;
+    }
+    return rc;
 }
 
 cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
@@ -1708,110 +1855,144 @@ cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
     return command_int(ds, 4, argv, NULL, err);
 }
 
-cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, const char *pattern,
-                                   size_t *copied, cqrs_error_t *err)
-{
-    char cursor[32] = "0";
-    *copied = 0;
-    do {
-        const char *argv[] = {"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"};
-        redisReply *r = NULL;
-        cqrs_err_t rc = command(src, 6, argv, NULL, &r, err);
-        if (rc != CQRS_ERR_OK)
-            return rc;
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-            freeReplyObject(r);
-            return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected SCAN reply");
-        }
-        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
-        redisReply *keys = r->element[1];
-        for (size_t i = 0; i < keys->elements; i++) {
-            const char *key = keys->element[i]->str;
-            const char *dargv[] = {"DUMP", key};
-            redisReply *d = NULL;
-            rc = command(src, 2, dargv, NULL, &d, err);
-            if (rc != CQRS_ERR_OK) {
-                freeReplyObject(r);
-                return rc;
-            }
-            if (d->type == REDIS_REPLY_STRING) {
-                const char *rargv[] = {"RESTORE", key, "0", d->str, "REPLACE"};
-                size_t lens[] = {7, keys->element[i]->len, 1, d->len, 7};
-                redisReply *x = NULL;
-                rc = command(dst, 5, rargv, lens, &x, err);
-                freeReplyObject(x);
-                if (rc != CQRS_ERR_OK) {
-                    freeReplyObject(d);
-                    freeReplyObject(r);
-                    return rc;
-                }
-                (*copied)++;
-            }
-            freeReplyObject(d);
-        }
-        freeReplyObject(r);
-    } while (strcmp(cursor, "0") != 0);
-    return CQRS_ERR_OK;
-}
-
-static cqrs_err_t simple(cqrs_docstore_t *ds, int argc, const char **argv, cqrs_error_t *err)
-{
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, argc, argv, NULL, &r, err);
-    freeReplyObject(r);
-    return rc;
-}
-
-/* KEYS: the shards' metas. ARGV: 1 the pause's deadline (token), 2 and 3 the databases. */
-static const char SWAP_LUA[] =
+/* KEYS: 1 pointer, 2 old meta, 3 new meta. ARGV: 1 the pause's deadline (token), 2 the new
+ * generation, 3 force ('1'). 1 switched, 0 the pause is not ours or lapsed. */
+static const char SWITCH_LUA[] =
+    "local p = redis.call('HGET', KEYS[2], 'paused_until')\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-    "for _, meta in ipairs(KEYS) do\n"
-    "  local p = redis.call('HGET', meta, 'paused_until')\n"
-    "  if not p or tonumber(p) ~= tonumber(ARGV[1]) or tonumber(p) <= now then return 0 end\n"
-    "end\n"
-    "redis.call('SWAPDB', ARGV[2], ARGV[3])\n"
+    "if ARGV[3] ~= '1' and (not p or tonumber(p) ~= tonumber(ARGV[1]) or tonumber(p) <= now)"
+    " then return 0 end\n"
+    "local inc = redis.call('HGET', KEYS[2], 'incarnation')\n"
+    "if inc then redis.call('HSET', KEYS[3], 'incarnation', inc) end\n"
+    "redis.call('HSETNX', KEYS[3], 'created', t[1])\n"
+    "redis.call('HDEL', KEYS[3], 'paused_until')\n"
+    "redis.call('SET', KEYS[1], ARGV[2])\n"
     "return 1\n";
 
-cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, const char *const *shards, size_t n,
-                                   int other_db, int64_t until_ms, cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_switch_shard(cqrs_docstore_t *ds, const char *from, const char *to,
+                                      int64_t token, bool force, cqrs_error_t *err)
 {
-    char a[12], b[12], u[24], nbuf[24], *keys = NULL;
-    snprintf(a, sizeof a, "%d", ds->target.addr.db);
-    snprintf(b, sizeof b, "%d", other_db);
-    snprintf(u, sizeof u, "%lld", (long long)until_ms);
-    const char **argv = meta_argv(SWAP_LUA, shards, n, 3, &keys, nbuf);
-    if (!argv)
-        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-    argv[3 + n] = u;
-    argv[4 + n] = a;
-    argv[5 + n] = b;
-    long long swapped = 0;
-    cqrs_err_t rc = command_int(ds, (int)(6 + n), argv, &swapped, err);
-    free(argv);
-    free(keys);
-    if (rc == CQRS_ERR_OK && swapped != 1)
+    char ptr[CQRS_KEY_MAX], old_meta[CQRS_KEY_MAX], new_meta[CQRS_KEY_MAX], gen[24], tok[24];
+    int64_t g = 0;
+    if (!cqrs_keys_shard_parse(to, ptr, sizeof ptr, &g))
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "not a shard prefix: %.80s", to);
+    cqrs_keys_in(from, CQRS_SHARD_META, old_meta, sizeof old_meta);
+    cqrs_keys_in(to, CQRS_SHARD_META, new_meta, sizeof new_meta);
+    snprintf(gen, sizeof gen, "%lld", (long long)g);
+    snprintf(tok, sizeof tok, "%lld", (long long)token);
+    const char *argv[] = {"EVAL", SWITCH_LUA,       "3", ptr, old_meta, new_meta, tok,
+                          gen,    force ? "1" : "0"};
+    long long switched = 0;
+    cqrs_err_t rc = command_int(ds, 9, argv, &switched, err);
+    if (rc == CQRS_ERR_OK && switched != 1)
         rc = cqrs_error_set(err, CQRS_ERR_TIMEOUT,
                             "the projector's pause lapsed before the switch; nothing switched");
     return rc;
 }
 
+/* Calls fn for every key matching pattern, node by node (SCAN; a cluster's map change during
+ * the walk starts it over: keys may then come twice, never not at all). */
+static cqrs_err_t scan_keys(cqrs_docstore_t *ds, const char *pattern,
+                            cqrs_err_t (*fn)(cqrs_docstore_t *ds, const redisReply *key, void *ud,
+                                             cqrs_error_t *err),
+                            void *ud, cqrs_error_t *err)
+{
+    connect_ds(ds);
+    for (int attempt = 0; attempt < 5; attempt++) {
+        size_t nodes = cqrs_rconn_nodes(ds->rc, err);
+        if (nodes == 0)
+            return CQRS_ERR_UNAVAILABLE;
+        uint64_t epoch = cqrs_rconn_map_epoch(ds->rc);
+        bool moved = false;
+        for (size_t i = 0; i < nodes && !moved; i++) {
+            char cursor[32] = "0";
+            do {
+                const char *argv[] = {"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"};
+                redisReply *r = NULL;
+                cqrs_err_t rc = cqrs_rconn_command_node(ds->rc, i, 6, argv, NULL, &r, err);
+                if (rc != CQRS_ERR_OK)
+                    return rc;
+                if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+                    r->element[0]->type != REDIS_REPLY_STRING) {
+                    freeReplyObject(r);
+                    return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected SCAN reply");
+                }
+                snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+                for (size_t k = 0; rc == CQRS_ERR_OK && k < r->element[1]->elements; k++)
+                    rc = fn(ds, r->element[1]->element[k], ud, err);
+                freeReplyObject(r);
+                if (rc != CQRS_ERR_OK)
+                    return rc;
+                moved = cqrs_rconn_map_epoch(ds->rc) != epoch;
+            } while (strcmp(cursor, "0") != 0 && !moved);
+        }
+        if (!moved)
+            return CQRS_ERR_OK;
+    }
+    return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE,
+                          "the cluster's slots kept moving during a scan");
+}
+
+typedef struct copy_ctx {
+    const char *from, *to;
+    size_t n;
+} copy_ctx_t;
+
+static cqrs_err_t copy_one(cqrs_docstore_t *ds, const redisReply *key, void *ud, cqrs_error_t *err)
+{
+    copy_ctx_t *c = ud;
+    size_t lf = strlen(c->from);
+    if (key->type != REDIS_REPLY_STRING || key->len < lf || strncmp(key->str, c->from, lf) != 0)
+        return CQRS_ERR_OK;
+    char dst[CQRS_KEY_MAX * 2];
+    snprintf(dst, sizeof dst, "%s%.*s", c->to, (int)(key->len - lf), key->str + lf);
+    const char *argv[] = {"COPY", key->str, dst, "REPLACE"};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 4, argv, NULL, &r, err);
+    freeReplyObject(r);
+    if (rc == CQRS_ERR_OK)
+        c->n++;
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, const char *to,
+                                         const char *glob, size_t *copied, cqrs_error_t *err)
+{
+    char pattern[CQRS_KEY_MAX];
+    snprintf(pattern, sizeof pattern, "%s%s", from, glob);
+    copy_ctx_t c = {from, to, 0};
+    cqrs_err_t rc = scan_keys(ds, pattern, copy_one, &c, err);
+    *copied = c.n;
+    return rc;
+}
+
+static cqrs_err_t unlink_one(cqrs_docstore_t *ds, const redisReply *key, void *ud,
+                             cqrs_error_t *err)
+{
+    if (key->type != REDIS_REPLY_STRING)
+        return CQRS_ERR_OK;
+    const char *argv[] = {"UNLINK", key->str};
+    long long n = 0;
+    cqrs_err_t rc = command_int(ds, 2, argv, &n, err);
+    *(size_t *)ud += (size_t)(n > 0 ? n : 0);
+    return rc;
+}
+
+cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern, size_t *deleted,
+                                     cqrs_error_t *err)
+{
+    *deleted = 0;
+    return scan_keys(ds, pattern, unlink_one, deleted, err);
+}
+
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err)
 {
     const char *argv[] = {"PUBLISH", ds->channel, "*"};
-    return simple(ds, 3, argv, err);
-}
-
-cqrs_err_t cqrs_docstore_flush(cqrs_docstore_t *ds, cqrs_error_t *err)
-{
-    const char *argv[] = {"FLUSHDB", "ASYNC"};
-    return simple(ds, 2, argv, err);
-}
-
-cqrs_err_t cqrs_docstore_dbsize(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err)
-{
-    const char *argv[] = {"DBSIZE"};
-    return command_int(ds, 1, argv, n, err);
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    freeReplyObject(r);
+    return rc;
 }
 
 cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char **value,
@@ -1827,6 +2008,14 @@ cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char *
         *value = strndup(r->str, r->len);
     else
         rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "no key %s", key);
+    freeReplyObject(r);
+    return rc;
+}
+
+static cqrs_err_t simple(cqrs_docstore_t *ds, int argc, const char **argv, cqrs_error_t *err)
+{
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, argc, argv, NULL, &r, err);
     freeReplyObject(r);
     return rc;
 }

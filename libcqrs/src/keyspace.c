@@ -2,6 +2,7 @@
 #include "cqrs/keyspace.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 bool cqrs_keys_prefix_valid(const char *prefix)
@@ -18,10 +19,32 @@ bool cqrs_keys_prefix_valid(const char *prefix)
     return true;
 }
 
+void cqrs_keys_shard_gen(const char *prefix, const char *topic, int32_t partition, int64_t gen,
+                         char *out, size_t cap)
+{
+    snprintf(out, cap, "{%s:%s:%d}:g%lld:", prefix, topic, (int)partition, (long long)gen);
+}
+
 void cqrs_keys_shard(const char *prefix, const char *topic, int32_t partition, char *out,
                      size_t cap)
 {
-    snprintf(out, cap, "{%s:%s:%d}:", prefix, topic, (int)partition);
+    cqrs_keys_shard_gen(prefix, topic, partition, 1, out, cap);
+}
+
+bool cqrs_keys_shard_parse(const char *shard, char *pointer, size_t cap, int64_t *gen)
+{
+    const char *end = shard[0] == '{' ? strstr(shard, "}:g") : NULL;
+    if (!end)
+        return false;
+    char *rest = NULL;
+    long long g = strtoll(end + 3, &rest, 10);
+    if (g < 1 || !rest || strcmp(rest, ":") != 0)
+        return false;
+    if (pointer)
+        snprintf(pointer, cap, "%.*sgen", (int)(end + 2 - shard), shard);
+    if (gen)
+        *gen = g;
+    return true;
 }
 
 void cqrs_keys_in(const char *shard, const char *family, char *out, size_t cap)
@@ -47,6 +70,19 @@ void cqrs_keys_unknown(const char *shard, const char *id, char *out, size_t cap)
 void cqrs_keys_global(const char *prefix, const char *name, char *out, size_t cap)
 {
     snprintf(out, cap, "%s:%s", prefix, name);
+}
+
+void cqrs_keys_name(const char *key, char *out, size_t cap)
+{
+    const char *end = key[0] == '{' ? strstr(key, "}:g") : NULL;
+    const char *rest = end ? end + 3 : NULL;
+    while (rest && *rest >= '0' && *rest <= '9')
+        rest++;
+    if (!rest || rest == end + 3 || *rest != ':') {
+        snprintf(out, cap, "%s", key);
+        return;
+    }
+    snprintf(out, cap, "%.*s%s", (int)(end + 2 - key), key, rest + 1);
 }
 
 const char *cqrs_keys_id(const char *key)

@@ -97,16 +97,19 @@ static void sleep_unless_stopped(cqrs_projector_t *p, unsigned ms)
         usleep(50 * 1000);
 }
 
-/* The offset Redis recorded for a partition, -1 when none; waits out a Redis outage. */
+/* The offset Redis recorded for a partition (in its shard's current generation), -1 when none;
+ * waits out a Redis outage. */
 static int64_t redis_offset(cqrs_projector_t *p, const char *topic, int32_t partition)
 {
     char shard[CQRS_SHARD_MAX];
-    shard_of(p, topic, partition, shard, sizeof shard);
     unsigned attempt = 0;
     while (!atomic_load(&p->stop)) {
         int64_t off;
         cqrs_error_t e;
-        cqrs_err_t rc = cqrs_docstore_offset(p->ds, shard, partition, &off, &e);
+        cqrs_err_t rc =
+            cqrs_docstore_current_shard(p->ds, topic, partition, shard, sizeof shard, &e);
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_offset(p->ds, shard, partition, &off, &e);
         if (rc == CQRS_ERR_OK)
             return off;
         if (rc == CQRS_ERR_NOT_FOUND)
@@ -131,17 +134,24 @@ static void report_missing(const missing_t *m, int64_t have)
                    "kafka_earliest_offset", low);
 }
 
-/* A shard's incarnation (given one when it has none) and, read with it, its partition's offset
- * (-1: none) into *stored; waits out a Redis outage. Offsets read with an incarnation belong
- * to it (a shard emptied afterwards is caught by the next apply or audit). */
+/* A shard's current generation (its pointer), its incarnation there (given one when it has
+ * none) and, read with it, its partition's offset (-1: none) into *stored; waits out a Redis
+ * outage. Offsets read with an incarnation belong to it (a shard emptied afterwards is caught
+ * by the next apply or audit); a switch between the two reads is simply read again. */
 static bool learn_incarnation(cqrs_projector_t *p, part_state_t *ps, int64_t *stored)
 {
     unsigned attempt = 0;
     while (!atomic_load(&p->stop)) {
         cqrs_error_t e;
-        if (cqrs_docstore_shard_open(p->ds, ps->shard, ps->partition, ps->incarnation, stored,
-                                     &e) == CQRS_ERR_OK)
+        cqrs_err_t rc = cqrs_docstore_current_shard(p->ds, ps->topic, ps->partition, ps->shard,
+                                                    sizeof ps->shard, &e);
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_shard_open(p->ds, ps->shard, ps->partition, ps->incarnation, stored,
+                                          &e);
+        if (rc == CQRS_ERR_OK)
             return true;
+        if (rc == CQRS_ERR_STATE)
+            continue; /* switched to another generation between the reads */
         atomic_store(&p->redis_up, false);
         if (attempt++ % 20 == 0)
             CQRS_LOG_WARN("cannot read the read model's incarnation from Redis; waiting", "error",
@@ -415,10 +425,8 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         int64_t have = -1;
         part_state_t *ps = part_add(p, tp->topic, tp->partition, -1);
-        if (ps && p->detect)
+        if (ps)
             learn_incarnation(p, ps, &have);
-        else
-            have = redis_offset(p, tp->topic, tp->partition);
         if (ps)
             ps->written = have;
         tp->offset = have >= 0 ? have : RD_KAFKA_OFFSET_BEGINNING;
@@ -537,6 +545,35 @@ static bool offset_moved(cqrs_projector_t *p, part_state_t *ps, int64_t stored)
     return rewind_partition(p, ps, stored, loss);
 }
 
+typedef enum verdict {
+    RECORDED, /* the write counted: on to the next message */
+    DROPPED,  /* its partition was sent back (or we stop): this message comes again */
+    AGAIN,    /* the store changed but this partition stays where it is: write it again */
+} verdict_t;
+
+/* A rebuild switched ps's shard to a new generation: go on there. It took over the
+ * incarnation and the offsets this projector recorded before its pause, so normally the
+ * partition stays where it is; if the old generation took writes after the new one copied
+ * its offset (a pause that lapsed), the new one's offset is behind and the partition goes
+ * back there to re-apply (duplicates are skipped). */
+static verdict_t generation_switched(cqrs_projector_t *p, part_state_t *ps)
+{
+    char before[CQRS_SHARD_MAX], part[12];
+    snprintf(before, sizeof before, "%s", ps->shard);
+    snprintf(part, sizeof part, "%d", ps->partition);
+    int64_t stored = -1;
+    if (!learn_incarnation(p, ps, &stored))
+        return DROPPED; /* stopping */
+    CQRS_LOG_INFO("a rebuild switched the partition's shard to a new generation", "topic",
+                  ps->topic, "partition", part, "from", before, "to", ps->shard);
+    if (stored == ps->written)
+        return AGAIN;
+    if (rewind_partition(p, ps, stored, false))
+        return DROPPED;
+    sleep_unless_stopped(p, 200);
+    return AGAIN;
+}
+
 /* Every AUDIT_MS: each assigned partition's shard incarnation and offset as the store holds
  * them (one pipelined round trip), compared with what this projector knows — a loss is found
  * even on a partition where nothing new arrives. */
@@ -550,19 +587,24 @@ static void audit(cqrs_projector_t *p)
     int32_t *parts = malloc(n * sizeof *parts);
     int64_t *offs = malloc(n * sizeof *offs);
     char(*incs)[CQRS_INCARNATION_LEN + 1] = malloc(n * sizeof *incs);
-    if (shards && parts && offs && incs) {
+    int64_t *gens = malloc(n * sizeof *gens);
+    if (shards && parts && offs && incs && gens) {
         for (size_t i = 0; i < n; i++) {
             shards[i] = p->parts[i].shard;
             parts[i] = p->parts[i].partition;
         }
         cqrs_error_t e;
-        if (cqrs_docstore_progress(p->ds, shards, parts, n, incs, offs, &e) != CQRS_ERR_OK) {
+        if (cqrs_docstore_progress(p->ds, shards, parts, n, incs, offs, gens, &e) != CQRS_ERR_OK) {
             atomic_store(&p->redis_up, false);
         } else {
             atomic_store(&p->redis_up, true);
             for (size_t i = 0; i < n && i < p->n_parts; i++) {
                 part_state_t *ps = &p->parts[i];
-                if (!incs[i][0] || strcmp(incs[i], ps->incarnation) != 0)
+                int64_t mine = 0;
+                cqrs_keys_shard_parse(ps->shard, NULL, 0, &mine);
+                if (gens[i] != mine)
+                    generation_switched(p, ps);
+                else if (!incs[i][0] || strcmp(incs[i], ps->incarnation) != 0)
                     shard_reset(p, ps);
                 else if (offs[i] != ps->written && !paused_for_history(p, ps->topic, ps->partition))
                     offset_moved(p, ps, offs[i]);
@@ -573,6 +615,7 @@ static void audit(cqrs_projector_t *p)
     free(parts);
     free(offs);
     free(incs);
+    free(gens);
     if (cqrs_monotonic_ms() >= p->next_layout && p->rk) {
         /* The layout goes with a store that is emptied: written again within LAYOUT_MS. */
         p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
@@ -746,10 +789,8 @@ static part_state_t *part_of(cqrs_projector_t *p, const rd_kafka_message_t *m)
         return ps;
     int64_t have = -1;
     ps = part_add(p, topic, m->partition, -1);
-    if (ps && p->detect)
+    if (ps)
         learn_incarnation(p, ps, &have);
-    else if (ps)
-        have = redis_offset(p, topic, m->partition);
     if (ps)
         ps->written = have;
     return ps;
@@ -765,12 +806,6 @@ static void set_checks(cqrs_projector_t *p, const part_state_t *ps, cqrs_apply_t
     a->prev_offset = ps->written;
 }
 
-typedef enum verdict {
-    RECORDED, /* the write counted: on to the next message */
-    DROPPED,  /* its partition was sent back (or we stop): this message comes again */
-    AGAIN,    /* the store changed but this partition stays where it is: write it again */
-} verdict_t;
-
 /* After a write's store check: RESET (emptied or replaced) and OFFSET_MOVED send partitions
  * back; the message in hand is dropped only when its own partition was sent back — after a
  * reset a partition with nothing recorded stays where it is, and its message is written again
@@ -779,6 +814,8 @@ static verdict_t recorded(cqrs_projector_t *p, part_state_t *ps, cqrs_apply_resu
                           int64_t next_offset)
 {
     uint64_t seeks = ps->seeks;
+    if (res == CQRS_APPLY_GENERATION)
+        return generation_switched(p, ps);
     if (res == CQRS_APPLY_RESET) {
         shard_reset(p, ps);
         return atomic_load(&p->stop) || ps->seeks != seeks ? DROPPED : AGAIN;
@@ -863,12 +900,7 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
     part_state_t *ps = part_of(p, m);
     if (!ps)
         return false;
-    cqrs_keys_dlq(ps->shard, ev->aggregate_id, dlq, sizeof dlq);
     bool known = p->cfg.projection->knows(ev);
-    if (known)
-        cqrs_keys_doc(ps->shard, ev->aggregate_id, key, sizeof key);
-    else
-        cqrs_keys_unknown(ps->shard, ev->aggregate_id, key, sizeof key);
 
     json_t *blob = cqrs_event_to_json(ev);
     json_object_set_new(blob, "topic", json_string(topic));
@@ -887,6 +919,12 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
     bool done = false, dropped = false;
     unsigned attempt = 0, stale = 0;
     while (!done && !dropped && !atomic_load(&p->stop)) {
+        /* In the shard's current generation (a rebuild's switch moves it: apply again). */
+        cqrs_keys_dlq(ps->shard, ev->aggregate_id, dlq, sizeof dlq);
+        if (known)
+            cqrs_keys_doc(ps->shard, ev->aggregate_id, key, sizeof key);
+        else
+            cqrs_keys_unknown(ps->shard, ev->aggregate_id, key, sizeof key);
         cqrs_error_t err;
         cqrs_err_t rc;
         cqrs_apply_result_t res = CQRS_APPLY_DUPLICATE;

@@ -40,7 +40,13 @@ cqrs_err_t query_shard_count(cqrs_docstore_t *ds, const char *aggregate_type, in
 void query_shard(cqrs_docstore_t *ds, const char *aggregate_type, int32_t i, char *out, size_t cap)
 {
     const char *topic = query_topic(aggregate_type);
-    cqrs_keys_shard(cqrs_docstore_prefix(ds), topic ? topic : "", i, out, cap);
+    int64_t gen = 1;
+    cqrs_error_t err;
+    /* Read with the layout (query_shard_count) before: cached; a failure here shows in the
+     * read that follows. */
+    if (topic && cqrs_docstore_generation(ds, topic, &gen, &err) != CQRS_ERR_OK)
+        gen = 1;
+    cqrs_keys_shard_gen(cqrs_docstore_prefix(ds), topic ? topic : "", i, gen, out, cap);
 }
 
 cqrs_err_t query_doc_key(cqrs_docstore_t *ds, const char *aggregate_type, const char *id, char *out,
@@ -56,8 +62,8 @@ cqrs_err_t query_doc_key(cqrs_docstore_t *ds, const char *aggregate_type, const 
     return CQRS_ERR_OK;
 }
 
-bool query_doc_key_req(cqrs_http_request_t *req, query_ctx_t *ctx, const char *aggregate_type,
-                       const char *id, char *out, size_t cap)
+bool query_doc_name_req(cqrs_http_request_t *req, query_ctx_t *ctx, const char *aggregate_type,
+                        const char *id, char *out, size_t cap)
 {
     cqrs_error_t err;
     cqrs_err_t rc;
@@ -65,8 +71,11 @@ bool query_doc_key_req(cqrs_http_request_t *req, query_ctx_t *ctx, const char *a
     if (!ds) {
         rc = cqrs_error_set(&err, CQRS_ERR_UNAVAILABLE, "no free Redis connection");
     } else {
-        rc = query_doc_key(ds, aggregate_type, id, out, cap, &err);
+        char key[CQRS_KEY_MAX];
+        rc = query_doc_key(ds, aggregate_type, id, key, sizeof key, &err);
         cqrs_docstore_pool_release(ctx->pool, ds);
+        if (rc == CQRS_ERR_OK)
+            cqrs_keys_name(key, out, cap);
     }
     if (rc == CQRS_ERR_NOT_FOUND) {
         cqrs_http_add_header(req, "Retry-After", "1");

@@ -21,10 +21,12 @@ typedef struct query_ctx {
 
 #define WAIT_MAX_MS 10000
 
-/* Reads the document at key: from the cache when it holds version ≥ min_version, else from
- * Redis (filling the cache). NOT_FOUND when absent; *json malloc'ed. */
-cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *key, int64_t min_version, char **json,
-                          int64_t *version, cqrs_error_t *err);
+/* Reads an aggregate's document: from the cache (by the document's name) when it holds version
+ * ≥ min_version, else from Redis in the generation readers follow (filling the cache).
+ * NOT_FOUND when absent; *json malloc'ed. */
+cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *aggregate_type, const char *id,
+                          const char *name, int64_t min_version, char **json, int64_t *version,
+                          cqrs_error_t *err);
 
 /* ---- keys (keys.c): where the domain's documents and indexes live ----
  * Products and orders come from their own topics, "<topic prefix>.product.events" and
@@ -42,15 +44,16 @@ const char *query_topic(const char *aggregate_type);
  * projector records): NOT_FOUND when none is recorded yet (no projector has started). */
 cqrs_err_t query_shard_count(cqrs_docstore_t *ds, const char *aggregate_type, int32_t *n,
                              cqrs_error_t *err);
-/* The prefix of shard i of a type (cap ≥ CQRS_SHARD_MAX). */
+/* The prefix of shard i of a type, in the generation readers follow (cap ≥ CQRS_SHARD_MAX). */
 void query_shard(cqrs_docstore_t *ds, const char *aggregate_type, int32_t i, char *out, size_t cap);
 /* The key of an aggregate's document (cap ≥ CQRS_KEY_MAX): NOT_FOUND as query_shard_count. */
 cqrs_err_t query_doc_key(cqrs_docstore_t *ds, const char *aggregate_type, const char *id, char *out,
                          size_t cap, cqrs_error_t *err);
-/* The same with a connection of ctx's pool (answers 503 and returns false when there is none
- * or no layout is recorded yet). */
-bool query_doc_key_req(cqrs_http_request_t *req, query_ctx_t *ctx, const char *aggregate_type,
-                       const char *id, char *out, size_t cap);
+/* The name of an aggregate's document (its key without the generation: what the change feed
+ * announces, keyspace.h), with a connection of ctx's pool; answers 503 and returns false when
+ * there is none or no layout is recorded yet. */
+bool query_doc_name_req(cqrs_http_request_t *req, query_ctx_t *ctx, const char *aggregate_type,
+                        const char *id, char *out, size_t cap);
 
 /* Applies one product event to the current document (NULL when none) and returns the new
  * document (new reference) in *out. INVALID when the event type is unknown, its data does not

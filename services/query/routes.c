@@ -52,21 +52,26 @@ bool query_path_id(cqrs_http_request_t *req, char out[CQRS_UUID_LEN + 1])
     return true;
 }
 
-cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *key, int64_t min_version, char **json,
-                          int64_t *version, cqrs_error_t *err)
+cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *aggregate_type, const char *id,
+                          const char *name, int64_t min_version, char **json, int64_t *version,
+                          cqrs_error_t *err)
 {
-    if (ctx->cache && cqrs_doccache_get(ctx->cache, key, min_version, json, version))
+    if (ctx->cache && cqrs_doccache_get(ctx->cache, name, min_version, json, version))
         return CQRS_ERR_OK;
     cqrs_doccache_ticket_t t = {0};
     if (ctx->cache)
-        t = cqrs_doccache_ticket(ctx->cache, key);
+        t = cqrs_doccache_ticket(ctx->cache, name);
     cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(ctx->pool, ctx->acquire_timeout_ms);
     if (!ds)
         return cqrs_error_set(err, CQRS_ERR_UNAVAILABLE, "no free Redis connection");
-    cqrs_err_t rc = cqrs_docstore_get(ds, key, json, version, err);
+    /* The key in the generation readers follow now: a rebuild's switch moves it. */
+    char key[CQRS_KEY_MAX];
+    cqrs_err_t rc = query_doc_key(ds, aggregate_type, id, key, sizeof key, err);
+    if (rc == CQRS_ERR_OK)
+        rc = cqrs_docstore_get(ds, key, json, version, err);
     cqrs_docstore_pool_release(ctx->pool, ds);
     if (rc == CQRS_ERR_OK && ctx->cache)
-        cqrs_doccache_put(ctx->cache, key, t, *version, *json, strlen(*json));
+        cqrs_doccache_put(ctx->cache, name, t, *version, *json, strlen(*json));
     return rc;
 }
 
@@ -74,7 +79,8 @@ cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *key, int64_t min_version
 typedef struct doc_read {
     query_ctx_t *ctx;
     const char *type;
-    char key[CQRS_KEY_MAX];
+    char id[CQRS_UUID_LEN + 1];
+    char key[CQRS_KEY_MAX]; /* the document's name (keyspace.h): what waits are keyed by */
     int64_t min_version;
     int64_t deadline_ms;
     bool parked; /* a wait is registered with the hub */
@@ -115,7 +121,8 @@ static void doc_read_step(cqrs_http_request_t *req, void *ud)
         char *json = NULL;
         int64_t version = 0;
         cqrs_error_t err;
-        cqrs_err_t rc = query_read_doc(ctx, r->key, r->min_version, &json, &version, &err);
+        cqrs_err_t rc =
+            query_read_doc(ctx, r->type, r->id, r->key, r->min_version, &json, &version, &err);
         bool reached = rc == CQRS_ERR_OK && version >= r->min_version;
         if (rc == CQRS_ERR_NOT_FOUND && r->min_version <= 0) {
             cqrs_http_reply_problem(req, 404, "not-found", "Not Found",
@@ -209,7 +216,8 @@ static void get_document(cqrs_http_request_t *req, query_ctx_t *ctx, const char 
     }
     r->ctx = ctx;
     r->type = type;
-    if (!query_doc_key_req(req, ctx, type, id, r->key, sizeof r->key)) {
+    snprintf(r->id, sizeof r->id, "%s", id);
+    if (!query_doc_name_req(req, ctx, type, id, r->key, sizeof r->key)) {
         free(r);
         return;
     }

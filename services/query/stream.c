@@ -16,10 +16,11 @@
 typedef struct stream {
     query_ctx_t *ctx;
     cqrs_watch_t *watch;
-    char key[CQRS_KEY_MAX];
-    int64_t sent;   /* version the client has */
-    bool need_read; /* read the store at the next call */
-    char *out;      /* pending bytes */
+    char id[CQRS_UUID_LEN + 1];
+    char key[CQRS_KEY_MAX]; /* the document's name (keyspace.h) */
+    int64_t sent;           /* version the client has */
+    bool need_read;         /* read the store at the next call */
+    char *out;              /* pending bytes */
     size_t out_len, out_off;
 } stream_t;
 
@@ -55,8 +56,8 @@ static long stream_read(void *ud, char *buf, size_t max)
             cqrs_error_t err;
             /* An announced version is in Redis already: never settle for an older cache entry. */
             cqrs_err_t rc =
-                query_read_doc(st->ctx, st->key, ev.announced > st->sent ? ev.announced : 0, &json,
-                               &version, &err);
+                query_read_doc(st->ctx, "product", st->id, st->key,
+                               ev.announced > st->sent ? ev.announced : 0, &json, &version, &err);
             if (rc == CQRS_ERR_OK || rc == CQRS_ERR_NOT_FOUND)
                 st->need_read = false; /* else retried at the next wake (poll or keep-alive) */
             if (rc == CQRS_ERR_OK && version > st->sent) {
@@ -104,7 +105,8 @@ void product_stream_handler(cqrs_http_request_t *req, void *ud)
         return;
     }
     st->ctx = ctx;
-    if (!query_doc_key_req(req, ctx, "product", id, st->key, sizeof st->key)) {
+    snprintf(st->id, sizeof st->id, "%s", id);
+    if (!query_doc_name_req(req, ctx, "product", id, st->key, sizeof st->key)) {
         free(st);
         return;
     }

@@ -185,7 +185,7 @@ static void test_redelivery_changes_nothing(void **state)
     const char *base = getenv("CQRS_REDIS_URL");
     assert_int_equal(redisdb_url(base, 0, url, sizeof url), 0);
     /* every shard's offsets of this run's topics */
-    snprintf(pattern, sizeof pattern, "{cqrs:%s.*}:" CQRS_SHARD_OFFSETS, D.prefix);
+    snprintf(pattern, sizeof pattern, "{cqrs:%s.*}:g*:" CQRS_SHARD_OFFSETS, D.prefix);
     redisReply *keys = redisdb_cmd(url, "KEYS %s", pattern);
     assert_non_null(keys);
     assert_true(keys->elements > 0);

@@ -366,38 +366,130 @@ static void test_undecodable_records_its_offset(void **state)
     assert_int_equal(integer(llen, NULL), 1);
 }
 
-/* Issue 16, defect 7: the rebuild's SWAPDB happens only while its pause is still in force. */
-static void test_swap_refused_once_the_pause_lapsed(void **state)
+/* Issue 16, defect 7, with generations (issue 18): a rebuild's switch of a shard happens only
+ * while its pause is still in force; once switched, a write into the old generation is refused
+ * (GENERATION) and the new one holds the incarnation. */
+static void test_switch_refused_once_the_pause_lapsed(void **state)
 {
     (void)state;
-    char other[1024];
-    assert_int_equal(redisdb_url(testenv_require("CQRS_REDIS_URL"), 14, other, sizeof other), 0);
-    freeReplyObject(redisdb_cmd(other, "FLUSHDB", NULL));
-    freeReplyObject(redisdb_cmd(other, "SET cqrs:itest:generation new", NULL));
-    freeReplyObject(redisdb_cmd(url, "SET cqrs:itest:generation old", NULL));
+    assert_int_equal(apply(1, "{\"v\":1}", 1), CQRS_APPLY_APPLIED);
+    char topic[64], next[CQRS_SHARD_MAX], ptr[CQRS_KEY_MAX];
+    snprintf(topic, sizeof topic, "itest-%s", agg);
+    cqrs_keys_shard_gen("cqrs", topic, 0, 2, next, sizeof next);
+    cqrs_keys_shard_parse(next, ptr, sizeof ptr, NULL);
     cqrs_error_t err;
     int64_t token = 0;
     const char *shards[] = {shard};
-    assert_int_equal(cqrs_docstore_pause_token(ds, shards, 1, 50, &token, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_pause(ds, shards, 1, 50, &token, &err), CQRS_ERR_OK);
     assert_true(token > 0);
+    /* paused: the projector's write waits */
+    cqrs_apply_result_t res = 99;
+    cqrs_apply_t a = {.key = key,
+                      .version = 2,
+                      .json = "{\"v\":2}",
+                      .dlq_key = dlq,
+                      .aggregate_id = agg,
+                      .blob = "{}",
+                      .shard = shard,
+                      .next_offset = 2,
+                      .incarnation = incarnation,
+                      .offset_mode = CQRS_OFFSET_EXPECT,
+                      .prev_offset = written,
+                      .base_version = 1};
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_RETRY);
     usleep(200 * 1000); /* a stall longer than the pause */
-    assert_int_equal(cqrs_docstore_swap_with(ds, shards, 1, 14, token, &err), CQRS_ERR_TIMEOUT);
-    redisReply *r = redisdb_cmd(url, "GET cqrs:itest:generation", NULL);
-    assert_string_equal(r->str, "old");
+    assert_int_equal(cqrs_docstore_switch_shard(ds, shard, next, token, false, &err),
+                     CQRS_ERR_TIMEOUT);
+    redisReply *r = redisdb_cmd(url, "GET %s", ptr);
+    assert_int_equal(r->type, REDIS_REPLY_NIL); /* still generation 1 */
     freeReplyObject(r);
     /* another pause than ours does not count either */
     int64_t theirs = 0;
-    assert_int_equal(cqrs_docstore_pause_token(ds, shards, 1, 10000, &theirs, &err), CQRS_ERR_OK);
-    assert_int_equal(cqrs_docstore_swap_with(ds, shards, 1, 14, token, &err), CQRS_ERR_TIMEOUT);
-    /* within our pause it swaps */
-    assert_int_equal(cqrs_docstore_swap_with(ds, shards, 1, 14, theirs, &err), CQRS_ERR_OK);
-    r = redisdb_cmd(url, "GET cqrs:itest:generation", NULL);
-    assert_string_equal(r->str, "new");
+    assert_int_equal(cqrs_docstore_pause(ds, shards, 1, 10000, &theirs, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_switch_shard(ds, shard, next, token, false, &err),
+                     CQRS_ERR_TIMEOUT);
+    /* within our pause it switches: the pointer, the incarnation */
+    assert_int_equal(cqrs_docstore_switch_shard(ds, shard, next, theirs, false, &err), CQRS_ERR_OK);
+    r = redisdb_cmd(url, "GET %s", ptr);
+    assert_string_equal(r->str, "2");
     freeReplyObject(r);
-    /* put the test database back */
-    freeReplyObject(redisdb_cmd(url, "SWAPDB 15 14", NULL));
-    assert_int_equal(cqrs_docstore_pause(ds, shards, 1, 0, &err), CQRS_ERR_OK);
-    freeReplyObject(redisdb_cmd(other, "FLUSHDB", NULL));
+    char inc[CQRS_INCARNATION_LEN + 1];
+    int64_t stored = 0;
+    assert_int_equal(cqrs_docstore_shard_open(ds, next, 0, inc, &stored, &err), CQRS_ERR_OK);
+    assert_string_equal(inc, incarnation);
+    /* the old generation takes no write any more, paused or not */
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_GENERATION);
+    expect_doc(key, 1, "{\"v\":1}");
+    assert_int_equal(cqrs_docstore_shard_open(ds, shard, 0, inc, &stored, &err), CQRS_ERR_STATE);
+    char cur[CQRS_SHARD_MAX];
+    assert_int_equal(cqrs_docstore_current_shard(ds, topic, 0, cur, sizeof cur, &err), CQRS_ERR_OK);
+    assert_string_equal(cur, next);
+    /* the new generation is not paused: the write lands there */
+    char next_key[CQRS_KEY_MAX], next_dlq[CQRS_KEY_MAX];
+    cqrs_keys_doc(next, agg, next_key, sizeof next_key);
+    cqrs_keys_dlq(next, agg, next_dlq, sizeof next_dlq);
+    a.key = next_key;
+    a.dlq_key = next_dlq;
+    a.shard = next;
+    a.version = 1;
+    a.base_version = 0;
+    a.offset_mode = CQRS_OFFSET_RAISE;
+    assert_int_equal(cqrs_docstore_apply(ds, &a, &res, &err), CQRS_ERR_OK);
+    assert_int_equal(res, CQRS_APPLY_APPLIED);
+    /* a forced switch ignores the pause (a switch that must go on) */
+    char third[CQRS_SHARD_MAX];
+    cqrs_keys_shard_gen("cqrs", topic, 0, 3, third, sizeof third);
+    assert_int_equal(cqrs_docstore_switch_shard(ds, next, third, 0, true, &err), CQRS_ERR_OK);
+    r = redisdb_cmd(url, "GET %s", ptr);
+    assert_string_equal(r->str, "3");
+    freeReplyObject(r);
+}
+
+/* Readers follow a topic's generation, cached, and forget it on the change feed's "*". */
+static void test_readers_follow_the_generation(void **state)
+{
+    (void)state;
+    char topic[64];
+    snprintf(topic, sizeof topic, "itest-%s", agg);
+    cqrs_error_t err;
+    int64_t gen = 0;
+    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 1);
+    assert_int_equal(cqrs_docstore_set_generation(ds, topic, 4, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 1); /* cached */
+    cqrs_docstore_generations_forget();
+    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 4);
+    /* and without the announcement, within the cache's lifetime */
+    assert_int_equal(cqrs_docstore_set_generation(ds, topic, 5, &err), CQRS_ERR_OK);
+    usleep((CQRS_GENERATION_TTL_MS + 100) * 1000);
+    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 5);
+}
+
+/* Keys of one generation of a shard are copied to another and deleted, on every node. */
+static void test_copy_and_delete_a_generation(void **state)
+{
+    (void)state;
+    assert_int_equal(apply(1, "{\"v\":1}", 7), CQRS_APPLY_APPLIED);
+    char topic[64], next[CQRS_SHARD_MAX], pattern[CQRS_KEY_MAX];
+    snprintf(topic, sizeof topic, "itest-%s", agg);
+    cqrs_keys_shard_gen("cqrs", topic, 0, 2, next, sizeof next);
+    cqrs_error_t err;
+    size_t n = 0;
+    assert_int_equal(cqrs_docstore_copy_shard_keys(ds, shard, next, CQRS_SHARD_OFFSETS, &n, &err),
+                     CQRS_ERR_OK);
+    assert_int_equal(n, 1);
+    int64_t off = 0;
+    assert_int_equal(cqrs_docstore_offset(ds, next, 0, &off, &err), CQRS_ERR_OK);
+    assert_int_equal(off, 7);
+    snprintf(pattern, sizeof pattern, "{cqrs:%s:*}:g1:*", topic);
+    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, &n, &err), CQRS_ERR_OK);
+    assert_int_equal(n, 3); /* doc, offsets, meta */
+    assert_int_equal(cqrs_docstore_offset(ds, shard, 0, &off, &err), CQRS_ERR_NOT_FOUND);
+    assert_int_equal(cqrs_docstore_offset(ds, next, 0, &off, &err), CQRS_ERR_OK);
 }
 
 /* Issue 18: one shard that lost its data (a cluster node that came back empty) is a reset for
@@ -440,7 +532,10 @@ static void test_a_lost_shard_resets_alone(void **state)
     int32_t parts[] = {0, 1};
     char incs[2][CQRS_INCARNATION_LEN + 1];
     int64_t offs[2];
-    assert_int_equal(cqrs_docstore_progress(ds, shards, parts, 2, incs, offs, &err), CQRS_ERR_OK);
+    int64_t gens[2];
+    assert_int_equal(cqrs_docstore_progress(ds, shards, parts, 2, incs, offs, gens, &err),
+                     CQRS_ERR_OK);
+    assert_int_equal(gens[0], 1);
     assert_string_equal(incs[0], "");
     assert_int_equal(offs[0], 1); /* the document and offset survive in this simulation */
     assert_string_equal(incs[1], other_inc);
@@ -514,7 +609,8 @@ static void test_unreachable_redis_is_unavailable(void **state)
     int64_t v;
     assert_int_equal(cqrs_docstore_get(dead, "k", NULL, &v, &err), CQRS_ERR_UNAVAILABLE);
     cqrs_apply_result_t res;
-    cqrs_apply_t a = {.key = "k", .version = 1, .json = "{}", .dlq_key = "d", .shard = "{s}:"};
+    cqrs_apply_t a = {
+        .key = "{s}:g1:k", .version = 1, .json = "{}", .dlq_key = "{s}:g1:d", .shard = "{s}:g1:"};
     assert_int_equal(cqrs_docstore_apply(dead, &a, &res, &err), CQRS_ERR_UNAVAILABLE);
     cqrs_docstore_destroy(dead);
 }
@@ -535,7 +631,9 @@ int main(void)
         cmocka_unit_test_setup(test_offset_behind_is_refused, fresh_keys),
         cmocka_unit_test_setup(test_document_of_another_base_is_refused, fresh_keys),
         cmocka_unit_test_setup(test_undecodable_records_its_offset, fresh_keys),
-        cmocka_unit_test_setup(test_swap_refused_once_the_pause_lapsed, fresh_keys),
+        cmocka_unit_test_setup(test_switch_refused_once_the_pause_lapsed, fresh_keys),
+        cmocka_unit_test_setup(test_readers_follow_the_generation, fresh_keys),
+        cmocka_unit_test_setup(test_copy_and_delete_a_generation, fresh_keys),
         cmocka_unit_test_setup(test_script_cache_flush_is_survived, fresh_keys),
         cmocka_unit_test(test_unreachable_redis_is_unavailable),
     };

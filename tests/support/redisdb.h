@@ -165,8 +165,9 @@ static inline redisReply *redisdb_cmd(const char *url, const char *fmt, const ch
 }
 
 /* The shard of an aggregate of type in the read model at url (keyspace.h; default prefix
- * "cqrs"): its topic "<topic_prefix>.<type>.events" has the partition count the projector
- * recorded in cqrs:layout. 0, or -1 when none is recorded. */
+ * "cqrs"), in the generation readers follow (cqrs:generation): its topic
+ * "<topic_prefix>.<type>.events" has the partition count the projector recorded in
+ * cqrs:layout. 0, or -1 when none is recorded. */
 static inline int redisdb_shard(const char *url, const char *topic_prefix, const char *type,
                                 const char *id, char *shard, size_t cap)
 {
@@ -177,7 +178,10 @@ static inline int redisdb_shard(const char *url, const char *topic_prefix, const
     freeReplyObject(r);
     if (n <= 0)
         return -1;
-    cqrs_keys_shard("cqrs", topic, cqrs_keys_partition(id, n), shard, cap);
+    r = redisdb_cmd(url, "HGET cqrs:generation %s", topic);
+    long long gen = r && r->type == REDIS_REPLY_STRING ? atoll(r->str) : 1;
+    freeReplyObject(r);
+    cqrs_keys_shard_gen("cqrs", topic, cqrs_keys_partition(id, n), gen > 0 ? gen : 1, shard, cap);
     return 0;
 }
 

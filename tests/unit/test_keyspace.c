@@ -43,17 +43,17 @@ static void test_every_shard_key_carries_its_hash_tag(void **state)
     (void)state;
     char shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX];
     cqrs_keys_shard("cqrs", "cqrs.product.events", 3, shard, sizeof shard);
-    assert_string_equal(shard, "{cqrs:cqrs.product.events:3}:");
+    assert_string_equal(shard, "{cqrs:cqrs.product.events:3}:g1:");
     cqrs_keys_in(shard, CQRS_SHARD_META, key, sizeof key);
-    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:meta");
+    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:g1:meta");
     cqrs_keys_doc(shard, "80dd89dc-825b-49fd-bcf9-5526540bbf6f", key, sizeof key);
     assert_string_equal(key,
-                        "{cqrs:cqrs.product.events:3}:doc:80dd89dc-825b-49fd-bcf9-5526540bbf6f");
+                        "{cqrs:cqrs.product.events:3}:g1:doc:80dd89dc-825b-49fd-bcf9-5526540bbf6f");
     assert_string_equal(cqrs_keys_id(key), "80dd89dc-825b-49fd-bcf9-5526540bbf6f");
     cqrs_keys_dlq(shard, "x", key, sizeof key);
-    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:dlq:x");
+    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:g1:dlq:x");
     cqrs_keys_unknown(shard, "x", key, sizeof key);
-    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:unknown:x");
+    assert_string_equal(key, "{cqrs:cqrs.product.events:3}:g1:unknown:x");
     cqrs_keys_global("shop", "layout", key, sizeof key);
     assert_string_equal(key, "shop:layout");
     /* the longest prefix and topic fit */
@@ -62,8 +62,34 @@ static void test_every_shard_key_carries_its_hash_tag(void **state)
     topic[249] = '\0';
     cqrs_keys_shard("12345678901234567890123456789012", topic, 1023, shard, sizeof shard);
     cqrs_keys_in(shard, CQRS_SHARD_UNDECODABLE, key, sizeof key);
-    assert_int_equal(strlen(shard), 1 + 32 + 1 + 249 + 1 + 4 + 2);
-    assert_non_null(strstr(key, "}:dlq:undecodable"));
+    assert_int_equal(strlen(shard), 1 + 32 + 1 + 249 + 1 + 4 + 2 + 3);
+    assert_non_null(strstr(key, "}:g1:dlq:undecodable"));
+}
+
+static void test_generations(void **state)
+{
+    (void)state;
+    char shard[CQRS_SHARD_MAX], ptr[CQRS_KEY_MAX];
+    int64_t gen = 0;
+    cqrs_keys_shard_gen("cqrs", "t.product.events", 5, 12, shard, sizeof shard);
+    assert_string_equal(shard, "{cqrs:t.product.events:5}:g12:");
+    assert_true(cqrs_keys_shard_parse(shard, ptr, sizeof ptr, &gen));
+    assert_string_equal(ptr, "{cqrs:t.product.events:5}:gen");
+    assert_int_equal(gen, 12);
+    assert_false(cqrs_keys_shard_parse("{cqrs:t:5}:", ptr, sizeof ptr, &gen));
+    assert_false(cqrs_keys_shard_parse("cqrs:t:5}:g1:", ptr, sizeof ptr, &gen));
+    assert_false(cqrs_keys_shard_parse("{cqrs:t:5}:g0:", ptr, sizeof ptr, &gen));
+    assert_false(cqrs_keys_shard_parse("{cqrs:t:5}:g1:doc:x", ptr, sizeof ptr, &gen));
+    /* the name a document is announced and waited on by is the same in every generation */
+    char name[CQRS_KEY_MAX];
+    cqrs_keys_name("{cqrs:t:5}:g12:doc:x", name, sizeof name);
+    assert_string_equal(name, "{cqrs:t:5}:doc:x");
+    cqrs_keys_name("{cqrs:t:5}:g1:doc:x", name, sizeof name);
+    assert_string_equal(name, "{cqrs:t:5}:doc:x");
+    cqrs_keys_name("cqrs:layout", name, sizeof name);
+    assert_string_equal(name, "cqrs:layout");
+    cqrs_keys_name("{cqrs:t:5}:gen", name, sizeof name);
+    assert_string_equal(name, "{cqrs:t:5}:gen");
 }
 
 static void test_prefixes(void **state)
@@ -83,6 +109,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_partition_is_the_producers),
         cmocka_unit_test(test_every_shard_key_carries_its_hash_tag),
+        cmocka_unit_test(test_generations),
         cmocka_unit_test(test_prefixes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -27,8 +27,9 @@ typedef struct cqrs_docstore cqrs_docstore_t;
 typedef struct cqrs_docstore_pool cqrs_docstore_pool_t;
 
 /* Every applied document is announced with PUBLISH on the change channel of its deployment
- * and database, "<prefix>:changes:<db>", as "<document key> <version>"; "*" means a shard was
- * found empty (a listener must forget what it knew). See changefeed.h. */
+ * and database, "<prefix>:changes:<db>", as "<document name> <version>" (the name: its key
+ * without the generation, keyspace.h); "*" means a shard was found empty or a rebuild switched
+ * generations (a listener must forget what it knew). See changefeed.h. */
 void cqrs_docstore_channel(const char *prefix, int db, char *out, size_t cap);
 
 /* The deployment's key prefix (CQRS_REDIS_PREFIX; keyspace.h). */
@@ -58,6 +59,8 @@ typedef enum cqrs_apply_result {
                                      nothing written */
     CQRS_APPLY_STALE = -5,        /* the document is no longer at the base version the new one
                                      was computed from: recompute; nothing written */
+    CQRS_APPLY_GENERATION = -6,   /* a rebuild switched the shard to another generation: learn
+                                     it (cqrs_docstore_current_shard); nothing written */
 } cqrs_apply_result_t;
 
 /* What an apply does with the partition's recorded offset. */
@@ -152,12 +155,12 @@ cqrs_err_t cqrs_docstore_shard_open(cqrs_docstore_t *ds, const char *shard, int3
                                     char *incarnation, int64_t *offset, cqrs_error_t *err);
 
 /* For each of n shards, in one round trip (pipelined; per node on a cluster), atomically per
- * shard: its incarnation ("" when it has none) and the recorded offset of partitions[i]
- * (-1 when none). Read-only. */
+ * shard: its incarnation ("" when it has none), the recorded offset of partitions[i] (-1 when
+ * none) and the generation its pointer names (gens may be NULL). Read-only. */
 cqrs_err_t cqrs_docstore_progress(cqrs_docstore_t *ds, const char *const *shards,
                                   const int32_t *partitions, size_t n,
                                   char (*incarnations)[CQRS_INCARNATION_LEN + 1], int64_t *offsets,
-                                  cqrs_error_t *err);
+                                  int64_t *gens, cqrs_error_t *err);
 
 /* The partition count of a topic as the projector recorded it in <prefix>:layout (how a reader
  * finds an aggregate's shard); NOT_FOUND when none is recorded (nothing projected yet). */
@@ -167,8 +170,8 @@ cqrs_err_t cqrs_docstore_layout_get(cqrs_docstore_t *ds, const char *topic, int3
  * deployment): Redis is read only until it is known. */
 cqrs_err_t cqrs_docstore_partitions(cqrs_docstore_t *ds, const char *topic, int32_t *partitions,
                                     cqrs_error_t *err);
-/* The shard prefix of an aggregate of topic (keyspace.h) into shard (cap ≥ CQRS_SHARD_MAX);
- * NOT_FOUND when no layout is recorded for the topic. */
+/* The shard prefix of an aggregate of topic (keyspace.h), in the generation readers follow,
+ * into shard (cap ≥ CQRS_SHARD_MAX); NOT_FOUND when no layout is recorded for the topic. */
 cqrs_err_t cqrs_docstore_shard_of(cqrs_docstore_t *ds, const char *topic, const char *aggregate_id,
                                   char *shard, size_t cap, cqrs_error_t *err);
 /* Up to limit members after `after` (NULL: from the start) of each of n lexicographic indexes,
@@ -176,6 +179,22 @@ cqrs_err_t cqrs_docstore_shard_of(cqrs_docstore_t *ds, const char *topic, const 
 cqrs_err_t cqrs_docstore_range_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
                                     const char *after, size_t limit, char ***members,
                                     size_t *counts, cqrs_error_t *err);
+/* The current shard prefix of a topic's partition (its generation pointer; keyspace.h). */
+cqrs_err_t cqrs_docstore_current_shard(cqrs_docstore_t *ds, const char *topic, int32_t partition,
+                                       char *shard, size_t cap, cqrs_error_t *err);
+
+/* The generation readers follow for a topic (<prefix>:generation; 1 when none is recorded),
+ * cached for the process: read again after GENERATION_TTL_MS, or at once after
+ * cqrs_docstore_generations_forget (the change feed's "*": a rebuild switched). Never lower
+ * than a value this process used since the last forget. */
+#define CQRS_GENERATION_TTL_MS 2000
+cqrs_err_t cqrs_docstore_generation(cqrs_docstore_t *ds, const char *topic, int64_t *gen,
+                                    cqrs_error_t *err);
+void cqrs_docstore_generations_forget(void);
+/* Records a topic's generation for readers (a rebuild, after every shard switched). */
+cqrs_err_t cqrs_docstore_set_generation(cqrs_docstore_t *ds, const char *topic, int64_t gen,
+                                        cqrs_error_t *err);
+
 /* Records it unless one is recorded; *recorded gets the one in force (compare: a topic whose
  * partition count changed moved its aggregates to other partitions). */
 cqrs_err_t cqrs_docstore_layout_set(cqrs_docstore_t *ds, const char *topic, int32_t partitions,
@@ -304,14 +323,9 @@ cqrs_err_t cqrs_docstore_dlq_counts(cqrs_docstore_t *ds, const char *const *shar
                                     long long *held, long long *undecodable, cqrs_error_t *err);
 
 /* ---- rebuilds (cqrsctl rebuild) ----
- * A rebuild writes a new generation of the read model into a scratch database of the same
- * server, then SWAPDB makes it the live one atomically: every connection of the live database
- * sees the new generation from the next command on. */
-
-/* A connection to database db of the server in redis (same server and credentials). */
-cqrs_docstore_t *cqrs_docstore_new_db(const cqrs_redis_config_t *redis, int db, int timeout_ms,
-                                      cqrs_error_t *err);
-int cqrs_docstore_db(const cqrs_docstore_t *ds);
+ * A rebuild writes a new generation of a topic's shards beside the live one (keyspace.h), then
+ * switches each shard, then the topic's generation for readers, and deletes the old one. The
+ * same calls serve a single Redis and a cluster (one shard at a time: one slot). */
 
 typedef struct cqrs_dead_letter_put {
     int64_t version;
@@ -334,47 +348,48 @@ typedef struct cqrs_bulk_doc {
     size_t n_dead;
 } cqrs_bulk_doc_t;
 
-/* Writes with plain pipelined commands, not atomically: only for a database nothing else
- * writes (a rebuild's scratch database). The replies are read later — by the next bulk write,
- * cqrs_docstore_bulk_sync or any other call — so Redis works while the caller prepares the
- * next batch; an error of an earlier batch is returned by the next bulk write or sync. */
+/* Writes with plain pipelined commands, not atomically: only for keys nothing else writes (a
+ * rebuild's new generation). On a single server the replies are read later — by the next bulk
+ * write, cqrs_docstore_bulk_sync or any other call — so Redis works while the caller prepares
+ * the next batch; an error of an earlier batch is returned by the next bulk write or sync. On a
+ * cluster each batch is one pipeline per node, read at once. */
 cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *docs, size_t n,
                                     cqrs_error_t *err);
 /* Reads every outstanding reply; the first error of the bulk writes since the last sync. */
 cqrs_err_t cqrs_docstore_bulk_sync(cqrs_docstore_t *ds, cqrs_error_t *err);
 
-/* Sets (for_ms > 0: for that many ms of the server's clock from now) or clears (0) the pause
- * the apply script honours, in the meta of each of n shards, in one script: a single Redis
- * only (a rebuild's switch; keys of many slots). */
+/* Pauses (for_ms > 0: for that many ms of the server's clock from now) or resumes (0) the
+ * writes into each of n shards (their meta's paused_until, which every write script honours):
+ * one script per shard; tokens[i] (may be NULL) gets shard i's deadline, the token its switch
+ * checks. */
 cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, const char *const *shards, size_t n,
-                               int64_t for_ms, cqrs_error_t *err);
+                               int64_t for_ms, int64_t *tokens, cqrs_error_t *err);
 
-/* Copies every key matching pattern (SCAN MATCH) from src to dst (DUMP/RESTORE REPLACE);
- * *copied counts them. src and dst are databases of the same server. */
-cqrs_err_t cqrs_docstore_copy_keys(cqrs_docstore_t *src, cqrs_docstore_t *dst, const char *pattern,
-                                   size_t *copied, cqrs_error_t *err);
+/* Switches a shard from generation `from` to `to` (shard prefixes of the same shard): the new
+ * generation takes the old one's incarnation and carries no pause; the pointer is set. Only
+ * while the pause with deadline token is still the one in force in `from` and still ahead in
+ * the server's clock (else TIMEOUT, nothing switched) — unless force (a switch that must go on
+ * once others switched: writes the old generation took after its pause lapsed show as an
+ * offset the new one does not hold, which the projector re-applies). */
+cqrs_err_t cqrs_docstore_switch_shard(cqrs_docstore_t *ds, const char *from, const char *to,
+                                      int64_t token, bool force, cqrs_error_t *err);
 
-/* Sets the pause like cqrs_docstore_pause and returns its deadline (the token the swap
- * checks) in *until_ms. */
-cqrs_err_t cqrs_docstore_pause_token(cqrs_docstore_t *ds, const char *const *shards, size_t n,
-                                     int64_t for_ms, int64_t *until_ms, cqrs_error_t *err);
+/* Copies the keys of shard `from` matching <from><glob> to the same names under `to`
+ * (COPY … REPLACE: same slot), scanning every node; *copied counts them. */
+cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, const char *to,
+                                         const char *glob, size_t *copied, cqrs_error_t *err);
 
-/* Sets a shard's incarnation (a rebuild's new generation takes over the live one's, so the
- * projectors go on without re-reading: it holds what they recorded). */
+/* Deletes every key matching pattern (SCAN on every node, UNLINK); *deleted counts them. */
+cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern, size_t *deleted,
+                                     cqrs_error_t *err);
+
+/* Sets a shard's incarnation. */
 cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
                                          const char *incarnation, cqrs_error_t *err);
 
-/* SWAPDB <ds's database> <other_db>, atomically only while the pause set with deadline
- * until_ms on the n shards is still the one in force on each and still ahead in the server's
- * clock: TIMEOUT (nothing swapped) otherwise — so no live apply can have slipped in since the
- * pause began. */
-cqrs_err_t cqrs_docstore_swap_with(cqrs_docstore_t *ds, const char *const *shards, size_t n,
-                                   int other_db, int64_t until_ms, cqrs_error_t *err);
-/* PUBLISHes "*" on ds's change channel: listeners forget what they derived. */
+/* PUBLISHes "*" on ds's change channel: listeners forget what they derived (and the
+ * generations they follow). */
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err);
-/* FLUSHDB ASYNC of ds's database. */
-cqrs_err_t cqrs_docstore_flush(cqrs_docstore_t *ds, cqrs_error_t *err);
-cqrs_err_t cqrs_docstore_dbsize(cqrs_docstore_t *ds, long long *n, cqrs_error_t *err);
 /* A plain string key (rebuild markers): get (NOT_FOUND when absent), set, delete. */
 cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char **value,
                                     cqrs_error_t *err);

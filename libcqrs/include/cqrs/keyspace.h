@@ -9,12 +9,18 @@
  * stays one atomic script. Keys of a shard: <shard>meta (hash: incarnation, created,
  * paused_until), <shard>offsets (hash: partition → next offset), <shard>dlq:index,
  * <shard>dlq:undecodable, <shard>dlq:<aggregate id>, <shard>doc:<aggregate id>, and the domain's
- * index families (services/query/keys.c) — where <shard> is "{<prefix>:<topic>:<p>}:".
+ * index families (services/query/keys.c) — where <shard> is "{<prefix>:<topic>:<p>}:g<N>:".
+ *
+ * Generations: a rebuild writes a new generation N+1 of a topic's shards beside the live one
+ * (the same slots), then switches each shard's pointer "{<prefix>:<topic>:<p>}:gen" (absent:
+ * generation 1) and the topic's entry in <prefix>:generation (hash: topic → N, what readers
+ * follow); the old generation is deleted afterwards. Every write checks its shard's pointer in
+ * the script that writes, so none lands in a generation that was switched away.
  *
  * Keys outside every shard (each used alone, so any slot will do): <prefix>:layout (hash:
  * topic → its partition count, written by the projector from Kafka's metadata: how a reader
- * finds an aggregate's shard), <prefix>:refill, <prefix>:rebuild:marker, and the change channel
- * <prefix>:changes:<db>.
+ * finds an aggregate's shard), <prefix>:generation, <prefix>:refill, <prefix>:rebuild:marker,
+ * and the change channel <prefix>:changes:<db>.
  *
  * An aggregate's shard is its partition: (murmur2(id) & 0x7fffffff) % P, what the relay's
  * murmur2_random partitioner (and every Java client) picks for the key.
@@ -42,9 +48,16 @@
 /* True when prefix is 1–32 of [A-Za-z0-9._-]. */
 bool cqrs_keys_prefix_valid(const char *prefix);
 
-/* The shard prefix "{<prefix>:<topic>:<partition>}:" into out (cap ≥ CQRS_SHARD_MAX). */
+/* The shard prefix of generation 1 (a deployment's first), "{<prefix>:<topic>:<partition>}:g1:",
+ * into out (cap ≥ CQRS_SHARD_MAX). */
 void cqrs_keys_shard(const char *prefix, const char *topic, int32_t partition, char *out,
                      size_t cap);
+/* The shard prefix of generation gen (≥ 1). */
+void cqrs_keys_shard_gen(const char *prefix, const char *topic, int32_t partition, int64_t gen,
+                         char *out, size_t cap);
+/* From a shard prefix: its generation pointer "{…}:gen" into pointer (may be NULL) and its
+ * generation into *gen (may be NULL); false when shard is not a shard prefix. */
+bool cqrs_keys_shard_parse(const char *shard, char *pointer, size_t cap, int64_t *gen);
 /* <shard><family>, e.g. cqrs_keys_in(shard, CQRS_SHARD_META, …). */
 void cqrs_keys_in(const char *shard, const char *family, char *out, size_t cap);
 /* <shard>doc:<id>, <shard>dlq:<id>, <shard>unknown:<id>. */
@@ -53,6 +66,10 @@ void cqrs_keys_dlq(const char *shard, const char *id, char *out, size_t cap);
 void cqrs_keys_unknown(const char *shard, const char *id, char *out, size_t cap);
 /* A key outside every shard: "<prefix>:<name>" (layout, refill, rebuild:marker, changes:<db>). */
 void cqrs_keys_global(const char *prefix, const char *name, char *out, size_t cap);
+/* The generation-free name of a shard key ("{…}:g3:doc:x" → "{…}:doc:x"): what the change
+ * feed announces and readers wait on and cache by, the same across a rebuild's switch. A key
+ * that is not a shard's is copied as it is. */
+void cqrs_keys_name(const char *key, char *out, size_t cap);
 /* The aggregate id at the end of a shard key ("…doc:<id>", "…dlq:<id>"); "" if none. */
 const char *cqrs_keys_id(const char *key);
 
