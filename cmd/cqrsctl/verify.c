@@ -2,9 +2,11 @@
  *
  * Every product and order document is recomputed from the PostgreSQL rows (not copied from
  * Redis) and compared field by field with the stored one; every product must be in each of
- * its 16 lists under the member its current fields give, and every list must hold exactly as
- * many members as the products that belong to it (a difference is a stray or missing entry);
- * the top-products ranking likewise. Documents go in batches of 1,000, index checks in
+ * its lists (product_list_entries: one per sort order and its status, and the name order's of
+ * its category and status) under the member its current fields give, and every list must hold
+ * exactly as many members as the products that belong to it (a difference is a stray or
+ * missing entry); the top-products ranking likewise. Word sets and search records are not
+ * checked (no bulk read of them here). Documents go in batches of 1,000, index checks in
  * pipelines, so 100,000 products take seconds.
  */
 #include <cqrs/docstore.h>
@@ -128,7 +130,7 @@ static int cmp_str(const void *a, const void *b)
 static cqrs_err_t check_indexes(cqrs_docstore_t *ds, json_t *products, drift_t *d,
                                 cqrs_error_t *err)
 {
-    size_t n = json_array_size(products), per = PRODUCT_SORTS * 4 + 1;
+    size_t n = json_array_size(products), per = PRODUCT_LISTS + 1;
     size_t total = n * per;
     char **keys = calloc(total + 1, sizeof *keys), **members = calloc(total + 1, sizeof *members);
     bool *present = calloc(total + 1, sizeof *present);
@@ -144,22 +146,15 @@ static cqrs_err_t check_indexes(cqrs_docstore_t *ds, json_t *products, drift_t *
         rc = CQRS_ERR_OK; /* no layout: no product was projected (compare_docs said so) */
     for (size_t i = 0; rc == CQRS_ERR_OK && shards > 0 && i < n; i++) {
         json_t *p = json_array_get(products, i);
-        const char *cat = json_string_value(json_object_get(p, "category"));
-        const char *status = json_string_value(json_object_get(p, "status"));
         char shard[CQRS_SHARD_MAX];
         const char *id = json_string_value(json_object_get(p, "id"));
         query_shard(ds, "product", cqrs_keys_partition(id ? id : "", shards), shard, sizeof shard);
-        for (int s = 0; s < PRODUCT_SORTS; s++) {
-            char member[4608];
-            product_sort_member(p, s, member, sizeof member);
-            for (int f = 0; f < 4; f++) {
-                char key[4608];
-                product_list_key(shard, s, f & 1 ? cat : NULL, f & 2 ? status : NULL, key,
-                                 sizeof key);
-                keys[k] = strdup(key);
-                members[k] = strdup(member);
-                k++;
-            }
+        static product_entry_t entries[PRODUCT_LISTS];
+        size_t m = product_list_entries(shard, p, entries);
+        for (size_t e = 0; e < m; e++) {
+            keys[k] = strdup(entries[e].key);
+            members[k] = strdup(entries[e].member);
+            k++;
         }
         if (json_integer_value(json_object_get(p, "units_sold")) > 0) {
             char member[128];
@@ -179,8 +174,11 @@ static cqrs_err_t check_indexes(cqrs_docstore_t *ds, json_t *products, drift_t *
     }
     for (size_t i = 0; rc == CQRS_ERR_OK && i < k; i++)
         if (!present[i]) {
+            char id[CQRS_UUID_LEN + 1];
             size_t len = strlen(members[i]);
-            note(d, INDEX_MISSING, len >= 36 ? members[i] + len - 36 : members[i]);
+            if (!product_member_id(members[i], id)) /* top products: the id's text ends it */
+                snprintf(id, sizeof id, "%s", len >= 36 ? members[i] + len - 36 : members[i]);
+            note(d, INDEX_MISSING, id);
         }
     /* sizes: the expected count of each distinct key */
     if (rc == CQRS_ERR_OK && k > 0) {

@@ -2043,3 +2043,106 @@ cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *shard,
     const char *argv[] = {"ZADD", index, "NX", score, aggregate_id};
     return simple(ds, 5, argv, err);
 }
+
+/* ---- cqrs_docstore_walk (lean lists; self-contained: script and function) ----
+ * KEYS: 1 index, 2 records hash, 3… sets. ARGV: 1 after ('' = start), 2 limit, 3 budget,
+ * 4 small_max, 5 suffix ('' = none), 6 id length, 7 bytes after the id.
+ * Returns {'walk', next or '', member…} or {'small', '', id, record, id, record…} (also when a
+ * set is empty: nothing matches, in any index). No string is
+ * compared for order in Lua (its comparisons follow the server's locale, not bytes): ZRANGEBYLEX
+ * orders, the caller sorts what the small path returns. */
+static const char WALK_LUA[] =
+    "local after, limit = ARGV[1], tonumber(ARGV[2])\n"
+    "local budget, small = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+    "local suffix, idlen, skip = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])\n"
+    "local smallest, size = nil, nil\n"
+    "for i = 3, #KEYS do\n"
+    "  local c = redis.call('SCARD', KEYS[i])\n"
+    "  if c == 0 then return {'small', ''} end\n"
+    "  if not size or c < size then smallest, size = i, c end\n"
+    "end\n"
+    "local function in_all(id, skip_set)\n"
+    "  for i = 3, #KEYS do\n"
+    "    if i ~= skip_set and redis.call('SISMEMBER', KEYS[i], id) == 0 then return false end\n"
+    "  end\n"
+    "  return true\n"
+    "end\n"
+    "if smallest and size <= small then\n"
+    "  local out = {'small', ''}\n"
+    "  for _, id in ipairs(redis.call('SMEMBERS', KEYS[smallest])) do\n"
+    "    if in_all(id, smallest) then\n"
+    "      local r = redis.call('HGET', KEYS[2], id)\n"
+    "      if r then out[#out + 1] = id out[#out + 1] = r end\n"
+    "    end\n"
+    "  end\n"
+    "  return out\n"
+    "end\n"
+    "local out, n, from, scanned = {'walk', ''}, 0, (after == '' and '-' or '(' .. after), 0\n"
+    "while scanned < budget do\n"
+    "  local batch = redis.call('ZRANGEBYLEX', KEYS[1], from, '+', 'LIMIT', 0, 100)\n"
+    "  if #batch == 0 then return out end\n"
+    "  for _, m in ipairs(batch) do\n"
+    "    scanned = scanned + 1\n"
+    "    local len = #m\n"
+    "    if (suffix == '' or string.sub(m, -#suffix) == suffix) and\n"
+    "       (#KEYS < 3 or in_all(string.sub(m, len - skip - idlen + 1, len - skip), nil)) then\n"
+    "      if n == limit then out[2] = out[#out] return out end\n"
+    "      out[#out + 1] = m\n"
+    "      n = n + 1\n"
+    "    end\n"
+    "    from = '(' .. m\n"
+    "    if scanned >= budget then break end\n"
+    "  end\n"
+    "end\n"
+    "out[2] = string.sub(from, 2)\n"
+    "return out\n";
+
+cqrs_err_t cqrs_docstore_walk(cqrs_docstore_t *ds, const cqrs_walk_t *q, char ***items, size_t *n,
+                              char **next, bool *small, cqrs_error_t *err)
+{
+    *items = NULL;
+    *n = 0;
+    *next = NULL;
+    *small = false;
+    size_t k = 0;
+    const char **argv = calloc(3 + 2 + q->n_sets + 7, sizeof *argv);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    char nkeys[16], limit[24], budget[24], small_max[24], id_len[24], id_skip[24];
+    snprintf(nkeys, sizeof nkeys, "%zu", 2 + q->n_sets);
+    snprintf(limit, sizeof limit, "%zu", q->limit);
+    snprintf(budget, sizeof budget, "%zu", q->budget);
+    snprintf(small_max, sizeof small_max, "%zu", q->records ? q->small_max : 0);
+    snprintf(id_len, sizeof id_len, "%zu", q->id_len);
+    snprintf(id_skip, sizeof id_skip, "%zu", q->id_skip);
+    argv[k++] = "EVAL";
+    argv[k++] = WALK_LUA;
+    argv[k++] = nkeys;
+    argv[k++] = q->index;
+    argv[k++] = q->records ? q->records : q->index;
+    for (size_t i = 0; i < q->n_sets; i++)
+        argv[k++] = q->sets[i];
+    argv[k++] = q->after ? q->after : "";
+    argv[k++] = limit;
+    argv[k++] = budget;
+    argv[k++] = small_max;
+    argv[k++] = q->suffix ? q->suffix : "";
+    argv[k++] = id_len;
+    argv[k++] = id_skip;
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, (int)k, argv, NULL, &r, err);
+    free(argv);
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
+        freeReplyObject(r);
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected walk reply");
+    }
+    *small = r->element[0]->len == 5 && memcmp(r->element[0]->str, "small", 5) == 0;
+    if (r->element[1]->len > 0)
+        *next = strndup(r->element[1]->str, r->element[1]->len);
+    *items = reply_strings(r, 2, n);
+    freeReplyObject(r);
+    return CQRS_ERR_OK;
+}

@@ -2,21 +2,31 @@
  * GET /v1/customers/{id}/orders and GET /v1/reports/top-products. Redis only.
  *
  * Every list is kept per shard (query.h, keys) and read from all shards of its topic, merged
- * by member: members are unique (they end with the id) and totally ordered, so "after the
- * last member" is a cursor valid across shards — no duplicates, no holes.
+ * by member: members are unique (they hold the id) and totally ordered, so "after the last
+ * member" is a cursor valid across shards — no duplicates, no holes. Product lists are kept per
+ * sort order and status (and, for the name order, per category and status: index.c); "any
+ * status" merges the status lists the same way.
  *
- * Cost: without q, one pipelined ZRANGEBYLEX of limit + 1 members per shard (one round trip;
- * S × (limit + 1) members read for a page of limit) and one pipelined read of the page's
- * documents. With q, cqrs_docstore_search per shard: proportional to the rarest word's
- * products when it is rare (≤ SEARCH_SMALL), else a walk of at most SEARCH_BUDGET / S index
- * entries per shard and request (a shorter page, with a cursor to continue).
+ * Cost: a product list by sort order, status and (name order only) category: one pipelined
+ * ZRANGEBYLEX of limit + 1 members per shard and status (one round trip; S × statuses ×
+ * (limit + 1) members read) and one pipelined read of the page's documents. A category with
+ * another sort order walks that order's status lists keeping the category's members: at most
+ * LIST_BUDGET members looked at per request (LIST_BUDGET / sources per list, at least 100); when
+ * that runs out the page is shorter (even empty) and its next_cursor continues where the walk
+ * stopped. With q, per shard: proportional to the rarest word's products when it has at most
+ * SEARCH_SMALL of them in the shard (their search records are read and placed here), else the
+ * same walk checking every word, at most SEARCH_BUDGET per request. Either way no request reads
+ * more than a fixed number of index entries, whatever the catalogue's size.
  *
- * Cursors are opaque: base64url("v1|<sort>|<last member>").
+ * Cursors are opaque: base64url("v2|<sort>|<last member>") (v1 cursors, of the 16-list layout,
+ * are refused as malformed).
  */
+#include <cqrs/failpoint.h>
 #include <cqrs/keyspace.h>
 #include <cqrs/metrics.h>
 #include <cqrs/util.h>
 #include <ctype.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +35,10 @@
 
 #define SEARCH_SMALL 2000
 #define SEARCH_BUDGET 5000
+#define LIST_BUDGET 5000
+#define WALK_MIN 100
+/* a list key: the shard, the family, a category of at most 64 characters (256 bytes) */
+#define INDEX_KEY_MAX (CQRS_SHARD_MAX + 320)
 #define MAX_Q_CHARS 200
 #define MAX_Q_WORDS 10
 
@@ -52,7 +66,7 @@ static char *encode_cursor(const char *tag, const char *member)
     char *raw = malloc(len);
     if (!raw)
         return NULL;
-    int n = snprintf(raw, len, "v1|%s|%s", tag, member);
+    int n = snprintf(raw, len, "v2|%s|%s", tag, member);
     char *c = cqrs_base64url_encode(raw, (size_t)n);
     free(raw);
     return c;
@@ -69,7 +83,7 @@ static bool decode_cursor(cqrs_http_request_t *req, const char *tag, char **memb
     size_t len = 0;
     char *raw = strlen(c) <= 16384 ? cqrs_base64url_decode(c, &len) : NULL;
     size_t tlen = strlen(tag);
-    if (!raw || len < tlen + 5 || strncmp(raw, "v1|", 3) != 0 || strncmp(raw + 3, tag, tlen) != 0 ||
+    if (!raw || len < tlen + 5 || strncmp(raw, "v2|", 3) != 0 || strncmp(raw + 3, tag, tlen) != 0 ||
         raw[3 + tlen] != '|' || memchr(raw, '\0', len)) {
         free(raw);
         bad(req, "the cursor is malformed or belongs to another list or sort order");
@@ -91,12 +105,27 @@ static cqrs_docstore_t *acquire(cqrs_http_request_t *req, query_ctx_t *ctx)
     return ds;
 }
 
-/* The documents of members (id = their last 36 characters; shards[i] the shard member i came
- * from), in order; missing ones skipped. With raw set, the stored JSON texts are appended to it
- * as array elements, as they are (no parsing: a page costs what its bytes cost); otherwise
- * parsed into items. */
-static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **members,
-                                 const int32_t *shards, size_t n, json_t *items, cqrs_text_t *raw,
+/* The id of a member of a list (text, into out): product lists hold compact ids (index.c),
+ * top products and customer orders end with the id's text. */
+typedef bool (*id_of_fn)(const char *member, char out[CQRS_UUID_LEN + 1]);
+
+static bool text_id_of(const char *member, char out[CQRS_UUID_LEN + 1])
+{
+    size_t len = strlen(member);
+    if (len < CQRS_UUID_LEN)
+        return false;
+    memcpy(out, member + len - CQRS_UUID_LEN, CQRS_UUID_LEN + 1);
+    return true;
+}
+
+/* The documents of members (shards[i] the shard member i came from), in order; missing ones
+ * skipped, and with category set those of another category (a category tag matched by
+ * chance). With raw set, the stored JSON texts are appended to it as array elements, as they
+ * are (no parsing unless category is set: a page costs what its bytes cost); otherwise parsed
+ * into items. */
+static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, id_of_fn id_of,
+                                 char **members, const int32_t *shards, size_t n,
+                                 const char *category, json_t *items, cqrs_text_t *raw,
                                  cqrs_error_t *err)
 {
     char(*keys)[CQRS_KEY_MAX] = calloc(n ? n : 1, sizeof *keys);
@@ -108,10 +137,9 @@ static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **m
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
-        size_t len = strlen(members[i]);
-        char shard[CQRS_SHARD_MAX];
+        char shard[CQRS_SHARD_MAX], id[CQRS_UUID_LEN + 1];
         query_shard(ds, type, shards[i], shard, sizeof shard);
-        cqrs_keys_doc(shard, len >= 36 ? members[i] + len - 36 : "", keys[i], sizeof keys[i]);
+        cqrs_keys_doc(shard, id_of(members[i], id) ? id : "", keys[i], sizeof keys[i]);
         kp[i] = keys[i];
     }
     rc = cqrs_docstore_get_many(ds, kp, n, jsons, err);
@@ -119,11 +147,17 @@ static cqrs_err_t load_documents(cqrs_docstore_t *ds, const char *type, char **m
     for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
         if (!jsons[i])
             continue;
+        json_t *d = raw && !category ? NULL : json_loads(jsons[i], 0, NULL);
+        const char *c = d ? json_string_value(json_object_get(d, "category")) : NULL;
+        if (category && (!c || strcmp(c, category) != 0)) {
+            json_decref(d);
+            continue;
+        }
         if (raw) {
+            json_decref(d);
             cqrs_text_printf(raw, "%s%s", appended++ ? "," : "", jsons[i]);
             continue;
         }
-        json_t *d = json_loads(jsons[i], 0, NULL);
         if (d)
             json_array_append_new(items, d);
     }
@@ -153,19 +187,20 @@ static void reply_items(cqrs_http_request_t *req, cqrs_err_t rc, const cqrs_erro
     cqrs_text_free(body);
 }
 
-/* A merged page: the members of every shard's list, in order. */
+/* A merged page: the members of every source (a list of a shard), in order. */
 typedef struct page {
-    char **members; /* borrowed from the per-shard arrays */
+    char **members; /* borrowed from the per-source arrays */
     int32_t *shards;
     size_t n;
-    char ***per; /* per shard: its members (owned) */
+    char ***per; /* per source: its members (owned) */
     size_t *counts;
-    int32_t n_shards;
+    size_t n_sources;
+    size_t per_shard; /* sources per shard: source i is in shard i / per_shard */
 } page_t;
 
 static void page_free(page_t *p)
 {
-    for (int32_t i = 0; p->per && i < p->n_shards; i++)
+    for (size_t i = 0; p->per && i < p->n_sources; i++)
         cqrs_docstore_strings_free(p->per[i], p->counts[i]);
     free(p->per);
     free(p->counts);
@@ -174,57 +209,69 @@ static void page_free(page_t *p)
     memset(p, 0, sizeof *p);
 }
 
-/* Merges the per-shard arrays (each sorted) into p->members, at most max of them, only those
+/* Sizes p for n_shards × per_shard sources; false when out of memory. */
+static bool page_alloc(page_t *p, int32_t n_shards, size_t per_shard)
+{
+    memset(p, 0, sizeof *p);
+    p->per_shard = per_shard;
+    p->n_sources = (size_t)n_shards * per_shard;
+    p->per = calloc(p->n_sources + 1, sizeof *p->per);
+    p->counts = calloc(p->n_sources + 1, sizeof *p->counts);
+    return p->per && p->counts;
+}
+
+/* Merges the per-source arrays (each sorted) into p->members, at most max of them, only those
  * not past `upto` (NULL: no bound). */
 static void page_merge(page_t *p, size_t max, const char *upto)
 {
     size_t total = 0;
-    for (int32_t i = 0; i < p->n_shards; i++)
+    for (size_t i = 0; i < p->n_sources; i++)
         total += p->counts[i];
     p->members = calloc(total + 1, sizeof *p->members);
     p->shards = calloc(total + 1, sizeof *p->shards);
-    size_t *at = calloc((size_t)p->n_shards + 1, sizeof *at);
+    size_t *at = calloc(p->n_sources + 1, sizeof *at);
     p->n = 0;
     while (p->members && p->shards && at && p->n < max) {
-        int32_t best = -1;
-        for (int32_t i = 0; i < p->n_shards; i++)
+        size_t best = SIZE_MAX;
+        for (size_t i = 0; i < p->n_sources; i++)
             if (at[i] < p->counts[i] &&
-                (best < 0 || strcmp(p->per[i][at[i]], p->per[best][at[best]]) < 0))
+                (best == SIZE_MAX || strcmp(p->per[i][at[i]], p->per[best][at[best]]) < 0))
                 best = i;
-        if (best < 0 || (upto && strcmp(p->per[best][at[best]], upto) > 0))
+        if (best == SIZE_MAX || (upto && strcmp(p->per[best][at[best]], upto) > 0))
             break;
         p->members[p->n] = p->per[best][at[best]++];
-        p->shards[p->n++] = best;
+        p->shards[p->n++] = (int32_t)(best / p->per_shard);
     }
     free(at);
 }
 
-/* Reads up to limit members after `after` of the list that key_of names in every shard of
- * type, merged: p->n ≤ limit. */
-static cqrs_err_t
-read_merged(cqrs_docstore_t *ds, const char *type,
-            void (*key_of)(const char *shard, const void *arg, char *out, size_t cap),
-            const void *arg, const char *after, size_t limit, page_t *p, cqrs_error_t *err)
+/* The key of list j (< per_shard) of a shard. */
+typedef void (*key_of_fn)(const char *shard, const void *arg, size_t j, char *out, size_t cap);
+
+/* Reads up to limit members after `after` of the lists that key_of names (per_shard of them)
+ * in every shard of type, merged: p->n ≤ limit. */
+static cqrs_err_t read_merged(cqrs_docstore_t *ds, const char *type, key_of_fn key_of,
+                              const void *arg, size_t per_shard, const char *after, size_t limit,
+                              page_t *p, cqrs_error_t *err)
 {
     memset(p, 0, sizeof *p);
-    cqrs_err_t rc = query_shard_count(ds, type, &p->n_shards, err);
+    int32_t n_shards = 0;
+    cqrs_err_t rc = query_shard_count(ds, type, &n_shards, err);
     if (rc == CQRS_ERR_NOT_FOUND)
         return CQRS_ERR_OK; /* nothing projected yet: an empty list */
     if (rc != CQRS_ERR_OK)
         return rc;
-    size_t n = (size_t)p->n_shards;
-    char(*keys)[4608] = calloc(n, sizeof *keys);
+    size_t n = (size_t)n_shards * per_shard;
+    char(*keys)[INDEX_KEY_MAX] = calloc(n, sizeof *keys);
     const char **kp = calloc(n, sizeof *kp);
-    p->per = calloc(n, sizeof *p->per);
-    p->counts = calloc(n, sizeof *p->counts);
-    if (!keys || !kp || !p->per || !p->counts) {
+    if (!keys || !kp || !page_alloc(p, n_shards, per_shard)) {
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
         char shard[CQRS_SHARD_MAX];
-        query_shard(ds, type, (int32_t)i, shard, sizeof shard);
-        key_of(shard, arg, keys[i], sizeof keys[i]);
+        query_shard(ds, type, (int32_t)(i / per_shard), shard, sizeof shard);
+        key_of(shard, arg, i % per_shard, keys[i], sizeof keys[i]);
         kp[i] = keys[i];
     }
     rc = cqrs_docstore_range_many(ds, kp, n, after, limit, p->per, p->counts, err);
@@ -236,10 +283,10 @@ out:
     return rc;
 }
 
-/* A page of a plain (lexicographic) index: limit + 1 members tell whether more follow. */
-static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type,
-                       void (*key_of)(const char *shard, const void *arg, char *out, size_t cap),
-                       const void *arg, const char *tag, size_t limit, const char *after)
+/* A page of plain (lexicographic) indexes: limit + 1 members tell whether more follow. */
+static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *type, id_of_fn id_of,
+                       key_of_fn key_of, const void *arg, size_t per_shard, const char *tag,
+                       size_t limit, const char *after)
 {
     cqrs_docstore_t *ds = acquire(req, ctx);
     if (!ds)
@@ -248,13 +295,13 @@ static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *t
     cqrs_error_t err;
     cqrs_text_t body = {0};
     cqrs_text_printf(&body, "{\"items\":[");
-    cqrs_err_t rc = read_merged(ds, type, key_of, arg, after, limit + 1, &p, &err);
+    cqrs_err_t rc = read_merged(ds, type, key_of, arg, per_shard, after, limit + 1, &p, &err);
     char *next = NULL;
     if (rc == CQRS_ERR_OK) {
         size_t page = p.n > limit ? limit : p.n;
         if (p.n > limit)
             next = encode_cursor(tag, p.members[limit - 1]);
-        rc = load_documents(ds, type, p.members, p.shards, page, NULL, &body, &err);
+        rc = load_documents(ds, type, id_of, p.members, p.shards, page, NULL, NULL, &body, &err);
     }
     cqrs_docstore_pool_release(ctx->pool, ds);
     page_free(&p);
@@ -262,68 +309,139 @@ static void reply_page(cqrs_http_request_t *req, query_ctx_t *ctx, const char *t
     free(next);
 }
 
+/* A product list request: sort order, category (NULL: any), statuses read (one, or every
+ * one). The lists read are the sort order's status lists — by category too for the name order;
+ * for another order a category is the tag the walk keeps. */
 typedef struct list_arg {
     int sort;
-    const char *category, *status;
+    const char *category;
+    int statuses[PRODUCT_STATUSES];
+    size_t n_statuses;
+    char tag[PRODUCT_TAG_BYTES + 1];
 } list_arg_t;
 
-static void list_key_of(const char *shard, const void *arg, char *out, size_t cap)
+static bool list_walks(const list_arg_t *a)
 {
-    const list_arg_t *a = arg;
-    product_list_key(shard, a->sort, a->category, a->status, out, cap);
+    return a->category && a->sort != SORT_NAME;
 }
 
-static void customer_key_of(const char *shard, const void *arg, char *out, size_t cap)
+static void list_key_of(const char *shard, const void *arg, size_t j, char *out, size_t cap)
 {
+    const list_arg_t *a = arg;
+    product_list_key(shard, a->sort, a->statuses[j], a->category, out, cap);
+}
+
+static void customer_key_of(const char *shard, const void *arg, size_t j, char *out, size_t cap)
+{
+    (void)j;
     customer_orders_key(shard, arg, out, cap);
 }
 
-static void top_key_of(const char *shard, const void *arg, char *out, size_t cap)
+static void top_key_of(const char *shard, const void *arg, size_t j, char *out, size_t cap)
 {
     (void)arg;
+    (void)j;
     top_products_key(shard, out, cap);
 }
 
-/* Search in every shard, merged. A shard whose walk stopped early (its budget spent) is
- * complete only up to where it stopped (its next): the page holds no member past the lowest
- * such point, and the cursor continues from there — so no member is skipped. */
-static cqrs_err_t search_merged(cqrs_docstore_t *ds, const cqrs_search_t *base,
-                                char *const *word_of, size_t n_words, const list_arg_t *la,
-                                page_t *p, char **next_member, cqrs_error_t *err)
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The small path's candidates (pairs of compact id, search record) as members of la's lists
+ * after `after`, sorted: those of another status (than la's, or than only when ≥ 0) or
+ * category tag left out. */
+static char **place_candidates(char **items, size_t n_items, const list_arg_t *la, int only,
+                               const char *after, size_t *n)
+{
+    *n = 0;
+    char **out = calloc(n_items / 2 + 1, sizeof *out);
+    for (size_t i = 0; out && i + 1 < n_items; i += 2) {
+        char m[PRODUCT_MEMBER_MAX], tag[PRODUCT_TAG_BYTES + 1];
+        int st = -1;
+        if (!product_record_member(items[i], items[i + 1], la->sort, m, sizeof m, &st, tag))
+            continue;
+        bool status_ok = false;
+        for (size_t k = 0; k < la->n_statuses; k++)
+            status_ok = status_ok || (la->statuses[k] == st && (only < 0 || only == st));
+        if (!status_ok || (la->category && strcmp(tag, la->tag) != 0) ||
+            (after && strcmp(m, after) <= 0))
+            continue;
+        if ((out[*n] = strdup(m)) != NULL)
+            (*n)++;
+    }
+    if (out)
+        qsort(out, *n, sizeof *out, cmp_str);
+    return out;
+}
+
+/* A walk of la's lists in every shard (with words: a search), merged. A list whose walk
+ * stopped early (its budget spent) is complete only up to where it stopped: the page holds no
+ * member past the lowest such point, and the cursor continues from there — so no member is
+ * skipped. */
+static cqrs_err_t walk_merged(cqrs_docstore_t *ds, const list_arg_t *la, char *const *word_of,
+                              size_t n_words, const char *after, size_t limit, page_t *p,
+                              char **next_member, cqrs_error_t *err)
 {
     memset(p, 0, sizeof *p);
     *next_member = NULL;
-    cqrs_err_t rc = query_shard_count(ds, "product", &p->n_shards, err);
+    int32_t n_shards = 0;
+    cqrs_err_t rc = query_shard_count(ds, "product", &n_shards, err);
     if (rc == CQRS_ERR_NOT_FOUND)
         return CQRS_ERR_OK;
     if (rc != CQRS_ERR_OK)
         return rc;
-    size_t n = (size_t)p->n_shards;
-    p->per = calloc(n, sizeof *p->per);
-    p->counts = calloc(n, sizeof *p->counts);
-    if (!p->per || !p->counts)
+    if (!page_alloc(p, n_shards, la->n_statuses))
         return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-    char *frontier = NULL; /* the lowest point where a shard stopped early */
-    size_t budget = base->budget / n > 100 ? base->budget / n : 100;
-    for (size_t i = 0; rc == CQRS_ERR_OK && i < n; i++) {
-        char shard[CQRS_SHARD_MAX], index[4608], prefix[CQRS_KEY_MAX];
+    char *frontier = NULL; /* the lowest point where a list's walk stopped early */
+    size_t total = n_words ? SEARCH_BUDGET : LIST_BUDGET;
+    size_t budget = total / p->n_sources > WALK_MIN ? total / p->n_sources : WALK_MIN;
+    bool tiny = CQRS_FAILPOINT("lists-tiny-budget"); /* tests: budgets spent at once */
+    if (tiny)
+        budget = 3;
+    for (size_t i = 0; rc == CQRS_ERR_OK && i < p->n_sources; i++) {
+        int32_t s = (int32_t)(i / p->per_shard);
+        size_t j = i % p->per_shard;
+        char shard[CQRS_SHARD_MAX], index[INDEX_KEY_MAX], records[CQRS_KEY_MAX];
         char set_keys[MAX_Q_WORDS][CQRS_KEY_MAX];
         const char *sets[MAX_Q_WORDS];
-        query_shard(ds, "product", (int32_t)i, shard, sizeof shard);
-        product_list_key(shard, la->sort, la->category, la->status, index, sizeof index);
+        query_shard(ds, "product", s, shard, sizeof shard);
+        list_key_of(shard, la, j, index, sizeof index);
+        product_records_key(shard, records, sizeof records);
         for (size_t w = 0; w < n_words; w++) {
             word_key(shard, word_of[w], set_keys[w], sizeof set_keys[w]);
             sets[w] = set_keys[w];
         }
-        cqrs_keys_doc(shard, "", prefix, sizeof prefix);
-        cqrs_search_t q = *base;
-        q.index = index;
-        q.sets = sets;
-        q.budget = budget;
-        q.doc_prefix = prefix;
-        q.doc_suffix = "";
-        char *stop = NULL;
-        rc = cqrs_docstore_search(ds, &q, &p->per[i], &p->counts[i], &stop, err);
+        cqrs_walk_t q = {.index = index,
+                         .records = n_words ? records : NULL,
+                         .sets = sets,
+                         .n_sets = n_words,
+                         .after = after,
+                         .limit = limit,
+                         .budget = budget,
+                         .small_max = tiny ? 0 : SEARCH_SMALL,
+                         .suffix = list_walks(la) ? la->tag : NULL,
+                         .id_len = PRODUCT_ID_BYTES,
+                         .id_skip = PRODUCT_TAG_BYTES};
+        char **items = NULL, *stop = NULL;
+        size_t n_items = 0;
+        bool small = false;
+        rc = cqrs_docstore_walk(ds, &q, &items, &n_items, &stop, &small, err);
+        if (rc == CQRS_ERR_OK && small) {
+            /* every candidate of the shard, whatever the list: placed once, in the shard's
+             * first source, whose other lists are then not read (a later list turning small
+             * — the words changed meanwhile — keeps its own status only) */
+            p->per[i] = place_candidates(items, n_items, la, j == 0 ? -1 : la->statuses[j], after,
+                                         &p->counts[i]);
+            cqrs_docstore_strings_free(items, n_items);
+            free(stop);
+            if (j == 0)
+                i += p->per_shard - 1;
+            continue;
+        }
+        p->per[i] = items;
+        p->counts[i] = n_items;
         if (stop && (!frontier || strcmp(stop, frontier) < 0)) {
             free(frontier);
             frontier = stop;
@@ -332,8 +450,8 @@ static cqrs_err_t search_merged(cqrs_docstore_t *ds, const cqrs_search_t *base,
         }
     }
     if (rc == CQRS_ERR_OK) {
-        page_merge(p, base->limit, frontier);
-        if (p->n == base->limit)
+        page_merge(p, limit, frontier);
+        if (p->n == limit)
             *next_member = strdup(p->members[p->n - 1]);
         else if (frontier)
             *next_member = strdup(frontier);
@@ -358,7 +476,7 @@ void product_list_handler(cqrs_http_request_t *req, void *ud)
     if (!parse_limit(req, 20, &limit))
         return;
     const char *status = cqrs_http_query(req, "status");
-    if (status && strcmp(status, "active") != 0 && strcmp(status, "discontinued") != 0) {
+    if (status && product_status_index(status) < 0) {
         bad(req, "status must be active or discontinued");
         return;
     }
@@ -384,23 +502,23 @@ void product_list_handler(cqrs_http_request_t *req, void *ud)
     char *after = NULL;
     if (!decode_cursor(req, product_sort_names[sort], &after))
         return;
-    list_arg_t la = {sort, category, status};
-    if (!q) {
-        reply_page(req, ctx, "product", list_key_of, &la, product_sort_names[sort], limit, after);
+    list_arg_t la = {.sort = sort, .category = category};
+    if (status)
+        la.statuses[la.n_statuses++] = product_status_index(status);
+    else
+        for (int i = 0; i < PRODUCT_STATUSES; i++)
+            la.statuses[la.n_statuses++] = i;
+    if (category)
+        product_category_tag(category, la.tag);
+    if (!q && !list_walks(&la)) {
+        reply_page(req, ctx, "product", product_member_id, list_key_of, &la, la.n_statuses,
+                   product_sort_names[sort], limit, after);
         free(after);
         return;
     }
     char *word_of[MAX_Q_WORDS];
     for (size_t i = 0; i < n_words; i++)
         word_of[i] = words[i];
-    char field[16];
-    snprintf(field, sizeof field, "k:%s", product_sort_names[sort]);
-    cqrs_search_t s = {.n_sets = n_words,
-                       .after = after,
-                       .limit = limit,
-                       .budget = SEARCH_BUDGET,
-                       .small_max = SEARCH_SMALL,
-                       .sort_field = field};
     cqrs_docstore_t *ds = acquire(req, ctx);
     if (!ds) {
         free(after);
@@ -411,9 +529,10 @@ void product_list_handler(cqrs_http_request_t *req, void *ud)
     cqrs_error_t err;
     cqrs_text_t body = {0};
     cqrs_text_printf(&body, "{\"items\":[");
-    cqrs_err_t rc = search_merged(ds, &s, word_of, n_words, &la, &p, &next_member, &err);
+    cqrs_err_t rc = walk_merged(ds, &la, word_of, n_words, after, limit, &p, &next_member, &err);
     if (rc == CQRS_ERR_OK)
-        rc = load_documents(ds, "product", p.members, p.shards, p.n, NULL, &body, &err);
+        rc = load_documents(ds, "product", product_member_id, p.members, p.shards, p.n, category,
+                            NULL, &body, &err);
     cqrs_docstore_pool_release(ctx->pool, ds);
     if (next_member)
         next = encode_cursor(product_sort_names[sort], next_member);
@@ -439,7 +558,7 @@ void customer_orders_handler(cqrs_http_request_t *req, void *ud)
     char *after = NULL;
     if (!decode_cursor(req, "orders", &after))
         return;
-    reply_page(req, ctx, "order", customer_key_of, id, "orders", limit, after);
+    reply_page(req, ctx, "order", text_id_of, customer_key_of, id, 1, "orders", limit, after);
     free(after);
 }
 
@@ -458,9 +577,10 @@ void top_products_handler(cqrs_http_request_t *req, void *ud)
     page_t p;
     cqrs_error_t err;
     json_t *docs = json_array();
-    cqrs_err_t rc = read_merged(ds, "product", top_key_of, NULL, NULL, limit, &p, &err);
+    cqrs_err_t rc = read_merged(ds, "product", top_key_of, NULL, 1, NULL, limit, &p, &err);
     if (rc == CQRS_ERR_OK)
-        rc = load_documents(ds, "product", p.members, p.shards, p.n, docs, NULL, &err);
+        rc = load_documents(ds, "product", text_id_of, p.members, p.shards, p.n, NULL, docs, NULL,
+                            &err);
     cqrs_docstore_pool_release(ctx->pool, ds);
     page_free(&p);
     if (rc != CQRS_ERR_OK) {

@@ -32,8 +32,9 @@ cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *aggregate_type, const ch
  * Products and orders come from their own topics, "<topic prefix>.product.events" and
  * "<topic prefix>.order.events"; the read model of each is sharded by partition (keyspace.h).
  * A document is <shard>doc:<id> in its aggregate's shard; the index families, all inside a
- * shard, are (index.c): <shard>idx:products:<sort>:<filter> (lists), <shard>idx:word:<word>,
- * <shard>idx:top-products, <shard>idx:customer-orders:<customer id>. A list read reads every
+ * shard, are (index.c): <shard>idx:p:<sort>:<status> and <shard>idx:p:name:<status>:c=<category>
+ * (lists), <shard>idx:p:rec (search records), <shard>idx:w:<word>, <shard>idx:top-products,
+ * <shard>idx:customer-orders:<customer id>. A list read reads every
  * shard of its topic and merges. */
 #define QUERY_TYPES 2 /* product, order */
 /* Sets the topic prefix (CQRS_TOPIC_PREFIX) once, before any other call. */
@@ -72,15 +73,62 @@ extern const cqrs_projection_t query_projection;
 
 enum { SORT_NAME, SORT_PRICE, SORT_PRICE_DESC, SORT_UPDATED_DESC, PRODUCT_SORTS };
 extern const char *const product_sort_names[PRODUCT_SORTS];
+/* The statuses the projection gives a product; a list of "any status" merges one list each. */
+#define PRODUCT_STATUSES 2
+extern const char *const product_statuses[PRODUCT_STATUSES];
 #define MAX_WORD 64
 #define MAX_DOC_WORDS 256
 
+/* Member layout (index.c): sort key, compact id, category tag. */
+#define PRODUCT_ID_BYTES 19
+#define PRODUCT_TAG_BYTES 4
+#define PRODUCT_NUM_BYTES 7
+#define PRODUCT_MEMBER_TAIL (PRODUCT_ID_BYTES + PRODUCT_TAG_BYTES)
+#define PRODUCT_KEY_MAX 4096
+#define PRODUCT_MEMBER_MAX (PRODUCT_KEY_MAX + 64)
+/* The lists a product is in: one per sort order (its status's), and the name order's per
+ * category and status. */
+#define PRODUCT_LISTS (PRODUCT_SORTS + 1)
+
 /* -1 when not one of name, price, -price, -updated. */
 int product_sort_parse(const char *s);
+/* The index of a status in product_statuses; -1 when none (or s NULL). */
+int product_status_index(const char *s);
+/* A UUID (text, any case) as PRODUCT_ID_BYTES NUL-free bytes that compare as the lower-case
+ * text does; false when it is not a UUID. */
+bool product_id_encode(const char *uuid, char out[PRODUCT_ID_BYTES + 1]);
+/* The inverse (lower-case text); false when enc is not such an encoding. */
+bool product_id_decode(const char *enc, char out[CQRS_UUID_LEN + 1]);
+/* PRODUCT_TAG_BYTES NUL-free bytes from a hash of the category (equal categories, equal tags;
+ * different ones rarely). */
+void product_category_tag(const char *category, char out[PRODUCT_TAG_BYTES + 1]);
+/* A product's member in the lists of a sort order (cap ≥ PRODUCT_MEMBER_MAX). */
 void product_sort_member(const json_t *doc, int sort, char *out, size_t cap);
-/* Index keys of a shard (shard: its prefix). category / status NULL: not filtered by it. */
-void product_list_key(const char *shard, int sort, const char *category, const char *status,
-                      char *out, size_t cap);
+/* The id of a product list member (text); false when it is not one. */
+bool product_member_id(const char *member, char out[CQRS_UUID_LEN + 1]);
+/* Whether a product list member carries this category tag. */
+bool product_member_has_tag(const char *member, const char *tag);
+/* The search record of a product (cap ≥ PRODUCT_MEMBER_MAX): what it takes to place it in any
+ * list — status, category tag, sort keys — kept in the shard's records hash by compact id. */
+void product_search_record(const json_t *doc, char *out, size_t cap);
+/* From a compact id and its record: the member in the lists of sort (cap ≥ PRODUCT_MEMBER_MAX),
+ * the status index (-1…: unknown) and the category tag. False when the record is malformed. */
+bool product_record_member(const char *eid, const char *record, int sort, char *out, size_t cap,
+                           int *status, char tag[PRODUCT_TAG_BYTES + 1]);
+/* Index keys of a shard (shard: its prefix). The list of a sort order and status (an index
+ * of product_statuses); with category (only kept for SORT_NAME; ignored for the others) the
+ * name order's list of that category and status. */
+void product_list_key(const char *shard, int sort, int status, const char *category, char *out,
+                      size_t cap);
+/* The shard's hash of search records (compact id → product_search_record). */
+void product_records_key(const char *shard, char *out, size_t cap);
+typedef struct product_entry {
+    char key[4608];
+    char member[PRODUCT_MEMBER_MAX];
+} product_entry_t;
+/* The lists a product belongs to and its member in each (at most PRODUCT_LISTS; none for a
+ * status the projection does not give): what the projection writes and verify checks. */
+size_t product_list_entries(const char *shard, const json_t *doc, product_entry_t *out);
 void word_key(const char *shard, const char *word, char *out, size_t cap);
 void top_products_key(const char *shard, char *out, size_t cap);
 /* Distinct lower-cased words (ASCII letters and digits, and any non-ASCII byte, are word

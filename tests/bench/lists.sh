@@ -62,6 +62,8 @@ for _ in $(seq 600); do
     sleep 2
 done
 echo "   projected: ${applied:-0}"
+echo "== memory per product (tests/bench/memory.sh $PREFIX)"
+tests/bench/memory.sh "$PREFIX"
 ID=$(curl -fs "http://127.0.0.1:$QPORT/v1/products?limit=1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["items"][0]["id"])')
 
 run() { # name path

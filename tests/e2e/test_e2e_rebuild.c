@@ -188,7 +188,7 @@ static void test_rebuild_under_load(void **state)
     json_decref(doc);
     freeReplyObject(redisCommand(c, "HSET %s json %s", key, drifted));
     free(drifted);
-    freeReplyObject(redisCommand(c, "ZADD %sidx:products:name:all 0 stray-entry", shard));
+    freeReplyObject(redisCommand(c, "ZADD %sidx:p:name:active 0 stray-entry", shard));
     static char out[65536];
     assert_int_equal(ctl("verify", out, sizeof out), 1);
 

@@ -174,11 +174,16 @@ static void test_verify_after_workload_and_drift(void **state)
     /* a stray entry in the list of the shard product 0 lives in */
     char shard[CQRS_SHARD_MAX], list[CQRS_KEY_MAX], zadd[CQRS_KEY_MAX + 32];
     assert_int_equal(redisdb_shard(redis_url, D.prefix, "product", ids[0], shard, sizeof shard), 0);
-    snprintf(list, sizeof list, "%sidx:products:name:all", shard);
+    snprintf(list, sizeof list, "%sidx:p:name:active", shard);
     snprintf(zadd, sizeof zadd, "ZADD %s 0 %%s", list);
     freeReplyObject(redisdb_cmd(redis_url, zadd,
                                 "stray\x01"
                                 "00000000-0000-4000-8000-000000000000"));
+    /* and a missing one: the first member of another list of that shard */
+    char other[CQRS_KEY_MAX], zpop[CQRS_KEY_MAX + 16];
+    snprintf(other, sizeof other, "%sidx:p:-updated:active", shard);
+    snprintf(zpop, sizeof zpop, "ZPOPMIN %s", other);
+    freeReplyObject(redisdb_cmd(redis_url, zpop, NULL));
 
     assert_int_equal(verify(&report), 1);
     assert_false(json_is_true(json_object_get(report, "match")));
@@ -191,6 +196,8 @@ static void test_verify_after_workload_and_drift(void **state)
     assert_true(names(k, ids[13]));
     assert_non_null(k = kind(report, "index size differs (stray or missing entries)"));
     assert_true(names(k, list));
+    assert_true(names(k, other));
+    assert_non_null(kind(report, "missing index entry"));
     json_decref(report);
 }
 

@@ -401,4 +401,29 @@ cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *shard,
                                        const char *aggregate_id, int64_t since_ms,
                                        cqrs_error_t *err);
 
+/* A bounded walk of a lexicographic index (as cqrs_docstore_range), in one Lua call, keeping
+ * the members that end with suffix (NULL or "": all) and whose id — id_len bytes ending id_skip
+ * bytes before the member's end — is in every set in sets. When there are sets and the smallest
+ * has at most small_max members (or one set is empty), the index is not walked: *small is set
+ * and *items holds pairs
+ * (id, its field in the hash records — absent ones left out) for every id in all the sets, in
+ * no order (cost O(smallest); the caller places, filters and sorts them). Otherwise at most
+ * budget members are looked at from `after`: *items holds up to limit matches in order, and
+ * *next (malloc'ed, NULL at the end of the index) where to continue — past the last match
+ * when more matches follow, else the last member looked at (so *n may be below limit with
+ * more to come). All keys must be in one slot. Free *items with cqrs_docstore_strings_free. */
+typedef struct cqrs_walk {
+    const char *index;
+    const char *records; /* NULL: no small path (then small_max is moot) */
+    const char *const *sets;
+    size_t n_sets;
+    const char *after;
+    size_t limit, budget, small_max;
+    const char *suffix;
+    size_t id_len, id_skip;
+} cqrs_walk_t;
+
+cqrs_err_t cqrs_docstore_walk(cqrs_docstore_t *ds, const cqrs_walk_t *q, char ***items, size_t *n,
+                              char **next, bool *small, cqrs_error_t *err);
+
 #endif

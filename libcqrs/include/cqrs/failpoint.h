@@ -28,6 +28,9 @@
  *   projector-before-apply  cqrs-queryd: the document read and the next one computed, the
  *                           apply script not yet run (delay:N widens the window in which
  *                           cqrsctl dlq retry or a rebuild changes the document meanwhile)
+ *   lists-tiny-budget       cqrs-queryd: every walk of a product list (a category in another
+ *                           sort order, a search) looks at 3 entries per list and search
+ *                           never takes its small path (error: on; short pages with cursors)
  *   rebuild-before-swap     cqrsctl rebuild: every check of the switch passed, SWAPDB not yet
  *                           sent (delay:N longer than the 10 s pause: the swap must be refused)
  *
