@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "cqrs/docstore.h"
+#include "cqrs/rcluster.h"
 #include "cqrs/log.h"
 #include "cqrs/redis.h"
 #include "cqrs/util.h"
@@ -28,6 +29,7 @@
 
 struct cqrs_changefeed {
     cqrs_redis_target_t target;
+    cqrs_rconn_t *rc; /* the nodes of a cluster: where to listen when the URL's node is down */
     char channel[64];
     int timeout_ms;
     cqrs_changefeed_handlers_t h;
@@ -107,10 +109,11 @@ static redisReply *call(cqrs_changefeed_t *f, redisContext *c, int argc, const c
     return reply;
 }
 
-/* A subscribed connection; NULL with the reason in *err. */
-static redisContext *subscribe(cqrs_changefeed_t *f, cqrs_error_t *err)
+/* A subscribed connection to t's server; NULL with the reason in *err. */
+static redisContext *subscribe_to(cqrs_changefeed_t *f, const cqrs_redis_target_t *t,
+                                  cqrs_error_t *err)
 {
-    redisContext *c = cqrs_redis_connect(&f->target, f->timeout_ms, err);
+    redisContext *c = cqrs_redis_connect(t, f->timeout_ms, err);
     if (!c)
         return NULL;
     const char *argv[] = {"SUBSCRIBE", f->channel};
@@ -127,6 +130,36 @@ static redisContext *subscribe(cqrs_changefeed_t *f, cqrs_error_t *err)
     if (!ok) {
         redisFree(c);
         return NULL;
+    }
+    return c;
+}
+
+/* A subscribed connection: to the URL's node, else (a cluster, whose every node gets every
+ * PUBLISH) to another primary the cluster client knows. */
+static redisContext *subscribe(cqrs_changefeed_t *f, cqrs_error_t *err)
+{
+    redisContext *c = subscribe_to(f, &f->target, err);
+    cqrs_error_t e2;
+    if (c) {
+        cqrs_rconn_nodes(f->rc, &e2); /* learns (or refreshes) the cluster's nodes */
+        if (!cqrs_rconn_is_cluster(f->rc))
+            cqrs_rconn_close(f->rc); /* one server: nothing else to listen on */
+        return c;
+    }
+    if (!cqrs_rconn_is_cluster(f->rc))
+        return NULL;
+    size_t n = cqrs_rconn_nodes(f->rc, &e2);
+    for (size_t i = 0; i < n && !c; i++) {
+        char name[300];
+        const char *colon = NULL;
+        if (!cqrs_rconn_node_name(f->rc, i, name, sizeof name) || !(colon = strrchr(name, ':')))
+            continue;
+        cqrs_redis_target_t t = f->target; /* borrows the file names: not closed */
+        snprintf(t.addr.host, sizeof t.addr.host, "%.*s", (int)(colon - name), name);
+        t.addr.port = atoi(colon + 1);
+        if (strcmp(t.addr.host, f->target.addr.host) == 0 && t.addr.port == f->target.addr.port)
+            continue;
+        c = subscribe_to(f, &t, &e2);
     }
     return c;
 }
@@ -244,9 +277,17 @@ cqrs_changefeed_t *cqrs_changefeed_start(const cqrs_redis_config_t *redis, int t
     }
     cqrs_docstore_channel(f->target.prefix, f->target.addr.db, f->channel, sizeof f->channel);
     f->timeout_ms = timeout_ms > 0 ? timeout_ms : 2000;
+    f->rc = cqrs_rconn_new(&f->target, f->timeout_ms);
+    if (!f->rc) {
+        cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        cqrs_redis_target_close(&f->target);
+        free(f);
+        return NULL;
+    }
     f->h = *h;
     if (pipe2(f->wake, O_CLOEXEC) != 0) {
         cqrs_error_set(err, CQRS_ERR_INTERNAL, "pipe: %s", strerror(errno));
+        cqrs_rconn_free(f->rc);
         cqrs_redis_target_close(&f->target);
         free(f);
         return NULL;
@@ -255,6 +296,7 @@ cqrs_changefeed_t *cqrs_changefeed_start(const cqrs_redis_config_t *redis, int t
         cqrs_error_set(err, CQRS_ERR_INTERNAL, "cannot start the change feed thread");
         close(f->wake[0]);
         close(f->wake[1]);
+        cqrs_rconn_free(f->rc);
         cqrs_redis_target_close(&f->target);
         free(f);
         return NULL;
@@ -279,6 +321,7 @@ void cqrs_changefeed_stop(cqrs_changefeed_t *f)
     pthread_join(f->thread, NULL);
     close(f->wake[0]);
     close(f->wake[1]);
+    cqrs_rconn_free(f->rc);
     cqrs_redis_target_close(&f->target);
     free(f);
 }
