@@ -77,7 +77,7 @@ teardown() {
         CQRS_STACK_DIR=$TLS_STACK_DIR deploy/local/stack.sh down --purge >"$BUILD/stack-down-tls.log" 2>&1 ||
             echo "TLS stack teardown failed, see $BUILD/stack-down-tls.log"
     fi
-    for f in "$BUILD/fault-results.txt" "$BUILD/fault-results-replicated.txt"; do
+    for f in "$BUILD/fault-results.txt" "$BUILD/fault-results-replicated.txt" "$BUILD/fault-results-cluster.txt"; do
         if [ -f "$f" ]; then
             echo
             cat "$f"
@@ -117,7 +117,8 @@ if [ $# -eq 0 ]; then
 fi
 
 say "ctest $* (all but the tls label)"
-rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt" "$BUILD/fault-results-replicated.txt"
+rm -f "$BUILD/ctest-summary.txt" "$BUILD/fault-results.txt" "$BUILD/fault-results-replicated.txt" \
+    "$BUILD/fault-results-cluster.txt"
 set +e
 (cd "$BUILD" && ctest --output-on-failure --timeout 300 -LE '^tls$' "$@") | tee "$BUILD/ctest.log"
 rc=${PIPESTATUS[0]}

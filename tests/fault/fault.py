@@ -68,6 +68,8 @@ STACK_SH = os.path.join(REPO, "deploy", "local", "stack.sh")
 PG_BIN = os.environ.get("CQRS_PG_BIN", "/usr/lib/postgresql/15/bin")
 LEASE_MS = 2000
 REDIS_ERROR = re.compile(r"(ERR|WRONGTYPE|NOSCRIPT|READONLY|LOADING|MASTERDOWN|NOAUTH|BUSY|MISCONF|EXECABORT) ")
+CLUSTER_RETRY = re.compile(r"(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN) ")  # a Redis Cluster moving
+CLUSTER_ERROR = re.compile(r"(MOVED|ASK|CROSSSLOT) ")
 # A store loss (a failover to a replica that missed writes, a FLUSHDB) steps documents back
 # until the projector re-applied them; reads within this long after one are not compared
 # (a serving instance may still answer a cached pre-loss version until the projector's next
@@ -91,6 +93,8 @@ def free_port():
                                          "CQRS_REDIS_REPLICA_PORT", "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT",
                                          "CQRS_KAFKA_PORT_2", "CQRS_KAFKA_CONTROLLER_PORT_2",
                                          "CQRS_KAFKA_PORT_3", "CQRS_KAFKA_CONTROLLER_PORT_3")}
+    for v in ("CQRS_REDIS_CLUSTER_PORTS", "CQRS_REDIS_CLUSTER_BUS_PORTS"):
+        stack.update(os.environ.get(v, "").split())
     while True:
         p = random.SystemRandom().randrange(20000, 32000)
         if str(p) in stack:  # a server of the stack may be down right now (a fault)
@@ -298,6 +302,10 @@ class Stack:
         # The replica (stack.sh up --redis-replica), for the failover scenarios.
         m = re.match(r"redis://[^:/]+:(\d+)", os.environ.get("CQRS_REDIS_REPLICA_URL", ""))
         self.replica_port = int(m.group(1)) if m else None
+        # The Redis Cluster (stack.sh up --redis-cluster): node n's client port.
+        ports = os.environ.get("CQRS_REDIS_CLUSTER_PORTS", "").split()
+        self.cluster_ports = {n: int(p) for n, p in enumerate(ports, 1)} if len(ports) == 6 else {}
+        self.cluster_url = os.environ.get("CQRS_REDIS_CLUSTER_URL", "")
         # The PostgreSQL standby (stack.sh up --pg-standby): node 1 on CQRS_PG_PORT in pg/, node 2
         # on CQRS_PG_STANDBY_PORT in pg-standby/; which one is the primary is in pg-ha/primary.
         self.pg_ports = {1: int(os.environ.get("CQRS_PG_PORT", "0") or 0),
@@ -605,6 +613,86 @@ class Stack:
             self.redis_at(s, 0, "REPLICAOF", "127.0.0.1", str(p))
         if not self.wait_replica_of(s, p):
             raise SetupError("the replica 127.0.0.1:%d has no link to the primary 127.0.0.1:%d" % (s, p))
+
+    # ---- the Redis Cluster (stack.sh up --redis-cluster) ----
+
+    def cluster_pid(self, n):
+        return self._pid(os.path.join(self.dir, "redis-cluster-%d" % n, "redis.pid"))
+
+    def cluster_node_name(self, port):
+        return next(("redis-cluster-%d" % n for n, p in self.cluster_ports.items() if p == port), str(port))
+
+    def cluster_cli(self, *args, port=None, seconds=30):
+        """A command on the cluster. Without port: through the first node that answers, with
+        redis-cli -c (it follows MOVED and ASK), retried while the cluster answers CLUSTERDOWN or
+        TRYAGAIN (a failover, a slot in migration) for up to `seconds`. With port: on that node
+        alone, as it is (no redirection followed)."""
+        ports = [port] if port else list(self.cluster_ports.values())
+        end, last = time.time() + seconds, ""
+        while True:
+            for p in ports:
+                r = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(p)] + ([] if port else ["-c"]) +
+                                   list(args), capture_output=True, text=True, timeout=30)
+                last = (r.stderr or r.stdout).strip()
+                if r.returncode != 0 or "Could not connect" in r.stdout:
+                    continue  # that node is down: the next one
+                if CLUSTER_RETRY.match(r.stdout):
+                    break  # the cluster is moving: again in a moment
+                if REDIS_ERROR.match(r.stdout) or CLUSTER_ERROR.match(r.stdout):
+                    raise SetupError("redis-cli -p %d %s: %s" % (p, args, r.stdout.strip()))
+                return r.stdout
+            if port or time.time() > end:
+                raise SetupError("redis-cli %s on the cluster: %s" % (args, last))
+            time.sleep(0.2)
+
+    def cluster_nodes(self):
+        """CLUSTER NODES as the first node that answers sees it: {node id: {"port", "n" (the
+        stack's node number), "flags", "master" (its primary's id, replicas), "slots" (a set)}}."""
+        out = self.cluster_cli("CLUSTER", "NODES")
+        nodes = {}
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) < 8:
+                continue
+            port = int(f[1].split("@")[0].rsplit(":", 1)[1])
+            slots = set()
+            for rng in f[8:]:
+                if rng.startswith("["):
+                    continue  # a slot in migration: still its owner's
+                a, _, b = rng.partition("-")
+                slots.update(range(int(a), int(b or a) + 1))
+            nodes[f[0]] = {"id": f[0], "port": port, "flags": f[2].replace("myself,", ""),
+                           "master": None if f[3] == "-" else f[3], "slots": slots,
+                           "n": next((n for n, p in self.cluster_ports.items() if p == port), None)}
+        return nodes
+
+    def cluster_primaries(self):
+        """The primaries that serve slots, by port: [(node, its sorted slots)]."""
+        return sorted(((nd, sorted(nd["slots"])) for nd in self.cluster_nodes().values()
+                       if "master" in nd["flags"] and "fail" not in nd["flags"] and nd["slots"]),
+                      key=lambda x: x[0]["port"])
+
+    def cluster_owner(self, slot, nodes=None):
+        nodes = nodes or self.cluster_nodes()
+        return next((nd for nd in nodes.values() if slot in nd["slots"] and "master" in nd["flags"]), None)
+
+    def cluster_role(self, port):
+        return self.replication(port).get("role")
+
+    def cluster_wait_ok(self, seconds=60):
+        """Every running node sees cluster_state:ok with every slot served."""
+        end = time.time() + seconds
+        while time.time() < end:
+            infos = []
+            for p in self.cluster_ports.values():
+                r = subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"], capture_output=True, text=True,
+                                   timeout=10)
+                if r.returncode == 0 and "cluster_state" in r.stdout:
+                    infos.append(r.stdout)
+            if infos and all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos):
+                return True
+            time.sleep(0.2)
+        return False
 
     def psql(self, sql, dbname=None):
         dsn = self.dsn + (" dbname=%s" % dbname if dbname else "")
@@ -938,15 +1026,23 @@ class Run:
 
     redis_db_next = 1
 
-    def __init__(self, stack, build, workdir, name):
+    def __init__(self, stack, build, workdir, name, cluster=False):
         self.stack, self.build, self.name = stack, build, name
         self.prefix = "f%s" % uuid.uuid4().hex[:10]
+        # On the Redis Cluster (fault.py --cluster) the daemons get the cluster's seed (database
+        # 0, the only one a cluster has) and the run's own key prefix, CQRS_REDIS_PREFIX (its
+        # topic prefix): runs share the cluster without touching each other's keys.
+        self.cluster = cluster
+        self.rprefix = self.prefix if cluster else "cqrs"
         self.dbname = "fault_%s" % self.prefix
         self.logdir = os.path.join(workdir, name)
         os.makedirs(self.logdir, exist_ok=True)
         self.redis_db = Run.redis_db_next
         Run.redis_db_next = Run.redis_db_next % 15 + 1
         self.redis_url = "redis://%s:%d/%d" % (stack.redis_host, stack.redis_port, self.redis_db)
+        if cluster:
+            self.redis_db = 0
+            self.redis_url = stack.cluster_url
         self.dsn = stack.dsn + " dbname=" + self.dbname
         self.commandds = []
         self.queryds = []
@@ -965,7 +1061,8 @@ class Run:
         self.env_extra = {}  # settings of a scenario for every daemon and cqrsctl (prepare)
 
     def daemon_env(self):
-        return {**self.env_extra, "CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url, "CQRS_TOPIC_PREFIX": self.prefix,
+        return {**self.env_extra, "CQRS_PG_DSN": self.dsn, "CQRS_REDIS_URL": self.redis_url,
+                "CQRS_REDIS_PREFIX": self.rprefix, "CQRS_TOPIC_PREFIX": self.prefix,
                 "CQRS_CONSUMER_GROUP": self.prefix, "CQRS_RELAY_LEASE_MS": str(LEASE_MS),
                 "CQRS_RELAY_POLL_MS": "200", "CQRS_KAFKA_MESSAGE_TIMEOUT_MS": str(MSG_TIMEOUT_MS),
                 "CQRS_HTTP_THREADS": "16", "CQRS_PG_POOL_SIZE": "8",
@@ -981,9 +1078,18 @@ class Run:
             raise SetupError("cqrsctl %s: %s" % (" ".join(args), (r.stdout + r.stderr)[-2000:]))
         return r
 
+    def redis(self, *args, port=None):
+        """A command on the read model's Redis: the database of the run on the single Redis
+        (port: another server, e.g. the replica), or the cluster (routed by key; port: that
+        node alone)."""
+        if self.cluster:
+            return self.stack.cluster_cli(*args, port=port)
+        return self.stack.redis_at(port or self.stack.redis_port, self.redis_db, *args)
+
     def setup(self):
         self.stack.psql("CREATE DATABASE %s" % self.dbname)
-        self.stack.redis(self.redis_db, "FLUSHDB")
+        if not self.cluster:  # on the cluster the run's prefix is new: nothing to empty
+            self.stack.redis(self.redis_db, "FLUSHDB")
         self.ctl("migrate")
 
     def add(self, kind, failpoints="", env=None, arm=0, start=True):
@@ -1238,8 +1344,9 @@ def ready_all(run, seconds=90):
 class Scenario:
     def __init__(self, name, about, commandd_fp="", queryd_fp="", arm=3, long_arm=None, commandds=1,
                  nemesis=None, negative=False, unsafe=None, load_s=2.0, bound=None, queryds=1,
-                 queryd_env=None, prepare=None, check_dlq=False, commandd_env=None):
+                 queryd_env=None, prepare=None, check_dlq=False, commandd_env=None, cluster=False):
         self.name, self.about = name, about
+        self.cluster = cluster  # the read model on the stack's Redis Cluster (fault.py --cluster)
         self.commandd_fp, self.queryd_fp, self.arm = commandd_fp, queryd_fp, arm
         self.long_arm = long_arm or arm
         self.commandds, self.nemesis, self.negative, self.unsafe = commandds, nemesis, negative, unsafe
@@ -1448,9 +1555,13 @@ def murmur2(data):
 def layout(run, t, port=None):
     """The partition count of topic type t that the projector recorded (0: none yet)."""
     topic = "%s.%s.events" % (run.prefix, t)
-    port = port or run.stack.redis_port
-    v = run.stack.redis_at(port, run.redis_db, "HGET", "cqrs:layout", topic).strip()
+    v = run.redis("HGET", "%s:layout" % run.rprefix, topic, port=port).strip()
     return int(v) if v.isdigit() else 0
+
+
+def shard_tag(run, t, p):
+    """The hash tag of shard p of topic type t (keyspace.h), without its braces."""
+    return "%s:%s.%s.events:%d" % (run.rprefix, run.prefix, t, p)
 
 
 def shard_of(run, t, agg_id):
@@ -1458,19 +1569,20 @@ def shard_of(run, t, agg_id):
     n = layout(run, t)
     if not n:
         raise SetupError("no layout recorded for %s.%s.events" % (run.prefix, t))
-    return "{cqrs:%s.%s.events:%d}:" % (run.prefix, t, (murmur2(agg_id.encode()) & 0x7fffffff) % n)
+    return "{%s}:" % shard_tag(run, t, (murmur2(agg_id.encode()) & 0x7fffffff) % n)
 
 
 def offsets_keys(run, port=None):
     """Every shard's offsets hash of both topics, by topic type."""
-    return {t: ["{cqrs:%s.%s.events:%d}:offsets" % (run.prefix, t, p) for p in range(layout(run, t, port))]
+    return {t: ["{%s}:offsets" % shard_tag(run, t, p) for p in range(layout(run, t, port))]
             for t in ("product", "order")}
 
 
 def wait_offsets_applied(run, port, pause, seconds=60):
-    """Until the Redis at port holds applied offsets of both topics (bounded)."""
+    """Until the Redis at port (None: the run's, or the cluster) holds applied offsets of both
+    topics (bounded)."""
     end = time.time() + seconds
-    while time.time() < end and not all(any(run.stack.redis_at(port, run.redis_db, "HLEN", k).strip() not in ("", "0")
+    while time.time() < end and not all(any(run.redis("HLEN", k, port=port).strip() not in ("", "0")
                                             for k in keys)
                                         for keys in offsets_keys(run, port).values()):
         time.sleep(pause)
@@ -1711,6 +1823,306 @@ def nem_dlq_retry(run, sc, opts):
                        "median %d, max %d" % (sorted(parked)[len(parked) // 2], max(parked)) if parked else "none"))
     if not stats["released"]:
         run.problems.append("no aggregate was held and released: the race did not happen")
+
+
+# ------------------------------------------------------------------- Redis Cluster ---
+# These run only with --cluster, against stack.sh up --redis-cluster (tests/fault/run.sh BUILD
+# --cluster): three primaries, three replicas, cluster-node-timeout 2 s. The daemons get the
+# cluster's seed (node 1) as CQRS_REDIS_URL and the run's key prefix; there is no endpoint to
+# flip: the client follows the cluster itself (MOVED, ASK, TRYAGAIN, CLUSTERDOWN).
+
+RESHARD_MIN_SLOTS = 300  # slots each primary gives away at least, per reshard
+
+
+def crc16(data):
+    """CRC16/XMODEM, the cluster's key hash (libcqrs/src/rcluster.c)."""
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xffff if crc & 0x8000 else (crc << 1) & 0xffff
+    return crc
+
+
+def key_slot(key):
+    """The slot of a key: the CRC16 of its hash tag (the first non-empty {…}) or of all of it."""
+    a = key.find("{")
+    if a >= 0:
+        b = key.find("}", a + 1)
+        if b > a + 1:
+            key = key[a + 1:b]
+    return crc16(key.encode()) % 16384
+
+
+def shard_slots(run):
+    """{slot: [shard tags]} of the shards of both topics (every key of a shard is in its slot)."""
+    out = collections.defaultdict(list)
+    for t in ("product", "order"):
+        for p in range(layout(run, t)):
+            out[key_slot("{%s}" % shard_tag(run, t, p))].append(shard_tag(run, t, p))
+    return out
+
+
+def cluster_prepare(run):
+    st = run.stack
+    if not st.cluster_ports or not st.cluster_url:
+        raise SetupError("this scenario needs the stack's Redis Cluster (CQRS_REDIS_CLUSTER_URL, _PORTS): "
+                         "tests/fault/run.sh BUILD --cluster starts one (stack.sh up --redis-cluster)")
+    st.up()
+    if not st.cluster_wait_ok(60):
+        raise SetupError("the Redis Cluster is not ok (cluster_state, all 16384 slots served)")
+    run.cleanups.append(st.up)  # a killed node back, as a replica, for the next scenario
+
+
+def cluster_wait_load(run):
+    """The load reached the cluster: applied offsets of both topics, then a little more."""
+    wait_offsets_applied(run, None, pause=0.3)
+    time.sleep(1.5)
+
+
+def busiest_primary(run):
+    """The primary serving the most shards in use: (its node, the shard tags it serves)."""
+    nodes = run.stack.cluster_nodes()
+    served = collections.defaultdict(list)
+    for slot, tags in shard_slots(run).items():
+        nd = run.stack.cluster_owner(slot, nodes)
+        if nd:
+            served[nd["id"]] += tags
+    if not served:
+        raise SetupError("no primary serves a shard in use")
+    nid = max(served, key=lambda i: (len(served[i]), -nodes[i]["port"]))
+    return nodes[nid], served[nid]
+
+
+def seed_primary(run):
+    """Node 1, the seed the daemons are given (CQRS_REDIS_URL), and the shards in use it serves."""
+    nodes = run.stack.cluster_nodes()
+    nd = next(x for x in nodes.values() if x["n"] == 1)
+    return nd, [t for slot, tags in shard_slots(run).items() if slot in nd["slots"] for t in tags]
+
+
+def cluster_seed_prepare(run):
+    """cluster_prepare, and node 1 (the seed) a primary: when an earlier scenario left it a
+    replica, a graceful failover to it first."""
+    cluster_prepare(run)
+    st = run.stack
+    nodes = st.cluster_nodes()
+    seed = next(x for x in nodes.values() if x["n"] == 1)
+    if "slave" in seed["flags"]:
+        st.stack_sh("redis-cluster-failover", str(nodes[seed["master"]]["n"]))
+        run.info.append("made redis-cluster-1 (the seed) a primary first (stack.sh redis-cluster-failover %d)"
+                        % nodes[seed["master"]]["n"])
+
+
+def watch_changefeed(run, what):
+    """From now on, for up to 30 s: when each cqrs-queryd's change feed (its subscription to the
+    change channel) was lost and when it was back (cqrs_changefeed_connected)."""
+    t0 = time.time()
+
+    def watch(d):
+        down = up = None
+        while time.time() < t0 + 30 and not run.watch_stop.is_set():
+            v = d.metric("cqrs_changefeed_connected")
+            now = time.time() - t0
+            if v == 0 and down is None:
+                down = now
+            elif v == 1 and down is not None:
+                up = now
+                break
+            time.sleep(0.1)
+        run.info.append("%s: %s, change feed %s" % (
+            what, d.name, "connected throughout" if down is None else
+            "lost from +%.1f s to +%.1f s" % (down, up) if up is not None else
+            "lost from +%.1f s, still %.0f s later" % (down, time.time() - t0)))
+    for d in run.queryds:
+        t = threading.Thread(target=watch, args=(d,), daemon=True)
+        t.start()
+        run.watchers.append(t)
+
+
+def nem_cluster_reshard(run, sc, opts):
+    """Slots moved between the primaries under load with redis-cli --cluster reshard: each
+    primary in turn gives another its lowest slots (the ones reshard takes), as many as it
+    takes to include the two lowest slots of shards in use that it serves (at least
+    RESHARD_MIN_SLOTS), then redis-cli --cluster rebalance evens the slots out again (more
+    moves, under load too)."""
+    st = run.stack
+    cluster_wait_load(run)
+    slots = shard_slots(run)
+    seed = "127.0.0.1:%d" % st.cluster_ports[1]
+
+    def owners():
+        nodes = st.cluster_nodes()
+        return {s: st.cluster_owner(s, nodes)["port"] for s in slots}
+    first = last = owners()
+    touched = set()  # slots of shards in use that some step moved
+    moved, steps = 0, []
+    t0 = time.time()
+    for k in range(4):
+        # by their lowest slot: p0 (0-5460 as made), p1, p2
+        prim = sorted(st.cluster_primaries(), key=lambda x: x[1][0])
+        if k < 3:
+            # p1 gives its lowest slots to p0, then p2 to p1, then p0 to p2: a node gives away
+            # its lowest slots, and those it received are above its own ones, so every step
+            # moves shards of its own (p1 → p0 → p2 in a circle would pass the same on)
+            src, src_slots = prim[(k + 1) % len(prim)]
+            dst = prim[k % len(prim)][0]
+            used = [x for x in src_slots if x in slots][:2]
+            n = max(RESHARD_MIN_SLOTS, src_slots.index(used[-1]) + 1 if used else 0)
+            n = min(n, len(src_slots) - 1)
+            what = "%d slots from %s to %s" % (n, st.cluster_node_name(src["port"]), st.cluster_node_name(dst["port"]))
+            args = ["reshard", seed, "--cluster-from", src["id"], "--cluster-to", dst["id"], "--cluster-slots", str(n),
+                    "--cluster-yes"]
+            logname = "reshard-%d.log" % (k + 1)
+        else:  # then the slots evened out again
+            what, args, logname = "rebalance", ["rebalance", seed, "--cluster-yes"], "rebalance.log"
+        log("%s under load (%s)" % (what, "redis-cli --cluster " + args[0]))
+        t1 = time.time()
+        r = subprocess.run(["redis-cli", "--cluster", *args], capture_output=True, text=True, timeout=600)
+        with open(os.path.join(run.logdir, logname), "w") as f:
+            f.write(r.stdout + r.stderr)
+        if r.returncode != 0 or "[ERR]" in r.stdout:
+            raise SetupError("redis-cli --cluster %s: %s" % (args[0], (r.stdout + r.stderr).strip()[-800:]))
+        n = len(re.findall(r"^Moving slot \d+ ", r.stdout, re.M)) if k < 3 else \
+            sum(len(line) for line in r.stdout.splitlines() if line and set(line) == {"#"})
+        moved += n
+        now = owners()
+        hit = [x for x in slots if now[x] != last[x]]
+        touched.update(hit)
+        last = now
+        steps.append("%s: %d slots (%d shards in use) in %.1f s" % (what if k < 3 else "rebalance", n,
+                                                                   sum(len(slots[x]) for x in hit), time.time() - t1))
+        time.sleep(0.5)
+    run.t_heal = time.time()
+    moved_used = sorted(t for x in touched for t in slots[x])
+    changed = sum(len(slots[x]) for x in slots if first[x] != last[x])
+    run.info.append("resharded under load in %.1f s, %d slots moved: %s; %d of %d shards in use moved at least "
+                    "once (%s), %d serve from another primary than before"
+                    % (run.t_heal - t0, moved, "; ".join(steps), len(moved_used), sum(len(v) for v in slots.values()),
+                       ", ".join(t.split(":", 1)[1] for t in moved_used[:6]) + (", …" if len(moved_used) > 6 else ""),
+                       changed))
+    if moved < 300:
+        run.problems.append("only %d slots moved" % moved)
+    if not moved_used:
+        run.problems.append("no slot of a shard in use was moved: the scenario proves nothing")
+    ok = subprocess.run(["redis-cli", "--cluster", "check", seed], capture_output=True, text=True, timeout=60)
+    if ok.returncode != 0 or "[ERR]" in ok.stdout:
+        run.problems.append("redis-cli --cluster check after the reshard: %s" % ok.stdout.strip()[-400:])
+
+
+def nem_cluster_failover(run, sc, opts):
+    """CLUSTER FAILOVER (graceful: the replica first catches up, no write lost) of the primary
+    serving the most shards in use, under load (stack.sh redis-cluster-failover N)."""
+    st = run.stack
+    cluster_wait_load(run)
+    nd, tags = busiest_primary(run)
+    regs0 = [d.metric("cqrs_projector_store_regressions_total") or 0 for d in run.queryds]
+    log("CLUSTER FAILOVER of %s (serves %d shards in use)" % (st.cluster_node_name(nd["port"]), len(tags)))
+    t0 = time.time()
+    st.stack_sh("redis-cluster-failover", str(nd["n"]))
+    run.t_heal = time.time()
+    new = st.cluster_owner(key_slot("{%s}" % tags[0]))
+    watch_readiness(run, "after the failover")
+    regs = [d.metric("cqrs_projector_store_regressions_total") or 0 for d in run.queryds]
+    run.info.append("%s (primary of %d shards in use) failed over to %s in %.1f s (stack.sh "
+                    "redis-cluster-failover); store regressions counted since: %s (none expected: nothing is lost)"
+                    % (st.cluster_node_name(nd["port"]), len(tags), st.cluster_node_name(new["port"]) if new else "?",
+                       run.t_heal - t0, ", ".join("%d" % (b - a) for a, b in zip(regs0, regs))))
+
+
+def nem_cluster_primary_kill(run, sc, opts, seed=False):
+    """The primary serving the most shards in use (seed: node 1, the daemons' seed) SIGKILLed
+    after its replication link stalled: its replica is SIGSTOPped and its link cut (CLIENT KILL
+    TYPE replica on the primary), so what the primary acknowledges in the next 3 s reaches no
+    replica (a SIGSTOP alone would not do: the replica's socket buffers would still deliver
+    what the primary had sent); then the primary is SIGKILLed and the replica resumed: it
+    cannot reconnect, the cluster promotes it (node timeout 2 s) without those writes. The
+    killed node comes back as its replica (stack.sh up) 2 s after the promotion."""
+    st = run.stack
+    cluster_wait_load(run)
+    nd, tags = seed_primary(run) if seed else busiest_primary(run)
+    if not tags:
+        raise SetupError("%s serves no shard in use" % st.cluster_node_name(nd["port"]))
+    nodes = st.cluster_nodes()
+    reps = [r for r in nodes.values() if r["master"] == nd["id"] and "fail" not in r["flags"]]
+    if not reps or not reps[0]["n"]:
+        raise SetupError("%s has no replica that is up" % st.cluster_node_name(nd["port"]))
+    rep = reps[0]
+    rpid = st.cluster_pid(rep["n"])
+    name, rname = st.cluster_node_name(nd["port"]), st.cluster_node_name(rep["port"])
+    offsets = ["{%s}:offsets" % t for t in tags]
+    os.kill(rpid, signal.SIGSTOP)
+    try:
+        killed = st.cluster_cli("CLIENT", "KILL", "TYPE", "replica", port=nd["port"]).strip()
+        log("%s SIGSTOPped and its link cut (%s link killed on %s): the primary goes on alone"
+            % (rname, killed, name))
+        time.sleep(3)
+        before = {k: dict(zip(*[iter(st.cluster_cli("HGETALL", k, port=nd["port"]).split())] * 2)) for k in offsets}
+        p_off = st.replication(nd["port"]).get("master_repl_offset")
+        pid = st.cluster_pid(nd["n"])
+        t_kill = time.time()
+        os.kill(pid, signal.SIGKILL)
+        watch_changefeed(run, "after the kill")
+        st.wait_gone(pid)
+        run.boundaries.append(t_kill)
+    finally:
+        os.kill(rpid, signal.SIGCONT)
+    log("%s (primary of %d shards in use) SIGKILLed at replication offset %s; %s resumed" % (name, len(tags), p_off,
+                                                                                            rname))
+    # What the replica holds once it has read what its socket still had and seen its link
+    # closed: what it will be promoted with. Read now, while it is a replica (READONLY): once
+    # promoted, the projector writes to it at once, and without loss detection it writes the
+    # offsets it had reached, hiding the loss from a later look.
+    end, i = time.time() + 10, {}
+    while time.time() < end:
+        i = st.replication(rep["port"])
+        if i.get("role") == "master" or i.get("master_link_status") == "down":
+            break
+        time.sleep(0.02)
+    early = i.get("role") != "master"
+    r_off = i.get("slave_repl_offset") or i.get("master_repl_offset")
+    after = {}
+    for k in offsets:
+        r = subprocess.run(["redis-cli", "-p", str(rep["port"])], input="READONLY\nHGETALL %s\n" % k,
+                           capture_output=True, text=True, timeout=30)
+        out = r.stdout.split()[1:] if r.stdout.startswith("OK") else []
+        after[k] = dict(zip(out[0::2], out[1::2]))
+    end = time.time() + 30
+    while time.time() < end and st.cluster_role(rep["port"]) != "master":
+        time.sleep(0.05)
+    t_prom = time.time()
+    if st.cluster_role(rep["port"]) != "master":
+        raise SetupError("%s was not promoted in 30 s after %s was killed" % (rname, name))
+    run.t_heal = t_prom
+    watch_readiness(run, "after the promotion")
+    if not early:
+        run.info.append("%s was promoted before its data could be read as a replica: the offsets below may include "
+                        "the projector's first writes to it" % rname)
+    behind, lost = [], 0
+    for k, parts in before.items():
+        for part, off in parts.items():
+            have = int(after[k].get(part, "0"))
+            if have < int(off):
+                behind.append("%s[%s] %d < %s" % (k.split("{")[1].split("}")[0].split(".", 1)[1], part, have, off))
+                lost += int(off) - have
+    log("applied offsets of %s's shards, dead primary → promoted replica: %s" % (name, "; ".join(
+        "%s %s → %s" % (k.split("{")[1].split("}")[0].split(".", 1)[1], before[k], after[k]) for k in offsets)))
+    msg = ("%s SIGKILLed (its replica %s stalled 3 s before), %s promoted %.1f s after the kill at replication "
+           "offset %s (the primary was at %s): %d of its %d shards in use behind the dead primary's applied offsets "
+           "(%d messages in all): %s" % (name, rname, rname, t_prom - t_kill, r_off, p_off, len(behind), len(tags),
+                                         lost, ", ".join(behind[:4]) + (", …" if len(behind) > 4 else "")))
+    log(msg)
+    run.info.append(msg)
+    if not behind:
+        run.problems.append("the promoted replica was not behind the primary's applied offsets: no write was "
+                            "lost, the scenario proves nothing")
+    time.sleep(2)  # load on the new primary, the old one still down
+    t0 = time.time()
+    st.up()  # the killed node back: it finds itself replaced and follows the new primary
+    if st.cluster_role(nd["port"]) != "slave":
+        run.problems.append("%s came back as %s, not as a replica" % (name, st.cluster_role(nd["port"])))
+    run.info.append("%s back as a replica of %s in %.1f s (stack.sh up)" % (name, rname, time.time() - t0))
+    ready_all(run)
 
 
 # ------------------------------------------------- replicated Kafka (three brokers) ---
@@ -2257,9 +2669,36 @@ REPLICATED_PG = [
 ]
 
 
+def nem_cluster_seed_kill(run, sc, opts):
+    nem_cluster_primary_kill(run, sc, opts, seed=True)
+
+
+# The Redis Cluster (fault.py --cluster; tests/fault/run.sh BUILD --cluster): see the nemeses
+# above. The read model of each run is on the cluster under its own key prefix.
+CLUSTER = [
+    Scenario("redis-cluster-reshard", "slots moved between the primaries under load (redis-cli --cluster reshard "
+             "from each primary to the next, including shards in use, then rebalance)", prepare=cluster_prepare,
+             nemesis=nem_cluster_reshard, bound=60, check_dlq=True, cluster=True),
+    Scenario("redis-cluster-failover", "CLUSTER FAILOVER (graceful) of the primary serving the most shards in use, "
+             "under load", prepare=cluster_prepare, nemesis=nem_cluster_failover, bound=60, check_dlq=True,
+             cluster=True),
+    Scenario("redis-cluster-primary-kill", "the primary serving the most shards in use SIGKILLed after its replica's "
+             "link stalled (3 s of writes it never got); the replica promoted by the cluster: the projector must "
+             "re-apply what the store lost", prepare=cluster_prepare, nemesis=nem_cluster_primary_kill, bound=60,
+             check_dlq=True, cluster=True),
+    Scenario("redis-cluster-seed-kill", "redis-cluster-primary-kill of node 1, the seed named in CQRS_REDIS_URL (a "
+             "primary: made one first if need be)", prepare=cluster_seed_prepare, nemesis=nem_cluster_seed_kill,
+             bound=60, check_dlq=True, cluster=True),
+    Scenario("NEGATIVE-cluster-no-loss-detection", "negative control: redis-cluster-primary-kill with "
+             "CQRS_UNSAFE_NO_LOSS_DETECTION=1 (the projector does not look for store loss)",
+             queryd_env={"CQRS_UNSAFE_NO_LOSS_DETECTION": "1"}, negative=True, prepare=cluster_prepare,
+             nemesis=nem_cluster_primary_kill, bound=20, cluster=True),
+]
+
+
 def run_scenario(stack, opts, sc, workdir):
     log("=== %s: %s" % (sc.name, sc.about))
-    run = Run(stack, opts.build, workdir, sc.name)
+    run = Run(stack, opts.build, workdir, sc.name, cluster=sc.cluster)
     run.sc = sc
     row = {"scenario": sc.name, "commands": 0, "acked": 0, "lost": 0, "duplicated": 0, "out of order": 0,
            "converge": None, "ok": False, "notes": []}
@@ -2294,7 +2733,8 @@ def run_scenario(stack, opts, sc, workdir):
         for t in run.watchers:
             t.join(5)
         res, notes = run.check(wl, conv)
-        if sc.prepare is failover_prepare or sc.nemesis is nem_flush_two:  # the store loses writes
+        if sc.prepare is failover_prepare or sc.nemesis in (nem_flush_two, nem_cluster_primary_kill,
+                                                            nem_cluster_seed_kill):  # the store loses writes
             regs, resets = store_loss_counted(run)
             if not sc.negative and any(v is not None for v in regs) and not sum(v or 0 for v in regs + resets):
                 run.problems.append("the store lost writes but no projector counted a store regression or reset")
@@ -2376,6 +2816,9 @@ def main():
     ap.add_argument("--replicated", action="store_true",
                     help="the replicated-server scenarios (REPLICATED_KAFKA, REPLICATED_PG) instead of the classic "
                          "ones; the stack needs the replicas (tests/fault/run.sh BUILD --replicated starts them)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="the Redis Cluster scenarios (CLUSTER) instead of the classic ones; the stack needs a Redis "
+                         "Cluster (tests/fault/run.sh BUILD --cluster starts one)")
     opts = ap.parse_args()
     opts.build = os.path.abspath(opts.build)
     if opts.seed is None:
@@ -2390,11 +2833,11 @@ def main():
     except SetupError as ex:
         print("fault suite: %s" % ex, file=sys.stderr)
         return 2
-    every = SCENARIOS + REPLICATED_KAFKA + REPLICATED_PG
+    every = SCENARIOS + REPLICATED_KAFKA + REPLICATED_PG + CLUSTER
     if opts.scenario:  # by name, from every list
         chosen = [s for s in every if s.name in opts.scenario]
     else:
-        chosen = list(REPLICATED_KAFKA + REPLICATED_PG if opts.replicated else SCENARIOS)
+        chosen = list(REPLICATED_KAFKA + REPLICATED_PG if opts.replicated else CLUSTER if opts.cluster else SCENARIOS)
     if opts.scenario and len(chosen) != len(opts.scenario):
         print("unknown scenario; known: %s" % ", ".join(s.name for s in every), file=sys.stderr)
         return 2
@@ -2408,6 +2851,12 @@ def main():
         print("fault suite: %s" % SetupError(
             "the replicated PostgreSQL scenarios need a stack with a standby (stack.sh up --pg-standby, "
             "CQRS_PG_STANDBY_PORT): tests/fault/run.sh BUILD --replicated starts one"), file=sys.stderr)
+        return 2
+    if any(sc.cluster for sc in chosen) and not (stack.cluster_ports and stack.cluster_url):
+        print("fault suite: %s" % SetupError(
+            "the Redis Cluster scenarios need a stack with a Redis Cluster (stack.sh up --redis-cluster, "
+            "CQRS_REDIS_CLUSTER_URL and CQRS_REDIS_CLUSTER_PORTS): tests/fault/run.sh BUILD --cluster starts one"),
+            file=sys.stderr)
         return 2
     t0 = time.time()
     rows = [run_scenario(stack, opts, sc, workdir) for sc in chosen]
