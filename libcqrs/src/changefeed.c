@@ -178,7 +178,9 @@ static void handle(cqrs_changefeed_t *f, redisReply *r)
                                &reset))
         return;
     if (reset) {
-        CQRS_LOG_WARN("change feed: the read model was found empty; forgetting cached state");
+        /* info: also every new shard announces itself so (a fresh store); the projector warns
+         * of a real loss itself */
+        CQRS_LOG_INFO("change feed: a shard was found empty or switched; forgetting cached state");
         f->h.reset(f->h.ud);
     } else {
         f->h.change(f->h.ud, key, version);

@@ -1564,17 +1564,24 @@ def shard_tag(run, t, p):
     return "%s:%s.%s.events:%d" % (run.rprefix, run.prefix, t, p)
 
 
+def shard_prefix(run, tag, port=None):
+    """The key prefix of a shard in its current generation (keyspace.h: "{tag}:g<N>:", the
+    pointer "{tag}:gen" absent: generation 1)."""
+    g = run.redis("GET", "{%s}:gen" % tag, port=port).strip()
+    return "{%s}:g%s:" % (tag, g if g.isdigit() else "1")
+
+
 def shard_of(run, t, agg_id):
     """The key prefix of an aggregate's shard (keyspace.h): its partition's."""
     n = layout(run, t)
     if not n:
         raise SetupError("no layout recorded for %s.%s.events" % (run.prefix, t))
-    return "{%s}:" % shard_tag(run, t, (murmur2(agg_id.encode()) & 0x7fffffff) % n)
+    return shard_prefix(run, shard_tag(run, t, (murmur2(agg_id.encode()) & 0x7fffffff) % n))
 
 
 def offsets_keys(run, port=None):
     """Every shard's offsets hash of both topics, by topic type."""
-    return {t: ["{%s}:offsets" % shard_tag(run, t, p) for p in range(layout(run, t, port))]
+    return {t: [shard_prefix(run, shard_tag(run, t, p), port) + "offsets" for p in range(layout(run, t, port))]
             for t in ("product", "order")}
 
 
@@ -2050,7 +2057,7 @@ def nem_cluster_primary_kill(run, sc, opts, seed=False):
     rep = reps[0]
     rpid = st.cluster_pid(rep["n"])
     name, rname = st.cluster_node_name(nd["port"]), st.cluster_node_name(rep["port"])
-    offsets = ["{%s}:offsets" % t for t in tags]
+    offsets = [shard_prefix(run, t) + "offsets" for t in tags]
     os.kill(rpid, signal.SIGSTOP)
     try:
         killed = st.cluster_cli("CLIENT", "KILL", "TYPE", "replica", port=nd["port"]).strip()
