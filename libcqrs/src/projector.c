@@ -1124,6 +1124,9 @@ void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
 static void *projector_main(void *arg)
 {
     cqrs_projector_t *p = arg;
+    /* The layout before the first assignment, so that reads work as soon as possible. */
+    record_layouts(p, p->rk, NULL);
+    p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
     while (!atomic_load(&p->stop)) {
         recheck_missing(p);
         audit(p);
@@ -1151,8 +1154,7 @@ cqrs_err_t cqrs_projector_start(cqrs_projector_t *p, cqrs_error_t *err)
     p->rk = consumer_new(p, err);
     if (!p->rk)
         return err ? err->code : CQRS_ERR_CONFIG;
-    record_layouts(p, p->rk, NULL);
-    p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
+    p->next_layout = 0; /* recorded by the thread first (a metadata request may wait on Kafka) */
     atomic_store(&p->stop, false);
     if (pthread_create(&p->thread, NULL, projector_main, p) != 0) {
         consumer_close(p);
