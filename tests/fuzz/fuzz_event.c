@@ -53,15 +53,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     cqrs_event_t ev;
     cqrs_error_t err;
     if (cqrs_event_decode(lookup, &h, value, value_len, &ev, &err) == CQRS_ERR_OK) {
-        char key[128];
-        snprintf(key, sizeof key, "cqrs:%s:{%s}", ev.aggregate_type, ev.aggregate_id);
+        char shard[CQRS_SHARD_MAX], key[CQRS_KEY_MAX];
+        cqrs_keys_shard("cqrs", "fuzz", 0, shard, sizeof shard);
+        cqrs_keys_doc(shard, ev.aggregate_id, key, sizeof key);
         json_t *doc = NULL, *next = NULL;
         cqrs_err_t (*apply)(const json_t *, const cqrs_event_t *, json_t **, cqrs_error_t *) =
             strcmp(ev.aggregate_type, "order") == 0 ? order_view_apply : product_view_apply;
         for (int round = 0; round < 2; round++) {
             if (apply(doc, &ev, &next, &err) == CQRS_ERR_OK) {
                 cqrs_index_ops_t ops = {0};
-                query_index(key, doc, next, &ops);
+                query_index(shard, ev.aggregate_type, key, doc, next, &ops);
                 cqrs_index_ops_free(&ops);
                 json_decref(doc);
                 doc = next;
