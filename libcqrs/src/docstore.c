@@ -1704,7 +1704,10 @@ cqrs_err_t cqrs_docstore_bulk_write(cqrs_docstore_t *ds, const cqrs_bulk_doc_t *
     if (rc != CQRS_ERR_OK)
         return rc;
     /* A cluster: batches per node through the cluster client; one server: a connection of
-     * its own whose replies are read later. */
+     * its own whose replies are read later. Which one is known once connected (a docstore's
+     * first command may be this one). */
+    if (cqrs_rconn_nodes(ds->rc, err) == 0)
+        return CQRS_ERR_UNAVAILABLE;
     bool cluster = cqrs_rconn_is_cluster(ds->rc);
     if (!cluster && !ds->bulk && !(ds->bulk = cqrs_redis_connect(&ds->target, ds->timeout_ms, err)))
         return CQRS_ERR_UNAVAILABLE;
@@ -1962,7 +1965,18 @@ cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, 
     char pattern[CQRS_KEY_MAX];
     snprintf(pattern, sizeof pattern, "%s%s", from, glob);
     copy_ctx_t c = {from, to, 0};
-    cqrs_err_t rc = scan_keys(ds, pattern, copy_one, &c, err);
+    cqrs_err_t rc;
+    if (strpbrk(glob, "*?[\\")) {
+        rc = scan_keys(ds, pattern, copy_one, &c, err);
+    } else {
+        /* One name: COPY it (a SCAN walks the whole keyspace of every node for it). */
+        redisReply key = {.type = REDIS_REPLY_STRING, .str = pattern, .len = strlen(pattern)};
+        const char *argv[] = {"EXISTS", pattern};
+        long long n = 0;
+        rc = command_int(ds, 2, argv, &n, err);
+        if (rc == CQRS_ERR_OK && n > 0)
+            rc = copy_one(ds, &key, &c, err);
+    }
     *copied = c.n;
     return rc;
 }

@@ -375,7 +375,8 @@ cqrs_err_t cqrs_docstore_switch_shard(cqrs_docstore_t *ds, const char *from, con
                                       int64_t token, bool force, cqrs_error_t *err);
 
 /* Copies the keys of shard `from` matching <from><glob> to the same names under `to`
- * (COPY … REPLACE: same slot), scanning every node; *copied counts them. */
+ * (COPY … REPLACE: same slot), scanning every node — or, when glob has no wildcard, the one
+ * key, without a scan; *copied counts them. */
 cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, const char *to,
                                          const char *glob, size_t *copied, cqrs_error_t *err);
 
