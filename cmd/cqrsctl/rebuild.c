@@ -1,26 +1,25 @@
 /* rebuild.c — `cqrsctl rebuild`: a new generation of the read model from the PostgreSQL event
- * log, switched in without downtime.
+ * log, switched in without downtime (README, "Rebuilding the read model without downtime").
  *
- * 1. Build: every event of the chosen projections, read in (aggregate, version) order in
- *    batches, folded per aggregate through the projection cqrs-queryd uses (query_projection);
- *    each aggregate's final document and index entries are written with pipelined commands
- *    into a scratch database of the same Redis server. Meanwhile the live database keeps
+ * 1. Build: every event of the chosen projections, read in log order by --jobs threads (each
+ *    its own connections and share of the aggregates), folded per aggregate through the
+ *    projection cqrs-queryd uses (query_projection); each aggregate's final document and index
+ *    entries are written with pipelined commands into the next generation of its shard
+ *    (keyspace.h: beside the live one, the same slot). Meanwhile the live generation keeps
  *    serving and the live projector keeps applying.
  * 2. Catch up: the versions in PostgreSQL's aggregate tables are compared with what the new
  *    generation holds, and the missing events of the aggregates that moved are folded on top
  *    — a few rounds, until little is left.
- * 3. Switch: the live projector is paused (a deadline in the live meta hash that the apply
- *    script honours; it lapses by itself if this process dies); a last catch-up reads
- *    PostgreSQL *after* the pause began, so the new generation holds every event the live one
- *    holds (an applied event was committed first); the live partition offsets, the
- *    projections not rebuilt and the undecodable-message list are copied; SWAPDB makes the new
- *    generation the live database atomically for every connection; "*" on the change channel
- *    flushes the query daemons' caches; the old generation (now in the scratch database) is
- *    flushed. Readers never wait: they read the live database throughout, and the pause only
- *    holds the projector (for the last catch-up, typically milliseconds).
+ * 3. Switch: every live shard is paused (a deadline in its meta that every write script
+ *    honours; it lapses by itself if this process dies); a last catch-up reads PostgreSQL
+ *    *after* the pause began, so the new generation holds every event the live one holds; the
+ *    shards' offsets, undecodable messages and foreign dead letters are copied over; each
+ *    shard's pointer moves in a script that checks the pause is still in force (once one moved
+ *    the rest follow); readers are pointed at the new generation and "*" is announced.
+ * 4. The old generation is deleted a few seconds later.
  *
- * Restartable: the scratch database carries a marker; a later run flushes a marked scratch
- * database and starts over, and refuses an unmarked one that is not empty.
+ * Restartable: a marker names the generation being built; a later run deletes it and starts
+ * over, and first finishes a switch an earlier run left half done.
  */
 #include <cqrs/docstore.h>
 #include <cqrs/failpoint.h>
@@ -904,13 +903,15 @@ static cqrs_err_t delete_generation(rebuild_t *r, const char *topic, int64_t gen
 }
 
 /* What the live generation of a rebuilt shard holds that the build does not make: the
- * partition's offset (the projector goes on from it), undecodable messages, documents of
- * unknown aggregate types, and dead letters of aggregates the log does not know. */
+ * partition's offset (the projector goes on from it), undecodable messages, and dead letters
+ * of aggregates the log does not know (an unknown aggregate type: its events are only ever
+ * dead letters — the script never writes a document for it). Named keys only: no scan of
+ * the keyspace while the projector is paused. */
 static cqrs_err_t carry_over(rebuild_t *r, const shard_pair_t *s, size_t *copied, cqrs_error_t *err)
 {
-    static const char *const families[] = {CQRS_SHARD_OFFSETS, CQRS_SHARD_UNDECODABLE, "unknown:*"};
+    static const char *const families[] = {CQRS_SHARD_OFFSETS, CQRS_SHARD_UNDECODABLE};
     cqrs_err_t rc = CQRS_ERR_OK;
-    for (size_t f = 0; rc == CQRS_ERR_OK && f < 3; f++) {
+    for (size_t f = 0; rc == CQRS_ERR_OK && f < 2; f++) {
         size_t n = 0;
         rc = cqrs_docstore_copy_shard_keys(r->live, s->old, s->new, families[f], &n, err);
         *copied += n;

@@ -19,7 +19,7 @@ awk '{ gsub(/\\/, "\\\\"); gsub(/"/, "\\\""); printf "MEMORY USAGE \"%s\" SAMPLE
     "$OUT/keys" | redis-cli -p "$PORT" >"$OUT/bytes"
 paste -d '\t' "$OUT/bytes" "$OUT/keys" | awk -F '\t' '
     {
-        k = $2; sub(/^\{[^}]*\}:/, "", k)
+        k = $2; sub(/^\{[^}]*\}:(g[0-9]+:)?/, "", k)
         if (k ~ /^doc:/) { f = "documents (doc:<id>)"; docs++ }
         else if (k ~ /^idx:p:rec$/) f = "search records (idx:p:rec)"
         else if (k ~ /^idx:(products|p):/) f = "product lists (idx:p:*, idx:products:*)"
