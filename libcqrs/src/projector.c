@@ -506,6 +506,9 @@ static bool rewind_partition(cqrs_projector_t *p, part_state_t *ps, int64_t stor
 static void shard_reset(cqrs_projector_t *p, part_state_t *ps)
 {
     atomic_fetch_add(&p->resets, 1);
+    /* An emptied store lost its layout too: readers (and cqrsctl) need it back now. */
+    if (p->rk)
+        record_layouts(p, p->rk, NULL);
     char before[CQRS_INCARNATION_LEN + 1];
     snprintf(before, sizeof before, "%s", ps->incarnation);
     int64_t stored = -1;
