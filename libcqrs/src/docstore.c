@@ -529,22 +529,30 @@ out:
 static cqrs_err_t command_int(cqrs_docstore_t *ds, int argc, const char **argv, long long *out,
                               cqrs_error_t *err);
 
+/* HGET <prefix>:<name> field as a number: -1 in *out when absent or not a number. */
+static cqrs_err_t global_hget_int(cqrs_docstore_t *ds, const char *name, const char *field,
+                                  int64_t *out, cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
+    const char *argv[] = {"HGET", key, field};
+    redisReply *r = NULL;
+    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    if (rc == CQRS_ERR_OK)
+        *out = reply_offset(r);
+    freeReplyObject(r);
+    return rc;
+}
+
 cqrs_err_t cqrs_docstore_layout_get(cqrs_docstore_t *ds, const char *topic, int32_t *partitions,
                                     cqrs_error_t *err)
 {
-    char key[CQRS_KEY_MAX];
-    cqrs_keys_global(ds->target.prefix, "layout", key, sizeof key);
-    const char *argv[] = {"HGET", key, topic};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    int64_t v = reply_offset(r);
-    if (v < 1 || v > CQRS_MAX_SHARDS)
+    int64_t v = -1;
+    cqrs_err_t rc = global_hget_int(ds, "layout", topic, &v, err);
+    if (rc == CQRS_ERR_OK && (v < 1 || v > CQRS_MAX_SHARDS))
         rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "no layout recorded for %s", topic);
-    else
+    else if (rc == CQRS_ERR_OK)
         *partitions = (int32_t)v;
-    freeReplyObject(r);
     return rc;
 }
 
@@ -652,17 +660,12 @@ cqrs_err_t cqrs_docstore_generation(cqrs_docstore_t *ds, const char *topic, int6
         return CQRS_ERR_OK;
     }
     pthread_mutex_unlock(&layout_lock);
-    char hkey[CQRS_KEY_MAX];
-    cqrs_keys_global(ds->target.prefix, "generation", hkey, sizeof hkey);
-    const char *argv[] = {"HGET", hkey, topic};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
+    int64_t g = -1;
+    cqrs_err_t rc = global_hget_int(ds, "generation", topic, &g, err);
     if (rc != CQRS_ERR_OK)
         return rc;
-    int64_t g = 1;
-    if (r->type == REDIS_REPLY_STRING && (!cqrs_parse_int64(r->str, &g) || g < 1))
+    if (g < 1)
         g = 1;
-    freeReplyObject(r);
     if (g < known)
         g = known; /* never back to an older generation than one used since the last forget */
     pthread_mutex_lock(&layout_lock);
@@ -1432,16 +1435,9 @@ cqrs_err_t cqrs_docstore_refill_set(cqrs_docstore_t *ds, const char *field, int6
 cqrs_err_t cqrs_docstore_refill_get(cqrs_docstore_t *ds, const char *field, int64_t *until,
                                     cqrs_error_t *err)
 {
-    char refill[CQRS_KEY_MAX];
-    cqrs_keys_global(ds->target.prefix, "refill", refill, sizeof refill);
-    const char *argv[] = {"HGET", refill, field};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 3, argv, NULL, &r, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    if (r->type != REDIS_REPLY_STRING || !cqrs_parse_int64(r->str, until))
+    cqrs_err_t rc = global_hget_int(ds, "refill", field, until, err);
+    if (rc == CQRS_ERR_OK && *until < 0)
         rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "%s is not refilling", field);
-    freeReplyObject(r);
     return rc;
 }
 
