@@ -161,7 +161,6 @@ typedef struct rebuild {
     bool products, orders;
     int32_t shards[2]; /* per type (product, order): the layout's partition count */
     int64_t gen[2];    /* per type: the generation this rebuild writes (0: not rebuilt) */
-    char marker[CQRS_KEY_MAX];
     vmap_t map;
     agg_t cur;
     bool have_cur;
@@ -852,54 +851,103 @@ static int fail(rebuild_t *r, const cqrs_error_t *err)
 typedef struct shard_pair {
     char old[CQRS_SHARD_MAX], new[CQRS_SHARD_MAX];
     bool is_order;
+    int32_t partition;
 } shard_pair_t;
 
-/* A switch a run before this one left half done (it died between two shards' switches): the
- * generation some shards point at is complete in every shard (switching is the last step), so
- * the rest follow it, then the readers. */
-static cqrs_err_t finish_interrupted_switch(rebuild_t *r, const char *topic, int32_t shards,
-                                            int64_t *live, cqrs_error_t *err)
+/* One rebuild at a time: a lease in Redis (<prefix>:rebuild:lease) that a thread of its own
+ * renews every LEASE_RENEW_MS while the run lives; a run that dies frees it within LEASE_MS. */
+#define LEASE_MS 30000
+#define LEASE_RENEW_MS 5000
+#define LEASE "rebuild:lease"
+/* Generations to delete (<prefix>:rebuild:garbage, members "<topic> <partition> <gen>"): the
+ * one a run builds, from before it writes there until its switch; the old one after the
+ * switch. Each run first deletes those its shard's pointer does not name. */
+#define GARBAGE "rebuild:garbage"
+
+typedef struct lease {
+    const cqrsctl_env_t *env;
+    char token[CQRS_UUID_LEN + 1];
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stop, lost, running;
+} lease_t;
+
+static void *lease_renew(void *arg)
 {
-    const char *prefix = cqrs_docstore_prefix(r->live);
-    int64_t top = *live;
-    for (int32_t p = 0; p < shards; p++) {
-        char shard[CQRS_SHARD_MAX];
-        int64_t g = 0;
-        cqrs_err_t rc = cqrs_docstore_current_shard(r->live, topic, p, shard, sizeof shard, err);
-        if (rc != CQRS_ERR_OK)
-            return rc;
-        cqrs_keys_shard_parse(shard, NULL, 0, &g);
-        if (g > top)
-            top = g;
+    lease_t *l = arg;
+    cqrs_error_t err;
+    cqrs_docstore_t *ds = cqrs_docstore_new(l->env->redis, 5000, &err);
+    pthread_mutex_lock(&l->mu);
+    while (!l->stop) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += LEASE_RENEW_MS / 1000;
+        pthread_cond_timedwait(&l->cv, &l->mu, &until);
+        if (l->stop)
+            break;
+        pthread_mutex_unlock(&l->mu);
+        int64_t left = 0;
+        cqrs_err_t rc =
+            ds ? cqrs_docstore_lease(ds, LEASE, l->token, LEASE_MS, &left, &err) : CQRS_ERR_NOMEM;
+        pthread_mutex_lock(&l->mu);
+        if (rc == CQRS_ERR_CONFLICT)
+            l->lost = true; /* another run took it over: this one must not switch */
     }
-    if (top == *live)
-        return CQRS_ERR_OK;
-    fprintf(stderr, "finishing the switch of %s to generation %lld a rebuild left half done\n",
-            topic, (long long)top);
-    for (int32_t p = 0; p < shards; p++) {
-        char from[CQRS_SHARD_MAX], to[CQRS_SHARD_MAX];
-        cqrs_err_t rc = cqrs_docstore_current_shard(r->live, topic, p, from, sizeof from, err);
-        cqrs_keys_shard_gen(prefix, topic, p, top, to, sizeof to);
-        if (rc == CQRS_ERR_OK && strcmp(from, to) != 0)
-            rc = cqrs_docstore_switch_shard(r->live, from, to, 0, true, err);
-        if (rc != CQRS_ERR_OK)
-            return rc;
+    pthread_mutex_unlock(&l->mu);
+    cqrs_docstore_destroy(ds);
+    return NULL;
+}
+
+static bool lease_lost(lease_t *l)
+{
+    pthread_mutex_lock(&l->mu);
+    bool lost = l->lost;
+    pthread_mutex_unlock(&l->mu);
+    return lost;
+}
+
+/* Deletes the generations GARBAGE names unless they are their shard's current one; *n counts
+ * the keys. A shard's keys are matched by their literal prefix "{…}:g<N>:", which no key of
+ * another generation or shard starts with, whatever text a key carries after it. */
+static cqrs_err_t collect_garbage(rebuild_t *r, size_t *n, cqrs_error_t *err)
+{
+    char **members = NULL;
+    size_t count = 0;
+    *n = 0;
+    cqrs_err_t rc = cqrs_docstore_names(r->live, GARBAGE, &members, &count, err);
+    for (size_t i = 0; rc == CQRS_ERR_OK && i < count; i++) {
+        char topic[256];
+        int partition = 0;
+        long long gen = 0;
+        if (sscanf(members[i], "%255s %d %lld", topic, &partition, &gen) != 3 || gen < 1) {
+            rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
+            continue;
+        }
+        char cur[CQRS_SHARD_MAX], old[CQRS_SHARD_MAX + 2];
+        rc = cqrs_docstore_current_shard(r->live, topic, partition, cur, sizeof cur, err);
+        cqrs_keys_shard_gen(cqrs_docstore_prefix(r->live), topic, partition, gen, old,
+                            sizeof old - 1);
+        if (rc == CQRS_ERR_OK && strcmp(cur, old) != 0) {
+            size_t k = 0;
+            strcat(old, "*");
+            rc = cqrs_docstore_delete_keys(r->live, old, &k, err);
+            *n += k;
+        }
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
     }
-    cqrs_err_t rc = cqrs_docstore_set_generation(r->live, topic, top, err);
-    if (rc == CQRS_ERR_OK)
-        rc = cqrs_docstore_announce_reset(r->live, err);
-    *live = top;
+    cqrs_docstore_strings_free(members, count);
     return rc;
 }
 
-/* Deletes a generation of a topic's shards; *n counts the keys. */
-static cqrs_err_t delete_generation(rebuild_t *r, const char *topic, int64_t gen, size_t *n,
-                                    cqrs_error_t *err)
+/* "<topic> <partition> <gen>" of a shard prefix, for GARBAGE. */
+static void garbage_name(const char *topic, int32_t partition, const char *shard, char *out,
+                         size_t cap)
 {
-    char pattern[CQRS_KEY_MAX];
-    snprintf(pattern, sizeof pattern, "{%s:%s:*}:g%lld:*", cqrs_docstore_prefix(r->live), topic,
-             (long long)gen);
-    return cqrs_docstore_delete_keys(r->live, pattern, n, err);
+    int64_t gen = 0;
+    cqrs_keys_shard_parse(shard, NULL, 0, &gen);
+    snprintf(out, cap, "%s %d %lld", topic, (int)partition, (long long)gen);
 }
 
 /* What the live generation of a rebuilt shard holds that the build does not make: the
@@ -984,6 +1032,7 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     r->store = cqrs_store_new(&sc);
     r->live = cqrs_docstore_new(env->redis, 5000, &err);
     r->scratch = r->live; /* the new generation lives beside the old one */
+    static lease_t lease;
     shard_pair_t *pairs = NULL;
     const char **old_shards = NULL;
     int64_t *tokens = NULL;
@@ -996,67 +1045,51 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     }
     const char *prefix = cqrs_docstore_prefix(r->live);
     static const char *const types[2] = {"product", "order"};
-    /* Where each aggregate goes (the layout the projectors record) and the generations. */
-    int64_t live_gen[2] = {0, 0};
+    /* One rebuild at a time. */
+    cqrs_uuid_v4(lease.token);
+    int64_t left = 0;
+    cqrs_err_t lrc = cqrs_docstore_lease(r->live, LEASE, lease.token, LEASE_MS, &left, &err);
+    if (lrc == CQRS_ERR_CONFLICT) {
+        fprintf(stderr,
+                "cqrsctl rebuild: another rebuild is running (its lease, %s, expires in %lld ms "
+                "if it died)\n",
+                LEASE, (long long)left);
+        rc = 2;
+        goto out;
+    }
+    if (lrc != CQRS_ERR_OK) {
+        rc = fail(r, &err);
+        goto out;
+    }
+    lease.env = env;
+    pthread_mutex_init(&lease.mu, NULL);
+    pthread_cond_init(&lease.cv, NULL);
+    lease.running = pthread_create(&lease.thread, NULL, lease_renew, &lease) == 0;
+    /* Where each aggregate goes (the layout the projectors record). */
     for (int t = 0; t < 2; t++) {
         if ((t == 0 && !r->products) || (t == 1 && !r->orders))
             continue;
-        cqrs_err_t lrc = query_shard_count(r->live, types[t], &r->shards[t], &err);
+        lrc = query_shard_count(r->live, types[t], &r->shards[t], &err);
         if (lrc == CQRS_ERR_NOT_FOUND)
             cqrs_error_set(&err, CQRS_ERR_STATE,
                            "the read model records no layout for %s: start cqrs-queryd once"
                            " (its projector records each topic's partition count)",
                            query_topic(types[t]));
-        if (lrc == CQRS_ERR_OK)
-            lrc = cqrs_docstore_generation(r->live, query_topic(types[t]), &live_gen[t], &err);
-        if (lrc == CQRS_ERR_OK)
-            lrc = finish_interrupted_switch(r, query_topic(types[t]), r->shards[t], &live_gen[t],
-                                            &err);
         if (lrc != CQRS_ERR_OK) {
             rc = fail(r, &err);
             goto out;
         }
-        r->gen[t] = live_gen[t] + 1;
         n_pairs += (size_t)r->shards[t];
     }
-    /* A generation an interrupted run was building (never switched to) is garbage. */
-    cqrs_keys_global(prefix, "rebuild:marker", r->marker, sizeof r->marker);
-    char *marker = NULL;
-    if (cqrs_docstore_string_get(r->live, r->marker, &marker, &err) == CQRS_ERR_OK) {
-        json_t *m = json_loads(marker, 0, NULL);
-        for (int t = 0; t < 2; t++) {
-            json_int_t g = json_integer_value(json_object_get(m, types[t]));
-            size_t n = 0;
-            if (g > live_gen[t] || (g > 0 && g < live_gen[t])) {
-                if (delete_generation(r, query_topic(types[t]), g, &n, &err) != CQRS_ERR_OK) {
-                    json_decref(m);
-                    free(marker);
-                    rc = fail(r, &err);
-                    goto out;
-                }
-                fprintf(stderr, "deleted %zu keys of generation %lld of %s (an earlier run's)\n", n,
-                        (long long)g, query_topic(types[t]));
-            }
-        }
-        json_decref(m);
-    }
-    free(marker);
-    /* Leftovers of this rebuild's generation (an earlier run that got as far) go too. */
-    for (int t = 0; t < 2; t++) {
-        size_t n = 0;
-        if (r->gen[t] &&
-            delete_generation(r, query_topic(types[t]), r->gen[t], &n, &err) != CQRS_ERR_OK) {
-            rc = fail(r, &err);
-            goto out;
-        }
-    }
-    char mark[256];
-    snprintf(mark, sizeof mark, "{\"product\":%lld,\"order\":%lld,\"started_ms\":%lld}",
-             (long long)r->gen[0], (long long)r->gen[1], (long long)cqrs_realtime_ms());
-    if (cqrs_docstore_string_set(r->live, r->marker, mark, &err) != CQRS_ERR_OK) {
+    /* What earlier runs left: generations they built and never switched to, old ones they
+     * could not delete. */
+    size_t leftover = 0;
+    if (collect_garbage(r, &leftover, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
         goto out;
     }
+    if (leftover)
+        fprintf(stderr, "deleted %zu keys of generations earlier runs left\n", leftover);
     pairs = calloc(n_pairs + 1, sizeof *pairs);
     old_shards = calloc(n_pairs + 1, sizeof *old_shards);
     tokens = calloc(n_pairs + 1, sizeof *tokens);
@@ -1064,16 +1097,39 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         fprintf(stderr, "cqrsctl rebuild: out of memory\n");
         goto out;
     }
+    /* Each shard's live generation (its pointer: shards may differ after a run that switched
+     * only some); the new one is one past the highest of the topic, the same for all. */
     n_pairs = 0;
+    int64_t live_top[2] = {0, 0};
     for (int t = 0; t < 2; t++)
-        for (int32_t p = 0; r->gen[t] && p < r->shards[t]; p++) {
-            shard_pair_t *s = &pairs[n_pairs];
-            cqrs_keys_shard_gen(prefix, query_topic(types[t]), p, live_gen[t], s->old,
-                                sizeof s->old);
-            cqrs_keys_shard_gen(prefix, query_topic(types[t]), p, r->gen[t], s->new, sizeof s->new);
-            s->is_order = t == 1;
-            old_shards[n_pairs++] = s->old;
+        for (int32_t p = 0; p < r->shards[t] && ((t == 0 && r->products) || (t == 1 && r->orders));
+             p++) {
+            shard_pair_t *sp = &pairs[n_pairs];
+            int64_t g = 0;
+            if (cqrs_docstore_current_shard(r->live, query_topic(types[t]), p, sp->old,
+                                            sizeof sp->old, &err) != CQRS_ERR_OK) {
+                rc = fail(r, &err);
+                goto out;
+            }
+            cqrs_keys_shard_parse(sp->old, NULL, 0, &g);
+            live_top[t] = g > live_top[t] ? g : live_top[t];
+            sp->is_order = t == 1;
+            sp->partition = p;
+            old_shards[n_pairs++] = sp->old;
         }
+    for (size_t i = 0; i < n_pairs; i++) {
+        int t = pairs[i].is_order;
+        r->gen[t] = live_top[t] + 1;
+        cqrs_keys_shard_gen(prefix, query_topic(types[t]), pairs[i].partition, r->gen[t],
+                            pairs[i].new, sizeof pairs[i].new);
+        /* garbage until switched: a run that dies leaves it to the next one */
+        char name[300];
+        garbage_name(query_topic(types[t]), pairs[i].partition, pairs[i].new, name, sizeof name);
+        if (cqrs_docstore_names_add(r->live, GARBAGE, name, &err) != CQRS_ERR_OK) {
+            rc = fail(r, &err);
+            goto out;
+        }
+    }
     query_t count = {SQL_COUNT, 1, {r->types}, NULL};
     if (run_query(r, &count, &err) != CQRS_ERR_OK) {
         rc = fail(r, &err);
@@ -1083,7 +1139,7 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     cqrs_rows_free(count.rows);
     fprintf(stderr, "rebuilding %s from %lld events into generation %lld (live: %lld)\n",
             projection, r->total, (long long)(r->gen[0] ? r->gen[0] : r->gen[1]),
-            (long long)(r->gen[0] ? live_gen[0] : live_gen[1]));
+            (long long)(r->gen[0] ? live_top[0] : live_top[1]));
     r->started_ms = r->last_report_ms = cqrs_monotonic_ms();
     r->events = 0;
     if (build(r, jobs, &err) != CQRS_ERR_OK) {
@@ -1131,6 +1187,9 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
                              "the switch took longer than the pause allows; nothing switched");
     if (src == CQRS_ERR_OK && CQRS_FAILPOINT("rebuild-before-swap"))
         src = cqrs_error_set(&err, CQRS_ERR_INTERNAL, "failpoint rebuild-before-swap");
+    if (src == CQRS_ERR_OK && lease_lost(&lease))
+        src = cqrs_error_set(&err, CQRS_ERR_CONFLICT,
+                             "another rebuild took the lease over; nothing switched");
     /* Each shard switches only while its pause is in force (checked in the script that
      * switches, in Redis's clock): a rebuild stalled past the pause switches nothing. Once one
      * shard switched the others must follow (force): one whose pause lapsed in between took
@@ -1140,9 +1199,19 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
     for (size_t i = 0; src == CQRS_ERR_OK && i < n_pairs; i++) {
         cqrs_err_t s = cqrs_docstore_switch_shard(r->live, pairs[i].old, pairs[i].new, tokens[i],
                                                   switched > 0, &err);
-        if (s == CQRS_ERR_OK)
+        if (s == CQRS_ERR_OK) {
+            /* the new generation is live, the old one garbage */
+            char name[300];
+            const char *topic = query_topic(pairs[i].is_order ? "order" : "product");
             switched++;
-        else if (s != CQRS_ERR_TIMEOUT || switched == 0)
+            garbage_name(topic, pairs[i].partition, pairs[i].new, name, sizeof name);
+            s = cqrs_docstore_names_remove(r->live, GARBAGE, name, &err);
+            garbage_name(topic, pairs[i].partition, pairs[i].old, name, sizeof name);
+            if (s == CQRS_ERR_OK)
+                s = cqrs_docstore_names_add(r->live, GARBAGE, name, &err);
+            if (s != CQRS_ERR_OK)
+                src = s;
+        } else if (s != CQRS_ERR_TIMEOUT || switched == 0)
             src = s;
     }
     if (src != CQRS_ERR_OK && switched == 0) {
@@ -1152,37 +1221,27 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
         goto out;
     }
     if (src != CQRS_ERR_OK) {
-        /* Some shards switched and a failure (Redis) stopped the rest: the next run finishes
-         * the switch (finish_interrupted_switch). */
+        /* Some shards switched and a failure (Redis) stopped the rest. Readers follow each
+         * shard's pointer: every shard is readable in the generation it is at; the next run
+         * rebuilds them all into one generation again and deletes what this one left. */
         fprintf(stderr,
-                "cqrsctl rebuild: %s; %zu of %zu shards switched: run cqrsctl rebuild "
-                "again to finish the switch\n",
+                "cqrsctl rebuild: %s; %zu of %zu shards switched (each readable in its own "
+                "generation): run cqrsctl rebuild again\n",
                 err.message, switched, n_pairs);
         rc = 3;
         goto out;
     }
     int64_t pause_ms = cqrs_monotonic_ms() - pause_started;
     r->ms_switch = cqrs_monotonic_ms() - t_switch;
-    /* Readers follow: the topics' generation, then "*" so that every cqrs-queryd drops what
-     * it cached and reads the generation again (at most CQRS_GENERATION_TTL_MS without it). */
+    /* Readers follow each shard's pointer; "*" makes every cqrs-queryd drop what it cached and
+     * read the pointers again (at most CQRS_GENERATION_TTL_MS later without it). */
     cqrs_error_t e2;
-    for (int t = 0; t < 2; t++)
-        if (r->gen[t] && cqrs_docstore_set_generation(r->live, query_topic(types[t]), r->gen[t],
-                                                      &e2) != CQRS_ERR_OK) {
-            fprintf(stderr,
-                    "cqrsctl rebuild: shards switched, readers not yet (%s): run "
-                    "cqrsctl rebuild again to finish the switch\n",
-                    e2.message);
-            rc = 3;
-            goto out;
-        }
     cqrs_err_t arc = CQRS_ERR_UNAVAILABLE;
     for (int t = 0; t < 10 && arc != CQRS_ERR_OK; t++) {
         arc = cqrs_docstore_announce_reset(r->live, &e2);
         if (arc != CQRS_ERR_OK)
             usleep(300 * 1000);
     }
-    cqrs_docstore_del(r->live, r->marker, &e2);
     double build_s = (double)(built_ms - r->started_ms) / 1000.0;
     printf("switched: %lld events (%lld in the build at %.0f events/s, %lld caught up), %zu "
            "aggregates, %lld dead letters, %zu keys carried over, %zu shards, projector paused "
@@ -1200,16 +1259,11 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
      * generation cache's lifetime even without the announcement). */
     usleep((CQRS_GENERATION_TTL_MS + 1000) * 1000);
     size_t deleted = 0;
-    for (int t = 0; t < 2; t++) {
-        size_t n = 0;
-        if (r->gen[t] &&
-            delete_generation(r, query_topic(types[t]), live_gen[t], &n, &e2) != CQRS_ERR_OK)
-            fprintf(stderr,
-                    "warning: the old generation of %s was not deleted (%s); the next "
-                    "rebuild deletes it\n",
-                    query_topic(types[t]), e2.message);
-        deleted += n;
-    }
+    if (collect_garbage(r, &deleted, &e2) != CQRS_ERR_OK)
+        fprintf(stderr,
+                "warning: the old generation was not deleted in full (%s); the next rebuild "
+                "deletes what is left\n",
+                e2.message);
     fprintf(stderr, "old generation deleted: %zu keys\n", deleted);
     rc = 0;
     if (arc != CQRS_ERR_OK) {
@@ -1219,6 +1273,17 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
                 CQRS_GENERATION_TTL_MS);
     }
 out:
+    if (lease.running) {
+        pthread_mutex_lock(&lease.mu);
+        lease.stop = true;
+        pthread_cond_signal(&lease.cv);
+        pthread_mutex_unlock(&lease.mu);
+        pthread_join(lease.thread, NULL);
+    }
+    if (lease.token[0] && r->live) {
+        cqrs_error_t e3;
+        cqrs_docstore_unlease(r->live, LEASE, lease.token, &e3);
+    }
     if (r->have_cur)
         agg_free(&r->cur);
     for (size_t i = 0; i < r->n_done; i++) {

@@ -596,11 +596,11 @@ cqrs_err_t cqrs_docstore_shard_of(cqrs_docstore_t *ds, const char *topic, const 
     int32_t n = 0;
     int64_t gen = 1;
     cqrs_err_t rc = cqrs_docstore_partitions(ds, topic, &n, err);
+    int32_t p = rc == CQRS_ERR_OK ? cqrs_keys_partition(aggregate_id, n) : 0;
     if (rc == CQRS_ERR_OK)
-        rc = cqrs_docstore_generation(ds, topic, &gen, err);
+        rc = cqrs_docstore_shard_generation(ds, topic, p, &gen, err);
     if (rc == CQRS_ERR_OK)
-        cqrs_keys_shard_gen(ds->target.prefix, topic, cqrs_keys_partition(aggregate_id, n), gen,
-                            shard, cap);
+        cqrs_keys_shard_gen(ds->target.prefix, topic, p, gen, shard, cap);
     return rc;
 }
 
@@ -624,13 +624,14 @@ cqrs_err_t cqrs_docstore_current_shard(cqrs_docstore_t *ds, const char *topic, i
     return rc;
 }
 
-/* Generations readers follow, per deployment prefix, database and topic. */
+/* Generations readers follow, per shard (its pointer), cached for the process: an open
+ * hash table of 64-bit hashes of "<prefix>/<db>/<topic>/<partition>". */
+#define GEN_CACHE 8192
 static struct {
-    char key[CQRS_REDIS_PREFIX_MAX + 280];
+    uint64_t h; /* 0: free */
     int64_t gen, read_ms;
     uint64_t epoch; /* gen_epoch when read: an older one is read again */
-} gen_cache[LAYOUT_CACHE];
-static size_t gen_cached;
+} gen_cache[GEN_CACHE];
 static uint64_t gen_epoch = 1; /* bumped by forget */
 
 void cqrs_docstore_generations_forget(void)
@@ -640,40 +641,53 @@ void cqrs_docstore_generations_forget(void)
     pthread_mutex_unlock(&layout_lock);
 }
 
-cqrs_err_t cqrs_docstore_generation(cqrs_docstore_t *ds, const char *topic, int64_t *gen,
-                                    cqrs_error_t *err)
+/* The cache slot of h (its own or a free one); GEN_CACHE when the probe found neither. */
+static size_t gen_slot(uint64_t h)
 {
-    char key[sizeof gen_cache[0].key];
-    snprintf(key, sizeof key, "%s/%d/%s", ds->target.prefix, ds->target.addr.db, topic);
-    int64_t now = cqrs_monotonic_ms(), known = 0;
-    size_t slot = LAYOUT_CACHE;
+    for (size_t k = 0; k < 16; k++) {
+        size_t i = (size_t)((h + k) & (GEN_CACHE - 1));
+        if (gen_cache[i].h == h || gen_cache[i].h == 0)
+            return i;
+    }
+    return GEN_CACHE;
+}
+
+cqrs_err_t cqrs_docstore_shard_generation(cqrs_docstore_t *ds, const char *topic, int32_t partition,
+                                          int64_t *gen, cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    snprintf(key, sizeof key, "%s/%d/%s/%d", ds->target.prefix, ds->target.addr.db, topic,
+             (int)partition);
+    uint64_t h = cqrs_hash64(key) | 1;
+    int64_t now = cqrs_monotonic_ms(), known = 0, stale = 0;
     pthread_mutex_lock(&layout_lock);
     uint64_t epoch = gen_epoch;
-    for (size_t i = 0; i < gen_cached && slot == LAYOUT_CACHE; i++)
-        if (strcmp(gen_cache[i].key, key) == 0) {
-            slot = i;
-            known = gen_cache[i].epoch == epoch ? gen_cache[i].gen : 0;
+    size_t slot = gen_slot(h);
+    if (slot < GEN_CACHE && gen_cache[slot].h == h) {
+        stale = gen_cache[slot].gen;
+        known = gen_cache[slot].epoch == epoch ? stale : 0;
+        if (known && now - gen_cache[slot].read_ms < CQRS_GENERATION_TTL_MS) {
+            *gen = known;
+            pthread_mutex_unlock(&layout_lock);
+            return CQRS_ERR_OK;
         }
-    if (known && now - gen_cache[slot].read_ms < CQRS_GENERATION_TTL_MS) {
-        *gen = known;
-        pthread_mutex_unlock(&layout_lock);
-        return CQRS_ERR_OK;
     }
     pthread_mutex_unlock(&layout_lock);
-    int64_t g = -1;
-    cqrs_err_t rc = global_hget_int(ds, "generation", topic, &g, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    if (g < 1)
-        g = 1;
+    char shard[CQRS_SHARD_MAX];
+    int64_t g = 1;
+    cqrs_err_t rc = cqrs_docstore_current_shard(ds, topic, partition, shard, sizeof shard, err);
+    if (rc != CQRS_ERR_OK) {
+        if (!stale)
+            return rc;
+        *gen = stale; /* the last one known, rather than a guess */
+        return CQRS_ERR_OK;
+    }
+    cqrs_keys_shard_parse(shard, NULL, 0, &g);
     if (g < known)
         g = known; /* never back to an older generation than one used since the last forget */
     pthread_mutex_lock(&layout_lock);
-    if (slot == LAYOUT_CACHE && gen_cached < LAYOUT_CACHE) {
-        slot = gen_cached++;
-        snprintf(gen_cache[slot].key, sizeof gen_cache[slot].key, "%s", key);
-    }
-    if (slot < LAYOUT_CACHE) {
+    if (slot < GEN_CACHE) {
+        gen_cache[slot].h = h;
         gen_cache[slot].gen = g;
         gen_cache[slot].read_ms = now;
         gen_cache[slot].epoch = epoch;
@@ -681,16 +695,6 @@ cqrs_err_t cqrs_docstore_generation(cqrs_docstore_t *ds, const char *topic, int6
     pthread_mutex_unlock(&layout_lock);
     *gen = g;
     return CQRS_ERR_OK;
-}
-
-cqrs_err_t cqrs_docstore_set_generation(cqrs_docstore_t *ds, const char *topic, int64_t gen,
-                                        cqrs_error_t *err)
-{
-    char hkey[CQRS_KEY_MAX], g[24];
-    cqrs_keys_global(ds->target.prefix, "generation", hkey, sizeof hkey);
-    snprintf(g, sizeof g, "%lld", (long long)gen);
-    const char *argv[] = {"HSET", hkey, topic, g};
-    return command_int(ds, 4, argv, NULL, err);
 }
 
 cqrs_err_t cqrs_docstore_layout_set(cqrs_docstore_t *ds, const char *topic, int32_t partitions,
@@ -2155,4 +2159,78 @@ cqrs_err_t cqrs_docstore_walk(cqrs_docstore_t *ds, const cqrs_walk_t *q, char **
     *items = reply_strings(r, 2, n);
     freeReplyObject(r);
     return CQRS_ERR_OK;
+}
+
+/* ---- a lease and a set of names (cqrsctl rebuild) --------------------------------------- */
+
+/* KEYS: 1 the lease. ARGV: 1 token, 2 ms. 1 taken or renewed (ours or free), else the ms left
+ * of another holder's lease (negative). */
+static const char LEASE_LUA[] = "local v = redis.call('GET', KEYS[1])\n"
+                                "if not v or v == ARGV[1] then\n"
+                                "  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])\n"
+                                "  return 1\n"
+                                "end\n"
+                                "return -math.max(redis.call('PTTL', KEYS[1]), 1)\n";
+
+cqrs_err_t cqrs_docstore_lease(cqrs_docstore_t *ds, const char *name, const char *token,
+                               int64_t ttl_ms, int64_t *other_left_ms, cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX], ms[24];
+    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
+    snprintf(ms, sizeof ms, "%lld", (long long)ttl_ms);
+    const char *argv[] = {"EVAL", LEASE_LUA, "1", key, token, ms};
+    long long res = 0;
+    cqrs_err_t rc = command_int(ds, 6, argv, &res, err);
+    *other_left_ms = rc == CQRS_ERR_OK && res < 0 ? -res : 0;
+    if (rc == CQRS_ERR_OK && res < 0)
+        rc = cqrs_error_set(err, CQRS_ERR_CONFLICT, "%s is held by another holder for %lld ms", key,
+                            (long long)-res);
+    return rc;
+}
+
+static const char UNLEASE_LUA[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end\n"
+    "return 0\n";
+
+cqrs_err_t cqrs_docstore_unlease(cqrs_docstore_t *ds, const char *name, const char *token,
+                                 cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
+    const char *argv[] = {"EVAL", UNLEASE_LUA, "1", key, token};
+    return command_int(ds, 5, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_names_add(cqrs_docstore_t *ds, const char *name, const char *member,
+                                   cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
+    const char *argv[] = {"SADD", key, member};
+    return command_int(ds, 3, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_names_remove(cqrs_docstore_t *ds, const char *name, const char *member,
+                                      cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
+    const char *argv[] = {"SREM", key, member};
+    return command_int(ds, 3, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_names(cqrs_docstore_t *ds, const char *name, char ***members, size_t *n,
+                               cqrs_error_t *err)
+{
+    char key[CQRS_KEY_MAX];
+    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
+    const char *argv[] = {"SMEMBERS", key};
+    redisReply *r = NULL;
+    *members = NULL;
+    *n = 0;
+    cqrs_err_t rc = command(ds, 2, argv, NULL, &r, err);
+    if (rc == CQRS_ERR_OK)
+        *members = reply_strings(r, 0, n);
+    freeReplyObject(r);
+    return rc;
 }

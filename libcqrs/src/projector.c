@@ -564,14 +564,26 @@ static verdict_t generation_switched(cqrs_projector_t *p, part_state_t *ps)
     char before[CQRS_SHARD_MAX], part[12];
     snprintf(before, sizeof before, "%s", ps->shard);
     snprintf(part, sizeof part, "%d", ps->partition);
-    int64_t stored = -1;
+    int64_t stored = -1, was = 0, now = 0;
     if (!learn_incarnation(p, ps, &stored))
         return DROPPED; /* stopping */
-    CQRS_LOG_INFO("a rebuild switched the partition's shard to a new generation", "topic",
-                  ps->topic, "partition", part, "from", before, "to", ps->shard);
+    cqrs_keys_shard_parse(before, NULL, 0, &was);
+    cqrs_keys_shard_parse(ps->shard, NULL, 0, &now);
+    /* A pointer that went back was lost (a node that came back without it, a failover that
+     * missed it): the store lost writes — counted and refilled like any other loss. */
+    bool loss = now < was;
+    if (loss) {
+        atomic_fetch_add(&p->regressions, 1);
+        CQRS_LOG_ERROR("the shard's generation pointer went back (the store lost writes);"
+                       " re-applying into the generation it names",
+                       "topic", ps->topic, "partition", part, "from", before, "to", ps->shard);
+    } else {
+        CQRS_LOG_INFO("a rebuild switched the partition's shard to a new generation", "topic",
+                      ps->topic, "partition", part, "from", before, "to", ps->shard);
+    }
     if (stored == ps->written)
         return AGAIN;
-    if (rewind_partition(p, ps, stored, false))
+    if (rewind_partition(p, ps, stored, loss))
         return DROPPED;
     sleep_unless_stopped(p, 200);
     return AGAIN;

@@ -42,9 +42,9 @@ void query_shard(cqrs_docstore_t *ds, const char *aggregate_type, int32_t i, cha
     const char *topic = query_topic(aggregate_type);
     int64_t gen = 1;
     cqrs_error_t err;
-    /* Read with the layout (query_shard_count) before: cached; a failure here shows in the
-     * read that follows. */
-    if (topic && cqrs_docstore_generation(ds, topic, &gen, &err) != CQRS_ERR_OK)
+    /* The shard's pointer (cached): it lives in the shard's slot, so when it cannot be read
+     * (and none was known before) the read of the shard that follows fails the same way. */
+    if (topic && cqrs_docstore_shard_generation(ds, topic, i, &gen, &err) != CQRS_ERR_OK)
         gen = 1;
     cqrs_keys_shard_gen(cqrs_docstore_prefix(ds), topic ? topic : "", i, gen, out, cap);
 }

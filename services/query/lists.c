@@ -239,6 +239,12 @@ static void page_merge(page_t *p, size_t max, const char *upto)
                 best = i;
         if (best == SIZE_MAX || (upto && strcmp(p->per[best][at[best]], upto) > 0))
             break;
+        /* The same member from two lists of one shard (a status change between their reads:
+         * the member has no status in it): once. */
+        if (p->n > 0 && strcmp(p->members[p->n - 1], p->per[best][at[best]]) == 0) {
+            at[best]++;
+            continue;
+        }
         p->members[p->n] = p->per[best][at[best]++];
         p->shards[p->n++] = (int32_t)(best / p->per_shard);
     }

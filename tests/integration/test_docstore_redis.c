@@ -446,27 +446,64 @@ static void test_switch_refused_once_the_pause_lapsed(void **state)
     freeReplyObject(r);
 }
 
-/* Readers follow a topic's generation, cached, and forget it on the change feed's "*". */
+/* Readers follow each shard's generation pointer, cached, and forget it on the change feed's
+ * "*"; a pointer that cannot be read answers the last one known. */
 static void test_readers_follow_the_generation(void **state)
 {
     (void)state;
-    char topic[64];
+    char topic[64], ptr[CQRS_KEY_MAX];
     snprintf(topic, sizeof topic, "itest-%s", agg);
+    cqrs_keys_shard_parse(shard, ptr, sizeof ptr, NULL);
     cqrs_error_t err;
     int64_t gen = 0;
-    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 0, &gen, &err), CQRS_ERR_OK);
     assert_int_equal(gen, 1);
-    assert_int_equal(cqrs_docstore_set_generation(ds, topic, 4, &err), CQRS_ERR_OK);
-    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    char set[CQRS_KEY_MAX + 16];
+    snprintf(set, sizeof set, "SET %s %%s", ptr);
+    freeReplyObject(redisdb_cmd(url, set, "4"));
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 0, &gen, &err), CQRS_ERR_OK);
     assert_int_equal(gen, 1); /* cached */
     cqrs_docstore_generations_forget();
-    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 0, &gen, &err), CQRS_ERR_OK);
     assert_int_equal(gen, 4);
+    /* another shard of the topic has its own */
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 1, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 1);
     /* and without the announcement, within the cache's lifetime */
-    assert_int_equal(cqrs_docstore_set_generation(ds, topic, 5, &err), CQRS_ERR_OK);
+    freeReplyObject(redisdb_cmd(url, set, "5"));
     usleep((CQRS_GENERATION_TTL_MS + 100) * 1000);
-    assert_int_equal(cqrs_docstore_generation(ds, topic, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 0, &gen, &err), CQRS_ERR_OK);
     assert_int_equal(gen, 5);
+    /* never back within a process, unless told (the store was found empty) */
+    freeReplyObject(redisdb_cmd(url, set, "2"));
+    usleep((CQRS_GENERATION_TTL_MS + 100) * 1000);
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 0, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 5);
+    cqrs_docstore_generations_forget();
+    assert_int_equal(cqrs_docstore_shard_generation(ds, topic, 0, &gen, &err), CQRS_ERR_OK);
+    assert_int_equal(gen, 2);
+}
+
+/* One rebuild at a time: the lease is taken, renewed by its holder, refused to another. */
+static void test_lease(void **state)
+{
+    (void)state;
+    char name[64], mine[37], theirs[37];
+    snprintf(name, sizeof name, "itest-lease-%s", agg);
+    cqrs_uuid_v4(mine);
+    cqrs_uuid_v4(theirs);
+    cqrs_error_t err;
+    int64_t left = 0;
+    assert_int_equal(cqrs_docstore_lease(ds, name, mine, 5000, &left, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_lease(ds, name, mine, 5000, &left, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_lease(ds, name, theirs, 5000, &left, &err), CQRS_ERR_CONFLICT);
+    assert_true(left > 0 && left <= 5000);
+    assert_int_equal(cqrs_docstore_unlease(ds, name, theirs, &err), CQRS_ERR_OK); /* not theirs */
+    assert_int_equal(cqrs_docstore_lease(ds, name, theirs, 5000, &left, &err), CQRS_ERR_CONFLICT);
+    assert_int_equal(cqrs_docstore_unlease(ds, name, mine, &err), CQRS_ERR_OK);
+    assert_int_equal(cqrs_docstore_lease(ds, name, theirs, 100, &left, &err), CQRS_ERR_OK);
+    usleep(300 * 1000); /* a holder that died: its lease lapses */
+    assert_int_equal(cqrs_docstore_lease(ds, name, mine, 5000, &left, &err), CQRS_ERR_OK);
 }
 
 /* Keys of one generation of a shard are copied to another and deleted, on every node. */
@@ -633,6 +670,7 @@ int main(void)
         cmocka_unit_test_setup(test_undecodable_records_its_offset, fresh_keys),
         cmocka_unit_test_setup(test_switch_refused_once_the_pause_lapsed, fresh_keys),
         cmocka_unit_test_setup(test_readers_follow_the_generation, fresh_keys),
+        cmocka_unit_test_setup(test_lease, fresh_keys),
         cmocka_unit_test_setup(test_copy_and_delete_a_generation, fresh_keys),
         cmocka_unit_test_setup(test_script_cache_flush_is_survived, fresh_keys),
         cmocka_unit_test(test_unreachable_redis_is_unavailable),

@@ -165,7 +165,7 @@ static inline redisReply *redisdb_cmd(const char *url, const char *fmt, const ch
 }
 
 /* The shard of an aggregate of type in the read model at url (keyspace.h; default prefix
- * "cqrs"), in the generation readers follow (cqrs:generation): its topic
+ * "cqrs"), in the generation its pointer names (keyspace.h): its topic
  * "<topic_prefix>.<type>.events" has the partition count the projector recorded in
  * cqrs:layout. 0, or -1 when none is recorded. */
 static inline int redisdb_shard(const char *url, const char *topic_prefix, const char *type,
@@ -178,10 +178,14 @@ static inline int redisdb_shard(const char *url, const char *topic_prefix, const
     freeReplyObject(r);
     if (n <= 0)
         return -1;
-    r = redisdb_cmd(url, "HGET cqrs:generation %s", topic);
+    char base[CQRS_SHARD_MAX], ptr[CQRS_KEY_MAX];
+    int32_t p = cqrs_keys_partition(id, n);
+    cqrs_keys_shard("cqrs", topic, p, base, sizeof base);
+    cqrs_keys_shard_parse(base, ptr, sizeof ptr, NULL);
+    r = redisdb_cmd(url, "GET %s", ptr);
     long long gen = r && r->type == REDIS_REPLY_STRING ? atoll(r->str) : 1;
     freeReplyObject(r);
-    cqrs_keys_shard_gen("cqrs", topic, cqrs_keys_partition(id, n), gen > 0 ? gen : 1, shard, cap);
+    cqrs_keys_shard_gen("cqrs", topic, p, gen > 0 ? gen : 1, shard, cap);
     return 0;
 }
 

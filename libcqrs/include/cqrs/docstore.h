@@ -183,17 +183,16 @@ cqrs_err_t cqrs_docstore_range_many(cqrs_docstore_t *ds, const char *const *keys
 cqrs_err_t cqrs_docstore_current_shard(cqrs_docstore_t *ds, const char *topic, int32_t partition,
                                        char *shard, size_t cap, cqrs_error_t *err);
 
-/* The generation readers follow for a topic (<prefix>:generation; 1 when none is recorded),
- * cached for the process: read again after GENERATION_TTL_MS, or at once after
- * cqrs_docstore_generations_forget (the change feed's "*": a rebuild switched). Never lower
- * than a value this process used since the last forget. */
+/* The generation a shard's pointer names (1 when it has none), as readers follow it: cached for
+ * the process, read again after CQRS_GENERATION_TTL_MS or at once after
+ * cqrs_docstore_generations_forget (the change feed's "*": a shard found empty or a rebuild
+ * switched); never lower than a value this process used since the last forget. A read that
+ * fails answers the last value known, if any. Data and pointer share the shard's slot: a node
+ * that loses one loses both. */
 #define CQRS_GENERATION_TTL_MS 2000
-cqrs_err_t cqrs_docstore_generation(cqrs_docstore_t *ds, const char *topic, int64_t *gen,
-                                    cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_shard_generation(cqrs_docstore_t *ds, const char *topic, int32_t partition,
+                                          int64_t *gen, cqrs_error_t *err);
 void cqrs_docstore_generations_forget(void);
-/* Records a topic's generation for readers (a rebuild, after every shard switched). */
-cqrs_err_t cqrs_docstore_set_generation(cqrs_docstore_t *ds, const char *topic, int64_t gen,
-                                        cqrs_error_t *err);
 
 /* Records it unless one is recorded; *recorded gets the one in force (compare: a topic whose
  * partition count changed moved its aggregates to other partitions). */
@@ -387,6 +386,22 @@ cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern, s
 /* Sets a shard's incarnation. */
 cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
                                          const char *incarnation, cqrs_error_t *err);
+
+/* A lease <prefix>:<name> held by token for ttl_ms (taken when free or ours, renewed when
+ * ours): CONFLICT, with *other_left_ms, when another token holds it. */
+cqrs_err_t cqrs_docstore_lease(cqrs_docstore_t *ds, const char *name, const char *token,
+                               int64_t ttl_ms, int64_t *other_left_ms, cqrs_error_t *err);
+/* Gives the lease up if token holds it. */
+cqrs_err_t cqrs_docstore_unlease(cqrs_docstore_t *ds, const char *name, const char *token,
+                                 cqrs_error_t *err);
+/* A set of names <prefix>:<name> (a rebuild's generations to delete): add, remove, read
+ * (*members: free with cqrs_docstore_strings_free). */
+cqrs_err_t cqrs_docstore_names_add(cqrs_docstore_t *ds, const char *name, const char *member,
+                                   cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_names_remove(cqrs_docstore_t *ds, const char *name, const char *member,
+                                      cqrs_error_t *err);
+cqrs_err_t cqrs_docstore_names(cqrs_docstore_t *ds, const char *name, char ***members, size_t *n,
+                               cqrs_error_t *err);
 
 /* PUBLISHes "*" on ds's change channel: listeners forget what they derived (and the
  * generations they follow). */

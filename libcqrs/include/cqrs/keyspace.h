@@ -13,13 +13,13 @@
  *
  * Generations: a rebuild writes a new generation N+1 of a topic's shards beside the live one
  * (the same slots), then switches each shard's pointer "{<prefix>:<topic>:<p>}:gen" (absent:
- * generation 1) and the topic's entry in <prefix>:generation (hash: topic → N, what readers
- * follow); the old generation is deleted afterwards. Every write checks its shard's pointer in
- * the script that writes, so none lands in a generation that was switched away.
+ * generation 1), which readers follow; the old generation is deleted afterwards. Every write
+ * checks its shard's pointer in the script that writes, so none lands in a generation that
+ * was switched away.
  *
  * Keys outside every shard (each used alone, so any slot will do): <prefix>:layout (hash:
  * topic → its partition count, written by the projector from Kafka's metadata: how a reader
- * finds an aggregate's shard), <prefix>:generation, <prefix>:refill, <prefix>:rebuild:marker,
+ * finds an aggregate's shard), <prefix>:refill, <prefix>:rebuild:lease, <prefix>:rebuild:garbage,
  * and the change channel <prefix>:changes:<db>.
  *
  * An aggregate's shard is its partition: (murmur2(id) & 0x7fffffff) % P, what the relay's
@@ -64,7 +64,7 @@ void cqrs_keys_in(const char *shard, const char *family, char *out, size_t cap);
 void cqrs_keys_doc(const char *shard, const char *id, char *out, size_t cap);
 void cqrs_keys_dlq(const char *shard, const char *id, char *out, size_t cap);
 void cqrs_keys_unknown(const char *shard, const char *id, char *out, size_t cap);
-/* A key outside every shard: "<prefix>:<name>" (layout, refill, rebuild:marker, changes:<db>). */
+/* A key outside every shard: "<prefix>:<name>" (layout, refill, rebuild:lease, changes:<db>). */
 void cqrs_keys_global(const char *prefix, const char *name, char *out, size_t cap);
 /* The generation-free name of a shard key ("{…}:g3:doc:x" → "{…}:doc:x"): what the change
  * feed announces and readers wait on and cache by, the same across a rebuild's switch. A key
