@@ -851,29 +851,6 @@ static char **reply_strings(const redisReply *r, size_t from, size_t *n)
     return v;
 }
 
-cqrs_err_t cqrs_docstore_range(cqrs_docstore_t *ds, const char *key, const char *after,
-                               size_t limit, char ***members, size_t *n, cqrs_error_t *err)
-{
-    char *from = NULL;
-    if (after) {
-        from = malloc(strlen(after) + 2);
-        if (!from)
-            return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-        sprintf(from, "(%s", after);
-    }
-    char count[24];
-    snprintf(count, sizeof count, "%zu", limit);
-    const char *argv[] = {"ZRANGEBYLEX", key, from ? from : "-", "+", "LIMIT", "0", count};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 7, argv, NULL, &r, err);
-    free(from);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    *members = reply_strings(r, 0, n);
-    freeReplyObject(r);
-    return CQRS_ERR_OK;
-}
-
 typedef struct range_out {
     char ***members;
     size_t *counts;
@@ -957,99 +934,6 @@ cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, 
             jsons[i] = NULL;
         }
     return rc;
-}
-
-/* KEYS: 1 index, 2… sets. ARGV: 1 after ('' = start), 2 limit, 3 budget, 4 small_max,
- * 5 doc prefix, 6 doc suffix, 7 sort field. Returns {next or '', member…}. */
-static const char SEARCH_LUA[] =
-    "local limit, budget, small = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "local after = ARGV[1]\n"
-    "local smallest, size = nil, nil\n"
-    "for i = 2, #KEYS do\n"
-    "  local c = redis.call('SCARD', KEYS[i])\n"
-    "  if c == 0 then return {''} end\n"
-    "  if not size or c < size then smallest, size = i, c end\n"
-    "end\n"
-    "local function in_all(id, skip)\n"
-    "  for i = 2, #KEYS do\n"
-    "    if i ~= skip and redis.call('SISMEMBER', KEYS[i], id) == 0 then return false end\n"
-    "  end\n"
-    "  return true\n"
-    "end\n"
-    "if smallest and size <= small then\n"
-    "  local found = {}\n"
-    "  for _, id in ipairs(redis.call('SMEMBERS', KEYS[smallest])) do\n"
-    "    local m = redis.call('HGET', ARGV[5] .. id .. ARGV[6], ARGV[7])\n"
-    "    if m and (after == '' or m > after) and redis.call('ZSCORE', KEYS[1], m)\n"
-    "       and in_all(id, smallest) then found[#found + 1] = m end\n"
-    "  end\n"
-    "  table.sort(found)\n"
-    "  local out = {''}\n"
-    "  for i = 1, math.min(limit, #found) do out[#out + 1] = found[i] end\n"
-    "  if #found > limit then out[1] = found[limit] end\n"
-    "  return out\n"
-    "end\n"
-    "local out, from, scanned = {''}, (after == '' and '-' or '(' .. after), 0\n"
-    "while scanned < budget do\n"
-    "  local batch = redis.call('ZRANGEBYLEX', KEYS[1], from, '+', 'LIMIT', 0, 100)\n"
-    "  if #batch == 0 then return out end\n"
-    "  for _, m in ipairs(batch) do\n"
-    "    scanned = scanned + 1\n"
-    "    if in_all(string.sub(m, -36), nil) then\n"
-    "      if #out - 1 == limit then out[1] = out[#out] return out end\n"
-    "      out[#out + 1] = m\n"
-    "    end\n"
-    "    from = '(' .. m\n"
-    "    if scanned >= budget then break end\n"
-    "  end\n"
-    "end\n"
-    "out[1] = string.sub(from, 2)\n"
-    "return out\n";
-
-cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, char ***members,
-                                size_t *n, char **next, cqrs_error_t *err)
-{
-    *members = NULL;
-    *n = 0;
-    *next = NULL;
-    size_t argc = 3 + 1 + q->n_sets + 7;
-    const char **argv = calloc(argc, sizeof *argv);
-    if (!argv)
-        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-    char nkeys[16], limit[24], budget[24], small[24];
-    snprintf(nkeys, sizeof nkeys, "%zu", 1 + q->n_sets);
-    snprintf(limit, sizeof limit, "%zu", q->limit);
-    snprintf(budget, sizeof budget, "%zu", q->budget);
-    snprintf(small, sizeof small, "%zu", q->small_max);
-    size_t k = 0;
-    argv[k++] = "EVAL";
-    argv[k++] = SEARCH_LUA;
-    argv[k++] = nkeys;
-    argv[k++] = q->index;
-    for (size_t i = 0; i < q->n_sets; i++)
-        argv[k++] = q->sets[i];
-    argv[k++] = q->after ? q->after : "";
-    argv[k++] = limit;
-    argv[k++] = budget;
-    argv[k++] = small;
-    argv[k++] = q->doc_prefix;
-    argv[k++] = q->doc_suffix;
-    argv[k++] = q->sort_field;
-    redisReply *r = NULL;
-    /* EVAL (not EVALSHA): Redis caches the script by its text after the first call. */
-    cqrs_err_t rc = command(ds, (int)k, argv, NULL, &r, err);
-    free(argv);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1) {
-        freeReplyObject(r);
-        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected search reply");
-    }
-    if (r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len > 0)
-        *next = strndup(r->element[0]->str, r->element[0]->len);
-    *members = reply_strings(r, 1, n);
-    freeReplyObject(r);
-    return CQRS_ERR_OK;
 }
 
 /* n pipelined commands of argc arguments each (argv row-major), per node on a cluster; fn
@@ -1849,15 +1733,6 @@ cqrs_err_t cqrs_docstore_pause(cqrs_docstore_t *ds, const char *const *shards, s
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
-                                         const char *incarnation, cqrs_error_t *err)
-{
-    char meta[CQRS_KEY_MAX];
-    cqrs_keys_in(shard, CQRS_SHARD_META, meta, sizeof meta);
-    const char *argv[] = {"HSET", meta, "incarnation", incarnation};
-    return command_int(ds, 4, argv, NULL, err);
-}
-
 /* KEYS: 1 pointer, 2 old meta, 3 new meta. ARGV: 1 the pause's deadline (token), 2 the new
  * generation, 3 force ('1'). 1 switched, 0 the pause is not ours or lapsed. */
 static const char SWITCH_LUA[] =
@@ -2009,42 +1884,12 @@ cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err)
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char **value,
-                                    cqrs_error_t *err)
-{
-    const char *argv[] = {"GET", key};
-    redisReply *r = NULL;
-    *value = NULL;
-    cqrs_err_t rc = command(ds, 2, argv, NULL, &r, err);
-    if (rc != CQRS_ERR_OK)
-        return rc;
-    if (r->type == REDIS_REPLY_STRING)
-        *value = strndup(r->str, r->len);
-    else
-        rc = cqrs_error_set(err, CQRS_ERR_NOT_FOUND, "no key %s", key);
-    freeReplyObject(r);
-    return rc;
-}
-
 static cqrs_err_t simple(cqrs_docstore_t *ds, int argc, const char **argv, cqrs_error_t *err)
 {
     redisReply *r = NULL;
     cqrs_err_t rc = command(ds, argc, argv, NULL, &r, err);
     freeReplyObject(r);
     return rc;
-}
-
-cqrs_err_t cqrs_docstore_string_set(cqrs_docstore_t *ds, const char *key, const char *value,
-                                    cqrs_error_t *err)
-{
-    const char *argv[] = {"SET", key, value};
-    return simple(ds, 3, argv, err);
-}
-
-cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t *err)
-{
-    const char *argv[] = {"DEL", key};
-    return simple(ds, 2, argv, err);
 }
 
 cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *shard,
@@ -2201,22 +2046,26 @@ cqrs_err_t cqrs_docstore_unlease(cqrs_docstore_t *ds, const char *name, const ch
     return command_int(ds, 5, argv, NULL, err);
 }
 
-cqrs_err_t cqrs_docstore_names_add(cqrs_docstore_t *ds, const char *name, const char *member,
-                                   cqrs_error_t *err)
+/* SADD or SREM of one member of the set <prefix>:<name>. */
+static cqrs_err_t names_change(cqrs_docstore_t *ds, const char *verb, const char *name,
+                               const char *member, cqrs_error_t *err)
 {
     char key[CQRS_KEY_MAX];
     cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
-    const char *argv[] = {"SADD", key, member};
+    const char *argv[] = {verb, key, member};
     return command_int(ds, 3, argv, NULL, err);
+}
+
+cqrs_err_t cqrs_docstore_names_add(cqrs_docstore_t *ds, const char *name, const char *member,
+                                   cqrs_error_t *err)
+{
+    return names_change(ds, "SADD", name, member, err);
 }
 
 cqrs_err_t cqrs_docstore_names_remove(cqrs_docstore_t *ds, const char *name, const char *member,
                                       cqrs_error_t *err)
 {
-    char key[CQRS_KEY_MAX];
-    cqrs_keys_global(ds->target.prefix, name, key, sizeof key);
-    const char *argv[] = {"SREM", key, member};
-    return command_int(ds, 3, argv, NULL, err);
+    return names_change(ds, "SREM", name, member, err);
 }
 
 cqrs_err_t cqrs_docstore_names(cqrs_docstore_t *ds, const char *name, char ***members, size_t *n,

@@ -219,35 +219,9 @@ cqrs_err_t cqrs_docstore_refill_count(cqrs_docstore_t *ds, long long *n, cqrs_er
 cqrs_err_t cqrs_docstore_undecodable(cqrs_docstore_t *ds, const cqrs_apply_t *a,
                                      cqrs_apply_result_t *result, cqrs_error_t *err);
 
-/* Up to limit members of a sorted set whose members all have score 0, in lexicographic order,
- * after the member `after` (NULL: from the start). *members is an array of malloc'ed strings
- * (free each and the array with cqrs_docstore_strings_free). Cost O(log N + limit). */
-cqrs_err_t cqrs_docstore_range(cqrs_docstore_t *ds, const char *key, const char *after,
-                               size_t limit, char ***members, size_t *n, cqrs_error_t *err);
-
 /* The "json" field of each of n document keys, in one round trip; missing → NULL. */
 cqrs_err_t cqrs_docstore_get_many(cqrs_docstore_t *ds, const char *const *keys, size_t n,
                                   char **jsons, cqrs_error_t *err);
-
-/* Members of a lexicographic index (as cqrs_docstore_range) that also belong to every set in
- * sets. Strategy, in one Lua call: when the smallest set has at most small_max members, its
- * members are checked (document field sort_field of doc_prefix<id>doc_suffix gives each one's
- * index member) and sorted — cost O(S log S); otherwise the index is walked from `after`
- * checking membership, at most `budget` entries — then *n may be below limit although more
- * matches follow, and *next (malloc'ed, NULL at the end) says where to continue. */
-typedef struct cqrs_search {
-    const char *index;
-    const char *const *sets;
-    size_t n_sets;
-    const char *after;
-    size_t limit;
-    size_t budget;
-    size_t small_max;
-    const char *doc_prefix, *doc_suffix, *sort_field;
-} cqrs_search_t;
-
-cqrs_err_t cqrs_docstore_search(cqrs_docstore_t *ds, const cqrs_search_t *q, char ***members,
-                                size_t *n, char **next, cqrs_error_t *err);
 
 void cqrs_docstore_strings_free(char **v, size_t n);
 
@@ -383,10 +357,6 @@ cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, 
 cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern, size_t *deleted,
                                      cqrs_error_t *err);
 
-/* Sets a shard's incarnation. */
-cqrs_err_t cqrs_docstore_set_incarnation(cqrs_docstore_t *ds, const char *shard,
-                                         const char *incarnation, cqrs_error_t *err);
-
 /* A lease <prefix>:<name> held by token for ttl_ms (taken when free or ours, renewed when
  * ours): CONFLICT, with *other_left_ms, when another token holds it. */
 cqrs_err_t cqrs_docstore_lease(cqrs_docstore_t *ds, const char *name, const char *token,
@@ -406,18 +376,12 @@ cqrs_err_t cqrs_docstore_names(cqrs_docstore_t *ds, const char *name, char ***me
 /* PUBLISHes "*" on ds's change channel: listeners forget what they derived (and the
  * generations they follow). */
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err);
-/* A plain string key (rebuild markers): get (NOT_FOUND when absent), set, delete. */
-cqrs_err_t cqrs_docstore_string_get(cqrs_docstore_t *ds, const char *key, char **value,
-                                    cqrs_error_t *err);
-cqrs_err_t cqrs_docstore_string_set(cqrs_docstore_t *ds, const char *key, const char *value,
-                                    cqrs_error_t *err);
-cqrs_err_t cqrs_docstore_del(cqrs_docstore_t *ds, const char *key, cqrs_error_t *err);
 /* Adds an aggregate to its shard's dead-letter index (held since since_ms) unless it is there. */
 cqrs_err_t cqrs_docstore_dlq_index_add(cqrs_docstore_t *ds, const char *shard,
                                        const char *aggregate_id, int64_t since_ms,
                                        cqrs_error_t *err);
 
-/* A bounded walk of a lexicographic index (as cqrs_docstore_range), in one Lua call, keeping
+/* A bounded walk of a lexicographic index (as cqrs_docstore_range_many), in one Lua call, keeping
  * the members that end with suffix (NULL or "": all) and whose id — id_len bytes ending id_skip
  * bytes before the member's end — is in every set in sets. When there are sets and the smallest
  * has at most small_max members (or one set is empty), the index is not walked: *small is set
