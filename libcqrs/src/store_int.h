@@ -1,4 +1,5 @@
-/* store_int.h — libpq helpers shared inside libcqrs (store.c, outbox.c); never installed. */
+/* store_int.h — libpq helpers shared inside libcqrs (store.c, eventlog.c, relay.c); never
+ * installed. */
 #ifndef CQRS_STORE_INT_H
 #define CQRS_STORE_INT_H
 
@@ -6,6 +7,10 @@
 #include <stdbool.h>
 
 #include "cqrs/err.h"
+
+/* LISTEN/NOTIFY channel of the outbox: a command's event append notifies it (delivered at
+ * commit), the relay listens. */
+#define CQRS_OUTBOX_CHANNEL "cqrs_outbox"
 
 /* Connects with timeouts and keepalives set; NULL with err (UNAVAILABLE) on failure. */
 PGconn *cqrs__pg_connect(const char *dsn, const char *app_name, unsigned connect_timeout_s,
