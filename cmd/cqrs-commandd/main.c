@@ -198,9 +198,7 @@ static void metrics(cqrs_http_request_t *req, void *ud)
                           st.oldest_age_s);
     }
     if (app->relay)
-        cqrs_metric_histogram(&t, "cqrs_relay_publish_latency_seconds",
-                              "From an event's commit to Kafka's acknowledgement.",
-                              cqrs_relay_latency(app->relay));
+        cqrs_relay_metrics(app->relay, &t);
     cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf ? t.buf : "");
     cqrs_text_free(&t);
 }

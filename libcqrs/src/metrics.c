@@ -7,7 +7,8 @@
 #include <string.h>
 
 const double cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS] = {
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10};
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
+    0.05,   0.1,   0.25,  0.5,   1,     2.5,    5,    7.5,   10};
 
 void cqrs_histogram_observe(cqrs_histogram_t *h, double seconds)
 {

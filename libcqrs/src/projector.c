@@ -80,6 +80,10 @@ struct cqrs_projector {
         regressions;
     pthread_mutex_t rk_lock;   /* guards rk against the metrics reader while it is closed */
     cqrs_histogram_t *latency; /* per topic (projection) */
+    /* Where the time goes (all topics): Kafka — from the relay's produce (the message's
+     * CreateTime) to this consumer's poll, which takes in the relay's commit and the fetch —
+     * and the apply of one message. */
+    cqrs_histogram_t stage_kafka, stage_apply;
     missing_t missing[MAX_MISSING];
     unsigned n_missing;
     int64_t next_missing_check;
@@ -1134,6 +1138,14 @@ void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
         cqrs_metric_histogram_samples(t, "cqrs_projector_apply_latency_seconds", labels,
                                       &p->latency[i]);
     }
+    cqrs_text_printf(t, "# HELP cqrs_projector_stage_seconds Where an event's time goes in the"
+                        " projector: kafka, from the relay's produce (the message's CreateTime)"
+                        " to its poll here; apply, the handling of one message.\n"
+                        "# TYPE cqrs_projector_stage_seconds histogram\n");
+    cqrs_metric_histogram_samples(t, "cqrs_projector_stage_seconds", "stage=\"kafka\"",
+                                  &p->stage_kafka);
+    cqrs_metric_histogram_samples(t, "cqrs_projector_stage_seconds", "stage=\"apply\"",
+                                  &p->stage_apply);
 }
 
 static void *projector_main(void *arg)
@@ -1157,7 +1169,14 @@ static void *projector_main(void *arg)
             CQRS_LOG_WARN("consumer error", "error", rd_kafka_message_errstr(m));
         } else {
             atomic_store(&p->kafka_up, true);
+            rd_kafka_timestamp_type_t tst;
+            int64_t created = rd_kafka_message_timestamp(m, &tst);
+            if (tst == RD_KAFKA_TIMESTAMP_CREATE_TIME && created > 0)
+                cqrs_histogram_observe(&p->stage_kafka,
+                                       (double)(cqrs_realtime_ms() - created) / 1000.0);
+            int64_t t0 = cqrs_monotonic_us();
             handle(p, m);
+            cqrs_histogram_observe(&p->stage_apply, (double)(cqrs_monotonic_us() - t0) / 1e6);
         }
         rd_kafka_message_destroy(m);
     }

@@ -10,7 +10,9 @@
  *    by a new leader aborts and fences the old one's open transaction.
  *  - One batch = one Kafka transaction: produce, wait for every delivery report, record the
  *    batch in relay_inflight (with one check message's partition and offset), commit, then
- *    delete the rows and the record in one statement. After a takeover the new leader first
+ *    delete the rows and the record in one statement, committed asynchronously (one
+ *    synchronous PostgreSQL commit per round: the record's; a lost delete leaves a record
+ *    that the next leader settles, below). After a takeover the new leader first
  *    runs init_transactions — which returns only once the previous transaction is complete,
  *    its commit or abort markers written — and only then looks the check message up with a
  *    read_committed consumer: visible → the batch is in Kafka, delete its rows; not visible →
@@ -27,13 +29,14 @@
  *  - Bounded waits: the connection's lock_timeout is at most half the lease and its
  *    statement_timeout at most a quarter of stall_ms, so a lock held on the relay's tables
  *    ends a statement with a timeout: logged, counted, retried after a pause that doubles
- *    each time in a row. Before producing a batch the leader checks with NOWAIT that it could
- *    record and delete it, so a held lock costs a refused check, not a produced and aborted
- *    batch. The leader keeps its leadership while its lease can still be renewed and gives
- *    it up when it cannot. Every relay write checks owner + epoch with FOR SHARE on the
- *    relay_leader row, so a takeover cannot commit in the middle of it. The Idempotency-Key
- *    cleanup deletes small batches, each under a quarter-lease statement_timeout and after a
- *    renewal.
+ *    each time in a row. After a timeout or a failed record, and at the start of a leadership,
+ *    the leader checks with NOWAIT that it could record and delete a batch before producing
+ *    it, so a lock that is still held costs a refused check, not a produced and aborted
+ *    batch (the first round to meet a new lock may abort one). The leader keeps its leadership
+ * while its lease can still be renewed and gives it up when it cannot. Every relay write checks
+ * owner + epoch with FOR SHARE on the relay_leader row, so a takeover cannot commit in the middle
+ * of it. The Idempotency-Key cleanup deletes small batches, each under a quarter-lease
+ * statement_timeout and after a renewal.
  *  - Supervision: the worker beats a heartbeat around every call that can wait (each bounded
  *    by statement_timeout, lease/3 or RELAY_CALL_MAX_MS), and stall_ms is at least
  *    CQRS_RELAY_STALL_MIN_MS and the lease, so only a call that does not return goes without
@@ -91,6 +94,20 @@ typedef struct slot {
     bool done;
 } slot_t;
 
+/* The steps of a round (relay_round), each timed into its own histogram. */
+enum {
+    PHASE_READ,
+    PHASE_CHECK,
+    PHASE_PRODUCE,
+    PHASE_ACK,
+    PHASE_RECORD,
+    PHASE_COMMIT,
+    PHASE_DELETE,
+    RELAY_PHASES
+};
+static const char *const relay_phase_names[RELAY_PHASES] = {"read",   "check",  "produce", "ack",
+                                                            "record", "commit", "delete"};
+
 /* What outlives a worker: counters, leadership view, latency (shared by the supervisor and
  * every worker it ever started; freed with the last reference). The flags and the epoch are
  * written under mu by the current worker only (see publish()). */
@@ -104,6 +121,8 @@ typedef struct relay_shared {
     _Atomic double oldest_age_s;
     atomic_int cancels; /* PQcancel threads still running */
     cqrs_histogram_t latency;
+    cqrs_histogram_t pickup;              /* event time → read from the outbox */
+    cqrs_histogram_t phase[RELAY_PHASES]; /* duration of each step of a round */
 } relay_shared_t;
 
 static void shared_unref(relay_shared_t *sh)
@@ -143,6 +162,7 @@ typedef struct relay_worker {
     int64_t epoch;      /* of its current or last leadership */
     bool txn_ready;     /* init_transactions done on rk */
     bool need_recovery; /* after taking over: resolve relay_inflight first */
+    bool check_first;   /* check that a batch could be recorded before producing it */
     /* A batch committed in Kafka whose rows are not deleted yet ("{1,2,…}"): the delete is
      * retried alone before anything else while this leadership lasts. */
     char *published_seqs;
@@ -328,7 +348,7 @@ static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
         {"transactional.id", r->txn_id},
         {"transaction.timeout.ms", txn_timeout},
         {"message.timeout.ms", timeout},
-        {"linger.ms", "5"},
+        {"linger.ms", "0"},
         {"retry.backoff.ms", "10"},
         {"partitioner", "murmur2_random"},
         {NULL, NULL},
@@ -663,6 +683,7 @@ static bool try_lead(relay_worker_t *r)
      * fresh producer runs (see the DESIGN note). */
     drop_producer(r);
     r->need_recovery = true;
+    r->check_first = true;
     char e[24];
     snprintf(e, sizeof e, "%lld", (long long)epoch);
     CQRS_LOG_INFO("outbox relay is the leader", "owner", r->owner, "epoch", e);
@@ -796,6 +817,11 @@ static bool recover(relay_worker_t *r)
 {
     if (!r->txn_ready)
         return false;
+    /* Negative control of the fault suite (failpoint builds only): the record is left alone,
+     * so a batch committed in Kafka whose delete never happened (a crash after the commit, a
+     * lost asynchronous delete) is published again. */
+    if (CQRS_UNSAFE("RELAY_SKIP_RECOVERY"))
+        return true;
     PGresult *res = exec_params(r, "in-flight batch read",
                                 "SELECT sequences::text, check_topic, check_partition,"
                                 " check_offset, check_sequence FROM relay_inflight WHERE id = 1",
@@ -840,24 +866,39 @@ static bool recover(relay_worker_t *r)
     return ok;
 }
 
+/* The oldest batch_size outbox rows and their events. The outbox rows come first, from the
+ * outbox's own index, and each event is then looked up by its key: a subquery that the planner
+ * cannot flatten (OFFSET 0) makes it a nested loop of index lookups, so the read costs in
+ * proportion to the batch whatever the size of the event log (kept forever). Left to itself,
+ * the planner joined the two by walking events_pkey or by hashing all of events. */
 static const char *const SELECT_BATCH =
     "SELECT o.sequence, o.topic, e.event_id, e.event_type, e.aggregate_type, e.aggregate_id,"
     "       e.version,"
     "       to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
     "       coalesce(e.traceparent, ''), e.data::text, extract(epoch FROM e.occurred_at)"
-    "  FROM outbox o JOIN events e ON e.sequence = o.sequence"
-    " ORDER BY o.sequence LIMIT $1";
+    "  FROM (SELECT sequence, topic FROM outbox ORDER BY sequence LIMIT $1) o"
+    "  CROSS JOIN LATERAL (SELECT * FROM events WHERE events.sequence = o.sequence"
+    "                      OFFSET 0) e"
+    " ORDER BY o.sequence";
 
 /* The rows of a batch committed in Kafka ($3) and its record, deleted if owner $1 and epoch
  * $2 still lead. FOR SHARE: a takeover cannot commit while the delete runs, and one that
- * committed meanwhile is seen (the row is re-checked at its newest version). */
+ * committed meanwhile is seen (the row is re-checked at its newest version).
+ * Committed asynchronously (synchronous_commit off for this transaction only: the setting in
+ * force at commit decides): the round does not wait for its WAL flush nor for a synchronous
+ * standby. A delete that is lost (a crash before the WAL reached the disk, a promoted standby
+ * that never received it) leaves the record and the rows, and whoever leads next — after a
+ * crash or failover the connection, and with it the leadership, is gone — settles the record
+ * first (recover()): the batch is found in Kafka and its rows deleted, never published twice.
+ * The next round's record is a synchronous commit, which flushes this one's WAL too. */
 static const char *const DELETE_PUBLISHED =
     "WITH ok AS (SELECT 1 FROM relay_leader"
     "            WHERE id = 1 AND owner = $1 AND epoch = $2 FOR SHARE)"
+    ", async AS (SELECT set_config('synchronous_commit', 'off', true))"
     ", i AS (DELETE FROM relay_inflight WHERE id = 1"
     "        AND EXISTS (SELECT 1 FROM ok))"
     "DELETE FROM outbox WHERE sequence = ANY($3::bigint[])"
-    " AND EXISTS (SELECT 1 FROM ok)";
+    " AND EXISTS (SELECT 1 FROM ok) AND EXISTS (SELECT 1 FROM async)";
 
 /* Whether the batch could be recorded and deleted now: NOWAIT on the table locks and on the
  * rows that the record and the delete take, all released at once (one implicit
@@ -932,19 +973,55 @@ static void abort_txn(relay_worker_t *r)
     }
 }
 
+/* One batch on its way through a round (relay_round): read, check, produce, await, record,
+ * commit, settle. */
+typedef struct batch {
+    PGresult *rows; /* the outbox rows and their events, until produced */
+    int n;          /* rows read */
+    slot_t *slots;  /* one per row: delivery report and timing */
+    int produced;
+    bool failed;       /* a produce or a delivery failed: the batch is aborted and retried */
+    bool reports_due;  /* delivery reports still outstanding (they would land in slots) */
+    char *check_topic; /* the last row's topic: its message is the batch's check */
+    char *seqs;        /* "{s1,s2,…}" of the produced rows */
+    int64_t t0, t[RELAY_PHASES];
+} batch_t;
+
+static void batch_free(batch_t *b)
+{
+    PQclear(b->rows);
+    free(b->slots);
+    free(b->check_topic);
+    free(b->seqs);
+}
+
+/* Marks the end of phase ph (its time since the previous mark goes to its histogram). */
+static void phase_done(relay_worker_t *r, batch_t *b, int ph)
+{
+    int64_t now = cqrs_monotonic_us();
+    int64_t from = b->t0;
+    for (int i = ph - 1; i >= 0; i--)
+        if (b->t[i]) {
+            from = b->t[i];
+            break;
+        }
+    b->t[ph] = now;
+    cqrs_histogram_observe(&r->sh->phase[ph], (double)(now - from) / 1e6);
+}
+
 /* Negative control of the fault suite (CQRS_UNSAFE_RELAY_DELETE_FIRST=1, failpoint builds
  * only): the batch leaves the outbox before it is published — at most once — so a crash in
  * between loses it. */
-static void unsafe_delete_first(relay_worker_t *r, PGresult *res, int n)
+static void unsafe_delete_first(relay_worker_t *r, batch_t *b)
 {
-    size_t cap = (size_t)n * 21 + 3, used = 0;
+    size_t cap = (size_t)b->n * 21 + 3, used = 0;
     char *arr = malloc(cap);
     if (!arr)
         return;
     arr[used++] = '{';
-    for (int i = 0; i < n; i++)
-        used +=
-            (size_t)snprintf(arr + used, cap - used, "%s%s", i ? "," : "", PQgetvalue(res, i, 0));
+    for (int i = 0; i < b->n; i++)
+        used += (size_t)snprintf(arr + used, cap - used, "%s%s", i ? "," : "",
+                                 PQgetvalue(b->rows, i, 0));
     arr[used++] = '}';
     arr[used] = '\0';
     const char *d[] = {arr};
@@ -956,42 +1033,43 @@ static void unsafe_delete_first(relay_worker_t *r, PGresult *res, int n)
     free(arr);
 }
 
-/* Publishes one batch as one Kafka transaction; returns the rows read, -1 on failure. */
-static int relay_round(relay_worker_t *r)
+/* Read: the oldest rows of the outbox. The rows read, -1 on failure. */
+static int batch_read(relay_worker_t *r, batch_t *b)
 {
     char limit[16];
-    int64_t t_start = cqrs_monotonic_ms(), t_read, t_acked = 0, t_recorded = 0, t_committed = 0;
     snprintf(limit, sizeof limit, "%d", r->cfg.batch_size);
     const char *p[] = {limit};
-    PGresult *res = exec_params(r, "outbox read", SELECT_BATCH, 1, p);
-    t_read = cqrs_monotonic_ms();
-    if (!res)
+    b->rows = exec_params(r, "outbox read", SELECT_BATCH, 1, p);
+    if (!b->rows)
         return -1;
-    int n = PQntuples(res);
-    if (n == 0) {
-        PQclear(res);
+    b->n = PQntuples(b->rows);
+    if (b->n == 0)
         return 0;
-    }
-    if (!record_writable(r)) {
-        PQclear(res);
-        return -1;
-    }
-    if (CQRS_UNSAFE("RELAY_DELETE_FIRST"))
-        unsafe_delete_first(r, res, n);
-    CQRS_FAILPOINT("relay-after-read");
+    phase_done(r, b, PHASE_READ);
+    /* How long each event waited in the outbox (from its command's time). */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    double now_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    for (int i = 0; i < b->n; i++)
+        cqrs_histogram_observe(&r->sh->pickup, now_s - atof(PQgetvalue(b->rows, i, 10)));
+    return b->n;
+}
+
+/* Produce: one Kafka transaction holding every row, in order. false when it could not even
+ * begin (the producer is gone); a failed produce sets b->failed. */
+static bool batch_produce(relay_worker_t *r, batch_t *b)
+{
     rd_kafka_error_t *e = rd_kafka_begin_transaction(r->rk);
     if (e) {
         CQRS_LOG_WARN("begin_transaction failed", "error", rd_kafka_error_string(e));
         rd_kafka_error_destroy(e);
         drop_producer(r);
-        PQclear(res);
-        return -1;
+        return false;
     }
-    slot_t *slots = calloc((size_t)n, sizeof *slots);
-    const char *check_topic = NULL;
-    int produced = 0;
-    bool failed = slots == NULL;
-    for (int i = 0; !failed && i < n && !atomic_load(&r->stop); i++) {
+    b->slots = calloc((size_t)b->n, sizeof *b->slots);
+    b->failed = b->slots == NULL;
+    PGresult *res = b->rows;
+    for (int i = 0; !b->failed && i < b->n && !atomic_load(&r->stop); i++) {
         cqrs_event_t ev;
         memset(&ev, 0, sizeof ev);
         cqrs_parse_int64(PQgetvalue(res, i, 0), &ev.sequence);
@@ -1006,9 +1084,10 @@ static int relay_round(relay_worker_t *r)
         snprintf(ev.source, sizeof ev.source, "%s", r->source);
         const char *data = PQgetvalue(res, i, 9);
         size_t data_len = (size_t)PQgetlength(res, i, 9);
-        slots[i].sequence = ev.sequence;
-        slots[i].occurred_at = atof(PQgetvalue(res, i, 10));
-        check_topic = topic;
+        b->slots[i].sequence = ev.sequence;
+        b->slots[i].occurred_at = atof(PQgetvalue(res, i, 10));
+        free(b->check_topic);
+        b->check_topic = strdup(topic);
 
         cqrs_event_headers_t h;
         cqrs_event_headers(&ev, &h);
@@ -1020,7 +1099,7 @@ static int relay_round(relay_worker_t *r)
             kerr = rd_kafka_producev(
                 r->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(ev.aggregate_id, CQRS_UUID_LEN),
                 RD_KAFKA_V_VALUE((void *)data, data_len), RD_KAFKA_V_HEADERS(hdrs),
-                RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(&slots[i]),
+                RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(&b->slots[i]),
                 RD_KAFKA_V_END);
             if (kerr != RD_KAFKA_RESP_ERR__QUEUE_FULL)
                 break;
@@ -1033,21 +1112,25 @@ static int relay_round(relay_worker_t *r)
         if (kerr != RD_KAFKA_RESP_ERR_NO_ERROR) {
             rd_kafka_headers_destroy(hdrs); /* not taken over on failure */
             CQRS_LOG_WARN("produce failed", "event_id", ev.id, "error", rd_kafka_err2str(kerr));
-            failed = true;
+            b->failed = true;
             break;
         }
-        produced++;
+        b->produced++;
     }
-    int rc = n;
-    char *check_topic_copy = check_topic ? strdup(check_topic) : NULL;
-    PQclear(res);
+    PQclear(b->rows);
+    b->rows = NULL;
+    phase_done(r, b, PHASE_PRODUCE);
+    return true;
+}
 
-    /* Every delivery report, renewing the lease meanwhile (Kafka may be slow or down). */
+/* Await: every delivery report, renewing the lease meanwhile (Kafka may be slow or down). */
+static void batch_await(relay_worker_t *r, batch_t *b)
+{
     int64_t deadline = cqrs_monotonic_ms() + r->cfg.message_timeout_ms + 5000;
     for (;;) {
         int pending = 0;
-        for (int i = 0; i < produced; i++)
-            pending += !slots[i].done;
+        for (int i = 0; i < b->produced; i++)
+            pending += !b->slots[i].done;
         /* No producer: the lease went while waiting for room in its queue. */
         if (pending == 0 || !r->rk || cqrs_monotonic_ms() > deadline)
             break;
@@ -1056,56 +1139,58 @@ static int relay_round(relay_worker_t *r)
         if (!renew(r, false))
             break;
     }
-    t_acked = cqrs_monotonic_ms();
-    if (produced > 0)
+    phase_done(r, b, PHASE_ACK);
+    if (b->produced > 0)
         CQRS_FAILPOINT("relay-after-delivery");
-    bool reports_due = false;
-    for (int i = 0; i < produced; i++)
-        if (!slots[i].done || slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
-            reports_due = reports_due || !slots[i].done;
-            if (!failed)
+    for (int i = 0; i < b->produced; i++)
+        if (!b->slots[i].done || b->slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            b->reports_due = b->reports_due || !b->slots[i].done;
+            if (!b->failed)
                 CQRS_LOG_WARN("event not delivered; the batch is aborted and retried", "error",
-                              rd_kafka_err2str(slots[i].done ? slots[i].result
-                                                             : RD_KAFKA_RESP_ERR__TIMED_OUT));
-            failed = true;
+                              rd_kafka_err2str(b->slots[i].done ? b->slots[i].result
+                                                                : RD_KAFKA_RESP_ERR__TIMED_OUT));
+            b->failed = true;
         }
-    /* A worker the supervisor gave up (stuck until now) leaves the batch to its successor. */
-    if (failed || produced == 0 || !r->leading || abandoned(r)) {
-        atomic_fetch_add(&r->sh->failed, (uint64_t)(failed ? produced : 0));
-        publish_kafka(r, !failed);
-        if (r->rk && reports_due) {
-            /* Their reports would land in slots freed below: the producer goes, its
-             * transaction is aborted by Kafka (or by the next init_transactions). */
-            atomic_fetch_add(&r->sh->aborted, 1);
-            drop_producer(r);
-        } else {
-            abort_txn(r);
-        }
-        rc = failed ? 0 : rc;
-        goto out;
-    }
+}
 
-    /* Record the batch before committing, with its last message as the check. */
-    size_t cap = (size_t)produced * 21 + 3, used = 0;
-    char *arr = malloc(cap);
-    if (!arr) {
+/* Gives up a batch that is not to be committed: its transaction aborted, or the producer
+ * dropped when delivery reports are still due (they would land in freed slots; Kafka — or the
+ * next init_transactions — aborts its transaction). */
+static void batch_give_up(relay_worker_t *r, batch_t *b)
+{
+    atomic_fetch_add(&r->sh->failed, (uint64_t)(b->failed ? b->produced : 0));
+    publish_kafka(r, !b->failed);
+    if (r->rk && b->reports_due) {
+        atomic_fetch_add(&r->sh->aborted, 1);
+        drop_producer(r);
+    } else {
         abort_txn(r);
-        rc = -1;
-        goto out;
     }
-    arr[used++] = '{';
-    for (int i = 0; i < produced; i++)
-        used += (size_t)snprintf(arr + used, cap - used, "%s%lld", i ? "," : "",
-                                 (long long)slots[i].sequence);
-    arr[used++] = '}';
-    arr[used] = '\0';
-    slot_t *check = &slots[produced - 1];
+}
+
+/* Record: the batch in relay_inflight, with its last message as the check, before the
+ * commit. true when recorded. */
+static bool batch_record(relay_worker_t *r, batch_t *b)
+{
+    size_t cap = (size_t)b->produced * 21 + 3, used = 0;
+    b->seqs = malloc(cap);
+    if (!b->seqs) {
+        abort_txn(r);
+        return false;
+    }
+    b->seqs[used++] = '{';
+    for (int i = 0; i < b->produced; i++)
+        used += (size_t)snprintf(b->seqs + used, cap - used, "%s%lld", i ? "," : "",
+                                 (long long)b->slots[i].sequence);
+    b->seqs[used++] = '}';
+    b->seqs[used] = '\0';
+    slot_t *check = &b->slots[b->produced - 1];
     char part[12], off[24], seq[24];
     snprintf(part, sizeof part, "%d", check->partition);
     snprintf(off, sizeof off, "%lld", (long long)check->offset);
     snprintf(seq, sizeof seq, "%lld", (long long)check->sequence);
     /* The check message's topic is the last row's. */
-    const char *x[] = {arr, check_topic_copy ? check_topic_copy : "", part, off};
+    const char *x[] = {b->seqs, b->check_topic ? b->check_topic : "", part, off};
     char sql[640];
     snprintf(sql, sizeof sql,
              "WITH ok AS (SELECT 1 FROM relay_leader"
@@ -1124,22 +1209,28 @@ static int relay_round(relay_worker_t *r)
     PQclear(ins);
     if (!recorded) {
         /* A failed statement (a lock timeout, say) is retried by the next round with the
-         * lease kept; a refused one means the lease is someone else's. */
+         * lease kept, after a check that it could record; a refused one means the lease is
+         * someone else's. */
+        r->check_first = true;
         if (r->rk)
             abort_txn(r);
         if (refused)
             step_down(r, "could not record the batch (lease lost)");
-        free(arr);
-        rc = -1;
-        goto out;
+        return false;
     }
+    phase_done(r, b, PHASE_RECORD);
+    return true;
+}
 
-    t_recorded = cqrs_monotonic_ms();
+/* Commit: the Kafka transaction. true when committed; otherwise the record stays for
+ * whoever leads next (this leader too, after a new election). */
+static bool batch_commit(relay_worker_t *r, batch_t *b)
+{
     CQRS_FAILPOINT("relay-before-commit");
     /* Resumable: each wait of lease/3 comes after a renewal when one is due (the record may
      * have waited half the lease), and a timed-out commit is called again. */
     int64_t commit_deadline = cqrs_monotonic_ms() + r->cfg.message_timeout_ms;
-    e = NULL;
+    rd_kafka_error_t *e = NULL;
     for (;;) {
         if (!renew(r, false))
             break;
@@ -1155,9 +1246,7 @@ static int relay_round(relay_worker_t *r)
          * stays for the next leader, which looks the batch up after init_transactions. */
         if (e)
             rd_kafka_error_destroy(e);
-        free(arr);
-        rc = 0;
-        goto out;
+        return false;
     }
     if (e) {
         CQRS_LOG_WARN("commit_transaction failed", "error", rd_kafka_error_string(e));
@@ -1171,51 +1260,103 @@ static int relay_round(relay_worker_t *r)
                                      "CQRS_KAFKA_MESSAGE_TIMEOUT_MS (its transaction coordinator "
                                      "moving?)"
                                    : "fenced or fatal producer error");
-        /* The record stays; whoever leads next settles it. */
-        free(arr);
-        rc = 0;
-        goto out;
+        return false;
     }
-    t_committed = cqrs_monotonic_ms();
+    phase_done(r, b, PHASE_COMMIT);
     CQRS_FAILPOINT("relay-after-commit");
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     double now_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-    for (int i = 0; i < produced; i++)
-        cqrs_histogram_observe(&r->sh->latency, now_s - slots[i].occurred_at);
-    atomic_fetch_add(&r->sh->published, (uint64_t)produced);
+    for (int i = 0; i < b->produced; i++)
+        cqrs_histogram_observe(&r->sh->latency, now_s - b->slots[i].occurred_at);
+    atomic_fetch_add(&r->sh->published, (uint64_t)b->produced);
     publish_kafka(r, true);
+    return true;
+}
 
-    const char *d[] = {arr};
+/* Settle: the published rows and the record deleted (asynchronous commit, DELETE_PUBLISHED);
+ * a delete that fails is retried alone before the next round (see the DESIGN note). */
+static void batch_settle(relay_worker_t *r, batch_t *b)
+{
+    const char *d[] = {b->seqs};
     PGresult *del = NULL;
     if (CQRS_FAILPOINT("relay-delete-published"))
         r->timed_out = true; /* as a timed-out delete: pause, then retry */
     else
         del = exec_relay(r, "published rows delete", DELETE_PUBLISHED, 1, d);
     if (!del && r->leading) {
-        /* Committed but not deleted: the delete alone is retried before anything else (see
-         * the DESIGN note); a lost lease leaves the record to the next leader. */
         CQRS_LOG_WARN("published rows not deleted yet; the delete is retried before the next "
                       "round");
-        r->published_seqs = arr;
-        arr = NULL;
+        r->published_seqs = b->seqs;
+        b->seqs = NULL;
     }
     PQclear(del);
-    free(arr);
-    int64_t t_end = cqrs_monotonic_ms();
-    if (t_end - t_start > 250) {
-        char phases[160];
-        snprintf(phases, sizeof phases,
-                 "read %lld ms, produce+ack %lld ms, record %lld ms, commit %lld ms, delete %lld "
-                 "ms",
-                 (long long)(t_read - t_start), (long long)(t_acked - t_read),
-                 (long long)(t_recorded - t_acked), (long long)(t_committed - t_recorded),
-                 (long long)(t_end - t_committed));
-        CQRS_LOG_WARN("slow relay round", "phases", phases);
+    phase_done(r, b, PHASE_DELETE);
+}
+
+static void log_slow_round(const batch_t *b)
+{
+    if (b->t[PHASE_DELETE] - b->t0 <= 250000)
+        return;
+    char phases[200];
+    size_t used = 0;
+    int64_t from = b->t0;
+    for (int i = 0; i < RELAY_PHASES; i++) {
+        if (!b->t[i])
+            continue;
+        used +=
+            (size_t)snprintf(phases + used, sizeof phases - used, "%s%s %lld ms", used ? ", " : "",
+                             relay_phase_names[i], (long long)(b->t[i] - from) / 1000);
+        from = b->t[i];
+        if (used >= sizeof phases)
+            break;
     }
-out:
-    free(check_topic_copy);
-    free(slots);
+    CQRS_LOG_WARN("slow relay round", "phases", phases);
+}
+
+/* Publishes one batch as one Kafka transaction; returns the rows read, -1 on failure. */
+static int relay_round(relay_worker_t *r)
+{
+    batch_t b = {.t0 = cqrs_monotonic_us()};
+    int n = batch_read(r, &b);
+    if (n <= 0) {
+        batch_free(&b);
+        return n;
+    }
+    /* After a failed record (a lock held on the relay's tables, say) and at the start of a
+     * leadership, the leader first checks with NOWAIT that it could record and delete the
+     * batch, so that a held lock costs a refused check rather than a produced and aborted
+     * batch; otherwise the round spares that synchronous commit. */
+    if (r->check_first) {
+        if (!record_writable(r)) {
+            batch_free(&b);
+            return -1;
+        }
+        r->check_first = false;
+        phase_done(r, &b, PHASE_CHECK);
+    }
+    if (CQRS_UNSAFE("RELAY_DELETE_FIRST"))
+        unsafe_delete_first(r, &b);
+    CQRS_FAILPOINT("relay-after-read");
+    if (!batch_produce(r, &b)) {
+        batch_free(&b);
+        return -1;
+    }
+    batch_await(r, &b);
+    int rc = n;
+    /* A worker the supervisor gave up (stuck until now) leaves the batch to its successor. */
+    if (b.failed || b.produced == 0 || !r->leading || abandoned(r)) {
+        batch_give_up(r, &b);
+        rc = b.failed ? 0 : rc;
+    } else if (!batch_record(r, &b)) {
+        rc = -1;
+    } else if (!batch_commit(r, &b)) {
+        rc = 0;
+    } else {
+        batch_settle(r, &b);
+        log_slow_round(&b);
+    }
+    batch_free(&b);
     return rc;
 }
 
@@ -1358,6 +1499,7 @@ static void *relay_main(void *arg)
              * to twice the lease, at most RELAY_BACKOFF_MAX_MS), renewing the lease meanwhile,
              * then try again. */
             r->timed_out = false;
+            r->check_first = true;
             int cap = r->cfg.lease_ms > RELAY_BACKOFF_MAX_MS / 2 ? RELAY_BACKOFF_MAX_MS
                                                                  : r->cfg.lease_ms * 2;
             if (cap < r->cfg.poll_interval_ms)
@@ -1639,6 +1781,26 @@ void cqrs_relay_stats(cqrs_relay_t *relay, cqrs_relay_stats_t *out)
 const struct cqrs_histogram *cqrs_relay_latency(cqrs_relay_t *relay)
 {
     return &relay->sh->latency;
+}
+
+void cqrs_relay_metrics(cqrs_relay_t *relay, struct cqrs_text *t)
+{
+    cqrs_metric_histogram(t, "cqrs_relay_publish_latency_seconds",
+                          "From an event's commit to Kafka's acknowledgement.",
+                          &relay->sh->latency);
+    cqrs_metric_histogram(t, "cqrs_relay_pickup_seconds",
+                          "From an event's time (its command) to its read from the outbox by "
+                          "the leading relay.",
+                          &relay->sh->pickup);
+    cqrs_text_printf(t, "# HELP cqrs_relay_round_phase_seconds Duration of each step of a relay "
+                        "round (read, check, produce, ack, record, commit, delete).\n"
+                        "# TYPE cqrs_relay_round_phase_seconds histogram\n");
+    for (int i = 0; i < RELAY_PHASES; i++) {
+        char labels[32];
+        snprintf(labels, sizeof labels, "phase=\"%s\"", relay_phase_names[i]);
+        cqrs_metric_histogram_samples(t, "cqrs_relay_round_phase_seconds", labels,
+                                      &relay->sh->phase[i]);
+    }
 }
 
 void cqrs_relay_destroy(cqrs_relay_t *relay)

@@ -2467,6 +2467,11 @@ SCENARIOS = [
              "the relay SIGKILLed after reading the outbox", commandd_fp="relay-after-read=kill*1", arm=2,
              unsafe={"CQRS_UNSAFE_RELAY_DELETE_FIRST": "1"}, negative=True, nemesis=nem_failpoint_commandd,
              bound=20),
+    Scenario("NEGATIVE-relay-skip-recovery", "negative control: CQRS_UNSAFE_RELAY_SKIP_RECOVERY=1 (a new leader "
+             "does not settle the last recorded batch) and the relay SIGKILLed after its Kafka commit, before the "
+             "(asynchronous) delete", commandd_fp="relay-after-commit=kill*1", arm=2,
+             unsafe={"CQRS_UNSAFE_RELAY_SKIP_RECOVERY": "1"}, negative=True, nemesis=nem_failpoint_commandd,
+             bound=20),
     Scenario("NEGATIVE-no-loss-detection", "negative control: redis-failover-lost-writes with "
              "CQRS_UNSAFE_NO_LOSS_DETECTION=1 (the projector does not look for store loss)",
              queryd_env={"CQRS_UNSAFE_NO_LOSS_DETECTION": "1"}, negative=True, prepare=failover_prepare,

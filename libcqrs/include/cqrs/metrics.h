@@ -7,8 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Bucket upper bounds in seconds, 1 ms … 10 s. */
-#define CQRS_HISTOGRAM_BUCKETS 14
+/* Bucket upper bounds in seconds, 0.5 ms … 10 s: fine below 25 ms, where the consistency
+ * window and its stages are measured. */
+#define CQRS_HISTOGRAM_BUCKETS 18
 extern const double cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS];
 
 typedef struct cqrs_histogram {

@@ -20,13 +20,13 @@
  *
  * Bounded waits: the relay's PostgreSQL connection has a statement_timeout and a lock_timeout
  * (below the lease), so a lock held on its tables (a forgotten FOR UPDATE, a CREATE INDEX)
- * costs a logged, retried timeout, never a blocked thread, and the leader checks (NOWAIT)
- * that it can record a batch before producing it; the expired Idempotency-Key cleanup runs
- * in small batches, each shorter than the lease and preceded by a renewal. A worker that
- * still makes no progress for stall_ms — longer than any bounded wait of a healthy one — has
- * its running statement cancelled (PQcancel, from a thread of its own), and is replaced only
- * if that does not free it; a replaced worker frees its connection and producer whenever its
- * call returns.
+ * costs a logged, retried timeout, never a blocked thread, and after such a timeout the
+ * leader checks (NOWAIT) that it can record a batch before producing it; the expired
+ * Idempotency-Key cleanup runs in small batches, each shorter than the lease and preceded by a
+ * renewal. A worker that still makes no progress for stall_ms — longer than any bounded wait of a
+ * healthy one — has its running statement cancelled (PQcancel, from a thread of its own), and is
+ * replaced only if that does not free it; a replaced worker frees its connection and producer
+ * whenever its call returns.
  */
 #ifndef CQRS_OUTBOX_H
 #define CQRS_OUTBOX_H
@@ -108,6 +108,10 @@ void cqrs_relay_stop(cqrs_relay_t *relay);
 void cqrs_relay_stats(cqrs_relay_t *relay, cqrs_relay_stats_t *out);
 /* Seconds from an event's commit to Kafka's acknowledgement of its transaction. Borrowed. */
 const struct cqrs_histogram *cqrs_relay_latency(cqrs_relay_t *relay);
+/* Appends the relay's histograms to t (Prometheus text): the publish latency above, the time
+ * an event waits in the outbox, and the duration of each step of a round. */
+struct cqrs_text;
+void cqrs_relay_metrics(cqrs_relay_t *relay, struct cqrs_text *t);
 void cqrs_relay_destroy(cqrs_relay_t *relay);
 
 #endif

@@ -28,6 +28,7 @@ int64_t cqrs_realtime_ms(void);
 
 /* Milliseconds of CLOCK_MONOTONIC. */
 int64_t cqrs_monotonic_ms(void);
+int64_t cqrs_monotonic_us(void);
 
 /* Number of Unicode code points in valid UTF-8 text of len bytes. */
 size_t cqrs_utf8_length(const char *s, size_t len);
