@@ -349,6 +349,11 @@ int main(int argc, char **argv)
     cqrs_http_config_t hc;
     cqrs_daemon_http_config(&S.d, &hc);
     hc.auth = auth;
+    /* The Location of a created product or order names a document of the query API. No
+     * setting holds the query API's public URL (deployments route it), so the hint names the
+     * daemon. */
+    hc.reads_elsewhere = "the command API serves no reads: read this resource from the query API "
+                         "(cqrs-queryd), e.g. GET the path a command returned in Location there";
     http = cqrs_http_server_new(&hc, routes, n, &err);
     if (!http || cqrs_http_server_start(http, &err) != CQRS_ERR_OK) {
         CQRS_LOG_ERROR("cannot start the HTTP server", "error", err.message);

@@ -195,14 +195,80 @@ void cqrsctl_print_json(json_t *v)
     free(text);
 }
 
+/* The commands and, for those that parse no options of their own, the options each takes
+ * (rebuild, explain and dlq check theirs). Checked before any configuration is read, so a typo
+ * is a usage error (exit 2) whatever the environment holds — never an option ignored. */
+static const struct {
+    const char *name;
+    bool own_parser;
+    const char *options[3];
+} COMMANDS[] = {
+    {"migrate", false, {"--no-topics", "--help", NULL}},
+    {"migrations", false, {NULL}},
+    {"outbox", false, {"--json", "--help", NULL}},
+    {"verify", false, {"--json", "--help", NULL}},
+    {"rebuild", true, {NULL}},
+    {"explain", true, {NULL}},
+    {"dlq", true, {NULL}},
+};
+
+/* 0 when argv is a known command with known options (or --help/--version alone), else the
+ * usage error is printed and 2 returned. */
+static int check_command_line(int argc, char **argv)
+{
+    const char *cmd = argv[1];
+    bool top =
+        strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "--version") == 0;
+    if (top) {
+        if (argc == 2)
+            return 0;
+        fprintf(stderr, "cqrsctl: %s takes no arguments\n\n", cmd);
+        usage(stderr);
+        return 2;
+    }
+    for (size_t i = 0; i < sizeof COMMANDS / sizeof COMMANDS[0]; i++) {
+        if (strcmp(COMMANDS[i].name, cmd) != 0)
+            continue;
+        if (COMMANDS[i].own_parser)
+            return 0;
+        for (int a = 2; a < argc; a++) {
+            bool known = false;
+            for (const char *const *o = COMMANDS[i].options; *o; o++)
+                known |= strcmp(*o, argv[a]) == 0;
+            if (!known) {
+                fprintf(stderr, "cqrsctl %s: unknown option '%s'\n\n", cmd, argv[a]);
+                usage(stderr);
+                return 2;
+            }
+        }
+        return 0;
+    }
+    fprintf(stderr, "cqrsctl: unknown %s '%s'\n\n", cmd[0] == '-' ? "option" : "command", cmd);
+    usage(stderr);
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        usage(argc < 2 ? stderr : stdout);
-        return argc < 2 ? 2 : 0;
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    int usage_rc = check_command_line(argc, argv);
+    if (usage_rc != 0)
+        return usage_rc;
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(stdout);
+        return 0;
     }
     if (strcmp(argv[1], "--version") == 0) {
         cqrs_version_print(stdout, "cqrsctl");
+        return 0;
+    }
+    if ((strcmp(argv[1], "outbox") == 0 || strcmp(argv[1], "verify") == 0 ||
+         strcmp(argv[1], "migrate") == 0) &&
+        argc > 2 && strcmp(argv[argc - 1], "--help") == 0) {
+        usage(stdout);
         return 0;
     }
     if (strcmp(argv[1], "migrations") == 0) {

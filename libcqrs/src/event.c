@@ -38,7 +38,11 @@ void cqrs_event_headers(const cqrs_event_t *ev, cqrs_event_headers_t *h)
 {
     h->n = 0;
     snprintf(h->version_buf, sizeof h->version_buf, "%lld", (long long)ev->version);
-    snprintf(h->sequence_buf, sizeof h->sequence_buf, "%lld", (long long)ev->sequence);
+    /* The CloudEvents Sequence extension's values compare as strings: zero-padded to a fixed
+     * width, "00000000000000000010" sorts after "00000000000000000002". Readers parse it as a
+     * decimal number, so the unpadded values of older messages read the same. */
+    snprintf(h->sequence_buf, sizeof h->sequence_buf, "%0*lld", CQRS_EVENT_SEQUENCE_DIGITS,
+             (long long)ev->sequence);
     add(h, "ce_specversion", "1.0");
     add(h, "ce_id", ev->id);
     add(h, "ce_type", ev->type);

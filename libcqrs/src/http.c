@@ -168,13 +168,16 @@ const cqrs_http_route_t *cqrs_http_route_match(const cqrs_http_route_t *routes, 
         cqrs_http_params_t tmp;
         if (!path_match(routes[i].pattern, path, scratch, &tmp))
             continue;
-        if (strcmp(routes[i].method, method) == 0) {
+        /* HEAD is GET without the body (RFC 9110 §9.3.2): the GET route answers it, and
+         * libmicrohttpd sends the headers only. */
+        bool is_get = strcmp(routes[i].method, "GET") == 0;
+        if (strcmp(routes[i].method, method) == 0 || (is_get && strcmp(method, "HEAD") == 0)) {
             *params = tmp;
             return &routes[i];
         }
+        const char *m = is_get ? "GET, HEAD" : routes[i].method;
         if (strstr(allow, routes[i].method) == NULL) {
-            int w = snprintf(allow + used, allow_len - used, "%s%s", used ? ", " : "",
-                             routes[i].method);
+            int w = snprintf(allow + used, allow_len - used, "%s%s", used ? ", " : "", m);
             if (w > 0 && (size_t)w < allow_len - used)
                 used += (size_t)w;
         }
@@ -592,6 +595,49 @@ static bool request_id_ok(const char *s)
     return true;
 }
 
+struct nul_scan {
+    enum MHD_ValueKind kind;
+    char name[48]; /* the first argument or header holding a NUL ("" when none) */
+    bool found;
+};
+
+static enum MHD_Result nul_scan_cb(void *cls, enum MHD_ValueKind kind, const char *key,
+                                   size_t key_size, const char *value, size_t value_size)
+{
+    struct nul_scan *s = cls;
+    if (strlen(key) == key_size && (!value || strlen(value) == value_size))
+        return MHD_YES;
+    s->found = true;
+    s->kind = kind;
+    /* the name up to its NUL, printable ASCII only: it goes into the problem */
+    size_t n = 0;
+    for (size_t i = 0; i < key_size && key[i] && n + 1 < sizeof s->name; i++)
+        s->name[n++] = key[i] >= 0x20 && key[i] < 0x7f ? key[i] : '?';
+    s->name[n] = '\0';
+    return MHD_NO;
+}
+
+/* Handlers see query arguments and headers as C strings, which a decoded NUL (a "%00" in a
+ * query, a NUL byte in a header value) would silently cut: "limit=5%00zzz" would read as 5.
+ * libmicrohttpd keeps each value's length, so any value whose length is not its C string's is
+ * refused here, once for every route (a NUL in the path: libmicrohttpd answers 400 itself,
+ * and routing uses the undecoded path anyway). True when the request is clean; otherwise it
+ * was answered 400. */
+static bool values_are_c_strings(cqrs_http_request_t *req)
+{
+    struct nul_scan s = {.found = false};
+    MHD_get_connection_values_n(req->conn, MHD_GET_ARGUMENT_KIND | MHD_HEADER_KIND, nul_scan_cb,
+                                &s);
+    if (!s.found)
+        return true;
+    char detail[160];
+    snprintf(detail, sizeof detail, "the %s '%s' contains a NUL character (%s)",
+             s.kind == MHD_GET_ARGUMENT_KIND ? "query parameter" : "header", s.name,
+             s.kind == MHD_GET_ARGUMENT_KIND ? "%00" : "a zero byte");
+    cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request", detail, NULL, NULL);
+    return false;
+}
+
 static enum MHD_Result first_call(cqrs_http_request_t *req)
 {
     const char *rid = cqrs_http_header(req, "X-Request-Id");
@@ -610,6 +656,8 @@ static enum MHD_Result first_call(cqrs_http_request_t *req)
     req->scratch = malloc(plen + 1);
     if (!req->path || !req->scratch)
         return MHD_NO;
+    if (!values_are_c_strings(req))
+        return MHD_YES;
 
     const char *cl = cqrs_http_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *te = cqrs_http_header(req, MHD_HTTP_HEADER_TRANSFER_ENCODING);
@@ -912,14 +960,20 @@ static void dispatch(cqrs_http_request_t *req)
     const cqrs_http_route_t *route =
         cqrs_http_route_match(srv->routes, srv->n_routes, req->method, req->path, req->scratch,
                               &req->params, allow, sizeof allow);
+    /* A read sent to a server that serves none (the command API, whose Location headers name
+     * the query API's documents) is told where reads are served. */
+    bool read = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+    const char *elsewhere = !route && read ? srv->cfg.reads_elsewhere : NULL;
     if (!route && allow[0]) {
         cqrs_http_add_header(req, "Allow", allow);
         cqrs_http_reply_problem(req, 405, "method-not-allowed", "Method Not Allowed",
-                                "this resource does not support the method", NULL, NULL);
+                                elsewhere ? elsewhere : "this resource does not support the method",
+                                NULL, NULL);
         return;
     }
     if (!route) {
-        cqrs_http_reply_problem(req, 404, "not-found", "Not Found", "no such resource", NULL, NULL);
+        cqrs_http_reply_problem(req, 404, "not-found", "Not Found",
+                                elsewhere ? elsewhere : "no such resource", NULL, NULL);
         return;
     }
     req->route = (size_t)(route - srv->routes);
@@ -981,13 +1035,38 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     return req->queue_failed ? MHD_NO : MHD_YES;
 }
 
+cqrs_log_level_t cqrs_http_mhd_log_level(const char *msg)
+{
+    /* A client that hangs up (an SSE client leaving, a browser tab closed, a probe's
+     * connection reset) is normal. libmicrohttpd 1.0 says so in these words: "Failed to send
+     * the {response headers,response body,chunked response body,footers} for the request for
+     * `…'. Error: <why>" with the reasons below, or on the reading side. */
+    static const char *const client_gone[] = {
+        "The connection was forcibly closed by remote peer",
+        "The socket is no longer available for sending",
+        "The socket is not connected",
+    };
+    if (strncmp(msg, "Failed to send the ", 19) == 0) {
+        for (size_t i = 0; i < sizeof client_gone / sizeof client_gone[0]; i++)
+            if (strstr(msg, client_gone[i]))
+                return CQRS_LOG_DEBUG;
+        return CQRS_LOG_WARN;
+    }
+    if (strncmp(msg, "Connection was closed by remote side", 36) == 0 ||
+        strncmp(msg, "Connection socket is closed when reading request", 48) == 0)
+        return CQRS_LOG_DEBUG;
+    return CQRS_LOG_WARN;
+}
+
 __attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     (void)cls;
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
     msg[strcspn(msg, "\n")] = '\0';
-    CQRS_LOG_WARN("http server", "detail", msg);
+    cqrs_log_level_t level = cqrs_http_mhd_log_level(msg);
+    if (cqrs_log_enabled(level))
+        cqrs_log(level, "http server", "detail", msg, (char *)NULL);
 }
 
 cqrs_http_server_t *cqrs_http_server_new(const cqrs_http_config_t *cfg,

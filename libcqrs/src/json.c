@@ -35,6 +35,36 @@ int cqrs_json_depth(const json_t *v)
     return 0;
 }
 
+/* What a client is told about JSON jansson could not load: jansson's own text only where it
+ * speaks of JSON alone (a token, a duplicate member, a number); otherwise, or should a text ever
+ * name one of jansson's flags (JSON_…), a sentence of ours. Library internals never reach a
+ * problem. */
+static const char *syntax_error_text(const json_error_t *jerr, int max_depth, char *buf, size_t cap)
+{
+    bool own_text = strstr(jerr->text, "JSON_") == NULL;
+    switch (json_error_code(jerr)) {
+    case json_error_invalid_syntax:
+    case json_error_duplicate_key:
+    case json_error_numeric_overflow:
+        return own_text ? jerr->text : "invalid JSON";
+    case json_error_invalid_utf8:
+        return "the body is not valid UTF-8";
+    case json_error_premature_end_of_input:
+        return "the JSON text ends too early";
+    case json_error_end_of_input_expected:
+        return "more text follows the JSON value";
+    case json_error_null_byte_in_key:
+        return "a member name contains the NUL character (\\u0000)";
+    case json_error_null_character:
+        return "a string contains the NUL character (\\u0000)";
+    case json_error_stack_overflow:
+        snprintf(buf, cap, "JSON nesting deeper than %d", max_depth);
+        return buf;
+    default:
+        return "invalid JSON";
+    }
+}
+
 json_t *cqrs_json_parse_object(const char *body, size_t len, int max_depth, cqrs_error_t *err)
 {
     if (!body || len == 0) {
@@ -44,13 +74,16 @@ json_t *cqrs_json_parse_object(const char *body, size_t len, int max_depth, cqrs
         return NULL;
     }
     json_error_t jerr;
-    /* jansson validates UTF-8, rejects \u0000 (no JSON_ALLOW_NUL), integers beyond int64 and
-     * reals beyond double, and nests at most 2048 deep itself, so deep input cannot exhaust
-     * the stack. */
-    json_t *v = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    /* jansson validates UTF-8, rejects integers beyond int64 and reals beyond double, and nests
+     * at most 2048 deep itself, so deep input cannot exhaust the stack. A "\u0000" in a string
+     * is valid JSON: it is loaded (JSON_ALLOW_NUL) and cqrs_v_string rejects it as the field's
+     * fault, naming the field; only a member name with it is refused here. */
+    json_t *v =
+        json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!v) {
+        char text[96];
         cqrs_error_set(err, CQRS_ERR_INVALID, "malformed JSON at line %d, column %d: %s", jerr.line,
-                       jerr.column, jerr.text);
+                       jerr.column, syntax_error_text(&jerr, max_depth, text, sizeof text));
         return NULL;
     }
     if (!json_is_object(v)) {
@@ -120,6 +153,12 @@ const char *cqrs_v_string(cqrs_violations_t *v, const json_t *obj, const char *f
         cqrs_violation_add(v, 400, field, "must be a string");
         return NULL;
     }
+    /* Loaded with JSON_ALLOW_NUL: a "\u0000" stays in the value, and C strings (PostgreSQL
+     * text, Redis documents) would cut it there. */
+    if (memchr(json_string_value(m), '\0', json_string_length(m))) {
+        cqrs_violation_add(v, 422, field, "must not contain the NUL character (\\u0000)");
+        return NULL;
+    }
     size_t n = cqrs_utf8_length(json_string_value(m), json_string_length(m));
     if (n < min_chars || n > max_chars) {
         if (min_chars == max_chars)
@@ -138,11 +177,28 @@ bool cqrs_v_int(cqrs_violations_t *v, const json_t *obj, const char *field, bool
     const json_t *m = member(v, obj, field, required);
     if (!m)
         return false;
-    if (!json_is_integer(m)) {
+    json_int_t i;
+    if (json_is_integer(m)) {
+        i = json_integer_value(m);
+    } else if (json_is_real(m)) {
+        /* JSON Schema counts 3.0 and 1e3 as integers: any integral number is one, however
+         * written. Doubles beyond int64 are integral but out of range; the cast is defined
+         * only inside the window. */
+        double d = json_real_value(m);
+        if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0)) {
+            cqrs_violation_add(v, 422, field, "must be between %lld and %lld", (long long)min,
+                               (long long)max);
+            return false;
+        }
+        i = (json_int_t)d;
+        if ((double)i != d) {
+            cqrs_violation_add(v, 400, field, "must be an integer");
+            return false;
+        }
+    } else {
         cqrs_violation_add(v, 400, field, "must be an integer");
         return false;
     }
-    json_int_t i = json_integer_value(m);
     if (i < min || i > max) {
         cqrs_violation_add(v, 422, field, "must be between %lld and %lld", (long long)min,
                            (long long)max);

@@ -92,6 +92,19 @@ void product_stream_handler(cqrs_http_request_t *req, void *ud)
     char id[CQRS_UUID_LEN + 1];
     if (!query_only_params(req, allowed) || !query_path_id(req, id))
         return;
+    /* Last-Event-ID: the version the client already has — an integer ≥ 0, as the OpenAPI
+     * document says; anything else is 400, as a malformed If-Match is on the command side. */
+    const char *last = cqrs_http_header(req, "Last-Event-ID");
+    int64_t have = 0;
+    if (last &&
+        (!*last || strspn(last, "0123456789") != strlen(last) || !cqrs_parse_int64(last, &have))) {
+        cqrs_http_reply_problem(req, 400, "malformed-request", "Bad Request",
+                                "Last-Event-ID must be a version: an integer from 0",
+                                json_pack("[{s:s,s:s}]", "field", "Last-Event-ID", "message",
+                                          "must be an integer from 0"),
+                                NULL);
+        return;
+    }
     if (!ctx->waiters) {
         cqrs_http_reply_problem(req, 503, "overloaded", "Service Unavailable",
                                 "streams are not available on this instance", NULL, NULL);
@@ -111,10 +124,7 @@ void product_stream_handler(cqrs_http_request_t *req, void *ud)
         return;
     }
     st->need_read = true;
-    /* Last-Event-ID: the version the client already has (anything else is ignored). */
-    const char *last = cqrs_http_header(req, "Last-Event-ID");
-    int64_t have;
-    if (last && cqrs_parse_int64(last, &have) && have > 0)
+    if (have > 0)
         st->sent = have;
     st->watch = cqrs_watch_begin(ctx->waiters, st->key, req);
     if (!st->watch) {

@@ -15,6 +15,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include <cqrs/bus.h>
+#include <cqrs/event.h>
 #include <cqrs/outbox.h>
 #include <cqrs/store.h>
 #include <cqrs/util.h>
@@ -210,6 +211,7 @@ static void test_relay_publishes_in_order_with_headers(void **state)
         assert_int_equal(v, next_version[a]);
         next_version[a]++;
         assert_true(cqrs_parse_int64(hdr(h, "ce_sequence", buf, sizeof buf), &seq));
+        assert_int_equal(strlen(buf), CQRS_EVENT_SEQUENCE_DIGITS); /* sorts as a string */
         assert_true(seq >= b.first_seq);
         json_t *data = json_loadb(m->payload, m->len, 0, NULL);
         assert_int_equal(json_integer_value(json_object_get(data, "v")), v);

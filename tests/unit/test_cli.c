@@ -129,6 +129,50 @@ static void test_unknown_option_is_refused(void **state)
     assert_non_null(strstr(out, "--version"));
 }
 
+/* stderr of "BINARY ARGS" into out; returns the exit status. */
+static int run_stderr(const char *binary, const char *args, char *out, size_t cap)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "timeout 20 %s %s 2>&1 >/dev/null", binary, args);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+    char rest[4096];
+    while (fread(rest, 1, sizeof rest, p) > 0)
+        ;
+    int st = pclose(p);
+    assert_true(WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+/* cqrsctl: an unknown command, an unknown option of a command or an argument after
+ * --help/--version is a usage error (exit 2, the usage on stderr) before any configuration is
+ * read or any server is tried — here a complete configuration whose PostgreSQL does not
+ * exist, so an option ignored would show as exit 1 or 3. */
+static void test_cqrsctl_unknown_options(void **state)
+{
+    (void)state;
+    setenv("CQRS_PG_DSN", "postgresql://127.0.0.1:1/none?connect_timeout=1", 1);
+    setenv("CQRS_KAFKA_BROKERS", "127.0.0.1:1", 1);
+    setenv("CQRS_REDIS_URL", "redis://127.0.0.1:1/0", 1);
+    char err[8192];
+    const char *bad[] = {"--verison",      "-x",           "--version extra",  "--help extra",
+                         "outbox --bogus", "verify --jsn", "migrate --topics", "migrations -v",
+                         "status"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int rc = run_stderr(CQRS_CTL, bad[i], err, sizeof err);
+        if (rc != 2 || !strstr(err, "usage: cqrsctl"))
+            fail_msg("cqrsctl %s: exit %d, stderr:\n%s", bad[i], rc, err);
+    }
+    char out[8192];
+    assert_int_equal(run(CQRS_CTL, "verify --help", out, sizeof out), 0);
+    assert_non_null(strstr(out, "usage: cqrsctl"));
+    unsetenv("CQRS_PG_DSN");
+    unsetenv("CQRS_KAFKA_BROKERS");
+    unsetenv("CQRS_REDIS_URL");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -136,6 +180,7 @@ int main(void)
         cmocka_unit_test(test_version_queryd),
         cmocka_unit_test(test_version_cqrsctl),
         cmocka_unit_test(test_unknown_option_is_refused),
+        cmocka_unit_test(test_cqrsctl_unknown_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

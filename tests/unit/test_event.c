@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -46,7 +47,7 @@ static void test_headers_are_the_cloudevents_binding(void **state)
     assert_string_equal(lookup("content-type", &h), "application/json");
     assert_string_equal(lookup("ce_aggregatetype", &h), "product");
     assert_string_equal(lookup("ce_aggregateversion", &h), "3");
-    assert_string_equal(lookup("ce_sequence", &h), "77");
+    assert_string_equal(lookup("ce_sequence", &h), "00000000000000000077");
     assert_string_equal(lookup("ce_traceparent", &h), ev.traceparent);
     cqrs_event_close(&ev);
 }
@@ -103,12 +104,51 @@ static void test_decode_rejects_bad_messages(void **state)
     cqrs_event_close(&ev);
 }
 
+/* ce_sequence is the CloudEvents Sequence extension: its values must sort as strings in the
+ * order of the sequence; and messages written before the padding still decode. */
+static void test_sequence_sorts_as_a_string(void **state)
+{
+    (void)state;
+    cqrs_event_t ev, back;
+    make(&ev);
+    static const int64_t seqs[] = {1, 2, 9, 10, 11, 99, 100, 12345678901234, INT64_MAX};
+    char prev[24] = "";
+    for (size_t i = 0; i < sizeof seqs / sizeof seqs[0]; i++) {
+        ev.sequence = seqs[i];
+        cqrs_event_headers_t h;
+        cqrs_event_headers(&ev, &h);
+        const char *s = lookup("ce_sequence", &h);
+        assert_int_equal(strlen(s), CQRS_EVENT_SEQUENCE_DIGITS);
+        if (prev[0] && strcmp(prev, s) >= 0)
+            fail_msg("'%s' does not sort before '%s'", prev, s);
+        strcpy(prev, s);
+        cqrs_error_t err;
+        assert_int_equal(cqrs_event_decode(lookup, &h, "{}", 2, &back, &err), CQRS_ERR_OK);
+        assert_true(back.sequence == seqs[i]);
+        cqrs_event_close(&back);
+    }
+    /* an unpadded value (an older message) and a padded one read the same */
+    const char *forms[] = {"77", "00000000000000000077", "077"};
+    for (size_t i = 0; i < 3; i++) {
+        cqrs_event_headers_t h;
+        cqrs_event_headers(&ev, &h);
+        h.value[9] = forms[i]; /* ce_sequence */
+        assert_string_equal(h.name[9], "ce_sequence");
+        cqrs_error_t err;
+        assert_int_equal(cqrs_event_decode(lookup, &h, "{}", 2, &back, &err), CQRS_ERR_OK);
+        assert_int_equal(back.sequence, 77);
+        cqrs_event_close(&back);
+    }
+    cqrs_event_close(&ev);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_headers_are_the_cloudevents_binding),
         cmocka_unit_test(test_decode_round_trip),
         cmocka_unit_test(test_decode_rejects_bad_messages),
+        cmocka_unit_test(test_sequence_sorts_as_a_string),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

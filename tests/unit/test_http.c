@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -57,7 +58,15 @@ static void test_route_match(void **state)
     /* path known, method not: NULL with Allow */
     r = cqrs_http_route_match(ROUTES, N_ROUTES, "DELETE", "/v1/things/abc", scratch, &p, allow, 64);
     assert_null(r);
-    assert_string_equal(allow, "GET, PUT");
+    assert_string_equal(allow, "GET, HEAD, PUT");
+    /* HEAD is served by the GET route (RFC 9110 §9.3.2) */
+    r = cqrs_http_route_match(ROUTES, N_ROUTES, "HEAD", "/v1/things/abc", scratch, &p, allow, 64);
+    assert_ptr_equal(r, &ROUTES[0]);
+    assert_string_equal(p.value[0], "abc");
+    /* ... and only where GET is */
+    r = cqrs_http_route_match(ROUTES, N_ROUTES, "HEAD", "/v1/things", scratch, &p, allow, 64);
+    assert_null(r);
+    assert_string_equal(allow, "POST");
     /* unknown paths: NULL, empty Allow */
     const char *unknown[] = {
         "/v1/things/", "/v1/things//cancel", "/v1/things/a/b",      "/v1/thing",
@@ -68,6 +77,34 @@ static void test_route_match(void **state)
         assert_string_equal(allow, "");
     }
 }
+
+/* A client that hung up is normal (debug); anything else libmicrohttpd reports stays warn. */
+static void test_mhd_log_level(void **state)
+{
+    (void)state;
+    assert_int_equal(cqrs_http_mhd_log_level("Failed to send the chunked response body for the "
+                                             "request for `/v1/products/x/stream'. Error: The "
+                                             "connection was forcibly closed by remote peer"),
+                     CQRS_LOG_DEBUG);
+    assert_int_equal(cqrs_http_mhd_log_level("Failed to send the response body for the request "
+                                             "for `/metrics'. Error: The socket is no longer "
+                                             "available for sending"),
+                     CQRS_LOG_DEBUG);
+    assert_int_equal(cqrs_http_mhd_log_level("Failed to send the response headers for the request "
+                                             "for `/'. Error: The socket is not connected"),
+                     CQRS_LOG_DEBUG);
+    assert_int_equal(
+        cqrs_http_mhd_log_level("Connection was closed by remote side with incomplete request."),
+        CQRS_LOG_DEBUG);
+    assert_int_equal(cqrs_http_mhd_log_level("Failed to send the chunked response body for the "
+                                             "request for `/'. Error: Not enough system "
+                                             "resources to serve the request"),
+                     CQRS_LOG_WARN);
+    assert_int_equal(cqrs_http_mhd_log_level("Failed to bind to port 8081: Address in use"),
+                     CQRS_LOG_WARN);
+}
+
+#define READS_ELSEWHERE "reads are served by the query API"
 
 static cqrs_http_server_t *srv;
 static int port;
@@ -81,7 +118,8 @@ static int start(void **state)
                               .connection_limit = 64,
                               .connection_timeout_s = 5,
                               .max_body_bytes = 1024,
-                              .drain_timeout_ms = 1000};
+                              .drain_timeout_ms = 1000,
+                              .reads_elsewhere = READS_ELSEWHERE};
     cqrs_error_t err;
     srv = cqrs_http_server_new(&cfg, ROUTES, N_ROUTES, &err);
     if (!srv || cqrs_http_server_start(srv, &err) != CQRS_ERR_OK)
@@ -151,10 +189,82 @@ static void test_404_and_405(void **state)
     assert_int_equal(r.status, 405);
     httpc_response_free(&r);
     httpc_request(port, "DELETE", "/v1/things/1", NULL, NULL, 0, &r);
-    json_decref(problem(&r, 405, "method-not-allowed"));
+    json_t *p = problem(&r, 405, "method-not-allowed");
+    assert_string_equal(json_string_value(json_object_get(p, "detail")),
+                        "this resource does not support the method");
+    json_decref(p);
     char allow[64];
     assert_int_equal(httpc_header(&r, "Allow", allow, sizeof allow), 0);
-    assert_string_equal(allow, "GET, PUT");
+    assert_string_equal(allow, "GET, HEAD, PUT");
+    httpc_response_free(&r);
+}
+
+/* A GET or HEAD no GET route serves is told where reads are (cfg.reads_elsewhere). */
+static void test_reads_elsewhere(void **state)
+{
+    (void)state;
+    httpc_response_t r;
+    const char *methods[] = {"GET", "HEAD"};
+    for (size_t i = 0; i < 2; i++) {
+        httpc_request(port, methods[i], "/v1/things", NULL, NULL, 0, &r);
+        assert_int_equal(r.status, 405);
+        char allow[64];
+        assert_int_equal(httpc_header(&r, "Allow", allow, sizeof allow), 0);
+        assert_string_equal(allow, "POST");
+        if (i == 0) {
+            json_t *p = problem(&r, 405, "method-not-allowed");
+            assert_string_equal(json_string_value(json_object_get(p, "detail")), READS_ELSEWHERE);
+            json_decref(p);
+        }
+        httpc_response_free(&r);
+    }
+    httpc_request(port, "GET", "/v1/nothing/here", NULL, NULL, 0, &r);
+    json_t *p = problem(&r, 404, "not-found");
+    assert_string_equal(json_string_value(json_object_get(p, "detail")), READS_ELSEWHERE);
+    json_decref(p);
+    httpc_response_free(&r);
+}
+
+/* HEAD: the GET answer's status and headers, no body. */
+static void test_head(void **state)
+{
+    (void)state;
+    httpc_response_t get, head;
+    httpc_request(port, "GET", "/v1/things/42", NULL, NULL, 0, &get);
+    assert_int_equal(get.status, 200);
+    httpc_request(port, "HEAD", "/v1/things/42", NULL, NULL, 0, &head);
+    assert_int_equal(head.status, 200);
+    assert_int_equal(head.body_len, 0);
+    char a[64], b[64];
+    assert_int_equal(httpc_header(&get, "Content-Type", a, sizeof a), 0);
+    assert_int_equal(httpc_header(&head, "Content-Type", b, sizeof b), 0);
+    assert_string_equal(a, b);
+    assert_int_equal(httpc_header(&head, "Content-Length", b, sizeof b), 0);
+    assert_int_equal(atoi(b), (int)get.body_len);
+    httpc_response_free(&get);
+    httpc_response_free(&head);
+}
+
+/* A decoded NUL in a query parameter would cut the C string a handler reads: 400. */
+static void test_nul_in_query_is_400(void **state)
+{
+    (void)state;
+    const char *paths[] = {"/v1/things/42?limit=5%00zzz", "/v1/things/42?category=kitchen%00zzz",
+                           "/v1/things/42?a%00b=1", "/v1/things/42?ok=1&x=%00"};
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        httpc_response_t r;
+        httpc_request(port, "GET", paths[i], NULL, NULL, 0, &r);
+        if (r.status != 400)
+            fail_msg("%s: %d %s", paths[i], r.status, r.body ? r.body : "");
+        json_t *p = problem(&r, 400, "malformed-request");
+        assert_non_null(strstr(json_string_value(json_object_get(p, "detail")), "NUL"));
+        json_decref(p);
+        httpc_response_free(&r);
+    }
+    /* an encoded NUL-free value still passes */
+    httpc_response_t r;
+    httpc_request(port, "GET", "/v1/things/42?limit=5%20zzz", NULL, NULL, 0, &r);
+    assert_int_equal(r.status, 200);
     httpc_response_free(&r);
 }
 
@@ -222,10 +332,14 @@ static void test_handler_without_reply_is_500(void **state)
 
 int main(void)
 {
-    const struct CMUnitTest pure[] = {cmocka_unit_test(test_route_match)};
+    const struct CMUnitTest pure[] = {cmocka_unit_test(test_route_match),
+                                      cmocka_unit_test(test_mhd_log_level)};
     const struct CMUnitTest live[] = {
         cmocka_unit_test(test_ok_and_request_id),
         cmocka_unit_test(test_404_and_405),
+        cmocka_unit_test(test_reads_elsewhere),
+        cmocka_unit_test(test_head),
+        cmocka_unit_test(test_nul_in_query_is_400),
         cmocka_unit_test(test_413_from_content_length_and_from_chunks),
         cmocka_unit_test(test_415),
         cmocka_unit_test(test_handler_without_reply_is_500),

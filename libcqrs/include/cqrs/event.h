@@ -4,6 +4,11 @@
  * ce_specversion, ce_id, ce_type, ce_source, ce_subject (aggregate id), ce_time,
  * content-type, and the extensions ce_aggregatetype, ce_aggregateversion, ce_sequence,
  * ce_traceparent. Pure code: no I/O.
+ *
+ * ce_sequence is the CloudEvents Sequence extension: the event log's global sequence, written
+ * with leading zeros to CQRS_EVENT_SEQUENCE_DIGITS digits so that values sort as strings (as
+ * the extension requires); it is read as a decimal number, so unpadded values (messages written
+ * before the padding) are accepted too.
  */
 #ifndef CQRS_EVENT_H
 #define CQRS_EVENT_H
@@ -35,6 +40,8 @@ void cqrs_event_init(cqrs_event_t *ev, const char *type, const char *aggregate_t
 void cqrs_event_close(cqrs_event_t *ev);
 
 #define CQRS_EVENT_HEADERS 12
+/* Width of ce_sequence: 20 digits hold any non-negative int64 (19) with one to spare. */
+#define CQRS_EVENT_SEQUENCE_DIGITS 20
 
 typedef struct cqrs_event_headers {
     size_t n;

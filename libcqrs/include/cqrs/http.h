@@ -5,9 +5,10 @@
  * once, before it returns. The request object is owned by the server and valid only during the
  * handler call.
  *
- * Answered by this layer before any handler runs: 404 (no route), 405 (+Allow), 413 (body over
- * the limit; from Content-Length before reading when possible), 415 (non-empty body whose
- * media type is not application/json).
+ * Answered by this layer before any handler runs: 400 (a query parameter or header whose
+ * decoded value holds a NUL, which a C string would cut), 404 (no route), 405 (+Allow), 413
+ * (body over the limit; from Content-Length before reading when possible), 415 (non-empty body
+ * whose media type is not application/json). HEAD is served wherever GET is.
  */
 #ifndef CQRS_HTTP_H
 #define CQRS_HTTP_H
@@ -18,6 +19,7 @@
 #include <stdint.h>
 
 #include "cqrs/err.h"
+#include "cqrs/log.h"
 
 #define CQRS_HTTP_MAX_PARAMS 4
 #define CQRS_PROBLEM_BASE "urn:cqrs:problem:"
@@ -68,6 +70,9 @@ typedef struct cqrs_http_config {
     size_t max_body_bytes;
     unsigned drain_timeout_ms; /* how long stop waits for open connections */
     cqrs_http_auth_t *auth;    /* NULL: no tokens required; borrowed */
+    /* NULL, or the detail of the 404/405 a GET or HEAD gets when no GET route serves its path:
+     * where reads are served instead (the command API points to the query API). Borrowed. */
+    const char *reads_elsewhere;
 } cqrs_http_config_t;
 
 /* Matching (pure, exported for tests). On a match returns the route and fills names/values
@@ -80,10 +85,16 @@ typedef struct cqrs_http_params {
     const char *value[CQRS_HTTP_MAX_PARAMS];
 } cqrs_http_params_t;
 
+/* HEAD is answered by the GET route of the path (headers as for GET, no body), and "HEAD"
+ * follows "GET" in Allow. */
 const cqrs_http_route_t *cqrs_http_route_match(const cqrs_http_route_t *routes, size_t n,
                                                const char *method, const char *path, char *scratch,
                                                cqrs_http_params_t *params, char *allow,
                                                size_t allow_len);
+
+/* The level a libmicrohttpd error-log message is logged at (pure, exported for tests): debug
+ * for a client that went away (a normal end, e.g. of an SSE stream), warn for the rest. */
+cqrs_log_level_t cqrs_http_mhd_log_level(const char *msg);
 
 /* routes is borrowed and must outlive the server. Returns NULL with err on failure. */
 cqrs_http_server_t *cqrs_http_server_new(const cqrs_http_config_t *cfg,
