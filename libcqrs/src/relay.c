@@ -32,11 +32,11 @@
  *    each time in a row. After a timeout or a failed record, and at the start of a leadership,
  *    the leader checks with NOWAIT that it could record and delete a batch before producing
  *    it, so a lock that is still held costs a refused check, not a produced and aborted
- *    batch (the first round to meet a new lock may abort one). The leader keeps its leadership
- * while its lease can still be renewed and gives it up when it cannot. Every relay write checks
- * owner + epoch with FOR SHARE on the relay_leader row, so a takeover cannot commit in the middle
- * of it. The Idempotency-Key cleanup deletes small batches, each under a quarter-lease
- * statement_timeout and after a renewal.
+ *    batch (the first round to meet a new lock may abort one). The leader keeps its
+ *    leadership while its lease can still be renewed and gives it up when it cannot. Every
+ *    relay write checks owner + epoch with FOR SHARE on the relay_leader row, so a takeover
+ *    cannot commit in the middle of it. The Idempotency-Key cleanup deletes small batches,
+ *    each under a quarter-lease statement_timeout and after a renewal.
  *  - Supervision: the worker beats a heartbeat around every call that can wait (each bounded
  *    by statement_timeout, lease/3 or RELAY_CALL_MAX_MS), and stall_ms is at least
  *    CQRS_RELAY_STALL_MIN_MS and the lease, so only a call that does not return goes without
