@@ -6,13 +6,19 @@
 #   2. Latency: AdjustStock at a steady ~1,000 commands/s (wrk, paced by a per-request delay);
 #      commit → Kafka acknowledgement p50/p99 from the relay's histogram
 #      (cqrs_relay_publish_latency_seconds; bucket bounds, so read "≤").
+#   Both over an event log of LOG_EVENTS historical events (default 0; tests/bench/fill_log.sh
+#   makes that database once and keeps it): the relay's statements must cost in proportion to
+#   the batch, not to the log, so the figures must not move with LOG_EVENTS. Printed too: the
+#   relay's own step times during the drain (cqrs_relay_round_phase_seconds: read, produce,
+#   ack, record, commit, delete; bucket bounds, so read "≤").
 # Uses the local dev stack and a Release build in build/.
-#   EVENTS=100000 RATE_SECONDS=20 tests/bench/relay.sh
+#   EVENTS=100000 RATE_SECONDS=20 LOG_EVENTS=10000000 tests/bench/relay.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 EVENTS=${EVENTS:-100000}
 RATE_SECONDS=${RATE_SECONDS:-20}
+LOG_EVENTS=${LOG_EVENTS:-0}
 PORT=${BENCH_PORT:-18182}
 PREFIX=bench$RANDOM
 OUT=$(mktemp -d /tmp/cqrs-bench-relay.XXXXXX)
@@ -24,6 +30,11 @@ ninja -C build >/dev/null
 deploy/local/stack.sh up >/dev/null 2>&1
 eval "$(deploy/local/stack.sh env)"
 CQRS_TOPIC_PREFIX=$PREFIX build/cmd/cqrsctl migrate >/dev/null
+if [ "$LOG_EVENTS" -gt 0 ]; then
+    CQRS_PG_DSN=$(CQRSCTL=build/cmd/cqrsctl tests/bench/fill_log.sh "$LOG_EVENTS")
+    export CQRS_PG_DSN
+fi
+echo "== event log: $(psql "$CQRS_PG_DSN" -Atc 'SELECT count(*) FROM events') events before the run"
 if [ "$(psql "$CQRS_PG_DSN" -Atc 'SELECT count(*) FROM outbox')" != 0 ]; then
     echo "the outbox is not empty: stop other cqrs-commandd instances of this stack first" >&2
     exit 1
@@ -60,6 +71,21 @@ while [ "$(psql "$CQRS_PG_DSN" -Atc 'SELECT count(*) FROM outbox')" != 0 ]; do s
 T1=$(date +%s.%N)
 DRAIN=$(awk -v a="$T0" -v b="$T1" -v n="$EVENTS" 'BEGIN { printf "%.0f", n / (b - a) }')
 echo "relayed $EVENTS events in $(awk -v a="$T0" -v b="$T1" 'BEGIN { printf "%.1f", b - a }') s: $DRAIN events/s"
+# The relay's step times over the drain (bucket bounds: p50/p99 "≤").
+curl -fs "http://127.0.0.1:$PORT/metrics" | awk '
+  /^cqrs_relay_round_phase_seconds_bucket/ {
+      match($0, /phase="[^"]+"/); ph = substr($0, RSTART + 7, RLENGTH - 8)
+      match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5)
+      if (!(ph in n)) order[++k] = ph
+      n[ph]++; les[ph, n[ph]] = le; cnt[ph, n[ph]] = $2 }
+  END {
+      for (j = 1; j <= k; j++) {
+          ph = order[j]; total = cnt[ph, n[ph]]; p50 = p99 = ""
+          if (total == 0) continue
+          for (i = 1; i <= n[ph]; i++) {
+              if (p50 == "" && cnt[ph, i] >= total * 0.5) p50 = les[ph, i]
+              if (p99 == "" && cnt[ph, i] >= total * 0.99) p99 = les[ph, i] }
+          printf "   relay %-8s %6d rounds: p50 <= %s s, p99 <= %s s\n", ph, total, p50, p99 } }'
 psql "$CQRS_PG_DSN" -q -c "DELETE FROM events WHERE aggregate_type = 'benchmark'"
 
 echo "== latency at ~1,000 commands/s for ${RATE_SECONDS}s"
