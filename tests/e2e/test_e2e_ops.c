@@ -230,6 +230,19 @@ static void test_metrics_move_and_lint(void **state)
     assert_true(sample(after_q, "cqrs_projector_events_applied_total") > app0);
     assert_true(sample(after_q, "cqrs_projector_apply_latency_seconds_count") >= 1);
     assert_true(sample(after_c, "cqrs_relay_publish_latency_seconds_count") >= 1);
+    /* The consistency window broken down: every step of a published round, and the
+     * projector's two stages. */
+    assert_true(sample(after_c, "cqrs_relay_pickup_seconds_count") >= 1);
+    static const char *const phases[] = {"read", "produce", "ack", "record", "commit", "delete"};
+    for (size_t i = 0; i < sizeof phases / sizeof *phases; i++) {
+        char name[96];
+        snprintf(name, sizeof name, "cqrs_relay_round_phase_seconds_count{phase=\"%s\"}",
+                 phases[i]);
+        if (sample(after_c, name) < 1)
+            fail_msg("no relay round timed for the step %s", phases[i]);
+    }
+    assert_true(sample(after_q, "cqrs_projector_stage_seconds_count{stage=\"kafka\"}") >= 1);
+    assert_true(sample(after_q, "cqrs_projector_stage_seconds_count{stage=\"apply\"}") >= 1);
     assert_non_null(strstr(after_q, "cqrs_projector_consumer_lag_messages{"));
     assert_non_null(strstr(after_c, "cqrs_dependency_up{dependency=\"postgres\"} 1"));
     assert_non_null(strstr(after_q, "cqrs_dependency_up{dependency=\"redis\"} 1"));
