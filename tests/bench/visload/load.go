@@ -186,6 +186,8 @@ type sample struct {
 	due      time.Time // when it should go out: t0 + i/rate
 	launched time.Time // when the scheduler handed it on (its own lateness)
 	started  time.Time // when it had a connection (a wait here: the pool was full)
+	wrote    time.Time // when the request was written
+	answered time.Time // when the answer's first byte came
 	acked    time.Time // when the whole answer was read
 	status   int       // 0: no HTTP answer
 	version  int64
@@ -199,7 +201,10 @@ func (l *loader) send(s *sample) {
 	req, _ := http.NewRequest(http.MethodPost,
 		l.cfg.command+"/v1/products/"+p.id+"/stock-adjustments", bytes.NewReader(adjustBody))
 	req.Header.Set("Content-Type", "application/json")
-	trace := &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { s.started = time.Now() }}
+	trace := &httptrace.ClientTrace{
+		GotConn:              func(httptrace.GotConnInfo) { s.started = time.Now() },
+		WroteRequest:         func(httptrace.WroteRequestInfo) { s.wrote = time.Now() },
+		GotFirstResponseByte: func() { s.answered = time.Now() }}
 	req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
 	resp, err := l.cmd.Do(req)
 	if err != nil {
@@ -245,6 +250,7 @@ type result struct {
 	Late           dist // due → had a connection
 	SchedLate      dist // due → launched: the generator's own timing
 	ConnWait       dist // launched → had a connection: the pool
+	Server         dist // request written → first byte of the answer: the daemon, socket to socket
 	CPUPercent     float64
 	Sustained      bool
 	Stages         []stage
@@ -323,7 +329,7 @@ func (l *loader) run(rate float64) *result {
 
 	measured := samples[measuredFrom:]
 	res.Sent = len(measured)
-	var lags, lat, late, sched, conn []float64
+	var lags, lat, late, sched, conn, server []float64
 	firstDue := measured[0].due
 	var lastOK time.Time
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
@@ -350,6 +356,9 @@ func (l *loader) run(rate float64) *result {
 		}
 		res.OK++
 		lat = append(lat, ms(s.acked.Sub(s.due)))
+		if !s.wrote.IsZero() && !s.answered.IsZero() {
+			server = append(server, ms(s.answered.Sub(s.wrote)))
+		}
 		if s.acked.After(lastOK) {
 			lastOK = s.acked
 		}
@@ -382,6 +391,7 @@ func (l *loader) run(rate float64) *result {
 	res.Late = summarize(late)
 	res.SchedLate = summarize(sched)
 	res.ConnWait = summarize(conn)
+	res.Server = summarize(server)
 	res.Sustained = res.Achieved >= cfg.sustainedShare*rate && res.Lag.P99 <= ms(cfg.maxLag) &&
 		res.NeverVisible == 0 && float64(res.Non2xx+res.TransportErr) <= 0.001*float64(res.Sent)
 	return res

@@ -176,6 +176,7 @@ func printRun(r *result, cfg *config) {
 		r.Achieved, r.OK, r.Sent, r.Non2xx, r.TransportErr, cfg.visible, r.NeverVisible, r.Sustained)
 	fmt.Printf("   lag (2xx → on the stream)       %s\n", r.Lag)
 	fmt.Printf("   command latency (from due time)  %s\n", r.Latency)
+	fmt.Printf("   of which written → first byte    %s\n", r.Server)
 	fmt.Printf("   sends late > %s: %d; due → connection p99 %s, max %s (the scheduler's own"+
 		" delay p99 %s, max %s; waiting for a pooled connection p99 %s, max %s)\n",
 		cfg.late, r.LateOver, fmtMs(r.Late.P99), fmtMs(r.Late.Max), fmtMs(r.SchedLate.P99),
@@ -212,7 +213,7 @@ func writeJSON(cfg *config, r *result, highest bool) {
 		"lag_ms": r.Lag.jsonMap(), "command_ms": r.Latency.jsonMap(),
 		"late_sends": r.LateOver, "late_ms": r.Late.jsonMap(),
 		"scheduler_late_ms": r.SchedLate.jsonMap(), "connection_wait_ms": r.ConnWait.jsonMap(),
-		"cpu_percent": math.Round(r.CPUPercent*10) / 10, "stages": stages,
+		"answer_ms": r.Server.jsonMap(), "cpu_percent": math.Round(r.CPUPercent*10) / 10, "stages": stages,
 		"floor_ms": map[string]any{"pg_p50": finiteOrNil(cfg.floorPG50),
 			"pg_p99": finiteOrNil(cfg.floorPG99), "kafka_p50": finiteOrNil(cfg.floorKafka50),
 			"kafka_p99": finiteOrNil(cfg.floorKafka99)},
