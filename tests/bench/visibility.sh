@@ -163,7 +163,8 @@ echo "== floor: Kafka $KAFKA_VERSION end to end (EndToEndLatency, acks=all, $KAF
     >"$OUT/e2e.txt" 2>&1
 # "Percentiles: 50th = 3, 99th = 47, 99.9th = 134" (ms)
 read -r K_P50 K_P99 < <(sed -nE 's/^Percentiles: 50th = ([0-9.]+), 99th = ([0-9.]+).*/\1 \2/p' "$OUT/e2e.txt")
-echo "   $(grep -E '^Avg latency' "$OUT/e2e.txt"); p50 $K_P50 ms, p99 $K_P99 ms"
+echo "   $(grep -E '^Avg latency' "$OUT/e2e.txt"); p50 $K_P50 ms, p99 $K_P99 ms" \
+    "(the tool's percentiles are whole milliseconds, rounded down)"
 "${JAVA:-java}" -Xmx128m -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.TopicCommand \
     --bootstrap-server "$CQRS_KAFKA_BROKERS" --delete --topic "$PREFIX.e2e-latency" >/dev/null 2>&1 || true
 

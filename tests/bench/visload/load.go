@@ -4,9 +4,11 @@ package main
 //
 // Pacing: command i is due at t0 + i/rate. One scheduler goroutine sleeps until each due
 // time and hands the command to a goroutine of its own, so a slow reply never holds back the
-// next send (no coordinated omission); the keep-alive pool (-conns) is the only bound, and a
-// send that had to wait for a free connection is counted as late, by how much it waited. A
-// command's latency runs from its due time, not from when it was actually sent.
+// next send (no coordinated omission); the keep-alive pool (-conns) is the only bound. A send
+// going out late is counted, and its delay split into the scheduler's own and the wait for a
+// free connection. A command's latency runs from its due time, not from when it was sent, and
+// is split once more at the socket: request written → first byte of the answer is the
+// daemon's whole share, including any time the request waited before the daemon read it.
 //
 // Visibility: one Server-Sent Event stream per product; each `id: <version>` line is stamped
 // on arrival. A command's lag is the arrival of the first version ≥ its own minus the time

@@ -71,8 +71,10 @@ func main() {
 	flag.DurationVar(&cfg.warmup, "warmup", time.Second, "paced but not measured, before each run")
 	flag.DurationVar(&cfg.visible, "visible-timeout", 5*time.Second,
 		"a command not visible this long after its 2xx counts as never visible")
-	flag.DurationVar(&cfg.late, "late", time.Millisecond,
-		"a send waiting longer than this for a connection counts as late")
+	// 2 ms: Go's timers on Linux wake through epoll's millisecond timeout, so the scheduler's
+	// own delay alone reaches about 1 ms on an idle machine.
+	flag.DurationVar(&cfg.late, "late", 2*time.Millisecond,
+		"a send going out longer than this after its due time counts as late")
 	flag.DurationVar(&cfg.settle, "settle", 2*time.Second, "pause between runs")
 	flag.IntVar(&cfg.conns, "conns", 768, "keep-alive connections at most (commands in flight)")
 	flag.StringVar(&cfg.skuPrefix, "sku-prefix", "VL"+strconv.FormatInt(time.Now().Unix(), 36),
@@ -159,7 +161,16 @@ func run(cfg *config) int {
 		} else {
 			fmt.Printf("== highest sustained rate: %s commands/s\n", thousands(int64(best.Rate)))
 			writeJSON(cfg, best, true)
-			rows = append(rows, row{best, " (highest sustained)"})
+			marked := false
+			for i := range rows {
+				if rows[i].res == best {
+					rows[i].label = " (highest sustained)"
+					marked = true
+				}
+			}
+			if !marked {
+				rows = append(rows, row{best, " (highest sustained)"})
+			}
 		}
 	}
 	printTable(cfg, rows)

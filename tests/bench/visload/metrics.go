@@ -189,6 +189,9 @@ func diffHistograms(daemon string, before, after *scrape) []stage {
 		if len(bounds) == 0 || !math.IsInf(bounds[len(bounds)-1], 1) || delta[len(delta)-1] <= 0 {
 			continue
 		}
+		if strings.Contains(a.labels, `route="/metrics"`) {
+			continue // our own scrape, nothing of the pipeline
+		}
 		total := delta[len(delta)-1]
 		st := stage{Daemon: daemon, Series: key, Help: after.help[a.family], Count: total}
 		if strings.HasSuffix(a.family, "_seconds") {
