@@ -43,7 +43,7 @@ for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && b
 
 echo "== pgbench: the same transaction, prepared statements, $CLIENTS clients, ${DURATION}s"
 pgbench "$CQRS_PG_DSN" -n -M prepared -c "$CLIENTS" -j 2 -T "$DURATION" -D products="$PRODUCTS" \
-    -f tests/bench/adjust_stock.sql >"$OUT/pgbench.txt" 2>&1
+    -D idseed=bench -D topic=cqrs.product.events -f tests/bench/adjust_stock.sql >"$OUT/pgbench.txt" 2>&1
 PG_TPS=$(grep -E '^tps' "$OUT/pgbench.txt" | head -1 | sed -E 's/tps = ([0-9.]+).*/\1/')
 grep -E 'latency average|^tps|failed' "$OUT/pgbench.txt" || true
 

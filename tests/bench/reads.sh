@@ -4,7 +4,8 @@
 # reading the same document from Redis, in the same run, with the same wrk settings; plus the
 # resident memory of both daemons idle and under the read load, and the end-to-end
 # visibility lag (command 2xx → document readable) at a paced command rate
-# (tests/bench/visibility.py). Not a test: nothing is asserted; ratios are printed.
+# (tests/bench/visload; tests/bench/visibility.sh is the full visibility benchmark). Not a test:
+# nothing is asserted; ratios are printed.
 #   PRODUCTS=10000 DURATION=10 RATE=1000 tests/bench/reads.sh
 # Uses the local dev stack (deploy/local/stack.sh) and a Release build in build/.
 set -euo pipefail
@@ -36,6 +37,8 @@ done
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
     -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C build >/dev/null
+(cd tests/bench/visload && GOTOOLCHAIN=local GOPROXY=off "${GO:-$(command -v go || echo /usr/local/go/bin/go)}" \
+    build -o "$REPO/build/visload" .)
 deploy/local/stack.sh up >/dev/null 2>&1
 eval "$(deploy/local/stack.sh env)"
 CQRS_TOPIC_PREFIX=$PREFIX build/cmd/cqrsctl migrate >/dev/null
@@ -44,7 +47,7 @@ CQRS_HTTP_PORT=$CPORT build/cmd/cqrs-commandd >"$OUT/commandd.log" 2>&1 &
 C=$!
 CQRS_HTTP_PORT=$QPORT CQRS_HTTP_THREADS=$THREADS build/cmd/cqrs-queryd >"$OUT/queryd.log" 2>&1 &
 Q=$!
-N= W=
+N='' W=''
 trap 'kill $C $Q $N $W 2>/dev/null || true' EXIT
 for p in $CPORT $QPORT; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.1; done
@@ -156,7 +159,7 @@ wait "$SAMPLER"
 cat "$OUT/rss.txt"
 
 echo "== visibility lag at $RATE commands/s (command 2xx → the change arrives on a stream)"
-"${PYTHON:-python3}" tests/bench/visibility.py --command-port "$CPORT" --query-port "$QPORT" \
-    --ids "$OUT/ids.txt" --rate "$RATE" --seconds "$DURATION" | tee "$OUT/visibility.txt"
+build/visload -command "http://127.0.0.1:$CPORT" -query "http://127.0.0.1:$QPORT" -products 50 \
+    -rates "$RATE" -seconds "${DURATION}s" | tee "$OUT/visibility.txt"
 echo "commandd RSS after the command load: $(rss $C) MB, queryd $(rss $Q) MB"
 echo "(raw output in $OUT)"

@@ -1,0 +1,3 @@
+module cqrs/tests/bench/visload
+
+go 1.22
