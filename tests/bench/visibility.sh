@@ -3,9 +3,9 @@
 # version arrives on a Server-Sent Event stream of cqrs-queryd, at paced rates and at the
 # highest rate the pipeline sustains, next to the physical floor measured in the same run.
 # Not a test: nothing is asserted.
-#   1. (LOG_EVENTS > 0) the event log is first filled up to LOG_EVENTS rows of history: events
-#      only, already relayed (no outbox rows), synthetic products (md5 ids of their own), in
-#      one INSERT … SELECT generate_series; the time and the table's size are printed.
+#   1. (LOG_EVENTS > 0) the run uses a database whose event log holds LOG_EVENTS rows of
+#      history (events only, already relayed: no outbox rows), made once and kept by
+#      tests/bench/fill_log.sh; the table's size is printed.
 #   2. The floor, before the daemons start (nothing else running):
 #      - PostgreSQL: pgbench at 1 client running the AdjustStock transaction
 #        (tests/bench/adjust_stock.sql) on PRODUCTS products of its own, each made with its
@@ -26,7 +26,7 @@
 #   RATES="100,1000"  paced rates, commands/s       FIND_MAX=1   step LADDER afterwards (0: no)
 #   LADDER="500,1000,1500,2000,3000,4000,6000,8000" PRODUCTS=50  products (= streams)
 #   SECONDS=20        measured seconds per rate (DURATION also works; see below)
-#   LOG_EVENTS=0      fill the event log up to this many rows first (e.g. 10000000)
+#   LOG_EVENTS=0      run over an event log of this many rows (e.g. 10000000; fill_log.sh)
 #   FLOOR_SECONDS=10  pgbench duration              KAFKA_RECORDS=5000  KAFKA_RECORD_SIZE=512
 #   BENCH_CPORT=18581 BENCH_QPORT=18582  daemon HTTP ports   BUILD=build  build folder
 #   BUILD_JOBS=$(nproc)  ninja -j                   GO=go (else /usr/local/go/bin/go)
@@ -77,44 +77,16 @@ deploy/local/stack.sh up >/dev/null 2>&1
 eval "$(deploy/local/stack.sh env)"
 CQRS_TOPIC_PREFIX=$PREFIX "$BUILD/cmd/cqrsctl" migrate >/dev/null
 psqlq() { psql "$CQRS_PG_DSN" -X -v ON_ERROR_STOP=1 -qAt "$@"; }
-if [ "$(psqlq -c 'SELECT count(*) FROM outbox')" != 0 ]; then
-    echo "note: the outbox is not empty; this run's relay will publish those rows first" >&2
-fi
 
 # ---- 1. the event log ----------------------------------------------------------------------
-HAVE=$(psqlq -c 'SELECT count(*) FROM events')
-if ((LOG_EVENTS > HAVE)); then
-    ADD=$((LOG_EVENTS - HAVE))
-    PER=100 # events per synthetic product: its creation and 99 stock adjustments
-    echo "== filling the event log: $HAVE rows, adding $ADD ($((ADD / PER + 1)) synthetic products × up to $PER events)"
-    T0=$(date +%s.%N)
-    # One statement; synthetic aggregate ids md5('visload-history-<run>-<n>') never meet a real
-    # product's (random v4) id, versions 1..PER per aggregate, so no unique key can collide.
-    psqlq <<SQL
-SET synchronous_commit = off;
-INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, occurred_at,
-                    traceparent, data)
-SELECT gen_random_uuid(), 'product', a.id, v,
-       CASE WHEN v = 1 THEN 'product.created.v1' ELSE 'product.stock-adjusted.v1' END,
-       timestamptz '2025-01-01' + (a.n * $PER + v) * interval '3 ms',
-       '00-' || md5(a.n || '-' || v) || '-' || left(md5(v || '-' || a.n), 16) || '-01',
-       CASE WHEN v = 1
-            THEN jsonb_build_object('product_id', a.id, 'sku', 'HIST-$PREFIX-' || a.n,
-                   'name', 'History lamp ' || a.n, 'description', 'a product of the past',
-                   'category', 'lamps', 'price_cents', 1000 + a.n % 1000, 'currency', 'EUR',
-                   'initial_stock', 10)
-            ELSE jsonb_build_object('product_id', a.id, 'delta', 1, 'reason', 'restock',
-                   'stock', 9 + v) END
-  FROM (SELECT n, md5('visload-history-$PREFIX-' || n)::uuid AS id
-          FROM generate_series(0, $ADD / $PER) AS n) AS a,
-       generate_series(1, $PER) AS v
- WHERE a.n * $PER + v <= $ADD;
-SQL
-    T1=$(date +%s.%N)
-    psqlq -c 'VACUUM (ANALYZE) events'
-    T2=$(date +%s.%N)
-    awk -v a="$T0" -v b="$T1" -v c="$T2" -v n="$ADD" 'BEGIN {
-        printf "   inserted in %.1f s (%.0f events/s); VACUUM ANALYZE %.1f s\n", b - a, n / (b - a), c - b }'
+# A database of its own holding LOG_EVENTS historical events (tests/bench/fill_log.sh: made
+# once, kept for the next run), so the dev stack's own database stays as it is.
+if ((LOG_EVENTS > 0)); then
+    CQRS_PG_DSN=$(CQRSCTL="$BUILD/cmd/cqrsctl" tests/bench/fill_log.sh "$LOG_EVENTS")
+    export CQRS_PG_DSN
+fi
+if [ "$(psqlq -c 'SELECT count(*) FROM outbox')" != 0 ]; then
+    echo "note: the outbox is not empty; this run's relay will publish those rows first" >&2
 fi
 LOG_ROWS=$(psqlq -c 'SELECT count(*) FROM events')
 LOG_SIZE=$(psqlq -c "SELECT pg_size_pretty(pg_total_relation_size('events'))")
