@@ -36,14 +36,34 @@ clang-format --dry-run -Werror "${sources[@]}"
 
 say "python validators (openapi-spec-validator, jsonschema) in $BUILD/venv"
 mkdir -p "$BUILD"
-if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml, kubernetes_validate' 2>/dev/null; then
+# The tools of issue 21 too: schemathesis and the CloudEvents SDK (with confluent-kafka) from
+# PyPI into the venv; @redocly/cli from npm and kube-score through the Go module proxy into the
+# cache folder (CQRS_CACHE_DIR, as deploy/local/libs.sh), downloads cached there as well.
+CACHE_DIR=${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}
+if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml, kubernetes_validate, schemathesis, cloudevents, confluent_kafka' 2>/dev/null; then
     python3 -m venv "$BUILD/venv"
-    "$BUILD/venv/bin/pip" install -q --disable-pip-version-check -r tests/schemas/requirements.txt
+    "$BUILD/venv/bin/pip" install -q --disable-pip-version-check --cache-dir "$CACHE_DIR/pip" \
+        -r tests/schemas/requirements.txt
+fi
+REDOCLY_VERSION=2.77.0 KUBE_SCORE_VERSION=v1.20.0
+REDOCLY=$CACHE_DIR/tools/npm/node_modules/.bin/redocly
+if [ "$("$REDOCLY" --version 2>/dev/null)" != "$REDOCLY_VERSION" ]; then
+    say "@redocly/cli $REDOCLY_VERSION (npm) in $CACHE_DIR/tools/npm"
+    mkdir -p "$CACHE_DIR/tools/npm"
+    (cd "$CACHE_DIR/tools/npm" && npm install -q --no-audit --no-fund --cache "$CACHE_DIR/npm-cache" \
+        "@redocly/cli@$REDOCLY_VERSION" >/dev/null)
+fi
+KUBE_SCORE=$CACHE_DIR/tools/kube-score-$KUBE_SCORE_VERSION/kube-score
+if [ ! -x "$KUBE_SCORE" ]; then
+    say "kube-score $KUBE_SCORE_VERSION (Go module proxy) in ${KUBE_SCORE%/*}"
+    GOPATH=$CACHE_DIR/go GOBIN=${KUBE_SCORE%/*} GOFLAGS=-modcacherw PATH=$PATH:/usr/local/go/bin \
+        go install "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
 fi
 
 say "build (ASan + UBSan) in $BUILD"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=ON \
-    -DCQRS_DEPS_PREFIX="$DEPS_PREFIX" -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_ENABLE_FAILPOINTS=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" >/dev/null
+    -DCQRS_DEPS_PREFIX="$DEPS_PREFIX" -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON -DCQRS_ENABLE_FAILPOINTS=ON -DCQRS_PYTHON="$BUILD/venv/bin/python" \
+    -DCQRS_REDOCLY="$REDOCLY" -DCQRS_KUBE_SCORE="$KUBE_SCORE" >/dev/null
 ninja -C "$BUILD"
 
 # shellcheck source=tests/support/ports.sh

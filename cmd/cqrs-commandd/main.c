@@ -9,6 +9,7 @@
 #include <cqrs/daemon.h>
 #include <cqrs/log.h>
 #include <cqrs/metrics.h>
+#include <cqrs/version.h>
 #include <cqrs/outbox.h>
 #include <cqrs/store.h>
 #include <stdatomic.h>
@@ -154,6 +155,8 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_text_t t = {0};
     if (app->http)
         cqrs_http_server_metrics(app->http, &t);
+    cqrs_version_metrics(&t, "cqrs-commandd");
+    cqrs_metrics_process(&t);
     /* Only what this instance observed: PostgreSQL by its relay (which polls it, leading or
      * not) or, without a relay, by its commands and readiness checks; Kafka only while its
      * relay leads (a standby or a relay-less instance never talks to Kafka). */

@@ -12,6 +12,7 @@
 #include <cqrs/docstore.h>
 #include <cqrs/log.h>
 #include <cqrs/metrics.h>
+#include <cqrs/version.h>
 #include <cqrs/projector.h>
 #include <cqrs/redis.h>
 #include <stdatomic.h>
@@ -264,6 +265,8 @@ static void metrics(cqrs_http_request_t *req, void *ud)
     cqrs_text_t t = {0};
     if (app->http)
         cqrs_http_server_metrics(app->http, &t);
+    cqrs_version_metrics(&t, "cqrs-queryd");
+    cqrs_metrics_process(&t);
     if (app->feed)
         live_metrics(app, &t);
     store_metrics(app, &t);

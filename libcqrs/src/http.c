@@ -54,7 +54,7 @@ struct cqrs_http_server {
     size_t n_routes;
     struct MHD_Daemon *daemon;
     uint16_t port;
-    route_stats_t *stats; /* n_routes + 1 */
+    route_stats_t *stats; /* n_routes, then N_UNMATCHED (by method) for unmatched requests */
     /* Suspended requests (so stop can wake them) and the wake/suspend handshake. */
     pthread_mutex_t susp_mu;
     cqrs_http_request_t *susp_head;
@@ -511,6 +511,20 @@ void cqrs_http_reply_stream(cqrs_http_request_t *req, unsigned status, const cha
 
 /* ---- MHD glue ---------------------------------------------------------------------------- */
 
+/* Unmatched requests are counted by method, the methods of RFC 9110 and PATCH by name and any
+ * other as "other", so a scanner's made-up methods cannot grow the label set. */
+static const char *const unmatched_methods[] = {"GET",    "HEAD",    "POST",  "PUT",     "PATCH",
+                                                "DELETE", "OPTIONS", "TRACE", "CONNECT", "other"};
+#define N_UNMATCHED (sizeof unmatched_methods / sizeof unmatched_methods[0])
+
+static size_t unmatched_slot(const char *method)
+{
+    for (size_t i = 0; method && i + 1 < N_UNMATCHED; i++)
+        if (strcmp(method, unmatched_methods[i]) == 0)
+            return i;
+    return N_UNMATCHED - 1;
+}
+
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
     (void)conn;
@@ -540,7 +554,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     susp_unlink(req);
     pthread_mutex_unlock(&srv->susp_mu);
     if (req->status >= 100 && req->status < 600 && srv->stats) {
-        route_stats_t *rs = &srv->stats[req->route];
+        size_t slot =
+            req->route < srv->n_routes ? req->route : srv->n_routes + unmatched_slot(req->method);
+        route_stats_t *rs = &srv->stats[slot];
         atomic_fetch_add(&rs->by_status[req->status], 1);
         double seconds = (double)(now_us() - req->started_us) / 1e6;
         cqrs_histogram_observe(&rs->latency, seconds);
@@ -881,29 +897,31 @@ void cqrs_http_server_metrics(cqrs_http_server_t *srv, struct cqrs_text *t)
 {
     cqrs_text_printf(t, "# HELP cqrs_http_requests_total HTTP requests answered, by operation, "
                         "method, route and status.\n# TYPE cqrs_http_requests_total counter\n");
-    for (size_t r = 0; r <= srv->n_routes; r++) {
+    for (size_t r = 0; r < srv->n_routes + N_UNMATCHED; r++) {
         const cqrs_http_route_t *rt = r < srv->n_routes ? &srv->routes[r] : NULL;
+        const char *method = rt ? rt->method : unmatched_methods[r - srv->n_routes];
         for (int code = 100; code < 600; code++) {
             uint64_t v = atomic_load(&srv->stats[r].by_status[code]);
             if (v)
                 cqrs_text_printf(t,
                                  "cqrs_http_requests_total{operation=\"%s\",method=\"%s\","
                                  "route=\"%s\",status=\"%d\"} %llu\n",
-                                 rt ? rt->operation : "unmatched", rt ? rt->method : "",
-                                 rt ? rt->pattern : "", code, (unsigned long long)v);
+                                 rt ? rt->operation : "unmatched", method,
+                                 rt ? rt->pattern : "unmatched", code, (unsigned long long)v);
         }
     }
     cqrs_text_printf(t, "# HELP cqrs_http_request_duration_seconds Time from the request line "
                         "to the end of the response.\n"
                         "# TYPE cqrs_http_request_duration_seconds histogram\n");
-    for (size_t r = 0; r <= srv->n_routes; r++) {
+    for (size_t r = 0; r < srv->n_routes + N_UNMATCHED; r++) {
         const cqrs_http_route_t *rt = r < srv->n_routes ? &srv->routes[r] : NULL;
+        const char *method = rt ? rt->method : unmatched_methods[r - srv->n_routes];
         const cqrs_histogram_t *h = &srv->stats[r].latency;
         if (!atomic_load(&h->count))
             continue;
         char labels[256];
         snprintf(labels, sizeof labels, "operation=\"%s\",method=\"%s\",route=\"%s\"",
-                 rt ? rt->operation : "unmatched", rt ? rt->method : "", rt ? rt->pattern : "");
+                 rt ? rt->operation : "unmatched", method, rt ? rt->pattern : "unmatched");
         cqrs_metric_histogram_samples(t, "cqrs_http_request_duration_seconds", labels, h);
     }
 }
@@ -1081,7 +1099,7 @@ cqrs_http_server_t *cqrs_http_server_new(const cqrs_http_config_t *cfg,
     srv->cfg = *cfg;
     srv->routes = routes;
     srv->n_routes = n_routes;
-    srv->stats = calloc(n_routes + 1, sizeof *srv->stats);
+    srv->stats = calloc(n_routes + N_UNMATCHED, sizeof *srv->stats);
     pthread_mutex_init(&srv->susp_mu, NULL);
     if (!srv->stats) {
         free(srv);

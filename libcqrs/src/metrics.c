@@ -1,10 +1,13 @@
 /* metrics.c — see metrics.h. */
 #include "cqrs/metrics.h"
 
+#include <dirent.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 const double cqrs_histogram_bounds[CQRS_HISTOGRAM_BUCKETS] = {
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
@@ -62,6 +65,12 @@ void cqrs_metric_gauge(cqrs_text_t *t, const char *name, const char *help, doubl
     cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, value);
 }
 
+static void cqrs_metric_counter_f(cqrs_text_t *t, const char *name, const char *help, double value)
+{
+    cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s counter\n%s %.17g\n", name, help, name, name,
+                     value);
+}
+
 void cqrs_metric_histogram_samples(cqrs_text_t *t, const char *name, const char *labels,
                                    const cqrs_histogram_t *h)
 {
@@ -87,4 +96,70 @@ void cqrs_metric_histogram(cqrs_text_t *t, const char *name, const char *help,
 {
     cqrs_text_printf(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     cqrs_metric_histogram_samples(t, name, NULL, h);
+}
+
+/* Seconds since the epoch at boot (btime of /proc/stat), -1 when unknown. */
+static long long boot_time(void)
+{
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f)
+        return -1;
+    char line[256];
+    long long btime = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "btime %lld", &btime) == 1)
+            break;
+    fclose(f);
+    return btime;
+}
+
+void cqrs_metrics_process(cqrs_text_t *t)
+{
+    long tick = sysconf(_SC_CLK_TCK), page = sysconf(_SC_PAGESIZE);
+    FILE *f = fopen("/proc/self/stat", "r");
+    if (f) {
+        char buf[1024];
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        /* The command name (field 2) is in parentheses and may hold spaces: fields from 3 on
+         * follow its last ')'. utime, stime: 14, 15; starttime: 22; vsize, rss: 23, 24. */
+        const char *p = strrchr(buf, ')');
+        unsigned long long utime, stime, start, vsize;
+        long long rss;
+        if (p && tick > 0 &&
+            sscanf(p + 2,
+                   "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %*d %*d %*d %*d %*d "
+                   "%*d %llu %llu %lld",
+                   &utime, &stime, &start, &vsize, &rss) == 5) {
+            cqrs_metric_counter_f(t, "process_cpu_seconds_total",
+                                  "Total user and system CPU time spent in seconds.",
+                                  (double)(utime + stime) / (double)tick);
+            cqrs_metric_gauge(t, "process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                              (double)vsize);
+            cqrs_metric_gauge(t, "process_resident_memory_bytes", "Resident memory size in bytes.",
+                              (double)rss * (double)page);
+            long long btime = boot_time();
+            if (btime >= 0)
+                cqrs_metric_gauge(t, "process_start_time_seconds",
+                                  "Start time of the process since unix epoch in seconds.",
+                                  (double)btime + (double)start / (double)tick);
+        }
+    }
+    DIR *d = opendir("/proc/self/fd");
+    if (d) {
+        long fds = 0;
+        struct dirent *e;
+        while ((e = readdir(d)))
+            if (e->d_name[0] != '.')
+                fds++;
+        closedir(d);
+        /* less the descriptor of the listing itself */
+        cqrs_metric_gauge(t, "process_open_fds", "Number of open file descriptors.",
+                          (double)(fds > 0 ? fds - 1 : 0));
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+        cqrs_metric_gauge(t, "process_max_fds", "Maximum number of open file descriptors.",
+                          rl.rlim_cur == RLIM_INFINITY ? -1.0 : (double)rl.rlim_cur);
 }

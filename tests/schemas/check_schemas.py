@@ -9,13 +9,18 @@
   check_schemas.py events
       every domain event (products, orders; the integration tests add other types) in the
       PostgreSQL event log (CQRS_PG_DSN, read with psql) validates against
-      schemas/events/<type>.json, and every event type has a schema.
+      schemas/events/<type>.json, and every event type has a schema; then every message of the
+      daemons' event topics in Kafka (`<prefix>.product.events`, `<prefix>.order.events`, all
+      prefixes: every e2e run's) parses with the CloudEvents Python SDK (binary content mode),
+      its data validates against the schema of its type, and in each partition the
+      `sequence` extension values sort as strings in offset order (zero-padded, issue 21).
 """
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import yaml
 from jsonschema import Draft202012Validator
@@ -78,7 +83,9 @@ def events():
                           " ORDER BY sequence"],
                          check=True, capture_output=True, text=True).stdout
     validators, seen, n = {}, {}, 0
-    for line in out.splitlines():
+    # one event a line: split on "\n" only (splitlines() would also cut at U+2028, U+0085, …,
+    # which JSON strings may hold unescaped — schemathesis sends them)
+    for line in filter(None, out.split("\n")):
         ev = json.loads(line)
         t = ev["type"]
         if t not in validators:
@@ -99,6 +106,93 @@ def events():
     print(f"ok: checked {n} events of {len(validators)} types")
     if n == 0:
         fail("the event log is empty: run the e2e tests first")
+    kafka_events(validators)
+
+
+def kafka_conf():
+    """The stack's Kafka (CQRS_KAFKA_BROKERS) with the CQRS_KAFKA_PROPERTY_* passthrough of the
+    daemons (README, Kafka security: the property's name upper-cased, dots as underscores)."""
+    conf = {"bootstrap.servers": os.environ["CQRS_KAFKA_BROKERS"]}
+    for k, v in os.environ.items():
+        if k.startswith("CQRS_KAFKA_PROPERTY_"):
+            conf[k[len("CQRS_KAFKA_PROPERTY_"):].lower().replace("_", ".")] = v
+    return conf
+
+
+def kafka_events(validators):
+    import re
+
+    from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka_event
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    if not os.environ.get("CQRS_KAFKA_BROKERS"):
+        fail("CQRS_KAFKA_BROKERS is not set")
+        return
+    conf = kafka_conf()
+    topics = sorted(t for t in AdminClient(conf).list_topics(timeout=15).topics
+                    if re.fullmatch(r"[^.]+\.(product|order)\.events", t))
+    consumer = Consumer(dict(conf, **{"group.id": "check-schemas", "enable.auto.commit": False,
+                                      "enable.partition.eof": True}))
+    n, bad = 0, 0
+    last = {}  # (topic, partition) → the last sequence value seen there
+
+    def bad_message(msg):
+        nonlocal bad
+        bad += 1
+        if bad <= 5:
+            fail(msg)
+
+    try:
+        # every partition of every event topic at once, read to its end (EOF events)
+        assignment = []
+        for topic in topics:
+            for part in consumer.list_topics(topic, timeout=15).topics[topic].partitions:
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=15)
+                if hi > lo:
+                    assignment.append(TopicPartition(topic, part, lo))
+        consumer.assign(assignment)
+        open_parts = {(tp.topic, tp.partition) for tp in assignment}
+        deadline = time.time() + 120
+        while open_parts and time.time() < deadline:
+            msg = consumer.poll(5)
+            if msg is None:
+                continue
+            where = (msg.topic(), msg.partition())
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    open_parts.discard(where)
+                else:
+                    fail(f"{where}: {msg.error()}")
+                    break
+                continue
+            n += 1
+            at = f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
+            try:
+                ev = from_kafka_event(KafkaMessage(headers=dict(msg.headers() or []),
+                                                   key=msg.key(), value=msg.value()))
+            except Exception as e:  # noqa: BLE001 - report every message the SDK refuses
+                bad_message(f"{at}: the CloudEvents SDK refuses it: {e}")
+                continue
+            v = validators.get(ev.get_type())
+            errs = list(v.iter_errors(ev.get_data())) if v is not None else []
+            if errs:
+                bad_message(f"{at}: {ev.get_type()}: {errs[0].message}")
+            seq = ev.get_extension("sequence")
+            if not isinstance(seq, str) or not seq.isdigit():
+                bad_message(f"{at}: sequence {seq!r} is not a string of decimal digits")
+                continue
+            if where in last and not last[where] < seq:
+                bad_message(f"{at}: sequence {seq} does not sort after {last[where]} as a string")
+            last[where] = seq
+        if open_parts:
+            fail(f"{len(open_parts)} partitions not read to their end within 120 s")
+    finally:
+        consumer.close()
+    print(f"ok: the CloudEvents SDK parsed {n - bad} of {n} Kafka messages of {len(topics)} event "
+          "topics; their data valid, their sequence values sorting as strings")
+    if n == 0:
+        fail("no message in the event topics: run the e2e tests first")
 
 
 if __name__ == "__main__":

@@ -38,4 +38,10 @@ void cqrs_metric_histogram(cqrs_text_t *t, const char *name, const char *help,
 void cqrs_metric_histogram_samples(cqrs_text_t *t, const char *name, const char *labels,
                                    const cqrs_histogram_t *h);
 
+/* The standard process metrics of Prometheus's client libraries, read from /proc/self at each
+ * call (Linux): process_cpu_seconds_total, process_open_fds, process_max_fds,
+ * process_virtual_memory_bytes, process_resident_memory_bytes, process_start_time_seconds.
+ * A file that cannot be read leaves its metrics out. */
+void cqrs_metrics_process(cqrs_text_t *t);
+
 #endif

@@ -10,4 +10,9 @@
  * binary was built against (its soname pins the ABI). */
 void cqrs_version_print(FILE *out, const char *program);
 
+struct cqrs_text;
+/* `cqrs_build_info{program,version,librdkafka,hiredis,libmicrohttpd,libpq,jansson,openssl} 1`
+ * with its HELP and TYPE lines: the versions --version prints, for dashboards and alerts. */
+void cqrs_version_metrics(struct cqrs_text *t, const char *program);
+
 #endif
