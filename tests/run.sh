@@ -45,6 +45,12 @@ if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yam
     "$BUILD/venv/bin/pip" install -q --disable-pip-version-check --cache-dir "$CACHE_DIR/pip" \
         -r tests/schemas/requirements.txt
 fi
+# npm (Node.js 20 or newer) and Go come with the machine (README, "Tests"); Debian 12's own
+# nodejs 18 and golang 1.19 are too old for these releases, so they are not installed here.
+PATH=$PATH:/usr/local/go/bin
+for tool in npm go; do
+    command -v "$tool" >/dev/null || { echo "tests/run.sh needs $tool on PATH (Node.js >= 20 with npm, Go >= 1.22)" >&2; exit 1; }
+done
 REDOCLY_VERSION=2.77.0 KUBE_SCORE_VERSION=v1.20.0
 REDOCLY=$CACHE_DIR/tools/npm/node_modules/.bin/redocly
 if [ "$("$REDOCLY" --version 2>/dev/null)" != "$REDOCLY_VERSION" ]; then
