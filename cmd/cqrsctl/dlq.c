@@ -309,7 +309,7 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const char *shard, const char *
         goto out;
     }
     cqrs_error_t perr;
-    if (proj->apply(doc, &ev, &next, &perr) != CQRS_ERR_OK) {
+    if (cqrs_projection_apply(proj, doc, &ev, &next, &perr) != CQRS_ERR_OK) {
         rc = cqrs_error_set(err, CQRS_ERR_INVALID, "%s", perr.message);
         goto out;
     }

@@ -219,7 +219,7 @@ static void add_dead(agg_t *a, const cqrs_event_t *ev, const char *reason)
 }
 
 /* Folds one event into the aggregate it belongs to (the current one). */
-static void fold(agg_t *a, const cqrs_event_t *ev)
+static void fold(agg_t *a, cqrs_event_t *ev)
 {
     char reason[300];
     if (ev->version <= a->seen)
@@ -241,9 +241,9 @@ static void fold(agg_t *a, const cqrs_event_t *ev)
     json_t *next = NULL;
     cqrs_error_t perr;
     /* In place when nothing else holds the document (no index to compute against it). */
-    bool owned = !a->old && query_projection.apply_owned;
-    cqrs_err_t rc = owned ? query_projection.apply_owned(a->doc, ev, &next, &perr)
-                          : query_projection.apply(a->doc, ev, &next, &perr);
+    bool owned = !a->old;
+    cqrs_err_t rc = owned ? cqrs_projection_apply_owned(&query_projection, a->doc, ev, &next, &perr)
+                          : cqrs_projection_apply(&query_projection, a->doc, ev, &next, &perr);
     if (rc != CQRS_ERR_OK) {
         a->held = true;
         add_dead(a, ev, perr.message);

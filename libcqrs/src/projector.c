@@ -709,6 +709,29 @@ cqrs_projector_t *cqrs_projector_new(const cqrs_projector_config_t *cfg, cqrs_er
     return p;
 }
 
+cqrs_err_t cqrs_projection_apply(const cqrs_projection_t *p, const json_t *doc, cqrs_event_t *ev,
+                                 json_t **next, cqrs_error_t *err)
+{
+    *next = NULL;
+    cqrs_err_t rc = p->events ? cqrs_event_upcast(p->events, ev, err) : CQRS_ERR_OK;
+    return rc != CQRS_ERR_OK ? rc : p->apply(doc, ev, next, err);
+}
+
+cqrs_err_t cqrs_projection_apply_owned(const cqrs_projection_t *p, json_t *doc, cqrs_event_t *ev,
+                                       json_t **next, cqrs_error_t *err)
+{
+    *next = NULL;
+    cqrs_err_t rc = p->events ? cqrs_event_upcast(p->events, ev, err) : CQRS_ERR_OK;
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    if (p->apply_owned)
+        return p->apply_owned(doc, ev, next, err);
+    rc = p->apply(doc, ev, next, err);
+    if (rc == CQRS_ERR_OK)
+        json_decref(doc);
+    return rc;
+}
+
 static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
 {
     /* Offsets are stored by hand after the Redis write and committed by the auto-commit
@@ -910,7 +933,7 @@ static bool keep_undecodable(cqrs_projector_t *p, const rd_kafka_message_t *m, c
 }
 
 /* Applies one event; returns false when the message must be handled again (stop, reset). */
-static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const cqrs_event_t *ev)
+static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, cqrs_event_t *ev)
 {
     char key[CQRS_KEY_MAX], dlq[CQRS_KEY_MAX], part_s[12], offset_s[24];
     const char *topic = rd_kafka_topic_name(m->rkt);
@@ -962,7 +985,8 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, const 
             if (text && !doc) {
                 dead = true;
                 snprintf(reason, sizeof reason, "the stored document is not JSON");
-            } else if (p->cfg.projection->apply(doc, ev, &next, &perr) != CQRS_ERR_OK) {
+            } else if (cqrs_projection_apply(p->cfg.projection, doc, ev, &next, &perr) !=
+                       CQRS_ERR_OK) {
                 dead = true;
                 snprintf(reason, sizeof reason, "%s", perr.message);
             } else {

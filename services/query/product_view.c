@@ -1,7 +1,8 @@
 /* product_view.c — documents built from events (pure), and their projection into Redis.
  *
- * Product: {id, sku, name, description, category, price_cents, currency, stock, status,
- * units_sold, version, created_at, updated_at}. Order: {id, customer_id, status, items,
+ * Product: {id, sku, name, description, category, price_cents, currency, weight_grams, stock,
+ * status, units_sold, version, created_at, updated_at} (weight_grams: null when unknown, as for
+ * every product created before product.created.v2). Order: {id, customer_id, status, items,
  * total_cents, currency, version, placed_at, cancelled_at}. Timestamps come from the events,
  * so replaying the same events always yields the same documents.
  */
@@ -36,24 +37,29 @@ static cqrs_err_t incomplete(const cqrs_event_t *ev, cqrs_error_t *err)
     return cqrs_error_set(err, CQRS_ERR_INVALID, "%s data is incomplete", ev->type);
 }
 
+/* product.created.v2 (v1 arrives upcast: query_events below). */
 static cqrs_err_t product_created(const json_t *doc, const cqrs_event_t *ev, json_t **out,
                                   cqrs_error_t *err)
 {
     const char *sku, *name, *description, *category, *currency;
     json_int_t price, stock;
+    const json_t *weight = json_object_get(ev->data, "weight_grams");
     if (doc || ev->version != 1)
         return cqrs_error_set(err, CQRS_ERR_INVALID, "product created twice or not at version 1");
     if (!data_string(ev->data, "sku", &sku) || !data_string(ev->data, "name", &name) ||
         !data_string(ev->data, "description", &description) ||
         !data_string(ev->data, "category", &category) ||
         !data_string(ev->data, "currency", &currency) ||
-        !data_int(ev->data, "price_cents", &price) || !data_int(ev->data, "initial_stock", &stock))
+        !data_int(ev->data, "price_cents", &price) ||
+        !data_int(ev->data, "initial_stock", &stock) ||
+        !(json_is_null(weight) || (json_is_integer(weight) && json_integer_value(weight) >= 0)))
         return incomplete(ev, err);
-    *out = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:i, s:I, s:s, s:s}", "id",
-                     ev->aggregate_id, "sku", sku, "name", name, "description", description,
-                     "category", category, "price_cents", price, "currency", currency, "stock",
-                     stock, "status", "active", "units_sold", 0, "version", (json_int_t)ev->version,
-                     "created_at", ev->time, "updated_at", ev->time);
+    *out =
+        json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:O, s:I, s:s, s:i, s:I, s:s, s:s}", "id",
+                  ev->aggregate_id, "sku", sku, "name", name, "description", description,
+                  "category", category, "price_cents", price, "currency", currency, "weight_grams",
+                  weight, "stock", stock, "status", "active", "units_sold", 0, "version",
+                  (json_int_t)ev->version, "created_at", ev->time, "updated_at", ev->time);
     return *out ? CQRS_ERR_OK : cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
 }
 
@@ -127,7 +133,7 @@ cqrs_err_t product_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t 
                               cqrs_error_t *err)
 {
     *out = NULL;
-    if (strcmp(ev->type, "product.created.v1") == 0)
+    if (strcmp(ev->type, "product.created.v2") == 0)
         return product_created(doc, ev, out, err);
     return product_changed(doc, ev, out, err);
 }
@@ -183,7 +189,7 @@ static cqrs_err_t query_apply_owned(json_t *doc, const cqrs_event_t *ev, json_t 
 {
     *next = NULL;
     if (doc && strcmp(ev->aggregate_type, "product") == 0 &&
-        strcmp(ev->type, "product.created.v1") != 0) {
+        strcmp(ev->type, "product.created.v2") != 0) {
         cqrs_err_t rc = product_change(doc, ev, err);
         if (rc == CQRS_ERR_OK)
             *next = doc;
@@ -196,5 +202,32 @@ static cqrs_err_t query_apply_owned(json_t *doc, const cqrs_event_t *ev, json_t 
     return rc;
 }
 
+/* product.created v1 → v2: weight_grams came with v2; what a v1 event created weighs is
+ * unknown (null). */
+static cqrs_err_t product_created_v1_v2(json_t *data, const cqrs_event_t *ev, cqrs_error_t *err)
+{
+    (void)ev;
+    if (json_object_set_new(data, "weight_grams", json_null()) != 0)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    return CQRS_ERR_OK;
+}
+
+static const cqrs_upcast_fn product_created_up[] = {product_created_v1_v2};
+
+/* Every event type the read model knows, at the version its projections are written against
+ * (schemas/events/<type>.v<N>.json), with the upcasters that bring older versions to it. */
+static const cqrs_event_kind_t query_kinds[] = {
+    {"product.created", 2, product_created_up},
+    {"product.details-updated", 1, NULL},
+    {"product.price-changed", 1, NULL},
+    {"product.stock-adjusted", 1, NULL},
+    {"product.stock-reserved", 1, NULL},
+    {"product.stock-released", 1, NULL},
+    {"product.discontinued", 1, NULL},
+    {"order.placed", 1, NULL},
+    {"order.cancelled", 1, NULL},
+};
+const cqrs_event_registry_t query_events = {query_kinds, sizeof query_kinds / sizeof *query_kinds};
+
 const cqrs_projection_t query_projection = {query_knows, query_apply, query_index,
-                                            query_apply_owned};
+                                            query_apply_owned, &query_events};

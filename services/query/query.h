@@ -68,6 +68,8 @@ cqrs_err_t order_view_apply(const json_t *doc, const cqrs_event_t *ev, json_t **
 
 /* The projection of product and order events for the projector. */
 extern const cqrs_projection_t query_projection;
+/* The event types the read model knows, with their upcasters (product_view.c). */
+extern const cqrs_event_registry_t query_events;
 
 /* ---- indexes (index.c, pure) ---- */
 

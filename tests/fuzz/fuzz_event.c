@@ -57,10 +57,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         cqrs_keys_shard("cqrs", "fuzz", 0, shard, sizeof shard);
         cqrs_keys_doc(shard, ev.aggregate_id, key, sizeof key);
         json_t *doc = NULL, *next = NULL;
-        cqrs_err_t (*apply)(const json_t *, const cqrs_event_t *, json_t **, cqrs_error_t *) =
-            strcmp(ev.aggregate_type, "order") == 0 ? order_view_apply : product_view_apply;
         for (int round = 0; round < 2; round++) {
-            if (apply(doc, &ev, &next, &err) == CQRS_ERR_OK) {
+            /* as every reader does: upcast, then apply */
+            if (cqrs_projection_apply(&query_projection, doc, &ev, &next, &err) == CQRS_ERR_OK) {
                 cqrs_index_ops_t ops = {0};
                 query_index(shard, ev.aggregate_type, key, doc, next, &ops);
                 cqrs_index_ops_free(&ops);

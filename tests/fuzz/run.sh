@@ -36,6 +36,7 @@ hdr = ("ce_specversion=1.0\nce_id=6f9619ff-8b86-4011-b42d-00c04fc964ff\nce_type=
        "ce_sequence=7\nce_traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n\n")
 events = [
   ("product.created.v1", "product", 1, {"product_id": "aaaaaaaa-8b86-4011-b42d-00c04fc964ff", "sku": "A", "name": "Red lamp", "description": "Warm", "category": "c", "price_cents": 5, "currency": "EUR", "initial_stock": 3}),
+  ("product.created.v2", "product", 1, {"product_id": "aaaaaaaa-8b86-4011-b42d-00c04fc964ff", "sku": "A", "name": "Red lamp", "description": "Warm", "category": "c", "price_cents": 5, "currency": "EUR", "initial_stock": 3, "weight_grams": 1250}),
   ("product.stock-reserved.v1", "product", 2, {"product_id": "x", "order_id": "y", "quantity": 2, "stock": 1}),
   ("product.details-updated.v1", "product", 2, {"name": "n", "description": "d", "category": "c"}),
   ("order.placed.v1", "order", 1, {"order_id": "o", "customer_id": "c", "items": [{"product_id": "p", "sku": "s", "name": "n", "unit_price_cents": 1, "quantity": 1, "line_total_cents": 1}], "total_cents": 1, "currency": "EUR"}),

@@ -77,7 +77,7 @@ static cqrs_err_t counter_apply(const json_t *doc, const cqrs_event_t *ev, json_
     return CQRS_ERR_OK;
 }
 
-static const cqrs_projection_t counter = {counter_knows, counter_apply, NULL, NULL};
+static const cqrs_projection_t counter = {counter_knows, counter_apply, NULL, NULL, NULL};
 
 static int setup(void **state)
 {

@@ -3,16 +3,29 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <cmocka.h>
 
 #include "query.h"
 
+/* product.created.v2: the version the projection is written against. */
 static void created(cqrs_event_t *ev, int64_t version)
 {
-    cqrs_event_init(ev, "product.created.v1", "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff",
+    cqrs_event_init(ev, "product.created.v2", "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff",
                     version,
+                    json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:i,s:i}", "product_id",
+                              "6f9619ff-8b86-4011-b42d-00c04fc964ff", "sku", "ABC-1", "name",
+                              "Widget", "description", "", "category", "tools", "price_cents", 1299,
+                              "currency", "EUR", "initial_stock", 10, "weight_grams", 1250),
+                    NULL);
+}
+
+/* The same creation as written before v2 existed. */
+static void created_v1(cqrs_event_t *ev)
+{
+    cqrs_event_init(ev, "product.created.v1", "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff", 1,
                     json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:i}", "product_id",
                               "6f9619ff-8b86-4011-b42d-00c04fc964ff", "sku", "ABC-1", "name",
                               "Widget", "description", "", "category", "tools", "price_cents", 1299,
@@ -29,11 +42,12 @@ static void test_created_builds_the_whole_document(void **state)
     cqrs_error_t err;
     assert_int_equal(product_view_apply(NULL, &ev, &doc, &err), CQRS_ERR_OK);
     static const char *const fields[] = {
-        "id",    "sku",    "name",       "description", "category",   "price_cents", "currency",
-        "stock", "status", "units_sold", "version",     "created_at", "updated_at"};
-    assert_int_equal(json_object_size(doc), 13);
-    for (size_t i = 0; i < 13; i++)
+        "id",           "sku",   "name",   "description", "category", "price_cents", "currency",
+        "weight_grams", "stock", "status", "units_sold",  "version",  "created_at",  "updated_at"};
+    assert_int_equal(json_object_size(doc), 14);
+    for (size_t i = 0; i < 14; i++)
         assert_non_null(json_object_get(doc, fields[i]));
+    assert_int_equal(json_integer_value(json_object_get(doc, "weight_grams")), 1250);
     assert_string_equal(json_string_value(json_object_get(doc, "id")), ev.aggregate_id);
     assert_int_equal(json_integer_value(json_object_get(doc, "stock")), 10);
     assert_string_equal(json_string_value(json_object_get(doc, "status")), "active");
@@ -76,7 +90,7 @@ static void test_rejects_what_does_not_fit(void **state)
     assert_int_equal(product_view_apply(NULL, &ev, &out, &err), CQRS_ERR_INVALID);
     cqrs_event_close(&ev);
     /* incomplete data */
-    cqrs_event_init(&ev, "product.created.v1", "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff", 1,
+    cqrs_event_init(&ev, "product.created.v2", "product", "6f9619ff-8b86-4011-b42d-00c04fc964ff", 1,
                     json_pack("{s:s}", "sku", "x"), NULL);
     assert_int_equal(product_view_apply(NULL, &ev, &out, &err), CQRS_ERR_INVALID);
     cqrs_event_close(&ev);
@@ -115,7 +129,7 @@ static json_t *step(json_t *doc, const char *type, int64_t version, json_t *data
     /* created_at never moves */
     assert_string_equal(json_string_value(json_object_get(next, "created_at")),
                         json_string_value(json_object_get(doc, "created_at")));
-    assert_int_equal(json_object_size(next), 13);
+    assert_int_equal(json_object_size(next), 14);
     cqrs_event_close(&ev);
     json_decref(doc);
     return next;
@@ -315,6 +329,51 @@ static void test_units_sold_never_wraps(void **state)
     json_decref(d);
 }
 
+/* A log holding both versions folds to the same document as one holding only v2 after the
+ * upcast: v1 arrives with weight_grams null, everything else alike. */
+static void test_v1_creation_is_upcast(void **state)
+{
+    (void)state;
+    cqrs_event_t v1, v2;
+    created_v1(&v1);
+    created(&v2, 1);
+    json_object_set_new(v2.data, "weight_grams", json_null());
+    snprintf(v2.time, sizeof v2.time, "%s", v1.time);
+    snprintf(v2.id, sizeof v2.id, "%s", v1.id);
+    json_t *a = NULL, *b = NULL;
+    cqrs_error_t err;
+    /* the projection itself knows v2 only… */
+    assert_int_equal(product_view_apply(NULL, &v1, &a, &err), CQRS_ERR_INVALID);
+    /* …and every reader reaches it through the upcasters */
+    assert_int_equal(cqrs_projection_apply(&query_projection, NULL, &v1, &a, &err), CQRS_ERR_OK);
+    assert_string_equal(v1.type, "product.created.v2");
+    assert_int_equal(cqrs_projection_apply(&query_projection, NULL, &v2, &b, &err), CQRS_ERR_OK);
+    assert_true(json_is_null(json_object_get(a, "weight_grams")));
+    assert_true(json_equal(a, b));
+    json_decref(a);
+    json_decref(b);
+    cqrs_event_close(&v1);
+    cqrs_event_close(&v2);
+}
+
+/* An old reader meeting a newer version: INVALID with a reason that says so (a dead letter). */
+static void test_newer_version_is_refused_with_its_reason(void **state)
+{
+    (void)state;
+    cqrs_event_t ev;
+    created(&ev, 1);
+    snprintf(ev.type, sizeof ev.type, "product.created.v3");
+    json_t *doc = NULL;
+    cqrs_error_t err;
+    assert_int_equal(cqrs_projection_apply(&query_projection, NULL, &ev, &doc, &err),
+                     CQRS_ERR_INVALID);
+    assert_null(doc);
+    assert_non_null(strstr(err.message, "product.created.v3 is newer than this build knows "
+                                        "(product.created.v2)"));
+    assert_string_equal(ev.type, "product.created.v3");
+    cqrs_event_close(&ev);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -324,6 +383,8 @@ int main(void)
         cmocka_unit_test(test_order_events),
         cmocka_unit_test(test_units_sold_never_wraps),
         cmocka_unit_test(test_created_builds_the_whole_document),
+        cmocka_unit_test(test_v1_creation_is_upcast),
+        cmocka_unit_test(test_newer_version_is_refused_with_its_reason),
         cmocka_unit_test(test_created_is_deterministic),
         cmocka_unit_test(test_rejects_what_does_not_fit),
     };

@@ -39,6 +39,7 @@
 #include "cqrs/docstore.h"
 #include "cqrs/err.h"
 #include "cqrs/event.h"
+#include "cqrs/upcast.h"
 
 typedef struct cqrs_projector cqrs_projector_t;
 
@@ -59,7 +60,20 @@ typedef struct cqrs_projection {
      * and still the caller's. Rebuilds fold long histories with it without copying. */
     cqrs_err_t (*apply_owned)(json_t *doc, const cqrs_event_t *ev, json_t **next,
                               cqrs_error_t *err);
+    /* Optional: the event types the projection knows, at the newest version it is written
+     * against, with their upcasters (upcast.h). NULL: events reach apply as they were written. */
+    const struct cqrs_event_registry *events;
 } cqrs_projection_t;
+
+/* The only way events reach a projection (the projector, cqrsctl rebuild and dlq retry): ev
+ * brought to the newest version the projection knows (cqrs_event_upcast: ev's type and data
+ * change), then apply — or, with owned, apply_owned when the projection has it (doc handed
+ * over as apply_owned says; on failure still the caller's). INVALID with the reason when the
+ * event's type or version is unknown to this build, as from apply. */
+cqrs_err_t cqrs_projection_apply(const cqrs_projection_t *p, const json_t *doc, cqrs_event_t *ev,
+                                 json_t **next, cqrs_error_t *err);
+cqrs_err_t cqrs_projection_apply_owned(const cqrs_projection_t *p, json_t *doc, cqrs_event_t *ev,
+                                       json_t **next, cqrs_error_t *err);
 
 typedef struct cqrs_projector_config {
     const char *brokers;
