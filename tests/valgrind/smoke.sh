@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 B=$REPO/build-valgrind
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=OFF \
-    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" -DCQRS_WERROR=ON >/dev/null
 ninja -C "$B" >"$B/ninja.log" 2>&1 || { tail -n 40 "$B/ninja.log" >&2; exit 1; } # errors shown
 OUT=$(mktemp -d /tmp/cqrs-valgrind.XXXXXX)
 PREFIX=vg$RANDOM
