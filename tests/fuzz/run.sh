@@ -47,7 +47,7 @@ PY
 
 for h in command_body event http; do
     mkdir -p "$B/corpus/$h"
-    reg=(tests/fuzz/regressions/$h/*)
+    reg=("tests/fuzz/regressions/$h"/*)
     if [ -e "${reg[0]}" ]; then
         "$B/tests/fuzz/fuzz_$h" "${reg[@]}" >"$B/$h-regressions.log" 2>&1 ||
             { echo "regression case of $h fails"; tail -30 "$B/$h-regressions.log"; exit 1; }

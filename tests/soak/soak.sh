@@ -24,7 +24,7 @@ CQRS_HTTP_PORT=$CP "$B/cmd/cqrs-commandd" >"$OUT/commandd.log" 2>&1 &
 C=$!
 CQRS_HTTP_PORT=$QP "$B/cmd/cqrs-queryd" >"$OUT/queryd.log" 2>&1 &
 Q=$!
-W1= W2=
+W1='' W2=''
 cleanup() { kill $C $Q ${W1:-} ${W2:-} 2>/dev/null || true; }
 trap cleanup EXIT
 for p in $CP $QP; do
