@@ -100,6 +100,74 @@ bool order_price(const place_order_input_t *in, const int64_t *unit_prices, int6
 /* The ProductCreated event data (new reference). Pure. */
 json_t *product_created_data(const char *id, const create_product_input_t *in);
 
+/* ---- decisions (pure, decide.c) ----
+ *
+ * A decision takes the locked rows and the validated command and returns the events to record,
+ * or the problem to answer; it does no I/O and reads no clock (new ids come in). The transaction
+ * code loads and locks the rows, calls the decision and writes what it returns: the rows' new
+ * values are read off the events' data (stock, price, details …), so rows and events cannot
+ * disagree. Every sum of money or stock is checked (cqrs_checked_*_i64): what would overflow is a
+ * problem, never a wrapped number. Each decide_* fills *d (which it initialises) and returns
+ * true, or returns false when memory ran out (d is then empty). */
+
+typedef struct decided_event {
+    const char *type;           /* static string, e.g. "product.stock-adjusted.v1" */
+    const char *aggregate_type; /* "product" or "order" */
+    char aggregate_id[CQRS_UUID_LEN + 1];
+    int64_t version; /* the aggregate's version after this event */
+    json_t *data;    /* owned */
+} decided_event_t;
+
+typedef struct decision {
+    unsigned status;   /* 0: the events below; else the problem's HTTP status (409, 422) */
+    const char *slug;  /* problem type, e.g. "insufficient-stock" (static) */
+    const char *title; /* static */
+    char detail[256];
+    json_t *extra; /* problem members (owned, may be NULL) */
+    size_t n;
+    decided_event_t *events; /* owned; n of them when status is 0 */
+} decision_t;
+
+void decision_close(decision_t *d);
+
+/* A product row as locked (borrowed strings). */
+typedef struct product_state {
+    const char *id, *sku, *name, *description, *category, *currency, *status;
+    int64_t price_cents, stock, units_sold, version;
+} product_state_t;
+
+/* An order row as locked, and its lines joined to their locked products. */
+typedef struct order_state {
+    const char *id, *status;
+    int64_t version;
+} order_state_t;
+
+typedef struct order_line_state {
+    const char *product_id;
+    int64_t quantity;
+    int64_t product_stock, product_version;
+} order_line_state_t;
+
+/* CreateProduct. sku_taken: another product has this sku (the unique index says so — the only
+ * place that can tell under concurrency). */
+bool decide_create_product(const char *id, const create_product_input_t *in, bool sku_taken,
+                           decision_t *d);
+/* The product commands on cur (locked, never NULL: 404 and If-Match are the loader's). */
+bool decide_update_details(const product_state_t *cur, const update_details_input_t *in,
+                           decision_t *d);
+bool decide_change_price(const product_state_t *cur, int64_t price_cents, decision_t *d);
+bool decide_adjust_stock(const product_state_t *cur, const adjust_stock_input_t *in,
+                         const domain_limits_t *l, decision_t *d);
+bool decide_discontinue(const product_state_t *cur, decision_t *d);
+/* PlaceOrder: products are the locked rows of in's product ids that exist, sorted by id.
+ * events[0] is OrderPlaced (its data's items in request order), then one ProductStockReserved
+ * per line in product id order. */
+bool decide_place_order(const char *order_id, const place_order_input_t *in,
+                        const product_state_t *products, size_t n_products, decision_t *d);
+/* CancelOrder: events[0] is OrderCancelled, then one ProductStockReleased per line. */
+bool decide_cancel_order(const order_state_t *order, const order_line_state_t *lines, size_t n,
+                         const domain_limits_t *l, decision_t *d);
+
 /* ---- handlers (ud = command_ctx_t) ---- */
 
 void product_create_handler(cqrs_http_request_t *req, void *ud);
@@ -142,6 +210,17 @@ enum {
     PC_CREATED_AT,
     PC_UPDATED_AT
 };
+
+/* The product of row r (PRODUCT_COLS) as a decision sees it (strings borrowed from rows). */
+void product_state_of(const cqrs_rows_t *rows, int r, product_state_t *out);
+
+/* Answers d's problem (takes d's extra). */
+void command_problem(cqrs_command_t *cmd, decision_t *d);
+
+/* Appends d's events to the outbox in one statement, at the command's time and trace context,
+ * each to its aggregate type's topic. */
+cqrs_err_t command_record(cqrs_tx_t *tx, cqrs_command_t *cmd, const command_ctx_t *ctx,
+                          const decision_t *d, cqrs_error_t *err);
 
 /* The product document of row r (PRODUCT_COLS), as the query side serves it. */
 json_t *product_row_json(const cqrs_rows_t *rows, int r);

@@ -1,6 +1,8 @@
 /* common.c — helpers every command handler uses. */
+#include <cqrs/outbox.h>
 #include <ctype.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "command.h"
@@ -72,4 +74,54 @@ json_t *product_row_json(const cqrs_rows_t *rows, int r)
         (json_int_t)rows_int(rows, r, PC_UNITS_SOLD), "version",
         (json_int_t)rows_int(rows, r, PC_VERSION), "created_at",
         cqrs_rows_get(rows, r, PC_CREATED_AT), "updated_at", cqrs_rows_get(rows, r, PC_UPDATED_AT));
+}
+
+void product_state_of(const cqrs_rows_t *rows, int r, product_state_t *out)
+{
+    *out = (product_state_t){
+        .id = cqrs_rows_get(rows, r, PC_ID),
+        .sku = cqrs_rows_get(rows, r, PC_SKU),
+        .name = cqrs_rows_get(rows, r, PC_NAME),
+        .description = cqrs_rows_get(rows, r, PC_DESCRIPTION),
+        .category = cqrs_rows_get(rows, r, PC_CATEGORY),
+        .currency = cqrs_rows_get(rows, r, PC_CURRENCY),
+        .status = cqrs_rows_get(rows, r, PC_STATUS),
+        .price_cents = rows_int(rows, r, PC_PRICE),
+        .stock = rows_int(rows, r, PC_STOCK),
+        .units_sold = rows_int(rows, r, PC_UNITS_SOLD),
+        .version = rows_int(rows, r, PC_VERSION),
+    };
+}
+
+void command_problem(cqrs_command_t *cmd, decision_t *d)
+{
+    json_t *extra = d->extra;
+    d->extra = NULL;
+    cqrs_command_problem(cmd, d->status, d->slug, d->title, d->detail, extra);
+}
+
+cqrs_err_t command_record(cqrs_tx_t *tx, cqrs_command_t *cmd, const command_ctx_t *ctx,
+                          const decision_t *d, cqrs_error_t *err)
+{
+    cqrs_event_t *evs = calloc(d->n, sizeof *evs);
+    const char **topics = calloc(d->n, sizeof *topics);
+    cqrs_err_t rc = CQRS_ERR_OK;
+    if (!evs || !topics) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < d->n; i++) {
+        const decided_event_t *e = &d->events[i];
+        cqrs_event_init(&evs[i], e->type, e->aggregate_type, e->aggregate_id, e->version,
+                        json_incref(e->data), cqrs_http_traceparent(cmd->req));
+        memcpy(evs[i].time, cmd->time, sizeof evs[i].time);
+        topics[i] = strcmp(e->aggregate_type, "order") == 0 ? ctx->order_topic : ctx->product_topic;
+    }
+    rc = cqrs_outbox_append_many(tx, evs, d->n, topics, err);
+out:
+    for (size_t i = 0; evs && i < d->n; i++)
+        cqrs_event_close(&evs[i]);
+    free(evs);
+    free(topics);
+    return rc;
 }

@@ -1,4 +1,5 @@
-/* order.c — Order commands.
+/* order.c — Order commands: validation, then one transaction that locks the rows, asks the
+ * decision (decide.c: the rules, the money) and writes what it returns.
  *
  * PlaceOrder reserves stock on every product of the order, all or nothing. Deadlock freedom:
  * every transaction that locks several products locks them in one statement ordered by id
@@ -7,10 +8,8 @@
  * impossible: stock is checked after the rows are locked, and the CHECK (stock >= 0)
  * constraint backs it up.
  *
- * Money and counts never wrap: at the widest settings one line is 10^12 cents × 10^6 = 10^18
- * and ten of them pass INT64_MAX, so every sum and product of prices, quantities, stock and
- * units sold is computed with cqrs_checked_*_i64 before anything is written; an order whose
- * total cannot be represented is a 422 order-total-out-of-range, never a wrong total or a 500.
+ * Money and counts never wrap: decide.c checks every sum and product before anything is
+ * written.
  */
 #include <cqrs/log.h>
 #include <cqrs/outbox.h>
@@ -106,19 +105,6 @@ bool order_validate_place(const json_t *body, const domain_limits_t *l, place_or
     return v->status == 0;
 }
 
-bool order_price(const place_order_input_t *in, const int64_t *unit_prices, int64_t *line_totals,
-                 int64_t *total)
-{
-    int64_t sum = 0;
-    for (size_t i = 0; i < in->n; i++) {
-        if (!cqrs_checked_mul_i64(unit_prices[i], in->lines[i].quantity, &line_totals[i]) ||
-            !cqrs_checked_add_i64(sum, line_totals[i], &sum))
-            return false;
-    }
-    *total = sum;
-    return true;
-}
-
 /* ---- helpers ----------------------------------------------------------------------------- */
 
 static json_t *order_json(const char *id, const char *customer_id, const char *status,
@@ -129,13 +115,6 @@ static json_t *order_json(const char *id, const char *customer_id, const char *s
                      customer_id, "status", status, "items", items, "total_cents",
                      (json_int_t)total, "currency", currency, "version", (json_int_t)version,
                      "placed_at", placed_at, "cancelled_at", cancelled_at);
-}
-
-static void event_at(cqrs_event_t *ev, cqrs_command_t *cmd, const char *type, const char *agg_type,
-                     const char *id, int64_t version, json_t *data)
-{
-    cqrs_event_init(ev, type, agg_type, id, version, data, cqrs_http_traceparent(cmd->req));
-    memcpy(ev->time, cmd->time, sizeof ev->time);
 }
 
 static char *uuid_array(const order_line_input_t *lines, size_t n)
@@ -169,12 +148,10 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
 {
     place_ud_t *pu = ud;
     const place_order_input_t *in = pu->in;
-    const command_ctx_t *ctx = pu->ctx;
     cqrs_rows_t *rows = NULL;
-    json_t *items = NULL, *lines = NULL, *problem_items = NULL;
-    cqrs_event_t *evs = NULL;
-    const char **topics = NULL;
-    size_t n_evs = 0;
+    json_t *lines = NULL;
+    product_state_t *products = NULL;
+    decision_t d = {0};
     char *ids = uuid_array(in->lines, in->n);
     if (!ids)
         return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
@@ -188,125 +165,47 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
     if (rc != CQRS_ERR_OK)
         return rc;
 
-    /* Rules, checked on the locked rows. Both lists are sorted by product id. */
     int nrows = cqrs_rows_count(rows);
-    problem_items = json_array();
-    json_t *unknown = json_array();
-    const char *currency = NULL;
-    bool mixed = false, inactive = false, sold_out_of_range = false;
-    int r = 0;
-    int *row_of = calloc(in->n, sizeof *row_of);
-    int64_t *prices = calloc(in->n, sizeof *prices),
-            *line_totals = calloc(in->n, sizeof *line_totals);
-    int64_t total = 0;
-    for (size_t i = 0; row_of && prices && line_totals && i < in->n; i++) {
-        while (r < nrows && strcmp(cqrs_rows_get(rows, r, OL_ID), in->lines[i].product_id) < 0)
-            r++;
-        if (r >= nrows || strcmp(cqrs_rows_get(rows, r, OL_ID), in->lines[i].product_id) != 0) {
-            char field[48];
-            snprintf(field, sizeof field, "items[%zu].product_id", in->lines[i].index);
-            json_array_append_new(unknown, json_pack("{s:s, s:s}", "field", field, "message",
-                                                     "no product with this id"));
-            row_of[i] = -1;
-            continue;
-        }
-        row_of[i] = r;
-        prices[i] = rows_int(rows, r, OL_PRICE);
-        int64_t sold; /* only checked: the row is updated in SQL */
-        if (!cqrs_checked_add_i64(rows_int(rows, r, OL_SOLD), in->lines[i].quantity, &sold))
-            sold_out_of_range = true;
-        if (strcmp(cqrs_rows_get(rows, r, OL_STATUS), "active") != 0)
-            inactive = true;
-        if (!currency)
-            currency = cqrs_rows_get(rows, r, OL_CURRENCY);
-        else if (strcmp(currency, cqrs_rows_get(rows, r, OL_CURRENCY)) != 0)
-            mixed = true;
-        int64_t stock = rows_int(rows, r, OL_STOCK);
-        if (stock < in->lines[i].quantity)
-            json_array_append_new(problem_items, json_pack("{s:s, s:I, s:I}", "product_id",
-                                                           in->lines[i].product_id, "requested",
-                                                           (json_int_t)in->lines[i].quantity,
-                                                           "available", (json_int_t)stock));
-    }
-    if (!row_of || !prices || !line_totals) {
-        json_decref(unknown);
+    products = calloc((size_t)nrows + 1, sizeof *products);
+    if (!products) {
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    if (json_array_size(unknown) > 0) {
-        cqrs_command_problem(cmd, 422, "validation-failed", "Unprocessable Content",
-                             "the order names products that do not exist",
-                             json_pack("{s:o}", "errors", unknown));
+    for (int r = 0; r < nrows; r++)
+        products[r] = (product_state_t){.id = cqrs_rows_get(rows, r, OL_ID),
+                                        .sku = cqrs_rows_get(rows, r, OL_SKU),
+                                        .name = cqrs_rows_get(rows, r, OL_NAME),
+                                        .currency = cqrs_rows_get(rows, r, OL_CURRENCY),
+                                        .status = cqrs_rows_get(rows, r, OL_STATUS),
+                                        .price_cents = rows_int(rows, r, OL_PRICE),
+                                        .stock = rows_int(rows, r, OL_STOCK),
+                                        .units_sold = rows_int(rows, r, OL_SOLD),
+                                        .version = rows_int(rows, r, OL_VERSION)};
+    char order_id[CQRS_UUID_LEN + 1];
+    cqrs_uuid_v4(order_id);
+    if (!decide_place_order(order_id, in, products, (size_t)nrows, &d)) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    json_decref(unknown);
-    if (inactive) {
-        cqrs_command_problem(cmd, 409, "product-discontinued", "Conflict",
-                             "the order names a discontinued product", NULL);
-        goto out;
-    }
-    if (mixed) {
-        cqrs_command_problem(cmd, 409, "mixed-currencies", "Conflict",
-                             "all products of one order must have the same currency", NULL);
-        goto out;
-    }
-    /* Before the stock: no restocking can make such an order possible (a 409 invites a retry). */
-    const char *out_of_range =
-        !order_price(in, prices, line_totals, &total)
-            ? "the order's total exceeds 9223372036854775807 cents, the largest amount that can "
-              "be recorded"
-        : sold_out_of_range ? "a product's units sold would exceed 9223372036854775807, the "
-                              "largest count that can be recorded"
-                            : NULL;
-    if (out_of_range) {
-        cqrs_command_problem(cmd, 422, "order-total-out-of-range", "Unprocessable Content",
-                             out_of_range, NULL);
-        goto out;
-    }
-    if (json_array_size(problem_items) > 0) {
-        cqrs_command_problem(cmd, 409, "insufficient-stock", "Conflict",
-                             "not enough stock for every line of the order",
-                             json_pack("{s:O}", "products", problem_items));
+    if (d.status != 0) {
+        command_problem(cmd, &d);
         goto out;
     }
 
-    /* Writes: order, lines, stock, in one statement; then the events in one more. */
-    char order_id[CQRS_UUID_LEN + 1];
-    cqrs_uuid_v4(order_id);
-    size_t n = in->n;
-    items = json_array();
-    lines = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(items, json_null()); /* filled in request order below */
-    evs = calloc(n + 1, sizeof *evs);
-    topics = calloc(n + 1, sizeof *topics);
-    if (!evs || !topics) {
+    /* Writes: order, lines, stock, in one statement (the lines are OrderPlaced's items, in
+     * request order); then the events in one more. */
+    const json_t *placed = d.events[0].data;
+    const json_t *items = json_object_get(placed, "items");
+    const char *currency = json_string_value(json_object_get(placed, "currency"));
+    int64_t total = json_integer_value(json_object_get(placed, "total_cents"));
+    lines = json_deep_copy(items);
+    for (size_t i = 0; lines && i < json_array_size(lines); i++)
+        json_object_set_new(json_array_get(lines, i), "line_no", json_integer((json_int_t)i + 1));
+    char *lines_text = lines ? json_dumps(lines, JSON_COMPACT) : NULL;
+    if (!lines_text) {
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    for (size_t i = 0; i < n; i++) {
-        int row = row_of[i];
-        int64_t price = prices[i], q = in->lines[i].quantity;
-        json_t *item =
-            json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id", in->lines[i].product_id,
-                      "sku", cqrs_rows_get(rows, row, OL_SKU), "name",
-                      cqrs_rows_get(rows, row, OL_NAME), "unit_price_cents", (json_int_t)price,
-                      "quantity", (json_int_t)q, "line_total_cents", (json_int_t)line_totals[i]);
-        json_array_set(items, in->lines[i].index, item);
-        json_t *line = json_deep_copy(item);
-        json_object_set_new(line, "line_no", json_integer((json_int_t)in->lines[i].index + 1));
-        json_array_append_new(lines, line);
-        json_decref(item);
-        /* ProductStockReserved, one per product, in product id order; stock - q cannot wrap:
-         * 0 < q <= stock was checked above */
-        event_at(&evs[1 + i], cmd, "product.stock-reserved.v1", "product", in->lines[i].product_id,
-                 rows_int(rows, row, OL_VERSION) + 1,
-                 json_pack("{s:s, s:s, s:I, s:I}", "product_id", in->lines[i].product_id,
-                           "order_id", order_id, "quantity", (json_int_t)q, "stock",
-                           (json_int_t)(rows_int(rows, row, OL_STOCK) - q)));
-        topics[1 + i] = ctx->product_topic;
-    }
-    char *lines_text = json_dumps(lines, JSON_COMPACT);
     char total_s[24];
     snprintf(total_s, sizeof total_s, "%lld", (long long)total);
     const char *p2[] = {order_id, in->customer_id, total_s, currency, cmd->time, lines_text};
@@ -327,34 +226,20 @@ static cqrs_err_t place_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_er
         " WHERE p.id = x.product_id",
         6, p2, NULL, err);
     free(lines_text);
-    if (rc != CQRS_ERR_OK)
-        goto out;
-    event_at(&evs[0], cmd, "order.placed.v1", "order", order_id, 1,
-             json_pack("{s:s, s:s, s:O, s:I, s:s}", "order_id", order_id, "customer_id",
-                       in->customer_id, "items", items, "total_cents", (json_int_t)total,
-                       "currency", currency));
-    topics[0] = ctx->order_topic;
-    n_evs = n + 1;
-    rc = cqrs_outbox_append_many(tx, evs, n_evs, topics, err);
+    if (rc == CQRS_ERR_OK)
+        rc = command_record(tx, cmd, pu->ctx, &d, err);
     if (rc == CQRS_ERR_OK) {
         char location[64];
         snprintf(location, sizeof location, "/v1/orders/%s", order_id);
         cqrs_command_reply(cmd, 201,
-                           order_json(order_id, in->customer_id, "placed", json_incref(items),
+                           order_json(order_id, in->customer_id, "placed", json_deep_copy(items),
                                       total, currency, 1, cmd->time, NULL),
                            1, location);
     }
 out:
-    for (size_t i = 0; evs && i < in->n + 1; i++)
-        cqrs_event_close(&evs[i]);
-    free(evs);
-    free(topics);
-    free(row_of);
-    free(prices);
-    free(line_totals);
-    json_decref(items);
+    decision_close(&d);
+    free(products);
     json_decref(lines);
-    json_decref(problem_items);
     cqrs_rows_free(rows);
     return rc;
 }
@@ -391,13 +276,24 @@ typedef struct cancel_ud {
     char id[CQRS_UUID_LEN + 1];
 } cancel_ud_t;
 
+enum {
+    CL_PRODUCT,
+    CL_QUANTITY,
+    CL_STOCK,
+    CL_VERSION,
+    CL_LINE_NO,
+    CL_SKU,
+    CL_NAME,
+    CL_PRICE,
+    CL_TOTAL
+};
+
 static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
 {
     cancel_ud_t *cu = ud;
     cqrs_rows_t *ord = NULL, *lines = NULL;
-    cqrs_event_t *evs = NULL;
-    const char **topics = NULL;
-    int n = 0;
+    order_line_state_t *ls = NULL;
+    decision_t d = {0};
     const char *p[] = {cu->id, cmd->time};
     cqrs_err_t rc = cqrs_tx_exec(tx,
                                  "SELECT customer_id, status, total_cents, currency, version, " TS(
@@ -409,14 +305,9 @@ static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
         cqrs_command_problem(cmd, 404, "not-found", "Not Found", "no order with this id", NULL);
         goto out;
     }
-    int64_t version = rows_int(ord, 0, 4);
-    if (!cqrs_command_check_version(cmd, version))
+    order_state_t order = {cu->id, cqrs_rows_get(ord, 0, 1), rows_int(ord, 0, 4)};
+    if (!cqrs_command_check_version(cmd, order.version))
         goto out;
-    if (strcmp(cqrs_rows_get(ord, 0, 1), "placed") != 0) {
-        cqrs_command_problem(cmd, 409, "order-not-placed", "Conflict",
-                             "only a placed order can be cancelled", NULL);
-        goto out;
-    }
     /* Lock the order's products in id order (the same order PlaceOrder uses). */
     rc = cqrs_tx_exec(tx,
                       "SELECT l.product_id, l.quantity, p.stock, p.version, l.line_no, l.sku,"
@@ -426,19 +317,26 @@ static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
                       1, p, &lines, err);
     if (rc != CQRS_ERR_OK)
         goto out;
-    n = cqrs_rows_count(lines);
-    for (int i = 0; i < n; i++) {
-        int64_t restocked;
-        if (!cqrs_checked_add_i64(rows_int(lines, i, 2), rows_int(lines, i, 1), &restocked) ||
-            restocked > cu->ctx->limits.stock_max) {
-            cqrs_command_problem(cmd, 409, "stock-above-maximum", "Conflict",
-                                 "releasing the order's stock would exceed a product's maximum",
-                                 NULL);
-            goto out;
-        }
+    int n = cqrs_rows_count(lines);
+    ls = calloc((size_t)n + 1, sizeof *ls);
+    if (!ls) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++)
+        ls[i] = (order_line_state_t){cqrs_rows_get(lines, i, CL_PRODUCT),
+                                     rows_int(lines, i, CL_QUANTITY), rows_int(lines, i, CL_STOCK),
+                                     rows_int(lines, i, CL_VERSION)};
+    if (!decide_cancel_order(&order, ls, (size_t)n, &cu->ctx->limits, &d)) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if (d.status != 0) {
+        command_problem(cmd, &d);
+        goto out;
     }
     /* units_sold - quantity stays >= 0: this order's reservation added that quantity (and
-     * CHECK (units_sold >= 0) backs it up); stock + quantity was checked above. */
+     * CHECK (units_sold >= 0) backs it up); stock + quantity was decided within its maximum. */
     rc = cqrs_tx_exec(tx,
                       "WITH p AS (UPDATE products p SET stock = p.stock + l.quantity,"
                       "   units_sold = p.units_sold - l.quantity, version = p.version + 1,"
@@ -447,50 +345,29 @@ static cqrs_err_t cancel_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
                       "UPDATE orders SET status = 'cancelled', cancelled_at = $2,"
                       " version = version + 1 WHERE id = $1",
                       2, p, NULL, err);
+    if (rc == CQRS_ERR_OK)
+        rc = command_record(tx, cmd, cu->ctx, &d, err);
     if (rc != CQRS_ERR_OK)
         goto out;
-    evs = calloc((size_t)n + 1, sizeof *evs);
-    topics = calloc((size_t)n + 1, sizeof *topics);
-    if (!evs || !topics) {
-        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-        goto out;
-    }
     json_t *items = json_array();
     for (int i = 0; i < n; i++)
         json_array_append_new(items, json_null());
-    for (int i = 0; i < n; i++) {
-        const char *pid = cqrs_rows_get(lines, i, 0);
-        int64_t q = rows_int(lines, i, 1); /* stock + q <= stock_max: checked above */
-        event_at(&evs[1 + i], cmd, "product.stock-released.v1", "product", pid,
-                 rows_int(lines, i, 3) + 1,
-                 json_pack("{s:s, s:s, s:I, s:I}", "product_id", pid, "order_id", cu->id,
-                           "quantity", (json_int_t)q, "stock",
-                           (json_int_t)(rows_int(lines, i, 2) + q)));
-        topics[1 + i] = cu->ctx->product_topic;
-        json_array_set_new(items, (size_t)(rows_int(lines, i, 4) - 1),
-                           json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id", pid, "sku",
-                                     cqrs_rows_get(lines, i, 5), "name", cqrs_rows_get(lines, i, 6),
-                                     "unit_price_cents", (json_int_t)rows_int(lines, i, 7),
-                                     "quantity", (json_int_t)q, "line_total_cents",
-                                     (json_int_t)rows_int(lines, i, 8)));
-    }
-    event_at(&evs[0], cmd, "order.cancelled.v1", "order", cu->id, version + 1,
-             json_pack("{s:s}", "order_id", cu->id));
-    topics[0] = cu->ctx->order_topic;
-    rc = cqrs_outbox_append_many(tx, evs, (size_t)n + 1, topics, err);
-    if (rc == CQRS_ERR_OK)
-        cqrs_command_reply(cmd, 200,
-                           order_json(cu->id, cqrs_rows_get(ord, 0, 0), "cancelled", items,
-                                      rows_int(ord, 0, 2), cqrs_rows_get(ord, 0, 3), version + 1,
-                                      cqrs_rows_get(ord, 0, 5), cmd->time),
-                           version + 1, NULL);
-    else
-        json_decref(items);
+    for (int i = 0; i < n; i++)
+        json_array_set_new(items, (size_t)(rows_int(lines, i, CL_LINE_NO) - 1),
+                           json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "product_id",
+                                     ls[i].product_id, "sku", cqrs_rows_get(lines, i, CL_SKU),
+                                     "name", cqrs_rows_get(lines, i, CL_NAME), "unit_price_cents",
+                                     (json_int_t)rows_int(lines, i, CL_PRICE), "quantity",
+                                     (json_int_t)ls[i].quantity, "line_total_cents",
+                                     (json_int_t)rows_int(lines, i, CL_TOTAL)));
+    cqrs_command_reply(cmd, 200,
+                       order_json(cu->id, cqrs_rows_get(ord, 0, 0), "cancelled", items,
+                                  rows_int(ord, 0, 2), cqrs_rows_get(ord, 0, 3), order.version + 1,
+                                  cqrs_rows_get(ord, 0, 5), cmd->time),
+                       order.version + 1, NULL);
 out:
-    for (int i = 0; evs && i < n + 1; i++)
-        cqrs_event_close(&evs[i]);
-    free(evs);
-    free(topics);
+    decision_close(&d);
+    free(ls);
     cqrs_rows_free(ord);
     cqrs_rows_free(lines);
     return rc;

@@ -1,4 +1,5 @@
-/* product.c — Product commands: validation, rules, row + event in one transaction.
+/* product.c — Product commands: validation, then one transaction that locks the row, asks
+ * its decision (decide.c) and writes the row and the event.
  *
  * Invariant: a product row's version equals the number of its events; every command bumps
  * both in the same transaction, and events_aggregate_version_key backs it up. The row is
@@ -6,7 +7,6 @@
  * serialize and each sees the previous one's result.
  */
 #include <cqrs/log.h>
-#include <cqrs/outbox.h>
 #include <cqrs/util.h>
 #include <ctype.h>
 #include <stdio.h>
@@ -109,19 +109,7 @@ json_t *product_created_data(const char *id, const create_product_input_t *in)
                      "initial_stock", (json_int_t)in->initial_stock);
 }
 
-/* ---- transaction helpers ----------------------------------------------------------------- */
-
-static cqrs_err_t append_event(cqrs_tx_t *tx, cqrs_command_t *cmd, const command_ctx_t *ctx,
-                               const char *type, const char *id, int64_t version, json_t *data,
-                               cqrs_error_t *err)
-{
-    cqrs_event_t ev;
-    cqrs_event_init(&ev, type, "product", id, version, data, cqrs_http_traceparent(cmd->req));
-    memcpy(ev.time, cmd->time, sizeof ev.time);
-    cqrs_err_t rc = cqrs_outbox_append(tx, &ev, ctx->product_topic, err);
-    cqrs_event_close(&ev);
-    return rc;
-}
+/* ---- transactions: load, lock, decide, write ---------------------------------------------- */
 
 /* Locks the product; on 404/412 sets the reply and returns OK with *rows NULL. */
 static cqrs_err_t lock_product(cqrs_tx_t *tx, cqrs_command_t *cmd, const char *id,
@@ -142,21 +130,9 @@ static cqrs_err_t lock_product(cqrs_tx_t *tx, cqrs_command_t *cmd, const char *i
     return CQRS_ERR_OK;
 }
 
-/* After `UPDATE … RETURNING PRODUCT_COLS`: append the event, reply 200 with the product. */
-static cqrs_err_t finish(cqrs_tx_t *tx, cqrs_command_t *cmd, const command_ctx_t *ctx,
-                         cqrs_rows_t *updated, const char *type, json_t *data, cqrs_error_t *err)
+static cqrs_err_t nomem(cqrs_error_t *err)
 {
-    const char *id = cqrs_rows_get(updated, 0, PC_ID);
-    int64_t version = rows_int(updated, 0, PC_VERSION);
-    cqrs_err_t rc = append_event(tx, cmd, ctx, type, id, version, data, err);
-    if (rc == CQRS_ERR_OK)
-        cqrs_command_reply(cmd, 200, product_row_json(updated, 0), version, NULL);
-    return rc;
-}
-
-static void problem409(cqrs_command_t *cmd, const char *slug, const char *detail)
-{
-    cqrs_command_problem(cmd, 409, slug, "Conflict", detail, NULL);
+    return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
 }
 
 /* ---- CreateProduct ----------------------------------------------------------------------- */
@@ -166,11 +142,16 @@ typedef struct create_ud {
     const create_product_input_t *in;
 } create_ud_t;
 
+/* Nothing to lock before the insert: the unique index on sku is the lock, and it decides
+ * "sku unique" under any concurrency; its answer goes back through the decision. */
 static cqrs_err_t create_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
 {
     create_ud_t *c = ud;
     char id[CQRS_UUID_LEN + 1], price[24], stock[24];
     cqrs_uuid_v4(id);
+    decision_t d;
+    if (!decide_create_product(id, c->in, false, &d))
+        return nomem(err);
     snprintf(price, sizeof price, "%lld", (long long)c->in->price_cents);
     snprintf(stock, sizeof stock, "%lld", (long long)c->in->initial_stock);
     const char *p[] = {id,    c->in->sku,      c->in->name, c->in->description, c->in->category,
@@ -183,19 +164,22 @@ static cqrs_err_t create_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_e
                                  " $8, 'active', 0, 1, $9, $9) RETURNING " PRODUCT_COLS,
                                  9, p, &rows, err);
     if (rc == CQRS_ERR_CONFLICT && strcmp(err->where, "products_sku_key") == 0) {
-        char detail[160];
-        snprintf(detail, sizeof detail, "a product with sku '%s' already exists", c->in->sku);
-        problem409(cmd, "duplicate-sku", detail);
-        return CQRS_ERR_OK;
+        decision_close(&d);
+        if (!decide_create_product(id, c->in, true, &d))
+            return nomem(err);
+        command_problem(cmd, &d);
+        rc = CQRS_ERR_OK;
+        goto out;
     }
     if (rc == CQRS_ERR_OK)
-        rc = append_event(tx, cmd, c->ctx, "product.created.v1", id, 1,
-                          product_created_data(id, c->in), err);
+        rc = command_record(tx, cmd, c->ctx, &d, err);
     if (rc == CQRS_ERR_OK) {
         char location[64];
         snprintf(location, sizeof location, "/v1/products/%s", id);
         cqrs_command_reply(cmd, 201, product_row_json(rows, 0), 1, location);
     }
+out:
+    decision_close(&d);
     cqrs_rows_free(rows);
     return rc;
 }
@@ -233,102 +217,80 @@ typedef struct change_ud {
     adjust_stock_input_t stock;
 } change_ud_t;
 
+static const char *data_str(const json_t *data, const char *field)
+{
+    return json_string_value(json_object_get(data, field));
+}
+
+static const char *data_int(const json_t *data, const char *field, char buf[24])
+{
+    const json_t *v = json_object_get(data, field);
+    if (!v)
+        return NULL;
+    snprintf(buf, 24, "%lld", (long long)json_integer_value(v));
+    return buf;
+}
+
 static cqrs_err_t change_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
 {
     change_ud_t *c = ud;
     cqrs_rows_t *cur = NULL, *upd = NULL;
+    decision_t d = {0};
     cqrs_err_t rc = lock_product(tx, cmd, c->id, &cur, err);
     if (rc != CQRS_ERR_OK || !cur)
         return rc;
-    char num[24];
-    const char *type = NULL;
-    json_t *data = NULL;
+    product_state_t st;
+    product_state_of(cur, 0, &st);
+    bool decided = false;
     switch (c->op) {
-    case OP_DETAILS: {
-        const char *p[] = {c->id, c->details.name, c->details.description, c->details.category,
-                           cmd->time};
-        rc = cqrs_tx_exec(tx,
-                          "UPDATE products SET name = coalesce($2, name),"
-                          " description = coalesce($3, description),"
-                          " category = coalesce($4, category), version = version + 1,"
-                          " updated_at = $5 WHERE id = $1 RETURNING " PRODUCT_COLS,
-                          5, p, &upd, err);
-        if (rc == CQRS_ERR_OK) {
-            type = "product.details-updated.v1";
-            data = json_pack("{s:s, s:s, s:s, s:s}", "product_id", c->id, "name",
-                             cqrs_rows_get(upd, 0, PC_NAME), "description",
-                             cqrs_rows_get(upd, 0, PC_DESCRIPTION), "category",
-                             cqrs_rows_get(upd, 0, PC_CATEGORY));
-        }
+    case OP_DETAILS:
+        decided = decide_update_details(&st, &c->details, &d);
+        break;
+    case OP_PRICE:
+        decided = decide_change_price(&st, c->price, &d);
+        break;
+    case OP_STOCK:
+        decided = decide_adjust_stock(&st, &c->stock, &c->ctx->limits, &d);
+        break;
+    case OP_DISCONTINUE:
+        decided = decide_discontinue(&st, &d);
         break;
     }
-    case OP_PRICE: {
-        snprintf(num, sizeof num, "%lld", (long long)c->price);
-        const char *p[] = {c->id, num, cmd->time};
-        rc = cqrs_tx_exec(tx,
-                          "UPDATE products SET price_cents = $2, version = version + 1,"
-                          " updated_at = $3 WHERE id = $1 RETURNING " PRODUCT_COLS,
-                          3, p, &upd, err);
-        if (rc == CQRS_ERR_OK) {
-            type = "product.price-changed.v1";
-            data = json_pack("{s:s, s:I, s:I}", "product_id", c->id, "price_cents",
-                             (json_int_t)c->price, "previous_price_cents",
-                             (json_int_t)rows_int(cur, 0, PC_PRICE));
-        }
-        break;
+    if (!decided) {
+        rc = nomem(err);
+        goto out;
     }
-    case OP_STOCK: {
-        /* stock >= 0, so only a positive delta can overflow: that is above any maximum */
-        int64_t stock = 0;
-        bool fits = cqrs_checked_add_i64(rows_int(cur, 0, PC_STOCK), c->stock.delta, &stock);
-        char detail[160];
-        if (fits && stock < 0) {
-            snprintf(detail, sizeof detail,
-                     "the stock is %lld; removing %lld would make it negative",
-                     (long long)rows_int(cur, 0, PC_STOCK), (long long)-c->stock.delta);
-            problem409(cmd, "insufficient-stock", detail);
-            goto out;
-        }
-        if (!fits || stock > c->ctx->limits.stock_max) {
-            snprintf(detail, sizeof detail, "the stock would exceed its maximum of %lld",
-                     (long long)c->ctx->limits.stock_max);
-            problem409(cmd, "stock-above-maximum", detail);
-            goto out;
-        }
-        snprintf(num, sizeof num, "%lld", (long long)stock);
-        const char *p[] = {c->id, num, cmd->time};
-        rc = cqrs_tx_exec(tx,
-                          "UPDATE products SET stock = $2, version = version + 1,"
-                          " updated_at = $3 WHERE id = $1 RETURNING " PRODUCT_COLS,
-                          3, p, &upd, err);
-        if (rc == CQRS_ERR_OK) {
-            type = "product.stock-adjusted.v1";
-            data = json_pack("{s:s, s:I, s:s, s:I}", "product_id", c->id, "delta",
-                             (json_int_t)c->stock.delta, "reason", c->stock.reason, "stock",
-                             (json_int_t)stock);
-        }
-        break;
+    if (d.status != 0) {
+        command_problem(cmd, &d);
+        goto out;
     }
-    case OP_DISCONTINUE: {
-        if (strcmp(cqrs_rows_get(cur, 0, PC_STATUS), "active") != 0) {
-            problem409(cmd, "product-not-active", "only an active product can be discontinued");
-            goto out;
-        }
-        const char *p[] = {c->id, cmd->time};
-        rc = cqrs_tx_exec(tx,
-                          "UPDATE products SET status = 'discontinued', version = version + 1,"
-                          " updated_at = $2 WHERE id = $1 RETURNING " PRODUCT_COLS,
-                          2, p, &upd, err);
-        if (rc == CQRS_ERR_OK) {
-            type = "product.discontinued.v1";
-            data = json_pack("{s:s}", "product_id", c->id);
-        }
-        break;
-    }
-    }
+    /* The row takes the values its event carries (NULL: the column stays). */
+    const json_t *data = d.events[0].data;
+    char price[24], stock[24], version[24];
+    snprintf(version, sizeof version, "%lld", (long long)d.events[0].version);
+    const char *p[] = {c->id,
+                       data_str(data, "name"),
+                       data_str(data, "description"),
+                       data_str(data, "category"),
+                       data_int(data, "price_cents", price),
+                       data_int(data, "stock", stock),
+                       c->op == OP_DISCONTINUE ? "discontinued" : NULL,
+                       version,
+                       cmd->time};
+    rc = cqrs_tx_exec(tx,
+                      "UPDATE products SET name = coalesce($2, name),"
+                      " description = coalesce($3, description),"
+                      " category = coalesce($4, category),"
+                      " price_cents = coalesce($5::bigint, price_cents),"
+                      " stock = coalesce($6::bigint, stock), status = coalesce($7, status),"
+                      " version = $8, updated_at = $9 WHERE id = $1 RETURNING " PRODUCT_COLS,
+                      9, p, &upd, err);
     if (rc == CQRS_ERR_OK)
-        rc = finish(tx, cmd, c->ctx, upd, type, data, err);
+        rc = command_record(tx, cmd, c->ctx, &d, err);
+    if (rc == CQRS_ERR_OK)
+        cqrs_command_reply(cmd, 200, product_row_json(upd, 0), d.events[0].version, NULL);
 out:
+    decision_close(&d);
     cqrs_rows_free(cur);
     cqrs_rows_free(upd);
     return rc;

@@ -79,6 +79,7 @@ static void adjust(const char *id, int delta)
 
 /* Runs cqrsctl with this run's settings; returns its exit status and its stdout as JSON
  * (NULL when it is not JSON). */
+static int ctl(json_t **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int ctl(json_t **out, const char *fmt, ...)
 {
     char args[512], cmd[4096];

@@ -11,7 +11,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 B=$REPO/build-fuzz
 CC=clang cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCQRS_BUILD_TESTS=OFF \
-    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" -DCQRS_BUILD_FUZZERS=ON -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON >/dev/null
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" -DCQRS_BUILD_FUZZERS=ON -DCQRS_WERROR=ON -DCQRS_ENABLE_ASAN=ON -DCQRS_ENABLE_UBSAN=ON >/dev/null
 ninja -C "$B" fuzz_command_body fuzz_event fuzz_http >"$B/ninja.log" 2>&1 ||
     { tail -n 40 "$B/ninja.log" >&2; exit 1; } # errors shown
 
@@ -48,7 +48,7 @@ PY
 
 for h in command_body event http; do
     mkdir -p "$B/corpus/$h"
-    reg=(tests/fuzz/regressions/$h/*)
+    reg=("tests/fuzz/regressions/$h"/*)
     if [ -e "${reg[0]}" ]; then
         "$B/tests/fuzz/fuzz_$h" "${reg[@]}" >"$B/$h-regressions.log" 2>&1 ||
             { echo "regression case of $h fails"; tail -30 "$B/$h-regressions.log"; exit 1; }

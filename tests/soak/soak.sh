@@ -13,7 +13,7 @@ cd "$REPO"
 B=$REPO/build-soak
 OUT=${SOAK_OUT:-$(mktemp -d /tmp/cqrs-soak.XXXXXX)}
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
-    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" -DCQRS_WERROR=ON >/dev/null
 ninja -C "$B" >"$B/ninja.log" 2>&1 || { tail -n 40 "$B/ninja.log" >&2; exit 1; } # errors shown
 PREFIX=soak$RANDOM
 export CQRS_TOPIC_PREFIX=$PREFIX CQRS_CONSUMER_GROUP=$PREFIX CQRS_LOG_LEVEL=warn
@@ -24,7 +24,7 @@ CQRS_HTTP_PORT=$CP "$B/cmd/cqrs-commandd" >"$OUT/commandd.log" 2>&1 &
 C=$!
 CQRS_HTTP_PORT=$QP "$B/cmd/cqrs-queryd" >"$OUT/queryd.log" 2>&1 &
 Q=$!
-W1= W2=
+W1='' W2=''
 cleanup() { kill $C $Q ${W1:-} ${W2:-} 2>/dev/null || true; }
 trap cleanup EXIT
 for p in $CP $QP; do

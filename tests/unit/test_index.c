@@ -197,6 +197,90 @@ static void test_index_changes(void **state)
     json_decref(v3);
 }
 
+/* Top products: a product enters when it sells, moves when its count changes, leaves at 0;
+ * more sold sorts first, ties by id. */
+static void test_top_products_changes(void **state)
+{
+    (void)state;
+    const char *id = "6f9619ff-8b86-4011-b42d-00c04fc964ff";
+    json_t *v1 = product(id, "Lamp", 100, "2026-01-01T00:00:00.000Z", "tools", "active");
+    json_t *v2 = json_deep_copy(v1), *v3 = json_deep_copy(v1);
+    json_object_set_new(v2, "units_sold", json_integer(3));
+    json_object_set_new(v3, "units_sold", json_integer(5));
+    cqrs_index_ops_t ops = {0};
+    query_index(SHARD, "product", SHARD "doc:x", v1, v2, &ops);
+    assert_int_equal(count(&ops, CQRS_INDEX_ZADD, "idx:top"), 1);
+    assert_int_equal(count(&ops, CQRS_INDEX_ZREM, "idx:top"), 0);
+    cqrs_index_ops_free(&ops);
+    memset(&ops, 0, sizeof ops);
+    query_index(SHARD, "product", SHARD "doc:x", v2, v3, &ops);
+    assert_int_equal(count(&ops, CQRS_INDEX_ZADD, "idx:top"), 1);
+    assert_int_equal(count(&ops, CQRS_INDEX_ZREM, "idx:top"), 1);
+    assert_int_equal(ops.n, 2); /* nothing else changed */
+    cqrs_index_ops_free(&ops);
+    memset(&ops, 0, sizeof ops);
+    query_index(SHARD, "product", SHARD "doc:x", v3, v1, &ops);
+    assert_int_equal(count(&ops, CQRS_INDEX_ZREM, "idx:top"), 1);
+    assert_int_equal(count(&ops, CQRS_INDEX_ZADD, "idx:top"), 0);
+    cqrs_index_ops_free(&ops);
+
+    char m3[128], m5[128], other[128];
+    top_member(v2, m3, sizeof m3);
+    top_member(v3, m5, sizeof m5);
+    assert_true(strcmp(m5, m3) < 0); /* 5 sold before 3 sold */
+    json_object_set_new(v3, "id", json_string("7f9619ff-8b86-4011-b42d-00c04fc964ff"));
+    top_member(v3, other, sizeof other);
+    assert_true(strcmp(m5, other) < 0); /* same count: by id */
+    json_decref(v1);
+    json_decref(v2);
+    json_decref(v3);
+}
+
+/* Customer orders: added once when placed (customer and placed_at never change), newest first. */
+static void test_customer_orders_changes(void **state)
+{
+    (void)state;
+    json_t *o1 = json_pack("{s:s, s:s, s:s, s:s}", "id", "6f9619ff-8b86-4011-b42d-00c04fc964ff",
+                           "customer_id", "44444444-4444-4444-8444-444444444444", "placed_at",
+                           "2026-01-01T00:00:00.000Z", "status", "placed");
+    json_t *o2 = json_deep_copy(o1);
+    json_object_set_new(o2, "placed_at", json_string("2026-01-02T00:00:00.000Z"));
+    cqrs_index_ops_t ops = {0};
+    query_index(SHARD, "order", SHARD "doc:o", NULL, o1, &ops);
+    assert_int_equal(ops.n, 1);
+    assert_int_equal(ops.v[0].op, CQRS_INDEX_ZADD);
+    char key[256];
+    customer_orders_key(SHARD, "44444444-4444-4444-8444-444444444444", key, sizeof key);
+    assert_string_equal(ops.v[0].key, key);
+    cqrs_index_ops_free(&ops);
+    memset(&ops, 0, sizeof ops);
+    json_t *cancelled = json_deep_copy(o1);
+    json_object_set_new(cancelled, "status", json_string("cancelled"));
+    query_index(SHARD, "order", SHARD "doc:o", o1, cancelled, &ops);
+    assert_int_equal(ops.n, 0);
+    cqrs_index_ops_free(&ops);
+    char m1[128], m2[128];
+    customer_order_member(o1, m1, sizeof m1);
+    customer_order_member(o2, m2, sizeof m2);
+    assert_true(strcmp(m2, m1) < 0); /* newest first */
+    json_decref(o1);
+    json_decref(o2);
+    json_decref(cancelled);
+}
+
+/* Words: lower-cased, split on what is not a letter or digit (or UTF-8), each once. */
+static void test_split_words(void **state)
+{
+    (void)state;
+    char words[8][MAX_WORD + 1];
+    size_t n = split_words("Desk-Lamp, BIG lamp", words, 8);
+    assert_int_equal(n, 3); /* "lamp" once */
+    assert_string_equal(words[0], "desk");
+    assert_string_equal(words[1], "lamp");
+    assert_string_equal(words[2], "big");
+    assert_int_equal(split_words("", words, 8), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -205,6 +289,9 @@ int main(void)
         cmocka_unit_test(test_search_records_give_the_members),
         cmocka_unit_test(test_keys_and_entries),
         cmocka_unit_test(test_index_changes),
+        cmocka_unit_test(test_top_products_changes),
+        cmocka_unit_test(test_customer_orders_changes),
+        cmocka_unit_test(test_split_words),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 B=$REPO/build-valgrind
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCQRS_BUILD_TESTS=OFF \
-    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
+    -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" -DCQRS_WERROR=ON >/dev/null
 ninja -C "$B" >"$B/ninja.log" 2>&1 || { tail -n 40 "$B/ninja.log" >&2; exit 1; } # errors shown
 OUT=$(mktemp -d /tmp/cqrs-valgrind.XXXXXX)
 PREFIX=vg$RANDOM
@@ -17,6 +17,7 @@ export CQRS_TOPIC_PREFIX=$PREFIX CQRS_CONSUMER_GROUP=$PREFIX CQRS_RELAY_POLL_MS=
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 CP=$(free_port) QP=$(free_port)
+# shellcheck disable=SC2054 # the commas belong to --show-leak-kinds
 VG=(valgrind --quiet --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect
     --errors-for-leak-kinds=definite,indirect --track-fds=no --num-callers=30)
 CQRS_HTTP_PORT=$CP "${VG[@]}" --log-file="$OUT/commandd.vg" "$B/cmd/cqrs-commandd" >"$OUT/commandd.log" 2>&1 &
