@@ -12,7 +12,10 @@
  *    batch in relay_inflight (with one check message's partition and offset), commit, then
  *    delete the rows and the record in one statement, committed asynchronously (one
  *    synchronous PostgreSQL commit per round: the record's; a lost delete leaves a record
- *    that the next leader settles, below). After a takeover the new leader first
+ *    that the next leader settles, below). A batch is recorded only where no record is: one
+ *    still there (a delete lost while the connection lived on — a pooler or proxy keeping it
+ *    across a failover —, or a batch whose Kafka transaction was aborted) is settled first,
+ *    as after a takeover. After a takeover the new leader first
  *    runs init_transactions — which returns only once the previous transaction is complete,
  *    its commit or abort markers written — and only then looks the check message up with a
  *    read_committed consumer: visible → the batch is in Kafka, delete its rows; not visible →
@@ -984,6 +987,7 @@ typedef struct batch {
     bool reports_due;  /* delivery reports still outstanding (they would land in slots) */
     char *check_topic; /* the last row's topic: its message is the batch's check */
     char *seqs;        /* "{s1,s2,…}" of the produced rows */
+    double read_at;    /* wall clock, seconds: when the rows were read */
     int64_t t0, t[RELAY_PHASES];
 } batch_t;
 
@@ -1046,12 +1050,9 @@ static int batch_read(relay_worker_t *r, batch_t *b)
     if (b->n == 0)
         return 0;
     phase_done(r, b, PHASE_READ);
-    /* How long each event waited in the outbox (from its command's time). */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    double now_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-    for (int i = 0; i < b->n; i++)
-        cqrs_histogram_observe(&r->sh->pickup, now_s - atof(PQgetvalue(b->rows, i, 10)));
+    b->read_at = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
     return b->n;
 }
 
@@ -1069,6 +1070,7 @@ static bool batch_produce(relay_worker_t *r, batch_t *b)
     b->slots = calloc((size_t)b->n, sizeof *b->slots);
     b->failed = b->slots == NULL;
     PGresult *res = b->rows;
+    const char *last_topic = NULL; /* in res */
     for (int i = 0; !b->failed && i < b->n && !atomic_load(&r->stop); i++) {
         cqrs_event_t ev;
         memset(&ev, 0, sizeof ev);
@@ -1086,8 +1088,7 @@ static bool batch_produce(relay_worker_t *r, batch_t *b)
         size_t data_len = (size_t)PQgetlength(res, i, 9);
         b->slots[i].sequence = ev.sequence;
         b->slots[i].occurred_at = atof(PQgetvalue(res, i, 10));
-        free(b->check_topic);
-        b->check_topic = strdup(topic);
+        last_topic = topic;
 
         cqrs_event_headers_t h;
         cqrs_event_headers(&ev, &h);
@@ -1117,6 +1118,8 @@ static bool batch_produce(relay_worker_t *r, batch_t *b)
         }
         b->produced++;
     }
+    /* The check message's topic: the last produced row's. */
+    b->check_topic = last_topic ? strdup(last_topic) : NULL;
     PQclear(b->rows);
     b->rows = NULL;
     phase_done(r, b, PHASE_PRODUCE);
@@ -1191,31 +1194,47 @@ static bool batch_record(relay_worker_t *r, batch_t *b)
     snprintf(seq, sizeof seq, "%lld", (long long)check->sequence);
     /* The check message's topic is the last row's. */
     const char *x[] = {b->seqs, b->check_topic ? b->check_topic : "", part, off};
-    char sql[640];
+    /* Only where no record is: one still there is a batch not settled yet — its delete lost
+     * (committed asynchronously, DELETE_PUBLISHED, then lost while this connection lived on: a
+     * pooler or proxy keeping the socket across a failover) or its Kafka transaction aborted
+     * — and writing over it could publish that batch's rows twice. It is settled first by the
+     * Kafka lookup (recover()). Result: (leads, recorded). */
+    bool overwrite = CQRS_UNSAFE("RELAY_RECORD_OVERWRITE"); /* the fault suite's control */
+    char sql[900];
     snprintf(sql, sizeof sql,
              "WITH ok AS (SELECT 1 FROM relay_leader"
              "            WHERE id = 1 AND owner = $1 AND epoch = $2 FOR SHARE)"
-             "INSERT INTO relay_inflight(id, epoch, sequences, check_topic, check_partition,"
-             " check_offset, check_sequence)"
-             " SELECT 1, $2, $3::bigint[], $4, $5, $6, %s FROM ok"
-             " ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch,"
-             " sequences = EXCLUDED.sequences, check_topic = EXCLUDED.check_topic,"
-             " check_partition = EXCLUDED.check_partition,"
-             " check_offset = EXCLUDED.check_offset, check_sequence = EXCLUDED.check_sequence",
-             seq);
+             ", ins AS (INSERT INTO relay_inflight(id, epoch, sequences, check_topic,"
+             " check_partition, check_offset, check_sequence)"
+             " SELECT 1, $2, $3::bigint[], $4, $5, $6, %s FROM ok ON CONFLICT (id) %s"
+             " RETURNING 1)"
+             "SELECT (SELECT count(*) FROM ok), (SELECT count(*) FROM ins)",
+             seq,
+             overwrite ? "DO UPDATE SET epoch = EXCLUDED.epoch, sequences = EXCLUDED.sequences,"
+                         " check_topic = EXCLUDED.check_topic,"
+                         " check_partition = EXCLUDED.check_partition,"
+                         " check_offset = EXCLUDED.check_offset,"
+                         " check_sequence = EXCLUDED.check_sequence"
+                       : "DO NOTHING");
     PGresult *ins = exec_relay(r, "batch record", sql, 4, x);
-    bool recorded = ins && atoi(PQcmdTuples(ins)) == 1;
-    bool refused = ins && !recorded;
+    bool answered = ins != NULL;
+    bool leads = ins && PQntuples(ins) == 1 && strcmp(PQgetvalue(ins, 0, 0), "1") == 0;
+    bool recorded = leads && strcmp(PQgetvalue(ins, 0, 1), "1") == 0;
     PQclear(ins);
     if (!recorded) {
         /* A failed statement (a lock timeout, say) is retried by the next round with the
          * lease kept, after a check that it could record; a refused one means the lease is
-         * someone else's. */
+         * someone else's; a record in the way is settled first. */
         r->check_first = true;
         if (r->rk)
             abort_txn(r);
-        if (refused)
+        if (answered && !leads) {
             step_down(r, "could not record the batch (lease lost)");
+        } else if (leads) {
+            CQRS_LOG_WARN("the last recorded batch is not settled (its delete lost?); settling "
+                          "it first");
+            r->need_recovery = true;
+        }
         return false;
     }
     phase_done(r, b, PHASE_RECORD);
@@ -1253,9 +1272,10 @@ static bool batch_commit(relay_worker_t *r, batch_t *b)
         bool abortable = rd_kafka_error_txn_requires_abort(e);
         bool retriable = rd_kafka_error_is_retriable(e);
         rd_kafka_error_destroy(e);
-        if (abortable)
+        if (abortable) {
             abort_txn(r);
-        else
+            r->need_recovery = true; /* its record stays: settled (aborted) before the next */
+        } else
             step_down(r, retriable ? "commit_transaction still unsettled after "
                                      "CQRS_KAFKA_MESSAGE_TIMEOUT_MS (its transaction coordinator "
                                      "moving?)"
@@ -1267,8 +1287,11 @@ static bool batch_commit(relay_worker_t *r, batch_t *b)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     double now_s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-    for (int i = 0; i < b->produced; i++)
+    for (int i = 0; i < b->produced; i++) {
         cqrs_histogram_observe(&r->sh->latency, now_s - b->slots[i].occurred_at);
+        /* how long it waited in the outbox, once per event published */
+        cqrs_histogram_observe(&r->sh->pickup, b->read_at - b->slots[i].occurred_at);
+    }
     atomic_fetch_add(&r->sh->published, (uint64_t)b->produced);
     publish_kafka(r, true);
     return true;
@@ -1280,6 +1303,12 @@ static void batch_settle(relay_worker_t *r, batch_t *b)
 {
     const char *d[] = {b->seqs};
     PGresult *del = NULL;
+    if (CQRS_FAILPOINT("relay-delete-lost")) {
+        /* As an asynchronous delete acknowledged and then lost with a connection that lived
+         * on: nothing deleted, and the leader goes on as if it had been. */
+        phase_done(r, b, PHASE_DELETE);
+        return;
+    }
     if (CQRS_FAILPOINT("relay-delete-published"))
         r->timed_out = true; /* as a timed-out delete: pause, then retry */
     else

@@ -18,7 +18,7 @@ say() { echo "[fill_log] $*" >&2; }
 if ! psql "$CQRS_PG_DSN" -Atc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
     psql "$CQRS_PG_DSN" -qc "CREATE DATABASE $DB"
 fi
-CQRS_PG_DSN=$DSN "$CQRSCTL" migrate >/dev/null
+CQRS_PG_DSN=$DSN "$CQRSCTL" migrate --no-topics >/dev/null
 have=$(psql "$DSN" -Atc "SELECT count(*) FROM events")
 if [ "$have" -lt "$N" ]; then
     say "filling $DB: $have → $N events"
@@ -39,7 +39,9 @@ SQL
         have=$((have + step))
         say "  $have events ($(($(date +%s) - t0)) s)"
     done
-    psql "$DSN" -qc "ALTER TABLE events RESET (autovacuum_enabled)" -c "VACUUM ANALYZE events"
+    psql "$DSN" -qc "VACUUM ANALYZE events"
     say "filled in $(($(date +%s) - t0)) s; events: $(psql "$DSN" -Atc "SELECT pg_size_pretty(pg_total_relation_size('events'))")"
 fi
+# Also after an interrupted fill: never leave the kept database without autovacuum.
+psql "$DSN" -qc "ALTER TABLE events RESET (autovacuum_enabled)"
 echo "$DSN"

@@ -118,7 +118,8 @@ SQL
 mkdir -p "$OUT/pgbench"
 pgbench "$CQRS_PG_DSN" -n -M prepared -c 1 -j 1 -T "$FLOOR_SECONDS" -D products="$PRODUCTS" \
     -D idseed="$SEED" -D topic="$TOPIC" --log --log-prefix="$OUT/pgbench/tx" \
-    -f tests/bench/adjust_stock.sql >"$OUT/pgbench.txt" 2>&1
+    -f tests/bench/adjust_stock.sql >"$OUT/pgbench.txt" 2>&1 ||
+    { echo "pgbench failed: see $OUT/pgbench.txt" >&2; exit 1; }
 # The per-transaction log: client, transaction, latency (µs), script, epoch s, µs.
 read -r PG_N PG_P50 PG_P99 < <(cat "$OUT"/pgbench/tx.* | awk '{print $3}' | sort -n | awk '
     { v[NR] = $1 }
@@ -132,9 +133,10 @@ echo "== floor: Kafka $KAFKA_VERSION end to end (EndToEndLatency, acks=all, $KAF
 "${JAVA:-java}" -Xms64m -Xmx256m -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.EndToEndLatency \
     --bootstrap-server "$CQRS_KAFKA_BROKERS" --topic "$PREFIX.e2e-latency" \
     --num-records "$KAFKA_RECORDS" --producer-acks all --record-size "$KAFKA_RECORD_SIZE" \
-    >"$OUT/e2e.txt" 2>&1
+    >"$OUT/e2e.txt" 2>&1 || { echo "EndToEndLatency failed: see $OUT/e2e.txt" >&2; exit 1; }
 # "Percentiles: 50th = 3, 99th = 47, 99.9th = 134" (ms)
-read -r K_P50 K_P99 < <(sed -nE 's/^Percentiles: 50th = ([0-9.]+), 99th = ([0-9.]+).*/\1 \2/p' "$OUT/e2e.txt")
+read -r K_P50 K_P99 < <(sed -nE 's/^Percentiles: 50th = ([0-9.]+), 99th = ([0-9.]+).*/\1 \2/p' "$OUT/e2e.txt") ||
+    { echo "EndToEndLatency printed no percentiles: see $OUT/e2e.txt" >&2; exit 1; }
 echo "   $(grep -E '^Avg latency' "$OUT/e2e.txt"); p50 $K_P50 ms, p99 $K_P99 ms" \
     "(the tool's percentiles are whole milliseconds, rounded down)"
 "${JAVA:-java}" -Xmx128m -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.TopicCommand \

@@ -2467,9 +2467,17 @@ SCENARIOS = [
              "the relay SIGKILLed after reading the outbox", commandd_fp="relay-after-read=kill*1", arm=2,
              unsafe={"CQRS_UNSAFE_RELAY_DELETE_FIRST": "1"}, negative=True, nemesis=nem_failpoint_commandd,
              bound=20),
+    Scenario("relay-delete-lost", "the delete after a Kafka commit lost while the relay's connection lives on "
+             "(relay-delete-lost ×3, as an asynchronous delete lost behind a pooler across a failover): the next "
+             "record finds the last one unsettled and settles it first", commandd_fp="relay-delete-lost=error*3",
+             nemesis=lambda run, sc, opts: time.sleep(3)),
+    Scenario("NEGATIVE-relay-record-overwrite", "negative control: relay-delete-lost with "
+             "CQRS_UNSAFE_RELAY_RECORD_OVERWRITE=1 (a record written over the unsettled one, as before issue 24)",
+             commandd_fp="relay-delete-lost=error*3", unsafe={"CQRS_UNSAFE_RELAY_RECORD_OVERWRITE": "1"},
+             negative=True, nemesis=lambda run, sc, opts: time.sleep(3), bound=20),
     Scenario("NEGATIVE-relay-skip-recovery", "negative control: CQRS_UNSAFE_RELAY_SKIP_RECOVERY=1 (a new leader "
              "does not settle the last recorded batch) and the relay SIGKILLed after its Kafka commit, before the "
-             "(asynchronous) delete", commandd_fp="relay-after-commit=kill*1", arm=2,
+             "delete", commandd_fp="relay-after-commit=kill*1", arm=2,
              unsafe={"CQRS_UNSAFE_RELAY_SKIP_RECOVERY": "1"}, negative=True, nemesis=nem_failpoint_commandd,
              bound=20),
     Scenario("NEGATIVE-no-loss-detection", "negative control: redis-failover-lost-writes with "

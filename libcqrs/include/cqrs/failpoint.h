@@ -18,6 +18,9 @@
  *   relay-after-delivery    relay: every delivery report OK, the batch not yet recorded
  *   relay-before-commit     relay: batch recorded in relay_inflight, Kafka commit not yet sent
  *   relay-after-commit      relay: Kafka committed (acknowledged), outbox rows not yet deleted
+ *   relay-delete-lost       relay (error): the delete after a Kafka commit is skipped and the
+ *                           leader goes on, as after an asynchronous delete lost with a
+ *                           connection that outlived a failover
  *   relay-delete-published  relay: the same point (error: the delete of the published rows
  *                           fails as a timed-out one would, and is retried alone)
  *   relay-abandon-after-cas relay supervisor: a stuck worker given up (state ABANDONED), its
