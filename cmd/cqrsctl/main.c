@@ -60,9 +60,9 @@ static void usage(FILE *out)
             "                          letters, lag; exit 1 when the aggregate is unknown\n"
             "  dlq list|show <id>|retry <id>|drop <id> --yes [--json]\n"
             "                          the read model's dead letters (cqrsctl dlq --help)\n"
-            "  rebuild [--projection products|orders|all] [--scratch-db N]\n"
-            "                          rebuild the read model from the event log into a scratch\n"
-            "                          database and switch to it without downtime\n\n");
+            "  rebuild [--projection products|orders|all] [--jobs N]\n"
+            "                          rebuild the read model from the event log into a new\n"
+            "                          generation and switch to it without downtime\n\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
     cqrs_bus_print_help(out);
 }

@@ -24,6 +24,7 @@
 static const char PRODUCTS_SQL[] =
     "SELECT id::text, json_build_object('id', id, 'sku', sku, 'name', name, 'description',"
     " description, 'category', category, 'price_cents', price_cents, 'currency', currency,"
+    " 'weight_grams', weight_grams,"
     " 'stock', stock, 'status', status, 'units_sold', units_sold, 'version', version,"
     " 'created_at', " TS("created_at") ", 'updated_at', " TS(
         "updated_at") ")::text"

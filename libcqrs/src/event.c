@@ -53,6 +53,10 @@ void cqrs_event_headers(const cqrs_event_t *ev, cqrs_event_headers_t *h)
     add(h, "ce_aggregatetype", ev->aggregate_type);
     add(h, "ce_aggregateversion", h->version_buf);
     add(h, "ce_sequence", h->sequence_buf);
+    /* The JSON Schema of the data, by its $id (schemas/events/<ce_type>.json). */
+    snprintf(h->dataschema_buf, sizeof h->dataschema_buf, "%s%s", CQRS_EVENT_SCHEMA_PREFIX,
+             ev->type);
+    add(h, "ce_dataschema", h->dataschema_buf);
     if (ev->traceparent[0])
         add(h, "ce_traceparent", ev->traceparent);
 }

@@ -29,6 +29,9 @@ typedef struct domain_limits {
 
 void domain_limits_default(domain_limits_t *l);
 
+/* A product's weight in grams, at most (1,000 t: a fixed bound, as for the schema). */
+#define PRODUCT_WEIGHT_MAX 1000000000LL
+
 typedef struct command_ctx {
     cqrs_store_t *store;
     const char *product_topic;
@@ -47,6 +50,7 @@ typedef struct create_product_input {
     const char *currency;
     int64_t price_cents;
     int64_t initial_stock;
+    int64_t weight_grams; /* -1 when not given (unknown) */
 } create_product_input_t;
 
 bool product_validate_create(const json_t *body, const domain_limits_t *l,
@@ -193,7 +197,7 @@ bool command_path_id(cqrs_http_request_t *req, char out[CQRS_UUID_LEN + 1]);
 #define PRODUCT_COLS                                                                               \
     "id, sku, name, description, category, price_cents, currency, stock, status, units_sold, "     \
     "version, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), "       \
-    "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+    "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), weight_grams"
 
 enum {
     PC_ID,
@@ -208,7 +212,8 @@ enum {
     PC_UNITS_SOLD,
     PC_VERSION,
     PC_CREATED_AT,
-    PC_UPDATED_AT
+    PC_UPDATED_AT,
+    PC_WEIGHT /* NULL when unknown */
 };
 
 /* The product of row r (PRODUCT_COLS) as a decision sees it (strings borrowed from rows). */

@@ -64,11 +64,14 @@ int64_t rows_int(const cqrs_rows_t *rows, int r, int c)
 json_t *product_row_json(const cqrs_rows_t *rows, int r)
 {
     return json_pack(
-        "{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:s, s:I, s:I, s:s, s:s}", "id",
+        "{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:o, s:I, s:s, s:I, s:I, s:s, s:s}", "id",
         cqrs_rows_get(rows, r, PC_ID), "sku", cqrs_rows_get(rows, r, PC_SKU), "name",
         cqrs_rows_get(rows, r, PC_NAME), "description", cqrs_rows_get(rows, r, PC_DESCRIPTION),
         "category", cqrs_rows_get(rows, r, PC_CATEGORY), "price_cents",
         (json_int_t)rows_int(rows, r, PC_PRICE), "currency", cqrs_rows_get(rows, r, PC_CURRENCY),
+        "weight_grams",
+        cqrs_rows_get(rows, r, PC_WEIGHT) ? json_integer(rows_int(rows, r, PC_WEIGHT))
+                                          : json_null(),
         "stock", (json_int_t)rows_int(rows, r, PC_STOCK), "status",
         cqrs_rows_get(rows, r, PC_STATUS), "units_sold",
         (json_int_t)rows_int(rows, r, PC_UNITS_SOLD), "version",

@@ -99,7 +99,7 @@ bool decide_create_product(const char *id, const create_product_input_t *in, boo
         return problem(d, 409, "duplicate-sku", NULL, "a product with sku '%.64s' already exists",
                        in->sku);
     product_state_t none = {.id = id, .version = 0};
-    return product_event(&none, "product.created.v1", product_created_data(id, in), d);
+    return product_event(&none, "product.created.v2", product_created_data(id, in), d);
 }
 
 bool decide_update_details(const product_state_t *cur, const update_details_input_t *in,

@@ -36,8 +36,9 @@ static const char *const SERVER_OWNED[] = {"id",         "version",    "stock", 
 bool product_validate_create(const json_t *body, const domain_limits_t *l,
                              create_product_input_t *in, cqrs_violations_t *v)
 {
-    static const char *const allowed[] = {"sku",         "name",     "description",   "category",
-                                          "price_cents", "currency", "initial_stock", NULL};
+    static const char *const allowed[] = {"sku",           "name",         "description",
+                                          "category",      "price_cents",  "currency",
+                                          "initial_stock", "weight_grams", NULL};
     memset(in, 0, sizeof *in);
     cqrs_v_only(v, body, allowed, SERVER_OWNED);
     in->sku = cqrs_v_string(v, body, "sku", true, 1, (size_t)l->sku_max);
@@ -57,6 +58,10 @@ bool product_validate_create(const json_t *body, const domain_limits_t *l,
     }
     cqrs_v_int(v, body, "price_cents", true, 0, l->price_max, &in->price_cents);
     cqrs_v_int(v, body, "initial_stock", true, 0, l->stock_max, &in->initial_stock);
+    in->weight_grams = -1;
+    if (json_object_get(body, "weight_grams") &&
+        !json_is_null(json_object_get(body, "weight_grams")))
+        cqrs_v_int(v, body, "weight_grams", false, 0, PRODUCT_WEIGHT_MAX, &in->weight_grams);
     return v->status == 0;
 }
 
@@ -101,12 +106,14 @@ bool product_validate_adjust_stock(const json_t *body, const domain_limits_t *l,
     return v->status == 0;
 }
 
+/* product.created.v2's data (schemas/events/product.created.v2.json). */
 json_t *product_created_data(const char *id, const create_product_input_t *in)
 {
-    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I}", "product_id", id, "sku", in->sku,
-                     "name", in->name, "description", in->description, "category", in->category,
-                     "price_cents", (json_int_t)in->price_cents, "currency", in->currency,
-                     "initial_stock", (json_int_t)in->initial_stock);
+    return json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:o}", "product_id", id, "sku",
+                     in->sku, "name", in->name, "description", in->description, "category",
+                     in->category, "price_cents", (json_int_t)in->price_cents, "currency",
+                     in->currency, "initial_stock", (json_int_t)in->initial_stock, "weight_grams",
+                     in->weight_grams < 0 ? json_null() : json_integer(in->weight_grams));
 }
 
 /* ---- transactions: load, lock, decide, write ---------------------------------------------- */
@@ -147,22 +154,32 @@ typedef struct create_ud {
 static cqrs_err_t create_tx(cqrs_tx_t *tx, cqrs_command_t *cmd, void *ud, cqrs_error_t *err)
 {
     create_ud_t *c = ud;
-    char id[CQRS_UUID_LEN + 1], price[24], stock[24];
+    char id[CQRS_UUID_LEN + 1], price[24], stock[24], weight[24];
     cqrs_uuid_v4(id);
     decision_t d;
     if (!decide_create_product(id, c->in, false, &d))
         return nomem(err);
     snprintf(price, sizeof price, "%lld", (long long)c->in->price_cents);
     snprintf(stock, sizeof stock, "%lld", (long long)c->in->initial_stock);
-    const char *p[] = {id,    c->in->sku,      c->in->name, c->in->description, c->in->category,
-                       price, c->in->currency, stock,       cmd->time};
+    snprintf(weight, sizeof weight, "%lld", (long long)c->in->weight_grams);
+    const char *p[] = {id,
+                       c->in->sku,
+                       c->in->name,
+                       c->in->description,
+                       c->in->category,
+                       price,
+                       c->in->currency,
+                       stock,
+                       cmd->time,
+                       c->in->weight_grams < 0 ? NULL : weight};
     cqrs_rows_t *rows = NULL;
-    cqrs_err_t rc = cqrs_tx_exec(tx,
-                                 "INSERT INTO products(id, sku, name, description, category,"
-                                 " price_cents, currency, stock, status, units_sold, version,"
-                                 " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7,"
-                                 " $8, 'active', 0, 1, $9, $9) RETURNING " PRODUCT_COLS,
-                                 9, p, &rows, err);
+    cqrs_err_t rc =
+        cqrs_tx_exec(tx,
+                     "INSERT INTO products(id, sku, name, description, category,"
+                     " price_cents, currency, stock, status, units_sold, version,"
+                     " created_at, updated_at, weight_grams) VALUES ($1, $2, $3, $4,"
+                     " $5, $6, $7, $8, 'active', 0, 1, $9, $9, $10) RETURNING " PRODUCT_COLS,
+                     10, p, &rows, err);
     if (rc == CQRS_ERR_CONFLICT && strcmp(err->where, "products_sku_key") == 0) {
         decision_close(&d);
         if (!decide_create_product(id, c->in, true, &d))

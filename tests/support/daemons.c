@@ -199,9 +199,15 @@ char *pg_text(const char *sql, const char *param)
 
 pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const char *name)
 {
+    return daemons_spawn_queryd_env(d, port, role, NULL, name);
+}
+
+pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
+                               const char *extra_env, const char *name)
+{
     char log[128];
     snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
-    pid_t pid = spawn(d, CQRS_QUERYD, port, log, role, NULL);
+    pid_t pid = spawn(d, CQRS_QUERYD, port, log, role, extra_env);
     if (wait_ready(port, 60) != 0) {
         daemons_dump_logs(d);
         return -1;

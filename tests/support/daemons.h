@@ -41,6 +41,9 @@ void daemons_dump_logs(const daemons_t *d);
  * CQRS_QUERY_ROLE=role (NULL: default), logging to <logdir>/<name>.log; waits until ready.
  * Returns its pid, -1 on failure. */
 pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const char *name);
+/* The same with extra environment ("NAME=value;NAME=value", may be NULL). */
+pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
+                               const char *extra_env, const char *name);
 
 /* Starts another cqrs-commandd of the same run on port with extra environment
  * ("NAME=value;NAME=value", may be NULL), logging to <logdir>/<name>.log; waits until ready.

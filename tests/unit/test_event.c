@@ -37,7 +37,7 @@ static void test_headers_are_the_cloudevents_binding(void **state)
     make(&ev);
     cqrs_event_headers_t h;
     cqrs_event_headers(&ev, &h);
-    assert_int_equal(h.n, 11);
+    assert_int_equal(h.n, 12);
     assert_string_equal(lookup("ce_specversion", &h), "1.0");
     assert_string_equal(lookup("ce_id", &h), ev.id);
     assert_string_equal(lookup("ce_type", &h), "product.created.v1");
@@ -49,6 +49,7 @@ static void test_headers_are_the_cloudevents_binding(void **state)
     assert_string_equal(lookup("ce_aggregateversion", &h), "3");
     assert_string_equal(lookup("ce_sequence", &h), "00000000000000000077");
     assert_string_equal(lookup("ce_traceparent", &h), ev.traceparent);
+    assert_string_equal(lookup("ce_dataschema", &h), "urn:cqrs:event:product.created.v1");
     cqrs_event_close(&ev);
 }
 

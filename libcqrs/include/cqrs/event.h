@@ -1,9 +1,11 @@
 /* event.h — the event envelope and its CloudEvents 1.0 Kafka binding (binary mode).
  *
  * The Kafka value is the event's data as JSON; every attribute travels in a header:
- * ce_specversion, ce_id, ce_type, ce_source, ce_subject (aggregate id), ce_time,
- * content-type, and the extensions ce_aggregatetype, ce_aggregateversion, ce_sequence,
- * ce_traceparent. Pure code: no I/O.
+ * ce_specversion, ce_id, ce_type (versioned: "<name>.v<N>", upcast.h), ce_source, ce_subject
+ * (aggregate id), ce_time, content-type, ce_dataschema (the $id of the data's JSON Schema,
+ * "urn:cqrs:event:<ce_type>": schemas/events/<ce_type>.json), and the extensions
+ * ce_aggregatetype, ce_aggregateversion, ce_sequence, ce_traceparent. Pure code: no I/O.
+ * Decoding does not need ce_dataschema (messages written before it have none).
  *
  * ce_sequence is the CloudEvents Sequence extension: the event log's global sequence, written
  * with leading zeros to CQRS_EVENT_SEQUENCE_DIGITS digits so that values sort as strings (as
@@ -42,6 +44,8 @@ void cqrs_event_close(cqrs_event_t *ev);
 #define CQRS_EVENT_HEADERS 12
 /* Width of ce_sequence: 20 digits hold any non-negative int64 (19) with one to spare. */
 #define CQRS_EVENT_SEQUENCE_DIGITS 20
+/* ce_dataschema = this prefix and the event's type: the $id of its data's JSON Schema. */
+#define CQRS_EVENT_SCHEMA_PREFIX "urn:cqrs:event:"
 
 typedef struct cqrs_event_headers {
     size_t n;
@@ -49,6 +53,7 @@ typedef struct cqrs_event_headers {
     const char *value[CQRS_EVENT_HEADERS]; /* point into ev or into the buffers below */
     char version_buf[24];
     char sequence_buf[24];
+    char dataschema_buf[128];
 } cqrs_event_headers_t;
 
 /* Header list of ev; values borrowed from ev and h, valid while both live. */
