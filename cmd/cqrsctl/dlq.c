@@ -316,6 +316,10 @@ static cqrs_err_t retry_one(cqrs_docstore_t *ds, const char *shard, const char *
     next_text = json_dumps(next, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (proj->index)
         proj->index(shard, ev.aggregate_type, key, doc, next, &ops);
+    if (!next_text || ops.nomem) {
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
     /* The offset was recorded when the event was parked: apply_held leaves offsets alone. The
      * script writes only while the document is still at cur (else STATE: read again). */
     cqrs_apply_t a = {.key = key,

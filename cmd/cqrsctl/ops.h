@@ -1,5 +1,6 @@
-/* ops.h — `cqrsctl explain` and `cqrsctl dlq`. Each returns the exit status: 0 success,
- * 1 failed or unknown aggregate, 2 usage, 3 a dependency is unavailable. */
+/* ops.h — the cqrsctl subcommands that live in files of their own (`explain`, `dlq`,
+ * `rebuild`; `verify` is verify.h) and the helpers they share. Each subcommand returns the exit
+ * status: 0 success, 1 failed or unknown aggregate, 2 usage, 3 a dependency is unavailable. */
 #ifndef CQRSCTL_OPS_H
 #define CQRSCTL_OPS_H
 

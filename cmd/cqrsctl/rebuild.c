@@ -304,6 +304,8 @@ static cqrs_err_t finish_agg(rebuild_t *r, cqrs_error_t *err)
         r->texts[i] = json_dumps(d->doc, JSON_COMPACT | JSON_PRESERVE_ORDER);
         query_projection.index(d->shard, d->is_order ? "order" : "product", d->key, d->old, d->doc,
                                &r->ops[i]);
+        if (!r->texts[i] || r->ops[i].nomem)
+            return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory (document %s)", d->key);
     }
     r->dead_letters += (long long)d->n_dead;
     r->docs[i] = (cqrs_bulk_doc_t){.shard = d->shard,

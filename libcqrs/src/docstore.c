@@ -801,22 +801,27 @@ static const char *ops_copy(cqrs_index_ops_t *ops, const char *s)
     return out;
 }
 
-void cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const char *key,
+bool cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const char *key,
                         double score, const char *member, const char *value)
 {
     if (ops->n == ops->cap) {
         size_t cap = ops->cap ? ops->cap * 2 : 16;
         cqrs_index_op_t *v = realloc(ops->v, cap * sizeof *v);
-        if (!v)
-            return;
+        if (!v) {
+            ops->nomem = true;
+            return false;
+        }
         ops->v = v;
         ops->cap = cap;
     }
     cqrs_index_op_t o = {op, ops_copy(ops, key), score, ops_copy(ops, member ? member : ""),
                          value ? ops_copy(ops, value) : NULL};
-    if (!o.key || !o.member || (value && !o.value))
-        return;
+    if (!o.key || !o.member || (value && !o.value)) {
+        ops->nomem = true;
+        return false;
+    }
     ops->v[ops->n++] = o;
+    return true;
 }
 
 void cqrs_index_ops_free(cqrs_index_ops_t *ops)

@@ -1,21 +1,9 @@
-/* err.c — cqrs_err_t strings and the detail out-parameter. */
+/* err.c — the detail out-parameter of cqrs_err_t. */
 #include "cqrs/err.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-
-const char *cqrs_err_str(cqrs_err_t code)
-{
-    switch (code) {
-#define CQRS__ERR_STR(name, val, str)                                                              \
-    case CQRS_ERR_##name:                                                                          \
-        return str;
-        CQRS_ERRNO_MAP(CQRS__ERR_STR)
-#undef CQRS__ERR_STR
-    }
-    return "unknown error";
-}
 
 __attribute__((format(printf, 4, 0))) static void
 error_vset(cqrs_error_t *err, cqrs_err_t code, const char *where, const char *fmt, va_list ap)

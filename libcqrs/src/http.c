@@ -246,11 +246,6 @@ const char *cqrs_http_body(const cqrs_http_request_t *req, size_t *len)
     return req->body;
 }
 
-const char *cqrs_http_request_id(const cqrs_http_request_t *req)
-{
-    return req->request_id;
-}
-
 const char *cqrs_http_traceparent(const cqrs_http_request_t *req)
 {
     return req->traceparent;

@@ -996,6 +996,8 @@ static bool apply_event(cqrs_projector_t *p, const rd_kafka_message_t *m, cqrs_e
                     snprintf(reason, sizeof reason, "the projection produced no document");
                 } else if (p->cfg.projection->index) {
                     p->cfg.projection->index(ps->shard, ev->aggregate_type, key, doc, next, &ops);
+                    if (ops.nomem) /* retried like any failed write */
+                        rc = cqrs_error_set(&err, CQRS_ERR_NOMEM, "out of memory (index changes)");
                 }
             }
         }

@@ -15,8 +15,10 @@ CREATE TABLE events (
     CONSTRAINT events_aggregate_version_key UNIQUE (aggregate_id, version)
 );
 
--- One row per event not yet acknowledged by Kafka; deleted by the relay after the delivery
--- report. The relay reads it in sequence order.
+-- One row per event not yet known to be in Kafka. The relay reads it in sequence order and
+-- deletes a batch's rows only after the Kafka transaction that carried it committed (the delete
+-- itself committed asynchronously; a lost one is settled by the next leader from
+-- relay_inflight): libcqrs/src/relay.c, DESIGN.
 CREATE TABLE outbox (
     sequence   bigint      PRIMARY KEY REFERENCES events (sequence),
     topic      text        NOT NULL,

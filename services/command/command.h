@@ -14,7 +14,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* Value limits of SPEC.md (defaults from domain_limits_default, configurable). */
+/* Value limits (README "API", Limits; defaults from domain_limits_default, configurable). */
 typedef struct domain_limits {
     int64_t sku_max;
     int64_t name_max;

@@ -1,4 +1,4 @@
-/* routes.c — the command API's route table (SPEC.md, "Domain"). */
+/* routes.c — the command API's route table (README "API"; schemas/openapi/command-api.yaml). */
 #include "command.h"
 
 size_t command_routes(command_ctx_t *ctx, cqrs_http_route_t *routes, size_t cap)

@@ -1,4 +1,5 @@
-/* routes.c — the query API (SPEC.md, "Read model"): answers from Redis only. */
+/* routes.c — the query API (README "API"; schemas/openapi/query-api.yaml): answers from Redis
+ * only. */
 #include <cqrs/util.h>
 #include <ctype.h>
 #include <stdio.h>

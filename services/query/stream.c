@@ -1,4 +1,5 @@
-/* stream.c — GET /v1/products/{id}/stream (SPEC.md, "Watch"): Server-Sent Events.
+/* stream.c — GET /v1/products/{id}/stream (README "API", Watch; schemas/openapi/query-api.yaml):
+ * Server-Sent Events.
  *
  * On connect the current document (unless Last-Event-ID says the client has it), then one
  * message per change: "event: product", "id: <version>", "data: <document>". Changes close

@@ -535,8 +535,8 @@ static void test_concurrent_twins_run_once(void **state)
 #define WIDE_PRODUCTS 19
 
 /* A cqrs-commandd with those limits, in a PostgreSQL database and on topics of its own: its
- * products are priced beyond schemas/events' SPEC-default maxima, and test_event_schemas reads
- * the shared database's event log. */
+ * products are priced beyond the maxima of schemas/events (the default limits), and
+ * test_event_schemas reads the shared database's event log. */
 static daemons_t W;
 static testdb_t WDB;
 

@@ -1009,7 +1009,7 @@ class Workload:
                         self.bad_bodies.append((rid, kind, i, raw[:80]))
                     continue
             elif st == 404:
-                v = 0  # absent: version 0 (SPEC, min_version)
+                v = 0  # absent: version 0 (README "API", min_version)
             else:
                 time.sleep(0.05)
                 continue

@@ -94,10 +94,13 @@ typedef struct cqrs_index_ops {
     size_t n, cap;
     char *block; /* the strings (internal) */
     size_t block_used, block_cap;
+    bool nomem; /* a change could not be added: the list is incomplete and must not be written */
 } cqrs_index_ops_t;
 
-/* Appends a change (strings copied; value may be NULL except for HSET). */
-void cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const char *key,
+/* Appends a change (strings copied; value may be NULL except for HSET). False, and ops->nomem
+ * set for good, when memory ran out: whoever writes the list checks nomem first, since a
+ * document written without one of its index changes would leave a list silently wrong. */
+bool cqrs_index_ops_add(cqrs_index_ops_t *ops, cqrs_index_op_kind_t op, const char *key,
                         double score, const char *member, const char *value);
 void cqrs_index_ops_free(cqrs_index_ops_t *ops);
 

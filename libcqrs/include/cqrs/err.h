@@ -2,7 +2,8 @@
  *
  * Codes are 0 (OK) or negative. The classes matter more than the codes: callers map
  * INVALID → 400/422, CONFLICT → 409, NOT_FOUND → 404, UNAVAILABLE → 503 (retryable),
- * everything else → 500.
+ * everything else → 500. The third column of the map says what each code means; what went
+ * wrong travels in cqrs_error_t.message.
  */
 #ifndef CQRS_ERR_H
 #define CQRS_ERR_H
@@ -35,9 +36,6 @@ typedef struct cqrs_error {
     char message[256];
     char where[64];
 } cqrs_error_t;
-
-/* Static string for a code; never NULL. */
-const char *cqrs_err_str(cqrs_err_t code);
 
 /* Fills *err (when err is not NULL) and returns code, so callers can write
  * `return cqrs_error_set(err, CQRS_ERR_INVALID, "bad %s", x);`. */

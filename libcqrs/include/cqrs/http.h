@@ -116,7 +116,6 @@ const char *cqrs_http_query(const cqrs_http_request_t *req, const char *name);
 void cqrs_http_query_each(const cqrs_http_request_t *req,
                           void (*fn)(const char *key, const char *value, void *ud), void *ud);
 const char *cqrs_http_body(const cqrs_http_request_t *req, size_t *len);
-const char *cqrs_http_request_id(const cqrs_http_request_t *req);
 /* The request's W3C traceparent, or a fresh one when it sent none or an invalid one. */
 const char *cqrs_http_traceparent(const cqrs_http_request_t *req);
 

@@ -35,9 +35,16 @@ void cqrs_log(cqrs_log_level_t level, const char *msg, ...) __attribute__((senti
 #define CQRS_LOG_SECRETS_MAX 32
 void cqrs_log_add_secret(const char *value);
 
-#define CQRS_LOG_DEBUG(...) cqrs_log(CQRS_LOG_DEBUG, __VA_ARGS__, (char *)NULL)
-#define CQRS_LOG_INFO(...) cqrs_log(CQRS_LOG_INFO, __VA_ARGS__, (char *)NULL)
-#define CQRS_LOG_WARN(...) cqrs_log(CQRS_LOG_WARN, __VA_ARGS__, (char *)NULL)
-#define CQRS_LOG_ERROR(...) cqrs_log(CQRS_LOG_ERROR, __VA_ARGS__, (char *)NULL)
+/* The level is checked before the arguments are evaluated: a field computed for a debug line
+ * costs nothing when debug is off. Statements, not expressions. */
+#define CQRS_LOG_AT(level, ...)                                                                    \
+    do {                                                                                           \
+        if (cqrs_log_enabled(level))                                                               \
+            cqrs_log(level, __VA_ARGS__, (char *)NULL);                                            \
+    } while (0)
+#define CQRS_LOG_DEBUG(...) CQRS_LOG_AT(CQRS_LOG_DEBUG, __VA_ARGS__)
+#define CQRS_LOG_INFO(...) CQRS_LOG_AT(CQRS_LOG_INFO, __VA_ARGS__)
+#define CQRS_LOG_WARN(...) CQRS_LOG_AT(CQRS_LOG_WARN, __VA_ARGS__)
+#define CQRS_LOG_ERROR(...) CQRS_LOG_AT(CQRS_LOG_ERROR, __VA_ARGS__)
 
 #endif
