@@ -20,10 +20,12 @@
  * in its path, 501 to any Transfer-Encoding but chunked, and closes the connection on a request
  * line it cannot read (a NUL byte in it, say). Those answers are plain, not problems.
  */
+#define _GNU_SOURCE /* accept4 */
 #include "cqrs/http.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
+#include <fcntl.h>
 #include <microhttpd.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -34,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "cqrs/log.h"
@@ -1146,8 +1149,26 @@ void cqrs_http_server_stop(cqrs_http_server_t *srv)
     /* Stop accepting; wake every suspended request (waits answer 503, streams end); wait
      * (bounded) for open connections to finish their requests. */
     MHD_socket lsock = MHD_quiesce_daemon(srv->daemon);
-    if (lsock != MHD_INVALID_SOCKET)
-        close(lsock);
+    if (lsock != MHD_INVALID_SOCKET) {
+        /* Connections the kernel has completed and MHD had not accepted yet are served, not
+         * reset by the close: accepted here and handed over. Then the socket stops listening
+         * (shutdown: Linux refuses new connections from then on), but stays open until
+         * MHD_stop_daemon — its threads may still look at it (libmicrohttpd's manual,
+         * MHD_quiesce_daemon). */
+        int fl = fcntl(lsock, F_GETFL);
+        if (fl >= 0 && fcntl(lsock, F_SETFL, fl | O_NONBLOCK) == 0) {
+            for (;;) {
+                struct sockaddr_storage addr;
+                socklen_t len = sizeof addr;
+                int fd = accept4(lsock, (struct sockaddr *)&addr, &len, SOCK_CLOEXEC);
+                if (fd < 0)
+                    break;
+                /* on failure MHD closes the socket itself */
+                (void)MHD_add_connection(srv->daemon, fd, (struct sockaddr *)&addr, len);
+            }
+        }
+        shutdown(lsock, SHUT_RDWR);
+    }
     pthread_mutex_lock(&srv->susp_mu);
     atomic_store(&srv->stopping, true);
     while (srv->susp_head) {
@@ -1166,6 +1187,8 @@ void cqrs_http_server_stop(cqrs_http_server_t *srv)
     }
     MHD_stop_daemon(srv->daemon);
     srv->daemon = NULL;
+    if (lsock != MHD_INVALID_SOCKET)
+        close(lsock);
 }
 
 void cqrs_http_server_destroy(cqrs_http_server_t *srv)

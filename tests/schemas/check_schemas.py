@@ -12,8 +12,11 @@
       schemas/events/<type>.json, and every event type has a schema; then every message of the
       daemons' event topics in Kafka (`<prefix>.product.events`, `<prefix>.order.events`, all
       prefixes: every e2e run's) parses with the CloudEvents Python SDK (binary content mode),
-      its data validates against the schema of its type, and in each partition the
-      `sequence` extension values sort as strings in offset order (zero-padded, issue 21).
+      its data validates against the schema of its type, and each aggregate's `sequence`
+      extension values sort as strings in offset order (zero-padded, issue 21). Per aggregate
+      (subject), not per partition: a sequence is the event's position in the log, taken at
+      insert, and transactions commit — and are published — in another order; an aggregate's
+      events are ordered by its row lock, so its sequences grow in publication order.
 """
 import json
 import os
@@ -135,7 +138,7 @@ def kafka_events(validators):
     consumer = Consumer(dict(conf, **{"group.id": "check-schemas", "enable.auto.commit": False,
                                       "enable.partition.eof": True}))
     n, bad = 0, 0
-    last = {}  # (topic, partition) → the last sequence value seen there
+    last = {}  # (topic, partition, subject) → the aggregate's last sequence value seen there
 
     def bad_message(msg):
         nonlocal bad
@@ -174,6 +177,9 @@ def kafka_events(validators):
             except Exception as e:  # noqa: BLE001 - report every message the SDK refuses
                 bad_message(f"{at}: the CloudEvents SDK refuses it: {e}")
                 continue
+            if ev.get_dataschema() not in (None, f"urn:cqrs:event:{ev.get_type()}"):
+                bad_message(f"{at}: dataschema {ev.get_dataschema()} does not name the schema of "
+                            f"{ev.get_type()}")
             v = validators.get(ev.get_type())
             errs = list(v.iter_errors(ev.get_data())) if v is not None else []
             if errs:
@@ -182,9 +188,11 @@ def kafka_events(validators):
             if not isinstance(seq, str) or not seq.isdigit():
                 bad_message(f"{at}: sequence {seq!r} is not a string of decimal digits")
                 continue
-            if where in last and not last[where] < seq:
-                bad_message(f"{at}: sequence {seq} does not sort after {last[where]} as a string")
-            last[where] = seq
+            agg = where + (ev.get_subject(),)
+            if agg in last and not last[agg] < seq:
+                bad_message(f"{at}: sequence {seq} of {agg[2]} does not sort after its earlier "
+                            f"{last[agg]} as a string")
+            last[agg] = seq
         if open_parts:
             fail(f"{len(open_parts)} partitions not read to their end within 120 s")
     finally:
