@@ -197,8 +197,9 @@ def kafka_events(validators):
             fail(f"{len(open_parts)} partitions not read to their end within 120 s")
     finally:
         consumer.close()
-    print(f"ok: the CloudEvents SDK parsed {n - bad} of {n} Kafka messages of {len(topics)} event "
-          "topics; their data valid, their sequence values sorting as strings")
+    print(f"{'ok' if bad == 0 else 'FAIL'}: {n - bad} of {n} Kafka messages of {len(topics)} event "
+          "topics parsed by the CloudEvents SDK with their data valid, dataschema naming their "
+          "schema and each aggregate's sequence values sorting as strings")
     if n == 0:
         fail("no message in the event topics: run the e2e tests first")
 
