@@ -240,15 +240,26 @@ static void fold(agg_t *a, cqrs_event_t *ev)
     }
     json_t *next = NULL;
     cqrs_error_t perr;
+    /* The event as written, for a dead letter (a retry upcasts it again). */
+    char written[sizeof ev->type];
+    memcpy(written, ev->type, sizeof written);
+    json_t *data = json_incref(ev->data);
     /* In place when nothing else holds the document (no index to compute against it). */
     bool owned = !a->old;
     cqrs_err_t rc = owned ? cqrs_projection_apply_owned(&query_projection, a->doc, ev, &next, &perr)
                           : cqrs_projection_apply(&query_projection, a->doc, ev, &next, &perr);
     if (rc != CQRS_ERR_OK) {
+        if (ev->data != data) {
+            json_decref(ev->data);
+            ev->data = json_incref(data);
+            memcpy(ev->type, written, sizeof written);
+        }
         a->held = true;
         add_dead(a, ev, perr.message);
-        return;
     }
+    json_decref(data);
+    if (rc != CQRS_ERR_OK)
+        return;
     if (!owned)
         json_decref(a->doc);
     a->doc = next;

@@ -2,6 +2,7 @@
 #include "cqrs/event.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 void cqrs_event_init(cqrs_event_t *ev, const char *type, const char *aggregate_type,
@@ -29,6 +30,8 @@ void cqrs_event_close(cqrs_event_t *ev)
 
 static void add(cqrs_event_headers_t *h, const char *name, const char *value)
 {
+    if (h->n >= CQRS_EVENT_HEADERS)
+        abort(); /* a programming error: CQRS_EVENT_HEADERS is too small */
     h->name[h->n] = name;
     h->value[h->n] = value;
     h->n++;

@@ -108,6 +108,9 @@ static cqrs_err_t product_change(json_t *d, const cqrs_event_t *ev, cqrs_error_t
     }
     json_object_set_new(d, "version", json_integer((json_int_t)ev->version));
     json_object_set_new(d, "updated_at", json_string(ev->time));
+    /* A document projected before product.created.v2 has no weight: unknown, as v1 says. */
+    if (!json_object_get(d, "weight_grams"))
+        json_object_set_new(d, "weight_grams", json_null());
     return CQRS_ERR_OK;
 bad:
     return incomplete(ev, err);

@@ -31,6 +31,7 @@
 
 #include "daemons.h"
 #include "httpc.h"
+#include "kafka_check.h"
 #include "redisdb.h"
 #include "testenv.h"
 
@@ -152,6 +153,32 @@ static void create_as_v1_writer(const char *sku, char id[40])
                      1);
 }
 
+/* The creation of id is `type` in the event log (explain) and in Kafka (ce_type and
+ * ce_dataschema of the message at the partition and offset explain names). */
+static void assert_written_as(const char *id, const char *type)
+{
+    json_t *x = NULL;
+    assert_int_equal(ctl(&x, "explain %s --json", id), 0);
+    json_t *e = json_array_get(json_object_get(x, "events"), 0);
+    assert_string_equal(json_string_value(json_object_get(e, "type")), type);
+    json_t *k = json_object_get(e, "kafka");
+    char topic[128], schema[160];
+    snprintf(topic, sizeof topic, "%s.product.events", D.prefix);
+    snprintf(schema, sizeof schema, "urn:cqrs:event:%s", type);
+    int32_t part = (int32_t)json_integer_value(json_object_get(k, "partition"));
+    int64_t off = json_integer_value(json_object_get(k, "offset"));
+    const char *brokers = getenv("CQRS_KAFKA_BROKERS");
+    char *got = kafka_header_at(brokers, topic, part, off, "ce_type");
+    char *ds = kafka_header_at(brokers, topic, part, off, "ce_dataschema");
+    assert_non_null(got);
+    assert_string_equal(got, type);
+    assert_non_null(ds);
+    assert_string_equal(ds, schema);
+    free(got);
+    free(ds);
+    json_decref(x);
+}
+
 /* Every member but the ones that differ by construction (id, sku, name, times) is equal. */
 static void assert_alike(json_t *a, json_t *b)
 {
@@ -183,18 +210,9 @@ static void test_mixed_versions_project_and_rebuild_alike(void **state)
     /* v1, brought up to v2: weight unknown, the rest as a v2 product made without a weight */
     assert_true(json_is_null(json_object_get(dold, "weight_grams")));
     assert_alike(dold, du);
-    /* the log and the topic hold both versions: explain reads the types as written */
-    json_t *x = NULL;
-    assert_int_equal(ctl(&x, "explain %s --json", old), 0);
-    assert_string_equal(
-        json_string_value(json_object_get(json_array_get(json_object_get(x, "events"), 0), "type")),
-        "product.created.v1");
-    json_decref(x);
-    assert_int_equal(ctl(&x, "explain %s --json", heavy), 0);
-    assert_string_equal(
-        json_string_value(json_object_get(json_array_get(json_object_get(x, "events"), 0), "type")),
-        "product.created.v2");
-    json_decref(x);
+    /* the log and the topic hold both versions, as written */
+    assert_written_as(old, "product.created.v1");
+    assert_written_as(heavy, "product.created.v2");
     assert_int_equal(ctl(NULL, "verify --json"), 0);
 
     /* the same documents from the log, rebuilt */
@@ -216,6 +234,9 @@ static void test_mixed_versions_project_and_rebuild_alike(void **state)
 static void test_rolling_deployment_parks_then_retry_applies(void **state)
 {
     (void)state;
+#ifndef CQRS_ENABLE_FAILPOINTS
+    skip(); /* the old reader is played by a failpoint build's switch */
+#endif
     /* the old reader: does not know product.created.v2 */
     assert_int_equal(daemons_stop_one(&D.queryd), 0);
     D.qport = free_port();
@@ -248,7 +269,7 @@ static void test_rolling_deployment_parks_then_retry_applies(void **state)
     if (!reason || !strstr(reason, "product.created.v2 is unknown to this build"))
         fail_msg("reason: %s", reason ? reason : "(none)");
     json_decref(l);
-    /* the others go on meanwhile: a v1-era product's next event still applies */
+    /* the others go on meanwhile: a v1-era product is still projected */
     create_as_v1_writer("EVO-ROLL-OLD", other);
     json_decref(doc_at(other, 1));
     snprintf(path, sizeof path, "/v1/products/%s", id);

@@ -32,6 +32,7 @@
 
 #include "daemons.h"
 #include "httpc.h"
+#include "kafka_check.h"
 #include "redisdb.h"
 #include "testenv.h"
 
@@ -178,46 +179,6 @@ static json_t *wait_state(const char *id, int64_t version, const char *redis)
     return NULL;
 }
 
-/* The ce_id header of the message at topic/partition/offset, read back from Kafka. */
-static char *kafka_event_id(const char *topic, int32_t partition, int64_t offset)
-{
-    static const char *const own[][2] = {
-        {"group.id", "explain-check-unused"},
-        {"isolation.level", "read_committed"},
-        {"enable.auto.commit", "false"},
-        {"log_level", "3"},
-        {NULL, NULL},
-    };
-    cqrs_error_t err;
-    rd_kafka_conf_t *conf =
-        cqrs_bus_conf_new(getenv("CQRS_KAFKA_BROKERS"), "explain-check", own, &err);
-    assert_non_null(conf);
-    rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", &err);
-    assert_non_null(rk);
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(l, topic, partition)->offset = offset;
-    rd_kafka_assign(rk, l);
-    rd_kafka_topic_partition_list_destroy(l);
-    char *id = NULL;
-    for (int i = 0; i < 100 && !id; i++) {
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
-        if (!m)
-            continue;
-        rd_kafka_headers_t *h = NULL;
-        const void *val = NULL;
-        size_t size = 0;
-        if (!m->err && m->offset == offset && rd_kafka_message_headers(m, &h) == 0 &&
-            rd_kafka_header_get_last(h, "ce_id", &val, &size) == 0)
-            id = strndup(val, size);
-        else if (!m->err)
-            id = strdup("(another message)");
-        rd_kafka_message_destroy(m);
-    }
-    rd_kafka_consumer_close(rk);
-    rd_kafka_destroy(rk);
-    return id;
-}
-
 static void assert_in_kafka(json_t *x, json_t *e)
 {
     char topic[128];
@@ -226,7 +187,8 @@ static void assert_in_kafka(json_t *x, json_t *e)
     assert_string_equal(sget(e, "kafka", "status"), "found");
     assert_int_equal(iget(e, "kafka", "partition"), iget(x, "kafka", "partition"));
     char *id =
-        kafka_event_id(topic, (int32_t)iget(e, "kafka", "partition"), iget(e, "kafka", "offset"));
+        kafka_header_at(getenv("CQRS_KAFKA_BROKERS"), topic, (int32_t)iget(e, "kafka", "partition"),
+                        iget(e, "kafka", "offset"), "ce_id");
     assert_non_null(id);
     assert_string_equal(id, sget(e, "event_id", NULL));
     free(id);

@@ -17,9 +17,11 @@ An event version is a contract with every reader of the log, which is kept forev
 replayed: the readers of a version — projections, `cqrsctl rebuild`, consumers on Kafka — must
 read every event ever written under it, and events written under the current schema must be
 read by readers built against the released one (a rolling deployment runs both). So within a
-version the one change allowed is a new optional property (readers ignore members they do not
-know; the schema describes what the newest writer sends). Anything else needs a new version,
-<type>.v<N+1>, with an upcaster from v<N> (libcqrs). The rules:
+version the one change allowed is a new optional property where the schema's content model is
+open (no `additionalProperties: false` there: readers ignore members they do not know) — the
+platform's own schemas are closed, so for them every change of shape takes a new version. Edits
+of titles and descriptions are free. Anything else needs a new version, <type>.v<N+1>, with an
+upcaster from v<N> (libcqrs). The rules:
 
   C1 removed-version   a released version's schema was deleted (its events stay in the log)
   C2 removed-property  a property was removed (readers of the version rely on it)
@@ -31,6 +33,8 @@ know; the schema describes what the newest writer sends). Anything else needs a 
                        const, items, additionalProperties…): tightened, old events may fail it;
                        loosened, readers of the version may meet values they cannot hold
   C7 id-changed        the schema's $id (urn:cqrs:event:<type>.v<N>) changed
+  C8 closed-extended   a property added where the released schema said
+                       additionalProperties: false (a reader validating against it refuses it)
   V1 version-gap       <type>.v<N> exists without <type>.v<N-1>
   V2 misnamed          a file's name is not <type>.v<N>.json or its $id does not match it
 """
@@ -46,13 +50,17 @@ EVENTS = ROOT / "schemas" / "events"
 RELEASED = EVENTS / "released"
 # Keywords that document and do not validate: free to change within a version.
 ANNOTATIONS = {"title", "description", "examples", "$comment", "default", "deprecated"}
-# Keywords compared structurally below.
-STRUCTURAL = {"properties", "required", "items", "type", "$id", "$schema"}
+# Keywords compared structurally below ($id and $schema too: a changed dialect or nested $id is
+# a changed rule).
+STRUCTURAL = {"properties", "required", "items", "type"}
+# Keywords whose order carries no meaning.
+UNORDERED = {"type", "enum", "required"}
 NAME = re.compile(r"^(?P<type>[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+)\.v(?P<n>[1-9][0-9]*)\.json$")
 
 RULES = {
     "C1": "removed-version", "C2": "removed-property", "C3": "required-added",
     "C4": "required-dropped", "C5": "type-changed", "C6": "rule-changed", "C7": "id-changed",
+    "C8": "closed-extended",
     "V1": "version-gap", "V2": "misnamed",
 }
 ADVICE = "keep the released contract, or publish the change as a new version with an upcaster"
@@ -62,12 +70,26 @@ def load(folder):
     return {f.name: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
 
 
+def same(key, a, b):
+    if key in UNORDERED and isinstance(a, list) and isinstance(b, list):
+        return sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
+    if key in UNORDERED and isinstance(a, list) != isinstance(b, list):
+        # "integer" and ["integer"] say the same
+        return (a if isinstance(a, list) else [a]) == (b if isinstance(b, list) else [b])
+    return a == b
+
+
 def compare(old, new, path, report):
     """Reports what breaks between two schema nodes of one event version."""
-    if old.get("type") != new.get("type"):
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        # a boolean schema (true/false) on either side: only equality is compatible
+        if old != new:
+            report("C6", path, f"{json.dumps(old)} became {json.dumps(new)}")
+        return
+    if not same("type", old.get("type"), new.get("type")):
         report("C5", path, f"type {old.get('type')!r} became {new.get('type')!r}")
     for key in sorted((set(old) | set(new)) - ANNOTATIONS - STRUCTURAL):
-        if old.get(key) != new.get(key):
+        if not same(key, old.get(key), new.get(key)):
             report("C6", path, f"{key} {old.get(key, '(none)')!r} became {new.get(key, '(none)')!r}")
     old_props, new_props = old.get("properties", {}), new.get("properties", {})
     old_req, new_req = set(old.get("required", [])), set(new.get("required", []))
@@ -76,6 +98,9 @@ def compare(old, new, path, report):
             report("C2", f"{path}/properties/{name}", "removed")
         else:
             compare(old_props[name], new_props[name], f"{path}/properties/{name}", report)
+    if old.get("additionalProperties") is False:
+        for name in sorted(set(new_props) - set(old_props) - new_req):
+            report("C8", f"{path}/properties/{name}", "added where additionalProperties is false")
     for name in sorted(new_req - old_req):
         report("C3", f"{path}/properties/{name}",
                "added as required" if name not in old_props else "became required")
@@ -118,7 +143,8 @@ def check(released_dir, current_dir):
             continue
         if old.get("$id") != new.get("$id"):
             found.append(("C7", fname, "/$id", f"{old.get('$id')!r} became {new.get('$id')!r}"))
-        compare(old, new, "", reporter(fname))
+        compare({k: v for k, v in old.items() if k != "$id"},
+                {k: v for k, v in new.items() if k != "$id"}, "", reporter(fname))
     return found
 
 

@@ -177,7 +177,7 @@ def kafka_events(validators):
             except Exception as e:  # noqa: BLE001 - report every message the SDK refuses
                 bad_message(f"{at}: the CloudEvents SDK refuses it: {e}")
                 continue
-            if ev.get_dataschema() not in (None, f"urn:cqrs:event:{ev.get_type()}"):
+            if ev.get_dataschema() != f"urn:cqrs:event:{ev.get_type()}":
                 bad_message(f"{at}: dataschema {ev.get_dataschema()} does not name the schema of "
                             f"{ev.get_type()}")
             v = validators.get(ev.get_type())

@@ -210,6 +210,7 @@ pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
     pid_t pid = spawn(d, CQRS_QUERYD, port, log, role, extra_env);
     if (wait_ready(port, 60) != 0) {
         daemons_dump_logs(d);
+        daemons_stop_one(&pid);
         return -1;
     }
     return pid;

@@ -119,3 +119,42 @@ int kafka_check_topics(const char *brokers, const char *const *topics, size_t n_
     rd_kafka_destroy(rk);
     return 0;
 }
+
+char *kafka_header_at(const char *brokers, const char *topic, int32_t partition, int64_t offset,
+                      const char *header)
+{
+    static const char *const own[][2] = {
+        {"group.id", "kafka-header-at-unused"},
+        {"isolation.level", "read_committed"},
+        {"enable.auto.commit", "false"},
+        {"log_level", "3"},
+        {NULL, NULL},
+    };
+    cqrs_error_t err;
+    rd_kafka_conf_t *conf = cqrs_bus_conf_new(brokers, "kafka-header-at", own, &err);
+    rd_kafka_t *rk = conf ? cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", &err) : NULL;
+    if (!rk)
+        return NULL;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, topic, partition)->offset = offset;
+    rd_kafka_assign(rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    char *value = NULL;
+    for (int i = 0; i < 100 && !value; i++) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+        if (!m)
+            continue;
+        rd_kafka_headers_t *h = NULL;
+        const void *val = NULL;
+        size_t size = 0;
+        if (!m->err && m->offset == offset && rd_kafka_message_headers(m, &h) == 0 &&
+            rd_kafka_header_get_last(h, header, &val, &size) == 0)
+            value = strndup(val, size);
+        else if (!m->err)
+            value = strdup("(another message)");
+        rd_kafka_message_destroy(m);
+    }
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    return value;
+}

@@ -5,6 +5,7 @@
 #define CQRS_TEST_KAFKA_CHECK_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct kafka_check {
     size_t messages;     /* read */
@@ -17,5 +18,11 @@ typedef struct kafka_check {
  * more second for stray duplicates). Returns 0 when it could read at all. */
 int kafka_check_topics(const char *brokers, const char *const *topics, size_t n_topics,
                        size_t expected, int timeout_s, kafka_check_t *out);
+
+/* The value of header `header` of the message at topic/partition/offset (read_committed), read
+ * back from Kafka: malloc'ed; "(another message)" when another offset came; NULL when nothing
+ * came within 10 s. */
+char *kafka_header_at(const char *brokers, const char *topic, int32_t partition, int64_t offset,
+                      const char *header);
 
 #endif

@@ -356,6 +356,27 @@ static void test_v1_creation_is_upcast(void **state)
     cqrs_event_close(&v2);
 }
 
+/* A document projected before product.created.v2 (no weight_grams) gains weight_grams: null
+ * with its next event, so it matches the write model again. */
+static void test_old_document_gains_the_new_member(void **state)
+{
+    (void)state;
+    json_t *doc = base_doc();
+    json_object_del(doc, "weight_grams");
+    cqrs_event_t ev;
+    cqrs_event_init(&ev, "product.price-changed.v1", "product",
+                    "6f9619ff-8b86-4011-b42d-00c04fc964ff", 2,
+                    json_pack("{s:i,s:i}", "old_price_cents", 1299, "price_cents", 999), NULL);
+    json_t *next = NULL;
+    cqrs_error_t err;
+    assert_int_equal(cqrs_projection_apply(&query_projection, doc, &ev, &next, &err), CQRS_ERR_OK);
+    assert_true(json_is_null(json_object_get(next, "weight_grams")));
+    assert_int_equal(json_object_size(next), 14);
+    json_decref(next);
+    json_decref(doc);
+    cqrs_event_close(&ev);
+}
+
 /* An old reader meeting a newer version: INVALID with a reason that says so (a dead letter). */
 static void test_newer_version_is_refused_with_its_reason(void **state)
 {
@@ -384,6 +405,7 @@ int main(void)
         cmocka_unit_test(test_units_sold_never_wraps),
         cmocka_unit_test(test_created_builds_the_whole_document),
         cmocka_unit_test(test_v1_creation_is_upcast),
+        cmocka_unit_test(test_old_document_gains_the_new_member),
         cmocka_unit_test(test_newer_version_is_refused_with_its_reason),
         cmocka_unit_test(test_created_is_deterministic),
         cmocka_unit_test(test_rejects_what_does_not_fit),

@@ -41,7 +41,7 @@ void cqrs_event_init(cqrs_event_t *ev, const char *type, const char *aggregate_t
                      const char *traceparent);
 void cqrs_event_close(cqrs_event_t *ev);
 
-#define CQRS_EVENT_HEADERS 12
+#define CQRS_EVENT_HEADERS 16
 /* Width of ce_sequence: 20 digits hold any non-negative int64 (19) with one to spare. */
 #define CQRS_EVENT_SEQUENCE_DIGITS 20
 /* ce_dataschema = this prefix and the event's type: the $id of its data's JSON Schema. */
