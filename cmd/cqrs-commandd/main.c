@@ -16,6 +16,7 @@
 #include <stdio.h>
 
 #include "command.h"
+#include "topics.h"
 
 typedef struct settings {
     cqrs_daemon_settings_t d;
@@ -60,8 +61,7 @@ static const cqrs_config_entry_t own_settings[] = {
      "attempts of a transaction that hits contention", &S.tx_max_attempts, NULL},
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, NULL, 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
-    {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
-     "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
+    TOPIC_PREFIX_SETTING(&S.topic_prefix),
     {"CQRS_KAFKA_PARTITIONS", CQRS_CONFIG_INT, "6", 1, 10000,
      "partitions of topics created at start-up", &S.kafka_partitions, NULL},
     {"CQRS_KAFKA_REPLICATION", CQRS_CONFIG_INT, "-1", -1, 100,
@@ -110,8 +110,7 @@ static const cqrs_config_entry_t own_settings[] = {
 typedef struct app {
     command_ctx_t ctx;
     cqrs_relay_t *relay;
-    char product_topic[256], order_topic[256];
-    const char *topics[2];
+    topics_t topics;
     char txn_id[300];
 } app_t;
 
@@ -142,8 +141,7 @@ static int check_settings(void *ud, const char *argv0)
 static int start(void *ud)
 {
     app_t *a = ud;
-    snprintf(a->product_topic, sizeof a->product_topic, "%s.product.events", S.topic_prefix);
-    snprintf(a->order_topic, sizeof a->order_topic, "%s.order.events", S.topic_prefix);
+    topics_init(&a->topics, S.topic_prefix);
     cqrs_store_config_t sc = {
         .dsn = S.pg_dsn,
         .pool_size = (unsigned)S.pg_pool_size,
@@ -155,8 +153,8 @@ static int start(void *ud)
         .application_name = "cqrs-commandd",
     };
     a->ctx.store = cqrs_store_new(&sc);
-    a->ctx.product_topic = a->product_topic;
-    a->ctx.order_topic = a->order_topic;
+    a->ctx.product_topic = a->topics.name[TOPIC_PRODUCT];
+    a->ctx.order_topic = a->topics.name[TOPIC_ORDER];
     a->ctx.cmd.max_json_depth = (int)S.d.max_json_depth;
     a->ctx.cmd.idempotency_ttl_s = S.idempotency_ttl_s;
     a->ctx.limits = S.limits;
@@ -168,8 +166,6 @@ static int start(void *ud)
         return 0;
     /* The relay ensures the topics when it becomes leader (cqrsctl migrate creates them
      * too); until they exist the events wait in the outbox. */
-    a->topics[0] = a->product_topic;
-    a->topics[1] = a->order_topic;
     snprintf(a->txn_id, sizeof a->txn_id, "%s", S.relay_txn_id);
     if (!a->txn_id[0])
         snprintf(a->txn_id, sizeof a->txn_id, "%s-relay", S.topic_prefix);
@@ -186,8 +182,8 @@ static int start(void *ud)
         .statement_timeout_ms = (int)S.pg_statement_timeout_ms,
         .lock_timeout_ms = (int)S.pg_lock_timeout_ms,
         .stall_ms = (int)S.relay_stall_ms,
-        .topics = a->topics,
-        .n_topics = 2,
+        .topics = a->topics.names,
+        .n_topics = TOPIC_TYPES,
         .topic_partitions = (int)S.kafka_partitions,
         .topic_replication = (int)S.kafka_replication,
     };

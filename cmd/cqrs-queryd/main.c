@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "query.h"
+#include "topics.h"
 
 typedef struct settings {
     cqrs_daemon_settings_t d;
@@ -52,8 +53,7 @@ static const cqrs_config_entry_t own_settings[] = {
      &S.redis_pool_size, NULL},
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0,
      "Kafka bootstrap servers (role project/both)", &S.kafka_brokers, NULL},
-    {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
-     "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
+    TOPIC_PREFIX_SETTING(&S.topic_prefix),
     {"CQRS_CONSUMER_GROUP", CQRS_CONFIG_STRING, "cqrs-queryd", 0, 0,
      "Kafka consumer group of the projectors", &S.consumer_group, NULL},
     {"CQRS_KAFKA_GROUP_PROTOCOL", CQRS_CONFIG_ENUM, "classic", 0, 0,
@@ -80,8 +80,7 @@ typedef struct app {
     query_ctx_t ctx;
     cqrs_changefeed_t *feed;
     cqrs_projector_t *projector;
-    char product_topic[256], order_topic[256];
-    const char *topics[2];
+    topics_t topics;
 } app_t;
 
 static app_t A;
@@ -206,10 +205,9 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
     cqrs_error_t err;
     bool ok = cqrs_docstore_refill_count(ds, &refilling, &err) == CQRS_ERR_OK;
     /* Every shard of every topic: one pipelined round trip per topic. */
-    static const char *const types[] = {"product", "order"};
-    for (size_t k = 0; ok && k < sizeof types / sizeof types[0]; k++) {
+    for (int k = 0; ok && k < TOPIC_TYPES; k++) {
         int32_t n = 0;
-        cqrs_err_t rc = query_shard_count(ds, types[k], &n, &err);
+        cqrs_err_t rc = query_shard_count(ds, topic_type(k), &n, &err);
         if (rc == CQRS_ERR_NOT_FOUND)
             continue; /* nothing projected yet */
         char(*shards)[CQRS_SHARD_MAX] = calloc((size_t)n, sizeof *shards);
@@ -217,7 +215,7 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
         long long *h = calloc((size_t)n, sizeof *h), *u = calloc((size_t)n, sizeof *u);
         ok = rc == CQRS_ERR_OK && shards && sp && h && u;
         for (int32_t i = 0; ok && i < n; i++) {
-            query_shard(ds, types[k], i, shards[i], sizeof shards[i]);
+            query_shard(ds, topic_type(k), i, shards[i], sizeof shards[i]);
             sp[i] = shards[i];
         }
         ok = ok && cqrs_docstore_dlq_counts(ds, sp, (size_t)n, h, u, &err) == CQRS_ERR_OK;
@@ -314,8 +312,7 @@ static int start(void *ud)
 {
     app_t *a = ud;
     cqrs_error_t err;
-    snprintf(a->product_topic, sizeof a->product_topic, "%s.product.events", S.topic_prefix);
-    snprintf(a->order_topic, sizeof a->order_topic, "%s.order.events", S.topic_prefix);
+    topics_init(&a->topics, S.topic_prefix);
     query_keys_init(S.topic_prefix);
 
     a->ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
@@ -345,14 +342,12 @@ static int start(void *ud)
     }
     if (strcmp(S.role, "serve") == 0)
         return 0;
-    a->topics[0] = a->product_topic;
-    a->topics[1] = a->order_topic;
     cqrs_projector_config_t pc = {
         .brokers = S.kafka_brokers,
         .group_id = S.consumer_group,
         .client_id = "cqrs-queryd-projector",
-        .topics = a->topics,
-        .n_topics = 2,
+        .topics = a->topics.names,
+        .n_topics = TOPIC_TYPES,
         .redis = &S.redis,
         .redis_timeout_ms = (int)S.redis_timeout_ms,
         .projection = &query_projection,

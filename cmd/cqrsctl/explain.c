@@ -22,6 +22,7 @@
 
 #include "ops.h"
 #include "query.h"
+#include "topics.h"
 
 #define KAFKA_SLACK_MS 60000
 #define PARKED_PREFIX "waiting behind"
@@ -293,7 +294,7 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
 
     /* Kafka: the partition of the key and the offset of each published event shown. */
     char topic[256];
-    snprintf(topic, sizeof topic, "%s.%s.events", env->topic_prefix, type ? type : "unknown");
+    topic_name(env->topic_prefix, type ? type : "unknown", topic, sizeof topic);
     cqrs_bus_sought_t *sought = calloc((size_t)n + 1, sizeof *sought);
     size_t n_sought = 0;
     int64_t since = INT64_MAX;

@@ -9,6 +9,7 @@
 #include <cqrs/version.h>
 #include "ops.h"
 #include "query.h"
+#include "topics.h"
 #include "verify.h"
 #include <jansson.h>
 #include <stdbool.h>
@@ -33,8 +34,7 @@ static const cqrs_config_entry_t entries[] = {
     CQRS_REDIS_SETTINGS(S.redis, "Redis of the read model (verify, explain, dlq, rebuild)"),
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
-    {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
-     "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
+    TOPIC_PREFIX_SETTING(&S.topic_prefix),
     {"CQRS_KAFKA_PARTITIONS", CQRS_CONFIG_INT, "6", 1, 10000, "partitions of created topics",
      &S.partitions, NULL},
     {"CQRS_KAFKA_REPLICATION", CQRS_CONFIG_INT, "-1", -1, 100,
@@ -92,17 +92,15 @@ static int cmd_migrate(int argc, char **argv)
     printf("migrations: %d applied\n", applied);
     if (!topics)
         return 0;
-    char product[256], order[256];
-    snprintf(product, sizeof product, "%s.product.events", S.topic_prefix);
-    snprintf(order, sizeof order, "%s.order.events", S.topic_prefix);
-    const char *names[] = {product, order};
-    rc = cqrs_bus_create_topics(S.kafka_brokers, names, 2, (int)S.partitions, (int)S.replication,
-                                10000, &err);
+    topics_t t;
+    topics_init(&t, S.topic_prefix);
+    rc = cqrs_bus_create_topics(S.kafka_brokers, t.names, TOPIC_TYPES, (int)S.partitions,
+                                (int)S.replication, 10000, &err);
     if (rc != CQRS_ERR_OK) {
         fprintf(stderr, "cqrsctl migrate: topics: %s\n", err.message);
         return rc == CQRS_ERR_UNAVAILABLE ? 3 : 1;
     }
-    printf("topics: %s %s ready\n", product, order);
+    printf("topics: %s %s ready\n", t.name[TOPIC_PRODUCT], t.name[TOPIC_ORDER]);
     return 0;
 }
 
