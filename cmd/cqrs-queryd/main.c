@@ -1,27 +1,28 @@
 /* cqrs-queryd — projects Kafka events into Redis and serves the query API from Redis.
  *
  * Roles (CQRS_QUERY_ROLE): serve (HTTP reads only), project (consumer only, still serves the
- * probes and /metrics), both.
- * Shutdown: readiness fails, HTTP drains, the projector finishes the event in hand and
- * commits its offsets, exit 0.
+ * probes and /metrics), both. What is its own; the boot, signals and drain are
+ * cqrs_daemon_main's (daemon.h):
+ *   settings   role, Redis, Kafka consumer, cache and wait limits (own_settings)
+ *   components the Redis pool; serving: cache, waiters, change feed; projecting: the projector
+ *              (stopped after the HTTP drain: it finishes the event in hand, commits offsets)
+ *   routes     the reads (query_routes) when serving
+ *   readiness  Redis answers, no partition refilling or missing its history
+ *   metrics    change feed, cache, waits, the read model's dead letters, the projector's
  */
-#include <cqrs/bus.h>
 #include <cqrs/changefeed.h>
-#include <cqrs/config.h>
 #include <cqrs/daemon.h>
 #include <cqrs/docstore.h>
 #include <cqrs/log.h>
 #include <cqrs/metrics.h>
-#include <cqrs/version.h>
 #include <cqrs/projector.h>
 #include <cqrs/redis.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "query.h"
+#include "topics.h"
 
 typedef struct settings {
     cqrs_daemon_settings_t d;
@@ -42,55 +43,47 @@ typedef struct settings {
 
 static settings_t S;
 
-#define N_OWN (12 + CQRS_REDIS_SETTINGS_N)
-static cqrs_config_entry_t entries[CQRS_DAEMON_SETTINGS_N + N_OWN];
-
-static void settings_table(void)
-{
-    cqrs_daemon_settings_entries(&S.d, "8082", entries);
-    const cqrs_config_entry_t own[N_OWN] = {
-        {"CQRS_QUERY_ROLE", CQRS_CONFIG_ENUM, "both", 0, 0,
-         "serve = HTTP reads, project = Kafka → Redis, both", &S.role, "serve|project|both"},
-        CQRS_REDIS_SETTINGS(S.redis, "Redis URL redis[s]://[[user]:password@]host:port/db"),
-        {"CQRS_REDIS_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 10, 60000,
-         "connect and command timeout of Redis calls", &S.redis_timeout_ms, NULL},
-        {"CQRS_REDIS_POOL_SIZE", CQRS_CONFIG_INT, "8", 1, 1000,
-         "Redis connections of the HTTP workers", &S.redis_pool_size, NULL},
-        {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0,
-         "Kafka bootstrap servers (role project/both)", &S.kafka_brokers, NULL},
-        {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
-         "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
-        {"CQRS_CONSUMER_GROUP", CQRS_CONFIG_STRING, "cqrs-queryd", 0, 0,
-         "Kafka consumer group of the projectors", &S.consumer_group, NULL},
-        {"CQRS_KAFKA_GROUP_PROTOCOL", CQRS_CONFIG_ENUM, "classic", 0, 0,
-         "consumer group protocol of the projectors: classic or consumer "
-         "(KIP-848, brokers >= 4.0; the broker's group.consumer.session.timeout.ms then decides "
-         "how soon a dead projector's partitions move)",
-         &S.group_protocol, "classic|consumer"},
-        {"CQRS_KAFKA_SESSION_TIMEOUT_MS", CQRS_CONFIG_INT, "10000", 6000, 3600000,
-         "classic protocol: a projector that stops heartbeating this long loses its partitions "
-         "to the others (the broker allows group.min.session.timeout.ms and up, 6000 by default)",
-         &S.session_timeout_ms, NULL},
-        {"CQRS_QUERY_CACHE_MB", CQRS_CONFIG_INT, "32", 0, 65536,
-         "in-process document cache (role serve/both), MiB; 0 = off", &S.cache_mb, NULL},
-        {"CQRS_QUERY_MAX_WAITS", CQRS_CONFIG_INT, "4096", 1, 1000000,
-         "reads waiting for min_version at once; more get 503", &S.max_waits, NULL},
-        {"CQRS_QUERY_MAX_STREAMS", CQRS_CONFIG_INT, "512", 0, 1000000,
-         "open /stream connections at once (each holds an HTTP connection); more get 503",
-         &S.max_streams, NULL},
-        {"CQRS_SSE_KEEPALIVE_MS", CQRS_CONFIG_INT, "15000", 100, 3600000,
-         "keep-alive comment interval of streams", &S.keepalive_ms, NULL},
-    };
-    memcpy(entries + CQRS_DAEMON_SETTINGS_N, own, sizeof own);
-}
+static const cqrs_config_entry_t own_settings[] = {
+    {"CQRS_QUERY_ROLE", CQRS_CONFIG_ENUM, "both", 0, 0,
+     "serve = HTTP reads, project = Kafka → Redis, both", &S.role, "serve|project|both"},
+    CQRS_REDIS_SETTINGS(S.redis, "Redis URL redis[s]://[[user]:password@]host:port/db"),
+    {"CQRS_REDIS_TIMEOUT_MS", CQRS_CONFIG_INT, "2000", 10, 60000,
+     "connect and command timeout of Redis calls", &S.redis_timeout_ms, NULL},
+    {"CQRS_REDIS_POOL_SIZE", CQRS_CONFIG_INT, "8", 1, 1000, "Redis connections of the HTTP workers",
+     &S.redis_pool_size, NULL},
+    {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0,
+     "Kafka bootstrap servers (role project/both)", &S.kafka_brokers, NULL},
+    TOPIC_PREFIX_SETTING(&S.topic_prefix),
+    {"CQRS_CONSUMER_GROUP", CQRS_CONFIG_STRING, "cqrs-queryd", 0, 0,
+     "Kafka consumer group of the projectors", &S.consumer_group, NULL},
+    {"CQRS_KAFKA_GROUP_PROTOCOL", CQRS_CONFIG_ENUM, "classic", 0, 0,
+     "consumer group protocol of the projectors: classic or consumer "
+     "(KIP-848, brokers >= 4.0; the broker's group.consumer.session.timeout.ms then decides "
+     "how soon a dead projector's partitions move)",
+     &S.group_protocol, "classic|consumer"},
+    {"CQRS_KAFKA_SESSION_TIMEOUT_MS", CQRS_CONFIG_INT, "10000", 6000, 3600000,
+     "classic protocol: a projector that stops heartbeating this long loses its partitions "
+     "to the others (the broker allows group.min.session.timeout.ms and up, 6000 by default)",
+     &S.session_timeout_ms, NULL},
+    {"CQRS_QUERY_CACHE_MB", CQRS_CONFIG_INT, "32", 0, 65536,
+     "in-process document cache (role serve/both), MiB; 0 = off", &S.cache_mb, NULL},
+    {"CQRS_QUERY_MAX_WAITS", CQRS_CONFIG_INT, "4096", 1, 1000000,
+     "reads waiting for min_version at once; more get 503", &S.max_waits, NULL},
+    {"CQRS_QUERY_MAX_STREAMS", CQRS_CONFIG_INT, "512", 0, 1000000,
+     "open /stream connections at once (each holds an HTTP connection); more get 503",
+     &S.max_streams, NULL},
+    {"CQRS_SSE_KEEPALIVE_MS", CQRS_CONFIG_INT, "15000", 100, 3600000,
+     "keep-alive comment interval of streams", &S.keepalive_ms, NULL},
+};
 
 typedef struct app {
     query_ctx_t ctx;
     cqrs_changefeed_t *feed;
     cqrs_projector_t *projector;
-    atomic_bool draining;
-    cqrs_http_server_t *http;
+    topics_t topics;
 } app_t;
+
+static app_t A;
 
 /* The change feed keeps the cache exact and wakes waiting reads and streams. */
 static void feed_change(void *ud, const char *key, int64_t version)
@@ -160,14 +153,9 @@ static void live_metrics(app_t *app, cqrs_text_t *t)
     cqrs_metric_gauge(t, "cqrs_cache_bytes", "Bytes the cache accounts for.", cs.bytes);
 }
 
-static void readyz(cqrs_http_request_t *req, void *ud)
+static void ready(cqrs_http_request_t *req, void *ud)
 {
     app_t *app = ud;
-    if (atomic_load(&app->draining)) {
-        cqrs_http_reply_problem(req, 503, "not-ready", "Service Unavailable", "draining", NULL,
-                                NULL);
-        return;
-    }
     cqrs_docstore_t *ds = cqrs_docstore_pool_acquire(app->ctx.pool, app->ctx.acquire_timeout_ms);
     cqrs_error_t err;
     long long refilling = 0; /* partitions re-reading what the store lost, any instance's */
@@ -217,10 +205,9 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
     cqrs_error_t err;
     bool ok = cqrs_docstore_refill_count(ds, &refilling, &err) == CQRS_ERR_OK;
     /* Every shard of every topic: one pipelined round trip per topic. */
-    static const char *const types[] = {"product", "order"};
-    for (size_t k = 0; ok && k < sizeof types / sizeof types[0]; k++) {
+    for (int k = 0; ok && k < TOPIC_TYPES; k++) {
         int32_t n = 0;
-        cqrs_err_t rc = query_shard_count(ds, types[k], &n, &err);
+        cqrs_err_t rc = query_shard_count(ds, topic_type(k), &n, &err);
         if (rc == CQRS_ERR_NOT_FOUND)
             continue; /* nothing projected yet */
         char(*shards)[CQRS_SHARD_MAX] = calloc((size_t)n, sizeof *shards);
@@ -228,7 +215,7 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
         long long *h = calloc((size_t)n, sizeof *h), *u = calloc((size_t)n, sizeof *u);
         ok = rc == CQRS_ERR_OK && shards && sp && h && u;
         for (int32_t i = 0; ok && i < n; i++) {
-            query_shard(ds, types[k], i, shards[i], sizeof shards[i]);
+            query_shard(ds, topic_type(k), i, shards[i], sizeof shards[i]);
             sp[i] = shards[i];
         }
         ok = ok && cqrs_docstore_dlq_counts(ds, sp, (size_t)n, h, u, &err) == CQRS_ERR_OK;
@@ -256,221 +243,170 @@ static void store_metrics(app_t *app, cqrs_text_t *t)
                       (double)refilling);
 }
 
-static void metrics(cqrs_http_request_t *req, void *ud)
+static void metrics(void *ud, cqrs_text_t *t)
 {
     app_t *app = ud;
     cqrs_projector_stats_t st = {0};
     if (app->projector)
         cqrs_projector_stats(app->projector, &st);
-    cqrs_text_t t = {0};
-    if (app->http)
-        cqrs_http_server_metrics(app->http, &t);
-    cqrs_version_metrics(&t, "cqrs-queryd");
-    cqrs_metrics_process(&t);
     if (app->feed)
-        live_metrics(app, &t);
-    store_metrics(app, &t);
+        live_metrics(app, t);
+    store_metrics(app, t);
     if (app->projector) {
-        cqrs_text_printf(&t,
+        cqrs_text_printf(t,
                          "# HELP cqrs_dependency_up 1 when the dependency answered at the "
                          "last attempt.\n# TYPE cqrs_dependency_up gauge\n"
                          "cqrs_dependency_up{dependency=\"redis\"} %d\n"
                          "cqrs_dependency_up{dependency=\"kafka\"} %d\n",
                          st.redis_up ? 1 : 0, st.kafka_up ? 1 : 0);
-        cqrs_metric_counter(&t, "cqrs_projector_events_applied_total",
+        cqrs_metric_counter(t, "cqrs_projector_events_applied_total",
                             "Events applied to the read model.", st.applied);
-        cqrs_metric_counter(&t, "cqrs_projector_duplicates_skipped_total",
+        cqrs_metric_counter(t, "cqrs_projector_duplicates_skipped_total",
                             "Events already applied (redelivery).", st.duplicates);
-        cqrs_metric_counter(&t, "cqrs_projector_dead_letters_total",
+        cqrs_metric_counter(t, "cqrs_projector_dead_letters_total",
                             "Events stored as dead letters.", st.dead_letters);
-        cqrs_metric_counter(&t, "cqrs_projector_gaps_total",
+        cqrs_metric_counter(t, "cqrs_projector_gaps_total",
                             "Events that arrived after a missing version.", st.gaps);
-        cqrs_metric_counter(&t, "cqrs_projector_events_parked_total",
+        cqrs_metric_counter(t, "cqrs_projector_events_parked_total",
                             "Events held behind a dead letter.", st.parked);
-        cqrs_metric_counter(&t, "cqrs_projector_undecodable_total",
+        cqrs_metric_counter(t, "cqrs_projector_undecodable_total",
                             "Messages that are not CloudEvents.", st.undecodable);
-        cqrs_metric_counter(&t, "cqrs_projector_store_resets_total",
+        cqrs_metric_counter(t, "cqrs_projector_store_resets_total",
                             "Times the store was found emptied or replaced (its incarnation).",
                             st.resets);
-        cqrs_metric_counter(&t, "cqrs_projector_store_regressions_total",
+        cqrs_metric_counter(t, "cqrs_projector_store_regressions_total",
                             "Times a partition's applied offset in the store was found behind "
                             "the one this projector recorded (the store lost writes).",
                             st.regressions);
-        cqrs_metric_gauge(&t, "cqrs_projector_partitions_refilling",
+        cqrs_metric_gauge(t, "cqrs_projector_partitions_refilling",
                           "Partitions re-applying what the store lost.", st.refilling);
-        cqrs_metric_gauge(&t, "cqrs_projector_partitions_assigned",
+        cqrs_metric_gauge(t, "cqrs_projector_partitions_assigned",
                           "Partitions this instance consumes.", st.assigned);
-        cqrs_metric_gauge(&t, "cqrs_projector_partitions_missing_history",
+        cqrs_metric_gauge(t, "cqrs_projector_partitions_missing_history",
                           "Partitions paused because Kafka no longer holds their beginning.",
                           st.history_missing);
-        cqrs_projector_metrics(app->projector, &t);
+        cqrs_projector_metrics(app->projector, t);
     }
-    cqrs_http_reply_text(req, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf ? t.buf : "");
-    cqrs_text_free(&t);
 }
 
-#define MAX_ROUTES 32
-
-static size_t build_routes(app_t *app, cqrs_http_route_t *routes, bool serve)
+/* Redis settings (URL, TLS files) a connection would refuse. */
+static int check_settings(void *ud, const char *argv0)
 {
-    size_t n = serve ? query_routes(&app->ctx, routes, MAX_ROUTES - 3) : 0;
-    routes[n++] = (cqrs_http_route_t){"GET", "/healthz", cqrs_daemon_healthz,
-                                      app,   "Healthz",  CQRS_SCOPE_NONE};
-    routes[n++] = (cqrs_http_route_t){"GET", "/readyz", readyz, app, "Readyz", CQRS_SCOPE_NONE};
-    routes[n++] =
-        (cqrs_http_route_t){"GET", "/metrics", metrics, app, "Metrics", CQRS_SCOPE_METRICS};
-    return n;
+    (void)ud;
+    cqrs_error_t err;
+    if (cqrs_redis_config_check(&S.redis, &err) != CQRS_ERR_OK) {
+        fprintf(stderr, "%s: %s\n", argv0, err.message);
+        return 2;
+    }
+    return 0;
 }
 
-/* --routes: the route table of the serving role, one "METHOD PATTERN" per line. */
-static void print_routes(void)
+static bool serves(void)
 {
-    static app_t app;
-    cqrs_http_route_t routes[MAX_ROUTES];
-    size_t n = build_routes(&app, routes, true);
-    cqrs_daemon_print_routes(routes, n);
+    return strcmp(S.role, "project") != 0;
+}
+
+/* The Redis pool; serving: the cache, the waiters and the change feed; projecting: the
+ * projector. */
+static int start(void *ud)
+{
+    app_t *a = ud;
+    cqrs_error_t err;
+    topics_init(&a->topics, S.topic_prefix);
+    query_keys_init(S.topic_prefix);
+
+    a->ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
+    a->ctx.pool = cqrs_docstore_pool_new(&S.redis, (int)S.redis_timeout_ms,
+                                         (unsigned)S.redis_pool_size, &err);
+    if (!a->ctx.pool) {
+        CQRS_LOG_ERROR("bad Redis settings", "error", err.message);
+        return 1;
+    }
+    if (serves()) {
+        a->ctx.wait_default_ms = 2000;
+        if (S.cache_mb > 0)
+            a->ctx.cache = cqrs_doccache_new((size_t)S.cache_mb << 20);
+        cqrs_waiters_config_t wc = {(unsigned)S.max_waits, (unsigned)S.max_streams,
+                                    (int)S.keepalive_ms, 100};
+        a->ctx.waiters = cqrs_waiters_new(&wc);
+        if (!a->ctx.waiters || (S.cache_mb > 0 && !a->ctx.cache)) {
+            CQRS_LOG_ERROR("out of memory");
+            return 1;
+        }
+        cqrs_changefeed_handlers_t fh = {feed_change, feed_reset, feed_down, a};
+        a->feed = cqrs_changefeed_start(&S.redis, (int)S.redis_timeout_ms, &fh, &err);
+        if (!a->feed) {
+            CQRS_LOG_ERROR("cannot start the change feed", "error", err.message);
+            return 1;
+        }
+    }
+    if (strcmp(S.role, "serve") == 0)
+        return 0;
+    cqrs_projector_config_t pc = {
+        .brokers = S.kafka_brokers,
+        .group_id = S.consumer_group,
+        .client_id = "cqrs-queryd-projector",
+        .topics = a->topics.names,
+        .n_topics = TOPIC_TYPES,
+        .redis = &S.redis,
+        .redis_timeout_ms = (int)S.redis_timeout_ms,
+        .projection = &query_projection,
+        .consumer_protocol = strcmp(S.group_protocol, "consumer") == 0,
+        .session_timeout_ms = (int)S.session_timeout_ms,
+    };
+    a->projector = cqrs_projector_new(&pc, &err);
+    if (!a->projector || cqrs_projector_start(a->projector, &err) != CQRS_ERR_OK) {
+        CQRS_LOG_ERROR("cannot start the projector", "error", err.message);
+        return err.code == CQRS_ERR_CONFIG ? 2 : 1;
+    }
+    return 0;
+}
+
+/* Waiting reads answer 503 and streams end before the listener drains. */
+static void drain(void *ud)
+{
+    app_t *a = ud;
+    if (a->ctx.waiters)
+        cqrs_waiters_close(a->ctx.waiters);
+}
+
+static void stop(void *ud)
+{
+    app_t *a = ud;
+    cqrs_changefeed_stop(a->feed);
+    cqrs_waiters_destroy(a->ctx.waiters);
+    cqrs_doccache_destroy(a->ctx.cache);
+    cqrs_projector_destroy(a->projector);
+    cqrs_docstore_pool_destroy(a->ctx.pool);
+}
+
+/* The reads only when serving (--routes: the serving role's table); the probes and /metrics
+ * always. */
+static size_t routes(void *ud, bool all, cqrs_http_route_t *out, size_t max)
+{
+    app_t *a = ud;
+    return all || serves() ? query_routes(&a->ctx, out, max) : 0;
 }
 
 int main(int argc, char **argv)
 {
-    settings_table();
-    size_t n_entries = sizeof entries / sizeof entries[0];
-    const cqrs_daemon_cli_t cli = {"cqrs-queryd", "the projector and query API of cqrs.", entries,
-                                   n_entries, print_routes};
-    int cli_rc = cqrs_daemon_cli(&cli, argc, argv);
-    if (cli_rc >= 0)
-        return cli_rc;
-    if (cqrs_config_load(entries, n_entries, NULL, NULL, stderr) != 0) {
-        fprintf(stderr, "cqrs-queryd: bad configuration (see --help)\n");
-        return 2;
-    }
-    /* Every Kafka client reads the operator's librdkafka properties: a bad one is a
-     * configuration error now, not at the first connection. */
-    if (cqrs_bus_check_properties(stderr) != 0) {
-        fprintf(stderr, "cqrs-queryd: bad Kafka client properties (see --help)\n");
-        cqrs_config_free(entries, n_entries);
-        return 2;
-    }
-    cqrs_log_level_t level = CQRS_LOG_INFO;
-    cqrs_log_level_parse(S.d.log_level, &level);
-    cqrs_log_init("cqrs-queryd", level);
-
-    /* Bad Redis settings (URL, TLS files) are a configuration error: exit 2 as well. */
-    cqrs_error_t rerr;
-    if (cqrs_redis_config_check(&S.redis, &rerr) != CQRS_ERR_OK) {
-        fprintf(stderr, "%s: %s\n", argv[0], rerr.message);
-        cqrs_config_free(entries, n_entries);
-        return 2;
-    }
-
-    /* Bad tokens are a configuration error: exit 2 before anything starts. */
-    cqrs_http_auth_t *auth = NULL;
-    if (S.d.auth_tokens_file[0]) {
-        cqrs_error_t aerr;
-        auth = cqrs_http_auth_load(S.d.auth_tokens_file, &aerr);
-        if (!auth) {
-            fprintf(stderr, "%s: CQRS_AUTH_TOKENS_FILE: %s\n", argv[0], aerr.message);
-            cqrs_config_free(entries, n_entries);
-            return 2;
-        }
-    }
-
-    sigset_t sigs;
-    cqrs_daemon_block_signals(&sigs);
-
-    int rc = 1;
-    static app_t app;
-    cqrs_http_server_t *http = NULL;
-    cqrs_error_t err;
-    bool project = strcmp(S.role, "serve") != 0;
-    char product_topic[256], order_topic[256];
-    snprintf(product_topic, sizeof product_topic, "%s.product.events", S.topic_prefix);
-    snprintf(order_topic, sizeof order_topic, "%s.order.events", S.topic_prefix);
-    query_keys_init(S.topic_prefix);
-
-    app.ctx.acquire_timeout_ms = (int)S.redis_timeout_ms;
-    app.ctx.pool = cqrs_docstore_pool_new(&S.redis, (int)S.redis_timeout_ms,
-                                          (unsigned)S.redis_pool_size, &err);
-    if (!app.ctx.pool) {
-        CQRS_LOG_ERROR("bad Redis settings", "error", err.message);
-        goto out;
-    }
-    bool serve = strcmp(S.role, "project") != 0;
-    if (serve) {
-        app.ctx.wait_default_ms = 2000;
-        if (S.cache_mb > 0)
-            app.ctx.cache = cqrs_doccache_new((size_t)S.cache_mb << 20);
-        cqrs_waiters_config_t wc = {(unsigned)S.max_waits, (unsigned)S.max_streams,
-                                    (int)S.keepalive_ms, 100};
-        app.ctx.waiters = cqrs_waiters_new(&wc);
-        if (!app.ctx.waiters || (S.cache_mb > 0 && !app.ctx.cache)) {
-            CQRS_LOG_ERROR("out of memory");
-            goto out;
-        }
-        cqrs_changefeed_handlers_t fh = {feed_change, feed_reset, feed_down, &app};
-        app.feed = cqrs_changefeed_start(&S.redis, (int)S.redis_timeout_ms, &fh, &err);
-        if (!app.feed) {
-            CQRS_LOG_ERROR("cannot start the change feed", "error", err.message);
-            goto out;
-        }
-    }
-    if (project) {
-        const char *topics[] = {product_topic, order_topic};
-        cqrs_projector_config_t pc = {
-            .brokers = S.kafka_brokers,
-            .group_id = S.consumer_group,
-            .client_id = "cqrs-queryd-projector",
-            .topics = topics,
-            .n_topics = 2,
-            .redis = &S.redis,
-            .redis_timeout_ms = (int)S.redis_timeout_ms,
-            .projection = &query_projection,
-            .consumer_protocol = strcmp(S.group_protocol, "consumer") == 0,
-            .session_timeout_ms = (int)S.session_timeout_ms,
-        };
-        app.projector = cqrs_projector_new(&pc, &err);
-        if (!app.projector || cqrs_projector_start(app.projector, &err) != CQRS_ERR_OK) {
-            CQRS_LOG_ERROR("cannot start the projector", "error", err.message);
-            if (err.code == CQRS_ERR_CONFIG)
-                rc = 2;
-            goto out;
-        }
-    }
-
-    static cqrs_http_route_t routes[MAX_ROUTES];
-    size_t n = build_routes(&app, routes, serve);
-    cqrs_http_config_t hc;
-    cqrs_daemon_http_config(&S.d, &hc);
-    hc.auth = auth;
-    http = cqrs_http_server_new(&hc, routes, n, &err);
-    if (!http || cqrs_http_server_start(http, &err) != CQRS_ERR_OK) {
-        CQRS_LOG_ERROR("cannot start the HTTP server", "error", err.message);
-        goto out;
-    }
-    char port[8];
-    snprintf(port, sizeof port, "%u", (unsigned)cqrs_http_server_port(http));
-    CQRS_LOG_INFO("listening", "host", S.d.http_host, "port", port, "role", S.role);
-
-    app.http = http;
-    int sig = cqrs_daemon_wait(&sigs, auth);
-    CQRS_LOG_INFO("shutting down", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-    /* Readiness fails first, so load balancers stop sending before the listener closes. */
-    atomic_store(&app.draining, true);
-    if (S.d.shutdown_delay_ms > 0)
-        usleep((useconds_t)S.d.shutdown_delay_ms * 1000);
-    rc = 0;
-out:
-    /* Waiting reads answer 503 and streams end before the listener drains. */
-    if (app.ctx.waiters)
-        cqrs_waiters_close(app.ctx.waiters);
-    cqrs_http_server_destroy(http);
-    cqrs_changefeed_stop(app.feed);
-    cqrs_waiters_destroy(app.ctx.waiters);
-    cqrs_doccache_destroy(app.ctx.cache);
-    cqrs_projector_destroy(app.projector);
-    cqrs_docstore_pool_destroy(app.ctx.pool);
-    cqrs_http_auth_destroy(auth);
-    CQRS_LOG_INFO("stopped");
-    cqrs_config_free(entries, n_entries);
-    return rc;
+    static const cqrs_daemon_def_t queryd = {
+        .program = "cqrs-queryd",
+        .summary = "the projector and query API of cqrs.",
+        .default_port = "8082",
+        .shared = &S.d,
+        .settings = own_settings,
+        .n_settings = sizeof own_settings / sizeof own_settings[0],
+        .app = &A,
+        .check = check_settings,
+        .start = start,
+        .routes = routes,
+        .ready = ready,
+        .metrics = metrics,
+        .drain = drain,
+        .stop = stop,
+        .listening_key = "role",
+        .listening_value = &S.role,
+    };
+    return cqrs_daemon_main(&queryd, argc, argv);
 }

@@ -1,4 +1,5 @@
-/* explain.c — `cqrsctl explain <aggregate-id>`: one aggregate across the whole system.
+/* explain.c — `cqrsctl explain <aggregate-id>`: one aggregate across the whole system, gathered
+ * (gather: PostgreSQL, Redis, Kafka into one JSON report) then printed (--json or print_human).
  *
  * For each of its events (the newest --limit of them): the event log row in PostgreSQL, whether
  * the outbox still holds it, where it landed in Kafka, and whether the Redis document shows it,
@@ -22,6 +23,7 @@
 
 #include "ops.h"
 #include "query.h"
+#include "topics.h"
 
 #define KAFKA_SLACK_MS 60000
 #define PARKED_PREFIX "waiting behind"
@@ -161,14 +163,38 @@ static void print_human(json_t *out)
                json_array_size(dead), id);
 }
 
-int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
+/* What explain gathers about one aggregate; the report is built from it. */
+typedef struct explain {
+    const cqrsctl_env_t *env;
+    char lid[CQRS_UUID_LEN + 1]; /* the aggregate id, lower case */
+    bool as_json;
+    long limit, budget_ms;
+    cqrs_store_t *store;
+    cqrs_docstore_t *ds;
+    events_ud_t ev;
+    cqrs_dead_letter_t *dl;
+    size_t n_dl;
+    const char *type; /* from PostgreSQL, a dead letter or the document found; NULL: unknown */
+    char type_buf[32];
+    char key[CQRS_KEY_MAX];
+    int64_t doc_version;
+    bool have_doc;
+    char topic[256];
+    cqrs_bus_sought_t *sought; /* newest first, like ev.rows */
+    size_t n_sought;
+    int32_t partition;
+    bool complete;
+    char note[300];
+    json_t *dead, *events, *applied_offset;
+} explain_t;
+
+/* The command line; -1 to go on, else the exit status. */
+static int parse_args(explain_t *x, int argc, char **argv)
 {
     const char *id = NULL;
-    bool as_json = false;
-    long limit = 50, budget_ms = 5000;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0) {
-            as_json = true;
+            x->as_json = true;
         } else if (strcmp(argv[i], "--help") == 0) {
             printf("usage: cqrsctl explain <aggregate-id> [--json] [--limit N]"
                    " [--kafka-budget-ms MS]\n\n"
@@ -188,7 +214,7 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
                 fprintf(stderr, "cqrsctl explain: %s needs a number from 1 to 1000000\n", argv[i]);
                 return 2;
             }
-            *(strcmp(argv[i], "--limit") == 0 ? &limit : &budget_ms) = v;
+            *(strcmp(argv[i], "--limit") == 0 ? &x->limit : &x->budget_ms) = v;
             i++;
         } else if (argv[i][0] != '-' && !id) {
             id = argv[i];
@@ -201,19 +227,234 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
         fprintf(stderr, "cqrsctl explain: give the aggregate id (a UUID); see --help\n");
         return 2;
     }
-    char lid[CQRS_UUID_LEN + 1];
     for (size_t i = 0; i <= CQRS_UUID_LEN; i++)
-        lid[i] = (char)(id[i] >= 'A' && id[i] <= 'F' ? id[i] + 32 : id[i]);
+        x->lid[i] = (char)(id[i] >= 'A' && id[i] <= 'F' ? id[i] + 32 : id[i]);
+    return -1;
+}
 
-    int status = 0;
+/* Redis: dead letters, then the document (its type from PostgreSQL, else whichever exists). */
+static cqrs_err_t find_document(explain_t *x, cqrs_error_t *err)
+{
+    char dlq_key[CQRS_KEY_MAX], dlq_shard[CQRS_SHARD_MAX];
+    cqrs_err_t rc = cqrsctl_dlq_shard(x->ds, x->lid, dlq_shard, sizeof dlq_shard, err);
+    if (rc == CQRS_ERR_OK) {
+        cqrs_keys_dlq(dlq_shard, x->lid, dlq_key, sizeof dlq_key);
+        rc = cqrs_docstore_dlq_get(x->ds, dlq_key, &x->dl, &x->n_dl, err);
+    } else if (rc == CQRS_ERR_NOT_FOUND) {
+        rc = CQRS_ERR_OK; /* none */
+    }
+    int n = cqrs_rows_count(x->ev.rows);
+    x->type = n > 0 ? cqrs_rows_get(x->ev.rows, 0, 4) : NULL;
+    for (size_t i = 0; rc == CQRS_ERR_OK && !x->type && i < x->n_dl; i++) {
+        json_t *b = json_loads(x->dl[i].blob, 0, NULL);
+        const char *t = json_string_value(json_object_get(b, "aggregate_type"));
+        if (t)
+            snprintf(x->type_buf, sizeof x->type_buf, "%s", t);
+        json_decref(b);
+        if (x->type_buf[0])
+            x->type = x->type_buf;
+    }
+    for (int t = 0; rc == CQRS_ERR_OK && t < TOPIC_TYPES && !x->have_doc; t++) {
+        if (x->type && strcmp(x->type, topic_type(t)) != 0)
+            continue;
+        char k[CQRS_KEY_MAX];
+        rc = query_doc_key(x->ds, topic_type(t), x->lid, k, sizeof k, err);
+        if (rc == CQRS_ERR_OK)
+            rc = cqrs_docstore_get(x->ds, k, NULL, &x->doc_version, err);
+        if (rc == CQRS_ERR_OK) {
+            x->have_doc = true;
+            snprintf(x->key, sizeof x->key, "%s", k);
+            if (!x->type)
+                x->type = topic_type(t);
+        } else if (rc == CQRS_ERR_NOT_FOUND) {
+            rc = CQRS_ERR_OK;
+            x->doc_version = 0;
+        }
+    }
+    return rc;
+}
+
+/* Kafka: the partition of the key and the offset of each published event shown; a dead
+ * letter records where its event was read. 0, or the exit status. */
+static int locate_in_kafka(explain_t *x)
+{
+    int n = cqrs_rows_count(x->ev.rows);
+    topic_name(x->env->topic_prefix, x->type ? x->type : "unknown", x->topic, sizeof x->topic);
+    x->sought = calloc((size_t)n + 1, sizeof *x->sought);
+    int64_t since = INT64_MAX;
+    /* Events still in the outbox too: the relay deletes a row only after Kafka committed
+     * it, so one may already be in Kafka (and even applied). */
+    for (int i = 0; x->sought && i < n; i++) {
+        x->sought[x->n_sought++].event_id = cqrs_rows_get(x->ev.rows, i, 2);
+        int64_t t = cqrs_time_parse_ms(cqrs_rows_get(x->ev.rows, i, 5));
+        if (t < since)
+            since = t;
+    }
+    x->partition = -1;
+    cqrs_bus_scan_t scan = {.since_ms =
+                                since == INT64_MAX ? cqrs_realtime_ms() : since - KAFKA_SLACK_MS,
+                            .budget_ms = (int)x->budget_ms,
+                            .max_messages = 10000000};
+    cqrs_error_t kerr;
+    if (!x->sought) {
+        fprintf(stderr, "cqrsctl explain: out of memory\n");
+        return 1;
+    }
+    if (cqrs_bus_locate(x->env->kafka_brokers, x->topic, x->lid, &scan, x->sought, x->n_sought,
+                        &x->partition, &x->complete, &kerr) != CQRS_ERR_OK) {
+        snprintf(x->note, sizeof x->note, "%s", kerr.message);
+        x->partition = -1;
+    } else if (!x->complete) {
+        snprintf(x->note, sizeof x->note, "the scan budget (%ld ms) ran out", x->budget_ms);
+    }
+    for (size_t i = 0; i < x->n_dl; i++) {
+        json_t *b = json_loads(x->dl[i].blob, 0, NULL);
+        json_t *p = json_object_get(b, "partition"), *o = json_object_get(b, "offset");
+        const char *eid = json_string_value(json_object_get(b, "id"));
+        if (x->partition < 0 && json_is_integer(p))
+            x->partition = (int32_t)json_integer_value(p);
+        for (size_t s = 0; eid && json_is_integer(o) && s < x->n_sought; s++)
+            if (x->sought[s].offset < 0 && strcmp(x->sought[s].event_id, eid) == 0)
+                x->sought[s].offset = (int64_t)json_integer_value(o);
+        json_array_append_new(x->dead, json_pack("{s:I, s:s?, s:s?, s:s?}", "version",
+                                                 (json_int_t)x->dl[i].version, "type",
+                                                 json_string_value(json_object_get(b, "type")),
+                                                 "event_id", eid, "reason", x->dl[i].reason));
+        json_decref(b);
+    }
+    return 0;
+}
+
+/* The applied offset of the aggregate's partition in Redis (null when unknown). */
+static cqrs_err_t find_applied_offset(explain_t *x, cqrs_error_t *err)
+{
+    x->applied_offset = json_null();
+    if (x->partition < 0)
+        return CQRS_ERR_OK;
+    char shard[CQRS_SHARD_MAX];
+    int64_t off;
+    cqrs_keys_shard(cqrs_docstore_prefix(x->ds), x->topic, x->partition, shard, sizeof shard);
+    cqrs_err_t rc = cqrs_docstore_offset(x->ds, shard, x->partition, &off, err);
+    if (rc == CQRS_ERR_OK)
+        x->applied_offset = json_integer((json_int_t)off);
+    return rc == CQRS_ERR_NOT_FOUND ? CQRS_ERR_OK : rc;
+}
+
+/* The events, oldest first, each where it is: outbox, Kafka, Redis. */
+static void event_rows(explain_t *x)
+{
+    int n = cqrs_rows_count(x->ev.rows);
+    size_t s = x->n_sought;
+    for (int i = n - 1; i >= 0; i--) {
+        int64_t version = atoll(cqrs_rows_get(x->ev.rows, i, 0));
+        bool in_outbox = strcmp(cqrs_rows_get(x->ev.rows, i, 6), "t") == 0;
+        json_t *kafka;
+        /* sought[] was filled newest first, so walk it backwards with the rows. */
+        cqrs_bus_sought_t *so = &x->sought[--s];
+        if (so->offset >= 0)
+            kafka = json_pack("{s:s, s:i, s:I}", "status", "found", "partition", x->partition,
+                              "offset", (json_int_t)so->offset);
+        else if (in_outbox)
+            kafka = json_pack("{s:s}", "status", "not published");
+        else
+            kafka = json_pack("{s:s}", "status",
+                              x->partition >= 0 && x->complete ? "not found" : "unknown");
+        const char *redis = "pending", *reason = NULL;
+        json_t *d = find_dead_letter(x->dead, version);
+        if (version <= x->doc_version) {
+            redis = "applied";
+        } else if (d) {
+            reason = json_string_value(json_object_get(d, "reason"));
+            redis = reason && strncmp(reason, PARKED_PREFIX, strlen(PARKED_PREFIX)) == 0
+                        ? "parked"
+                        : "dead letter";
+        }
+        json_array_append_new(x->events,
+                              json_pack("{s:I, s:I, s:s, s:s, s:s, s:b, s:o, s:s, s:s?}", "version",
+                                        (json_int_t)version, "sequence",
+                                        (json_int_t)atoll(cqrs_rows_get(x->ev.rows, i, 1)),
+                                        "event_id", cqrs_rows_get(x->ev.rows, i, 2), "type",
+                                        cqrs_rows_get(x->ev.rows, i, 3), "time",
+                                        cqrs_rows_get(x->ev.rows, i, 5), "in_outbox", in_outbox,
+                                        "kafka", kafka, "redis", redis, "reason", reason));
+    }
+}
+
+/* Everything about the aggregate into *out (the report --json prints); 0, or the exit status
+ * after saying why on stderr. */
+static int gather(explain_t *x, json_t **out)
+{
     cqrs_error_t err;
-    cqrs_err_t rc;
-    json_t *out = NULL, *events = json_array(), *dead = json_array();
-    cqrs_dead_letter_t *dl = NULL;
-    size_t n_dl = 0;
+    cqrs_err_t rc = cqrs_store_run_tx(x->store, events_tx, &x->ev, &err);
+    if (rc != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl explain: PostgreSQL: %s\n", err.message);
+        return exit_for(rc);
+    }
+    rc = find_document(x, &err);
+    if (rc != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl explain: Redis: %s\n", err.message);
+        return exit_for(rc);
+    }
+    if (cqrs_rows_count(x->ev.rows) == 0 && !x->have_doc && x->n_dl == 0) {
+        fprintf(stderr, "cqrsctl explain: no aggregate %s (no events, document or dead letters)\n",
+                x->lid);
+        return 1;
+    }
+    int status = locate_in_kafka(x);
+    if (status != 0)
+        return status;
+    rc = find_applied_offset(x, &err);
+    if (rc != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl explain: Redis: %s\n", err.message);
+        return exit_for(rc);
+    }
+    event_rows(x);
+
+    /* Lag: how long the document has been behind — since the oldest event it does not show
+     * (also when that one is older than the events shown). */
+    int64_t pg_version = atoll(cqrs_rows_get(x->ev.total, 0, 1));
+    json_int_t behind = pg_version > x->doc_version ? (json_int_t)(pg_version - x->doc_version) : 0;
+    char doc_version_s[24];
+    snprintf(doc_version_s, sizeof doc_version_s, "%lld", (long long)x->doc_version);
+    oldest_ud_t old = {x->lid, doc_version_s, NULL};
+    if (behind > 0 && (rc = cqrs_store_run_tx(x->store, oldest_tx, &old, &err)) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl explain: PostgreSQL: %s\n", err.message);
+        return exit_for(rc);
+    }
+    const char *oldest =
+        old.rows && cqrs_rows_count(old.rows) ? cqrs_rows_get(old.rows, 0, 0) : NULL;
+    int64_t now = cqrs_realtime_ms(), t = oldest ? cqrs_time_parse_ms(oldest) : now;
+    double lag = now > t ? (double)(now - t) / 1000.0 : 0.0;
+    *out = json_pack(
+        "{s:s, s:s?, s:I, s:I, s:o, s:{s:s, s:o, s:o, s:s?}, s:f, s:I, s:s?, s:o, s:o}",
+        "aggregate_id", x->lid, "aggregate_type", x->type, "version", (json_int_t)pg_version,
+        "events_total", (json_int_t)atoll(cqrs_rows_get(x->ev.total, 0, 0)), "document",
+        x->have_doc ? json_pack("{s:s, s:I}", "key", x->key, "version", (json_int_t)x->doc_version)
+                    : json_null(),
+        "kafka", "topic", x->topic, "partition",
+        x->partition >= 0 ? json_integer(x->partition) : json_null(), "applied_offset",
+        x->applied_offset, "note", x->note[0] ? x->note : NULL, "lag_seconds", lag, "events_behind",
+        behind, "oldest_not_visible", oldest, "events", x->events, "dead_letters", x->dead);
+    x->events = x->dead = x->applied_offset = NULL; /* stolen */
+    cqrs_rows_free(old.rows);
+    return 0;
+}
+
+int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
+{
+    static explain_t x; /* large; one per process */
+    x = (explain_t){.env = env, .limit = 50, .budget_ms = 5000};
+    int status = parse_args(&x, argc, argv);
+    if (status >= 0)
+        return status;
+    status = 0;
     char limit_s[24];
-    snprintf(limit_s, sizeof limit_s, "%ld", limit);
-    events_ud_t ev = {lid, limit_s, NULL, NULL};
+    snprintf(limit_s, sizeof limit_s, "%ld", x.limit);
+    x.ev = (events_ud_t){x.lid, limit_s, NULL, NULL};
+    x.events = json_array();
+    x.dead = json_array();
+    json_t *out = NULL;
+    cqrs_error_t err;
     cqrs_store_config_t sc = {.dsn = env->pg_dsn,
                               .pool_size = 1,
                               .acquire_timeout_ms = 1000,
@@ -222,218 +463,28 @@ int cqrsctl_explain(const cqrsctl_env_t *env, int argc, char **argv)
                               .connect_timeout_s = 5,
                               .max_tx_attempts = 1,
                               .application_name = "cqrsctl-explain"};
-    cqrs_store_t *store = cqrs_store_new(&sc);
-    cqrs_docstore_t *ds = cqrs_docstore_new(env->redis, 5000, &err);
-    if (!store || !ds) {
-        fprintf(stderr, "cqrsctl explain: %s\n", ds ? "out of memory" : err.message);
+    x.store = cqrs_store_new(&sc);
+    x.ds = cqrs_docstore_new(env->redis, 5000, &err);
+    if (!x.store || !x.ds) {
+        fprintf(stderr, "cqrsctl explain: %s\n", x.ds ? "out of memory" : err.message);
         status = 2;
         goto out;
     }
-    rc = cqrs_store_run_tx(store, events_tx, &ev, &err);
-    if (rc != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl explain: PostgreSQL: %s\n", err.message);
-        status = exit_for(rc);
-        goto out;
-    }
-    int n = cqrs_rows_count(ev.rows);
-
-    /* Redis: dead letters, then the document (its type from PostgreSQL, else whichever
-     * exists). */
-    char dlq_key[CQRS_KEY_MAX], dlq_shard[CQRS_SHARD_MAX];
-    rc = cqrsctl_dlq_shard(ds, lid, dlq_shard, sizeof dlq_shard, &err);
-    if (rc == CQRS_ERR_OK) {
-        cqrs_keys_dlq(dlq_shard, lid, dlq_key, sizeof dlq_key);
-        rc = cqrs_docstore_dlq_get(ds, dlq_key, &dl, &n_dl, &err);
-    } else if (rc == CQRS_ERR_NOT_FOUND) {
-        rc = CQRS_ERR_OK; /* none */
-    }
-    const char *type = n > 0 ? cqrs_rows_get(ev.rows, 0, 4) : NULL;
-    char type_buf[32] = "";
-    for (size_t i = 0; rc == CQRS_ERR_OK && !type && i < n_dl; i++) {
-        json_t *b = json_loads(dl[i].blob, 0, NULL);
-        const char *t = json_string_value(json_object_get(b, "aggregate_type"));
-        if (t)
-            snprintf(type_buf, sizeof type_buf, "%s", t);
-        json_decref(b);
-        if (type_buf[0])
-            type = type_buf;
-    }
-    char key[CQRS_KEY_MAX] = "";
-    int64_t doc_version = 0;
-    bool have_doc = false;
-    static const char *const types[] = {"product", "order"};
-    for (size_t t = 0; rc == CQRS_ERR_OK && t < 2 && !have_doc; t++) {
-        if (type && strcmp(type, types[t]) != 0)
-            continue;
-        char k[CQRS_KEY_MAX];
-        rc = query_doc_key(ds, types[t], lid, k, sizeof k, &err);
-        if (rc == CQRS_ERR_OK)
-            rc = cqrs_docstore_get(ds, k, NULL, &doc_version, &err);
-        if (rc == CQRS_ERR_OK) {
-            have_doc = true;
-            snprintf(key, sizeof key, "%s", k);
-            if (!type)
-                type = types[t];
-        } else if (rc == CQRS_ERR_NOT_FOUND) {
-            rc = CQRS_ERR_OK;
-            doc_version = 0;
-        }
-    }
-    if (rc != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl explain: Redis: %s\n", err.message);
-        status = exit_for(rc);
-        goto out;
-    }
-    if (n == 0 && !have_doc && n_dl == 0) {
-        fprintf(stderr, "cqrsctl explain: no aggregate %s (no events, document or dead letters)\n",
-                lid);
-        status = 1;
-        goto out;
-    }
-
-    /* Kafka: the partition of the key and the offset of each published event shown. */
-    char topic[256];
-    snprintf(topic, sizeof topic, "%s.%s.events", env->topic_prefix, type ? type : "unknown");
-    cqrs_bus_sought_t *sought = calloc((size_t)n + 1, sizeof *sought);
-    size_t n_sought = 0;
-    int64_t since = INT64_MAX;
-    /* Events still in the outbox too: the relay deletes a row only after Kafka committed
-     * it, so one may already be in Kafka (and even applied). */
-    for (int i = 0; sought && i < n; i++) {
-        sought[n_sought++].event_id = cqrs_rows_get(ev.rows, i, 2);
-        int64_t t = cqrs_time_parse_ms(cqrs_rows_get(ev.rows, i, 5));
-        if (t < since)
-            since = t;
-    }
-    int32_t partition = -1;
-    bool complete = false;
-    char note[300] = "";
-    cqrs_bus_scan_t scan = {.since_ms =
-                                since == INT64_MAX ? cqrs_realtime_ms() : since - KAFKA_SLACK_MS,
-                            .budget_ms = (int)budget_ms,
-                            .max_messages = 10000000};
-    cqrs_error_t kerr;
-    if (!sought) {
-        fprintf(stderr, "cqrsctl explain: out of memory\n");
-        status = 1;
-        goto out;
-    }
-    if (cqrs_bus_locate(env->kafka_brokers, topic, lid, &scan, sought, n_sought, &partition,
-                        &complete, &kerr) != CQRS_ERR_OK) {
-        snprintf(note, sizeof note, "%s", kerr.message);
-        partition = -1;
-    } else if (!complete) {
-        snprintf(note, sizeof note, "the scan budget (%ld ms) ran out", budget_ms);
-    }
-    /* A dead letter records where its event was read. */
-    for (size_t i = 0; i < n_dl; i++) {
-        json_t *b = json_loads(dl[i].blob, 0, NULL);
-        json_t *p = json_object_get(b, "partition"), *o = json_object_get(b, "offset");
-        const char *eid = json_string_value(json_object_get(b, "id"));
-        if (partition < 0 && json_is_integer(p))
-            partition = (int32_t)json_integer_value(p);
-        for (size_t s = 0; eid && json_is_integer(o) && s < n_sought; s++)
-            if (sought[s].offset < 0 && strcmp(sought[s].event_id, eid) == 0)
-                sought[s].offset = (int64_t)json_integer_value(o);
-        json_array_append_new(dead, json_pack("{s:I, s:s?, s:s?, s:s?}", "version",
-                                              (json_int_t)dl[i].version, "type",
-                                              json_string_value(json_object_get(b, "type")),
-                                              "event_id", eid, "reason", dl[i].reason));
-        json_decref(b);
-    }
-    json_t *applied_offset = json_null();
-    if (partition >= 0) {
-        char shard[CQRS_SHARD_MAX];
-        int64_t off;
-        cqrs_keys_shard(cqrs_docstore_prefix(ds), topic, partition, shard, sizeof shard);
-        rc = cqrs_docstore_offset(ds, shard, partition, &off, &err);
-        if (rc == CQRS_ERR_OK)
-            applied_offset = json_integer((json_int_t)off);
-        else if (rc != CQRS_ERR_NOT_FOUND) {
-            fprintf(stderr, "cqrsctl explain: Redis: %s\n", err.message);
-            status = exit_for(rc);
-            free(sought);
-            goto out;
-        }
-        rc = CQRS_ERR_OK;
-    }
-
-    /* The events, oldest first. */
-    size_t s = n_sought;
-    for (int i = n - 1; i >= 0; i--) {
-        int64_t version = atoll(cqrs_rows_get(ev.rows, i, 0));
-        bool in_outbox = strcmp(cqrs_rows_get(ev.rows, i, 6), "t") == 0;
-        json_t *kafka;
-        /* sought[] was filled newest first, so walk it backwards with the rows. */
-        cqrs_bus_sought_t *so = &sought[--s];
-        if (so->offset >= 0)
-            kafka = json_pack("{s:s, s:i, s:I}", "status", "found", "partition", partition,
-                              "offset", (json_int_t)so->offset);
-        else if (in_outbox)
-            kafka = json_pack("{s:s}", "status", "not published");
-        else
-            kafka =
-                json_pack("{s:s}", "status", partition >= 0 && complete ? "not found" : "unknown");
-        const char *redis = "pending", *reason = NULL;
-        json_t *d = find_dead_letter(dead, version);
-        if (version <= doc_version) {
-            redis = "applied";
-        } else if (d) {
-            reason = json_string_value(json_object_get(d, "reason"));
-            redis = reason && strncmp(reason, PARKED_PREFIX, strlen(PARKED_PREFIX)) == 0
-                        ? "parked"
-                        : "dead letter";
-        }
-        json_array_append_new(
-            events, json_pack("{s:I, s:I, s:s, s:s, s:s, s:b, s:o, s:s, s:s?}", "version",
-                              (json_int_t)version, "sequence",
-                              (json_int_t)atoll(cqrs_rows_get(ev.rows, i, 1)), "event_id",
-                              cqrs_rows_get(ev.rows, i, 2), "type", cqrs_rows_get(ev.rows, i, 3),
-                              "time", cqrs_rows_get(ev.rows, i, 5), "in_outbox", in_outbox, "kafka",
-                              kafka, "redis", redis, "reason", reason));
-    }
-    free(sought);
-
-    /* Lag: how long the document has been behind — since the oldest event it does not show
-     * (also when that one is older than the events shown). */
-    int64_t pg_version = atoll(cqrs_rows_get(ev.total, 0, 1));
-    json_int_t behind = pg_version > doc_version ? (json_int_t)(pg_version - doc_version) : 0;
-    char doc_version_s[24];
-    snprintf(doc_version_s, sizeof doc_version_s, "%lld", (long long)doc_version);
-    oldest_ud_t old = {lid, doc_version_s, NULL};
-    if (behind > 0 && (rc = cqrs_store_run_tx(store, oldest_tx, &old, &err)) != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl explain: PostgreSQL: %s\n", err.message);
-        status = exit_for(rc);
-        goto out;
-    }
-    const char *oldest =
-        old.rows && cqrs_rows_count(old.rows) ? cqrs_rows_get(old.rows, 0, 0) : NULL;
-    int64_t now = cqrs_realtime_ms(), t = oldest ? cqrs_time_parse_ms(oldest) : now;
-    double lag = now > t ? (double)(now - t) / 1000.0 : 0.0;
-    out = json_pack(
-        "{s:s, s:s?, s:I, s:I, s:o, s:{s:s, s:o, s:o, s:s?}, s:f, s:I, s:s?, s:o, s:o}",
-        "aggregate_id", lid, "aggregate_type", type, "version", (json_int_t)pg_version,
-        "events_total", (json_int_t)atoll(cqrs_rows_get(ev.total, 0, 0)), "document",
-        have_doc ? json_pack("{s:s, s:I}", "key", key, "version", (json_int_t)doc_version)
-                 : json_null(),
-        "kafka", "topic", topic, "partition",
-        partition >= 0 ? json_integer(partition) : json_null(), "applied_offset", applied_offset,
-        "note", note[0] ? note : NULL, "lag_seconds", lag, "events_behind", behind,
-        "oldest_not_visible", oldest, "events", events, "dead_letters", dead);
-    events = dead = NULL;
-    if (as_json)
+    status = gather(&x, &out);
+    if (status == 0 && x.as_json)
         cqrsctl_print_json(out);
-    else
+    else if (status == 0)
         print_human(out);
-    cqrs_rows_free(old.rows);
 out:
     json_decref(out);
-    json_decref(events);
-    json_decref(dead);
-    cqrs_docstore_dlq_free(dl, n_dl);
-    cqrs_rows_free(ev.rows);
-    cqrs_rows_free(ev.total);
-    cqrs_docstore_destroy(ds);
-    cqrs_store_destroy(store);
+    json_decref(x.events);
+    json_decref(x.dead);
+    json_decref(x.applied_offset);
+    free(x.sought);
+    cqrs_docstore_dlq_free(x.dl, x.n_dl);
+    cqrs_rows_free(x.ev.rows);
+    cqrs_rows_free(x.ev.total);
+    cqrs_docstore_destroy(x.ds);
+    cqrs_store_destroy(x.store);
     return status;
 }

@@ -9,7 +9,9 @@
 #include <cqrs/version.h>
 #include "ops.h"
 #include "query.h"
+#include "topics.h"
 #include "verify.h"
+#include <getopt.h>
 #include <jansson.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -33,8 +35,7 @@ static const cqrs_config_entry_t entries[] = {
     CQRS_REDIS_SETTINGS(S.redis, "Redis of the read model (verify, explain, dlq, rebuild)"),
     {"CQRS_KAFKA_BROKERS", CQRS_CONFIG_STRING, "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers",
      &S.kafka_brokers, NULL},
-    {"CQRS_TOPIC_PREFIX", CQRS_CONFIG_STRING, "cqrs", 0, 0,
-     "topics are <prefix>.product.events and <prefix>.order.events", &S.topic_prefix, NULL},
+    TOPIC_PREFIX_SETTING(&S.topic_prefix),
     {"CQRS_KAFKA_PARTITIONS", CQRS_CONFIG_INT, "6", 1, 10000, "partitions of created topics",
      &S.partitions, NULL},
     {"CQRS_KAFKA_REPLICATION", CQRS_CONFIG_INT, "-1", -1, 100,
@@ -42,45 +43,93 @@ static const cqrs_config_entry_t entries[] = {
 };
 #define N_ENTRIES (sizeof entries / sizeof entries[0])
 
+enum { OPT_HELP = 1, OPT_JSON = 2, OPT_NO_TOPICS = 4 };
+
+static const struct option O_NONE[] = {{NULL, 0, NULL, 0}};
+static const struct option O_MIGRATE[] = {{"no-topics", no_argument, NULL, OPT_NO_TOPICS},
+                                          {"help", no_argument, NULL, OPT_HELP},
+                                          {NULL, 0, NULL, 0}};
+static const struct option O_JSON[] = {{"json", no_argument, NULL, OPT_JSON},
+                                       {"help", no_argument, NULL, OPT_HELP},
+                                       {NULL, 0, NULL, 0}};
+
+/* A subcommand: its line of the usage, what it needs, its options (NULL: it parses its own,
+ * with its own --help) and what runs it (argv[0] is the subcommand; opts the OPT_* seen). */
+typedef struct command {
+    const char *name;
+    const char *synopsis;
+    const char *help; /* '\n' between lines */
+    bool configured;  /* reads the configuration (every command but migrations) */
+    bool uses_redis;
+    const struct option *options;
+    int (*run)(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+} command_t;
+
+static int cmd_migrate(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+static int cmd_migrations(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+static int cmd_outbox(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+static int cmd_verify(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+static int cmd_explain(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+static int cmd_dlq(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+static int cmd_rebuild(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv);
+
+static const command_t COMMANDS[] = {
+    {"migrate", "migrate [--no-topics]",
+     "apply pending SQL migrations (recorded in\nschema_migrations) and create the Kafka topics",
+     true, false, O_MIGRATE, cmd_migrate},
+    {"migrations", "migrations", "list the migrations this binary carries", false, false, O_NONE,
+     cmd_migrations},
+    {"outbox", "outbox [--json]",
+     "the outbox backlog, its oldest row's age, the\nactive relay and since when", true, false,
+     O_JSON, cmd_outbox},
+    {"verify", "verify [--json]",
+     "compare the read model (Redis) with the write model\n(PostgreSQL): documents, fields, "
+     "lists; exit 1 on drift",
+     true, true, O_JSON, cmd_verify},
+    {"explain", "explain <id> [--json]",
+     "one aggregate across the system: its events, the outbox,\nKafka partition and offset, the "
+     "document in Redis, dead\nletters, lag; exit 1 when the aggregate is unknown",
+     true, true, NULL, cmd_explain},
+    {"dlq", "dlq list|show <id>|retry <id>|drop <id> --yes [--json]",
+     "the read model's dead letters (cqrsctl dlq --help)", true, true, NULL, cmd_dlq},
+    {"rebuild", "rebuild [--projection products|orders|all] [--jobs N]",
+     "rebuild the read model from the event log into a new\ngeneration and switch to it without "
+     "downtime",
+     true, true, NULL, cmd_rebuild},
+};
+#define N_COMMANDS (sizeof COMMANDS / sizeof COMMANDS[0])
+
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: cqrsctl <command> [options]\n"
-            "       cqrsctl --help | --version\n\n"
-            "commands:\n"
-            "  migrate [--no-topics]   apply pending SQL migrations (recorded in\n"
-            "                          schema_migrations) and create the Kafka topics\n"
-            "  migrations              list the migrations this binary carries\n"
-            "  outbox [--json]         the outbox backlog, its oldest row's age, the\n"
-            "                          active relay and since when\n"
-            "  verify [--json]         compare the read model (Redis) with the write model\n"
-            "                          (PostgreSQL): documents, fields, lists; exit 1 on drift\n"
-            "  explain <id> [--json]   one aggregate across the system: its events, the outbox,\n"
-            "                          Kafka partition and offset, the document in Redis, dead\n"
-            "                          letters, lag; exit 1 when the aggregate is unknown\n"
-            "  dlq list|show <id>|retry <id>|drop <id> --yes [--json]\n"
-            "                          the read model's dead letters (cqrsctl dlq --help)\n"
-            "  rebuild [--projection products|orders|all] [--jobs N]\n"
-            "                          rebuild the read model from the event log into a new\n"
-            "                          generation and switch to it without downtime\n\n");
+    enum { COLUMN = 24 }; /* where the help starts, after two spaces */
+    fprintf(out, "usage: cqrsctl <command> [options]\n"
+                 "       cqrsctl --help | --version\n\n"
+                 "commands:\n");
+    for (size_t i = 0; i < N_COMMANDS; i++) {
+        const command_t *c = &COMMANDS[i];
+        if (strlen(c->synopsis) < COLUMN - 1)
+            fprintf(out, "  %-*s", COLUMN, c->synopsis);
+        else
+            fprintf(out, "  %s\n  %*s", c->synopsis, COLUMN, "");
+        for (const char *h = c->help; *h;) {
+            size_t len = strcspn(h, "\n");
+            fprintf(out, "%.*s\n", (int)len, h);
+            h += len;
+            if (*h == '\n' && *++h)
+                fprintf(out, "  %*s", COLUMN, "");
+        }
+    }
+    fprintf(out, "\n");
     cqrs_config_print_help(entries, N_ENTRIES, out);
     cqrs_bus_print_help(out);
 }
 
-static int cmd_migrate(int argc, char **argv)
+static int cmd_migrate(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
 {
-    bool topics = true;
-    for (int i = 2; i < argc; i++) {
-        if (strcmp(argv[i], "--no-topics") == 0) {
-            topics = false;
-        } else if (strcmp(argv[i], "--help") == 0) {
-            usage(stdout);
-            return 0;
-        } else {
-            fprintf(stderr, "cqrsctl migrate: unknown option %s\n", argv[i]);
-            return 2;
-        }
-    }
+    (void)env;
+    (void)argc;
+    (void)argv;
+    bool topics = !(opts & OPT_NO_TOPICS);
     cqrs_error_t err;
     int applied = 0;
     cqrs_err_t rc = cqrs_store_migrate(S.pg_dsn, cqrs_migrations, &applied, &err);
@@ -92,17 +141,15 @@ static int cmd_migrate(int argc, char **argv)
     printf("migrations: %d applied\n", applied);
     if (!topics)
         return 0;
-    char product[256], order[256];
-    snprintf(product, sizeof product, "%s.product.events", S.topic_prefix);
-    snprintf(order, sizeof order, "%s.order.events", S.topic_prefix);
-    const char *names[] = {product, order};
-    rc = cqrs_bus_create_topics(S.kafka_brokers, names, 2, (int)S.partitions, (int)S.replication,
-                                10000, &err);
+    topics_t t;
+    topics_init(&t, S.topic_prefix);
+    rc = cqrs_bus_create_topics(S.kafka_brokers, t.names, TOPIC_TYPES, (int)S.partitions,
+                                (int)S.replication, 10000, &err);
     if (rc != CQRS_ERR_OK) {
         fprintf(stderr, "cqrsctl migrate: topics: %s\n", err.message);
         return rc == CQRS_ERR_UNAVAILABLE ? 3 : 1;
     }
-    printf("topics: %s %s ready\n", product, order);
+    printf("topics: %s %s ready\n", t.name[TOPIC_PRODUCT], t.name[TOPIC_ORDER]);
     return 0;
 }
 
@@ -143,9 +190,12 @@ static cqrs_err_t outbox_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
     return rc;
 }
 
-static int cmd_outbox(int argc, char **argv)
+static int cmd_outbox(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
 {
-    bool as_json = argc > 2 && strcmp(argv[2], "--json") == 0;
+    (void)env;
+    (void)argc;
+    (void)argv;
+    bool as_json = opts & OPT_JSON;
     cqrs_store_config_t sc = {.dsn = S.pg_dsn,
                               .pool_size = 1,
                               .acquire_timeout_ms = 1000,
@@ -195,57 +245,102 @@ void cqrsctl_print_json(json_t *v)
     free(text);
 }
 
-/* The commands and, for those that parse no options of their own, the options each takes
- * (rebuild, explain and dlq check theirs). Checked before any configuration is read, so a typo
- * is a usage error (exit 2) whatever the environment holds — never an option ignored. */
-static const struct {
-    const char *name;
-    bool own_parser;
-    const char *options[3];
-} COMMANDS[] = {
-    {"migrate", false, {"--no-topics", "--help", NULL}},
-    {"migrations", false, {NULL}},
-    {"outbox", false, {"--json", "--help", NULL}},
-    {"verify", false, {"--json", "--help", NULL}},
-    {"rebuild", true, {NULL}},
-    {"explain", true, {NULL}},
-    {"dlq", true, {NULL}},
-};
-
-/* 0 when argv is a known command with known options (or --help/--version alone), else the
- * usage error is printed and 2 returned. */
-static int check_command_line(int argc, char **argv)
+static int cmd_migrations(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
 {
-    const char *cmd = argv[1];
-    bool top =
-        strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "--version") == 0;
-    if (top) {
-        if (argc == 2)
-            return 0;
-        fprintf(stderr, "cqrsctl: %s takes no arguments\n\n", cmd);
-        usage(stderr);
-        return 2;
-    }
-    for (size_t i = 0; i < sizeof COMMANDS / sizeof COMMANDS[0]; i++) {
-        if (strcmp(COMMANDS[i].name, cmd) != 0)
-            continue;
-        if (COMMANDS[i].own_parser)
-            return 0;
-        for (int a = 2; a < argc; a++) {
-            bool known = false;
-            for (const char *const *o = COMMANDS[i].options; *o; o++)
-                known |= strcmp(*o, argv[a]) == 0;
-            if (!known) {
-                fprintf(stderr, "cqrsctl %s: unknown option '%s'\n\n", cmd, argv[a]);
-                usage(stderr);
-                return 2;
-            }
+    (void)env;
+    (void)opts;
+    (void)argc;
+    (void)argv;
+    for (const cqrs_embedded_file_t *f = cqrs_migrations; f->name; f++)
+        printf("%s\n", f->name);
+    return 0;
+}
+
+static int cmd_verify(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+    return cqrsctl_verify(env->pg_dsn, env->redis, opts & OPT_JSON);
+}
+
+static int cmd_explain(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
+{
+    (void)opts;
+    return cqrsctl_explain(env, argc, argv);
+}
+
+static int cmd_dlq(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
+{
+    (void)opts;
+    return cqrsctl_dlq(env, argc, argv);
+}
+
+static int cmd_rebuild(const cqrsctl_env_t *env, unsigned opts, int argc, char **argv)
+{
+    (void)opts;
+    return cqrsctl_rebuild(env, argc, argv);
+}
+
+static const command_t *find_command(const char *name)
+{
+    for (size_t i = 0; i < N_COMMANDS; i++)
+        if (strcmp(COMMANDS[i].name, name) == 0)
+            return &COMMANDS[i];
+    return NULL;
+}
+
+/* The options of a command without a parser of its own (argv[0] is the command), into *opts.
+ * Exactly the options of its table: no abbreviation, no argument left over, so a typo is a
+ * usage error (exit 2) — never an option ignored. Returns 0, or 2 after printing the usage. */
+static int parse_options(const command_t *c, int argc, char **argv, unsigned *opts)
+{
+    *opts = 0;
+    opterr = 0;
+    optind = 1;
+    const char *bad = NULL;
+    for (;;) {
+        int at = optind, idx = -1;
+        int o = getopt_long(argc, argv, "+", c->options, &idx);
+        if (o == -1) {
+            if (optind < argc)
+                bad = argv[optind];
+            else if (optind > 1 && strcmp(argv[optind - 1], "--") == 0)
+                bad = "--";
+            break;
         }
-        return 0;
+        if (o == '?' || idx < 0 || strncmp(argv[at], "--", 2) != 0 ||
+            strcmp(argv[at] + 2, c->options[idx].name) != 0) {
+            bad = argv[at];
+            break;
+        }
+        *opts |= (unsigned)o;
     }
-    fprintf(stderr, "cqrsctl: unknown %s '%s'\n\n", cmd[0] == '-' ? "option" : "command", cmd);
+    if (!bad)
+        return 0;
+    fprintf(stderr, "cqrsctl %s: unknown option '%s'\n\n", c->name, bad);
     usage(stderr);
     return 2;
+}
+
+/* Checks the configuration a command needs; 0 or the exit status. */
+static int configure(const command_t *c)
+{
+    if (cqrs_config_load(entries, N_ENTRIES, NULL, NULL, stderr) != 0)
+        return 2;
+    query_keys_init(S.topic_prefix);
+    if (cqrs_bus_check_properties(stderr) != 0)
+        return 2;
+    cqrs_error_t err;
+    if (cqrs_pg_dsn_check(S.pg_dsn, &err) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl: %s\n", err.message);
+        return 2;
+    }
+    if (c->uses_redis && cqrs_redis_config_check(&S.redis, &err) != CQRS_ERR_OK) {
+        fprintf(stderr, "cqrsctl: %s\n", err.message);
+        cqrs_config_free(entries, N_ENTRIES);
+        return 2;
+    }
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -254,76 +349,50 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    int usage_rc = check_command_line(argc, argv);
-    if (usage_rc != 0)
-        return usage_rc;
-    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        usage(stdout);
+    const char *name = argv[1];
+    bool help = strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0;
+    if (help || strcmp(name, "--version") == 0) {
+        if (argc > 2) {
+            fprintf(stderr, "cqrsctl: %s takes no arguments\n\n", name);
+            usage(stderr);
+            return 2;
+        }
+        if (help)
+            usage(stdout);
+        else
+            cqrs_version_print(stdout, "cqrsctl");
         return 0;
     }
-    if (strcmp(argv[1], "--version") == 0) {
-        cqrs_version_print(stdout, "cqrsctl");
-        return 0;
-    }
-    if ((strcmp(argv[1], "outbox") == 0 || strcmp(argv[1], "verify") == 0 ||
-         strcmp(argv[1], "migrate") == 0) &&
-        argc > 2 && strcmp(argv[argc - 1], "--help") == 0) {
-        usage(stdout);
-        return 0;
-    }
-    if (strcmp(argv[1], "migrations") == 0) {
-        for (const cqrs_embedded_file_t *f = cqrs_migrations; f->name; f++)
-            printf("%s\n", f->name);
-        return 0;
-    }
-    cqrs_log_init("cqrsctl", CQRS_LOG_WARN);
-    bool sub_help = argc > 2 && (strcmp(argv[2], "--help") == 0 || strcmp(argv[2], "-h") == 0);
-    if (sub_help) { /* a subcommand's help needs no configuration */
-        cqrsctl_env_t none = {"", NULL, "", ""};
-        if (strcmp(argv[1], "rebuild") == 0)
-            return cqrsctl_rebuild(&none, argc - 1, argv + 1);
-        if (strcmp(argv[1], "explain") == 0)
-            return cqrsctl_explain(&none, argc - 1, argv + 1);
-        if (strcmp(argv[1], "dlq") == 0)
-            return cqrsctl_dlq(&none, argc - 1, argv + 1);
-    }
-    if (cqrs_config_load(entries, N_ENTRIES, NULL, NULL, stderr) != 0)
-        return 2;
-    query_keys_init(S.topic_prefix);
-    if (cqrs_bus_check_properties(stderr) != 0)
-        return 2;
-    cqrs_error_t dsn_err;
-    if (cqrs_pg_dsn_check(S.pg_dsn, &dsn_err) != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl: %s\n", dsn_err.message);
-        return 2;
-    }
-    bool uses_redis = strcmp(argv[1], "verify") == 0 || strcmp(argv[1], "rebuild") == 0 ||
-                      strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0;
-    cqrs_error_t rerr;
-    if (uses_redis && cqrs_redis_config_check(&S.redis, &rerr) != CQRS_ERR_OK) {
-        fprintf(stderr, "cqrsctl: %s\n", rerr.message);
-        cqrs_config_free(entries, N_ENTRIES);
-        return 2;
-    }
-    int rc;
-    if (strcmp(argv[1], "migrate") == 0) {
-        rc = cmd_migrate(argc, argv);
-    } else if (strcmp(argv[1], "outbox") == 0) {
-        rc = cmd_outbox(argc, argv);
-    } else if (strcmp(argv[1], "verify") == 0) {
-        rc = cqrsctl_verify(S.pg_dsn, &S.redis, argc > 2 && strcmp(argv[2], "--json") == 0);
-    } else if (strcmp(argv[1], "rebuild") == 0) {
-        cqrsctl_env_t env = {S.pg_dsn, &S.redis, S.kafka_brokers, S.topic_prefix};
-        rc = cqrsctl_rebuild(&env, argc - 1, argv + 1);
-    } else if (strcmp(argv[1], "explain") == 0 || strcmp(argv[1], "dlq") == 0) {
-        cqrsctl_env_t env = {S.pg_dsn, &S.redis, S.kafka_brokers, S.topic_prefix};
-        rc = argv[1][0] == 'e' ? cqrsctl_explain(&env, argc - 1, argv + 1)
-                               : cqrsctl_dlq(&env, argc - 1, argv + 1);
-    } else {
-        fprintf(stderr, "cqrsctl: unknown command '%s'\n\n", argv[1]);
+    const command_t *c = find_command(name);
+    if (!c) {
+        fprintf(stderr, "cqrsctl: unknown %s '%s'\n\n", name[0] == '-' ? "option" : "command",
+                name);
         usage(stderr);
-        rc = 2;
+        return 2;
     }
+    unsigned opts = 0;
+    if (c->options) {
+        int rc = parse_options(c, argc - 1, argv + 1, &opts);
+        if (rc != 0)
+            return rc;
+        if (opts & OPT_HELP) {
+            usage(stdout);
+            return 0;
+        }
+    }
+    if (!c->configured)
+        return c->run(NULL, opts, argc - 1, argv + 1);
+    cqrs_log_init("cqrsctl", CQRS_LOG_WARN);
+    /* A command's own help needs no configuration. */
+    if (!c->options && argc > 2 && (strcmp(argv[2], "--help") == 0 || strcmp(argv[2], "-h") == 0)) {
+        cqrsctl_env_t none = {"", NULL, "", ""};
+        return c->run(&none, opts, argc - 1, argv + 1);
+    }
+    int rc = configure(c);
+    if (rc != 0)
+        return rc;
+    cqrsctl_env_t env = {S.pg_dsn, &S.redis, S.kafka_brokers, S.topic_prefix};
+    rc = c->run(&env, opts, argc - 1, argv + 1);
     cqrs_config_free(entries, N_ENTRIES);
     return rc;
 }

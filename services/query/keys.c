@@ -6,21 +6,20 @@
 #include <cqrs/keyspace.h>
 
 #include "query.h"
+#include "topics.h"
 
-static const char *const types[QUERY_TYPES] = {"product", "order"};
-static char topics[QUERY_TYPES][256];
+static topics_t topics;
 
 void query_keys_init(const char *topic_prefix)
 {
-    for (int i = 0; i < QUERY_TYPES; i++)
-        snprintf(topics[i], sizeof topics[i], "%s.%s.events", topic_prefix, types[i]);
+    topics_init(&topics, topic_prefix);
 }
 
 const char *query_topic(const char *aggregate_type)
 {
-    for (int i = 0; i < QUERY_TYPES; i++)
-        if (strcmp(aggregate_type, types[i]) == 0)
-            return topics[i];
+    for (int i = 0; i < TOPIC_TYPES; i++)
+        if (strcmp(aggregate_type, topic_type(i)) == 0)
+            return topics.name[i];
     return NULL;
 }
 

@@ -29,14 +29,12 @@ cqrs_err_t query_read_doc(query_ctx_t *ctx, const char *aggregate_type, const ch
                           cqrs_error_t *err);
 
 /* ---- keys (keys.c): where the domain's documents and indexes live ----
- * Products and orders come from their own topics, "<topic prefix>.product.events" and
- * "<topic prefix>.order.events"; the read model of each is sharded by partition (keyspace.h).
- * A document is <shard>doc:<id> in its aggregate's shard; the index families, all inside a
- * shard, are (index.c): <shard>idx:p:<sort>:<status> and <shard>idx:p:name:<status>:c=<category>
- * (lists), <shard>idx:p:rec (search records), <shard>idx:w:<word>, <shard>idx:top-products,
- * <shard>idx:customer-orders:<customer id>. A list read reads every
- * shard of its topic and merges. */
-#define QUERY_TYPES 2 /* product, order */
+ * Products and orders come from their own topics (named in topics.h); the read model of each is
+ * sharded by partition (keyspace.h). A document is <shard>doc:<id> in its aggregate's shard; the
+ * index families, all inside a shard, are (index.c): <shard>idx:p:<sort>:<status> and
+ * <shard>idx:p:name:<status>:c=<category> (lists), <shard>idx:p:rec (search records),
+ * <shard>idx:w:<word>, <shard>idx:top-products, <shard>idx:customer-orders:<customer id>. A list
+ * read reads every shard of its topic and merges. */
 /* Sets the topic prefix (CQRS_TOPIC_PREFIX) once, before any other call. */
 void query_keys_init(const char *topic_prefix);
 /* The topic of an aggregate type (product, order); NULL for another type. */

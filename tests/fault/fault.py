@@ -88,7 +88,8 @@ class SetupError(Exception):
 
 
 def free_port():
-    """A port below the ephemeral range (32768+), where no outgoing connection can take it."""
+    """A free port by the test suite's one policy (tests/support/ports.sh): random in
+    [20000, 32000), below the ephemeral range (32768+), none of the stack's, binding now."""
     stack = {os.environ.get(v) for v in ("CQRS_PG_PORT", "CQRS_PG_STANDBY_PORT", "CQRS_REDIS_PORT",
                                          "CQRS_REDIS_REPLICA_PORT", "CQRS_KAFKA_PORT", "CQRS_KAFKA_CONTROLLER_PORT",
                                          "CQRS_KAFKA_PORT_2", "CQRS_KAFKA_CONTROLLER_PORT_2",

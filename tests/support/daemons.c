@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <uuid/uuid.h>
 
@@ -18,16 +19,55 @@
 #include "redisdb.h"
 #include "testenv.h"
 
+/* The local stack's ports: a server of the stack may be down right now (a fault) and so look
+ * free. */
+static bool stack_port(int p)
+{
+    static const char *const vars[] = {"CQRS_PG_PORT",
+                                       "CQRS_PG_STANDBY_PORT",
+                                       "CQRS_REDIS_PORT",
+                                       "CQRS_REDIS_REPLICA_PORT",
+                                       "CQRS_KAFKA_PORT",
+                                       "CQRS_KAFKA_CONTROLLER_PORT",
+                                       "CQRS_KAFKA_PORT_2",
+                                       "CQRS_KAFKA_CONTROLLER_PORT_2",
+                                       "CQRS_KAFKA_PORT_3",
+                                       "CQRS_KAFKA_CONTROLLER_PORT_3",
+                                       "CQRS_REDIS_CLUSTER_PORTS",
+                                       "CQRS_REDIS_CLUSTER_BUS_PORTS"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        for (char *end; v && *v; v = end) {
+            long q = strtol(v, &end, 10);
+            if (end == v)
+                break;
+            if (q == p)
+                return true;
+        }
+    }
+    return false;
+}
+
+/* The policy of tests/support/ports.sh (shared with tests/fault/fault.py). */
 int free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    socklen_t len = sizeof a;
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
+    static unsigned seed;
+    if (!seed)
+        seed = (unsigned)getpid() ^ (unsigned)time(NULL);
+    for (;;) {
+        int p = FREE_PORT_MIN + (int)(rand_r(&seed) % (FREE_PORT_MAX - FREE_PORT_MIN));
+        if (stack_port(p))
+            continue;
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0)
+            continue;
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)p)};
+        inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+        int rc = bind(fd, (struct sockaddr *)&a, sizeof a);
+        close(fd);
+        if (rc == 0)
+            return p;
+    }
 }
 
 /* CQRS_TEST_REDIS_CLUSTER=1: the run's read model lives on the stack's Redis Cluster

@@ -75,7 +75,11 @@ typedef struct testdb {
 void testdb_create(testdb_t *db, const char *prefix);
 void testdb_drop(testdb_t *db);
 
-/* A free TCP port on 127.0.0.1. */
+/* A free TCP port on 127.0.0.1, by the one policy of the test suite (tests/support/ports.sh):
+ * a random port in [FREE_PORT_MIN, FREE_PORT_MAX), below Linux's ephemeral range (32768+), not
+ * one of the local stack's (CQRS_*_PORT), that binds now. */
+#define FREE_PORT_MIN 20000
+#define FREE_PORT_MAX 32000
 int free_port(void);
 
 #endif

@@ -1,4 +1,22 @@
-/* daemon.h — process plumbing shared by both daemons: signals and the common settings. */
+/* daemon.h — the boot every daemon shares: command line, configuration, log, tokens, signals,
+ * the HTTP server with its probes and /metrics, readiness, drain and shutdown.
+ *
+ * A daemon describes what is its own in a cqrs_daemon_def_t (settings, checks, components,
+ * routes, readiness, metrics) and hands it to cqrs_daemon_main, which runs, in order:
+ *
+ *   command line   no argument runs the daemon; --help (-h), --version, --routes print to
+ *                  stdout and exit 0; anything else is a usage error on stderr (exit 2)
+ *   configuration  the shared settings then the daemon's own; every bad value listed, exit 2;
+ *                  librdkafka properties checked; def->check (exit 2 when it fails)
+ *   log            JSON lines at CQRS_LOG_LEVEL, named def->program
+ *   tokens         CQRS_AUTH_TOKENS_FILE loaded (a bad file: exit 2), reloaded on SIGHUP
+ *   signals        SIGTERM, SIGINT, SIGHUP blocked in every thread, SIGPIPE ignored
+ *   components     def->start (the relay, the projector, ...); its status on failure
+ *   HTTP           the daemon's routes + GET /healthz, /readyz, /metrics; "listening" logged
+ *   wait           until SIGTERM or SIGINT
+ *   drain          /readyz fails, CQRS_SHUTDOWN_DELAY_MS passes, def->drain, the listener
+ *                  drains in-flight requests (CQRS_SHUTDOWN_GRACE_MS), def->stop, exit 0.
+ */
 #ifndef CQRS_DAEMON_H
 #define CQRS_DAEMON_H
 
@@ -8,15 +26,9 @@
 
 #include "cqrs/config.h"
 #include "cqrs/http.h"
+#include "cqrs/metrics.h"
 
-/* Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (call before starting threads,
- * which inherit the mask) and ignores SIGPIPE. */
-void cqrs_daemon_block_signals(sigset_t *set);
-
-/* Waits for SIGTERM or SIGINT and returns it; on each SIGHUP reloads auth (when not NULL). */
-int cqrs_daemon_wait(const sigset_t *set, cqrs_http_auth_t *auth);
-
-/* Settings both daemons share (HTTP server, logging, shutdown). */
+/* Settings every daemon has (HTTP server, logging, shutdown). */
 typedef struct cqrs_daemon_settings {
     char *http_host;
     int64_t http_port;
@@ -32,34 +44,48 @@ typedef struct cqrs_daemon_settings {
     int64_t shutdown_delay_ms;
 } cqrs_daemon_settings_t;
 
-#define CQRS_DAEMON_SETTINGS_N 12
+/* Most routes a daemon has, the probes and /metrics included. */
+#define CQRS_DAEMON_MAX_ROUTES 32
 
-/* Writes the shared entries (pointing into s) into out[0..CQRS_DAEMON_SETTINGS_N). */
-void cqrs_daemon_settings_entries(cqrs_daemon_settings_t *s, const char *default_port,
-                                  cqrs_config_entry_t *out);
+/* What is a daemon's own. Every hook gets app; all are borrowed for the life of the process. */
+typedef struct cqrs_daemon_def {
+    const char *program; /* "cqrs-commandd": log name, messages, --version */
+    const char *summary; /* one line for --help: what the daemon is */
+    const char *default_port;
+    cqrs_daemon_settings_t *shared;      /* filled with the shared settings */
+    const cqrs_config_entry_t *settings; /* the daemon's own, after the shared ones */
+    size_t n_settings;
+    void *app;
 
-/* GET /healthz of every daemon: 200 {"status":"ok"} while the process runs. */
-void cqrs_daemon_healthz(cqrs_http_request_t *req, void *ud);
+    /* Checks of loaded settings beyond their table (NULL: none): prints why to stderr and
+     * returns non-zero to exit 2. argv0 as the process was called. */
+    int (*check)(void *app, const char *argv0);
+    /* Starts the components (stores, relay, projector...); logs and returns the exit status
+     * (1, or 2 for a configuration error) when one cannot start, else 0. def->stop runs
+     * either way. */
+    int (*start)(void *app);
+    /* The daemon's own routes into out[0..max), returned count. all: every route the daemon
+     * can serve (--routes, before configuration), else those of this configuration. */
+    size_t (*routes)(void *app, bool all, cqrs_http_route_t *out, size_t max);
+    /* GET /readyz while not draining: replies 200 or 503. */
+    cqrs_http_handler_fn ready;
+    /* GET /metrics: appends the daemon's own metrics (the HTTP server's, build and process
+     * metrics come first). */
+    void (*metrics)(void *app, cqrs_text_t *out);
+    /* After the shutdown delay, before the listener drains (NULL: nothing): ends what holds
+     * connections open (long polls, streams). Also on a failed start. */
+    void (*drain)(void *app);
+    /* After the listener has drained: stops and frees the components, started or not. */
+    void (*stop)(void *app);
 
-/* --routes: the route table, one "METHOD PATTERN" per line (the tests compare it with the
- * OpenAPI documents). */
-void cqrs_daemon_print_routes(const cqrs_http_route_t *routes, size_t n);
+    const char *reads_elsewhere; /* cqrs_http_config_t.reads_elsewhere (NULL: none) */
+    /* An extra field of the "listening" line (NULL: none), e.g. "role"; its value is read
+     * after configuration. */
+    const char *listening_key;
+    char *const *listening_value;
+} cqrs_daemon_def_t;
 
-/* The command line every daemon takes. No argument runs the daemon (configured by its
- * environment); --help (-h), --version and --routes print to stdout and exit 0; anything else,
- * or more than one argument, is a usage error on stderr (exit 2). Returns -1 to run the daemon,
- * else the exit status. */
-typedef struct cqrs_daemon_cli {
-    const char *program; /* "cqrs-commandd" */
-    const char *summary; /* one line: what the daemon is */
-    const cqrs_config_entry_t *entries;
-    size_t n_entries;
-    void (*print_routes)(void);
-} cqrs_daemon_cli_t;
-
-int cqrs_daemon_cli(const cqrs_daemon_cli_t *cli, int argc, char **argv);
-
-/* HTTP server config from the shared settings. */
-void cqrs_daemon_http_config(const cqrs_daemon_settings_t *s, cqrs_http_config_t *out);
+/* Runs the daemon as above; returns the process's exit status. Once per process. */
+int cqrs_daemon_main(const cqrs_daemon_def_t *def, int argc, char **argv);
 
 #endif
