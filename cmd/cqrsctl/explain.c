@@ -149,10 +149,13 @@ static void print_human(json_t *out)
             snprintf(where, sizeof where, "%s", json_string_value(json_object_get(k, "status")));
         const char *redis = json_string_value(json_object_get(e, "redis"));
         const char *reason = json_string_value(json_object_get(e, "reason"));
+        char etype[200];
+        const char *as = json_string_value(json_object_get(e, "read_as"));
+        snprintf(etype, sizeof etype, "%s%s%s", json_string_value(json_object_get(e, "type")),
+                 as ? " → " : "", as ? strrchr(as, '.') + 1 : "");
         printf("%7lld %10lld  %-28s %-25s %-8s %-12s %s%s%s\n",
                (long long)json_integer_value(json_object_get(e, "version")),
-               (long long)json_integer_value(json_object_get(e, "sequence")),
-               json_string_value(json_object_get(e, "type")),
+               (long long)json_integer_value(json_object_get(e, "sequence")), etype,
                json_string_value(json_object_get(e, "time")),
                json_is_true(json_object_get(e, "in_outbox")) ? "pending" : "-", where, redis,
                reason ? ": " : "", reason ? reason : "");
@@ -341,6 +344,21 @@ static cqrs_err_t find_applied_offset(explain_t *x, cqrs_error_t *err)
 }
 
 /* The events, oldest first, each where it is: outbox, Kafka, Redis. */
+/* The type the projections read an event written as `type` as (upcast.h), in buf; NULL when it
+ * is read as written. */
+static const char *read_as(const char *type, char *buf, size_t cap)
+{
+    char name[96];
+    int version;
+    const cqrs_event_kind_t *k = cqrs_event_type_parse(type, name, sizeof name, &version)
+                                     ? cqrs_event_kind(&query_events, name)
+                                     : NULL;
+    if (!k || version >= k->newest)
+        return NULL;
+    snprintf(buf, cap, "%s.v%d", name, k->newest);
+    return buf;
+}
+
 static void event_rows(explain_t *x)
 {
     int n = cqrs_rows_count(x->ev.rows);
@@ -369,14 +387,16 @@ static void event_rows(explain_t *x)
                         ? "parked"
                         : "dead letter";
         }
-        json_array_append_new(x->events,
-                              json_pack("{s:I, s:I, s:s, s:s, s:s, s:b, s:o, s:s, s:s?}", "version",
-                                        (json_int_t)version, "sequence",
-                                        (json_int_t)atoll(cqrs_rows_get(x->ev.rows, i, 1)),
-                                        "event_id", cqrs_rows_get(x->ev.rows, i, 2), "type",
-                                        cqrs_rows_get(x->ev.rows, i, 3), "time",
-                                        cqrs_rows_get(x->ev.rows, i, 5), "in_outbox", in_outbox,
-                                        "kafka", kafka, "redis", redis, "reason", reason));
+        char as[96];
+        json_array_append_new(
+            x->events,
+            json_pack("{s:I, s:I, s:s, s:s, s:s*, s:s, s:b, s:o, s:s, s:s?}", "version",
+                      (json_int_t)version, "sequence",
+                      (json_int_t)atoll(cqrs_rows_get(x->ev.rows, i, 1)), "event_id",
+                      cqrs_rows_get(x->ev.rows, i, 2), "type", cqrs_rows_get(x->ev.rows, i, 3),
+                      "read_as", read_as(cqrs_rows_get(x->ev.rows, i, 3), as, sizeof as), "time",
+                      cqrs_rows_get(x->ev.rows, i, 5), "in_outbox", in_outbox, "kafka", kafka,
+                      "redis", redis, "reason", reason));
     }
 }
 
