@@ -76,27 +76,8 @@ static json_t *call(int port, const char *method, const char *path, const char *
     return request(port, method, path, body, want, true);
 }
 
-/* Runs cqrsctl with this run's settings; its exit status, and its stdout as JSON. */
-static int ctl(json_t **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int ctl(json_t **out, const char *fmt, ...)
-{
-    char args[256], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd,
-             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>/dev/null",
-             DB.dsn, redis_url, D.prefix, CQRS_CTL, args);
-    FILE *p = popen(cmd, "r");
-    static char buf[1 << 18];
-    size_t n = fread(buf, 1, sizeof buf - 1, p);
-    buf[n] = '\0';
-    int st = pclose(p);
-    if (out)
-        *out = json_loads(buf, 0, NULL);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
+/* cqrsctl with this run's settings: its exit status, and its stdout as JSON. */
+#define ctl(out, ...) daemons_ctl(DB.dsn, redis_url, D.prefix, out, __VA_ARGS__)
 
 /* The query side's document of a product once it reaches version; fails after 20 s. */
 static json_t *doc_at(const char *id, long long version)

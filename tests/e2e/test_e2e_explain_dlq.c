@@ -78,28 +78,8 @@ static void adjust(const char *id, int delta)
     json_decref(call("POST", path, body, 200));
 }
 
-/* Runs cqrsctl with this run's settings; returns its exit status and its stdout as JSON
- * (NULL when it is not JSON). */
-static int ctl(json_t **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int ctl(json_t **out, const char *fmt, ...)
-{
-    char args[512], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd,
-             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>/dev/null",
-             DB.dsn, redis_url, D.prefix, CQRS_CTL, args);
-    FILE *p = popen(cmd, "r");
-    static char buf[1 << 18];
-    size_t n = fread(buf, 1, sizeof buf - 1, p);
-    buf[n] = '\0';
-    int st = pclose(p);
-    if (out)
-        *out = json_loads(buf, 0, NULL);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
+/* cqrsctl with this run's settings: its exit status, and its stdout as JSON. */
+#define ctl(out, ...) daemons_ctl(DB.dsn, redis_url, D.prefix, out, __VA_ARGS__)
 
 static json_t *explain(const char *id)
 {

@@ -6,11 +6,14 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+
+#include <jansson.h>
 #include <time.h>
 #include <unistd.h>
 #include <uuid/uuid.h>
@@ -329,4 +332,27 @@ void testdb_drop(testdb_t *db)
     char sql[128];
     snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s", db->name);
     pg_count(sql, NULL);
+}
+
+int daemons_ctl(const char *dsn, const char *redis_url, const char *prefix, json_t **out,
+                const char *fmt, ...)
+{
+    char args[512], cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    snprintf(cmd, sizeof cmd,
+             "CQRS_PG_DSN='%s' CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s %s 2>/dev/null", dsn,
+             redis_url, prefix, CQRS_CTL, args);
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return -1;
+    static char buf[1 << 18];
+    size_t n = fread(buf, 1, sizeof buf - 1, p);
+    buf[n] = '\0';
+    int st = pclose(p);
+    if (out)
+        *out = json_loads(buf, 0, NULL);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }

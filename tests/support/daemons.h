@@ -58,6 +58,13 @@ pid_t daemons_launch_commandd(const daemons_t *d, int port, const char *extra_en
 /* A sample of /metrics on port (integer part), -1 when absent or unreachable. */
 long long daemons_metric(int port, const char *name);
 
+/* Runs cqrsctl of this build with dsn, redis_url and the topic prefix as its settings and the
+ * arguments fmt makes; returns its exit status, and with out its stdout as JSON (NULL when it
+ * is not JSON; the caller decrefs). stderr is dropped. */
+struct json_t;
+int daemons_ctl(const char *dsn, const char *redis_url, const char *prefix, struct json_t **out,
+                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
 /* A single number from SQL on CQRS_PG_DSN ($1 = param, may be NULL); -1 on error. */
 long long pg_count(const char *sql, const char *param);
 
