@@ -445,15 +445,18 @@ static void test_relay_metrics_without_kafka(void **state)
 
 typedef struct load {
     volatile bool stop;
+    volatile bool taken_out; /* the "load balancer" saw readiness fail: no new requests */
+    bool not_ready_seen;     /* /readyz answered 503 (while the listener was still open) */
+    int port;
     int ok, refused, cut;
 } load_t;
 
 static void *run_load(void *arg)
 {
     load_t *l = arg;
-    while (!l->stop) {
+    while (!l->stop && !l->taken_out) {
         httpc_response_t r;
-        httpc_request(D.qport, "GET", "/v1/products?limit=5",
+        httpc_request(l->port, "GET", "/v1/products?limit=5",
                       "Authorization: Bearer " READER "\r\n", NULL, 0, &r);
         if (r.status == 200)
             l->ok++;
@@ -466,20 +469,52 @@ static void *run_load(void *arg)
     return NULL;
 }
 
+/* A load balancer's part: polls readiness and takes the instance out (no new requests) as
+ * soon as it fails. */
+static void *watch_ready(void *arg)
+{
+    load_t *l = arg;
+    while (!l->stop) {
+        httpc_response_t r;
+        httpc_request(l->port, "GET", "/readyz", NULL, NULL, 0, &r);
+        int st = r.status;
+        httpc_response_free(&r);
+        if (st != 200) {
+            l->not_ready_seen = st == 503;
+            l->taken_out = true;
+            return NULL;
+        }
+        usleep(10 * 1000);
+    }
+    return NULL;
+}
+
+/* SIGTERM under load, deployed as behind a Service: readiness fails for CQRS_SHUTDOWN_DELAY_MS
+ * while the listener still answers, the clients' balancer takes the instance out, then the
+ * listener closes and every request in flight finishes. (Clients that keep opening connections
+ * through the close itself meet a refused or reset connection — TCP's, not the daemon's, to
+ * avoid: what the delay is for.) */
 static void test_sigterm_under_load(void **state)
 {
     (void)state;
-    load_t l = {0};
-    pthread_t t[4];
+    char env[600];
+    snprintf(env, sizeof env, "CQRS_AUTH_TOKENS_FILE=%s;CQRS_SHUTDOWN_DELAY_MS=1000", tokens_path);
+    load_t l = {.port = free_port()};
+    pid_t q = daemons_spawn_queryd_env(&D, l.port, "serve", env, "queryd-drain");
+    assert_true(q > 0);
+    pthread_t t[4], w;
     for (int i = 0; i < 4; i++)
         pthread_create(&t[i], NULL, run_load, &l);
+    pthread_create(&w, NULL, watch_ready, &l);
     usleep(500 * 1000);
-    int rc = daemons_stop_one(&D.queryd);
+    int rc = daemons_stop_one(&q);
     l.stop = true;
     for (int i = 0; i < 4; i++)
         pthread_join(t[i], NULL);
+    pthread_join(w, NULL);
     assert_int_equal(rc, 0);
     assert_true(l.ok > 0);
+    assert_true(l.not_ready_seen); /* readiness failed while the listener was still open */
     assert_int_equal(l.cut, 0);
 }
 
