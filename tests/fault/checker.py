@@ -118,7 +118,7 @@ class Checker:
         seen = collections.Counter()
         last = {}
         for topic in ("%s.product.events" % self.prefix, "%s.order.events" % self.prefix):
-            for part, off, key, hdrs, _ in sorted(self.stack.kafka_read(topic)):
+            for part, _off, key, hdrs, _ in sorted(self.stack.kafka_read(topic)):
                 if hdrs.get("fault_injected") == "1":
                     continue  # the nemesis's own duplicates
                 eid = hdrs.get("ce_id")

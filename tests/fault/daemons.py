@@ -63,7 +63,8 @@ class Daemon:
                 return False
             self.deaths += 1
             armed = self.deaths < self.arm
-            log("%s: %s died (%s); restarting%s" % (self.run.name, self.name, self.proc.returncode, " armed" if armed else ""))
+            log("%s: %s died (%s); restarting%s"
+                % (self.run.name, self.name, self.proc.returncode, " armed" if armed else ""))
             self.start(armed=armed, wait=False)
             return True
 

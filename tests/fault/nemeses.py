@@ -39,7 +39,8 @@ def ready_all(run, seconds=90):
 
 def nem_failpoint_commandd(run, sc, opts):
     if not wait_deaths(run.commandds[0], sc.arm, 60):
-        run.problems.append("the failpoint %s fired %d times, not %d" % (sc.commandd_fp, run.commandds[0].deaths, sc.arm))
+        run.problems.append("the failpoint %s fired %d times, not %d"
+                            % (sc.commandd_fp, run.commandds[0].deaths, sc.arm))
     ready_all(run)
 
 
@@ -142,10 +143,10 @@ def nem_offsets_and_dups(run, sc, opts):
     for m in run.stack.kafka_read(topic, snapshot={}):
         by_key[m[2]].append(m)
     sent = 0
-    for key, msgs in list(by_key.items())[:8]:
+    for msgs in list(by_key.values())[:8]:
         if len(msgs) < 2:
             continue
-        for part, off, k, hdrs, payload in sorted(msgs, key=lambda m: -m[1])[:2]:
+        for part, _off, k, hdrs, payload in sorted(msgs, key=lambda m: -m[1])[:2]:
             args = ["kcat", "-P", "-b", run.stack.brokers, "-t", topic, "-p", str(part), "-k", k,
                     "-H", "fault_injected=1"]
             for hn, hv in hdrs.items():

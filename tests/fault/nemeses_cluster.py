@@ -214,7 +214,7 @@ def nem_cluster_failover(run, sc, opts):
     run.info.append("%s (primary of %d shards in use) failed over to %s in %.1f s (stack.sh "
                     "redis-cluster-failover); store regressions counted since: %s (none expected: nothing is lost)"
                     % (st.cluster_node_name(nd["port"]), len(tags), st.cluster_node_name(new["port"]) if new else "?",
-                       run.t_heal - t0, ", ".join("%d" % (b - a) for a, b in zip(regs0, regs))))
+                       run.t_heal - t0, ", ".join("%d" % (b - a) for a, b in zip(regs0, regs, strict=True))))
 
 
 def nem_cluster_primary_kill(run, sc, opts, seed=False):
@@ -244,7 +244,10 @@ def nem_cluster_primary_kill(run, sc, opts, seed=False):
         log("%s SIGSTOPped and its link cut (%s link killed on %s): the primary goes on alone"
             % (rname, killed, name))
         time.sleep(3)
-        before = {k: dict(zip(*[iter(st.cluster_cli("HGETALL", k, port=nd["port"]).split())] * 2)) for k in offsets}
+        before = {}
+        for k in offsets:
+            kv = st.cluster_cli("HGETALL", k, port=nd["port"]).split()
+            before[k] = dict(zip(kv[0::2], kv[1::2], strict=False))
         p_off = st.replication(nd["port"]).get("master_repl_offset")
         pid = st.cluster_pid(nd["n"])
         t_kill = time.time()
@@ -273,7 +276,7 @@ def nem_cluster_primary_kill(run, sc, opts, seed=False):
         r = subprocess.run(["redis-cli", "-p", str(rep["port"])], input="READONLY\nHGETALL %s\n" % k,
                            capture_output=True, text=True, timeout=30)
         out = r.stdout.split()[1:] if r.stdout.startswith("OK") else []
-        after[k] = dict(zip(out[0::2], out[1::2]))
+        after[k] = dict(zip(out[0::2], out[1::2], strict=False))
     end = time.time() + 30
     while time.time() < end and st.cluster_role(rep["port"]) != "master":
         time.sleep(0.05)

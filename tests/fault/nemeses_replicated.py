@@ -109,7 +109,8 @@ def nem_kafka_below_min_isr(run, sc, opts):
         time.sleep(0.5)
     run.info.append("%.0f s with nodes %s down: %d commands acknowledged, outbox backlog up to %d; "
                     "with one node back the backlog drained in %s"
-                    % (outage, down, acked, backlog_max, "%.1f s" % drained if drained is not None else "— (not in 150 s)"))
+                    % (outage, down, acked, backlog_max,
+                       "%.1f s" % drained if drained is not None else "— (not in 150 s)"))
     if not acked:
         run.problems.append("no command succeeded while Kafka was below min.insync.replicas")
     if not backlog_max:
@@ -420,7 +421,8 @@ def nem_pg_split_brain(run, sc, opts):
     # their statement timeout (store.c, cqrs__pg_exec_bounded): the window holds three of those
     # and a relay round or two (take the lease, record the batch, commit in Kafka, delete).
     window = max(3 * (PG_STATEMENT_TIMEOUT_MS + 1000), 2 * PG_RELAY_STALL_MS) / 1000.0
-    log("standby (node %d) promoted in %.2f s while node %d runs on; fencing it in %.0f s" % (new, seconds, old, window))
+    log("standby (node %d) promoted in %.2f s while node %d runs on; fencing it in %.0f s"
+        % (new, seconds, old, window))
     run.info.append("standby (node %d) promoted in %.2f s with the old primary (node %d) running; fenced %.0f s later "
                     "(max(3 × (statement timeout %d ms + 1 s), 2 × relay stall %d ms))"
                     % (new, seconds, old, window, PG_STATEMENT_TIMEOUT_MS, PG_RELAY_STALL_MS))

@@ -155,8 +155,8 @@ REPLICATED_PG = [
     Scenario("pg-primary-kill-promote", "PostgreSQL primary SIGKILLed under load, its synchronous standby promoted, "
              "the old primary rewound and rejoined as a standby", prepare=pg_replicated_prepare,
              nemesis=nem_pg_kill_promote, bound=90),
-    Scenario("pg-promote-old-primary-alive", "PostgreSQL standby promoted while the old primary runs on and the daemons "
-             "stay connected to it (split brain), then the old primary fenced and rewound",
+    Scenario("pg-promote-old-primary-alive", "PostgreSQL standby promoted while the old primary runs on and the "
+             "daemons stay connected to it (split brain), then the old primary fenced and rewound",
              prepare=pg_node1_primary_prepare, nemesis=nem_pg_split_brain, bound=90,
              commandd_env={"CQRS_RELAY_STALL_MS": str(PG_RELAY_STALL_MS)}),
     Scenario("NEGATIVE-pg-trust-unreplicated-commit", "negative control: pg-promote-old-primary-alive with "

@@ -303,7 +303,7 @@ class Stack:
 
     def hgetall(self, port, db, key):
         out = self.redis_at(port, db, "HGETALL", key).split()
-        return dict(zip(out[0::2], out[1::2]))
+        return dict(zip(out[0::2], out[1::2], strict=False))
 
     def replication(self, port):
         """INFO replication of the server on port, as a dict; {} when it does not answer."""

@@ -88,7 +88,8 @@ class Workload:
             with self.lock:
                 products = list(self.products[-40:])
                 hot = list(self.hot)
-                order = self.orders.pop(rng.randrange(len(self.orders))) if self.orders and rng.random() < 0.15 else None
+                pick = bool(self.orders) and rng.random() < 0.15
+                order = self.orders.pop(rng.randrange(len(self.orders))) if pick else None
             if hot and rng.random() < 0.5:
                 p = rng.choice(hot)
                 self.command(cid, rng, "adjust", "POST", "/v1/products/%s/stock-adjustments" % p,
@@ -117,7 +118,8 @@ class Workload:
                 customer = str(uuid.uuid4())
                 op = self.command(cid, rng, "place", "POST", "/v1/orders",
                                   {"customer_id": customer,
-                                   "items": [{"product_id": p, "quantity": rng.choice([1, 2, 1, 2, 60])} for p in lines]},
+                                   "items": [{"product_id": p, "quantity": rng.choice([1, 2, 1, 2, 60])}
+                                             for p in lines]},
                                   customer, lines)
                 if op["outcome"] == "ok":
                     with self.lock:
