@@ -1,28 +1,15 @@
-"""Shared by every module of the fault suite: paths, timing constants, the log, SetupError, the
-port policy and the HTTP call the clients, readers and checker use."""
+"""Shared by the modules of the fault suite: the timing constants of the daemons' settings, the
+log, SetupError, the port policy and the HTTP call the daemons, clients, readers and checker use."""
 
 import http.client
 import json
 import os
 import random
-import re
 import socket
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STACK_SH = os.path.join(REPO, "deploy", "local", "stack.sh")
-PG_BIN = os.environ.get("CQRS_PG_BIN", "/usr/lib/postgresql/15/bin")
-LEASE_MS = 2000
-REDIS_ERROR = re.compile(r"(ERR|WRONGTYPE|NOSCRIPT|READONLY|LOADING|MASTERDOWN|NOAUTH|BUSY|MISCONF|EXECABORT) ")
-CLUSTER_RETRY = re.compile(r"(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN) ")  # a Redis Cluster moving
-CLUSTER_ERROR = re.compile(r"(MOVED|ASK|CROSSSLOT) ")
-# A store loss (a failover to a replica that missed writes, a FLUSHDB) steps documents back
-# until the projector re-applied them; reads within this long after one are not compared
-# (a serving instance may still answer a cached pre-loss version until the projector's next
-# apply announces the loss). See Run.check.
-SETTLE_S = 1.0
-RACE_S = 10.0  # dlq-retry-race: how long the damage / repair / retry cycles go on
+LEASE_MS = 2000  # the relay's lease (CQRS_RELAY_LEASE_MS of every daemon)
 MSG_TIMEOUT_MS = 5000  # the relay's delivery timeout; Kafka pauses last longer than this
 
 
@@ -55,7 +42,6 @@ def free_port():
             continue
         finally:
             s.close()
-
 
 
 def http_call(port, method, path, body=None, headers=None, timeout=8.0):

@@ -43,7 +43,7 @@ class Run(Checker):
         self.sup_stop = threading.Event()
         self.problems = []
         self.info = []  # facts worth printing under the table (what a nemesis did and found)
-        self.boundaries = []  # times of store losses (Run.check: reads across them)
+        self.boundaries = []  # times of store losses (Checker.check: reads across them)
         self.t_heal = None  # set by a nemesis whose heal is not its return (e.g. a failover)
         self.cleanups = []  # run after the daemons stopped (forwarders, the Redis topology)
         self.teardown_errors = []

@@ -9,8 +9,10 @@ import subprocess
 import threading
 import time
 
-from common import LEASE_MS, MSG_TIMEOUT_MS, RACE_S, SetupError, http_call, log
+from common import LEASE_MS, MSG_TIMEOUT_MS, SetupError, http_call, log
 from forwarder import Forwarder
+
+RACE_S = 10.0  # dlq-retry-race: how long the damage / repair / retry cycles go on
 
 
 def wait_deaths(d, n, seconds):
@@ -34,7 +36,6 @@ def ready_all(run, seconds=90):
     for d in run.daemons:
         if not d.wait_ready(seconds):
             raise SetupError("%s not ready after the heal" % d.name)
-
 
 
 def nem_failpoint_commandd(run, sc, opts):

@@ -315,7 +315,5 @@ def nem_cluster_primary_kill(run, sc, opts, seed=False):
     ready_all(run)
 
 
-
-
 def nem_cluster_seed_kill(run, sc, opts):
     nem_cluster_primary_kill(run, sc, opts, seed=True)

@@ -306,7 +306,6 @@ def nem_kafka_unclean_election(run, sc, opts):
         run.problems.append("no unclean election happened")
 
 
-
 # ------------------------------------------------------------------ replicated PostgreSQL ---
 #
 # A stack with a synchronous streaming standby (tests/fault/run.sh --replicated: stack.sh up

@@ -126,7 +126,7 @@ SCENARIOS = [
 ]
 
 # Three Kafka brokers (fault.py --replicated; tests/fault/run.sh BUILD --replicated): see the
-# nemeses above. Each must end with nothing lost, duplicated or out of order.
+# nemeses in nemeses_replicated.py. Each must end with nothing lost, duplicated or out of order.
 REPLICATED_KAFKA = [
     Scenario("kafka-leader-kill", "the node leading most busy partitions SIGKILLed, its leadership moved, "
              "restarted; 3 rounds (long 6)", prepare=replicated_prepare, nemesis=nem_kafka_leader_kill),
@@ -150,7 +150,6 @@ REPLICATED_KAFKA = [
 ]
 
 
-
 REPLICATED_PG = [
     Scenario("pg-primary-kill-promote", "PostgreSQL primary SIGKILLed under load, its synchronous standby promoted, "
              "the old primary rewound and rejoined as a standby", prepare=pg_replicated_prepare,
@@ -167,9 +166,8 @@ REPLICATED_PG = [
 ]
 
 
-
 # The Redis Cluster (fault.py --cluster; tests/fault/run.sh BUILD --cluster): see the nemeses
-# above. The read model of each run is on the cluster under its own key prefix.
+# in nemeses_cluster.py. The read model of each run is on the cluster under its own key prefix.
 CLUSTER = [
     Scenario("redis-cluster-reshard", "slots moved between the primaries under load (redis-cli --cluster reshard "
              "from each primary to the next, including shards in use, then rebalance)", prepare=cluster_prepare,

@@ -13,7 +13,14 @@ import tempfile
 import threading
 import time
 
-from common import CLUSTER_ERROR, CLUSTER_RETRY, PG_BIN, REDIS_ERROR, REPO, STACK_SH, SetupError
+from common import SetupError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STACK_SH = os.path.join(REPO, "deploy", "local", "stack.sh")
+PG_BIN = os.environ.get("CQRS_PG_BIN", "/usr/lib/postgresql/15/bin")
+REDIS_ERROR = re.compile(r"(ERR|WRONGTYPE|NOSCRIPT|READONLY|LOADING|MASTERDOWN|NOAUTH|BUSY|MISCONF|EXECABORT) ")
+CLUSTER_RETRY = re.compile(r"(CLUSTERDOWN|TRYAGAIN|LOADING|MASTERDOWN) ")  # a Redis Cluster moving
+CLUSTER_ERROR = re.compile(r"(MOVED|ASK|CROSSSLOT) ")
 
 
 class Stack:
