@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tests/run.sh — the one test command (README, CI).
 #
-# Installs what is missing, checks formatting, builds with ASan+UBSan, starts an isolated
-# stack (its own folder and free ports, so a running dev stack is left alone), runs every
+# Installs what is missing, checks formatting, lints the Python (ruff), builds with ASan+UBSan,
+# starts an isolated stack (its own folder and free ports, so a running dev stack is left alone), runs every
 # ctest label (unit, integration, e2e, fault — the fault suite starts a stack of its own, since
 # it kills servers) and always tears the stack down, also on failure or Ctrl-C. Exits non-zero on any failure. Integration and e2e tests fail (never skip) when a
 # server is missing: CI=true is set for them. The tests labelled tls need the TLS profile of
@@ -40,11 +40,17 @@ mkdir -p "$BUILD"
 # PyPI into the venv; @redocly/cli from npm and kube-score through the Go module proxy into the
 # cache folder (CQRS_CACHE_DIR, as deploy/local/libs.sh), downloads cached there as well.
 CACHE_DIR=${CQRS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs}
-if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml, kubernetes_validate, schemathesis, cloudevents, confluent_kafka' 2>/dev/null; then
+# ruff (the Python lint below) is pinned there too; a venv with another ruff is brought up to date.
+RUFF_VERSION=$(sed -n 's/^ruff==//p' tests/schemas/requirements.txt)
+if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yaml, kubernetes_validate, schemathesis, cloudevents, confluent_kafka' 2>/dev/null ||
+    [ "$("$BUILD/venv/bin/ruff" --version 2>/dev/null)" != "ruff $RUFF_VERSION" ]; then
     python3 -m venv "$BUILD/venv"
     "$BUILD/venv/bin/pip" install -q --disable-pip-version-check --cache-dir "$CACHE_DIR/pip" \
         -r tests/schemas/requirements.txt
 fi
+
+say "python lint (ruff $RUFF_VERSION check; ruff.toml)"
+"$BUILD/venv/bin/ruff" check --no-cache tests/fault tests/schemas tests/monitoring
 # npm (Node.js 20 or newer) and Go come with the machine (README, "Tests"); Debian 12's own
 # nodejs 18 and golang 1.19 are too old for these releases, so they are not installed here.
 PATH=$PATH:/usr/local/go/bin

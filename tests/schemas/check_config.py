@@ -145,7 +145,7 @@ def check_kafka_properties(binary):
 def check_redis_acl(readme, text):
     """The README quotes the ACL rules the stack and the tests use, word for word."""
     path = os.path.join(os.path.dirname(os.path.abspath(readme)), "deploy/local/redis-cqrs.acl")
-    rules = [l.strip() for l in open(path, encoding="utf-8") if l.strip() and not l.startswith("#")]
+    rules = [line.strip() for line in open(path, encoding="utf-8") if line.strip() and not line.startswith("#")]
     quoted = re.findall(r"^ACL SETUSER cqrs on >PASSWORD (.*)$", text, re.M)
     if len(rules) != 1 or quoted != rules:
         failures.append("the README's `ACL SETUSER cqrs` line is not deploy/local/redis-cqrs.acl's rules")

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 
-import yaml
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.readers import read_from_filename
