@@ -115,7 +115,7 @@ SCENARIOS = [
              commandd_fp="relay-delete-lost=error*3", unsafe={"CQRS_UNSAFE_RELAY_RECORD_OVERWRITE": "1"},
              negative=True, nemesis=lambda run, sc, opts: time.sleep(3), bound=20),
     Scenario("NEGATIVE-relay-skip-recovery", "negative control: CQRS_UNSAFE_RELAY_SKIP_RECOVERY=1 (a new leader "
-             "does not settle the last recorded batch) and the relay SIGKILLed after its Kafka commit, before the "
+             "drops the last record without settling it) and the relay SIGKILLed after its Kafka commit, before the "
              "delete", commandd_fp="relay-after-commit=kill*1", arm=2,
              unsafe={"CQRS_UNSAFE_RELAY_SKIP_RECOVERY": "1"}, negative=True, nemesis=nem_failpoint_commandd,
              bound=20),
