@@ -164,6 +164,7 @@ typedef struct relay_worker {
     bool leading;       /* this worker holds the lease (epoch below) */
     int64_t epoch;      /* of its current or last leadership */
     bool txn_ready;     /* init_transactions done on rk */
+    bool txn_open;      /* a Kafka transaction begun and not yet committed or aborted */
     bool need_recovery; /* after taking over: resolve relay_inflight first */
     bool check_first;   /* check that a batch could be recorded before producing it */
     /* A batch committed in Kafka whose rows are not deleted yet ("{1,2,…}"): the delete is
@@ -366,6 +367,17 @@ static rd_kafka_t *producer_new(relay_worker_t *r, cqrs_error_t *err)
 static void drop_producer(relay_worker_t *r)
 {
     if (r->rk) {
+        /* An open transaction is aborted now (briefly: Kafka is usually there when it is
+         * PostgreSQL that failed) rather than left to the transaction timeout or the next
+         * leader's init_transactions: until then read_committed consumers stop at its first
+         * message on every partition it wrote. It was never committed, so its rows stay in
+         * the outbox either way. A transaction whose commit is under way refuses the abort. */
+        if (r->txn_open) {
+            rd_kafka_error_t *e = rd_kafka_abort_transaction(r->rk, 2000);
+            if (e)
+                rd_kafka_error_destroy(e);
+            beat(r);
+        }
         /* Anything unacknowledged stays in the outbox; the transaction is aborted by Kafka
          * (or by the next init_transactions). */
         rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
@@ -375,6 +387,7 @@ static void drop_producer(relay_worker_t *r)
         beat(r);
     }
     r->txn_ready = false;
+    r->txn_open = false;
 }
 
 static void step_down(relay_worker_t *r, const char *why)
@@ -973,6 +986,8 @@ static void abort_txn(relay_worker_t *r)
             break;
         rd_kafka_error_destroy(e);
     }
+    if (!e)
+        r->txn_open = false;
     if (e) {
         CQRS_LOG_WARN("abort_transaction failed; recreating the producer", "error",
                       rd_kafka_error_string(e));
@@ -1072,6 +1087,7 @@ static bool batch_produce(relay_worker_t *r, batch_t *b)
         drop_producer(r);
         return false;
     }
+    r->txn_open = true;
     b->slots = calloc((size_t)b->n, sizeof *b->slots);
     b->failed = b->slots == NULL;
     PGresult *res = b->rows;
@@ -1287,6 +1303,7 @@ static bool batch_commit(relay_worker_t *r, batch_t *b)
                                    : "fenced or fatal producer error");
         return false;
     }
+    r->txn_open = false;
     phase_done(r, b, PHASE_COMMIT);
     CQRS_FAILPOINT("relay-after-commit");
     struct timespec ts;
