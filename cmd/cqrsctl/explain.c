@@ -387,7 +387,7 @@ static void event_rows(explain_t *x)
                         ? "parked"
                         : "dead letter";
         }
-        char as[96];
+        char as[128];
         json_array_append_new(
             x->events,
             json_pack("{s:I, s:I, s:s, s:s, s:s*, s:s, s:b, s:o, s:s, s:s?}", "version",
