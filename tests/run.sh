@@ -50,7 +50,7 @@ if ! "$BUILD/venv/bin/python" -c 'import openapi_spec_validator, jsonschema, yam
 fi
 
 say "python lint (ruff $RUFF_VERSION check; ruff.toml)"
-"$BUILD/venv/bin/ruff" check --no-cache tests/fault tests/schemas tests/monitoring
+"$BUILD/venv/bin/ruff" check --no-cache tests/fault tests/schemas tests/monitoring tests/support
 # npm (Node.js 20 or newer) and Go come with the machine (README, "Tests"); Debian 12's own
 # nodejs 18 and golang 1.19 are too old for these releases, so they are not installed here.
 PATH=$PATH:/usr/local/go/bin

@@ -29,7 +29,6 @@ import pathlib
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,9 @@ import urllib.request
 import uuid
 
 import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from ports import free_port  # noqa: E402 — the test suite's one port policy (tests/support/ports.sh)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "monitoring" / "cqrs.rules.yml"
@@ -61,15 +63,6 @@ def unavailable(msg):
         sys.exit(1)
     print(f"SKIP: {msg}", flush=True)
     sys.exit(77)
-
-
-def free_port():
-    # Below Linux's ephemeral range, like tests/support/ports.sh.
-    while True:
-        p = 20000 + random.randrange(12000)
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", p)) != 0:
-                return p
 
 
 class Http:

@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from ports import free_port  # noqa: E402 — the test suite's one port policy (tests/support/ports.sh)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OPENAPI = ROOT / "schemas" / "openapi"
@@ -47,15 +49,6 @@ def unavailable(msg):
         sys.exit(1)
     print(f"SKIP: {msg}", flush=True)
     sys.exit(77)
-
-
-def free_port():
-    # Below Linux's ephemeral range, like tests/support/ports.sh.
-    while True:
-        p = 20000 + random.randrange(12000)
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", p)) != 0:
-                return p
 
 
 def wait_ready(port, proc, seconds=60):

@@ -51,7 +51,7 @@ static bool stack_port(int p)
     return false;
 }
 
-/* The policy of tests/support/ports.sh (shared with tests/fault/common.py). */
+/* The policy of tests/support/ports.sh (shared with tests/support/ports.py). */
 int free_port(void)
 {
     static unsigned seed;

@@ -2,7 +2,7 @@
 # tests/support/ports.sh — sourced by the test scripts.
 #
 # The test suite's one policy for a free port, the same in C (tests/support/daemons.c
-# free_port) and Python (tests/fault/common.py free_port): a random TCP port on 127.0.0.1 in
+# free_port) and Python (tests/support/ports.py free_port: the fault suite, the schemathesis runner, the Prometheus e2e test): a random TCP port on 127.0.0.1 in
 # [20000, 32000), that is
 #   - below Linux's ephemeral range (32768+): a port inside it can be taken at any moment by an
 #     outgoing connection, and a client's TIME_WAIT on it blocks a listener's bind even with
