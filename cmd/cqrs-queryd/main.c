@@ -278,6 +278,10 @@ static void metrics(void *ud, cqrs_text_t *t)
                             "Times a partition's applied offset in the store was found behind "
                             "the one this projector recorded (the store lost writes).",
                             st.regressions);
+        cqrs_metric_counter(t, "cqrs_projector_consumer_replaced_total",
+                            "Times the Kafka consumer was replaced after it could not reach its "
+                            "coordinator, a broker or a partition leader for 30 s.",
+                            st.replaced);
         cqrs_metric_gauge(t, "cqrs_projector_partitions_refilling",
                           "Partitions re-applying what the store lost.", st.refilling);
         cqrs_metric_gauge(t, "cqrs_projector_partitions_assigned",

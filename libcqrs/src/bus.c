@@ -27,6 +27,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include <jansson.h>
+
 #include "cqrs/config.h"
 #include "cqrs/log.h"
 #include "cqrs/util.h"
@@ -58,6 +60,79 @@ static void quiet_log_cb(const rd_kafka_t *rk, int level, const char *fac, const
     (void)level;
     (void)fac;
     (void)buf;
+}
+
+/* --------------------------------------------------------------- health --- */
+
+static bool unhealthy(char *why, size_t n, const char *what, const char *name)
+{
+    if (why && n)
+        snprintf(why, n, "%s%s%s", what, name ? " " : "", name ? name : "");
+    return false;
+}
+
+bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n)
+{
+    if (why && n)
+        why[0] = '\0';
+    json_t *doc = json_loadb(json, len, 0, NULL);
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        return true;
+    }
+    bool ok = true;
+    char buf[300];
+    json_t *cgrp = json_object_get(doc, "cgrp");
+    const char *state = json_string_value(json_object_get(cgrp, "state"));
+    if (state && strcmp(state, "up") != 0) {
+        snprintf(buf, sizeof buf, "(%s)", state);
+        ok = unhealthy(why, n, "consumer group coordinator not reached", buf);
+    }
+    /* Brokers: one up is enough (the logical coordinator brokers count too). */
+    json_t *brokers = json_object_get(doc, "brokers");
+    const char *bname;
+    json_t *b;
+    bool any_up = false, any = false;
+    json_object_foreach(brokers, bname, b)
+    {
+        const char *source = json_string_value(json_object_get(b, "source"));
+        if (source && strcmp(source, "internal") == 0)
+            continue;
+        any = true;
+        const char *st = json_string_value(json_object_get(b, "state"));
+        any_up = any_up || (st && strcmp(st, "UP") == 0);
+    }
+    if (ok && json_is_object(brokers) && !any_up)
+        ok = unhealthy(why, n, any ? "no broker up" : "no broker known", NULL);
+    /* Partitions in use: fetched (an assigned partition's fetch state is other than none,
+     * stopping or stopped; "desired" is the legacy consumer's mark) or with messages waiting
+     * to be sent; -1 is the topic's unassigned queue. */
+    const char *tname, *pname;
+    json_t *t, *part;
+    json_object_foreach(json_object_get(doc, "topics"), tname, t)
+    {
+        json_object_foreach(json_object_get(t, "partitions"), pname, part)
+        {
+            if (!ok)
+                break;
+            json_int_t id = json_integer_value(json_object_get(part, "partition"));
+            if (id < 0 || strcmp(pname, "-1") == 0)
+                continue;
+            const char *fetch = json_string_value(json_object_get(part, "fetch_state"));
+            bool fetched = fetch && strcmp(fetch, "none") != 0 && strcmp(fetch, "stopping") != 0 &&
+                           strcmp(fetch, "stopped") != 0;
+            bool used = fetched || json_is_true(json_object_get(part, "desired")) ||
+                        json_integer_value(json_object_get(part, "msgq_cnt")) > 0 ||
+                        json_integer_value(json_object_get(part, "xmit_msgq_cnt")) > 0;
+            json_t *leader = json_object_get(part, "leader");
+            if (used && json_is_integer(leader) && json_integer_value(leader) < 0) {
+                snprintf(buf, sizeof buf, "%s [%s]", tname, pname);
+                ok = unhealthy(why, n, "no leader known for", buf);
+            }
+        }
+    }
+    json_decref(doc);
+    return ok;
 }
 
 /* ------------------------------------------------------------ properties --- */
@@ -108,6 +183,9 @@ static const struct refused {
      "CQRS_KAFKA_SESSION_TIMEOUT_MS sets them (classic protocol; with KIP-848 the broker's "
      "group.consumer.session.timeout.ms decides)"},
     {"debug", "CQRS_KAFKA_DEBUG sets it"},
+    {"statistics.interval.ms",
+     "the projector reads its consumer's statistics every 5 s to find a client that stopped "
+     "reaching Kafka, and replaces it"},
 };
 
 static bool in_list(const char *list, const char *name)

@@ -77,7 +77,11 @@ struct cqrs_projector {
     atomic_bool kafka_up, redis_up;
     atomic_uint history_missing, assigned, refilling;
     atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets,
-        regressions;
+        regressions, replaced;
+    /* The consumer's health from its statistics (stats_cb, on the projector thread): unhealthy
+     * since (ms, monotonic; 0: healthy) and why. */
+    int64_t unhealthy_since;
+    char unhealthy_why[320];
     pthread_mutex_t rk_lock;   /* guards rk against the metrics reader while it is closed */
     cqrs_histogram_t *latency; /* per topic (projection) */
     /* Where the time goes (all topics): Kafka — from the relay's produce (the message's
@@ -732,11 +736,13 @@ cqrs_err_t cqrs_projection_apply_owned(const cqrs_projection_t *p, json_t *doc, 
     return rc;
 }
 
+static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque);
+
 static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
 {
     /* Offsets are stored by hand after the Redis write and committed by the auto-commit
      * (bus.c refuses an operator's value for all of these but fetch.wait.max.ms). */
-    const char *own[12][2] = {
+    const char *own[13][2] = {
         {"group.id", p->group_id},
         {"enable.auto.commit", "true"},
         {"enable.auto.offset.store", "false"},
@@ -749,8 +755,10 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
          * for a connection nothing asked for (minutes, until the next metadata refresh; the
          * fault suite's kafka-pause with a session shorter than the pause). */
         {"enable.sparse.connections", "false"},
+        /* The watchdog's input (stats_cb). */
+        {"statistics.interval.ms", CQRS_BUS_STATS_INTERVAL},
     };
-    size_t n = 8;
+    size_t n = 9;
     /* KIP-848 moves the session timeout and the assignor to the broker (librdkafka refuses
      * them with group.protocol=consumer): ask for its range assignor, which, like the classic
      * default, gives every instance a share of each topic (each projection) rather than a
@@ -772,6 +780,7 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
     if (!conf)
         return NULL;
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_stats_cb(conf, stats_cb);
     rd_kafka_conf_set_opaque(conf, p);
     rd_kafka_t *rk = cqrs_bus_client_new(RD_KAFKA_CONSUMER, conf, "consumer", err);
     if (!rk)
@@ -788,6 +797,23 @@ static rd_kafka_t *consumer_new(cqrs_projector_t *p, cqrs_error_t *err)
         return NULL;
     }
     return rk;
+}
+
+/* Statistics, every CQRS_BUS_STATS_INTERVAL ms, served by the consumer poll (this thread):
+ * how long the consumer has been unable to work. */
+static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    (void)rk;
+    cqrs_projector_t *p = opaque;
+    char why[sizeof p->unhealthy_why];
+    if (cqrs_bus_stats_healthy(json, len, why, sizeof why)) {
+        p->unhealthy_since = 0;
+    } else {
+        if (!p->unhealthy_since)
+            p->unhealthy_since = cqrs_monotonic_ms();
+        memcpy(p->unhealthy_why, why, sizeof why);
+    }
+    return 0; /* librdkafka frees json */
 }
 
 /* Header values are not NUL-terminated; copy each into one of a few buffers. */
@@ -1174,6 +1200,47 @@ void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
                                   &p->stage_apply);
 }
 
+/* A consumer that could not work for CQRS_BUS_STALL_MS — its coordinator not reached, no
+ * broker up, or a partition of its assignment without a known leader — is replaced by a new
+ * one, which starts again from the bootstrap servers. librdkafka 2.14 decommissions a broker
+ * that a metadata response leaves out (a KRaft broker fenced for a moment after a pause) and
+ * can then wait for a coordinator or a leader it no longer looks for, for minutes, while
+ * Kafka is back (fault suite, kafka-pause). The old consumer leaves without closing: nothing
+ * of it is needed (the offsets that matter are the store's), and a close would wait for the
+ * coordinator it cannot reach. Its group membership expires with its session, as after a
+ * crash. false when no new consumer could be made (retried by the caller). */
+static bool consumer_replace(cqrs_projector_t *p)
+{
+    if (p->rk) {
+        char secs[24];
+        snprintf(secs, sizeof secs, "%lld",
+                 (long long)(cqrs_monotonic_ms() - p->unhealthy_since) / 1000);
+        CQRS_LOG_WARN("the Kafka consumer has not been able to work; replacing it", "reason",
+                      p->unhealthy_why, "seconds", secs);
+        pthread_mutex_lock(&p->rk_lock);
+        rd_kafka_t *old = p->rk;
+        p->rk = NULL;
+        pthread_mutex_unlock(&p->rk_lock);
+        rd_kafka_destroy_flags(old, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+        p->n_missing = 0;
+        parts_clear(p);
+        atomic_store(&p->assigned, 0);
+        atomic_store(&p->history_missing, 0);
+        atomic_fetch_add(&p->replaced, 1);
+    }
+    p->unhealthy_since = 0;
+    cqrs_error_t err;
+    rd_kafka_t *rk = consumer_new(p, &err);
+    if (!rk) {
+        CQRS_LOG_WARN("cannot make a new Kafka consumer; trying again", "error", err.message);
+        return false;
+    }
+    pthread_mutex_lock(&p->rk_lock);
+    p->rk = rk;
+    pthread_mutex_unlock(&p->rk_lock);
+    return true;
+}
+
 static void *projector_main(void *arg)
 {
     cqrs_projector_t *p = arg;
@@ -1181,6 +1248,13 @@ static void *projector_main(void *arg)
     record_layouts(p, p->rk, NULL);
     p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
     while (!atomic_load(&p->stop)) {
+        if (!p->rk ||
+            (p->unhealthy_since && cqrs_monotonic_ms() - p->unhealthy_since >= CQRS_BUS_STALL_MS)) {
+            if (!consumer_replace(p)) {
+                sleep_unless_stopped(p, 1000);
+                continue;
+            }
+        }
         recheck_missing(p);
         audit(p);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(p->rk, 200);
@@ -1248,6 +1322,7 @@ void cqrs_projector_stats(cqrs_projector_t *p, cqrs_projector_stats_t *out)
     out->undecodable = atomic_load(&p->undecodable);
     out->resets = atomic_load(&p->resets);
     out->regressions = atomic_load(&p->regressions);
+    out->replaced = atomic_load(&p->replaced);
     out->refilling = atomic_load(&p->refilling);
 }
 

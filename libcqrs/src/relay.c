@@ -167,6 +167,7 @@ typedef struct relay_worker {
     bool txn_open;      /* a Kafka transaction begun and not yet committed or aborted */
     bool need_recovery; /* after taking over: resolve relay_inflight first */
     bool check_first;   /* check that a batch could be recorded before producing it */
+    int undelivered;    /* batches in a row that Kafka did not take (batch_give_up) */
     /* A batch committed in Kafka whose rows are not deleted yet ("{1,2,…}"): the delete is
      * retried alone before anything else while this leadership lasts. */
     char *published_seqs;
@@ -1184,7 +1185,15 @@ static void batch_give_up(relay_worker_t *r, batch_t *b)
 {
     atomic_fetch_add(&r->sh->failed, (uint64_t)(b->failed ? b->produced : 0));
     publish_kafka(r, !b->failed);
-    if (r->rk && b->reports_due) {
+    /* A second batch in a row that Kafka did not take replaces the producer too, so that the
+     * next one starts again from the bootstrap servers: librdkafka 2.14 decommissions a broker
+     * that a metadata response leaves out (a KRaft broker fenced for a moment after a pause)
+     * and can then go on without a leader for the partitions, every batch timing out, for
+     * minutes after Kafka is back (fault suite, kafka-pause). */
+    r->undelivered = b->failed ? r->undelivered + 1 : 0;
+    if (r->rk && (b->reports_due || r->undelivered >= 2)) {
+        if (!b->reports_due)
+            CQRS_LOG_WARN("a second batch in a row not delivered; replacing the Kafka producer");
         atomic_fetch_add(&r->sh->aborted, 1);
         drop_producer(r);
     } else {
@@ -1304,6 +1313,7 @@ static bool batch_commit(relay_worker_t *r, batch_t *b)
         return false;
     }
     r->txn_open = false;
+    r->undelivered = 0;
     phase_done(r, b, PHASE_COMMIT);
     CQRS_FAILPOINT("relay-after-commit");
     struct timespec ts;

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include <cqrs/bus.h>
+#include <librdkafka/rdkafka_mock.h> /* after rdkafka.h (bus.h) */
 #include <cqrs/log.h>
 
 #define CANARY "s3cr3t-canary"
@@ -162,6 +163,7 @@ static void test_refused_properties_and_their_aliases(void **state)
         "session.timeout.ms",
         "heartbeat.interval.ms",
         "debug",
+        "statistics.interval.ms",
         /* the default topic configuration's names, with the prefix librdkafka strips */
         "topic.partitioner",
         "topic.auto.offset.reset",
@@ -633,6 +635,164 @@ static int group_teardown(void **state)
     return system(cmd) == 0 ? 0 : -1;
 }
 
+/* ------------------------------------------------------------------ health --- */
+
+static bool healthy(const char *doc, char *why, size_t n)
+{
+    return cqrs_bus_stats_healthy(doc, strlen(doc), why, n);
+}
+
+#define BROKER_UP "\"brokers\":{\"127.0.0.1:9092/1\":{\"source\":\"learned\",\"state\":\"UP\"}}"
+
+static void test_stats_health_decisions(void **state)
+{
+    (void)state;
+    char why[200];
+    assert_true(healthy("{" BROKER_UP ",\"cgrp\":{\"state\":\"up\"},\"topics\":{\"t\":{"
+                        "\"partitions\":{\"0\":{\"partition\":0,\"leader\":1,\"desired\":true},"
+                        "\"1\":{\"partition\":1,\"leader\":-1,\"desired\":false},"
+                        "\"-1\":{\"partition\":-1,\"leader\":-1,\"desired\":false}}}}}",
+                        why, sizeof why));
+    assert_string_equal(why, "");
+    /* a producer: no cgrp */
+    assert_true(healthy("{" BROKER_UP "}", why, sizeof why));
+    assert_false(healthy("{" BROKER_UP ",\"cgrp\":{\"state\":\"query-coord\"}}", why, sizeof why));
+    assert_non_null(strstr(why, "coordinator not reached (query-coord)"));
+    /* every learned broker decommissioned: only the internal one left */
+    assert_false(
+        healthy("{\"brokers\":{\":0/internal\":{\"source\":\"internal\",\"state\":\"UP\"}},"
+                "\"cgrp\":{\"state\":\"up\"}}",
+                why, sizeof why));
+    assert_string_equal(why, "no broker known");
+    assert_false(healthy("{\"brokers\":{\"b/1\":{\"source\":\"learned\",\"state\":\"DOWN\"},"
+                         "\"b/bootstrap\":{\"source\":\"configured\",\"state\":\"TRY_CONNECT\"}}}",
+                         why, sizeof why));
+    assert_string_equal(why, "no broker up");
+    /* a partition read, or with messages queued, without a leader */
+    assert_false(healthy("{" BROKER_UP ",\"topics\":{\"t\":{\"partitions\":{\"3\":{"
+                         "\"partition\":3,\"leader\":-1,\"desired\":true}}}}}",
+                         why, sizeof why));
+    assert_string_equal(why, "no leader known for t [3]");
+    assert_false(healthy("{" BROKER_UP ",\"topics\":{\"t\":{\"partitions\":{\"4\":{"
+                         "\"partition\":4,\"leader\":-1,\"desired\":false,"
+                         "\"fetch_state\":\"active\"}}}}}",
+                         why, sizeof why));
+    assert_string_equal(why, "no leader known for t [4]");
+    assert_true(healthy("{" BROKER_UP ",\"topics\":{\"t\":{\"partitions\":{\"4\":{"
+                        "\"partition\":4,\"leader\":-1,\"desired\":false,"
+                        "\"fetch_state\":\"none\"}}}}}",
+                        why, sizeof why));
+    assert_false(healthy("{" BROKER_UP ",\"topics\":{\"t\":{\"partitions\":{\"2\":{"
+                         "\"partition\":2,\"leader\":-1,\"desired\":false,\"msgq_cnt\":4}}}}}",
+                         why, sizeof why));
+    assert_string_equal(why, "no leader known for t [2]");
+    /* nothing to act on */
+    assert_true(healthy("not json", why, sizeof why));
+    assert_true(healthy("[]", why, sizeof why));
+    assert_true(cqrs_bus_stats_healthy("{}", 2, NULL, 0));
+}
+
+typedef struct stats_seen {
+    int docs;
+    bool healthy;
+    char why[200];
+} stats_seen_t;
+
+static int record_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    (void)rk;
+    stats_seen_t *s = opaque;
+    s->docs++;
+    s->healthy = cqrs_bus_stats_healthy(json, len, s->why, sizeof s->why);
+    return 0;
+}
+
+static rd_kafka_t *stats_consumer(const char *brokers, stats_seen_t *seen)
+{
+    rd_kafka_conf_t *c = rd_kafka_conf_new();
+    char errstr[256];
+    const char *kv[][2] = {{"bootstrap.servers", brokers},
+                           {"group.id", "test-bus-health"},
+                           {"statistics.interval.ms", "100"},
+                           {"reconnect.backoff.max.ms", "100"},
+                           {"topic.metadata.refresh.interval.ms", "200"},
+                           {"log_level", "0"}};
+    for (size_t i = 0; i < sizeof kv / sizeof kv[0]; i++)
+        assert_int_equal(rd_kafka_conf_set(c, kv[i][0], kv[i][1], errstr, sizeof errstr),
+                         RD_KAFKA_CONF_OK);
+    rd_kafka_conf_set_stats_cb(c, record_stats);
+    rd_kafka_conf_set_opaque(c, seen);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, c, errstr, sizeof errstr);
+    assert_non_null(rk);
+    rd_kafka_poll_set_consumer(rk);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, "health", RD_KAFKA_PARTITION_UA);
+    assert_int_equal(rd_kafka_subscribe(rk, l), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_topic_partition_list_destroy(l);
+    return rk;
+}
+
+/* Polls until the statistics say `want` (at most 20 s); the last verdict. */
+static bool poll_until(rd_kafka_t *rk, stats_seen_t *seen, bool want)
+{
+    for (int i = 0; i < 200; i++) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+        if (m)
+            rd_kafka_message_destroy(m);
+        if (seen->docs > 0 && seen->healthy == want)
+            break;
+    }
+    return seen->healthy;
+}
+
+/* Real statistics documents (the field names are librdkafka's): a consumer of librdkafka's
+ * mock cluster is healthy once in its group, and unhealthy once its broker is down; one
+ * whose only broker never answers is unhealthy from the start. */
+static void test_stats_health_of_real_clients(void **state)
+{
+    (void)state;
+    char errstr[256];
+    rd_kafka_conf_t *pc = rd_kafka_conf_new();
+    rd_kafka_conf_set(pc, "log_level", "0", errstr, sizeof errstr);
+    rd_kafka_t *host = rd_kafka_new(RD_KAFKA_PRODUCER, pc, errstr, sizeof errstr);
+    assert_non_null(host);
+    rd_kafka_mock_cluster_t *mc = rd_kafka_mock_cluster_new(host, 1);
+    assert_non_null(mc);
+    assert_int_equal(rd_kafka_mock_topic_create(mc, "health", 2, 1), RD_KAFKA_RESP_ERR_NO_ERROR);
+
+    stats_seen_t seen = {0};
+    rd_kafka_t *rk = stats_consumer(rd_kafka_mock_cluster_bootstraps(mc), &seen);
+    if (!poll_until(rk, &seen, true))
+        fail_msg("a consumer in its group is not healthy: %s", seen.why);
+    /* a partition it reads loses its leader, then gets it back */
+    assert_int_equal(rd_kafka_mock_partition_set_leader(mc, "health", 1, -1),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    seen.docs = 0;
+    if (poll_until(rk, &seen, false))
+        fail_msg("a consumer with a partition without a leader is healthy");
+    assert_string_equal(seen.why, "no leader known for health [1]");
+    assert_int_equal(rd_kafka_mock_partition_set_leader(mc, "health", 1, 1),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    seen.docs = 0;
+    if (!poll_until(rk, &seen, true))
+        fail_msg("the leader is back but the consumer is not healthy: %s", seen.why);
+    assert_int_equal(rd_kafka_mock_broker_set_down(mc, 1), RD_KAFKA_RESP_ERR_NO_ERROR);
+    seen.docs = 0;
+    if (poll_until(rk, &seen, false))
+        fail_msg("a consumer whose only broker is down is healthy");
+    rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    rd_kafka_mock_cluster_destroy(mc);
+    rd_kafka_destroy(host);
+
+    /* a port nothing listens on (bound, never listening) */
+    stats_seen_t never = {0};
+    rk = stats_consumer("127.0.0.1:9", &never);
+    if (poll_until(rk, &never, false))
+        fail_msg("a consumer that never reached a broker is healthy");
+    assert_true(strlen(never.why) > 0);
+    rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -646,6 +806,8 @@ int main(void)
         cmocka_unit_test(test_values_from_files),
         cmocka_unit_test(test_bad_variables_are_all_reported),
         cmocka_unit_test(test_librdkafka_rejections_never_show_a_secret),
+        cmocka_unit_test(test_stats_health_decisions),
+        cmocka_unit_test(test_stats_health_of_real_clients),
         cmocka_unit_test_setup_teardown(test_operator_properties_override_the_clients_own_tunables,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_a_refused_property_fails_every_client, setup,

@@ -118,6 +118,21 @@ void cqrs_bus_props_free(cqrs_bus_props_t *props);
 cqrs_err_t cqrs_bus_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
                              cqrs_error_t *err);
 
+/* Whether a client can work, from one of its statistics documents (statistics.interval.ms):
+ * a consumer group handler that is up (it knows and reaches its coordinator), a known leader
+ * for every partition it reads or has messages queued for, and at least one broker up. false
+ * with the first reason found in why (may be NULL); a document that does not parse is taken
+ * as healthy (nothing to act on). The owner decides how long "unhealthy" may last: the
+ * projector replaces its consumer after CQRS_BUS_STALL_MS (librdkafka 2.14 can leave a
+ * client without any broker or coordinator for minutes after a broker briefly dropped out
+ * of the metadata: a KRaft broker fenced for a moment after a pause). */
+bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n);
+
+/* How long a long-lived client may stay unhealthy (cqrs_bus_stats_healthy) before its owner
+ * replaces it, and how often its statistics come. */
+#define CQRS_BUS_STALL_MS 30000
+#define CQRS_BUS_STATS_INTERVAL "5000"
+
 /* One message sought by cqrs_bus_locate: in event_id, out offset (-1 unless found). */
 typedef struct cqrs_bus_sought {
     const char *event_id; /* the ce_id header */

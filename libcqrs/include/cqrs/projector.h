@@ -103,6 +103,7 @@ typedef struct cqrs_projector_stats {
     uint64_t undecodable;
     uint64_t resets;      /* times the store was found emptied or replaced (incarnation) */
     uint64_t regressions; /* times a partition's offset in the store was found behind */
+    uint64_t replaced;    /* times the Kafka consumer was replaced (unhealthy too long) */
     unsigned refilling;   /* partitions re-reading what the store lost */
 } cqrs_projector_stats_t;
 
