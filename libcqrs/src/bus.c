@@ -64,17 +64,16 @@ static void quiet_log_cb(const rd_kafka_t *rk, int level, const char *fac, const
 
 /* --------------------------------------------------------------- health --- */
 
-static bool unhealthy(char *why, size_t n, const char *what, const char *name)
+static bool unhealthy(cqrs_bus_health_t *h, const char *what, const char *name)
 {
-    if (why && n)
-        snprintf(why, n, "%s%s%s", what, name ? " " : "", name ? name : "");
+    snprintf(h->why, sizeof h->why, "%s%s%s", what, name ? " " : "", name ? name : "");
     return false;
 }
 
-bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n)
+bool cqrs_bus_stats_health(const char *json, size_t len, cqrs_bus_health_t *h)
 {
-    if (why && n)
-        why[0] = '\0';
+    memset(h, 0, sizeof *h);
+    h->partition = -1;
     json_t *doc = json_loadb(json, len, 0, NULL);
     if (!json_is_object(doc)) {
         json_decref(doc);
@@ -86,7 +85,7 @@ bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n)
     const char *state = json_string_value(json_object_get(cgrp, "state"));
     if (state && strcmp(state, "up") != 0) {
         snprintf(buf, sizeof buf, "(%s)", state);
-        ok = unhealthy(why, n, "consumer group coordinator not reached", buf);
+        ok = unhealthy(h, "consumer group coordinator not reached", buf);
     }
     /* Brokers: one up is enough (the logical coordinator brokers count too). */
     json_t *brokers = json_object_get(doc, "brokers");
@@ -103,10 +102,12 @@ bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n)
         any_up = any_up || (st && strcmp(st, "UP") == 0);
     }
     if (ok && json_is_object(brokers) && !any_up)
-        ok = unhealthy(why, n, any ? "no broker up" : "no broker known", NULL);
+        ok = unhealthy(h, any ? "no broker up" : "no broker known", NULL);
     /* Partitions in use: fetched (an assigned partition's fetch state is other than none,
      * stopping or stopped; "desired" is the legacy consumer's mark) or with messages waiting
-     * to be sent; -1 is the topic's unassigned queue. */
+     * to be sent; -1 is the topic's unassigned queue. Each needs a leader and the client's
+     * handle of it ("broker"): librdkafka keeps a leader id whose broker it decommissioned
+     * ("new leader not found in cache") and then has -1 there. */
     const char *tname, *pname;
     json_t *t, *part;
     json_object_foreach(json_object_get(doc, "topics"), tname, t)
@@ -125,9 +126,15 @@ bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n)
                         json_integer_value(json_object_get(part, "msgq_cnt")) > 0 ||
                         json_integer_value(json_object_get(part, "xmit_msgq_cnt")) > 0;
             json_t *leader = json_object_get(part, "leader");
-            if (used && json_is_integer(leader) && json_integer_value(leader) < 0) {
+            json_t *handle = json_object_get(part, "broker");
+            bool no_leader = json_is_integer(leader) && json_integer_value(leader) < 0;
+            bool no_handle = json_is_integer(handle) && json_integer_value(handle) < 0;
+            if (used && (no_leader || no_handle)) {
                 snprintf(buf, sizeof buf, "%s [%s]", tname, pname);
-                ok = unhealthy(why, n, "no leader known for", buf);
+                ok = unhealthy(h, no_leader ? "no leader known for" : "leader not connected for",
+                               buf);
+                snprintf(h->topic, sizeof h->topic, "%s", tname);
+                h->partition = (int32_t)id;
             }
         }
     }

@@ -78,10 +78,12 @@ struct cqrs_projector {
     atomic_uint history_missing, assigned, refilling;
     atomic_uint_fast64_t applied, duplicates, dead_letters, gaps, parked, undecodable, resets,
         regressions, replaced;
-    /* The consumer's health from its statistics (stats_cb, on the projector thread): unhealthy
-     * since (ms, monotonic; 0: healthy) and why. */
+    /* The consumer's health from its statistics (stats_cb, served by the consumer poll on the
+     * projector thread): unhealthy since (ms, monotonic; 0: healthy), why, and whether the
+     * latest report found it unhealthy for CQRS_BUS_STALL_MS. */
     int64_t unhealthy_since;
-    char unhealthy_why[320];
+    cqrs_bus_health_t health;
+    bool replace_due;
     pthread_mutex_t rk_lock;   /* guards rk against the metrics reader while it is closed */
     cqrs_histogram_t *latency; /* per topic (projection) */
     /* Where the time goes (all topics): Kafka — from the relay's produce (the message's
@@ -805,13 +807,16 @@ static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
 {
     (void)rk;
     cqrs_projector_t *p = opaque;
-    char why[sizeof p->unhealthy_why];
-    if (cqrs_bus_stats_healthy(json, len, why, sizeof why)) {
+    cqrs_bus_health_t h;
+    if (cqrs_bus_stats_health(json, len, &h)) {
         p->unhealthy_since = 0;
+        p->replace_due = false;
     } else {
+        int64_t now = cqrs_monotonic_ms();
         if (!p->unhealthy_since)
-            p->unhealthy_since = cqrs_monotonic_ms();
-        memcpy(p->unhealthy_why, why, sizeof why);
+            p->unhealthy_since = now;
+        p->health = h;
+        p->replace_due = now - p->unhealthy_since >= CQRS_BUS_STALL_MS;
     }
     return 0; /* librdkafka frees json */
 }
@@ -1200,15 +1205,49 @@ void cqrs_projector_metrics(cqrs_projector_t *p, struct cqrs_text *t)
                                   &p->stage_apply);
 }
 
+/* Whether a consumer reported unable to work should be replaced. A partition without a
+ * leader is first looked up in Kafka: when Kafka has no leader for it either (its replicas
+ * down), a new consumer would not help, and leaving the group without a close would stall
+ * every instance in a rebalance every 30 s; that partition waits for Kafka instead. */
+static bool replace_needed(cqrs_projector_t *p)
+{
+    if (p->health.partition < 0)
+        return true;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(p->rk, p->health.topic, NULL);
+    const struct rd_kafka_metadata *md = NULL;
+    bool replace = true;
+    if (rkt && rd_kafka_metadata(p->rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR && md &&
+        md->topic_cnt == 1) {
+        for (int i = 0; i < md->topics[0].partition_cnt; i++)
+            if (md->topics[0].partitions[i].id == p->health.partition &&
+                md->topics[0].partitions[i].leader < 0)
+                replace = false;
+    }
+    if (md)
+        rd_kafka_metadata_destroy(md);
+    if (rkt)
+        rd_kafka_topic_destroy(rkt);
+    if (!replace) {
+        char part[12];
+        snprintf(part, sizeof part, "%d", (int)p->health.partition);
+        CQRS_LOG_WARN("a partition has no leader in Kafka: waiting for Kafka (its replicas down?)",
+                      "topic", p->health.topic, "partition", part);
+        p->unhealthy_since = 0;
+        p->replace_due = false;
+    }
+    return replace;
+}
+
 /* A consumer that could not work for CQRS_BUS_STALL_MS — its coordinator not reached, no
- * broker up, or a partition of its assignment without a known leader — is replaced by a new
- * one, which starts again from the bootstrap servers. librdkafka 2.14 decommissions a broker
- * that a metadata response leaves out (a KRaft broker fenced for a moment after a pause) and
- * can then wait for a coordinator or a leader it no longer looks for, for minutes, while
- * Kafka is back (fault suite, kafka-pause). The old consumer leaves without closing: nothing
- * of it is needed (the offsets that matter are the store's), and a close would wait for the
- * coordinator it cannot reach. Its group membership expires with its session, as after a
- * crash. false when no new consumer could be made (retried by the caller). */
+ * broker up, or a partition of its assignment without a known, connected leader — is replaced
+ * by a new one, which starts again from the bootstrap servers. librdkafka 2.14 decommissions a
+ * broker that a metadata response leaves out (a KRaft broker fenced for a moment after a
+ * pause) and can then wait for a coordinator or a leader it no longer looks for, for minutes,
+ * while Kafka is back (fault suite, kafka-pause). The old consumer leaves without closing:
+ * nothing of it is needed (the offsets that matter are the store's), and a close would wait
+ * for the coordinator it cannot reach (the destroy may still wait for commits deferred for
+ * want of a coordinator, at most a session timeout). Its group membership expires with its
+ * session, as after a crash. false when no new consumer could be made (retried). */
 static bool consumer_replace(cqrs_projector_t *p)
 {
     if (p->rk) {
@@ -1216,7 +1255,7 @@ static bool consumer_replace(cqrs_projector_t *p)
         snprintf(secs, sizeof secs, "%lld",
                  (long long)(cqrs_monotonic_ms() - p->unhealthy_since) / 1000);
         CQRS_LOG_WARN("the Kafka consumer has not been able to work; replacing it", "reason",
-                      p->unhealthy_why, "seconds", secs);
+                      p->health.why, "seconds", secs);
         pthread_mutex_lock(&p->rk_lock);
         rd_kafka_t *old = p->rk;
         p->rk = NULL;
@@ -1226,9 +1265,11 @@ static bool consumer_replace(cqrs_projector_t *p)
         parts_clear(p);
         atomic_store(&p->assigned, 0);
         atomic_store(&p->history_missing, 0);
+        atomic_store(&p->kafka_up, false);
         atomic_fetch_add(&p->replaced, 1);
     }
     p->unhealthy_since = 0;
+    p->replace_due = false;
     cqrs_error_t err;
     rd_kafka_t *rk = consumer_new(p, &err);
     if (!rk) {
@@ -1248,19 +1289,23 @@ static void *projector_main(void *arg)
     record_layouts(p, p->rk, NULL);
     p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
     while (!atomic_load(&p->stop)) {
-        if (!p->rk ||
-            (p->unhealthy_since && cqrs_monotonic_ms() - p->unhealthy_since >= CQRS_BUS_STALL_MS)) {
-            if (!consumer_replace(p)) {
-                sleep_unless_stopped(p, 1000);
-                continue;
-            }
+        if (!p->rk && !consumer_replace(p)) {
+            sleep_unless_stopped(p, 1000);
+            continue;
         }
         recheck_missing(p);
         audit(p);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(p->rk, 200);
-        if (!m)
+        /* Decided right after a poll, which served the statistics that came meanwhile: the
+         * verdict is the latest report's, never an old one's after a long wait elsewhere (a
+         * Redis outage). */
+        if (!m) {
+            if (p->replace_due && replace_needed(p))
+                consumer_replace(p);
             continue;
+        }
         if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            atomic_store(&p->kafka_up, true);
             partition_eof(p, m);
         } else if (m->err) {
             if (m->err == RD_KAFKA_RESP_ERR__TRANSPORT ||
@@ -1279,6 +1324,8 @@ static void *projector_main(void *arg)
             cqrs_histogram_observe(&p->stage_apply, (double)(cqrs_monotonic_us() - t0) / 1e6);
         }
         rd_kafka_message_destroy(m);
+        if (p->replace_due && replace_needed(p))
+            consumer_replace(p);
     }
     return NULL;
 }

@@ -167,7 +167,7 @@ typedef struct relay_worker {
     bool txn_open;      /* a Kafka transaction begun and not yet committed or aborted */
     bool need_recovery; /* after taking over: resolve relay_inflight first */
     bool check_first;   /* check that a batch could be recorded before producing it */
-    int undelivered;    /* batches in a row that Kafka did not take (batch_give_up) */
+    int undelivered;    /* batches in a row that timed out in Kafka (batch_give_up) */
     /* A batch committed in Kafka whose rows are not deleted yet ("{1,2,…}"): the delete is
      * retried alone before anything else while this leadership lasts. */
     char *published_seqs;
@@ -389,6 +389,7 @@ static void drop_producer(relay_worker_t *r)
     }
     r->txn_ready = false;
     r->txn_open = false;
+    r->undelivered = 0;
 }
 
 static void step_down(relay_worker_t *r, const char *why)
@@ -997,6 +998,10 @@ static void abort_txn(relay_worker_t *r)
     }
 }
 
+#ifndef RELAY_UNDELIVERED_MAX /* a build may set it (-D): measuring batch_give_up's rule */
+#define RELAY_UNDELIVERED_MAX 2
+#endif
+
 /* One batch on its way through a round (relay_round): read, check, produce, await, record,
  * commit, settle. */
 typedef struct batch {
@@ -1006,6 +1011,7 @@ typedef struct batch {
     int produced;
     bool failed;       /* a produce or a delivery failed: the batch is aborted and retried */
     bool reports_due;  /* delivery reports still outstanding (they would land in slots) */
+    bool timed_out;    /* a message not delivered in time (or purged with its transaction) */
     char *check_topic; /* the last row's topic: its message is the batch's check */
     char *seqs;        /* "{s1,s2,…}" of the produced rows */
     double read_at;    /* wall clock, seconds: when the rows were read */
@@ -1170,6 +1176,11 @@ static void batch_await(relay_worker_t *r, batch_t *b)
     for (int i = 0; i < b->produced; i++)
         if (!b->slots[i].done || b->slots[i].result != RD_KAFKA_RESP_ERR_NO_ERROR) {
             b->reports_due = b->reports_due || !b->slots[i].done;
+            rd_kafka_resp_err_t res = b->slots[i].result;
+            b->timed_out =
+                b->timed_out || !b->slots[i].done || res == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT ||
+                res == RD_KAFKA_RESP_ERR__TIMED_OUT || res == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
+                res == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT;
             if (!b->failed)
                 CQRS_LOG_WARN("event not delivered; the batch is aborted and retried", "error",
                               rd_kafka_err2str(b->slots[i].done ? b->slots[i].result
@@ -1185,15 +1196,17 @@ static void batch_give_up(relay_worker_t *r, batch_t *b)
 {
     atomic_fetch_add(&r->sh->failed, (uint64_t)(b->failed ? b->produced : 0));
     publish_kafka(r, !b->failed);
-    /* A second batch in a row that Kafka did not take replaces the producer too, so that the
-     * next one starts again from the bootstrap servers: librdkafka 2.14 decommissions a broker
-     * that a metadata response leaves out (a KRaft broker fenced for a moment after a pause)
-     * and can then go on without a leader for the partitions, every batch timing out, for
-     * minutes after Kafka is back (fault suite, kafka-pause). */
-    r->undelivered = b->failed ? r->undelivered + 1 : 0;
-    if (r->rk && (b->reports_due || r->undelivered >= 2)) {
+    /* A second batch in a row that timed out in Kafka replaces the producer too (a new
+     * producer's count starts again), so that the next one starts again from the bootstrap
+     * servers: librdkafka 2.14 decommissions a broker that a metadata response leaves out (a
+     * KRaft broker fenced for a moment after a pause) and can then go on without a leader for
+     * the partitions, every batch timing out, for minutes after Kafka is back (fault suite,
+     * kafka-pause). A refusal (a message too large, an authorisation) is not counted: a new
+     * producer would be refused the same. */
+    r->undelivered = b->timed_out ? r->undelivered + 1 : 0;
+    if (r->rk && (b->reports_due || r->undelivered >= RELAY_UNDELIVERED_MAX)) {
         if (!b->reports_due)
-            CQRS_LOG_WARN("a second batch in a row not delivered; replacing the Kafka producer");
+            CQRS_LOG_WARN("a second batch in a row timed out in Kafka; replacing the producer");
         atomic_fetch_add(&r->sh->aborted, 1);
         drop_producer(r);
     } else {

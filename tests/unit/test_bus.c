@@ -11,6 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <cmocka.h>
 
 #include <cqrs/bus.h>
@@ -639,7 +643,10 @@ static int group_teardown(void **state)
 
 static bool healthy(const char *doc, char *why, size_t n)
 {
-    return cqrs_bus_stats_healthy(doc, strlen(doc), why, n);
+    cqrs_bus_health_t h;
+    bool ok = cqrs_bus_stats_health(doc, strlen(doc), &h);
+    snprintf(why, n, "%s", h.why);
+    return ok;
 }
 
 #define BROKER_UP "\"brokers\":{\"127.0.0.1:9092/1\":{\"source\":\"learned\",\"state\":\"UP\"}}"
@@ -689,13 +696,25 @@ static void test_stats_health_decisions(void **state)
     /* nothing to act on */
     assert_true(healthy("not json", why, sizeof why));
     assert_true(healthy("[]", why, sizeof why));
-    assert_true(cqrs_bus_stats_healthy("{}", 2, NULL, 0));
+    cqrs_bus_health_t h;
+    assert_true(cqrs_bus_stats_health("{}", 2, &h));
+    assert_int_equal(h.partition, -1);
+    /* the partition is named for the owner to look up */
+    assert_false(cqrs_bus_stats_health(
+        "{" BROKER_UP ",\"topics\":{\"t\":{\"partitions\":{\"5\":{\"partition\":5,"
+        "\"leader\":1,\"broker\":-1,\"fetch_state\":\"active\"}}}}}",
+        strlen("{" BROKER_UP ",\"topics\":{\"t\":{\"partitions\":{\"5\":{\"partition\":5,"
+               "\"leader\":1,\"broker\":-1,\"fetch_state\":\"active\"}}}}}"),
+        &h));
+    assert_string_equal(h.why, "leader not connected for t [5]");
+    assert_string_equal(h.topic, "t");
+    assert_int_equal(h.partition, 5);
 }
 
 typedef struct stats_seen {
     int docs;
     bool healthy;
-    char why[200];
+    char why[sizeof(cqrs_bus_health_t){0}.why];
 } stats_seen_t;
 
 static int record_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
@@ -703,7 +722,9 @@ static int record_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
     (void)rk;
     stats_seen_t *s = opaque;
     s->docs++;
-    s->healthy = cqrs_bus_stats_healthy(json, len, s->why, sizeof s->why);
+    cqrs_bus_health_t h;
+    s->healthy = cqrs_bus_stats_health(json, len, &h);
+    snprintf(s->why, sizeof s->why, "%s", h.why);
     return 0;
 }
 
@@ -784,13 +805,22 @@ static void test_stats_health_of_real_clients(void **state)
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(host);
 
-    /* a port nothing listens on (bound, never listening) */
+    /* a port nothing listens on: bound here, never listening (connections refused) */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
+    char addr[32];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(a.sin_port));
     stats_seen_t never = {0};
-    rk = stats_consumer("127.0.0.1:9", &never);
+    rk = stats_consumer(addr, &never);
     if (poll_until(rk, &never, false))
         fail_msg("a consumer that never reached a broker is healthy");
     assert_true(strlen(never.why) > 0);
     rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    close(fd);
 }
 
 int main(void)

@@ -118,19 +118,29 @@ void cqrs_bus_props_free(cqrs_bus_props_t *props);
 cqrs_err_t cqrs_bus_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
                              cqrs_error_t *err);
 
+/* Why a client cannot work (cqrs_bus_stats_health). */
+typedef struct cqrs_bus_health {
+    char why[320];     /* "" when healthy */
+    char topic[256];   /* with partition: the partition without a (connected) leader */
+    int32_t partition; /* -1 unless the reason is such a partition */
+} cqrs_bus_health_t;
+
 /* Whether a client can work, from one of its statistics documents (statistics.interval.ms):
- * a consumer group handler that is up (it knows and reaches its coordinator), a known leader
- * for every partition it reads or has messages queued for, and at least one broker up. false
- * with the first reason found in why (may be NULL); a document that does not parse is taken
- * as healthy (nothing to act on). The owner decides how long "unhealthy" may last: the
- * projector replaces its consumer after CQRS_BUS_STALL_MS (librdkafka 2.14 can leave a
- * client without any broker or coordinator for minutes after a broker briefly dropped out
- * of the metadata: a KRaft broker fenced for a moment after a pause). */
-bool cqrs_bus_stats_healthy(const char *json, size_t len, char *why, size_t n);
+ * a consumer group handler that is up (it knows and reaches its coordinator), at least one
+ * broker up, and for every partition it reads or has messages queued for a known leader that
+ * the client holds a connection to. false with the first reason found in h; a document that
+ * does not parse is taken as healthy (nothing to act on). The owner decides how long
+ * "unhealthy" may last: the projector replaces its consumer after CQRS_BUS_STALL_MS
+ * (librdkafka 2.14 can leave a client without a coordinator or a partition leader for
+ * minutes after a broker briefly dropped out of the metadata: a KRaft broker fenced for a
+ * moment after a pause). */
+bool cqrs_bus_stats_health(const char *json, size_t len, cqrs_bus_health_t *h);
 
 /* How long a long-lived client may stay unhealthy (cqrs_bus_stats_healthy) before its owner
  * replaces it, and how often its statistics come. */
+#ifndef CQRS_BUS_STALL_MS /* a build may set it (-D): measuring the watchdog's effect */
 #define CQRS_BUS_STALL_MS 30000
+#endif
 #define CQRS_BUS_STATS_INTERVAL "5000"
 
 /* One message sought by cqrs_bus_locate: in event_id, out offset (-1 unless found). */
