@@ -66,7 +66,9 @@ static void quiet_log_cb(const rd_kafka_t *rk, int level, const char *fac, const
 
 static bool unhealthy(cqrs_bus_health_t *h, const char *what, const char *name)
 {
-    snprintf(h->why, sizeof h->why, "%s%s%s", what, name ? " " : "", name ? name : "");
+    /* cut short if need be: a topic name may take 249 characters */
+    if (snprintf(h->why, sizeof h->why, "%s%s%s", what, name ? " " : "", name ? name : "") < 0)
+        h->why[0] = '\0';
     return false;
 }
 
