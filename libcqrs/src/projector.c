@@ -387,6 +387,16 @@ static void record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
     }
 }
 
+/* Everything assigned is gone (an eager revoke, or a replaced consumer): the partitions' state
+ * with it. */
+static void assignment_forgotten(cqrs_projector_t *p)
+{
+    p->n_missing = 0;
+    parts_clear(p);
+    atomic_store(&p->assigned, 0);
+    atomic_store(&p->history_missing, 0);
+}
+
 /* Eager protocols (classic range/roundrobin) take everything away and hand out a whole new
  * assignment; cooperative ones (KIP-848's consumer protocol, cooperative-sticky) add and remove
  * only the partitions that move, so the others keep their state and never stop. */
@@ -408,13 +418,11 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                 atomic_store(&p->assigned, (unsigned)now->cnt);
                 rd_kafka_topic_partition_list_destroy(now);
             }
+            atomic_store(&p->history_missing, p->n_missing);
         } else {
-            p->n_missing = 0;
-            parts_clear(p);
             rd_kafka_assign(rk, NULL);
-            atomic_store(&p->assigned, 0);
+            assignment_forgotten(p);
         }
-        atomic_store(&p->history_missing, p->n_missing);
         CQRS_LOG_INFO("partitions revoked", "count", n);
         return;
     }
@@ -1261,10 +1269,7 @@ static bool consumer_replace(cqrs_projector_t *p)
         p->rk = NULL;
         pthread_mutex_unlock(&p->rk_lock);
         rd_kafka_destroy_flags(old, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
-        p->n_missing = 0;
-        parts_clear(p);
-        atomic_store(&p->assigned, 0);
-        atomic_store(&p->history_missing, 0);
+        assignment_forgotten(p);
         atomic_store(&p->kafka_up, false);
         atomic_fetch_add(&p->replaced, 1);
     }
@@ -1282,6 +1287,30 @@ static bool consumer_replace(cqrs_projector_t *p)
     return true;
 }
 
+/* One message, event or error of the consumer poll (destroyed here). */
+static void consume(cqrs_projector_t *p, rd_kafka_message_t *m)
+{
+    if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+        atomic_store(&p->kafka_up, true);
+        partition_eof(p, m);
+    } else if (m->err) {
+        if (m->err == RD_KAFKA_RESP_ERR__TRANSPORT || m->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+            atomic_store(&p->kafka_up, false);
+        CQRS_LOG_WARN("consumer error", "error", rd_kafka_message_errstr(m));
+    } else {
+        atomic_store(&p->kafka_up, true);
+        rd_kafka_timestamp_type_t tst;
+        int64_t created = rd_kafka_message_timestamp(m, &tst);
+        if (tst == RD_KAFKA_TIMESTAMP_CREATE_TIME && created > 0)
+            cqrs_histogram_observe(&p->stage_kafka,
+                                   (double)(cqrs_realtime_ms() - created) / 1000.0);
+        int64_t t0 = cqrs_monotonic_us();
+        handle(p, m);
+        cqrs_histogram_observe(&p->stage_apply, (double)(cqrs_monotonic_us() - t0) / 1e6);
+    }
+    rd_kafka_message_destroy(m);
+}
+
 static void *projector_main(void *arg)
 {
     cqrs_projector_t *p = arg;
@@ -1296,34 +1325,11 @@ static void *projector_main(void *arg)
         recheck_missing(p);
         audit(p);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(p->rk, 200);
+        if (m)
+            consume(p, m);
         /* Decided right after a poll, which served the statistics that came meanwhile: the
          * verdict is the latest report's, never an old one's after a long wait elsewhere (a
          * Redis outage). */
-        if (!m) {
-            if (p->replace_due && replace_needed(p))
-                consumer_replace(p);
-            continue;
-        }
-        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-            atomic_store(&p->kafka_up, true);
-            partition_eof(p, m);
-        } else if (m->err) {
-            if (m->err == RD_KAFKA_RESP_ERR__TRANSPORT ||
-                m->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
-                atomic_store(&p->kafka_up, false);
-            CQRS_LOG_WARN("consumer error", "error", rd_kafka_message_errstr(m));
-        } else {
-            atomic_store(&p->kafka_up, true);
-            rd_kafka_timestamp_type_t tst;
-            int64_t created = rd_kafka_message_timestamp(m, &tst);
-            if (tst == RD_KAFKA_TIMESTAMP_CREATE_TIME && created > 0)
-                cqrs_histogram_observe(&p->stage_kafka,
-                                       (double)(cqrs_realtime_ms() - created) / 1000.0);
-            int64_t t0 = cqrs_monotonic_us();
-            handle(p, m);
-            cqrs_histogram_observe(&p->stage_apply, (double)(cqrs_monotonic_us() - t0) / 1e6);
-        }
-        rd_kafka_message_destroy(m);
         if (p->replace_due && replace_needed(p))
             consumer_replace(p);
     }

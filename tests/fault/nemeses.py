@@ -285,31 +285,42 @@ def store_loss_counted(run):
     return regs, resets
 
 
-def watch_readiness(run, what):
-    """From now on, each cqrs-queryd's /readyz for up to 30 s (or until the checker starts): when
-    it first failed and when it answered 200 again — while a partition refills, /readyz fails
-    (the projector's refill time after the store loss, without the harness's own steps)."""
+def watch_queryds(run, what, probe, period, name, steady, bad, digits):
+    """From now on, for up to 30 s (or until the checker starts), each cqrs-queryd's probe(d) —
+    True (fine), False (not), None (no answer either way) — every period seconds: when it was
+    first not fine and when it was fine again, as a line of run.info: "<what>: <queryd>, <name>
+    <steady(seconds)>" when it stayed fine, else "<name> <bad> from +x s to +y s" (digits
+    decimals) or "…, still n s later"."""
     t0 = time.time()
 
     def watch(d):
-        failed = back = None
+        down = up = None
         while time.time() < t0 + 30 and not run.watch_stop.is_set():
-            st, _, _ = http_call(d.port, "GET", "/readyz", timeout=2)
+            ok = probe(d)
             now = time.time() - t0
-            if st != 200 and failed is None:
-                failed = now
-            elif st == 200 and failed is not None:
-                back = now
+            if ok is False and down is None:
+                down = now
+            elif ok is True and down is not None:
+                up = now
                 break
-            time.sleep(0.05)
-        run.info.append("%s: %s, /readyz %s" % (
-            what, d.name, "200 throughout (%.0f s)" % (time.time() - t0) if failed is None else
-            "failing from +%.2f s to +%.2f s" % (failed, back) if back is not None else
-            "failing from +%.2f s, still %.0f s later" % (failed, time.time() - t0)))
+            time.sleep(period)
+        span = "+%.{0}f s".format(digits)
+        run.info.append("%s: %s, %s %s" % (
+            what, d.name, name, steady(time.time() - t0) if down is None else
+            ("%s from " + span + " to " + span) % (bad, down, up) if up is not None else
+            ("%s from " + span + ", still %.0f s later") % (bad, down, time.time() - t0)))
     for d in run.queryds:
         t = threading.Thread(target=watch, args=(d,), daemon=True)
         t.start()
         run.watchers.append(t)
+
+
+def watch_readiness(run, what):
+    """Each cqrs-queryd's /readyz (watch_queryds): when it first failed and when it answered 200
+    again — while a partition refills, /readyz fails (the projector's refill time after the store
+    loss, without the harness's own steps)."""
+    watch_queryds(run, what, lambda d: http_call(d.port, "GET", "/readyz", timeout=2)[0] == 200, 0.05,
+                  "/readyz", lambda s: "200 throughout (%.0f s)" % s, "failing", 2)
 
 
 def failover_prepare(run):

@@ -6,11 +6,10 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 
 from common import SetupError, log
-from nemeses import layout, ready_all, shard_prefix, shard_tag, wait_offsets_applied, watch_readiness
+from nemeses import layout, ready_all, shard_prefix, shard_tag, wait_offsets_applied, watch_queryds, watch_readiness
 
 # ------------------------------------------------------------------- Redis Cluster ---
 # These run only with --cluster, against stack.sh up --redis-cluster (tests/fault/run.sh BUILD
@@ -102,29 +101,10 @@ def cluster_seed_prepare(run):
 
 
 def watch_changefeed(run, what):
-    """From now on, for up to 30 s: when each cqrs-queryd's change feed (its subscription to the
-    change channel) was lost and when it was back (cqrs_changefeed_connected)."""
-    t0 = time.time()
-
-    def watch(d):
-        down = up = None
-        while time.time() < t0 + 30 and not run.watch_stop.is_set():
-            v = d.metric("cqrs_changefeed_connected")
-            now = time.time() - t0
-            if v == 0 and down is None:
-                down = now
-            elif v == 1 and down is not None:
-                up = now
-                break
-            time.sleep(0.1)
-        run.info.append("%s: %s, change feed %s" % (
-            what, d.name, "connected throughout" if down is None else
-            "lost from +%.1f s to +%.1f s" % (down, up) if up is not None else
-            "lost from +%.1f s, still %.0f s later" % (down, time.time() - t0)))
-    for d in run.queryds:
-        t = threading.Thread(target=watch, args=(d,), daemon=True)
-        t.start()
-        run.watchers.append(t)
+    """Each cqrs-queryd's change feed (its subscription to the change channel,
+    cqrs_changefeed_connected; watch_queryds): when it was lost and when it was back."""
+    watch_queryds(run, what, lambda d: {0: False, 1: True}.get(d.metric("cqrs_changefeed_connected")),
+                  0.1, "change feed", lambda _s: "connected throughout", "lost", 1)
 
 
 def nem_cluster_reshard(run, sc, opts):

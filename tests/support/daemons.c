@@ -12,10 +12,10 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-
-#include <jansson.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <jansson.h>
 #include <uuid/uuid.h>
 
 #include "httpc.h"

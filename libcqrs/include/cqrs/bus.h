@@ -136,7 +136,7 @@ typedef struct cqrs_bus_health {
  * moment after a pause). */
 bool cqrs_bus_stats_health(const char *json, size_t len, cqrs_bus_health_t *h);
 
-/* How long a long-lived client may stay unhealthy (cqrs_bus_stats_healthy) before its owner
+/* How long a long-lived client may stay unhealthy (cqrs_bus_stats_health) before its owner
  * replaces it, and how often its statistics come. */
 #ifndef CQRS_BUS_STALL_MS /* a build may set it (-D): measuring the watchdog's effect */
 #define CQRS_BUS_STALL_MS 30000
