@@ -153,6 +153,11 @@ static void live_metrics(app_t *app, cqrs_text_t *t)
     cqrs_metric_gauge(t, "cqrs_cache_bytes", "Bytes the cache accounts for.", cs.bytes);
 }
 
+static bool serves(void)
+{
+    return strcmp(S.role, "project") != 0;
+}
+
 static void ready(cqrs_http_request_t *req, void *ud)
 {
     app_t *app = ud;
@@ -161,6 +166,10 @@ static void ready(cqrs_http_request_t *req, void *ud)
     long long refilling = 0; /* partitions re-reading what the store lost, any instance's */
     cqrs_err_t rc = ds ? cqrs_docstore_refill_count(ds, &refilling, &err)
                        : cqrs_error_set(&err, CQRS_ERR_UNAVAILABLE, "no free Redis connection");
+    /* Serving: every read finds its shards through the layout a projector records (its first
+     * step, once it reaches Kafka); until then each one would answer 503. */
+    if (rc == CQRS_ERR_OK && serves())
+        rc = query_layouts_known(ds, &err);
     if (ds)
         cqrs_docstore_pool_release(app->ctx.pool, ds);
     if (rc != CQRS_ERR_OK) {
@@ -303,11 +312,6 @@ static int check_settings(void *ud, const char *argv0)
         return 2;
     }
     return 0;
-}
-
-static bool serves(void)
-{
-    return strcmp(S.role, "project") != 0;
 }
 
 /* The Redis pool; serving: the cache, the waiters and the change feed; projecting: the

@@ -38,6 +38,8 @@
 #define MAX_MISSING 256
 #define AUDIT_MS 1000
 #define LAYOUT_MS 10000
+#define LAYOUT_RETRY_MS 500     /* while a topic's layout could not be recorded */
+#define LAYOUT_METADATA_MS 2000 /* one topic's metadata request: bounds a stop's wait */
 
 /* What this projector knows of one assigned partition. */
 typedef struct part_state {
@@ -64,6 +66,7 @@ struct cqrs_projector {
     char **topics;
     int32_t *partitions; /* per topic, from Kafka's metadata; 0 until known */
     int64_t next_layout;
+    bool layout_failing; /* the last attempt left a topic out (said once at warn, then debug) */
     rd_kafka_t *rk;
     cqrs_docstore_t *ds;
     pthread_t thread;
@@ -344,10 +347,12 @@ static void incremental_result(rd_kafka_error_t *e, const char *what)
  * and every LAYOUT_MS, since the layout goes with a store that is emptied). A count that differs
  * from the one recorded means the topic was given more partitions: its aggregates moved to other
  * partitions, and so to other shards — an error an operator must handle (a rebuild), logged each
- * time. */
-static void record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
+ * time. Returns whether every topic meant was recorded (readers wait for it: the serving
+ * instances are not ready until then). */
+static bool record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
                            const rd_kafka_topic_partition_list_t *parts)
 {
+    bool all = true;
     for (size_t t = 0; t < p->cfg.n_topics; t++) {
         bool wanted = !parts;
         for (int i = 0; parts && i < parts->cnt && !wanted; i++)
@@ -357,7 +362,9 @@ static void record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
         if (p->partitions[t] <= 0) {
             rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, p->topics[t], NULL);
             const struct rd_kafka_metadata *md = NULL;
-            if (rkt && rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+            if (rkt &&
+                rd_kafka_metadata(rk, 0, rkt, &md, LAYOUT_METADATA_MS) ==
+                    RD_KAFKA_RESP_ERR_NO_ERROR &&
                 md->topic_cnt == 1 && !md->topics[0].err)
                 p->partitions[t] = md->topics[0].partition_cnt;
             if (md)
@@ -366,15 +373,23 @@ static void record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
                 rd_kafka_topic_destroy(rkt);
         }
         if (p->partitions[t] <= 0 || p->partitions[t] > CQRS_MAX_SHARDS) {
-            CQRS_LOG_WARN("cannot learn a topic's partition count yet", "topic", p->topics[t]);
+            if (p->layout_failing)
+                CQRS_LOG_DEBUG("cannot learn a topic's partition count yet", "topic", p->topics[t]);
+            else
+                CQRS_LOG_WARN("cannot learn a topic's partition count yet", "topic", p->topics[t]);
             p->partitions[t] = 0;
+            all = false;
             continue;
         }
         int32_t recorded = 0;
         cqrs_error_t e;
         if (cqrs_docstore_layout_set(p->ds, p->topics[t], p->partitions[t], &recorded, &e) !=
             CQRS_ERR_OK) {
-            CQRS_LOG_WARN("cannot record the read model's layout yet", "error", e.message);
+            if (p->layout_failing)
+                CQRS_LOG_DEBUG("cannot record the read model's layout yet", "error", e.message);
+            else
+                CQRS_LOG_WARN("cannot record the read model's layout yet", "error", e.message);
+            all = false;
         } else if (recorded != p->partitions[t]) {
             char have[12], rec[12];
             snprintf(have, sizeof have, "%d", p->partitions[t]);
@@ -385,6 +400,8 @@ static void record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
                            "topic", p->topics[t], "partitions", have, "layout", rec);
         }
     }
+    p->layout_failing = !all;
+    return all;
 }
 
 /* Everything assigned is gone (an eager revoke, or a replaced consumer): the partitions' state
@@ -649,11 +666,16 @@ static void audit(cqrs_projector_t *p)
     free(offs);
     free(incs);
     free(gens);
-    if (cqrs_monotonic_ms() >= p->next_layout && p->rk) {
-        /* The layout goes with a store that is emptied: written again within LAYOUT_MS. */
-        p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
-        record_layouts(p, p->rk, NULL);
-    }
+}
+
+/* The layout goes with a store that is emptied: written again every LAYOUT_MS (soon again while
+ * it could not be). */
+static void layouts_due(cqrs_projector_t *p)
+{
+    if (!p->rk || cqrs_monotonic_ms() < p->next_layout)
+        return;
+    bool all = record_layouts(p, p->rk, NULL);
+    p->next_layout = cqrs_monotonic_ms() + (all ? LAYOUT_MS : LAYOUT_RETRY_MS);
 }
 
 /* Paused partitions come back once a rebuild recorded an offset Kafka still holds. */
@@ -1315,8 +1337,7 @@ static void *projector_main(void *arg)
 {
     cqrs_projector_t *p = arg;
     /* The layout before the first assignment, so that reads work as soon as possible. */
-    record_layouts(p, p->rk, NULL);
-    p->next_layout = cqrs_monotonic_ms() + LAYOUT_MS;
+    layouts_due(p);
     while (!atomic_load(&p->stop)) {
         if (!p->rk && !consumer_replace(p)) {
             sleep_unless_stopped(p, 1000);
@@ -1324,6 +1345,7 @@ static void *projector_main(void *arg)
         }
         recheck_missing(p);
         audit(p);
+        layouts_due(p);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(p->rk, 200);
         if (m)
             consume(p, m);

@@ -32,8 +32,21 @@ cqrs_err_t query_shard_count(cqrs_docstore_t *ds, const char *aggregate_type, in
     cqrs_err_t rc = cqrs_docstore_partitions(ds, topic, n, err);
     if (rc == CQRS_ERR_NOT_FOUND)
         cqrs_error_set(err, CQRS_ERR_NOT_FOUND,
-                       "the read model has no layout for %s yet: no projector has started", topic);
+                       "the read model has no layout for %s yet: no projector has recorded it"
+                       " (one does as soon as it reaches Kafka)",
+                       topic);
     return rc;
+}
+
+cqrs_err_t query_layouts_known(cqrs_docstore_t *ds, cqrs_error_t *err)
+{
+    for (int i = 0; i < TOPIC_TYPES; i++) {
+        int32_t n = 0;
+        cqrs_err_t rc = query_shard_count(ds, topic_type(i), &n, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+    }
+    return CQRS_ERR_OK;
 }
 
 void query_shard(cqrs_docstore_t *ds, const char *aggregate_type, int32_t i, char *out, size_t cap)

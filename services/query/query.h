@@ -43,6 +43,9 @@ const char *query_topic(const char *aggregate_type);
  * projector records): NOT_FOUND when none is recorded yet (no projector has started). */
 cqrs_err_t query_shard_count(cqrs_docstore_t *ds, const char *aggregate_type, int32_t *n,
                              cqrs_error_t *err);
+/* Whether every type's layout is recorded (reads of any kind can find their shards): NOT_FOUND
+ * naming the first topic without one, as query_shard_count. */
+cqrs_err_t query_layouts_known(cqrs_docstore_t *ds, cqrs_error_t *err);
 /* The prefix of shard i of a type, in the generation readers follow (cap ≥ CQRS_SHARD_MAX). */
 void query_shard(cqrs_docstore_t *ds, const char *aggregate_type, int32_t i, char *out, size_t cap);
 /* The key of an aggregate's document (cap ≥ CQRS_KEY_MAX): NOT_FOUND as query_shard_count. */

@@ -6,7 +6,9 @@
  *  - a stream delivers each change in order, keep-alives, Last-Event-ID resumes, the cap on
  *    open streams holds and a client that went away frees its slot;
  *  - reads through the cache while one product is hammered never go backwards and end equal
- *    to Redis; the subscription killed and restored flushes the cache.
+ *    to Redis; the subscription killed and restored flushes the cache;
+ *  - a serving instance is not ready while the read model has no layout (every read would
+ *    answer 503), and turns ready once a projector recorded it.
  * Redis database 11 of the stack, flushed at the start. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -644,6 +646,63 @@ static void test_shutdown_answers_waiting_reads(void **state)
     close(s.fd);
 }
 
+/* The status and body of GET path on port (0: no answer). */
+static int get_status(int port, const char *path, char *body, size_t cap)
+{
+    httpc_response_t r;
+    httpc_request(port, "GET", path, NULL, NULL, 0, &r);
+    int st = r.status;
+    snprintf(body, cap, "%s", r.body ? r.body : "");
+    httpc_response_free(&r);
+    return st;
+}
+
+static void test_ready_once_the_layout_is_known(void **state)
+{
+    (void)state;
+    /* a deployment of its own (topic prefix, consumer group) whose topics no projector saw yet */
+    static daemons_t E;
+    E = D;
+    char u[37];
+    cqrs_uuid_v4(u);
+    snprintf(E.prefix, sizeof E.prefix, "lay%.8s", u);
+    int port = free_port();
+    pid_t serve = daemons_launch_queryd(&E, port, "serve", "serve-layout");
+    assert_true(serve > 0);
+    static char body[4096];
+    int st = 0;
+    for (int i = 0; i < 600 && st == 0; i++) { /* until the listener answers */
+        usleep(100 * 1000);
+        st = get_status(port, "/readyz", body, sizeof body);
+    }
+    if (st != 503 || !strstr(body, "no layout for"))
+        fail_msg("a serving instance without a layout: /readyz %d %s", st, body);
+    char absent[37], path[128];
+    cqrs_uuid_v4(absent);
+    snprintf(path, sizeof path, "/v1/products/%s", absent);
+    st = get_status(port, path, body, sizeof body);
+    if (st != 503 || !strstr(body, "urn:cqrs:problem:not-ready"))
+        fail_msg("a read without a layout: %d %s", st, body);
+
+    /* the control: the topics made and a projector of that deployment started, the same
+     * instance turns ready and reads answer */
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate-layout.log 2>&1",
+             E.prefix, CQRS_CTL, E.logdir);
+    assert_int_equal(system(cmd), 0);
+    pid_t project = daemons_launch_queryd(&E, free_port(), "project", "project-layout");
+    assert_true(project > 0);
+    for (int i = 0; i < 600 && st != 200; i++) {
+        usleep(100 * 1000);
+        st = get_status(port, "/readyz", body, sizeof body);
+    }
+    if (st != 200)
+        fail_msg("the layout recorded, /readyz still %d %s", st, body);
+    assert_int_equal(get_status(port, path, body, sizeof body), 404);
+    assert_int_equal(daemons_stop_one(&project), 0);
+    assert_int_equal(daemons_stop_one(&serve), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -655,6 +714,7 @@ int main(void)
         cmocka_unit_test(test_cache_never_goes_backwards),
         cmocka_unit_test(test_feed_reconnect_flushes_cache),
         cmocka_unit_test(test_shutdown_answers_waiting_reads),
+        cmocka_unit_test(test_ready_once_the_layout_is_known),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -259,6 +259,13 @@ pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
     return pid;
 }
 
+pid_t daemons_launch_queryd(const daemons_t *d, int port, const char *role, const char *name)
+{
+    char log[128];
+    snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
+    return spawn(d, CQRS_QUERYD, port, log, role, NULL);
+}
+
 pid_t daemons_launch_commandd(const daemons_t *d, int port, const char *extra_env, const char *name)
 {
     char log[128];

@@ -45,6 +45,10 @@ pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const
 pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
                                const char *extra_env, const char *name);
 
+/* The same without waiting for readiness (an instance expected to be not ready at first); the
+ * caller stops it with daemons_stop_one. */
+pid_t daemons_launch_queryd(const daemons_t *d, int port, const char *role, const char *name);
+
 /* Starts another cqrs-commandd of the same run on port with extra environment
  * ("NAME=value;NAME=value", may be NULL), logging to <logdir>/<name>.log; waits until ready.
  * Returns its pid; -1 when it did not become ready (it is stopped then). */
