@@ -5,8 +5,9 @@
  *    its own connections and share of the aggregates), folded per aggregate through the
  *    projection cqrs-queryd uses (query_projection); each aggregate's final document and index
  *    entries are written with pipelined commands into the next generation of its shard
- *    (keyspace.h: beside the live one, the same slot). Meanwhile the live generation keeps
- *    serving and the live projector keeps applying.
+ *    (keyspace.h: beside the live one, the same slot) — as soon as it reaches the version its
+ *    row had when the build began (while the log is still read), or at the end. Meanwhile the
+ *    live generation keeps serving and the live projector keeps applying.
  * 2. Catch up: the versions in PostgreSQL's aggregate tables are compared with what the new
  *    generation holds, and the missing events of the aggregates that moved are folded on top
  *    — a few rounds, until little is left.
@@ -84,8 +85,12 @@ typedef struct slot {
     bool held;       /* has dead letters: later events are parked */
     bool used;
     /* build phase only: the folded document so far (NULL and spilled: written to the
-     * scratch database to bound memory), the aggregate type, the dead letters so far */
-    bool spilled, is_order;
+     * scratch database to bound memory, without its list entries; NULL and written: written
+     * whole, entries included, once it reached its target), the aggregate type, the dead
+     * letters so far */
+    bool spilled, written, is_order;
+    int64_t target; /* the version of its row in products/orders when the build began (0:
+                     * none): the fold that reaches it is the last one the build reads */
     struct agg *a;
 } slot_t;
 
@@ -162,6 +167,7 @@ typedef struct rebuild {
     int32_t shards[2]; /* per type (product, order): the layout's partition count */
     int64_t gen[2];    /* per type: the generation this rebuild writes (0: not rebuilt) */
     vmap_t map;
+    vmap_t targets; /* build: the rows' versions of this worker's share (slot version) */
     agg_t cur;
     bool have_cur;
     /* finished aggregates waiting for the next bulk write */
@@ -171,6 +177,7 @@ typedef struct rebuild {
     agg_t done[FLUSH_AGGREGATES];
     size_t n_done;
     size_t in_memory, max_in_memory, spills;
+    long long early, reread; /* written during the read; read back for a later event */
     /* progress */
     long long total, events, dead_letters;
     int64_t started_ms, last_report_ms;
@@ -467,8 +474,24 @@ static cqrs_err_t run_query(rebuild_t *r, query_t *q, cqrs_error_t *err)
 
 /* ---- phase 1: everything in the log, in the log's order, folded in memory -------------- */
 
+/* Writes the aggregate of slot s whole (document, list entries against what was written
+ * before, dead letters) and forgets it. */
+static cqrs_err_t finish_early(rebuild_t *r, slot_t *s, cqrs_error_t *err)
+{
+    r->cur = *s->a; /* moved: finish_agg writes and frees it */
+    free(s->a);
+    s->a = NULL;
+    r->have_cur = true;
+    r->in_memory--;
+    r->early += !s->written;
+    s->written = true;
+    s->spilled = false;
+    return finish_agg(r, err);
+}
+
 /* Writes every aggregate held in memory to the scratch database (documents and dead letters,
- * no list entries yet: those are computed once, from the final documents) and forgets them. */
+ * no list entries yet: those are computed once, from the final documents) and forgets them;
+ * one written whole before goes whole again (its entries change with it). */
 static cqrs_err_t spill(rebuild_t *r, cqrs_error_t *err)
 {
     cqrs_bulk_doc_t docs[FLUSH_AGGREGATES];
@@ -478,6 +501,10 @@ static cqrs_err_t spill(rebuild_t *r, cqrs_error_t *err)
     cqrs_err_t rc = CQRS_ERR_OK;
     for (size_t i = 0; i <= r->map.cap && rc == CQRS_ERR_OK; i++) {
         slot_t *s = i < r->map.cap ? &r->map.v[i] : NULL;
+        if (s && s->used && s->a && s->written) {
+            rc = finish_early(r, s, err);
+            continue;
+        }
         if (s && s->used && s->a) {
             agg_t *a = s->a;
             texts[n] = a->doc ? json_dumps(a->doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
@@ -526,18 +553,29 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
         copy_str(a->id, sizeof a->id, v[1]);
         a->is_order = s->is_order;
         agg_keys(r, a, v[0], a->id);
-        if (s->spilled) { /* seen before a spill: go on from the written document */
+        if (!s->target) {
+            const slot_t *t = r->targets.cap ? vmap_find(&r->targets, a->id, false) : NULL;
+            s->target = t ? t->version : -1;
+        }
+        if (s->spilled || s->written) { /* seen before: go on from the written document */
             a->version = s->version;
             a->seen = s->seen;
             a->held = s->held;
             if (s->version > 0) { /* held ones too: their list entries come at the end */
                 char *json = NULL;
                 int64_t ver = 0;
-                cqrs_err_t grc = cqrs_docstore_get(r->scratch, a->key, &json, &ver, err);
+                /* finished ones wait in r->done for the next bulk write: send them first */
+                cqrs_err_t grc = s->written && r->n_done ? flush_done(r, err) : CQRS_ERR_OK;
+                if (grc == CQRS_ERR_OK)
+                    grc = cqrs_docstore_get(r->scratch, a->key, &json, &ver, err);
                 if (grc != CQRS_ERR_OK && grc != CQRS_ERR_NOT_FOUND)
                     return grc;
                 a->doc = json ? json_loads(json, 0, NULL) : NULL;
                 free(json);
+                /* written whole: its list entries are there, what follows changes them */
+                if (s->written && a->doc)
+                    a->old = json_incref(a->doc);
+                r->reread += s->written;
             }
         }
         r->in_memory++;
@@ -550,6 +588,13 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
     s->seen = s->a->seen;
     s->held = s->a->held;
     r->events++;
+    if (s->target > 0 && s->version >= s->target && !s->held) {
+        /* Complete as of the build's start: written now, while the log is still read (a later
+         * event of it, committed since, reads the written document back). */
+        cqrs_err_t rc = finish_early(r, s, err);
+        if (rc != CQRS_ERR_OK)
+            return rc;
+    }
     if ((r->events & 4095) == 0 && r->main) {
         long long all = atomic_fetch_add(&r->main->built, 4096) + 4096;
         if (r->part == 0) { /* the main thread waits for the workers: only this one prints */
@@ -560,20 +605,48 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
     return r->in_memory > r->max_in_memory ? spill(r, err) : CQRS_ERR_OK;
 }
 
+static cqrs_err_t target_row(void *ud, int n, const char *const *v, cqrs_error_t *err)
+{
+    rebuild_t *r = ud;
+    if (n < 2)
+        return cqrs_error_set(err, CQRS_ERR_INTERNAL, "unexpected version row");
+    slot_t *t = vmap_find(&r->targets, v[0], true);
+    if (!t)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    cqrs_parse_int64(v[1], &t->version);
+    return CQRS_ERR_OK;
+}
+
 static cqrs_err_t build_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
 {
     rebuild_t *r = ud;
     /* the types are this program's literals, never input */
-    char sql[1024], part[128] = "";
-    if (r->parts > 1)
+    char sql[1024], part[128] = "", rows_part[128] = "";
+    if (r->parts > 1) {
         snprintf(part, sizeof part, " AND get_byte(uuid_send(e.aggregate_id), 15) %% %d = %d",
                  r->parts, r->part);
+        snprintf(rows_part, sizeof rows_part, " WHERE get_byte(uuid_send(id), 15) %% %d = %d",
+                 r->parts, r->part);
+    }
+    /* The share's row versions first: the events' cursor, a later snapshot, holds at least
+     * those versions, so an aggregate that reaches its row's is complete for this build. */
+    cqrs_err_t rc = CQRS_ERR_OK;
+    for (int t = 0; t < 2 && rc == CQRS_ERR_OK; t++) {
+        if ((t == 0 && !r->products) || (t == 1 && !r->orders))
+            continue;
+        snprintf(sql, sizeof sql, "SELECT id::text, version FROM %s%s",
+                 t == 0 ? "products" : "orders", rows_part);
+        rc = cqrs_tx_cursor(tx, sql, 10000, target_row, r, err);
+    }
+    if (rc != CQRS_ERR_OK)
+        return rc;
+    CQRS_FAILPOINT("rebuild-after-targets"); /* delay:N: commands commit in between */
     snprintf(sql, sizeof sql, SQL_SEQ,
              r->products && r->orders ? "'product', 'order'"
              : r->products            ? "'product'"
                                       : "'order'",
              part);
-    cqrs_err_t rc = cqrs_tx_exec(tx, SQL_TIME_FORMAT, 0, NULL, NULL, err);
+    rc = cqrs_tx_exec(tx, SQL_TIME_FORMAT, 0, NULL, NULL, err);
     /* The planner cannot estimate the share's filter (it guesses a few rows) and would sort a
      * parallel sequential scan: the sequence's index gives the order without a sort. */
     if (rc == CQRS_ERR_OK)
@@ -734,6 +807,8 @@ static cqrs_err_t build(rebuild_t *r, int jobs, cqrs_error_t *err)
         events += w->events;
         r->dead_letters += w->dead_letters;
         r->spills += w->spills;
+        r->early += w->early;
+        r->reread += w->reread;
         if (w->ms_read_fold > r->ms_read_fold)
             r->ms_read_fold = w->ms_read_fold;
         if (w->ms_write > r->ms_write)
@@ -752,6 +827,7 @@ static cqrs_err_t build(rebuild_t *r, int jobs, cqrs_error_t *err)
             agg_free(&w->done[i]);
         }
         free(w->map.v);
+        free(w->targets.v);
         cqrs_docstore_destroy(w->live);
         cqrs_store_destroy(w->store);
         free(w);
@@ -1264,10 +1340,12 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
            (long long)pause_ms);
     fflush(stdout);
     fprintf(stderr,
-            "phases (ms): read and fold %lld, write %lld, catch-up %lld, paused: final catch-up "
-            "%lld, carry-over %lld, switch %lld\n",
-            (long long)r->ms_read_fold, (long long)r->ms_write, (long long)r->ms_catch_up,
-            (long long)r->ms_final_catch_up, (long long)r->ms_carry_over, (long long)r->ms_switch);
+            "phases (ms): read and fold %lld (%lld aggregates written meanwhile, %lld of them read "
+            "back for a later event), write %lld, catch-up %lld, paused: final catch-up %lld, "
+            "carry-over %lld, switch %lld\n",
+            (long long)r->ms_read_fold, r->early, r->reread, (long long)r->ms_write,
+            (long long)r->ms_catch_up, (long long)r->ms_final_catch_up, (long long)r->ms_carry_over,
+            (long long)r->ms_switch);
     /* The old generation goes once no reader can still be on it (they follow within the
      * generation cache's lifetime even without the announcement). */
     usleep((CQRS_GENERATION_TTL_MS + 1000) * 1000);

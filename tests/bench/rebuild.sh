@@ -9,13 +9,23 @@
 # of their own (benchrebuild.*, made by migrate), and a Release build in build/. A rebuild needs
 # the layout (<prefix>:layout: each topic's partition count) that a cqrs-queryd's projector
 # records from Kafka's metadata, so one runs until it is ready, then stops.
-#   EVENTS=1000000 PRODUCTS=100000 JOBS="1 2" tests/bench/rebuild.sh
+# SHAPE=interleaved (default): the log holds every product's first event, then every product's
+# second, … — each aggregate is complete only in the last tenth of the log. SHAPE=grouped: each
+# product's events one after the other — each is complete as soon as its last event is read (a
+# rebuild writes an aggregate whole once it reaches the version its row had when the build
+# began, while it goes on reading: this shape shows that overlap at its best).
+#   EVENTS=1000000 PRODUCTS=100000 JOBS="1 2" SHAPE=interleaved tests/bench/rebuild.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 EVENTS=${EVENTS:-1000000}
 PRODUCTS=${PRODUCTS:-100000}
 PER=$((EVENTS / PRODUCTS))
+case ${SHAPE:=interleaved} in
+interleaved) ORDER="v, i" ;;
+grouped) ORDER="i, v" ;;
+*) echo "SHAPE is interleaved or grouped" >&2 && exit 2 ;;
+esac
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCQRS_BUILD_TESTS=OFF \
     -DCQRS_DEPS_PREFIX="$(deploy/local/libs.sh)" >/dev/null
 ninja -C build >/dev/null
@@ -42,7 +52,7 @@ done
 kill $Q
 wait $Q || true
 echo "== layout: $(redis-cli -p "$REDIS_PORT" -n 8 HGETALL benchrb:layout | paste -sd ' ')"
-echo "== writing $PRODUCTS products × $PER events = $((PRODUCTS * PER)) events into PostgreSQL"
+echo "== writing $PRODUCTS products × $PER events = $((PRODUCTS * PER)) events into PostgreSQL ($SHAPE)"
 psql "$CQRS_PG_DSN" -q <<SQL
 INSERT INTO products (id, sku, name, description, category, price_cents, currency, stock, status,
                       units_sold, version, created_at, updated_at)
@@ -62,7 +72,8 @@ SELECT md5('e' || i || '-' || v)::uuid, 'product', md5('p' || i)::uuid, v,
               'initial_stock', 10)
             ELSE jsonb_build_object('product_id', md5('p' || i)::uuid, 'delta', 1,
               'reason', 'restock', 'stock', 10 + v - 1) END
-  FROM generate_series(1, $PRODUCTS) AS i, generate_series(1, $PER) AS v;
+  FROM generate_series(1, $PRODUCTS) AS i, generate_series(1, $PER) AS v
+ ORDER BY $ORDER;
 ANALYZE events;
 SQL
 echo "== baseline: redis-benchmark SET, pipelined 64, 2,000,000 requests, 16 clients (db 9)"

@@ -34,6 +34,9 @@
  *   lists-tiny-budget       cqrs-queryd: every walk of a product list (a category in another
  *                           sort order, a search) looks at 3 entries per list and search
  *                           never takes its small path (error: on; short pages with cursors)
+ *   rebuild-after-targets   cqrsctl rebuild: a build worker read its share's row versions, its
+ *                           events' cursor not yet opened (delay:N: commands committed
+ *                           meanwhile reach aggregates the build already wrote whole)
  *   rebuild-before-swap     cqrsctl rebuild: every check of the switch passed, SWAPDB not yet
  *                           sent (delay:N longer than the 10 s pause: the swap must be refused)
  *
