@@ -88,9 +88,12 @@ typedef struct slot {
      * scratch database to bound memory, without its list entries; NULL and written: written
      * whole, entries included, once it reached its target), the aggregate type, the dead
      * letters so far */
-    bool spilled, written, is_order;
+    bool spilled, written, is_order, in_log;
     int64_t target; /* the version of its row in products/orders when the build began (0:
-                     * none): the fold that reaches it is the last one the build reads */
+                     * none; -1: read back, written at a spill or the end): the fold that
+                     * reaches it is the last one the build reads. A slot with a target and no
+                     * event (in_log false) is no aggregate of the build: left out of the
+                     * merge. */
     struct agg *a;
 } slot_t;
 
@@ -167,7 +170,6 @@ typedef struct rebuild {
     int32_t shards[2]; /* per type (product, order): the layout's partition count */
     int64_t gen[2];    /* per type: the generation this rebuild writes (0: not rebuilt) */
     vmap_t map;
-    vmap_t targets; /* build: the rows' versions of this worker's share (slot version) */
     agg_t cur;
     bool have_cur;
     /* finished aggregates waiting for the next bulk write */
@@ -544,6 +546,7 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
     slot_t *s = vmap_find(&r->map, v[1], true);
     if (!s)
         return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    s->in_log = true;
     if (!s->a) {
         agg_t *a = calloc(1, sizeof *a);
         if (!a)
@@ -553,10 +556,6 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
         copy_str(a->id, sizeof a->id, v[1]);
         a->is_order = s->is_order;
         agg_keys(r, a, v[0], a->id);
-        if (!s->target) {
-            const slot_t *t = r->targets.cap ? vmap_find(&r->targets, a->id, false) : NULL;
-            s->target = t ? t->version : -1;
-        }
         if (s->spilled || s->written) { /* seen before: go on from the written document */
             a->version = s->version;
             a->seen = s->seen;
@@ -572,10 +571,14 @@ static cqrs_err_t build_row(void *ud, int n, const char *const *v, cqrs_error_t 
                     return grc;
                 a->doc = json ? json_loads(json, 0, NULL) : NULL;
                 free(json);
-                /* written whole: its list entries are there, what follows changes them */
+                /* written whole: its list entries are there, what follows changes them; it
+                 * stays in memory now (written at a spill or the end, not after each event) */
                 if (s->written && a->doc)
                     a->old = json_incref(a->doc);
-                r->reread += s->written;
+                if (s->written) {
+                    r->reread++;
+                    s->target = -1;
+                }
             }
         }
         r->in_memory++;
@@ -610,10 +613,11 @@ static cqrs_err_t target_row(void *ud, int n, const char *const *v, cqrs_error_t
     rebuild_t *r = ud;
     if (n < 2)
         return cqrs_error_set(err, CQRS_ERR_INTERNAL, "unexpected version row");
-    slot_t *t = vmap_find(&r->targets, v[0], true);
+    slot_t *t = vmap_find(&r->map, v[0], true);
     if (!t)
         return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
-    cqrs_parse_int64(v[1], &t->version);
+    if (!cqrs_parse_int64(v[1], &t->target) || t->target < 0)
+        t->target = 0;
     return CQRS_ERR_OK;
 }
 
@@ -791,7 +795,7 @@ static cqrs_err_t build(rebuild_t *r, int jobs, cqrs_error_t *err)
             continue;
         for (size_t i = 0; rc == CQRS_ERR_OK && i < w->map.cap; i++) {
             const slot_t *from = &w->map.v[i];
-            if (!from->used)
+            if (!from->used || !from->in_log)
                 continue;
             slot_t *to = vmap_find(&r->map, from->id, true);
             if (!to) {
@@ -827,7 +831,6 @@ static cqrs_err_t build(rebuild_t *r, int jobs, cqrs_error_t *err)
             agg_free(&w->done[i]);
         }
         free(w->map.v);
-        free(w->targets.v);
         cqrs_docstore_destroy(w->live);
         cqrs_store_destroy(w->store);
         free(w);

@@ -260,12 +260,15 @@ static void test_rebuild_under_load(void **state)
     /* An aggregate that reaches the version its row had when the build began is written whole
      * at once, while the log is still read. Held between reading those versions and opening
      * its events' cursor (failpoint), the build meets events committed meanwhile for
-     * aggregates it already wrote: it reads them back and goes on, and the result matches. */
+     * aggregates it already wrote: it reads them back and goes on with them in memory — with
+     * at most 5 in memory, most are written again at a spill, the last ones at the end — and
+     * the result matches. */
     char cmd[2048];
-    snprintf(cmd, sizeof cmd,
-             "CQRS_FAILPOINTS=rebuild-after-targets=delay:3000 CQRS_PG_DSN='%s' "
-             "CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s rebuild --jobs 1 2>&1",
-             DB.dsn, live_url, D.prefix, CQRS_CTL);
+    snprintf(
+        cmd, sizeof cmd,
+        "CQRS_FAILPOINTS=rebuild-after-targets=delay:3000 CQRS_PG_DSN='%s' "
+        "CQRS_REDIS_URL='%s' CQRS_TOPIC_PREFIX='%s' %s rebuild --jobs 1 --max-in-memory 5 2>&1",
+        DB.dsn, live_url, D.prefix, CQRS_CTL);
     FILE *rb = popen(cmd, "r");
     assert_non_null(rb);
     static char line[4096];
