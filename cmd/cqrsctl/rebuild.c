@@ -621,25 +621,32 @@ static cqrs_err_t target_row(void *ud, int n, const char *const *v, cqrs_error_t
     return CQRS_ERR_OK;
 }
 
+/* The condition that keeps this worker's share of the aggregates whose id is column, after
+ * keyword ("" when there is one worker). */
+static void share_filter(const rebuild_t *r, const char *keyword, const char *column, char *out,
+                         size_t cap)
+{
+    out[0] = '\0';
+    if (r->parts > 1)
+        snprintf(out, cap, " %s get_byte(uuid_send(%s), 15) %% %d = %d", keyword, column, r->parts,
+                 r->part);
+}
+
 static cqrs_err_t build_tx(cqrs_tx_t *tx, void *ud, cqrs_error_t *err)
 {
     rebuild_t *r = ud;
     /* the types are this program's literals, never input */
-    char sql[1024], part[128] = "", rows_part[128] = "";
-    if (r->parts > 1) {
-        snprintf(part, sizeof part, " AND get_byte(uuid_send(e.aggregate_id), 15) %% %d = %d",
-                 r->parts, r->part);
-        snprintf(rows_part, sizeof rows_part, " WHERE get_byte(uuid_send(id), 15) %% %d = %d",
-                 r->parts, r->part);
-    }
+    char sql[1024], part[128], rows_part[128];
+    share_filter(r, "AND", "e.aggregate_id", part, sizeof part);
+    share_filter(r, "WHERE", "id", rows_part, sizeof rows_part);
     /* The share's row versions first: the events' cursor, a later snapshot, holds at least
      * those versions, so an aggregate that reaches its row's is complete for this build. */
     cqrs_err_t rc = CQRS_ERR_OK;
     for (int t = 0; t < 2 && rc == CQRS_ERR_OK; t++) {
         if ((t == 0 && !r->products) || (t == 1 && !r->orders))
             continue;
-        snprintf(sql, sizeof sql, "SELECT id::text, version FROM %s%s",
-                 t == 0 ? "products" : "orders", rows_part);
+        snprintf(sql, sizeof sql, "%s%s", t == 0 ? SQL_PRODUCT_VERSIONS : SQL_ORDER_VERSIONS,
+                 rows_part);
         rc = cqrs_tx_cursor(tx, sql, 10000, target_row, r, err);
     }
     if (rc != CQRS_ERR_OK)

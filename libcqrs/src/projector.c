@@ -344,15 +344,17 @@ static void incremental_result(rd_kafka_error_t *e, const char *what)
 /* Records each topic's partition count in the store's layout (keyspace.h: how readers find an
  * aggregate's shard), from Kafka's metadata: the topics of parts, or every topic (parts NULL:
  * at the start, before the first assignment, so that reads work as soon as the daemon is up;
- * and every LAYOUT_MS, since the layout goes with a store that is emptied). A count that differs
- * from the one recorded means the topic was given more partitions: its aggregates moved to other
- * partitions, and so to other shards — an error an operator must handle (a rebuild), logged each
- * time. Returns whether every topic meant was recorded (readers wait for it: the serving
- * instances are not ready until then). */
+ * and every LAYOUT_MS, since the layout goes with a store that is emptied: layouts_due). A count
+ * that differs from the one recorded means the topic was given more partitions: its aggregates
+ * moved to other partitions, and so to other shards — an error an operator must handle (a
+ * rebuild), logged each time. Returns whether every topic meant was recorded (readers wait for it:
+ * the serving instances are not ready until then). */
 static bool record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
                            const rd_kafka_topic_partition_list_t *parts)
 {
     bool all = true;
+    /* a failure said once at warn, then at debug while it lasts */
+    cqrs_log_level_t failed = p->layout_failing ? CQRS_LOG_DEBUG : CQRS_LOG_WARN;
     for (size_t t = 0; t < p->cfg.n_topics; t++) {
         bool wanted = !parts;
         for (int i = 0; parts && i < parts->cnt && !wanted; i++)
@@ -373,10 +375,8 @@ static bool record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
                 rd_kafka_topic_destroy(rkt);
         }
         if (p->partitions[t] <= 0 || p->partitions[t] > CQRS_MAX_SHARDS) {
-            if (p->layout_failing)
-                CQRS_LOG_DEBUG("cannot learn a topic's partition count yet", "topic", p->topics[t]);
-            else
-                CQRS_LOG_WARN("cannot learn a topic's partition count yet", "topic", p->topics[t]);
+            CQRS_LOG_AT(failed, "cannot learn a topic's partition count yet", "topic",
+                        p->topics[t]);
             p->partitions[t] = 0;
             all = false;
             continue;
@@ -385,10 +385,7 @@ static bool record_layouts(cqrs_projector_t *p, rd_kafka_t *rk,
         cqrs_error_t e;
         if (cqrs_docstore_layout_set(p->ds, p->topics[t], p->partitions[t], &recorded, &e) !=
             CQRS_ERR_OK) {
-            if (p->layout_failing)
-                CQRS_LOG_DEBUG("cannot record the read model's layout yet", "error", e.message);
-            else
-                CQRS_LOG_WARN("cannot record the read model's layout yet", "error", e.message);
+            CQRS_LOG_AT(failed, "cannot record the read model's layout yet", "error", e.message);
             all = false;
         } else if (recorded != p->partitions[t]) {
             char have[12], rec[12];

@@ -40,7 +40,7 @@ void query_keys_init(const char *topic_prefix);
 /* The topic of an aggregate type (product, order); NULL for another type. */
 const char *query_topic(const char *aggregate_type);
 /* How many shards the type's read model has (its topic's partitions, from the layout the
- * projector records): NOT_FOUND when none is recorded yet (no projector has started). */
+ * projector records): NOT_FOUND when none is recorded yet (no projector has reached Kafka). */
 cqrs_err_t query_shard_count(cqrs_docstore_t *ds, const char *aggregate_type, int32_t *n,
                              cqrs_error_t *err);
 /* Whether every type's layout is recorded (reads of any kind can find their shards): NOT_FOUND

@@ -546,12 +546,10 @@ static int wide_setup(void **state)
     testdb_create(&WDB, "overflow");
     W = D;
     W.commandd = W.queryd = -1;
-    char id[CQRS_UUID_LEN + 1], cmd[512];
+    char id[CQRS_UUID_LEN + 1];
     cqrs_uuid_v4(id);
     snprintf(W.prefix, sizeof W.prefix, "e2eovf%.8s", id);
-    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate-wide.log 2>&1",
-             W.prefix, CQRS_CTL, W.logdir);
-    if (system(cmd) != 0) {
+    if (daemons_migrate(&W, "migrate-wide") != 0) {
         daemons_dump_logs(&W);
         testdb_drop(&WDB);
         return -1;

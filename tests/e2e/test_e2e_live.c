@@ -667,7 +667,7 @@ static void test_ready_once_the_layout_is_known(void **state)
     cqrs_uuid_v4(u);
     snprintf(E.prefix, sizeof E.prefix, "lay%.8s", u);
     int port = free_port();
-    pid_t serve = daemons_launch_queryd(&E, port, "serve", "serve-layout");
+    pid_t serve = daemons_launch_queryd(&E, port, "serve", NULL, "serve-layout");
     assert_true(serve > 0);
     static char body[4096];
     int st = 0;
@@ -686,11 +686,8 @@ static void test_ready_once_the_layout_is_known(void **state)
 
     /* the control: the topics made and a projector of that deployment started, the same
      * instance turns ready and reads answer */
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate-layout.log 2>&1",
-             E.prefix, CQRS_CTL, E.logdir);
-    assert_int_equal(system(cmd), 0);
-    pid_t project = daemons_launch_queryd(&E, free_port(), "project", "project-layout");
+    assert_int_equal(daemons_migrate(&E, "migrate-layout"), 0);
+    pid_t project = daemons_launch_queryd(&E, free_port(), "project", NULL, "project-layout");
     assert_true(project > 0);
     for (int i = 0; i < 600 && st != 200; i++) {
         usleep(100 * 1000);

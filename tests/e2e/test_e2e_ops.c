@@ -345,12 +345,10 @@ static void test_relay_metrics_without_kafka(void **state)
     const char *pg_up = "cqrs_dependency_up{dependency=\"postgres\"}";
     testdb_t db;
     testdb_create(&db, "opsnokafka");
-    char cmd[512], env[256];
-    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate-nokafka.log 2>&1",
-             D.prefix, CQRS_CTL, D.logdir);
+    char env[256];
     pid_t c[3] = {-1, -1, -1};
     int cp[3];
-    if (system(cmd) != 0) {
+    if (daemons_migrate(&D, "migrate-nokafka") != 0) {
         testdb_drop(&db);
         fail_msg("migrate of the test database failed (see %s)", D.logdir);
     }

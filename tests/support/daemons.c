@@ -147,6 +147,14 @@ void daemons_dump_logs(const daemons_t *d)
     (void)rc;
 }
 
+int daemons_migrate(const daemons_t *d, const char *name)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/%s.log 2>&1", d->prefix,
+             CQRS_CTL, d->logdir, name);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
 int daemons_start(daemons_t *d)
 {
     int db = d->redis_db;
@@ -161,10 +169,7 @@ int daemons_start(daemons_t *d)
     snprintf(d->logdir, sizeof d->logdir, "/tmp/cqrs-e2e-XXXXXX");
     if (!mkdtemp(d->logdir))
         return -1;
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "CQRS_TOPIC_PREFIX=%s %s migrate > %s/migrate.log 2>&1", d->prefix,
-             CQRS_CTL, d->logdir);
-    if (system(cmd) != 0) {
+    if (daemons_migrate(d, "migrate") != 0) {
         daemons_dump_logs(d);
         return -1;
     }
@@ -248,9 +253,7 @@ pid_t daemons_spawn_queryd(const daemons_t *d, int port, const char *role, const
 pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
                                const char *extra_env, const char *name)
 {
-    char log[128];
-    snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
-    pid_t pid = spawn(d, CQRS_QUERYD, port, log, role, extra_env);
+    pid_t pid = daemons_launch_queryd(d, port, role, extra_env, name);
     if (wait_ready(port, 60) != 0) {
         daemons_dump_logs(d);
         daemons_stop_one(&pid);
@@ -259,11 +262,12 @@ pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
     return pid;
 }
 
-pid_t daemons_launch_queryd(const daemons_t *d, int port, const char *role, const char *name)
+pid_t daemons_launch_queryd(const daemons_t *d, int port, const char *role, const char *extra_env,
+                            const char *name)
 {
     char log[128];
     snprintf(log, sizeof log, "%s/%s.log", d->logdir, name);
-    return spawn(d, CQRS_QUERYD, port, log, role, NULL);
+    return spawn(d, CQRS_QUERYD, port, log, role, extra_env);
 }
 
 pid_t daemons_launch_commandd(const daemons_t *d, int port, const char *extra_env, const char *name)

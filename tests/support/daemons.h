@@ -26,6 +26,9 @@ bool daemons_on_cluster(void);
 /* 0 on success; on failure prints the logs and returns -1. A run with redis_db ≠ 0 starts
  * from an empty Redis database (FLUSHDB) of its own. */
 int daemons_start(daemons_t *d);
+/* cqrsctl migrate for d's topic prefix (and the stack's database), logging to
+ * <logdir>/<name>.log; 0 on success. */
+int daemons_migrate(const daemons_t *d, const char *name);
 
 /* daemons_start, remembering an Authorization header line ("Authorization: Bearer …\r\n")
  * for daemons_metric when tokens are configured (CQRS_AUTH_TOKENS_FILE in the environment). */
@@ -47,7 +50,8 @@ pid_t daemons_spawn_queryd_env(const daemons_t *d, int port, const char *role,
 
 /* The same without waiting for readiness (an instance expected to be not ready at first); the
  * caller stops it with daemons_stop_one. */
-pid_t daemons_launch_queryd(const daemons_t *d, int port, const char *role, const char *name);
+pid_t daemons_launch_queryd(const daemons_t *d, int port, const char *role, const char *extra_env,
+                            const char *name);
 
 /* Starts another cqrs-commandd of the same run on port with extra environment
  * ("NAME=value;NAME=value", may be NULL), logging to <logdir>/<name>.log; waits until ready.
