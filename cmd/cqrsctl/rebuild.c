@@ -1008,34 +1008,43 @@ static bool lease_lost(lease_t *l)
 
 /* Deletes the generations GARBAGE names unless they are their shard's current one; *n counts
  * the keys. A shard's keys are matched by their literal prefix "{…}:g<N>:", which no key of
- * another generation or shard starts with, whatever text a key carries after it. */
+ * another generation or shard starts with, whatever text a key carries after it: one walk of
+ * the keyspace ("{<prefix>:*") for every generation to delete. */
 static cqrs_err_t collect_garbage(rebuild_t *r, size_t *n, cqrs_error_t *err)
 {
     char **members = NULL;
-    size_t count = 0;
+    size_t count = 0, n_old = 0;
     *n = 0;
     cqrs_err_t rc = cqrs_docstore_names(r->live, GARBAGE, &members, &count, err);
+    char(*old)[CQRS_SHARD_MAX] = calloc(count ? count : 1, sizeof *old);
+    const char **prefixes = calloc(count ? count : 1, sizeof *prefixes);
+    if (rc == CQRS_ERR_OK && (!old || !prefixes))
+        rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
     for (size_t i = 0; rc == CQRS_ERR_OK && i < count; i++) {
-        char topic[256];
+        char topic[256], cur[CQRS_SHARD_MAX];
         int partition = 0;
         long long gen = 0;
-        if (sscanf(members[i], "%255s %d %lld", topic, &partition, &gen) != 3 || gen < 1) {
-            rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
-            continue;
-        }
-        char cur[CQRS_SHARD_MAX], old[CQRS_SHARD_MAX + 2];
+        if (sscanf(members[i], "%255s %d %lld", topic, &partition, &gen) != 3 || gen < 1)
+            continue; /* removed below */
         rc = cqrs_docstore_current_shard(r->live, topic, partition, cur, sizeof cur, err);
-        cqrs_keys_shard_gen(cqrs_docstore_prefix(r->live), topic, partition, gen, old,
-                            sizeof old - 1);
-        if (rc == CQRS_ERR_OK && strcmp(cur, old) != 0) {
-            size_t k = 0;
-            strcat(old, "*");
-            rc = cqrs_docstore_delete_keys(r->live, old, &k, err);
-            *n += k;
+        cqrs_keys_shard_gen(cqrs_docstore_prefix(r->live), topic, partition, gen, old[n_old],
+                            sizeof old[n_old]);
+        if (rc == CQRS_ERR_OK && strcmp(cur, old[n_old]) != 0) {
+            prefixes[n_old] = old[n_old];
+            n_old++;
         }
-        if (rc == CQRS_ERR_OK)
-            rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
     }
+    if (rc == CQRS_ERR_OK && n_old > 0) {
+        char match[CQRS_KEY_MAX], escaped[CQRS_KEY_MAX];
+        snprintf(match, sizeof match, "{%s:", cqrs_docstore_prefix(r->live));
+        cqrs_docstore_glob_escape(match, escaped, sizeof escaped - 1);
+        strcat(escaped, "*");
+        rc = cqrs_docstore_delete_keys(r->live, escaped, prefixes, n_old, n, err);
+    }
+    for (size_t i = 0; rc == CQRS_ERR_OK && i < count; i++)
+        rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
+    free(prefixes);
+    free(old);
     cqrs_docstore_strings_free(members, count);
     return rc;
 }
@@ -1360,12 +1369,14 @@ int cqrsctl_rebuild(const cqrsctl_env_t *env, int argc, char **argv)
      * generation cache's lifetime even without the announcement). */
     usleep((CQRS_GENERATION_TTL_MS + 1000) * 1000);
     size_t deleted = 0;
+    int64_t gc_ms = cqrs_monotonic_ms();
     if (collect_garbage(r, &deleted, &e2) != CQRS_ERR_OK)
         fprintf(stderr,
                 "warning: the old generation was not deleted in full (%s); the next rebuild "
                 "deletes what is left\n",
                 e2.message);
-    fprintf(stderr, "old generation deleted: %zu keys\n", deleted);
+    fprintf(stderr, "old generation deleted: %zu keys in %lld ms\n", deleted,
+            (long long)(cqrs_monotonic_ms() - gc_ms));
     rc = 0;
     if (arc != CQRS_ERR_OK) {
         fprintf(stderr,

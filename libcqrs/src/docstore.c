@@ -222,6 +222,18 @@ static const char *route_of(int argc, const char *const *argv)
     return argv[1];
 }
 
+/* The code of an error reply: LOADING, BUSY, MASTERDOWN, READONLY are transient states of a
+ * healthy server; NOSCRIPT is handled by the caller. */
+static cqrs_err_t reply_error_code(const char *msg)
+{
+    if (strncmp(msg, "NOSCRIPT", 8) == 0)
+        return CQRS_ERR_STATE;
+    if (strncmp(msg, "LOADING", 7) == 0 || strncmp(msg, "BUSY", 4) == 0 ||
+        strncmp(msg, "MASTERDOWN", 10) == 0 || strncmp(msg, "READONLY", 8) == 0)
+        return CQRS_ERR_UNAVAILABLE;
+    return CQRS_ERR_INTERNAL;
+}
+
 static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, const size_t *lens,
                           redisReply **out, cqrs_error_t *err)
 {
@@ -232,14 +244,7 @@ static cqrs_err_t command(cqrs_docstore_t *ds, int argc, const char **argv, cons
     if (rc != CQRS_ERR_OK)
         return rc;
     if (r->type == REDIS_REPLY_ERROR) {
-        /* LOADING, BUSY, MASTERDOWN, READONLY are transient states of a healthy server;
-         * NOSCRIPT is handled by the caller. */
-        cqrs_err_t code =
-            (strncmp(r->str, "NOSCRIPT", 8) == 0) ? CQRS_ERR_STATE
-            : (strncmp(r->str, "LOADING", 7) == 0 || strncmp(r->str, "BUSY", 4) == 0 ||
-               strncmp(r->str, "MASTERDOWN", 10) == 0 || strncmp(r->str, "READONLY", 8) == 0)
-                ? CQRS_ERR_UNAVAILABLE
-                : CQRS_ERR_INTERNAL;
+        cqrs_err_t code = reply_error_code(r->str);
         cqrs_error_set(err, code, "Redis: %s", r->str);
         freeReplyObject(r);
         return code;
@@ -1774,10 +1779,11 @@ cqrs_err_t cqrs_docstore_switch_shard(cqrs_docstore_t *ds, const char *from, con
     return rc;
 }
 
-/* Calls fn for every key matching pattern, node by node (SCAN; a cluster's map change during
- * the walk starts it over: keys may then come twice, never not at all). */
+/* Calls fn with every page of keys matching pattern (a SCAN reply's array of names), node by
+ * node (SCAN; a cluster's map change during the walk starts it over: keys may then come twice,
+ * never not at all). */
 static cqrs_err_t scan_keys(cqrs_docstore_t *ds, const char *pattern,
-                            cqrs_err_t (*fn)(cqrs_docstore_t *ds, const redisReply *key, void *ud,
+                            cqrs_err_t (*fn)(cqrs_docstore_t *ds, const redisReply *page, void *ud,
                                              cqrs_error_t *err),
                             void *ud, cqrs_error_t *err)
 {
@@ -1797,13 +1803,13 @@ static cqrs_err_t scan_keys(cqrs_docstore_t *ds, const char *pattern,
                 if (rc != CQRS_ERR_OK)
                     return rc;
                 if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-                    r->element[0]->type != REDIS_REPLY_STRING) {
+                    r->element[0]->type != REDIS_REPLY_STRING ||
+                    r->element[1]->type != REDIS_REPLY_ARRAY) {
                     freeReplyObject(r);
                     return cqrs_error_set(err, CQRS_ERR_INTERNAL, "Redis: unexpected SCAN reply");
                 }
                 snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
-                for (size_t k = 0; rc == CQRS_ERR_OK && k < r->element[1]->elements; k++)
-                    rc = fn(ds, r->element[1]->element[k], ud, err);
+                rc = r->element[1]->elements ? fn(ds, r->element[1], ud, err) : CQRS_ERR_OK;
                 freeReplyObject(r);
                 if (rc != CQRS_ERR_OK)
                     return rc;
@@ -1817,25 +1823,58 @@ static cqrs_err_t scan_keys(cqrs_docstore_t *ds, const char *pattern,
                           "the cluster's slots kept moving during a scan");
 }
 
-typedef struct copy_ctx {
-    const char *from, *to;
+/* What a page's pipelined COPY or UNLINK commands did: how many keys they copied or deleted,
+ * and the first error reply (READONLY in a failover, OOM…), which fails the walk. */
+typedef struct key_ops {
+    const char *from, *to;       /* COPY: the shard prefixes */
+    const char *const *prefixes; /* UNLINK: only keys starting with one of these (if any) */
+    size_t n_prefixes;
     size_t n;
-} copy_ctx_t;
+    char error[256];
+} key_ops_t;
 
-static cqrs_err_t copy_one(cqrs_docstore_t *ds, const redisReply *key, void *ud, cqrs_error_t *err)
+static void read_key_op(const redisReply *r, size_t i, void *ud)
 {
-    copy_ctx_t *c = ud;
-    size_t lf = strlen(c->from);
-    if (key->type != REDIS_REPLY_STRING || key->len < lf || strncmp(key->str, c->from, lf) != 0)
-        return CQRS_ERR_OK;
-    char dst[CQRS_KEY_MAX * 2];
-    snprintf(dst, sizeof dst, "%s%.*s", c->to, (int)(key->len - lf), key->str + lf);
-    const char *argv[] = {"COPY", key->str, dst, "REPLACE"};
-    redisReply *r = NULL;
-    cqrs_err_t rc = command(ds, 4, argv, NULL, &r, err);
-    freeReplyObject(r);
+    (void)i;
+    key_ops_t *c = ud;
+    if (r->type == REDIS_REPLY_INTEGER && r->integer > 0)
+        c->n += (size_t)r->integer;
+    else if (r->type == REDIS_REPLY_ERROR && !c->error[0])
+        snprintf(c->error, sizeof c->error, "%s", r->str);
+}
+
+/* Runs the page's commands (argc arguments per key, argv row-major) as one pipeline per node. */
+static cqrs_err_t run_key_ops(cqrs_docstore_t *ds, size_t n, int argc, const char **argv,
+                              key_ops_t *c, cqrs_error_t *err)
+{
+    cqrs_err_t rc = n ? pipeline(ds, n, argc, argv, read_key_op, c, err) : CQRS_ERR_OK;
+    if (rc == CQRS_ERR_OK && c->error[0])
+        rc = cqrs_error_set(err, reply_error_code(c->error), "Redis: %s (%s)", c->error, argv[0]);
+    return rc;
+}
+
+/* COPY <key> <key under c->to> REPLACE for each key of the page under c->from. */
+static cqrs_err_t copy_page(cqrs_docstore_t *ds, const redisReply *page, void *ud,
+                            cqrs_error_t *err)
+{
+    key_ops_t *c = ud;
+    size_t lf = strlen(c->from), n = 0;
+    const char **argv = calloc(page->elements * 4, sizeof *argv);
+    char(*dst)[CQRS_KEY_MAX * 2] = calloc(page->elements, sizeof *dst);
+    cqrs_err_t rc =
+        argv && dst ? CQRS_ERR_OK : cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    for (size_t k = 0; rc == CQRS_ERR_OK && k < page->elements; k++) {
+        const redisReply *key = page->element[k];
+        if (key->type != REDIS_REPLY_STRING || key->len < lf || strncmp(key->str, c->from, lf) != 0)
+            continue;
+        snprintf(dst[n], sizeof dst[n], "%s%.*s", c->to, (int)(key->len - lf), key->str + lf);
+        const char *row[] = {"COPY", key->str, dst[n], "REPLACE"};
+        memcpy(argv + 4 * n++, row, sizeof row);
+    }
     if (rc == CQRS_ERR_OK)
-        c->n++;
+        rc = run_key_ops(ds, n, 4, argv, c, err);
+    free(argv);
+    free(dst);
     return rc;
 }
 
@@ -1844,40 +1883,78 @@ cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, 
 {
     char pattern[CQRS_KEY_MAX];
     snprintf(pattern, sizeof pattern, "%s%s", from, glob);
-    copy_ctx_t c = {from, to, 0};
+    key_ops_t c = {.from = from, .to = to};
     cqrs_err_t rc;
     if (strpbrk(glob, "*?[\\")) {
-        rc = scan_keys(ds, pattern, copy_one, &c, err);
+        rc = scan_keys(ds, pattern, copy_page, &c, err);
     } else {
         /* One name: COPY it (a SCAN walks the whole keyspace of every node for it). */
         redisReply key = {.type = REDIS_REPLY_STRING, .str = pattern, .len = strlen(pattern)};
+        redisReply *one = &key;
+        redisReply page = {.type = REDIS_REPLY_ARRAY, .elements = 1, .element = &one};
         const char *argv[] = {"EXISTS", pattern};
         long long n = 0;
         rc = command_int(ds, 2, argv, &n, err);
         if (rc == CQRS_ERR_OK && n > 0)
-            rc = copy_one(ds, &key, &c, err);
+            rc = copy_page(ds, &page, &c, err);
     }
     *copied = c.n;
     return rc;
 }
 
-static cqrs_err_t unlink_one(cqrs_docstore_t *ds, const redisReply *key, void *ud,
-                             cqrs_error_t *err)
+static bool has_prefix(const key_ops_t *c, const redisReply *key)
 {
     if (key->type != REDIS_REPLY_STRING)
-        return CQRS_ERR_OK;
-    const char *argv[] = {"UNLINK", key->str};
-    long long n = 0;
-    cqrs_err_t rc = command_int(ds, 2, argv, &n, err);
-    *(size_t *)ud += (size_t)(n > 0 ? n : 0);
+        return false;
+    for (size_t i = 0; i < c->n_prefixes; i++) {
+        size_t len = strlen(c->prefixes[i]);
+        if (key->len >= len && memcmp(key->str, c->prefixes[i], len) == 0)
+            return true;
+    }
+    return c->n_prefixes == 0;
+}
+
+/* UNLINK each key of the page that has one of the prefixes (one command per key: a page of a
+ * pattern without a hash tag spans slots, which one UNLINK of several keys may not on a
+ * cluster). */
+static cqrs_err_t unlink_page(cqrs_docstore_t *ds, const redisReply *page, void *ud,
+                              cqrs_error_t *err)
+{
+    key_ops_t *c = ud;
+    size_t n = 0;
+    const char **argv = calloc(page->elements * 2, sizeof *argv);
+    if (!argv)
+        return cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    for (size_t k = 0; k < page->elements; k++)
+        if (has_prefix(c, page->element[k])) {
+            argv[2 * n] = "UNLINK";
+            argv[2 * n++ + 1] = page->element[k]->str;
+        }
+    cqrs_err_t rc = run_key_ops(ds, n, 2, argv, c, err);
+    free(argv);
     return rc;
 }
 
-cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern, size_t *deleted,
-                                     cqrs_error_t *err)
+cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern,
+                                     const char *const *prefixes, size_t n_prefixes,
+                                     size_t *deleted, cqrs_error_t *err)
 {
-    *deleted = 0;
-    return scan_keys(ds, pattern, unlink_one, deleted, err);
+    key_ops_t c = {.prefixes = prefixes, .n_prefixes = n_prefixes};
+    cqrs_err_t rc = scan_keys(ds, pattern, unlink_page, &c, err);
+    *deleted = c.n;
+    return rc;
+}
+
+void cqrs_docstore_glob_escape(const char *s, char *out, size_t cap)
+{
+    size_t at = 0;
+    for (; *s && at + 2 < cap; s++) {
+        if (strchr("*?[]\\", *s))
+            out[at++] = '\\';
+        out[at++] = *s;
+    }
+    if (cap)
+        out[at < cap ? at : cap - 1] = '\0';
 }
 
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err)

@@ -506,14 +506,31 @@ static void test_lease(void **state)
     assert_int_equal(cqrs_docstore_lease(ds, name, mine, 5000, &left, &err), CQRS_ERR_OK);
 }
 
-/* Keys of one generation of a shard are copied to another and deleted, on every node. */
+/* Keys of one generation of a shard are copied to another and deleted, on every node; the
+ * walk goes page by page (SCAN COUNT 1000), each page's COPY or UNLINK commands pipelined:
+ * BULK keys span several pages, and every one of them is copied and deleted. A deletion by
+ * prefixes deletes the keys of those shards only, whatever else the pattern matches. */
 static void test_copy_and_delete_a_generation(void **state)
 {
     (void)state;
+    enum { BULK = 2500 };
     assert_int_equal(apply(1, "{\"v\":1}", 7), CQRS_APPLY_APPLIED);
-    char topic[64], next[CQRS_SHARD_MAX], pattern[CQRS_KEY_MAX];
+    char topic[64], next[CQRS_SHARD_MAX], pattern[CQRS_KEY_MAX], name[CQRS_KEY_MAX];
     snprintf(topic, sizeof topic, "itest-%s", agg);
     cqrs_keys_shard_gen("cqrs", topic, 0, 2, next, sizeof next);
+    redisContext *c = redisdb_connect(url);
+    assert_non_null(c);
+    for (int i = 0; i < BULK; i++) {
+        snprintf(name, sizeof name, "%sbulk:%d", shard, i);
+        assert_int_equal(redisAppendCommand(c, "SET %s %d", name, i), REDIS_OK);
+    }
+    for (int i = 0; i < BULK; i++) {
+        redisReply *r = NULL;
+        assert_int_equal(redisGetReply(c, (void **)&r), REDIS_OK);
+        assert_int_equal(r->type, REDIS_REPLY_STATUS);
+        freeReplyObject(r);
+    }
+    redisFree(c);
     cqrs_error_t err;
     size_t n = 0;
     assert_int_equal(cqrs_docstore_copy_shard_keys(ds, shard, next, CQRS_SHARD_OFFSETS, &n, &err),
@@ -522,11 +539,43 @@ static void test_copy_and_delete_a_generation(void **state)
     int64_t off = 0;
     assert_int_equal(cqrs_docstore_offset(ds, next, 0, &off, &err), CQRS_ERR_OK);
     assert_int_equal(off, 7);
-    snprintf(pattern, sizeof pattern, "{cqrs:%s:*}:g1:*", topic);
-    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, &n, &err), CQRS_ERR_OK);
-    assert_int_equal(n, 3); /* doc, offsets, meta */
+    assert_int_equal(cqrs_docstore_copy_shard_keys(ds, shard, next, "bulk:*", &n, &err),
+                     CQRS_ERR_OK);
+    assert_int_equal(n, BULK);
+    snprintf(name, sizeof name, "%sbulk:%d", next, BULK - 1);
+    redisReply *got = redisdb_cmd(url, "GET %s", name);
+    assert_non_null(got);
+    assert_int_equal(got->type, REDIS_REPLY_STRING);
+    assert_int_equal(atoi(got->str), BULK - 1);
+    freeReplyObject(got);
+    /* a key of another shard (partition 1) under the same pattern: not one of the prefixes */
+    char other[CQRS_SHARD_MAX], other_key[CQRS_KEY_MAX];
+    cqrs_keys_shard_gen("cqrs", topic, 1, 1, other, sizeof other);
+    snprintf(other_key, sizeof other_key, "%sbulk:0", other);
+    freeReplyObject(redisdb_cmd(url, "SET %s x", other_key));
+    const char *only[] = {shard};
+    snprintf(pattern, sizeof pattern, "{cqrs:%s:*", topic);
+    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, only, 1, &n, &err), CQRS_ERR_OK);
+    assert_int_equal(n, 3 + BULK); /* doc, offsets, meta, the bulk keys */
+    redisReply *kept = redisdb_cmd(url, "EXISTS %s", other_key);
+    assert_non_null(kept);
+    assert_int_equal(kept->integer, 1);
+    freeReplyObject(kept);
     assert_int_equal(cqrs_docstore_offset(ds, shard, 0, &off, &err), CQRS_ERR_NOT_FOUND);
     assert_int_equal(cqrs_docstore_offset(ds, next, 0, &off, &err), CQRS_ERR_OK);
+    snprintf(pattern, sizeof pattern, "%s*", shard);
+    redisReply *left = redisdb_cmd(url, "KEYS %s", pattern);
+    assert_non_null(left);
+    assert_int_equal(left->elements, 0);
+    freeReplyObject(left);
+    /* the other generation's copies stay */
+    snprintf(pattern, sizeof pattern, "%sbulk:*", next);
+    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, NULL, 0, &n, &err), CQRS_ERR_OK);
+    assert_int_equal(n, BULK);
+    snprintf(pattern, sizeof pattern, "{cqrs:%s:*", topic);
+    const char *theirs[] = {other};
+    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, theirs, 1, &n, &err), CQRS_ERR_OK);
+    assert_int_equal(n, 1);
 }
 
 /* Issue 18: one shard that lost its data (a cluster node that came back empty) is a reset for

@@ -356,9 +356,15 @@ cqrs_err_t cqrs_docstore_switch_shard(cqrs_docstore_t *ds, const char *from, con
 cqrs_err_t cqrs_docstore_copy_shard_keys(cqrs_docstore_t *ds, const char *from, const char *to,
                                          const char *glob, size_t *copied, cqrs_error_t *err);
 
-/* Deletes every key matching pattern (SCAN on every node, UNLINK); *deleted counts them. */
-cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern, size_t *deleted,
-                                     cqrs_error_t *err);
+/* Deletes every key matching pattern (SCAN on every node, each page's UNLINKs pipelined) and,
+ * when n_prefixes > 0, starting with one of prefixes (literally): one walk of the keyspace for
+ * the keys of many shards. *deleted counts them. */
+cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern,
+                                     const char *const *prefixes, size_t n_prefixes,
+                                     size_t *deleted, cqrs_error_t *err);
+
+/* s with the glob characters of a SCAN pattern (* ? [ ] \) escaped, into out (cap bytes). */
+void cqrs_docstore_glob_escape(const char *s, char *out, size_t cap);
 
 /* A lease <prefix>:<name> held by token for ttl_ms (taken when free or ours, renewed when
  * ours): CONFLICT, with *other_left_ms, when another token holds it. */
