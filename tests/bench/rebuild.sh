@@ -97,7 +97,7 @@ for J in ${JOBS:-1 2}; do
     WALL=$(echo "$END - $START" | bc -l)
     RATE=$(echo "$((PRODUCTS * PER)) / $WALL" | bc -l)
     cat /tmp/rebuild-bench.out
-    grep -E '^(catch-up|phases)' /tmp/rebuild-bench.err || true
+    grep -E '^(catch-up|phases|old generation)' /tmp/rebuild-bench.err || true
     BUILD=$(grep -oE 'in the build at [0-9]+' /tmp/rebuild-bench.out | awk '{print $NF}' | head -n 1)
     printf 'rebuild to the switch: %.1f s → %.0f events/s\n' "$WALL" "$RATE"
     printf 'ratio to redis-benchmark SET/s: %.2f end to end' "$(echo "$RATE / $SETS" | bc -l)"
