@@ -1009,29 +1009,42 @@ static bool lease_lost(lease_t *l)
 /* Deletes the generations GARBAGE names unless they are their shard's current one; *n counts
  * the keys. A shard's keys are matched by their literal prefix "{…}:g<N>:", which no key of
  * another generation or shard starts with, whatever text a key carries after it: one walk of
- * the keyspace ("{<prefix>:*") for every generation to delete. */
+ * the keyspace ("{<prefix>:*") for every generation to delete. A member whose shard cannot be
+ * read now stays for the next run; the others go on (the first error is returned). */
 static cqrs_err_t collect_garbage(rebuild_t *r, size_t *n, cqrs_error_t *err)
 {
     char **members = NULL;
     size_t count = 0, n_old = 0;
     *n = 0;
     cqrs_err_t rc = cqrs_docstore_names(r->live, GARBAGE, &members, &count, err);
+    if (rc != CQRS_ERR_OK)
+        return rc;
     char(*old)[CQRS_SHARD_MAX] = calloc(count ? count : 1, sizeof *old);
     const char **prefixes = calloc(count ? count : 1, sizeof *prefixes);
-    if (rc == CQRS_ERR_OK && (!old || !prefixes))
+    bool *keep = calloc(count ? count : 1, sizeof *keep);
+    if (!old || !prefixes || !keep)
         rc = cqrs_error_set(err, CQRS_ERR_NOMEM, "out of memory");
+    cqrs_error_t first = {0};
     for (size_t i = 0; rc == CQRS_ERR_OK && i < count; i++) {
         char topic[256], cur[CQRS_SHARD_MAX];
         int partition = 0;
         long long gen = 0;
         if (sscanf(members[i], "%255s %d %lld", topic, &partition, &gen) != 3 || gen < 1)
-            continue; /* removed below */
-        rc = cqrs_docstore_current_shard(r->live, topic, partition, cur, sizeof cur, err);
-        cqrs_keys_shard_gen(cqrs_docstore_prefix(r->live), topic, partition, gen, old[n_old],
-                            sizeof old[n_old]);
-        if (rc == CQRS_ERR_OK && strcmp(cur, old[n_old]) != 0) {
-            prefixes[n_old] = old[n_old];
-            n_old++;
+            continue; /* not a generation: removed below */
+        cqrs_error_t e;
+        cqrs_err_t crc =
+            cqrs_docstore_current_shard(r->live, topic, partition, cur, sizeof cur, &e);
+        char *o = old[n_old];
+        cqrs_keys_shard_gen(cqrs_docstore_prefix(r->live), topic, partition, gen, o, sizeof old[0]);
+        size_t len = strlen(o);
+        if (crc == CQRS_ERR_OK && (len == 0 || o[len - 1] != ':'))
+            crc = cqrs_error_set(&e, CQRS_ERR_INTERNAL, "shard name too long: %s", members[i]);
+        if (crc != CQRS_ERR_OK) {
+            keep[i] = true;
+            if (first.code == CQRS_ERR_OK)
+                first = e;
+        } else if (strcmp(cur, o) != 0) {
+            prefixes[n_old++] = o;
         }
     }
     if (rc == CQRS_ERR_OK && n_old > 0) {
@@ -1042,7 +1055,13 @@ static cqrs_err_t collect_garbage(rebuild_t *r, size_t *n, cqrs_error_t *err)
         rc = cqrs_docstore_delete_keys(r->live, escaped, prefixes, n_old, n, err);
     }
     for (size_t i = 0; rc == CQRS_ERR_OK && i < count; i++)
-        rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
+        if (!keep[i])
+            rc = cqrs_docstore_names_remove(r->live, GARBAGE, members[i], err);
+    if (rc == CQRS_ERR_OK && first.code != CQRS_ERR_OK) {
+        *err = first;
+        rc = first.code;
+    }
+    free(keep);
     free(prefixes);
     free(old);
     cqrs_docstore_strings_free(members, count);

@@ -1780,8 +1780,10 @@ cqrs_err_t cqrs_docstore_switch_shard(cqrs_docstore_t *ds, const char *from, con
 }
 
 /* Calls fn with every page of keys matching pattern (a SCAN reply's array of names), node by
- * node (SCAN; a cluster's map change during the walk starts it over: keys may then come twice,
- * never not at all). */
+ * node (SCAN). A map change this client sees during the walk (a MOVED, a refresh) starts it
+ * over: keys may then come twice. A slot that moves from a node not yet walked to one already
+ * walked without this client noticing is missed (the rebuild's clean-up: README, "Operating
+ * it"). */
 static cqrs_err_t scan_keys(cqrs_docstore_t *ds, const char *pattern,
                             cqrs_err_t (*fn)(cqrs_docstore_t *ds, const redisReply *page, void *ud,
                                              cqrs_error_t *err),

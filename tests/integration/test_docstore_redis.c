@@ -548,19 +548,26 @@ static void test_copy_and_delete_a_generation(void **state)
     assert_int_equal(got->type, REDIS_REPLY_STRING);
     assert_int_equal(atoi(got->str), BULK - 1);
     freeReplyObject(got);
-    /* a key of another shard (partition 1) under the same pattern: not one of the prefixes */
-    char other[CQRS_SHARD_MAX], other_key[CQRS_KEY_MAX];
+    /* keys of another shard (partition 1) and of generation 10 of this one (g1 is a prefix of
+     * g10 but "g1:" is not) under the same pattern: not of the prefixes */
+    char other[CQRS_SHARD_MAX], other_key[CQRS_KEY_MAX], g10[CQRS_SHARD_MAX], g10_key[CQRS_KEY_MAX];
     cqrs_keys_shard_gen("cqrs", topic, 1, 1, other, sizeof other);
     snprintf(other_key, sizeof other_key, "%sbulk:0", other);
     freeReplyObject(redisdb_cmd(url, "SET %s x", other_key));
+    cqrs_keys_shard_gen("cqrs", topic, 0, 10, g10, sizeof g10);
+    snprintf(g10_key, sizeof g10_key, "%sbulk:0", g10);
+    freeReplyObject(redisdb_cmd(url, "SET %s x", g10_key));
     const char *only[] = {shard};
     snprintf(pattern, sizeof pattern, "{cqrs:%s:*", topic);
     assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, only, 1, &n, &err), CQRS_ERR_OK);
     assert_int_equal(n, 3 + BULK); /* doc, offsets, meta, the bulk keys */
-    redisReply *kept = redisdb_cmd(url, "EXISTS %s", other_key);
-    assert_non_null(kept);
-    assert_int_equal(kept->integer, 1);
-    freeReplyObject(kept);
+    const char *stay[] = {other_key, g10_key};
+    for (int i = 0; i < 2; i++) {
+        redisReply *kept = redisdb_cmd(url, "EXISTS %s", stay[i]);
+        assert_non_null(kept);
+        assert_int_equal(kept->integer, 1);
+        freeReplyObject(kept);
+    }
     assert_int_equal(cqrs_docstore_offset(ds, shard, 0, &off, &err), CQRS_ERR_NOT_FOUND);
     assert_int_equal(cqrs_docstore_offset(ds, next, 0, &off, &err), CQRS_ERR_OK);
     snprintf(pattern, sizeof pattern, "%s*", shard);
@@ -573,9 +580,9 @@ static void test_copy_and_delete_a_generation(void **state)
     assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, NULL, 0, &n, &err), CQRS_ERR_OK);
     assert_int_equal(n, BULK);
     snprintf(pattern, sizeof pattern, "{cqrs:%s:*", topic);
-    const char *theirs[] = {other};
-    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, theirs, 1, &n, &err), CQRS_ERR_OK);
-    assert_int_equal(n, 1);
+    const char *theirs[] = {other, g10};
+    assert_int_equal(cqrs_docstore_delete_keys(ds, pattern, theirs, 2, &n, &err), CQRS_ERR_OK);
+    assert_int_equal(n, 2);
 }
 
 /* Issue 18: one shard that lost its data (a cluster node that came back empty) is a reset for
