@@ -623,6 +623,12 @@ uint64_t cqrs_rconn_map_epoch(const cqrs_rconn_t *rc)
     return rc->epoch;
 }
 
+void cqrs_rconn_map_stale(cqrs_rconn_t *rc)
+{
+    if (rc->mode == MODE_CLUSTER)
+        rc->stale = true;
+}
+
 cqrs_err_t cqrs_rconn_command(cqrs_rconn_t *rc, const char *route_key, int argc, const char **argv,
                               const size_t *lens, redisReply **out, cqrs_error_t *err)
 {

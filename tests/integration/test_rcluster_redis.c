@@ -3,13 +3,16 @@
  * slots land on their primaries and read back, a pipeline across every primary, and a slot
  * migrated by hand as `redis-cli --cluster reshard` does it (SETSLOT IMPORTING/MIGRATING,
  * MIGRATE, SETSLOT NODE), with ASK followed during the migration and MOVED after it, each
- * counted by the source node's own error statistics — and the stack's plain Redis
+ * counted by the source node's own error statistics; a walk of every node (the rebuild's
+ * clean-up) while a slot moves behind it (failpoint scan-after-node, a failpoint build) — and
+ * the stack's plain Redis
  * (CQRS_REDIS_URL), where the same connection is a single server, unchanged.
  *
  * The cluster is reached with its URL alone (no TLS settings: those of the environment are
  * the stack's Redis's). Keys are this run's own (rc:itest:<pid>:<time>…) and deleted at the
  * end; the migrated slot is moved back. */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,6 +25,7 @@
 
 #include <cmocka.h>
 
+#include <cqrs/docstore.h>
 #include <cqrs/rcluster.h>
 
 #include "redisdb.h"
@@ -313,6 +317,100 @@ static void test_resharding_is_followed(void **state)
     cqrs_rconn_free(rc);
 }
 
+/* ---- a walk of every node while a slot moves -------------------------------------------- */
+
+typedef struct walk {
+    cqrs_docstore_t *ds;
+    const char *pattern, *prefix;
+    size_t n;
+    cqrs_err_t rc;
+    cqrs_error_t err;
+} walk_t;
+
+static void *walk_main(void *ud)
+{
+    walk_t *w = ud;
+    const char *prefixes[] = {w->prefix};
+    w->rc = cqrs_docstore_delete_keys(w->ds, w->pattern, prefixes, 1, &w->n, &w->err);
+    return NULL;
+}
+
+/* The rebuild's clean-up (cqrs_docstore_delete_keys: SCAN node by node) while a slot moves,
+ * whole, from a node the walk has not reached yet to the first node, which it has walked
+ * (failpoint scan-after-node holds the walk after that node). The walk saw no MOVED: it learns
+ * of the move from the map it asks for after the walk, walks again and deletes every key. */
+static void test_a_walk_sees_a_slot_moved_behind_it(void **state)
+{
+    (void)state;
+    enum { K = 50 };
+    cqrs_rconn_t *rc = cluster();
+    cqrs_error_t err;
+    size_t n = cqrs_rconn_nodes(rc, &err), src = 0;
+    assert_true(n >= 2);
+    /* a shard whose slot is not on node 0, the first the walk visits */
+    char shard[128], key[192], slot[16], name[300], *port;
+    for (int t = 0; src == 0 && t < 64; t++) {
+        snprintf(shard, sizeof shard, "{%s:walk:%d}:g1:", run, t);
+        snprintf(slot, sizeof slot, "%u", cqrs_redis_key_slot(shard, strlen(shard)));
+        freeReplyObject(run_cmd(rc, shard, "SET", shard, "x", NULL));
+        for (size_t i = 1; i < n; i++)
+            if (keys_in_slot(rc, i, slot) > 0)
+                src = i;
+        if (src == 0)
+            freeReplyObject(run_cmd(rc, shard, "DEL", shard, NULL));
+    }
+    assert_true(src > 0);
+    for (int i = 0; i < K; i++) {
+        snprintf(key, sizeof key, "%sdoc:%d", shard, i);
+        freeReplyObject(run_cmd(rc, key, "SET", key, "x", NULL));
+    }
+    char *src_id = node_id(rc, src), *dst_id = node_id(rc, 0);
+    assert_true(cqrs_rconn_node_name(rc, 0, name, sizeof name));
+    port = strrchr(name, ':');
+    *port++ = '\0';
+
+    cqrs_redis_config_t c = {.url = (char *)testenv_require("CQRS_REDIS_CLUSTER_URL")};
+    walk_t w = {.ds = cqrs_docstore_new(&c, 3000, &err), .prefix = shard};
+    assert_non_null(w.ds);
+    char pattern[160];
+    snprintf(pattern, sizeof pattern, "{%s:walk:*", run);
+    w.pattern = pattern;
+    setenv("CQRS_FAILPOINTS", "scan-after-node=delay:2000*1", 1);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, walk_main, &w), 0);
+    usleep(500 * 1000); /* node 0 walked; the walk waits before the next node */
+
+    /* the slot moves to node 0 with its keys, as redis-cli --cluster reshard moves it */
+    freeReplyObject(on_node(rc, 0, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id, NULL));
+    freeReplyObject(on_node(rc, src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id, NULL));
+    for (int i = -1; i < K; i++) {
+        if (i < 0)
+            snprintf(key, sizeof key, "%s", shard);
+        else
+            snprintf(key, sizeof key, "%sdoc:%d", shard, i);
+        redisReply *r = on_node(rc, src, "MIGRATE", name, port, key, "0", "5000", NULL);
+        assert_int_equal(r->type, REDIS_REPLY_STATUS);
+        freeReplyObject(r);
+    }
+    assign_slot(rc, n, slot, src, 0, dst_id);
+    assert_int_equal(keys_in_slot(rc, 0, slot), K + 1);
+
+    assert_int_equal(pthread_join(th, NULL), 0);
+    unsetenv("CQRS_FAILPOINTS");
+    if (w.rc != CQRS_ERR_OK)
+        fail_msg("delete_keys: %s", w.err.message);
+    assert_int_equal(w.n, K + 1);
+    assert_int_equal(keys_in_slot(rc, 0, slot), 0);
+    assert_int_equal(keys_in_slot(rc, src, slot), 0);
+
+    /* and back, as it was (the slot is empty now) */
+    assign_slot(rc, n, slot, 0, src, src_id);
+    cqrs_docstore_destroy(w.ds);
+    free(src_id);
+    free(dst_id);
+    cqrs_rconn_free(rc);
+}
+
 /* ---- a single server ------------------------------------------------------------------- */
 
 static void test_single_server_unchanged(void **state)
@@ -354,6 +452,7 @@ int main(void)
         cmocka_unit_test(test_writes_land_on_every_primary),
         cmocka_unit_test(test_pipeline_across_every_primary),
         cmocka_unit_test(test_resharding_is_followed),
+        cmocka_unit_test(test_a_walk_sees_a_slot_moved_behind_it),
         cmocka_unit_test(test_single_server_unchanged),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -37,6 +37,9 @@
  *   rebuild-after-targets   cqrsctl rebuild: a build worker read its share's row versions, its
  *                           events' cursor not yet opened (delay:N: commands committed
  *                           meanwhile reach aggregates the build already wrote whole)
+ *   scan-after-node         libcqrs docstore: a walk of every node (SCAN: the rebuild's
+ *                           clean-up, its carry-over) finished one node, the next not begun
+ *                           (delay:N: slots move behind the walk)
  *   rebuild-before-swap     cqrsctl rebuild: every check of the switch passed, SWAPDB not yet
  *                           sent (delay:N longer than the 10 s pause: the swap must be refused)
  *

@@ -91,6 +91,11 @@ size_t cqrs_rconn_nodes(cqrs_rconn_t *rc, cqrs_error_t *err);
 /* Increases whenever the map changes: a MOVED, or a refresh that found it changed. */
 uint64_t cqrs_rconn_map_epoch(const cqrs_rconn_t *rc);
 
+/* Cluster mode: the next call that needs the map (cqrs_rconn_nodes, a command) asks the
+ * cluster for it again (a change found increases the epoch) — for a walk of every node that
+ * must learn whether slots moved under it unseen. No-op in single mode. */
+void cqrs_rconn_map_stale(cqrs_rconn_t *rc);
+
 /* Writes primary i's "host:port" into out (cap bytes); false when i is out of range. */
 bool cqrs_rconn_node_name(const cqrs_rconn_t *rc, size_t i, char *out, size_t cap);
 
