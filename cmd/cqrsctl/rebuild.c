@@ -1048,11 +1048,9 @@ static cqrs_err_t collect_garbage(rebuild_t *r, size_t *n, cqrs_error_t *err)
         }
     }
     if (rc == CQRS_ERR_OK && n_old > 0) {
-        char match[CQRS_KEY_MAX], escaped[CQRS_KEY_MAX];
-        snprintf(match, sizeof match, "{%s:", cqrs_docstore_prefix(r->live));
-        cqrs_docstore_glob_escape(match, escaped, sizeof escaped - 1);
-        strcat(escaped, "*");
-        rc = cqrs_docstore_delete_keys(r->live, escaped, prefixes, n_old, n, err);
+        char match[CQRS_KEY_MAX];
+        cqrs_keys_shards_pattern(cqrs_docstore_prefix(r->live), match, sizeof match);
+        rc = cqrs_docstore_delete_keys(r->live, match, prefixes, n_old, n, err);
     }
     for (size_t i = 0; rc == CQRS_ERR_OK && i < count; i++)
         if (!keep[i])

@@ -1957,18 +1957,6 @@ cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern,
     return rc;
 }
 
-void cqrs_docstore_glob_escape(const char *s, char *out, size_t cap)
-{
-    size_t at = 0;
-    for (; *s && at + 2 < cap; s++) {
-        if (strchr("*?[]\\", *s))
-            out[at++] = '\\';
-        out[at++] = *s;
-    }
-    if (cap)
-        out[at < cap ? at : cap - 1] = '\0';
-}
-
 cqrs_err_t cqrs_docstore_announce_reset(cqrs_docstore_t *ds, cqrs_error_t *err)
 {
     const char *argv[] = {"PUBLISH", ds->channel, "*"};

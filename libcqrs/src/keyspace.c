@@ -25,6 +25,11 @@ void cqrs_keys_shard_gen(const char *prefix, const char *topic, int32_t partitio
     snprintf(out, cap, "{%s:%s:%d}:g%lld:", prefix, topic, (int)partition, (long long)gen);
 }
 
+void cqrs_keys_shards_pattern(const char *prefix, char *out, size_t cap)
+{
+    snprintf(out, cap, "{%s:*", prefix);
+}
+
 void cqrs_keys_shard(const char *prefix, const char *topic, int32_t partition, char *out,
                      size_t cap)
 {

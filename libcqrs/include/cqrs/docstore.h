@@ -363,9 +363,6 @@ cqrs_err_t cqrs_docstore_delete_keys(cqrs_docstore_t *ds, const char *pattern,
                                      const char *const *prefixes, size_t n_prefixes,
                                      size_t *deleted, cqrs_error_t *err);
 
-/* s with the glob characters of a SCAN pattern (* ? [ ] \) escaped, into out (cap bytes). */
-void cqrs_docstore_glob_escape(const char *s, char *out, size_t cap);
-
 /* A lease <prefix>:<name> held by token for ttl_ms (taken when free or ours, renewed when
  * ours): CONFLICT, with *other_left_ms, when another token holds it. */
 cqrs_err_t cqrs_docstore_lease(cqrs_docstore_t *ds, const char *name, const char *token,

@@ -55,6 +55,9 @@ void cqrs_keys_shard(const char *prefix, const char *topic, int32_t partition, c
 /* The shard prefix of generation gen (≥ 1). */
 void cqrs_keys_shard_gen(const char *prefix, const char *topic, int32_t partition, int64_t gen,
                          char *out, size_t cap);
+/* A SCAN pattern every shard key of the deployment matches, "{<prefix>:*" (a valid prefix has
+ * no glob character). */
+void cqrs_keys_shards_pattern(const char *prefix, char *out, size_t cap);
 /* From a shard prefix: its generation pointer "{…}:gen" into pointer (may be NULL) and its
  * generation into *gen (may be NULL); false when shard is not a shard prefix. */
 bool cqrs_keys_shard_parse(const char *shard, char *pointer, size_t cap, int64_t *gen);
